@@ -1,0 +1,85 @@
+"""The `fastmedusa` command: train, generate, bench. Argument parsing lives beside each feature; this file
+only routes and turns bad input into one clear line (exit code 2) instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module, function adding arguments, function running; help)
+COMMANDS = {
+    "train": (
+        "fastmedusa.train.cli",
+        "add_train_arguments",
+        "run_train",
+        "train Medusa heads (stage 1 or 2)",
+    ),
+    "generate": (
+        "fastmedusa.decode.cli",
+        "add_generate_arguments",
+        "run_generate",
+        "generate text with Medusa tree decoding",
+    ),
+}
+BENCHMARKS = {
+    "loss": ("fastmedusa.bench.loss", "fused linear cross-entropy: torch, chunked, liger, cce, triton"),
+    "train": ("fastmedusa.bench.train", "a training step on Llama-3 shapes: memory, tokens/s, MFU"),
+    "decode": ("fastmedusa.bench.decode", "generation speed: HF generate vs own greedy vs Medusa"),
+    "heads": (
+        "fastmedusa.bench.heads",
+        "per-head top-k accuracy on held-out prompts, and a tree built from it",
+    ),
+}
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastmedusa",
+        description="Train Medusa decoding heads cheaply and decode faster with them.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, add, _run, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if argv_command in (None, name):  # import only what runs: `fastmedusa train` never loads decode code
+            getattr(importlib.import_module(module), add)(p)
+    bench = sub.add_parser("bench", help="benchmarks (results as JSON + PNG under bench/results/)")
+    bench.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
+    bench.add_argument(
+        "bench_args", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)"
+    )
+    return parser
+
+
+def run(argv: Sequence[str]) -> int:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        module = importlib.import_module(BENCHMARKS[args.benchmark][0])
+        return int(module.main(list(args.bench_args)) or 0)
+    module, _add, run_name, _help = COMMANDS[args.command]
+    return int(getattr(importlib.import_module(module), run_name)(args) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FASTMEDUSA_DEBUG") == "1"
+    try:
+        return run(argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
