@@ -1,0 +1,202 @@
+"""The functional API: linear cross-entropy for one head or K Medusa heads, with an `impl=` switch.
+
+Dtypes: the GEMMs run in the autocast dtype when autocast is on for the hidden's device (bf16 on CUDA
+under `torch.autocast`), otherwise in the weight's dtype; the hidden is cast to it. Softmax, loss and
+the weight-gradient accumulation are fp32 (fp64 for fp64 inputs). The loss is returned in that dtype;
+gradients come back in each input's own dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastmedusa.ops.fused import DEFAULT_CHUNK_ROWS, acc_dtype, linear_ce_op, linear_ce_rows_op
+
+IMPLS = ("auto", "triton", "torch", "chunked", "liger", "cce")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def triton_available(device: torch.device) -> bool:
+    """The Triton kernel runs on CUDA devices when triton imports."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """ "auto" -> "triton" on CUDA (when triton is installed), "chunked" elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}: pick one of those")
+    if impl == "auto":
+        return "triton" if triton_available(device) else "chunked"
+    return impl
+
+
+def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for the hidden's device, else the weight's dtype."""
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
+
+
+def shifted_targets(labels: Tensor, shift: int, ignore_index: int) -> Tensor:
+    """(N,) int64 targets: position t gets labels[..., t+shift]; the last `shift` of each sequence are ignored.
+
+    Only the labels are shifted (B*T integers); the hidden states are never copied.
+    """
+    labels = labels.long()
+    if shift == 0:
+        return labels.reshape(-1)
+    tail = labels.new_full((*labels.shape[:-1], min(shift, labels.shape[-1])), ignore_index)
+    return torch.cat([labels[..., shift:], tail], dim=-1).reshape(-1)
+
+
+def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, shift: int, reduction: str) -> None:
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden has shape {tuple(hidden.shape)}: expected (B, T, H) or (N, H)")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)} but hidden has H={hidden.shape[-1]}: "
+            "expected weight (V, H), the nn.Linear(H, V) layout"
+        )
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)}: "
+            "labels must be token-aligned with hidden's positions, (B, T) or (N,)"
+        )
+    if labels.dtype.is_floating_point:
+        raise ValueError(f"labels have dtype {labels.dtype}: pass integer token ids (torch.long)")
+    if shift < 0:
+        raise ValueError(f"shift={shift} is negative: a head scores position t against t+shift, shift >= 0")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    shift: int = 0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    impl: str = "auto",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> Tensor:
+    """Cross-entropy of `hidden @ weight.T` against `labels` shifted by `shift`, without all the logits.
+
+    hidden (B, T, H) or (N, H), weight (V, H), labels (B, T) or (N,) token-aligned (ignore_index =
+    not scored). Position t is scored against labels[..., t+shift]. "mean" averages over scored
+    positions (0, with zero gradients, when none is scored), "sum" sums, "none" returns fp32 losses
+    shaped like labels (0 where not scored).
+    """
+    _check_inputs(hidden, weight, labels, shift, reduction)
+    impl = resolve_impl(impl, hidden.device)
+    if impl in ("liger", "cce"):
+        from fastmedusa.ops.peers import peer_linear_cross_entropy
+
+        return peer_linear_cross_entropy(impl, hidden, weight, labels, shift, ignore_index, reduction)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows}: must be a positive number of rows")
+    dtype = compute_dtype(hidden, weight)
+    h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    w = weight.to(dtype)
+    targets = shifted_targets(labels, shift, ignore_index)
+    if impl == "torch":
+        return linear_cross_entropy_ref(h, w, targets, ignore_index, reduction).reshape(
+            labels.shape if reduction == "none" else ()
+        )
+    if reduction == "none":
+        loss, _ = linear_ce_rows_op(h, w, targets, ignore_index, impl, chunk_rows)
+        return loss.reshape(labels.shape)
+    grad_on = torch.is_grad_enabled()
+    need_h, need_w = grad_on and h.requires_grad, grad_on and w.requires_grad
+    loss, _, _, _ = linear_ce_op(h, w, targets, ignore_index, reduction, need_h, need_w, impl, chunk_rows)
+    return loss
+
+
+def linear_cross_entropy_ref(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, reduction: str
+) -> Tensor:
+    """impl="torch": F.linear + F.cross_entropy on fp32 logits (as HF models upcast), all N x V at once."""
+    logits = F.linear(hidden, weight).to(acc_dtype(hidden.dtype))
+    if reduction == "none":
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+    total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+def medusa_cross_entropy(
+    hiddens: Sequence[Tensor] | Tensor,
+    weights: Sequence[Tensor] | Tensor,
+    labels: Tensor,
+    *,
+    shifts: Sequence[int],
+    ignore_index: int = -100,
+    impl: str = "auto",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> Tensor:
+    """Mean cross-entropy of K heads in one call: a (K,) fp32 tensor.
+
+    hiddens: K tensors (B, T, H) (or one stacked (K, B, T, H)); weights: K tensors (V, H) (or stacked
+    (K, V, H)); the same weight may appear several times (a shared projection: its gradients sum).
+    Head k scores position t against labels[..., t + shifts[k]]. Weights or hiddens that do not
+    require grad get no gradient GEMM.
+    """
+    hiddens, weights = list(hiddens), list(weights)
+    if not (len(hiddens) == len(weights) == len(shifts)) or not hiddens:
+        raise ValueError(
+            f"got {len(hiddens)} hiddens, {len(weights)} weights and {len(shifts)} shifts: "
+            "pass one of each per head (K >= 1)"
+        )
+    losses = [
+        linear_cross_entropy(
+            h, w, labels, shift=s, ignore_index=ignore_index, impl=impl, chunk_rows=chunk_rows
+        )
+        for h, w, s in zip(hiddens, weights, shifts)
+    ]
+    return torch.stack(losses)
+
+
+@torch.no_grad()
+def topk_correct(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    shift: int,
+    ks: Sequence[int] = (1, 5),
+    ignore_index: int = -100,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[Tensor, int]:
+    """Top-k hits of `hidden @ weight.T` against shifted labels, a chunk of rows at a time.
+
+    Returns (LongTensor (len(ks),) of hits on the hidden's device, number of scored positions).
+    """
+    _check_inputs(hidden, weight, labels, shift, "none")
+    if not ks or min(ks) < 1 or max(ks) > weight.shape[0]:
+        raise ValueError(f"ks={tuple(ks)}: each k must be in 1..V={weight.shape[0]}")
+    dtype = compute_dtype(hidden, weight)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    w = weight.to(dtype)
+    targets = shifted_targets(labels, shift, ignore_index)
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    hits = torch.zeros(len(ks), dtype=torch.long, device=hidden.device)
+    for start in range(0, rows.numel(), chunk_rows):
+        idx = rows[start : start + chunk_rows]
+        top = (h[idx].to(dtype) @ w.T).topk(max(ks), dim=-1).indices  # (C, max k), best first
+        match = top == targets[idx, None]
+        for j, k in enumerate(ks):
+            hits[j] += match[:, :k].any(dim=1).sum()
+    return hits, rows.numel()

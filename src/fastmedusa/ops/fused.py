@@ -1,0 +1,330 @@
+"""Fused linear cross-entropy: logits a chunk of rows at a time, gradients computed during the forward.
+
+Why gradients in the forward: the loss is the last op, so d(loss)/d(logits) is known up to the scalar
+`grad_output` that the backward will bring. Computing dH = dlogits @ W and dW = dlogits^T @ h while the
+chunk's logits are at hand makes three GEMM-sized passes (logits, dH, dW: 6*N*H*V FLOPs per head, the
+bound) instead of four (a backward would recompute the logits). The backward only scales the stored
+gradients. `reduction="none"` cannot do this (one grad_output per row weighs each row of dW differently),
+so it saves the log-sum-exp and recomputes the logits in its backward (8*N*H*V FLOPs).
+
+Memory math (N rows, hidden H, vocab V, 2-byte compute dtype; Llama-3 V=128256 H=4096, B6 T4096 N=24576):
+  all logits          N*V*2   = 6.3 GB      never made
+  one chunk of logits C*V*2   = 263 MB      C=1024 rows (the default), overwritten in place by dlogits
+  dW accumulator      V*H*4   = 2.1 GB      fp32 (summing chunks in bf16 harms convergence); one buffer
+                                            per head call, freed and reused through the caching allocator
+  dH                  N*H*2                 the hidden's gradient itself (not extra)
+Rows whose target is ignored are skipped (no GEMM work): SFT masks often ignore a third of the tokens.
+
+The per-chunk "softmax step" is pluggable: `softmax_grad_ref` (pure PyTorch, fp32 temporaries) for
+impl="chunked", the fused Triton kernel (`triton_softmax.py`) for impl="triton".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+DEFAULT_CHUNK_ROWS = 1024
+
+# step(logits (C, V), targets (C,), lse (C,) | None, grad_scale) -> (loss (C,), lse (C,)).
+# grad_scale None: loss only. Otherwise logits are overwritten in place with (softmax - onehot) * grad_scale
+# (a float, or a (C,) per-row tensor). When lse is given it is used instead of being recomputed.
+SoftmaxStep = Callable[[Tensor, Tensor, Tensor | None, Tensor | float | None], tuple[Tensor, Tensor]]
+
+
+def softmax_grad_ref(
+    logits: Tensor, targets: Tensor, lse: Tensor | None, grad_scale: Tensor | float | None
+) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch softmax step (reference of the Triton kernel): loss, lse, and dlogits in place."""
+    z = logits.to(acc_dtype(logits.dtype))
+    if lse is None:
+        lse = torch.logsumexp(z, dim=-1)
+    loss = lse - z.gather(1, targets[:, None]).squeeze(1)
+    if grad_scale is not None:
+        grad = torch.exp(z - lse[:, None])
+        grad[torch.arange(len(targets), device=z.device), targets] -= 1.0
+        if isinstance(grad_scale, Tensor):
+            grad.mul_(grad_scale[:, None])
+        elif grad_scale != 1.0:
+            grad.mul_(grad_scale)
+        logits.copy_(grad)
+    return loss, lse
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit compute dtypes, float64 stays float64 (exact references)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    """acc (fp32 or fp64) += a @ b, accumulating in acc's dtype without an fp32 copy of a or b on CUDA."""
+    if a.dtype == acc.dtype:
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
+    elif acc.is_cuda:
+        if first:
+            torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=acc)
+        else:
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    elif first:
+        torch.mm(a.to(acc.dtype), b.to(acc.dtype), out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def chunk_loop(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    rows: Tensor | None,
+    lse: Tensor | None,
+    grad_scale: Tensor | float | None,
+    *,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    step: SoftmaxStep,
+    chunk_rows: int,
+    out_scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The three-GEMM loop over chunks of the rows `rows` (None = all rows, contiguous slices).
+
+    hidden (N, H) and weight (V, H) in the compute dtype, targets (N,) int64 valid on `rows`,
+    lse (N,) or None, grad_scale: dlogits multiplier (a float, an (N,) tensor, or None = loss only).
+    Returns per-row loss (N,), lse (N,), grad_hidden (N, H) or empty, grad_weight (V, H) or empty.
+    """
+    n = hidden.shape[0]
+    count = n if rows is None else rows.numel()
+    fdt = acc_dtype(hidden.dtype)
+    loss_rows = hidden.new_zeros(n, dtype=fdt)
+    lse_rows = hidden.new_zeros(n, dtype=fdt)
+    grad_h = torch.zeros_like(hidden) if need_hidden_grad else hidden.new_empty(0)
+    acc = weight.new_empty(weight.shape, dtype=fdt) if need_weight_grad else None
+    if need_weight_grad and count == 0:
+        acc.zero_()
+    for i, start in enumerate(range(0, count, chunk_rows)):
+        end = min(start + chunk_rows, count)
+        idx = slice(start, end) if rows is None else rows[start:end]
+        h = hidden[idx]  # (C, H): a view on contiguous rows, a gather otherwise
+        logits = h @ weight.T  # (C, V)
+        gs = grad_scale[idx] if isinstance(grad_scale, Tensor) else grad_scale
+        loss_c, lse_c = step(logits, targets[idx], None if lse is None else lse[idx], gs)
+        loss_rows[idx] = loss_c
+        lse_rows[idx] = lse_c
+        if need_hidden_grad:
+            if rows is None:
+                torch.mm(logits, weight, out=grad_h[idx])
+            else:
+                grad_h.index_copy_(0, idx, logits @ weight)
+        if need_weight_grad:
+            _addmm_acc(acc, logits.T, h, first=i == 0)
+    if out_scale != 1.0:
+        grad_h.mul_(out_scale)
+        if acc is not None:
+            acc.mul_(out_scale)
+    grad_w = acc.to(weight.dtype) if acc is not None else weight.new_empty(0)
+    return loss_rows, lse_rows, grad_h, grad_w
+
+
+def _valid_rows(targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor | None, int]:
+    """Boolean mask of scored rows, their indices (None when every row is scored) and their count."""
+    valid = targets != ignore_index
+    rows = valid.nonzero().squeeze(1)
+    count = rows.numel()
+    return valid, (None if count == len(targets) else rows), count
+
+
+def _step_for(impl: str) -> SoftmaxStep:
+    if impl == "triton":
+        from fastmedusa.ops.triton_softmax import softmax_grad_triton
+
+        return softmax_grad_triton
+    return softmax_grad_ref
+
+
+def fused_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    reduction: str,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    impl: str,
+    chunk_rows: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Loss ("mean" or "sum"), and when asked its gradients for grad_output = 1, each to be multiplied by
+    the returned 0-dim `grad_scale` (1/count for "mean").
+
+    The 1/count factor is left to the backward, which multiplies by grad_output anyway: one pass over
+    dW fewer, and dlogits stay O(1) (with 1/count folded in, fp16 dlogits would underflow). fp16 gradients
+    are scaled here instead, since unscaled sums over many rows could overflow fp16.
+    """
+    valid, rows, count = _valid_rows(targets, ignore_index)
+    need_grad = need_hidden_grad or need_weight_grad
+    denom = max(count, 1) if reduction == "mean" else 1
+    loss_rows, _, grad_h, grad_w = chunk_loop(
+        hidden,
+        weight,
+        targets.clamp(min=0),  # ignored rows are skipped or masked, never indexed
+        rows,
+        None,
+        1.0 if need_grad else None,
+        need_hidden_grad=need_hidden_grad,
+        need_weight_grad=need_weight_grad,
+        step=_step_for(impl),
+        chunk_rows=chunk_rows,
+        out_scale=1.0 / denom if hidden.dtype == torch.float16 else 1.0,
+    )
+    fdt = acc_dtype(hidden.dtype)
+    loss = (loss_rows * valid).sum() / denom
+    grad_scale = hidden.new_full((), 1.0 if hidden.dtype == torch.float16 else 1.0 / denom, dtype=fdt)
+    return loss, grad_h, grad_w, grad_scale
+
+
+@torch.library.custom_op("fastmedusa::linear_ce", mutates_args=())
+def linear_ce_op(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    reduction: str,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    impl: str,
+    chunk_rows: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Opaque to torch.compile (a custom op), differentiable through `_linear_ce_backward`."""
+    return fused_forward(
+        hidden,
+        weight,
+        targets,
+        ignore_index,
+        reduction,
+        need_hidden_grad,
+        need_weight_grad,
+        impl,
+        chunk_rows,
+    )
+
+
+@linear_ce_op.register_fake
+def _(hidden, weight, targets, ignore_index, reduction, need_hidden_grad, need_weight_grad, impl, chunk_rows):
+    loss = hidden.new_empty((), dtype=acc_dtype(hidden.dtype))
+    grad_h = hidden.new_empty(hidden.shape) if need_hidden_grad else hidden.new_empty(0)
+    grad_w = weight.new_empty(weight.shape) if need_weight_grad else weight.new_empty(0)
+    return loss, grad_h, grad_w, hidden.new_empty((), dtype=acc_dtype(hidden.dtype))
+
+
+def _linear_ce_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1], output[2], output[3])
+    ctx.need = (inputs[5], inputs[6])
+
+
+def _linear_ce_backward(ctx, grad_loss, _grad_h, _grad_w, _grad_scale):
+    grad_h, grad_w, grad_scale = ctx.saved_tensors
+    g = grad_loss * grad_scale  # fp32 scalar; one multiply per gradient element
+    gh = grad_h * g.to(grad_h.dtype) if ctx.need[0] else None
+    gw = grad_w * g.to(grad_w.dtype) if ctx.need[1] else None
+    return gh, gw, None, None, None, None, None, None, None
+
+
+linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
+
+
+@torch.library.custom_op("fastmedusa::linear_ce_rows", mutates_args=())
+def linear_ce_rows_op(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, impl: str, chunk_rows: int
+) -> tuple[Tensor, Tensor]:
+    """Per-row losses (0 where ignored) and log-sum-exp: reduction="none"."""
+    valid, rows, _ = _valid_rows(targets, ignore_index)
+    loss_rows, lse, _, _ = chunk_loop(
+        hidden,
+        weight,
+        targets.clamp(min=0),
+        rows,
+        None,
+        None,
+        need_hidden_grad=False,
+        need_weight_grad=False,
+        step=_step_for(impl),
+        chunk_rows=chunk_rows,
+    )
+    return loss_rows, lse
+
+
+@linear_ce_rows_op.register_fake
+def _(hidden, weight, targets, ignore_index, impl, chunk_rows):
+    n = hidden.shape[0]
+    fdt = acc_dtype(hidden.dtype)
+    return hidden.new_empty(n, dtype=fdt), hidden.new_empty(n, dtype=fdt)
+
+
+@torch.library.custom_op("fastmedusa::linear_ce_rows_backward", mutates_args=())
+def linear_ce_rows_backward_op(
+    grad_rows: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    impl: str,
+    chunk_rows: int,
+) -> tuple[Tensor, Tensor]:
+    """Recomputes each chunk's logits with the saved lse; dlogits rows weighted by grad_rows."""
+    valid, rows, _ = _valid_rows(targets, ignore_index)
+    _, _, grad_h, grad_w = chunk_loop(
+        hidden,
+        weight,
+        targets.clamp(min=0),
+        rows,
+        lse,
+        grad_rows.to(acc_dtype(hidden.dtype)) * valid,
+        need_hidden_grad=need_hidden_grad,
+        need_weight_grad=need_weight_grad,
+        step=_step_for(impl),
+        chunk_rows=chunk_rows,
+    )
+    return grad_h, grad_w
+
+
+@linear_ce_rows_backward_op.register_fake
+def _(
+    grad_rows,
+    hidden,
+    weight,
+    targets,
+    lse,
+    ignore_index,
+    need_hidden_grad,
+    need_weight_grad,
+    impl,
+    chunk_rows,
+):
+    grad_h = hidden.new_empty(hidden.shape) if need_hidden_grad else hidden.new_empty(0)
+    grad_w = weight.new_empty(weight.shape) if need_weight_grad else weight.new_empty(0)
+    return grad_h, grad_w
+
+
+def _rows_setup(ctx, inputs, output) -> None:
+    hidden, weight, targets, ignore_index, impl, chunk_rows = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[1])
+    ctx.args = (ignore_index, impl, chunk_rows)
+
+
+def _rows_backward(ctx, grad_rows, _grad_lse):
+    hidden, weight, targets, lse = ctx.saved_tensors
+    ignore_index, impl, chunk_rows = ctx.args
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_h, grad_w = linear_ce_rows_backward_op(
+        grad_rows, hidden, weight, targets, lse, ignore_index, need_h, need_w, impl, chunk_rows
+    )
+    return (grad_h if need_h else None), (grad_w if need_w else None), None, None, None, None
+
+
+linear_ce_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
