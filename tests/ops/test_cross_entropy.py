@@ -1,0 +1,259 @@
+"""fastmedusa.ops against a float64 reference: the error of each impl is bounded by about twice the error of
+plain PyTorch in the same dtype (Cut Cross-Entropy's style), plus a small absolute floor.
+
+On the CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/conftest.py), so shapes stay tiny.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmedusa.ops import linear_cross_entropy, medusa_cross_entropy, topk_correct
+from fastmedusa.ops.fused import fused_forward
+
+IMPLS = ["chunked", "triton"]
+DTYPES = [torch.float32, torch.float16]
+# absolute floor on the relative error: rounding of an O(1) value in the dtype
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    assert torch.isfinite(x).all(), "NaN or inf in the result"
+    return ((x - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def _inputs(batch, seq, hidden_size, vocab, heads, ignore_frac, seed, device="cpu"):
+    """fp64 hiddens and weights with logits of std ~3 (like a trained LM), labels with ignored positions."""
+    gen = torch.Generator().manual_seed(seed)
+    hs = [torch.randn(batch, seq, hidden_size, generator=gen, dtype=torch.float64) for _ in range(heads)]
+    ws = [torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) * 3 / hidden_size**0.5]
+    ws += [torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) * 3 / hidden_size**0.5
+           for _ in range(heads - 1)]  # fmt: skip
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels[torch.rand(batch, seq, generator=gen) < ignore_frac] = -100
+    move = lambda ts: [t.to(device) for t in ts]
+    return move(hs), move(ws), labels.to(device)
+
+
+def _run(impl, dtype, hs, ws, labels, shifts, reduction="mean", grad_seed=0, share=False, chunk_rows=5):
+    """Loss and gradients of hiddens and weights (in fp64) for a random upstream gradient."""
+    hs = [h.detach().to(dtype).requires_grad_() for h in hs]
+    ws = [w.detach().to(dtype).requires_grad_() for w in ws]
+    head_ws = [ws[0]] * len(hs) if share else ws
+    if len(hs) == 1:
+        loss = linear_cross_entropy(
+            hs[0], head_ws[0], labels, shift=shifts[0], reduction=reduction, impl=impl, chunk_rows=chunk_rows
+        )
+    else:
+        loss = medusa_cross_entropy(hs, head_ws, labels, shifts=shifts, impl=impl, chunk_rows=chunk_rows)
+    gen = torch.Generator().manual_seed(grad_seed)
+    upstream = torch.rand(loss.shape, generator=gen, dtype=torch.float64).to(loss.device) + 0.5
+    (loss.double() * upstream).sum().backward()
+    grads = [h.grad for h in hs] + [w.grad for w in (ws[:1] if share else ws)]
+    return [loss.detach()] + grads
+
+
+def _check_against_reference(impl, dtype, hs, ws, labels, shifts, **kw):
+    truth = _run("torch", torch.float64, hs, ws, labels, shifts, **kw)
+    plain = _run("torch", dtype, hs, ws, labels, shifts, **kw)
+    got = _run(impl, dtype, hs, ws, labels, shifts, **kw)
+    names = (
+        ["loss"]
+        + [f"d_hidden{i}" for i in range(len(hs))]
+        + [f"d_weight{i}" for i in range(len(got) - 1 - len(hs))]
+    )
+    for name, g, p, t in zip(names, got, plain, truth):
+        assert g.shape == t.shape, name
+        assert g.dtype in (dtype, torch.float32) or name == "loss", name
+        err, base = _rel_err(g, t), _rel_err(p, t)
+        assert err <= 2 * base + FLOOR[dtype], f"{name}: {impl} error {err:.3g} vs torch {base:.3g}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shift", [0, 1, 2, 3, 4])
+def test_shifts_match_reference(impl, dtype, shift):
+    hs, ws, labels = _inputs(2, 7, 33, 261, heads=1, ignore_frac=0.2, seed=shift)
+    _check_against_reference(impl, dtype, hs, ws, labels, [shift])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_match_reference(impl, dtype, reduction):
+    # V=1031: not a multiple of any power-of-two tile; H=17 odd
+    hs, ws, labels = _inputs(3, 5, 17, 1031, heads=1, ignore_frac=0.3, seed=11)
+    _check_against_reference(impl, dtype, hs, ws, labels, [1], reduction=reduction)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_row(impl, dtype):
+    hs, ws, labels = _inputs(1, 1, 9, 70, heads=1, ignore_frac=0.0, seed=3)
+    flat_h, flat_l = [hs[0].reshape(1, 9)], labels.reshape(1)
+    _check_against_reference(impl, dtype, flat_h, ws, flat_l, [0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("share", [False, True])
+def test_medusa_heads_match_reference(impl, share):
+    hs, ws, labels = _inputs(2, 9, 24, 300, heads=3, ignore_frac=0.25, seed=5)
+    _check_against_reference(impl, torch.float32, hs, ws, labels, [1, 2, 3], share=share)
+
+
+@pytest.mark.parametrize("impl", ["torch", *IMPLS])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_zero_grads(impl, reduction):
+    hs, ws, labels = _inputs(2, 4, 8, 50, heads=1, ignore_frac=1.0, seed=7)
+    h = hs[0].float().requires_grad_()
+    w = ws[0].float().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels, shift=1, reduction=reduction, impl=impl)
+    loss.sum().backward()
+    assert torch.equal(loss.detach(), torch.zeros_like(loss))
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_shift_beyond_sequence_ignores_everything():
+    hs, ws, labels = _inputs(2, 3, 8, 50, heads=1, ignore_frac=0.0, seed=8)
+    loss = linear_cross_entropy(hs[0], ws[0], labels, shift=5, impl="chunked")
+    assert loss.item() == 0.0
+
+
+def test_none_reduction_is_shaped_like_positions_and_zero_where_ignored():
+    hs, ws, labels = _inputs(2, 6, 8, 50, heads=1, ignore_frac=0.3, seed=9)
+    loss = linear_cross_entropy(hs[0], ws[0], labels, shift=2, reduction="none", impl="chunked")
+    assert loss.shape == (2, 6)
+    scored = torch.cat([labels[:, 2:], torch.full((2, 2), -100)], dim=1) != -100
+    assert (loss[~scored] == 0).all() and (loss[scored] > 0).all()
+
+
+def test_frozen_weight_and_hidden_skip_their_gradient_gemms():
+    hs, ws, labels = _inputs(2, 5, 8, 40, heads=1, ignore_frac=0.0, seed=10)
+    h, w = hs[0].reshape(10, 8).float(), ws[0].float()
+    targets = labels.reshape(-1)
+    _, gh, gw, _ = fused_forward(h, w, targets, -100, "mean", True, False, "chunked", 4)
+    assert gh.shape == h.shape and gw.numel() == 0
+    _, gh, gw, _ = fused_forward(h, w, targets, -100, "mean", False, True, "chunked", 4)
+    assert gh.numel() == 0 and gw.shape == w.shape
+    frozen = w.clone()  # requires_grad False: only the hidden gets a gradient
+    hg = h.clone().requires_grad_()
+    linear_cross_entropy(hg, frozen, targets, impl="chunked").backward()
+    assert hg.grad is not None and frozen.grad is None
+
+
+def test_no_grad_mode_returns_loss_only():
+    hs, ws, labels = _inputs(2, 5, 8, 40, heads=1, ignore_frac=0.0, seed=12)
+    h, w = hs[0].float().requires_grad_(), ws[0].float().requires_grad_()
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, labels, shift=1, impl="chunked")
+    assert not loss.requires_grad
+    ref = linear_cross_entropy(h.detach(), w.detach(), labels, shift=1, impl="torch")
+    torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"impl": "fast"}, "impl='fast'"),
+        ({"reduction": "avg"}, "reduction='avg'"),
+        ({"shift": -1}, "shift=-1"),
+        ({"chunk_rows": 0}, "chunk_rows=0"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    hs, ws, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)
+    with pytest.raises(ValueError, match=match):
+        linear_cross_entropy(hs[0], ws[0], labels, **kwargs)
+
+
+def test_mismatched_shapes_raise_value_error():
+    hs, ws, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)
+    with pytest.raises(ValueError, match="labels have shape"):
+        linear_cross_entropy(hs[0], ws[0], labels[:, :3])
+    with pytest.raises(ValueError, match="weight has shape"):
+        linear_cross_entropy(hs[0], ws[0][:, :5], labels)
+    with pytest.raises(ValueError, match="pass one of each per head"):
+        medusa_cross_entropy(hs, ws, labels, shifts=[1, 2])
+
+
+def test_peers_raise_clear_errors_off_cuda():
+    hs, ws, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)
+    for impl in ("liger", "cce"):
+        with pytest.raises(ValueError, match=impl):
+            linear_cross_entropy(hs[0], ws[0], labels, impl=impl)
+
+
+def test_topk_correct_counts_match_full_logits():
+    hs, ws, labels = _inputs(2, 11, 8, 30, heads=1, ignore_frac=0.3, seed=13)
+    hits, count = topk_correct(hs[0], ws[0], labels, shift=2, ks=(1, 3, 5), chunk_rows=4)
+    logits = hs[0][:, :-2] @ ws[0].T
+    target = labels[:, 2:]
+    scored = target != -100
+    top = logits.topk(5, dim=-1).indices
+    expected = [((top[..., :k] == target[..., None]).any(-1) & scored).sum().item() for k in (1, 3, 5)]
+    assert hits.tolist() == expected and count == scored.sum().item()
+
+
+def test_compiles_without_graph_break():
+    """The custom ops keep torch.compile(fullgraph=True) whole; aot_eager checks tracing and autograd."""
+    hs, ws, labels = _inputs(2, 6, 8, 40, heads=2, ignore_frac=0.2, seed=14)
+    hs = [h.float().requires_grad_() for h in hs]
+    ws = [w.float().requires_grad_() for w in ws]
+
+    def step(h0, h1, w0, w1):
+        return medusa_cross_entropy([h0, h1], [w0, w1], labels, shifts=[1, 2], impl="chunked").sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    grads = torch.autograd.grad(compiled(*hs, *ws), [*hs, *ws])
+    ref = torch.autograd.grad(step(*hs, *ws), [*hs, *ws])
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)
+
+
+def test_triton_training_follows_torch_loss_curve():
+    """Three heads (a linear tower each) trained 30 SGD steps: the triton and torch loss curves agree."""
+    torch.manual_seed(0)
+    batch, seq, hidden_size, vocab = 2, 8, 16, 64
+    features = torch.randn(batch, seq, hidden_size)
+    labels = torch.randint(0, vocab, (batch, seq))
+    init = [
+        (torch.randn(hidden_size, hidden_size) * 0.1, torch.randn(vocab, hidden_size) * 0.3) for _ in range(3)
+    ]
+    curves = {}
+    for impl in ("torch", "triton"):
+        params = [(a.clone().requires_grad_(), w.clone().requires_grad_()) for a, w in init]
+        opt = torch.optim.SGD([p for pair in params for p in pair], lr=0.5)
+        curve = []
+        for _ in range(30):
+            hiddens = [features + torch.tanh(features @ a.T) for a, _ in params]
+            losses = medusa_cross_entropy(
+                hiddens, [w for _, w in params], labels, shifts=[2, 3, 4], impl=impl
+            )
+            opt.zero_grad()
+            (losses * torch.tensor([1.0, 0.8, 0.64])).sum().backward()
+            opt.step()
+            curve.append(losses.detach())
+        curves[impl] = torch.stack(curve)
+    assert curves["torch"][-1].sum() < 0.5 * curves["torch"][0].sum()  # it did learn
+    torch.testing.assert_close(curves["triton"], curves["torch"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_bf16_on_gpu_matches_reference(impl):
+    hs, ws, labels = _inputs(2, 300, 256, 5003, heads=2, ignore_frac=0.2, seed=21, device="cuda")
+    _check_against_reference(impl, torch.bfloat16, hs, ws, labels, [1, 2], chunk_rows=128)
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_on_gpu_computes_in_bf16():
+    hs, ws, labels = _inputs(2, 64, 128, 1000, heads=1, ignore_frac=0.0, seed=22, device="cuda")
+    h, w = hs[0].float().requires_grad_(), ws[0].float().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, labels, shift=1, impl="triton")
+    loss.backward()
+    ref = linear_cross_entropy(h.detach().double(), w.detach().double(), labels, shift=1, impl="torch")
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
