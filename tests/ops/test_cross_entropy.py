@@ -13,6 +13,7 @@ from fastmedusa.ops import linear_cross_entropy, medusa_cross_entropy, topk_corr
 from fastmedusa.ops.fused import fused_forward
 
 IMPLS = ["chunked", "triton"]
+WGRADS = ["accumulate", "recompute"]
 DTYPES = [torch.float32, torch.float16]
 # absolute floor on the relative error: rounding of an O(1) value in the dtype
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -37,17 +38,38 @@ def _inputs(batch, seq, hidden_size, vocab, heads, ignore_frac, seed, device="cp
     return move(hs), move(ws), labels.to(device)
 
 
-def _run(impl, dtype, hs, ws, labels, shifts, reduction="mean", grad_seed=0, share=False, chunk_rows=5):
+def _run(
+    impl,
+    dtype,
+    hs,
+    ws,
+    labels,
+    shifts,
+    reduction="mean",
+    grad_seed=0,
+    share=False,
+    chunk_rows=5,
+    wgrad="auto",
+):
     """Loss and gradients of hiddens and weights (in fp64) for a random upstream gradient."""
     hs = [h.detach().to(dtype).requires_grad_() for h in hs]
     ws = [w.detach().to(dtype).requires_grad_() for w in ws]
     head_ws = [ws[0]] * len(hs) if share else ws
     if len(hs) == 1:
         loss = linear_cross_entropy(
-            hs[0], head_ws[0], labels, shift=shifts[0], reduction=reduction, impl=impl, chunk_rows=chunk_rows
+            hs[0],
+            head_ws[0],
+            labels,
+            shift=shifts[0],
+            reduction=reduction,
+            impl=impl,
+            chunk_rows=chunk_rows,
+            wgrad=wgrad,
         )
     else:
-        loss = medusa_cross_entropy(hs, head_ws, labels, shifts=shifts, impl=impl, chunk_rows=chunk_rows)
+        loss = medusa_cross_entropy(
+            hs, head_ws, labels, shifts=shifts, impl=impl, chunk_rows=chunk_rows, wgrad=wgrad
+        )
     gen = torch.Generator().manual_seed(grad_seed)
     upstream = torch.rand(loss.shape, generator=gen, dtype=torch.float64).to(loss.device) + 0.5
     (loss.double() * upstream).sum().backward()
@@ -55,10 +77,10 @@ def _run(impl, dtype, hs, ws, labels, shifts, reduction="mean", grad_seed=0, sha
     return [loss.detach()] + grads
 
 
-def _check_against_reference(impl, dtype, hs, ws, labels, shifts, **kw):
+def _check_against_reference(impl, dtype, hs, ws, labels, shifts, wgrad="auto", **kw):
     truth = _run("torch", torch.float64, hs, ws, labels, shifts, **kw)
     plain = _run("torch", dtype, hs, ws, labels, shifts, **kw)
-    got = _run(impl, dtype, hs, ws, labels, shifts, **kw)
+    got = _run(impl, dtype, hs, ws, labels, shifts, wgrad=wgrad, **kw)
     names = (
         ["loss"]
         + [f"d_hidden{i}" for i in range(len(hs))]
@@ -76,16 +98,17 @@ def _check_against_reference(impl, dtype, hs, ws, labels, shifts, **kw):
 @pytest.mark.parametrize("shift", [0, 1, 2, 3, 4])
 def test_shifts_match_reference(impl, dtype, shift):
     hs, ws, labels = _inputs(2, 7, 33, 261, heads=1, ignore_frac=0.2, seed=shift)
-    _check_against_reference(impl, dtype, hs, ws, labels, [shift])
+    _check_against_reference(impl, dtype, hs, ws, labels, [shift], wgrad=WGRADS[shift % 2])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_reductions_match_reference(impl, dtype, reduction):
+@pytest.mark.parametrize("wgrad", WGRADS)
+def test_reductions_match_reference(impl, dtype, reduction, wgrad):
     # V=1031: not a multiple of any power-of-two tile; H=17 odd
     hs, ws, labels = _inputs(3, 5, 17, 1031, heads=1, ignore_frac=0.3, seed=11)
-    _check_against_reference(impl, dtype, hs, ws, labels, [1], reduction=reduction)
+    _check_against_reference(impl, dtype, hs, ws, labels, [1], reduction=reduction, wgrad=wgrad)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -98,18 +121,20 @@ def test_single_row(impl, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("share", [False, True])
-def test_medusa_heads_match_reference(impl, share):
+@pytest.mark.parametrize("wgrad", WGRADS)
+def test_medusa_heads_match_reference(impl, share, wgrad):
     hs, ws, labels = _inputs(2, 9, 24, 300, heads=3, ignore_frac=0.25, seed=5)
-    _check_against_reference(impl, torch.float32, hs, ws, labels, [1, 2, 3], share=share)
+    _check_against_reference(impl, torch.float32, hs, ws, labels, [1, 2, 3], share=share, wgrad=wgrad)
 
 
 @pytest.mark.parametrize("impl", ["torch", *IMPLS])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_gives_zero_loss_and_zero_grads(impl, reduction):
+@pytest.mark.parametrize("wgrad", WGRADS)
+def test_all_ignored_gives_zero_loss_and_zero_grads(impl, reduction, wgrad):
     hs, ws, labels = _inputs(2, 4, 8, 50, heads=1, ignore_frac=1.0, seed=7)
     h = hs[0].float().requires_grad_()
     w = ws[0].float().requires_grad_()
-    loss = linear_cross_entropy(h, w, labels, shift=1, reduction=reduction, impl=impl)
+    loss = linear_cross_entropy(h, w, labels, shift=1, reduction=reduction, impl=impl, wgrad=wgrad)
     loss.sum().backward()
     assert torch.equal(loss.detach(), torch.zeros_like(loss))
     assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
@@ -133,10 +158,11 @@ def test_frozen_weight_and_hidden_skip_their_gradient_gemms():
     hs, ws, labels = _inputs(2, 5, 8, 40, heads=1, ignore_frac=0.0, seed=10)
     h, w = hs[0].reshape(10, 8).float(), ws[0].float()
     targets = labels.reshape(-1)
-    _, gh, gw, _ = fused_forward(h, w, targets, -100, "mean", True, False, "chunked", 4)
-    assert gh.shape == h.shape and gw.numel() == 0
-    _, gh, gw, _ = fused_forward(h, w, targets, -100, "mean", False, True, "chunked", 4)
-    assert gh.numel() == 0 and gw.shape == w.shape
+    for wgrad in WGRADS:
+        _, gh, gw, _ = fused_forward(h, w, targets, -100, "mean", True, False, "chunked", 4, wgrad)
+        assert gh.shape == h.shape and gw.numel() == 0
+        _, gh, gw, _ = fused_forward(h, w, targets, -100, "mean", False, True, "chunked", 4, wgrad)
+        assert gh.numel() == 0 and gw.shape == w.shape
     frozen = w.clone()  # requires_grad False: only the hidden gets a gradient
     hg = h.clone().requires_grad_()
     linear_cross_entropy(hg, frozen, targets, impl="chunked").backward()
@@ -160,6 +186,7 @@ def test_no_grad_mode_returns_loss_only():
         ({"reduction": "avg"}, "reduction='avg'"),
         ({"shift": -1}, "shift=-1"),
         ({"chunk_rows": 0}, "chunk_rows=0"),
+        ({"wgrad": "lazy"}, "wgrad='lazy'"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
@@ -212,7 +239,8 @@ def test_compiles_without_graph_break():
         torch.testing.assert_close(g, r)
 
 
-def test_triton_training_follows_torch_loss_curve():
+@pytest.mark.parametrize("wgrad", WGRADS)
+def test_triton_training_follows_torch_loss_curve(wgrad):
     """Three heads (a linear tower each) trained 30 SGD steps: the triton and torch loss curves agree."""
     torch.manual_seed(0)
     batch, seq, hidden_size, vocab = 2, 8, 16, 64

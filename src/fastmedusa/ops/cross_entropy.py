@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmedusa.ops.fused import DEFAULT_CHUNK_ROWS, acc_dtype, linear_ce_op, linear_ce_rows_op
+from fastmedusa.ops.fused import DEFAULT_CHUNK_ROWS, acc_dtype, linear_ce_op, linear_ce_rows_op, resolve_wgrad
 
 IMPLS = ("auto", "triton", "torch", "chunked", "liger", "cce")
 REDUCTIONS = ("mean", "sum", "none")
@@ -91,6 +91,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     impl: str = "auto",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    wgrad: str = "auto",
 ) -> Tensor:
     """Cross-entropy of `hidden @ weight.T` against `labels` shifted by `shift`, without all the logits.
 
@@ -98,6 +99,10 @@ def linear_cross_entropy(
     not scored). Position t is scored against labels[..., t+shift]. "mean" averages over scored
     positions (0, with zero gradients, when none is scored), "sum" sums, "none" returns fp32 losses
     shaped like labels (0 where not scored).
+
+    Tuning (fused impls): chunk_rows bounds the logits buffer (chunk_rows x V); wgrad picks how the
+    weight gradient is formed: "accumulate" (3 GEMM passes + an fp32 V x H buffer), "recompute"
+    (4 passes, no buffer), "auto" (see `fused.resolve_wgrad`).
     """
     _check_inputs(hidden, weight, labels, shift, reduction)
     impl = resolve_impl(impl, hidden.device)
@@ -107,6 +112,7 @@ def linear_cross_entropy(
         return peer_linear_cross_entropy(impl, hidden, weight, labels, shift, ignore_index, reduction)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}: must be a positive number of rows")
+    resolve_wgrad(wgrad, weight)
     dtype = compute_dtype(hidden, weight)
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     w = weight.to(dtype)
@@ -116,11 +122,13 @@ def linear_cross_entropy(
             labels.shape if reduction == "none" else ()
         )
     if reduction == "none":
-        loss, _ = linear_ce_rows_op(h, w, targets, ignore_index, impl, chunk_rows)
+        loss, _ = linear_ce_rows_op(h, w, targets, ignore_index, impl, chunk_rows, wgrad)
         return loss.reshape(labels.shape)
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and h.requires_grad, grad_on and w.requires_grad
-    loss, _, _, _ = linear_ce_op(h, w, targets, ignore_index, reduction, need_h, need_w, impl, chunk_rows)
+    loss, _, _, _ = linear_ce_op(
+        h, w, targets, ignore_index, reduction, need_h, need_w, impl, chunk_rows, wgrad
+    )
     return loss
 
 
@@ -146,6 +154,7 @@ def medusa_cross_entropy(
     ignore_index: int = -100,
     impl: str = "auto",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    wgrad: str = "auto",
 ) -> Tensor:
     """Mean cross-entropy of K heads in one call: a (K,) fp32 tensor.
 

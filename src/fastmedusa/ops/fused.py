@@ -27,24 +27,29 @@ import torch
 from torch import Tensor
 
 DEFAULT_CHUNK_ROWS = 1024
+WGRAD_MODES = ("auto", "accumulate", "recompute")
 
-# step(logits (C, V), targets (C,), lse (C,) | None, grad_scale) -> (loss (C,), lse (C,)).
+# step(logits (C, W), targets (C,), lse (C,) | None, grad_scale) -> (loss (C,) | None, lse (C,)).
+# lse None: the rows are whole (W = V); computes lse and the loss. lse given: the columns may be a vocab
+# block, targets are then relative to its first column (outside [0, W): no one-hot there), and no loss.
 # grad_scale None: loss only. Otherwise logits are overwritten in place with (softmax - onehot) * grad_scale
-# (a float, or a (C,) per-row tensor). When lse is given it is used instead of being recomputed.
-SoftmaxStep = Callable[[Tensor, Tensor, Tensor | None, Tensor | float | None], tuple[Tensor, Tensor]]
+# (a float, or a (C,) per-row tensor).
+SoftmaxStep = Callable[[Tensor, Tensor, Tensor | None, Tensor | float | None], tuple[Tensor | None, Tensor]]
 
 
 def softmax_grad_ref(
     logits: Tensor, targets: Tensor, lse: Tensor | None, grad_scale: Tensor | float | None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor | None, Tensor]:
     """Pure-PyTorch softmax step (reference of the Triton kernel): loss, lse, and dlogits in place."""
     z = logits.to(acc_dtype(logits.dtype))
+    loss = None
     if lse is None:
         lse = torch.logsumexp(z, dim=-1)
-    loss = lse - z.gather(1, targets[:, None]).squeeze(1)
+        loss = lse - z.gather(1, targets[:, None]).squeeze(1)
     if grad_scale is not None:
         grad = torch.exp(z - lse[:, None])
-        grad[torch.arange(len(targets), device=z.device), targets] -= 1.0
+        hit = (targets >= 0) & (targets < z.shape[1])
+        grad[hit.nonzero().squeeze(1), targets[hit]] -= 1.0
         if isinstance(grad_scale, Tensor):
             grad.mul_(grad_scale[:, None])
         elif grad_scale != 1.0:
@@ -76,6 +81,15 @@ def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+def resolve_wgrad(wgrad: str, weight: Tensor) -> str:
+    """ "auto": "recompute" on CUDA (no V x H fp32 buffer, every GEMM at full size), "accumulate" elsewhere."""
+    if wgrad not in WGRAD_MODES:
+        raise ValueError(f"wgrad={wgrad!r} is not one of {WGRAD_MODES}")
+    if wgrad == "auto":
+        return "recompute" if weight.is_cuda else "accumulate"
+    return wgrad
+
+
 def chunk_loop(
     hidden: Tensor,
     weight: Tensor,
@@ -88,45 +102,88 @@ def chunk_loop(
     need_weight_grad: bool,
     step: SoftmaxStep,
     chunk_rows: int,
+    wgrad: str = "accumulate",
     out_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The three-GEMM loop over chunks of the rows `rows` (None = all rows, contiguous slices).
+    """Loss, lse and gradients over chunks of the rows `rows` (None = all rows, contiguous slices).
 
     hidden (N, H) and weight (V, H) in the compute dtype, targets (N,) int64 valid on `rows`,
     lse (N,) or None, grad_scale: dlogits multiplier (a float, an (N,) tensor, or None = loss only).
-    Returns per-row loss (N,), lse (N,), grad_hidden (N, H) or empty, grad_weight (V, H) or empty.
+    wgrad "accumulate": dW summed chunk by chunk into an fp32 (V, H) buffer (three GEMM passes);
+    "recompute": a second pass over vocab blocks recomputes the logits and writes each block of dW
+    from one GEMM over all rows (four passes, no fp32 buffer, the GEMMs' own fp32 accumulation).
+    Gradients are multiplied by out_scale. Returns per-row loss (N,), lse (N,), grad_hidden (N, H) or
+    empty, grad_weight (V, H) or empty.
     """
     n = hidden.shape[0]
     count = n if rows is None else rows.numel()
     fdt = acc_dtype(hidden.dtype)
     loss_rows = hidden.new_zeros(n, dtype=fdt)
     lse_rows = hidden.new_zeros(n, dtype=fdt)
-    grad_h = torch.zeros_like(hidden) if need_hidden_grad else hidden.new_empty(0)
-    acc = weight.new_empty(weight.shape, dtype=fdt) if need_weight_grad else None
-    if need_weight_grad and count == 0:
-        acc.zero_()
-    for i, start in enumerate(range(0, count, chunk_rows)):
+    grad_h = hidden.new_empty(0)
+    if need_hidden_grad:
+        grad_h = torch.empty_like(hidden) if count == n else torch.zeros_like(hidden)
+    accumulate = need_weight_grad and wgrad == "accumulate"
+    acc = weight.new_zeros(weight.shape, dtype=fdt) if accumulate else None
+    rows_pass = lse is None or need_hidden_grad or accumulate
+    if not rows_pass:
+        lse_rows = lse
+    for i, start in enumerate(range(0, count if rows_pass else 0, chunk_rows)):
         end = min(start + chunk_rows, count)
         idx = slice(start, end) if rows is None else rows[start:end]
         h = hidden[idx]  # (C, H): a view on contiguous rows, a gather otherwise
         logits = h @ weight.T  # (C, V)
         gs = grad_scale[idx] if isinstance(grad_scale, Tensor) else grad_scale
+        if not (need_hidden_grad or accumulate):
+            gs = None
         loss_c, lse_c = step(logits, targets[idx], None if lse is None else lse[idx], gs)
-        loss_rows[idx] = loss_c
+        if loss_c is not None:
+            loss_rows[idx] = loss_c
         lse_rows[idx] = lse_c
         if need_hidden_grad:
             if rows is None:
                 torch.mm(logits, weight, out=grad_h[idx])
             else:
                 grad_h.index_copy_(0, idx, logits @ weight)
-        if need_weight_grad:
+        if accumulate:
             _addmm_acc(acc, logits.T, h, first=i == 0)
     if out_scale != 1.0:
         grad_h.mul_(out_scale)
         if acc is not None:
             acc.mul_(out_scale)
-    grad_w = acc.to(weight.dtype) if acc is not None else weight.new_empty(0)
+    grad_w = weight.new_empty(0)
+    if acc is not None:
+        grad_w = acc.to(weight.dtype)
+    elif need_weight_grad:
+        h_rows = hidden if rows is None else hidden[rows]
+        t_rows = targets if rows is None else targets[rows]
+        lse_v = lse_rows if rows is None else lse_rows[rows]
+        if isinstance(grad_scale, Tensor):
+            gs_rows = (grad_scale if rows is None else grad_scale[rows]) * out_scale
+        else:
+            gs_rows = grad_scale * out_scale
+        grad_w = _weight_grad_by_vocab_blocks(h_rows, weight, t_rows, lse_v, gs_rows, step, chunk_rows)
     return loss_rows, lse_rows, grad_h, grad_w
+
+
+def _weight_grad_by_vocab_blocks(
+    hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, grad_scale: Tensor | float, step, chunk_rows
+) -> Tensor:
+    """dW one vocab block at a time: logits (M, Vb) for every scored row, dlogits in place, then
+    dW[block] = dlogits^T @ hidden, a GEMM with K = M (all rows) written once in the weight's dtype.
+
+    The block width keeps the logits buffer at chunk_rows * V elements, the size of a row chunk.
+    """
+    m, vocab = hidden.shape[0], weight.shape[0]
+    grad_w = torch.empty_like(weight)
+    if m == 0:
+        return grad_w.zero_()
+    block = min(vocab, max(256, chunk_rows * vocab // m // 256 * 256))
+    for v0 in range(0, vocab, block):
+        logits = hidden @ weight[v0 : v0 + block].T  # (M, Vb)
+        step(logits, targets - v0, lse, grad_scale)
+        torch.mm(logits.T, hidden, out=grad_w[v0 : v0 + block])
+    return grad_w
 
 
 def _valid_rows(targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor | None, int]:
@@ -155,6 +212,7 @@ def fused_forward(
     need_weight_grad: bool,
     impl: str,
     chunk_rows: int,
+    wgrad: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Loss ("mean" or "sum"), and when asked its gradients for grad_output = 1, each to be multiplied by
     the returned 0-dim `grad_scale` (1/count for "mean").
@@ -177,6 +235,7 @@ def fused_forward(
         need_weight_grad=need_weight_grad,
         step=_step_for(impl),
         chunk_rows=chunk_rows,
+        wgrad=resolve_wgrad(wgrad, weight),
         out_scale=1.0 / denom if hidden.dtype == torch.float16 else 1.0,
     )
     fdt = acc_dtype(hidden.dtype)
@@ -196,6 +255,7 @@ def linear_ce_op(
     need_weight_grad: bool,
     impl: str,
     chunk_rows: int,
+    wgrad: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Opaque to torch.compile (a custom op), differentiable through `_linear_ce_backward`."""
     return fused_forward(
@@ -208,11 +268,23 @@ def linear_ce_op(
         need_weight_grad,
         impl,
         chunk_rows,
+        wgrad,
     )
 
 
 @linear_ce_op.register_fake
-def _(hidden, weight, targets, ignore_index, reduction, need_hidden_grad, need_weight_grad, impl, chunk_rows):
+def _(
+    hidden,
+    weight,
+    targets,
+    ignore_index,
+    reduction,
+    need_hidden_grad,
+    need_weight_grad,
+    impl,
+    chunk_rows,
+    wgrad,
+):
     loss = hidden.new_empty((), dtype=acc_dtype(hidden.dtype))
     grad_h = hidden.new_empty(hidden.shape) if need_hidden_grad else hidden.new_empty(0)
     grad_w = weight.new_empty(weight.shape) if need_weight_grad else weight.new_empty(0)
@@ -229,7 +301,7 @@ def _linear_ce_backward(ctx, grad_loss, _grad_h, _grad_w, _grad_scale):
     g = grad_loss * grad_scale  # fp32 scalar; one multiply per gradient element
     gh = grad_h * g.to(grad_h.dtype) if ctx.need[0] else None
     gw = grad_w * g.to(grad_w.dtype) if ctx.need[1] else None
-    return gh, gw, None, None, None, None, None, None, None
+    return gh, gw, None, None, None, None, None, None, None, None
 
 
 linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
@@ -237,7 +309,7 @@ linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_set
 
 @torch.library.custom_op("fastmedusa::linear_ce_rows", mutates_args=())
 def linear_ce_rows_op(
-    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, impl: str, chunk_rows: int
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, impl: str, chunk_rows: int, wgrad: str
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses (0 where ignored) and log-sum-exp: reduction="none"."""
     valid, rows, _ = _valid_rows(targets, ignore_index)
@@ -257,7 +329,7 @@ def linear_ce_rows_op(
 
 
 @linear_ce_rows_op.register_fake
-def _(hidden, weight, targets, ignore_index, impl, chunk_rows):
+def _(hidden, weight, targets, ignore_index, impl, chunk_rows, wgrad):
     n = hidden.shape[0]
     fdt = acc_dtype(hidden.dtype)
     return hidden.new_empty(n, dtype=fdt), hidden.new_empty(n, dtype=fdt)
@@ -275,6 +347,7 @@ def linear_ce_rows_backward_op(
     need_weight_grad: bool,
     impl: str,
     chunk_rows: int,
+    wgrad: str,
 ) -> tuple[Tensor, Tensor]:
     """Recomputes each chunk's logits with the saved lse; dlogits rows weighted by grad_rows."""
     valid, rows, _ = _valid_rows(targets, ignore_index)
@@ -289,6 +362,7 @@ def linear_ce_rows_backward_op(
         need_weight_grad=need_weight_grad,
         step=_step_for(impl),
         chunk_rows=chunk_rows,
+        wgrad=resolve_wgrad(wgrad, weight),
     )
     return grad_h, grad_w
 
@@ -305,6 +379,7 @@ def _(
     need_weight_grad,
     impl,
     chunk_rows,
+    wgrad,
 ):
     grad_h = hidden.new_empty(hidden.shape) if need_hidden_grad else hidden.new_empty(0)
     grad_w = weight.new_empty(weight.shape) if need_weight_grad else weight.new_empty(0)
@@ -312,19 +387,19 @@ def _(
 
 
 def _rows_setup(ctx, inputs, output) -> None:
-    hidden, weight, targets, ignore_index, impl, chunk_rows = inputs
+    hidden, weight, targets, ignore_index, impl, chunk_rows, wgrad = inputs
     ctx.save_for_backward(hidden, weight, targets, output[1])
-    ctx.args = (ignore_index, impl, chunk_rows)
+    ctx.args = (ignore_index, impl, chunk_rows, wgrad)
 
 
 def _rows_backward(ctx, grad_rows, _grad_lse):
     hidden, weight, targets, lse = ctx.saved_tensors
-    ignore_index, impl, chunk_rows = ctx.args
+    ignore_index, impl, chunk_rows, wgrad = ctx.args
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_h, grad_w = linear_ce_rows_backward_op(
-        grad_rows, hidden, weight, targets, lse, ignore_index, need_h, need_w, impl, chunk_rows
+        grad_rows, hidden, weight, targets, lse, ignore_index, need_h, need_w, impl, chunk_rows, wgrad
     )
-    return (grad_h if need_h else None), (grad_w if need_w else None), None, None, None, None
+    return (grad_h if need_h else None), (grad_w if need_w else None), None, None, None, None, None
 
 
 linear_ce_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)

@@ -37,8 +37,7 @@ def _softmax_grad_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
-    target = tl.load(targets_ptr + row)
-    z_target = tl.load(base + target).to(tl.float32)
+    target = tl.load(targets_ptr + row)  # relative to this block's first column when HAS_LSE
     if HAS_LSE:
         lse = tl.load(lse_in_ptr + row).to(tl.float32)
     else:
@@ -52,8 +51,9 @@ def _softmax_grad_kernel(
             s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new), axis=0)
             m = m_new
         lse = (m + tl.log2(s)) * 0.6931471805599453
-    tl.store(loss_ptr + row, lse - z_target)
-    tl.store(lse_ptr + row, lse)
+        z_target = tl.load(base + target).to(tl.float32)
+        tl.store(loss_ptr + row, lse - z_target)
+        tl.store(lse_ptr + row, lse)
     if WRITE_GRAD:
         if SCALE_PER_ROW:
             scale = tl.load(scale_ptr + row).to(tl.float32)
@@ -71,24 +71,24 @@ def _softmax_grad_kernel(
 
 def softmax_grad_triton(
     logits: Tensor, targets: Tensor, lse: Tensor | None, grad_scale: Tensor | float | None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor | None, Tensor]:
     """Same contract as `fused.softmax_grad_ref`: (loss (C,), lse (C,)); dlogits in place when asked."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         raise ValueError(f"logits strides {logits.stride()}: the kernel needs contiguous rows")
     fdt = acc_dtype(logits.dtype)
-    loss = logits.new_empty(rows, dtype=fdt)
-    lse_out = logits.new_empty(rows, dtype=fdt)
-    if rows == 0:
-        return loss, lse_out
+    loss = logits.new_empty(rows if lse is None else 0, dtype=fdt)
+    lse_out = logits.new_empty(rows, dtype=fdt) if lse is None else lse
+    if rows == 0 or (lse is not None and grad_scale is None):
+        return (loss if lse is None else None), lse_out
     per_row = isinstance(grad_scale, Tensor)
     block = min(8192 if logits.is_cuda else 1024, triton.next_power_of_2(vocab))
     _softmax_grad_kernel[(rows,)](
         logits,
         logits.stride(0),
         targets,
-        lse if lse is not None else loss,
-        grad_scale if per_row else loss,
+        lse_out,
+        grad_scale if per_row else lse_out,
         loss,
         lse_out,
         vocab,
@@ -99,11 +99,5 @@ def softmax_grad_triton(
         BLOCK=block,
         num_warps=16 if block >= 8192 else 4,
     )
-    return loss, lse_out if lse is None else lse
+    return (loss if lse is None else None), lse_out
 
-
-def is_available() -> bool:
-    """Triton imports (this module did) and a CUDA device or the interpreter is there to run it."""
-    import os
-
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
