@@ -1,0 +1,274 @@
+"""`fastmedusa bench loss`: the multi-head linear cross-entropy, fastmedusa's kernel against its peers.
+
+Forward + backward of K heads (K distinct (V, H) bf16 weights, K hiddens (B, T, H), shifts 1..K), for
+each impl: median ms over CUDA-event-timed repeats, peak memory above the inputs and their gradients,
+and the fraction of the 6*N*H*V*K FLOP bound at the bf16 matmul rate measured in the same run.
+Weights are scaled so the logits have a standard deviation of ~3 (a trained LM's, not a flat softmax).
+OOM is a row, not a crash. Writes JSON (+ PNG) under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from pathlib import Path
+
+import torch
+
+from fastmedusa.bench.common import cuda_times_ms, environment, is_oom, matmul_tflops, median, write_json
+
+IMPL_CHOICES = ("torch", "compile", "chunked", "liger", "cce", "triton", "triton-accumulate")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastmedusa bench loss", description=__doc__.splitlines()[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="T values")
+    p.add_argument("--heads", type=int, nargs="+", default=[1, 4, 6], help="numbers of heads K")
+    p.add_argument("--batch", type=int, default=6, help="batch size B")
+    p.add_argument("--hidden", type=int, default=4096, help="hidden size H")
+    p.add_argument("--vocab", type=int, default=128256, help="vocabulary size V")
+    p.add_argument("--impls", nargs="+", default=list(IMPL_CHOICES[:6]), choices=IMPL_CHOICES)
+    p.add_argument(
+        "--chunk-rows", type=int, default=None, help="fastmedusa chunk size (default: the library's)"
+    )
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per row")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per row (the median is reported)")
+    p.add_argument("--logit-std", type=float, default=3.0, help="standard deviation of the logits")
+    p.add_argument("--out", type=Path, default=Path("bench/results/loss.json"), help="JSON path (PNG beside)")
+    p.add_argument("--plot", type=Path, nargs="+", default=None, help="only merge these JSON files and plot")
+    return p.parse_args(argv)
+
+
+def make_inputs(batch, seq, hidden, vocab, heads, logit_std, device):
+    """K hiddens N(0,1), K weights N(0, (std/sqrt(H))^2) so logits have std ~logit_std, random labels."""
+    gen = torch.Generator(device=device).manual_seed(seq * 10 + heads)
+    hs = [
+        torch.randn(batch, seq, hidden, device=device, generator=gen, dtype=torch.bfloat16).requires_grad_()
+        for _ in range(heads)
+    ]
+    ws = []
+    for _ in range(heads):
+        w = torch.randn(vocab, hidden, device=device, generator=gen, dtype=torch.bfloat16)
+        ws.append(w.mul_(logit_std / hidden**0.5).requires_grad_())
+    labels = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
+    return hs, ws, labels
+
+
+def loss_fn(impl: str, chunk_rows: int | None):
+    """(hiddens, weights, labels, shifts) -> (K,) losses for one benchmark row."""
+    from fastmedusa.ops import medusa_cross_entropy
+
+    extra = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+    if impl == "compile":
+        from fastmedusa.ops.cross_entropy import linear_cross_entropy
+
+        head = torch.compile(
+            lambda h, w, y, s: linear_cross_entropy(h, w, y, shift=s, impl="torch"), dynamic=True
+        )
+        return lambda hs, ws, y, shifts: torch.stack([head(h, w, y, s) for h, w, s in zip(hs, ws, shifts)])
+    if impl == "triton-accumulate":
+        extra["wgrad"] = "accumulate"
+        impl = "triton"
+    name = impl
+    return lambda hs, ws, y, shifts: medusa_cross_entropy(hs, ws, y, shifts=shifts, impl=name, **extra)
+
+
+def _clear(tensors) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def measure(impl, fn, hs, ws, labels, warmup, repeats) -> dict:
+    """One row: median fwd+bwd ms, peak GB above inputs and their gradients, loss value."""
+    params = [*hs, *ws]
+    shifts = list(range(1, len(hs) + 1))
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    losses = []
+
+    def step():
+        _clear(params)
+        out = fn(hs, ws, labels, shifts)
+        out.sum().backward()
+        losses.append(out.detach())
+
+    _clear(params)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        times = cuda_times_ms(step, warmup=warmup, repeats=repeats)
+    except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
+        if not is_oom(err):
+            raise
+        _clear(params)
+        losses.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"impl": impl, "status": "oom"}
+    peak = torch.cuda.max_memory_allocated() - base - grad_bytes
+    row = {
+        "impl": impl,
+        "status": "ok",
+        "ms": median(times),
+        "ms_all": times,
+        "peak_gb_extra": peak / 1e9,
+        "loss_sum": float(losses[-1].sum()),
+    }
+    _clear(params)
+    return row
+
+
+def run_grid(args) -> dict:
+    device = torch.device("cuda")
+    peak_tflops = matmul_tflops(device)
+    print(
+        f"bf16 matmul 8192^3: {peak_tflops:.0f} TFLOP/s on {torch.cuda.get_device_name(device)}", flush=True
+    )
+    rows, oom_at = [], {}
+    for heads in args.heads:
+        for seq in args.seq_lens:
+            hs, ws, labels = make_inputs(
+                args.batch, seq, args.hidden, args.vocab, heads, args.logit_std, device
+            )
+            flops = 6 * args.batch * seq * args.hidden * args.vocab * heads
+            for impl in args.impls:
+                shape = {"heads": heads, "seq_len": seq, "batch": args.batch, "flops": flops}
+                if oom_at.get((impl, heads), 1 << 30) < seq:
+                    rows.append(
+                        {**shape, "impl": impl, "status": "oom", "note": "skipped: OOM at a shorter T"}
+                    )
+                    continue
+                try:
+                    row = measure(
+                        impl, loss_fn(impl, args.chunk_rows), hs, ws, labels, args.warmup, args.repeats
+                    )
+                except ImportError as err:
+                    row = {"impl": impl, "status": "missing", "note": str(err)}
+                except ValueError as err:
+                    row = {"impl": impl, "status": "missing", "note": str(err)}
+                row.update(shape)
+                if row["status"] == "oom":
+                    oom_at[(impl, heads)] = seq
+                if row["status"] == "ok":
+                    row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                    row["bound_fraction"] = row["tflops"] / peak_tflops
+                rows.append(row)
+                print(_format_row(row), flush=True)
+            del hs, ws, labels
+            gc.collect()
+            torch.cuda.empty_cache()
+    return {"env": environment(device), "matmul_tflops": peak_tflops, "args": _jsonable(args), "rows": rows}
+
+
+def _jsonable(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def _format_row(row: dict) -> str:
+    head = f"K={row['heads']} T={row['seq_len']:5d} {row['impl']:18s}"
+    if row["status"] != "ok":
+        return f"{head} {row['status']} {row.get('note', '')}"
+    return (
+        f"{head} {row['ms']:9.1f} ms  {row['peak_gb_extra']:6.2f} GB  "
+        f"{row['bound_fraction'] * 100:5.1f}% of bound  loss {row['loss_sum']:.4f}"
+    )
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Per shape: fastmedusa triton vs the fastest peer that fits (liger, cce, torch, compile)."""
+    lines = []
+    shapes = sorted({(r["heads"], r["seq_len"]) for r in rows})
+    for heads, seq in shapes:
+        ok = {
+            r["impl"]: r for r in rows if (r["heads"], r["seq_len"]) == (heads, seq) and r["status"] == "ok"
+        }
+        peers = {k: v for k, v in ok.items() if k in ("torch", "compile", "liger", "cce")}
+        if "triton" not in ok or not peers:
+            continue
+        best = min(peers.values(), key=lambda r: r["ms"])
+        lines.append(
+            f"K={heads} T={seq}: triton {ok['triton']['ms']:.1f} ms / {ok['triton']['peak_gb_extra']:.2f} GB, "
+            f"fastest peer {best['impl']} {best['ms']:.1f} ms / {best['peak_gb_extra']:.2f} GB: "
+            f"{best['ms'] / ok['triton']['ms']:.2f}x"
+        )
+    return lines
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Two rows of panels (time, memory), one column per head count; bars per impl over T; OOM marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    heads = sorted({r["heads"] for r in rows})
+    seqs = sorted({r["seq_len"] for r in rows})
+    impls = [i for i in IMPL_CHOICES if any(r["impl"] == i for r in rows)]
+    fig, axes = plt.subplots(2, len(heads), figsize=(5.5 * len(heads), 8), squeeze=False)
+    width = 0.8 / max(len(impls), 1)
+    for col, k in enumerate(heads):
+        for j, impl in enumerate(impls):
+            for row_i, key in enumerate(("ms", "peak_gb_extra")):
+                ax = axes[row_i][col]
+                for x, seq in enumerate(seqs):
+                    r = next(
+                        (r for r in rows if (r["heads"], r["seq_len"], r["impl"]) == (k, seq, impl)), None
+                    )
+                    pos = x - 0.4 + width * (j + 0.5)
+                    if r is None:
+                        continue
+                    if r["status"] == "ok":
+                        ax.bar(pos, r[key], width, color=f"C{j}", label=impl if x == 0 else None)
+                    else:
+                        ax.text(
+                            pos, 0, r["status"].upper(), rotation=90, ha="center", va="bottom", fontsize=7
+                        )
+        for row_i, label in enumerate(("fwd+bwd ms (median)", "peak GB above inputs+grads")):
+            ax = axes[row_i][col]
+            ax.set_xticks(range(len(seqs)), [str(s) for s in seqs])
+            ax.set_xlabel(f"T (B={rows[0]['batch']})")
+            ax.set_ylabel(label)
+            ax.set_title(f"{k} head{'s' if k > 1 else ''}")
+            if row_i == 0:
+                ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    env = result["env"]
+    fig.suptitle(
+        f"linear cross-entropy, H={result['args']['hidden']} V={result['args']['vocab']} bf16, {env['device']}, "
+        f"{env['date'][:10]}, torch {env['versions'].get('torch')}, matmul {result['matmul_tflops']:.0f} TFLOP/s"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def merge(paths: list[Path]) -> dict:
+    """One result from several runs of the grid (e.g. split across device calls): rows concatenated."""
+    results = [json.loads(p.read_text()) for p in paths]
+    merged = dict(results[0])
+    merged["rows"] = [r for res in results for r in res["rows"]]
+    merged["runs"] = [
+        {"env": r["env"], "matmul_tflops": r["matmul_tflops"], "args": r["args"]} for r in results
+    ]
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.plot:
+        result = merge(args.plot)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("fastmedusa bench loss needs a CUDA GPU (none is visible)")
+        result = run_grid(args)
+    result["summary"] = summary(result["rows"])
+    path = write_json(args.out, result)
+    png = plot(result, path.with_suffix(".png"))
+    print("\n".join(result["summary"]))
+    print(f"wrote {path} and {png}")
+    return 0
