@@ -285,3 +285,13 @@ def test_bf16_autocast_on_gpu_computes_in_bf16():
     ref = linear_cross_entropy(h.detach().double(), w.detach().double(), labels, shift=1, impl="torch")
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
     assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
+
+
+def test_second_backward_through_fused_graph_fails_loudly():
+    """Gradients are scaled in place in the backward (no extra V x H copy): a retained graph cannot be reused."""
+    hs, ws, labels = _inputs(1, 6, 8, 20, heads=1, ignore_frac=0.0, seed=15)
+    h, w = hs[0].float().requires_grad_(), ws[0].float().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels, impl="chunked")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()

@@ -90,7 +90,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     impl: str = "auto",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     wgrad: str = "auto",
 ) -> Tensor:
     """Cross-entropy of `hidden @ weight.T` against `labels` shifted by `shift`, without all the logits.
@@ -100,7 +100,8 @@ def linear_cross_entropy(
     positions (0, with zero gradients, when none is scored), "sum" sums, "none" returns fp32 losses
     shaped like labels (0 where not scored).
 
-    Tuning (fused impls): chunk_rows bounds the logits buffer (chunk_rows x V); wgrad picks how the
+    Tuning (fused impls): chunk_rows bounds the logits buffer (chunk_rows x V; None: balanced chunks
+    within `fused.LOGITS_BUDGET_BYTES`, 1 GiB); wgrad picks how the
     weight gradient is formed: "accumulate" (3 GEMM passes + an fp32 V x H buffer), "recompute"
     (4 passes, no buffer), "auto" (see `fused.resolve_wgrad`).
     """
@@ -110,9 +111,10 @@ def linear_cross_entropy(
         from fastmedusa.ops.peers import peer_linear_cross_entropy
 
         return peer_linear_cross_entropy(impl, hidden, weight, labels, shift, ignore_index, reduction)
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows={chunk_rows}: must be a positive number of rows")
-    resolve_wgrad(wgrad, weight)
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows}: must be a positive number of rows (or None: automatic)")
+    chunk_rows = chunk_rows or 0  # 0: the op sizes chunks to LOGITS_BUDGET_BYTES of logits
+    resolve_wgrad(wgrad)
     dtype = compute_dtype(hidden, weight)
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     w = weight.to(dtype)
@@ -153,7 +155,7 @@ def medusa_cross_entropy(
     shifts: Sequence[int],
     ignore_index: int = -100,
     impl: str = "auto",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     wgrad: str = "auto",
 ) -> Tensor:
     """Mean cross-entropy of K heads in one call: a (K,) fp32 tensor.

@@ -9,7 +9,6 @@ in fp32. Its pure-PyTorch reference is `fused.softmax_grad_ref`.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -100,4 +99,3 @@ def softmax_grad_triton(
         num_warps=16 if block >= 8192 else 4,
     )
     return (loss if lse is None else None), lse_out
-
