@@ -128,6 +128,7 @@ def run_grid(args) -> dict:
         f"bf16 matmul 8192^3: {peak_tflops:.0f} TFLOP/s on {torch.cuda.get_device_name(device)}", flush=True
     )
     rows, oom_at = [], {}
+    result = {"env": environment(device), "matmul_tflops": peak_tflops, "args": _jsonable(args), "rows": rows}
     for heads in args.heads:
         for seq in args.seq_lens:
             hs, ws, labels = make_inputs(
@@ -156,11 +157,12 @@ def run_grid(args) -> dict:
                     row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
                     row["bound_fraction"] = row["tflops"] / peak_tflops
                 rows.append(row)
+                write_json(args.out, result)  # partial results survive a killed run
                 print(_format_row(row), flush=True)
             del hs, ws, labels
             gc.collect()
             torch.cuda.empty_cache()
-    return {"env": environment(device), "matmul_tflops": peak_tflops, "args": _jsonable(args), "rows": rows}
+    return result
 
 
 def _jsonable(args) -> dict:
