@@ -295,3 +295,17 @@ def test_second_backward_through_fused_graph_fails_loudly():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
+
+
+@pytest.mark.parametrize("wgrad", WGRADS)
+def test_medusa_passes_wgrad_to_the_kernel(wgrad, monkeypatch):
+    import fastmedusa.ops.fused as fused
+
+    seen = []
+    original = fused.chunk_loop
+    monkeypatch.setattr(fused, "chunk_loop", lambda *a, **k: seen.append(k["wgrad"]) or original(*a, **k))
+    hs, ws, labels = _inputs(1, 5, 8, 20, heads=2, ignore_frac=0.0, seed=16)
+    hs = [h.float().requires_grad_() for h in hs]
+    ws = [w.float().requires_grad_() for w in ws]
+    medusa_cross_entropy(hs, ws, labels, shifts=[1, 2], impl="chunked", wgrad=wgrad).sum().backward()
+    assert seen == [wgrad, wgrad]

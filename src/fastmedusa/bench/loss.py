@@ -35,13 +35,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per row")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row (the median is reported)")
     p.add_argument("--logit-std", type=float, default=3.0, help="standard deviation of the logits")
+    p.add_argument(
+        "--prompt-frac",
+        type=float,
+        default=0.0,
+        help="fraction of each sequence masked as a prompt (-100), as SFT labels are; 0 = every token scored",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results/loss.json"), help="JSON path (PNG beside)")
     p.add_argument("--plot", type=Path, nargs="+", default=None, help="only merge these JSON files and plot")
     return p.parse_args(argv)
 
 
-def make_inputs(batch, seq, hidden, vocab, heads, logit_std, device):
-    """K hiddens N(0,1), K weights N(0, (std/sqrt(H))^2) so logits have std ~logit_std, random labels."""
+def make_inputs(batch, seq, hidden, vocab, heads, logit_std, device, prompt_frac=0.0):
+    """K hiddens N(0,1), K weights N(0, (std/sqrt(H))^2) so logits have std ~logit_std, random labels
+    whose first prompt_frac of each sequence is masked."""
     gen = torch.Generator(device=device).manual_seed(seq * 10 + heads)
     hs = [
         torch.randn(batch, seq, hidden, device=device, generator=gen, dtype=torch.bfloat16).requires_grad_()
@@ -52,6 +59,7 @@ def make_inputs(batch, seq, hidden, vocab, heads, logit_std, device):
         w = torch.randn(vocab, hidden, device=device, generator=gen, dtype=torch.bfloat16)
         ws.append(w.mul_(logit_std / hidden**0.5).requires_grad_())
     labels = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
+    labels[:, : int(prompt_frac * seq)] = -100
     return hs, ws, labels
 
 
@@ -136,7 +144,13 @@ def run_grid(args) -> dict:
             )
             flops = 6 * args.batch * seq * args.hidden * args.vocab * heads
             for impl in args.impls:
-                shape = {"heads": heads, "seq_len": seq, "batch": args.batch, "flops": flops}
+                shape = {
+                    "heads": heads,
+                    "seq_len": seq,
+                    "batch": args.batch,
+                    "prompt_frac": args.prompt_frac,
+                    "flops": flops,
+                }
                 if oom_at.get((impl, heads), 1 << 30) < seq:
                     rows.append(
                         {**shape, "impl": impl, "status": "oom", "note": "skipped: OOM at a shorter T"}

@@ -173,7 +173,7 @@ def medusa_cross_entropy(
         )
     losses = [
         linear_cross_entropy(
-            h, w, labels, shift=s, ignore_index=ignore_index, impl=impl, chunk_rows=chunk_rows
+            h, w, labels, shift=s, ignore_index=ignore_index, impl=impl, chunk_rows=chunk_rows, wgrad=wgrad
         )
         for h, w, s in zip(hiddens, weights, shifts)
     ]

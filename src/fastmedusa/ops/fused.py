@@ -163,6 +163,7 @@ def chunk_loop(
                 grad_h.index_copy_(0, idx, logits @ weight)
         if accumulate:
             _addmm_acc(acc, logits.T, h, first=i == 0)
+        del logits  # free this chunk's buffer before the next is allocated
     if out_scale != 1.0:
         grad_h.mul_(out_scale)
         if acc is not None:
@@ -199,6 +200,7 @@ def _weight_grad_by_vocab_blocks(
         logits = hidden @ weight[v0 : v0 + block].T  # (M, Vb)
         step(logits, targets - v0, lse, grad_scale)
         torch.mm(logits.T, hidden, out=grad_w[v0 : v0 + block])
+        del logits
     return grad_w
 
 
