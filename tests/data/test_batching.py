@@ -74,8 +74,10 @@ def test_resume_continues_with_exactly_the_next_batch(pack):
         rest = [b for _, b in zip(range(20 - stop), resumed.forever())]
         for got, want in zip(rest, reference[stop:], strict=True):
             assert all(torch.equal(got[k], want[k]) for k in want)
-    with pytest.raises(ValueError, match="seed 7"):
-        ConversationBatches(data, batch_size=3, seed=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed: saved 7, now 8"):
+        ConversationBatches(data, batch_size=3, seq_len=24, seed=8, pack=pack).load_state_dict(state)
+    with pytest.raises(ValueError, match="batch_size: saved 3, now 4"):
+        ConversationBatches(data, batch_size=4, seq_len=24, seed=7, pack=pack).load_state_dict(state)
 
 
 def test_packing_keeps_every_conversation_and_its_labels():

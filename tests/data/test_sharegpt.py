@@ -2,6 +2,8 @@
 
 import json
 import logging
+import sys
+import types
 
 import pytest
 
@@ -173,3 +175,31 @@ def test_whole_embedded_file_reads_every_complete_record():
     reference = json.loads(text[: last_close + len("\n  }")] + "\n]")
     assert stats.n_records == len(reference)
     assert len(conversations) + n_skipped == len(reference)
+
+
+def test_hub_id_that_cannot_be_loaded_is_a_clear_error(monkeypatch):
+    class OfflineDatasets(types.ModuleType):
+        def load_dataset(self, name, split):
+            raise ConnectionError(f"cannot reach the hub for {name}")
+
+    monkeypatch.setitem(sys.modules, "datasets", OfflineDatasets("datasets"))
+    with pytest.raises(
+        FileNotFoundError, match="someone/some-dataset: could not load .*offline, pass a local"
+    ):
+        read_sharegpt("someone/some-dataset")
+
+
+def test_hub_rows_are_normalised_like_file_records(monkeypatch):
+    class FakeDatasets(types.ModuleType):
+        def load_dataset(self, name, split):
+            return [GOOD, {"id": "broken"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets("datasets"))
+    conversations, n_skipped = read_sharegpt("someone/some-dataset")
+    assert len(conversations) == 1 and n_skipped == 1
+
+
+def test_byte_order_mark_is_tolerated(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_text("\ufeff" + json.dumps([GOOD]), encoding="utf-8")
+    assert len(read_sharegpt(path)[0]) == 1

@@ -1,6 +1,6 @@
 """Batches of encoded conversations: seeded shuffling, padding or packing, held-out split, resumable position.
 
-The order of epoch e is a permutation drawn from `seed + e` alone, so a loader rebuilt from
+The order of epoch e is a permutation drawn from (seed, e) alone, so a loader rebuilt from
 `state_dict()` (epoch, batches already yielded in it, seed) yields exactly the batches that an
 uninterrupted run would have yielded next.
 """
@@ -136,9 +136,8 @@ class ConversationBatches:
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
         order = list(range(len(self.encoded)))
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(len(order), generator=generator).tolist()
+        if self.shuffle:  # Python's string-seeded RNG: the same order on every platform and torch version
+            random.Random(f"fastmedusa-data:{self.seed}:{epoch}").shuffle(order)
         rows = pack_rows(self.encoded, order, self.seq_len) if self.pack else [[i] for i in order]
         batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
@@ -169,15 +168,32 @@ class ConversationBatches:
         while True:
             yield from self
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+    def state_dict(self) -> dict[str, int | bool | None]:
+        """The position (epoch, batches yielded in it) and what must match for it to mean the same data."""
+        return {"epoch": self.epoch, "index": self.index, **self._layout()}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue at the saved position; the seed must match or the resumed order would differ."""
-        if state["seed"] != self.seed:
+    def _layout(self) -> dict[str, int | bool | None]:
+        return {
+            "seed": self.seed,
+            "n_conversations": len(self.encoded),
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "pack": self.pack,
+            "drop_last": self.drop_last,
+            "shuffle": self.shuffle,
+        }
+
+    def load_state_dict(self, state: dict[str, int | bool | None]) -> None:
+        """Continue at the saved position; refuse a different data layout, whose order would differ."""
+        changed = [
+            f"{k}: saved {state[k]!r}, now {v!r}"
+            for k, v in self._layout().items()
+            if k in state and state[k] != v
+        ]
+        if changed:
             raise ValueError(
-                f"data state was saved with seed {state['seed']} but this loader uses seed {self.seed}: "
-                "resume with the same --seed"
+                f"the data position was saved for another data layout ({'; '.join(changed)}): "
+                "resume with the same data, --seed, --batch-size, --seq-len and packing"
             )
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])

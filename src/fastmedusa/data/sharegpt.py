@@ -161,7 +161,7 @@ _EXPECTED_SHAPE = (
 
 def _file_records(path: Path, stats: ReadStats) -> Iterator[object]:
     """Records of a JSON list (streamed) or of JSON lines, chosen by the first non-blank character."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM from Windows editors
         head = f.read(CHUNK_CHARS)
         first = head.lstrip()[:1]
         if first == "[":
