@@ -94,6 +94,8 @@ class ConversationBatches:
     `pack=True` fills rows of `seq_len` tokens with whole conversations (first fit, in shuffled order).
     Attention then crosses conversation boundaries inside a row (plain causal mask, positions run on):
     cheap, and each conversation's labels are kept exactly; only its context gains the earlier ones.
+    Positions near a boundary whose shifted targets (t+1 for the LM, t+k+1 for head k) fall in the next
+    conversation mostly hit its system/user header, which is -100, so few cross-boundary targets train.
     """
 
     def __init__(
