@@ -140,7 +140,7 @@ def run_grid(args) -> dict:
     for heads in args.heads:
         for seq in args.seq_lens:
             hs, ws, labels = make_inputs(
-                args.batch, seq, args.hidden, args.vocab, heads, args.logit_std, device
+                args.batch, seq, args.hidden, args.vocab, heads, args.logit_std, device, args.prompt_frac
             )
             flops = 6 * args.batch * seq * args.hidden * args.vocab * heads
             for impl in args.impls:
