@@ -1,0 +1,35 @@
+"""Medusa tree decoding: trees, a static-KV-cache engine for Llama-family models, and the generation loop."""
+
+from fastmedusa.decode.engine import DecodeEngine, get_engine
+from fastmedusa.decode.generate import GenerationOutput, generate
+from fastmedusa.decode.trees import (
+    MC_SIM_7B_63,
+    PRESETS,
+    TreeBuffers,
+    build_tree,
+    build_tree_buffers,
+    chain_tree,
+    expected_accept_length,
+    load_tree,
+    prune_tree,
+    resolve_tree,
+    save_tree,
+)
+
+__all__ = [
+    "MC_SIM_7B_63",
+    "PRESETS",
+    "DecodeEngine",
+    "GenerationOutput",
+    "TreeBuffers",
+    "build_tree",
+    "build_tree_buffers",
+    "chain_tree",
+    "expected_accept_length",
+    "generate",
+    "get_engine",
+    "load_tree",
+    "prune_tree",
+    "resolve_tree",
+    "save_tree",
+]

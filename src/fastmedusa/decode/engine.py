@@ -1,0 +1,238 @@
+"""A static-KV-cache decoder for Llama-family Hugging Face models (Llama, Mistral, Qwen2, SmolLM2).
+
+gpt-fast's recipe on weights read from the HF module tree: the KV cache is preallocated for `max_len`
+positions, tokens are written at explicit positions, and every forward attends to the whole cache with an
+explicit boolean mask. Shapes therefore depend only on the number of new tokens, so a step compiles once
+(CUDA graphs) and a tree verify pass is the same forward with a tree mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _decoder(hf_model: nn.Module) -> nn.Module:
+    decoder = hf_model.get_decoder() if hasattr(hf_model, "get_decoder") else None
+    if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "embed_tokens"):
+        raise ValueError(f"{type(hf_model).__name__} has no Llama-style decoder (embed_tokens, layers, norm)")
+    return decoder
+
+
+def check_supported(hf_model: nn.Module) -> None:
+    """The engine re-implements the Llama block: refuse models whose block differs."""
+    config = hf_model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"the decode engine supports {SUPPORTED_MODEL_TYPES} models, not {model_type!r}: "
+            "use medusa=False with HF generate for other architectures"
+        )
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"the decode engine needs hidden_act='silu', the model has {config.hidden_act!r}")
+    rotary = getattr(_decoder(hf_model), "rotary_emb", None)
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rotary is None or rope_type in ("dynamic", "longrope"):
+        raise ValueError(
+            f"rope type {rope_type!r} is not supported by the decode engine (default/linear/llama3/yarn are)"
+        )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's Llama RMSNorm, including its rounding: normalise in fp32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _cat_optional(tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor | None:
+    """Concatenate biases of fused projections; a missing one becomes zeros (None if all are missing)."""
+    if all(t is None for t in tensors):
+        return None
+    return torch.cat([t if t is not None else w.new_zeros(w.shape[0]) for t, w in zip(tensors, like)])
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+class LayerWeights(nn.Module):
+    """One decoder layer's weights as buffers: the HF tensors, except q/k/v and gate/up fused (copies)."""
+
+    @torch.no_grad()
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_proj, mlp.up_proj]
+        tensors = {
+            "input_norm": layer.input_layernorm.weight,
+            "wqkv": torch.cat([m.weight for m in qkv]),
+            "bqkv": _cat_optional([m.bias for m in qkv], [m.weight for m in qkv]),
+            "wo": attn.o_proj.weight,
+            "bo": attn.o_proj.bias,
+            "post_norm": layer.post_attention_layernorm.weight,
+            "wgate_up": torch.cat([m.weight for m in gate_up]),
+            "bgate_up": _cat_optional([m.bias for m in gate_up], [m.weight for m in gate_up]),
+            "wdown": mlp.down_proj.weight,
+            "bdown": mlp.down_proj.bias,
+        }
+        for name, t in tensors.items():
+            self.register_buffer(name, _detach(t), persistent=False)
+
+
+class DecodeEngine(nn.Module):
+    """Weights of an HF Llama-family model plus a static KV cache, for batch-1 generation.
+
+    q/k/v and gate/up are fused into one matrix each (a copy: fewer, larger matmuls per layer, as in
+    gpt-fast); the other weights are the HF tensors themselves. Build it once per model/device/dtype/max_len
+    (`get_engine` caches it on the model): a later change to the HF weights is not seen by the fused copies.
+    """
+
+    def __init__(self, hf_model: nn.Module, max_len: int) -> None:
+        super().__init__()
+        check_supported(hf_model)
+        config = hf_model.config
+        decoder = _decoder(hf_model)
+        embed = decoder.embed_tokens.weight
+        self.device, self.dtype = embed.device, embed.dtype
+        self.max_len = int(max_len)
+        self.vocab_size, self.hidden_size = embed.shape
+        attn0 = decoder.layers[0].self_attn
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(attn0, "head_dim", None) or self.hidden_size // self.num_heads
+        self.eps = float(config.rms_norm_eps)
+        self.num_layers = len(decoder.layers)
+        max_positions = getattr(config, "max_position_embeddings", None)
+        if max_positions is not None and self.max_len > max_positions:
+            raise ValueError(
+                f"max_len {self.max_len} exceeds the model's max_position_embeddings {max_positions}: "
+                "shorten the prompt or max_new_tokens"
+            )
+        for layer in decoder.layers:
+            window = getattr(layer.self_attn, "sliding_window", None)
+            if window is not None and window < self.max_len:
+                raise ValueError(
+                    f"the model uses sliding-window attention ({window} tokens) and max_len is {self.max_len}: "
+                    f"the engine has no sliding-window mask; keep prompt + new tokens under {window}"
+                )
+        # Buffers, not plain attributes: torch.compile/CUDA graphs treat module buffers as static addresses
+        # (plain tensors would be copied into the graph's input slots at every replay).
+        out = hf_model.get_output_embeddings()
+        self.register_buffer("embed", embed.detach(), persistent=False)
+        self.register_buffer("lm_head", out.weight.detach(), persistent=False)
+        self.register_buffer("lm_head_bias", _detach(getattr(out, "bias", None)), persistent=False)
+        self.register_buffer("final_norm", decoder.norm.weight.detach(), persistent=False)
+        self.layers = nn.ModuleList(LayerWeights(layer) for layer in decoder.layers)
+        self._rope_tables(decoder.rotary_emb)
+        shape = (self.num_layers, 1, self.num_kv_heads, self.max_len, self.head_dim)
+        self.register_buffer(
+            "k_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False
+        )
+        self.register_buffer(
+            "v_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False
+        )
+        self.compiled: dict[object, object] = {}  # step functions, compiled once per shape/tree
+
+    @torch.no_grad()
+    def _rope_tables(self, rotary: nn.Module) -> None:
+        """cos/sin for every cache position, computed like HF (fp32, then cast to the model dtype)."""
+        inv_freq = rotary.inv_freq.to(device=self.device, dtype=torch.float32)
+        positions = torch.arange(self.max_len, device=self.device, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.register_buffer("rope_cos", (emb.cos() * scale).to(self.dtype), persistent=False)
+        self.register_buffer("rope_sin", (emb.sin() * scale).to(self.dtype), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens (1, T) written at cache rows input_pos (T,); mask (T, max_len) bool, True = may attend.
+
+        Returns the final-normed hidden states (1, T, H).
+        """
+        return self.forward_at(tokens, input_pos, input_pos, mask)
+
+    def forward_at(
+        self, tokens: torch.Tensor, cache_rows: torch.Tensor, rope_pos: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Like `forward`, with the cache row and the RoPE position of each token given separately."""
+        bsz, seq = tokens.shape
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        groups = nh // nkv
+        x = F.embedding(tokens, self.embed)  # (1, T, H)
+        cos = self.rope_cos[rope_pos][None, :, None, :]  # (1, T, 1, hd)
+        sin = self.rope_sin[rope_pos][None, :, None, :]
+        # GQA without copying the cache: the `groups` query heads of one KV head are folded into the query
+        # length, so SDPA sees (1, nkv, groups*T, hd) against (1, nkv, max_len, hd); the mask is tiled to match.
+        attn_mask = mask.repeat(groups, 1)[None, None]  # (1, 1, groups*T, max_len)
+        for i, w in enumerate(self.layers):
+            h = rms_norm(x, w.input_norm, self.eps)
+            q, k, v = F.linear(h, w.wqkv, w.bqkv).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q = q.view(bsz, seq, nh, hd)
+            k = k.view(bsz, seq, nkv, hd)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            self.k_cache[i, :, :, cache_rows] = k.transpose(1, 2)
+            self.v_cache[i, :, :, cache_rows] = v.view(bsz, seq, nkv, hd).transpose(1, 2)
+            qg = q.view(bsz, seq, nkv, groups, hd).permute(0, 2, 3, 1, 4).reshape(bsz, nkv, groups * seq, hd)
+            o = F.scaled_dot_product_attention(qg, self.k_cache[i], self.v_cache[i], attn_mask=attn_mask)
+            o = o.view(bsz, nkv, groups, seq, hd).permute(0, 3, 1, 2, 4).reshape(bsz, seq, nh * hd)
+            x = x + F.linear(o, w.wo, w.bo)
+            h = rms_norm(x, w.post_norm, self.eps)
+            gate, up = F.linear(h, w.wgate_up, w.bgate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.wdown, w.bdown)
+        return rms_norm(x, self.final_norm, self.eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head, self.lm_head_bias)
+
+    def causal_mask(self, start: int | torch.Tensor, length: int) -> torch.Tensor:
+        """(length, max_len) mask of `length` consecutive tokens at rows start.. after a `start`-token prefix."""
+        rows = torch.arange(length, device=self.device) + start
+        return torch.arange(self.max_len, device=self.device)[None, :] <= rows[:, None]
+
+    def move_kv(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy cache rows src -> dst in every layer (accepted tree nodes into place after the prefix)."""
+        self.k_cache[:, :, :, dst] = self.k_cache[:, :, :, src]
+        self.v_cache[:, :, :, dst] = self.v_cache[:, :, :, src]
+
+
+def get_engine(hf_model: nn.Module, min_len: int, max_len: int | None = None) -> DecodeEngine:
+    """The engine cached on `hf_model`, rebuilt only when the device/dtype changed or the cache is too short.
+
+    A new engine gets `max_len` rows, or `min_len` rounded up to a multiple of 256 so that prompts of
+    similar length reuse one engine (and its compiled steps).
+    """
+    embed = _decoder(hf_model).embed_tokens.weight
+    engine = hf_model.__dict__.get("_fastmedusa_engine")
+    if max_len is not None and max_len < min_len:
+        raise ValueError(
+            f"max_len {max_len} is shorter than prompt + new tokens + tree ({min_len}): raise max_len or "
+            "shorten the prompt / max_new_tokens"
+        )
+    if (
+        engine is not None
+        and engine.device == embed.device
+        and engine.dtype == embed.dtype
+        and engine.max_len >= min_len
+        and (max_len is None or engine.max_len == max_len)
+    ):
+        return engine
+    if max_len is None:
+        max_len = -(-min_len // 256) * 256
+        limit = getattr(hf_model.config, "max_position_embeddings", None)
+        if limit is not None and min_len <= limit:
+            max_len = min(max_len, limit)
+    hf_model.__dict__["_fastmedusa_engine"] = None  # free the old cache before allocating the new one
+    engine = DecodeEngine(hf_model, max_len)
+    hf_model.__dict__["_fastmedusa_engine"] = engine
+    return engine

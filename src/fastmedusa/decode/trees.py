@@ -1,0 +1,235 @@
+"""Medusa candidate trees: path lists (FasterDecoding/Medusa's `medusa_choices` format), the buffers one
+verify pass needs, and trees built from measured head accuracies.
+
+A tree is a list of paths; path `(r1, r2, ..., rd)` is the node reached by taking head 1's rank-r1 token,
+then head 2's rank-r2 token, ... (ranks 0-based, heads 1-based, head k predicts t+k+1). Node 0 is the root:
+the token the base LM head already chose. Every prefix of a path must itself be a path.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+Path_ = tuple[int, ...]
+
+# FasterDecoding/Medusa's 63-node tree for 4 heads (from simulated Vicuna-7B head accuracies). It is listed
+# in the order its nodes were added, so every leading slice of it is a valid (prefix-closed) tree too.
+MC_SIM_7B_63: list[list[int]] = [
+    [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5],
+    [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0], [0, 9], [8], [9],
+    [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5], [0, 0, 0, 0], [0, 1, 1],
+    [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0], [1, 4], [7, 0],
+    [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0],
+    [0, 0, 0, 1], [1, 6], [0, 7, 0],
+]  # fmt: skip
+
+PRESETS: dict[str, list[list[int]]] = {
+    "mc_sim_7b_63": MC_SIM_7B_63,
+    # Leading slices of mc_sim_7b_63: cheaper verify passes for small models or weak heads.
+    "mc_sim_7b_31": MC_SIM_7B_63[:31],
+    "mc_sim_7b_15": MC_SIM_7B_63[:15],
+    "mc_sim_7b_7": MC_SIM_7B_63[:7],
+}
+
+
+def chain_tree(depth: int) -> list[list[int]]:
+    """Only the top-1 guess of each head: `depth` nodes, one path (a linear speculation)."""
+    return [[0] * d for d in range(1, depth + 1)]
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS) + ["chain_<depth>"]
+
+
+def validate_paths(paths: Sequence[Sequence[int]], num_heads: int | None = None) -> list[Path_]:
+    """Check a path list and return it sorted by (depth, path), the node order of the buffers."""
+    if len(paths) == 0:
+        raise ValueError("the tree has no paths: give at least [[0]], or decode with medusa=False")
+    seen: set[Path_] = set()
+    for p in paths:
+        path = tuple(int(r) for r in p)
+        if len(path) == 0 or min(path) < 0:
+            raise ValueError(
+                f"tree path {list(p)} is empty or has a negative rank: ranks are 0-based top-k indices"
+            )
+        if path in seen:
+            raise ValueError(f"tree path {list(path)} appears twice")
+        seen.add(path)
+    for path in seen:
+        if len(path) > 1 and path[:-1] not in seen:
+            raise ValueError(
+                f"tree path {list(path)} has no parent {list(path[:-1])}: every prefix of a path must be a path"
+            )
+    depth = max(len(p) for p in seen)
+    if num_heads is not None and depth > num_heads:
+        raise ValueError(
+            f"the tree is {depth} deep but the model has {num_heads} Medusa heads: use a tree of depth <= "
+            f"{num_heads} (e.g. --tree chain_{num_heads} or prune_tree(paths, {num_heads})) or heads with more heads"
+        )
+    return sorted(seen, key=lambda p: (len(p), p))
+
+
+def prune_tree(paths: Sequence[Sequence[int]], max_depth: int) -> list[list[int]]:
+    """The paths no deeper than `max_depth`, order kept (a tree for fewer heads)."""
+    return [list(p) for p in paths if len(p) <= max_depth]
+
+
+def resolve_tree(tree: str | os.PathLike | Sequence[Sequence[int]] | None, num_heads: int) -> list[Path_]:
+    """A tree given as None (default for `num_heads`), a preset name, a JSON file, or a list of paths."""
+    if tree is None:
+        return validate_paths(prune_tree(MC_SIM_7B_63, num_heads), num_heads)
+    if isinstance(tree, str | os.PathLike):
+        name = str(tree)
+        if name in PRESETS:
+            return validate_paths(PRESETS[name], num_heads)
+        if name.startswith("chain_") and name[len("chain_") :].isdigit():
+            return validate_paths(chain_tree(int(name[len("chain_") :])), num_heads)
+        if Path(name).is_file():
+            return validate_paths(load_tree(name), num_heads)
+        raise ValueError(f"unknown tree {name!r}: use one of {preset_names()} or a JSON file of paths")
+    return validate_paths(tree, num_heads)
+
+
+@dataclass
+class TreeBuffers:
+    """Index tensors for one verify pass over N = len(paths) + 1 nodes (node 0 = root).
+
+    attention_mask (N, N) bool: node i sees node j iff j is i or an ancestor of i.
+    tree_indices (N,): where each node's token sits in `cat([root], topk[:depth].flatten())`.
+    depths (N,): 0 for the root; position of node i = current length + depths[i].
+    parents (N,): parent node (the root is its own parent, never checked).
+    retrieve_indices (P, depth + 1): the nodes of each root-to-leaf path, padded with 0.
+    path_valid (P, depth + 1) bool: False on padding.
+    """
+
+    paths: list[Path_]
+    attention_mask: torch.Tensor
+    tree_indices: torch.Tensor
+    depths: torch.Tensor
+    parents: torch.Tensor
+    retrieve_indices: torch.Tensor
+    path_valid: torch.Tensor
+    topk: int
+    depth: int
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.paths) + 1
+
+    def to(self, device: torch.device | str) -> TreeBuffers:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return TreeBuffers(**moved)
+
+
+def build_tree_buffers(
+    paths: Sequence[Sequence[int]], num_heads: int | None = None, device: torch.device | str = "cpu"
+) -> TreeBuffers:
+    """The verify-pass buffers of a tree (see `TreeBuffers`)."""
+    nodes = validate_paths(paths, num_heads)
+    index = {p: i + 1 for i, p in enumerate(nodes)}  # node 0 is the root
+    n = len(nodes) + 1
+    topk = max(max(p) for p in nodes) + 1
+    depth = max(len(p) for p in nodes)
+    mask = torch.eye(n, dtype=torch.bool)
+    mask[:, 0] = True
+    tree_indices = torch.zeros(n, dtype=torch.long)
+    depths = torch.zeros(n, dtype=torch.long)
+    parents = torch.zeros(n, dtype=torch.long)
+    for p, i in index.items():
+        for d in range(1, len(p)):
+            mask[i, index[p[:d]]] = True
+        tree_indices[i] = 1 + (len(p) - 1) * topk + p[-1]
+        depths[i] = len(p)
+        parents[i] = index[p[:-1]] if len(p) > 1 else 0
+    parent_paths = {p[:-1] for p in nodes}
+    leaves = [p for p in nodes if p not in parent_paths]
+    retrieve = torch.zeros(len(leaves), depth + 1, dtype=torch.long)
+    valid = torch.zeros(len(leaves), depth + 1, dtype=torch.bool)
+    for row, leaf in enumerate(leaves):
+        valid[row, : len(leaf) + 1] = True
+        for d in range(1, len(leaf) + 1):
+            retrieve[row, d] = index[leaf[:d]]
+    buffers = TreeBuffers(nodes, mask, tree_indices, depths, parents, retrieve, valid, topk, depth)
+    return buffers.to(device)
+
+
+# -- trees from measured accuracies ---------------------------------------------------------------------
+
+
+def _as_rank_accuracies(rank_accuracies: Sequence[Sequence[float]] | torch.Tensor) -> list[list[float]]:
+    acc = torch.as_tensor(rank_accuracies, dtype=torch.float64)
+    if acc.ndim != 2 or acc.numel() == 0:
+        raise ValueError(f"rank_accuracies must be (num_heads, num_ranks), got shape {tuple(acc.shape)}")
+    if (acc < 0).any() or (acc > 1).any():
+        raise ValueError("rank_accuracies must be probabilities in [0, 1]")
+    return acc.tolist()
+
+
+def path_probability(path: Sequence[int], rank_accuracies: Sequence[Sequence[float]]) -> float:
+    """P(every node on the path is accepted), heads assumed independent (as Medusa's tree search does)."""
+    prob = 1.0
+    for head, rank in enumerate(path):
+        prob *= rank_accuracies[head][rank]
+    return prob
+
+
+def expected_accept_length(
+    paths: Sequence[Sequence[int]], rank_accuracies: Sequence[Sequence[float]] | torch.Tensor
+) -> float:
+    """Expected tokens per verify step: 1 (the root) + sum over nodes of P(node accepted)."""
+    acc = _as_rank_accuracies(rank_accuracies)
+    return 1.0 + sum(path_probability(p, acc) for p in paths)
+
+
+def build_tree(
+    rank_accuracies: Sequence[Sequence[float]] | torch.Tensor, num_nodes: int, max_depth: int | None = None
+) -> list[list[int]]:
+    """Greedy tree search: add, `num_nodes` times, the child with the highest acceptance probability.
+
+    rank_accuracies[k][r] = P(head k+1's rank-r token is the one the base model picks). Each added node adds
+    its path probability to the expected accepted length, and a child is never likelier than its parent, so
+    taking the likeliest frontier node each time gives the best tree for the budget. Paths come out in the
+    order they were added (every leading slice is itself a tree).
+    """
+    acc = _as_rank_accuracies(rank_accuracies)
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+    depth_limit = len(acc) if max_depth is None else min(max_depth, len(acc))
+    ranks = len(acc[0])
+    frontier: list[tuple[float, Path_]] = [(-acc[0][r], (r,)) for r in range(ranks)]
+    heapq.heapify(frontier)
+    paths: list[list[int]] = []
+    while frontier and len(paths) < num_nodes:
+        neg_prob, path = heapq.heappop(frontier)
+        paths.append(list(path))
+        if len(path) < depth_limit:
+            for r in range(ranks):
+                heapq.heappush(frontier, (neg_prob * acc[len(path)][r], (*path, r)))
+    return paths
+
+
+def save_tree(path: str | os.PathLike, paths: Sequence[Sequence[int]], **extra: object) -> Path:
+    """Write `{"paths": [...], ...extra}` as JSON (what `--tree FILE` reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"paths": [list(p) for p in paths], **extra}, indent=1) + "\n")
+    return path
+
+
+def load_tree(path: str | os.PathLike) -> list[list[int]]:
+    """Paths from a JSON file: `{"paths": [[0], [0, 0], ...]}` or a bare list of paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tree file at {path}: write one with `fastmedusa bench heads`")
+    data = json.loads(path.read_text())
+    paths = data.get("paths") if isinstance(data, dict) else data
+    if not isinstance(paths, list):
+        raise ValueError(f"{path} holds no list of paths: expected {{'paths': [[0], [0, 0], ...]}}")
+    return paths
