@@ -57,7 +57,7 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if args.command == "bench":
         module = importlib.import_module(BENCHMARKS[args.benchmark][0])

@@ -1,0 +1,341 @@
+"""`fastmedusa bench train`: the seed's memory/throughput grid on one GPU.
+
+Random-weight Llama models of real shapes (memory and speed do not depend on weight values), the real
+`fastmedusa.train` step (bf16 params, fused AdamW, gradient checkpointing), stage 1 and 2, 3 and 5 heads,
+T in {1024, 2048, 4096, 8192}, batch 6, the heads' loss by impl = torch | liger | cce | triton.
+One JSON row per run (OOM is a result) and PNG charts laid out like the seed's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fastmedusa.bench.common import environment, write_json
+from fastmedusa.model import MedusaConfig, MedusaModel
+
+# Public hyper-parameters (config.json of meta-llama/Meta-Llama-3-8B and Llama-3.2-1B).
+SHAPES = {
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),
+    # A few-MB model of the same family, so the harness itself is tested on the CPU.
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+}
+# Dense bf16 peak from the datasheets, for MFU (H100 SXM and H200 share it).
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# The seed (Liger-Kernel's Medusa example) as the issue quotes it, one GPU, tokens/s per T and peak GB.
+SEED_ROWS_NOTE = "issue 8: measured by the seed's authors' setup on one H100/H200, quoted for comparison only"
+
+
+def build_random_llama(shape: str, device: torch.device, dtype: torch.dtype):
+    """A LlamaForCausalLM of a real shape with random weights, built directly on the GPU in `dtype`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise directly in dtype: no fp32 copy of 8B parameters
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_tflops(device: torch.device) -> float:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
+
+
+def step_flops(model: MedusaModel, tokens: int, seq_len: int, stage: int) -> float:
+    """Model FLOPs of one step, recomputation not counted (the MFU convention).
+
+    Per token: a matmul parameter costs 2 FLOPs forward and 4 backward; attention scores and values
+    cost 2 * 2 * T * H per layer forward, halved by the causal mask. Stage 1 runs the decoder forward
+    only and never computes the LM head; stage 2 trains the decoder and adds the LM loss (V x H)."""
+    cfg = model.base.config
+    decoder = sum(p.numel() for p in model.base.get_decoder().parameters()) - cfg.vocab_size * cfg.hidden_size
+    heads = sum(p.numel() for p in model.medusa_heads.parameters())
+    attn = 2 * 2 * seq_len * cfg.hidden_size * cfg.num_hidden_layers / 2
+    per_token = 6 * heads + (
+        2 * decoder + attn if stage == 1 else 3 * (2 * decoder + attn) + 6 * cfg.vocab_size * cfg.hidden_size
+    )
+    return tokens * per_token
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab: int, device: torch.device, seed: int = 0) -> dict:
+    """Full-length rows, every position labelled (the seed trains on packed ShareGPT rows)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def free_cuda() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def make_trainer(model: MedusaModel, stage: int, impl: str, args) -> object:
+    """The real `fastmedusa.train.Trainer`, configured like the seed: bf16 params, fused AdamW,
+    gradient checkpointing (a no-op in stage 1, where the frozen backbone runs without grad)."""
+    from fastmedusa.train import TrainConfig, Trainer
+
+    config = TrainConfig(
+        stage=stage, num_heads=model.medusa_config.num_heads, num_layers=model.medusa_config.num_layers,
+        batch_size=args.batch_size, seq_len=max(args.seq_lens), max_steps=1000, lr=1e-5,
+        param_dtype=args.dtype, dtype=args.dtype, gradient_checkpointing=stage == 2, impl=impl, device=args.device,
+        progress=False, plot=False, output_dir=str(args.scratch), log_every=10**9, save_every=0, eval_every=0,
+    )  # fmt: skip
+    return Trainer(model, config, total_steps=1000)
+
+
+def time_steps(trainer, batch: dict, warmup: int, steps: int) -> list[float]:
+    """Seconds per optimisation step (train_step syncs once per step to check the loss, so wall time is exact)."""
+    for _ in range(warmup):
+        trainer.train_step(batch)
+    times = []
+    for _ in range(steps):
+        synchronize(trainer.device)
+        start = time.perf_counter()
+        trainer.train_step(batch)
+        synchronize(trainer.device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def profile_step(trainer, batch: dict, stage: int, impl: str) -> dict:
+    """Where a step's time goes: the heads' loss (forward + backward), the optimizer, and the rest
+    (the backbone: forward, plus backward and recomputation in stage 2). Each part timed on its own."""
+    model = trainer.model
+    with torch.no_grad(), trainer._autocast():
+        hidden = model.backbone_hidden_states(batch["input_ids"], batch["attention_mask"])
+    hidden = hidden.detach().requires_grad_(stage == 2)
+
+    def heads_loss():
+        with trainer._autocast():
+            lm, heads = model.medusa_heads(hidden, batch["labels"], with_lm_loss=stage == 2, impl=impl)
+        (heads.sum() + (lm if lm is not None else 0)).backward()
+
+    def optimizer_step():
+        trainer.optimizer.step()
+
+    heads_s = statistics.median(_wall(heads_loss, 3, trainer.device))
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    opt_s = statistics.median(_wall(optimizer_step, 3, trainer.device))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return {"heads_loss_s": heads_s, "optimizer_s": opt_s}
+
+
+def _wall(fn, repeats: int, device: torch.device) -> list[float]:
+    fn()
+    out = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def run_point(base, shape: str, stage: int, heads: int, seq_len: int, impl: str, args) -> dict:
+    """One grid point; an OOM is recorded as a result."""
+    from fastmedusa.bench.common import is_oom
+
+    row = {"shape": shape, "stage": stage, "heads": heads, "seq_len": seq_len, "impl": impl,
+           "batch_size": args.batch_size}  # fmt: skip
+    model = trainer = batch = None
+    try:
+        model = MedusaModel.from_base(base, MedusaConfig(num_heads=heads, num_layers=1))
+        trainer = make_trainer(model, stage, impl, args)
+        device = torch.device(args.device)
+        batch = synthetic_batch(args.batch_size, seq_len, base.config.vocab_size, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = time_steps(trainer, batch, args.warmup, args.steps)
+        step_s = statistics.median(times)
+        tokens = args.batch_size * seq_len
+        row.update(
+            step_s=step_s, step_times_s=times, tokens_per_s=tokens / step_s,
+            peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+            mfu=step_flops(model, tokens, seq_len, stage) / step_s / (peak_tflops(device) * 1e12),
+            oom=False,
+        )  # fmt: skip
+        if args.profile:
+            row["profile"] = profile_step(trainer, batch, stage, impl)
+    except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
+        if not is_oom(err):
+            raise
+        row.update(oom=True, error=str(err).splitlines()[0][:200])
+    finally:
+        del model, trainer, batch
+        base.zero_grad(set_to_none=True)
+        free_cuda()
+    return row
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastmedusa bench train", description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="Llama-3.2-1B or Llama-3-8B shape")
+    p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    p.add_argument("--heads", type=int, nargs="+", default=[3, 5], help="numbers of Medusa heads")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--impls", nargs="+", default=["torch", "liger", "cce", "triton"],
+                   choices=["torch", "chunked", "liger", "cce", "triton"], help="heads' loss implementations")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=6, help="rows per step (no accumulation)")
+    p.add_argument(
+        "--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of the harness)"
+    )
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="parameter and autocast dtype")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per point")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per point (median reported)")
+    p.add_argument("--profile", action="store_true", help="also time the heads' loss and optimizer alone")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (PNG beside); default bench/results/train_<shape>_<device>.json",
+    )
+    p.add_argument("--plot", type=Path, nargs="+", default=None, help="only merge these JSON files and plot")
+    p.add_argument(
+        "--scratch", type=Path, default=Path("/tmp/fastmedusa-bench-train"), help="trainer output dir"
+    )
+    return p.parse_args(argv)
+
+
+def device_tag(name: str) -> str:
+    return next((k.lower() for k in PEAK_BF16_TFLOPS if k in name), "cpu" if "cuda" not in name else "gpu")
+
+
+def run_grid(args) -> dict:
+    """Every (stage, heads, T, impl) point on one model, written to JSON after each point."""
+    device = torch.device(args.device)
+    env = environment(device)
+    out = args.out or Path(f"bench/results/train_{args.shape}_{device_tag(env['device'])}.json")
+    base = build_random_llama(args.shape, device, DTYPES[args.dtype])
+    result = {"benchmark": "train", "environment": env, "shape": args.shape, "config": SHAPES[args.shape],
+              "settings": {k: v for k, v in vars(args).items() if k not in ("plot", "out", "scratch")},
+              "peak_tflops": peak_tflops(device), "rows": []}  # fmt: skip
+    for stage in args.stages:
+        for heads in args.heads:
+            for seq_len in args.seq_lens:
+                for impl in args.impls:
+                    row = run_point(base, args.shape, stage, heads, seq_len, impl, args)
+                    result["rows"].append(row)
+                    print(format_row(row), flush=True)
+                    write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+    return result
+
+
+def format_row(row: dict) -> str:
+    head = f"{row['shape']} stage {row['stage']} K{row['heads']} T{row['seq_len']:5d} {row['impl']:>7}"
+    if row.get("oom"):
+        return f"{head}: OOM"
+    return (f"{head}: {row['tokens_per_s']:9.0f} tok/s  {row['peak_memory_gb'] or 0:6.1f} GB  MFU {row['mfu']:.2f}"
+            + (f"  heads-loss {row['profile']['heads_loss_s']*1e3:.0f} ms opt {row['profile']['optimizer_s']*1e3:.0f} ms"
+               f" step {row['step_s']*1e3:.0f} ms" if "profile" in row else ""))  # fmt: skip
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Seed layout: one panel per stage x heads; memory (top) and tokens/s (bottom) vs T, bars per impl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    panels = sorted({(r["stage"], r["heads"]) for r in rows})
+    impls = [i for i in ["torch", "chunked", "liger", "cce", "triton"] if any(r["impl"] == i for r in rows)]
+    seqs = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
+    width = 0.8 / max(1, len(impls))
+    for col, (stage, heads) in enumerate(panels):
+        for metric, ax in zip(("peak_memory_gb", "tokens_per_s"), axes[:, col]):
+            for i, impl in enumerate(impls):
+                xs, ys, ooms = [], [], []
+                for j, t in enumerate(seqs):
+                    r = next((r for r in rows if (r["stage"], r["heads"], r["seq_len"], r["impl"]) == (stage, heads, t, impl)), None)  # fmt: skip
+                    if r is None:
+                        continue
+                    x = j + (i - (len(impls) - 1) / 2) * width
+                    (ooms if r["oom"] else xs).append(x)
+                    if not r["oom"]:
+                        ys.append(r[metric] or 0.0)  # no peak memory on the CPU
+                label = "fastmedusa (triton)" if impl == "triton" else impl
+                ax.bar(xs, ys, width, label=label)
+                ax.scatter(ooms, [0] * len(ooms), marker="x", color="red", zorder=3)
+            ax.set_xticks(range(len(seqs)), [str(t) for t in seqs])
+            ax.set_title(f"{result['shape'].upper()} stage {stage}, {heads} heads", fontsize=10)
+            ax.set_ylabel("peak memory (GB)" if metric == "peak_memory_gb" else "tokens/s")
+            ax.set_xlabel("sequence length (x = OOM)")
+    axes[0, 0].legend(fontsize=8)
+    env = result["environment"]
+    fig.suptitle(f"fastmedusa bench train: batch {result['settings']['batch_size']}, bf16, AdamW, grad ckpt; "
+                 f"{env['device']}, {env['date'][:10]}, torch {env['versions']['torch']}", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.plot:
+        results = [json.loads(p.read_text()) for p in args.plot]
+        merged = dict(results[0], rows=[r for res in results for r in res["rows"]])
+        print(plot(merged, args.plot[0].with_suffix(".png")))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "fastmedusa bench train needs a CUDA GPU; --device cpu --shape tiny runs a smoke test"
+        )
+    run_grid(args)
+    return 0
