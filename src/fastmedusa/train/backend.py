@@ -1,0 +1,93 @@
+"""The seams between the training loop and how many processes run it.
+
+`Trainer` calls only these methods for anything that changes under data parallelism: wrapping the model,
+reducing metrics, deciding who writes files, and turning model/optimizer state into checkpoint files and
+back. `SingleProcess` is the one-device implementation; `fastmedusa.train.distributed` provides an FSDP2
+one with the same methods (DCP sharded checkpoints), passed as `Trainer(..., backend=...)`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+STATE_FILE = "state.pt"
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that train: the heads in stage 1, everything in stage 2. Frozen ones reload from the base."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable parameters in place; a different set of names is a clear error."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint parameters do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+            "resume with the same --model, --stage, --num-heads, --num-layers and --shared-lm-head"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != state[name].shape:
+                raise ValueError(
+                    f"checkpoint {name} has shape {tuple(state[name].shape)}, model {tuple(p.shape)}"
+                )
+            p.copy_(state[name])
+
+
+class SingleProcess:
+    """One process on one device: every seam is the trivial one."""
+
+    rank = 0
+    world_size = 1
+
+    def is_main_process(self) -> bool:
+        """Only the main process writes logs, plots and exported heads."""
+        return True
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Where FSDP2 shards the model (after stage and checkpointing are set, before the optimizer)."""
+        return model
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max) a metric tensor over processes; here the identity."""
+        return tensor
+
+    def shard_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This process's rows of a global batch; here all of them."""
+        return batch
+
+    def clip_grad_norm_(self, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` (inf: only measure); the norm is over every process's gradient shards."""
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def export_heads(self, model: nn.Module, directory: Path) -> Path | None:
+        """Write the heads (`save_heads` format); returns the directory on the main process, else None."""
+        return model.save_heads(directory)
+
+    def barrier(self) -> None:
+        """Wait for every process (before renaming a checkpoint written by all of them)."""
+
+    def save_checkpoint(
+        self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict
+    ) -> None:
+        """Write trainable parameters, optimizer state and `extra` (plain Python, tensors) into `directory`."""
+        state = {"model": trainable_state_dict(model), "optimizer": optimizer.state_dict(), "extra": extra}
+        path = directory / STATE_FILE
+        with open(path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load_checkpoint(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore what `save_checkpoint` wrote, in place; returns `extra`."""
+        # weights_only=False: `extra` holds RNG states (numpy's is a tuple with an ndarray); our own file.
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        load_trainable_state_dict(model, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return state["extra"]

@@ -1,0 +1,141 @@
+"""`fastmedusa train` flags: one per `TrainConfig` field, with the same name (dashes for underscores)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+
+from fastmedusa.train.config import DTYPES, HEADS_SCHEDULES, LR_SCHEDULES, TrainConfig
+
+HELP = {
+    "model": "base model: a hub id, a local directory saved by save_pretrained, or a .gguf file "
+    "(default: the embedded SmolLM2-135M-Instruct)",
+    "stage": "1: train the heads on a frozen backbone; 2: train heads and backbone together (Medusa-2, adds the LM loss)",
+    "num_heads": "number of Medusa heads; head k predicts the token k+1 positions after the next one",
+    "num_layers": "ResBlocks per head",
+    "shared_lm_head": "heads reuse the base model's LM head instead of each training a copy (frozen in stage 1)",
+    "data": "ShareGPT conversations: a .json/.jsonl file (a truncated .json is fine), a directory holding one, "
+    "or a hub dataset id (default: the embedded ShareGPT V3)",
+    "max_conversations": "read at most this many usable conversations ('all' for every one)",
+    "eval_size": "conversations held out for evaluation (0: no evaluation)",
+    "seq_len": "tokens per training row; longer conversations are truncated",
+    "pack": "fill each row with several whole conversations up to --seq-len tokens",
+    "batch_size": "rows per micro-batch",
+    "grad_accum": "micro-batches accumulated per optimiser step",
+    "max_steps": "optimiser steps ('none' with --epochs)",
+    "epochs": "passes over the training conversations (used when --max-steps is not given)",
+    "lr": "peak learning rate (AdamW)",
+    "heads_lr_multiplier": "stage 2: the heads' learning rate is --lr times this",
+    "weight_decay": "AdamW weight decay on weight matrices",
+    "warmup_steps": "linear warm-up steps (default: --warmup-ratio of the steps)",
+    "warmup_ratio": "fraction of the steps used for warm-up when --warmup-steps is not given",
+    "lr_schedule": f"learning rate after warm-up: {' or '.join(LR_SCHEDULES)}",
+    "min_lr_ratio": "the cosine schedule ends at --lr times this",
+    "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
+    "heads_coefficient": "weight of the heads' losses (against the LM loss in stage 2)",
+    "heads_decay": "head k's loss is weighted by heads_decay**k, to favour the nearer heads",
+    "heads_schedule": f"ramp of the heads' weight over training: {', '.join(HEADS_SCHEDULES)}",
+    "eval_every": "evaluate on the held-out conversations every N steps (also before and after training)",
+    "eval_batch_size": "rows per evaluation batch (default: --batch-size)",
+    "log_every": "log loss, per-head top-1/top-5, tokens/s and memory every N steps",
+    "save_every": "write a checkpoint every N steps (0: only at the end)",
+    "keep_checkpoints": "how many of the newest checkpoints to keep",
+    "output_dir": "where checkpoints, metrics.jsonl, curves.png and the exported heads/ go",
+    "resume": "continue exactly from the newest checkpoint in --output-dir",
+    "seed": "seed of the data split and order",
+    "progress": "show progress bars",
+    "plot": "draw curves.png at the end",
+    "device": "cpu, cuda or cuda:N (auto: cuda when available)",
+    "dtype": f"autocast dtype: auto (bf16 on CUDA, none on the CPU), {', '.join(DTYPES)}",
+    "param_dtype": "parameter dtype: fp32 (with bf16 autocast on CUDA) or bf16 (pure bf16, less memory)",
+    "gradient_checkpointing": "recompute the backbone's activations in backward (stage 2: less memory)",
+    "impl": "heads' loss implementation: auto (Triton on CUDA, chunked PyTorch on the CPU), chunked, triton, "
+    "torch (materialised logits), liger, cce",
+    "compile": "torch.compile the backbone's decoder",
+    "peak_tflops": "device peak TFLOP/s for MFU (default: looked up, H100/H200 bf16 dense = 989)",
+}
+CHOICES = {
+    "stage": (1, 2),
+    "heads_schedule": HEADS_SCHEDULES,
+    "lr_schedule": LR_SCHEDULES,
+    "dtype": ("auto", *DTYPES),
+    "param_dtype": ("fp32", "bf16"),
+}
+
+
+def _optional(kind: type):
+    """Parse a value that may also be 'none'/'all' (-> None)."""
+
+    def parse(text: str):
+        if text.lower() in ("none", "all"):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _base_type(hint) -> tuple[type, bool]:
+    """(int/float/str/bool, whether None is allowed) from a field type such as `int | None`."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kinds = [a for a in args if a is not type(None)]
+    return kinds[0], len(kinds) < len(args)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add one flag per `TrainConfig` field; unset flags keep the dataclass default (shown in --help)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        kind, nullable = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        text = f"{HELP[f.name]} (default: {default})"
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+            )
+            continue
+        parser.add_argument(
+            flag,
+            type=_optional(kind) if nullable else kind,
+            choices=CHOICES.get(f.name),
+            default=argparse.SUPPRESS,
+            metavar=None if f.name in CHOICES else f.name.upper(),
+            help=text,
+        )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A `TrainConfig` from the flags given; `--epochs` without `--max-steps` runs by epochs."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if given.get("epochs") is not None and "max_steps" not in given:
+        given["max_steps"] = None
+    return TrainConfig(**given)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train; bad input raises ValueError/FileNotFoundError/PermissionError for the CLI to print as one line."""
+    from fastmedusa.train.run import train
+    from fastmedusa.train.trainer import NonFiniteLossError
+
+    config = config_from_args(args)
+    try:
+        train(config)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fastmedusa.train.cli ...`: the same as `fastmedusa train ...`."""
+    parser = add_train_arguments(argparse.ArgumentParser(prog="fastmedusa train", description=__doc__))
+    return run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""`TrainConfig`: every knob of a training run, one field per `fastmedusa train` flag.
+
+The defaults are the README's main job: 3 heads, stage 1, on the embedded SmolLM2-135M-Instruct and
+ShareGPT, sized to finish in a few minutes on a 2-core CPU while every head's top-1 accuracy rises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+HEADS_SCHEDULES = ("constant", "linear", "sine")
+LR_SCHEDULES = ("cosine", "constant")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """A training run. `fastmedusa train --help` shows the same fields as flags, with these docs."""
+
+    # -- model -------------------------------------------------------------------------
+    model: str | None = None  # hub id, local dir or .gguf; None = the embedded SmolLM2-135M-Instruct
+    stage: int = 1  # 1: heads only, backbone frozen; 2: heads + backbone (Medusa-2)
+    num_heads: int = 3
+    num_layers: int = 1  # ResBlocks per head
+    shared_lm_head: bool = False  # heads reuse the base LM head (frozen in stage 1) instead of a copy each
+    # -- data --------------------------------------------------------------------------
+    data: str | None = None  # ShareGPT .json/.jsonl, a directory holding one, or a hub id; None = embedded
+    max_conversations: int | None = 400  # records kept from the file (None = all)
+    eval_size: int = 48  # held-out conversations (taken from the ones read)
+    seq_len: int = 256  # tokens per conversation (longer ones are truncated)
+    pack: bool = False  # fill rows of seq_len tokens with several conversations
+    # -- optimisation ------------------------------------------------------------------
+    batch_size: int = 4  # rows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    max_steps: int | None = 80  # optimiser steps; None = run `epochs` over the training split
+    epochs: float | None = None
+    lr: float = 1e-3
+    heads_lr_multiplier: float = 1.0  # stage 2: heads' lr = lr * this (the backbone gets lr)
+    weight_decay: float = 0.0
+    warmup_steps: int | None = None  # None = warmup_ratio of the steps
+    warmup_ratio: float = 0.05
+    lr_schedule: str = "cosine"  # cosine (to min_lr_ratio * lr) or constant, after the warm-up
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    heads_coefficient: float = 1.0  # weight of the heads' losses against the LM loss
+    heads_decay: float = 1.0  # head k's loss is weighted by heads_decay**k
+    heads_schedule: str = "constant"  # ramp of heads_coefficient over training: constant, linear, sine
+    # -- loop --------------------------------------------------------------------------
+    eval_every: int = 40  # steps between evaluations (0 = only before and after training)
+    eval_batch_size: int | None = None  # None = batch_size
+    log_every: int = 5
+    save_every: int = 40  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 1  # older ones are deleted once a newer one is complete
+    output_dir: str = "runs/medusa"
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    seed: int = 0
+    progress: bool = True  # tqdm bars
+    plot: bool = True  # write curves.png at the end
+    # -- hardware / numerics -----------------------------------------------------------
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "auto"  # autocast dtype: auto = bf16 on CUDA, fp32 (no autocast) on the CPU
+    param_dtype: str = "fp32"  # fp32 params (+ autocast) or bf16 params (pure bf16, as the seed's benchmark)
+    gradient_checkpointing: bool = False  # recompute backbone activations in backward (stage 2)
+    impl: str = "auto"  # heads' loss: auto, chunked, triton, torch, liger, cce
+    compile: bool = False  # torch.compile the backbone's decoder
+    peak_tflops: float | None = None  # device peak for MFU; None = look it up (H100/H200 bf16: 989)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- checks ------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Reject values that cannot work, saying which flag to change."""
+        _check(self.stage in (1, 2), f"--stage {self.stage}: pass 1 (heads only) or 2 (heads + backbone)")
+        _check_int(self.num_heads, 1, "--num-heads", "pass 1 or more (3 to 5 is usual)")
+        _check_int(self.num_layers, 0, "--num-layers", "pass 0 or more ResBlocks per head")
+        _check_int(self.seq_len, 2, "--seq-len", "pass at least 2 (a token and the one it predicts)")
+        _check_int(self.batch_size, 1, "--batch-size", "pass 1 or more rows")
+        _check_int(self.grad_accum, 1, "--grad-accum", "pass 1 or more micro-batches per step")
+        _check_int(self.eval_size, 0, "--eval-size", "pass 0 (no eval) or more held-out conversations")
+        if self.max_conversations is not None:
+            _check_int(
+                self.max_conversations, 2, "--max-conversations", "pass 2 or more (or omit it for all)"
+            )
+            _check(
+                self.eval_size < self.max_conversations,
+                f"--eval-size {self.eval_size} leaves no training conversation out of --max-conversations "
+                f"{self.max_conversations}: hold out fewer or read more",
+            )
+        if self.eval_batch_size is not None:
+            _check_int(self.eval_batch_size, 1, "--eval-batch-size", "pass 1 or more rows")
+        _check(
+            self.max_steps is not None or self.epochs is not None,
+            "pass --max-steps or --epochs: the run needs an end",
+        )
+        if self.max_steps is not None:
+            _check_int(self.max_steps, 1, "--max-steps", "pass 1 or more optimiser steps")
+        if self.epochs is not None:
+            _check(
+                _finite(self.epochs) and self.epochs > 0, f"--epochs {self.epochs}: pass a positive number"
+            )
+        _check(_finite(self.lr) and self.lr > 0, f"--lr {self.lr}: pass a positive learning rate, e.g. 1e-3")
+        for name in (
+            "heads_lr_multiplier",
+            "weight_decay",
+            "max_grad_norm",
+            "heads_coefficient",
+            "heads_decay",
+        ):
+            value = getattr(self, name)
+            _check(_finite(value) and value >= 0, f"--{_flag(name)} {value}: pass a number >= 0")
+        _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio {self.warmup_ratio}: pass a fraction in [0, 1)")
+        _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio {self.min_lr_ratio}: pass a fraction in [0, 1]")
+        if self.warmup_steps is not None:
+            _check_int(self.warmup_steps, 0, "--warmup-steps", "pass 0 or more steps")
+        _choice(self.heads_schedule, HEADS_SCHEDULES, "--heads-schedule")
+        _choice(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
+        _choice(self.dtype, ("auto", *DTYPES), "--dtype")
+        _choice(self.param_dtype, ("fp32", "bf16"), "--param-dtype")
+        for name in ("eval_every", "save_every", "log_every"):
+            _check_int(getattr(self, name), 0, f"--{_flag(name)}", "pass 0 or more steps")
+        _check_int(self.keep_checkpoints, 1, "--keep-checkpoints", "keep at least the newest one")
+        if self.peak_tflops is not None:
+            _check(
+                self.peak_tflops > 0, f"--peak-tflops {self.peak_tflops}: pass the device's peak, e.g. 989"
+            )
+
+    # -- derived -----------------------------------------------------------------------
+    def torch_device(self) -> torch.device:
+        """`device` with "auto" resolved; a CUDA device that is absent is a clear error."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"--device {self.device}: {err}; pass cpu, cuda or cuda:N") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available here; pass --device cpu")
+        return device
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype, or None for none: bf16 on CUDA by default, plain fp32 on the CPU."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else None
+        dtype = DTYPES[self.dtype]
+        return None if dtype == torch.float32 else dtype
+
+    def parameter_dtype(self) -> torch.dtype:
+        return DTYPES[self.param_dtype]
+
+    def warmup(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total_steps)
+        return int(self.warmup_ratio * total_steps)
+
+    # -- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}: known keys are {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Create `path` if needed and prove it is writable, before minutes of loading and training."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output-dir {path} is a file: pass a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"--output-dir {path} is not writable ({err.strerror or err}): pass a directory you can write to"
+        ) from err
+    return out
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_int(value: object, minimum: int, flag: str, fix: str) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    _check(ok, f"{flag} {value!r}: {fix}")
+
+
+def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
+    _check(value in choices, f"{flag} {value!r}: pass one of {', '.join(choices)}")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

@@ -1,0 +1,145 @@
+"""A whole training run from a `TrainConfig`: data, model, `Trainer.fit`, exported heads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from fastmedusa.train import checkpoint as ckpt
+from fastmedusa.train.backend import SingleProcess
+from fastmedusa.train.config import TrainConfig, check_output_dir
+from fastmedusa.train.trainer import Trainer, summary_lines
+
+logger = logging.getLogger(__name__)
+EMBEDDED_MODEL_NAME = "embedded"  # what the heads' config records for the default model (portable alias)
+
+
+def build_data(config: TrainConfig, tokenizer) -> tuple[object, list[dict]]:
+    """(resumable training batches, held-out batches): read, split by conversation, encode, batch."""
+    from fastmedusa.data import ConversationBatches, encode_dataset, read_sharegpt, train_eval_split
+
+    conversations, n_skipped = read_sharegpt(config.data, limit=config.max_conversations)
+    say(conversations.stats.summary() if getattr(conversations, "stats", None) else f"{n_skipped} skipped")
+    if config.eval_size:
+        train_convs, eval_convs = train_eval_split(conversations, config.eval_size, seed=config.seed)
+    else:
+        train_convs, eval_convs = list(conversations), []
+    train_enc = encode_dataset(tokenizer, train_convs, config.seq_len, progress=config.progress)
+    say(f"train: {train_enc.stats.summary()}")
+    # Fixed shapes only where they pay (packing fills rows; compile avoids recompiles); else pad to the batch's longest.
+    fixed = config.seq_len if (config.pack or config.compile) else None
+    pad_id = tokenizer.pad_token_id or 0
+    train = ConversationBatches(
+        train_enc, config.batch_size, seq_len=fixed, seed=config.seed, pack=config.pack, pad_id=pad_id
+    )
+    eval_batches: list[dict] = []
+    if eval_convs:
+        eval_enc = encode_dataset(tokenizer, eval_convs, config.seq_len, progress=config.progress)
+        say(f"held out: {eval_enc.stats.summary()}")
+        if eval_enc:
+            loader = ConversationBatches(
+                eval_enc,
+                config.eval_batch_size or config.batch_size,
+                seq_len=fixed,
+                pad_id=pad_id,
+                shuffle=False,
+            )
+            eval_batches = list(loader)
+    return train, eval_batches
+
+
+def build_model(config: TrainConfig):
+    """The base model (fp32 or bf16 params) with fresh heads initialised from its LM head."""
+    from fastmedusa.model import MedusaConfig, MedusaModel, load_base_model
+
+    base = load_base_model(config.model, dtype=config.parameter_dtype())
+    heads = MedusaConfig(
+        num_heads=config.num_heads,
+        num_layers=config.num_layers,
+        shared_lm_head=config.shared_lm_head,
+        base_model_name_or_path=config.model or EMBEDDED_MODEL_NAME,
+    )
+    return MedusaModel.from_base(base, heads)
+
+
+def prepare_output_dir(config: TrainConfig) -> Path | None:
+    """Check the output dir; return the checkpoint to resume from (None = start fresh)."""
+    out = check_output_dir(config.output_dir)
+    latest = ckpt.latest_checkpoint(out)
+    if config.resume:
+        if latest is None:
+            raise FileNotFoundError(
+                f"--resume: no complete checkpoint in {out}: drop --resume to start a new run there"
+            )
+        return latest
+    removed = ckpt.remove_checkpoints(out)
+    if removed:
+        say(
+            f"starting a new run in {out}: removed {removed} checkpoint(s) of an earlier run (--resume continues one)"
+        )
+    log = out / "metrics.jsonl"
+    if log.exists():
+        log.unlink()
+    return None
+
+
+def train(config: TrainConfig, backend: SingleProcess | None = None) -> dict:
+    """Run the whole job; returns the summary (held-out accuracy before/after, tokens/s, paths)."""
+    from fastmedusa.data import resolve_data_path
+    from fastmedusa.model import load_tokenizer
+
+    started = time.perf_counter()
+    config.torch_device()  # a bad --device fails before anything loads
+    resolve_data_path(config.data)  # a missing --data file fails before the model loads
+    resume_from = prepare_output_dir(config)
+    config.save(Path(config.output_dir) / "train_config.json")
+    tokenizer = load_tokenizer(config.model)
+    train_batches, eval_batches = build_data(config, tokenizer)
+    model = build_model(config)
+    trainer = Trainer(model, config, train_batches, eval_batches, backend=backend)
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+        say(f"resumed from {resume_from} at step {trainer.step}/{trainer.total_steps}")
+    say(
+        f"training {config.num_heads} heads, stage {config.stage}, {trainer.total_steps} steps of "
+        f"{config.batch_size}x{config.grad_accum} rows <= {config.seq_len} tokens on {trainer.device}"
+    )
+    summary = trainer.fit()
+    heads_dir = export_heads(trainer.model, tokenizer, config, trainer.backend)
+    summary.update(heads_dir=str(heads_dir), seconds=time.perf_counter() - started)
+    for line in summary_lines(summary):
+        say(line)
+    speed = f"{summary['tokens_per_s']:.0f} tokens/s" if summary.get("tokens_per_s") else ""
+    say(
+        f"done in {summary['seconds']:.0f} s ({speed}); heads in {heads_dir}; curves in {config.output_dir}/curves.png"
+    )
+    return summary
+
+
+def export_heads(model, tokenizer, config: TrainConfig, backend: SingleProcess | None = None) -> Path | None:
+    """`output_dir/heads`: the heads (safetensors + config, FasterDecoding names) and the tokenizer to decode with.
+
+    Collective under a distributed backend; returns the directory on the main process, None elsewhere."""
+    heads_dir = (backend or SingleProcess()).export_heads(model, Path(config.output_dir) / "heads")
+    if heads_dir is None:
+        return None
+    tokenizer.save_pretrained(heads_dir)
+    config_path = heads_dir / "config.json"
+    heads_config = json.loads(config_path.read_text())
+    heads_config["tokenizer_name_or_path"] = config.model or EMBEDDED_MODEL_NAME
+    heads_config["training"] = {
+        "stage": config.stage,
+        "steps_config": config.max_steps,
+        "seq_len": config.seq_len,
+    }
+    config_path.write_text(json.dumps(heads_config, indent=2) + "\n")
+    return heads_dir
+
+
+def say(line: str) -> None:
+    """A progress line that does not break a tqdm bar."""
+    tqdm.write(line)

@@ -1,0 +1,486 @@
+"""`Trainer`: one optimisation step (`train_step`), held-out evaluation, and the loop with logs and checkpoints.
+
+The step is the unit the training benchmark times: build a `Trainer` from any `MedusaModel` and feed it
+batches (`random_batch` makes synthetic ones), no data files needed. `fit()` adds what a real run needs
+around it: logging, evaluation, atomic checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastmedusa.train import checkpoint as ckpt
+from fastmedusa.train.backend import SingleProcess
+from fastmedusa.train.config import TrainConfig
+from fastmedusa.train.metrics import (
+    JsonlLog,
+    fmt_pct,
+    peak_memory_bytes,
+    peak_tflops,
+    plot_curves,
+    read_jsonl,
+    synchronize,
+    train_flops_per_token,
+)
+from fastmedusa.train.schedules import head_weights, heads_ramp, lr_factor
+
+logger = logging.getLogger(__name__)
+Batch = dict[str, torch.Tensor]
+EVAL_CACHE_BYTES = (
+    2 << 30
+)  # stage 1: keep held-out hidden states up to 2 GiB instead of re-running the backbone
+LOG_FILE = "metrics.jsonl"
+# Fields that must match for a checkpoint to continue the same run (steps and logging may change).
+RESUME_FIELDS = (
+    "model", "data", "stage", "num_heads", "num_layers", "shared_lm_head", "seq_len", "pack", "batch_size",
+    "grad_accum", "max_conversations", "eval_size", "seed", "param_dtype",
+)  # fmt: skip
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the step was not applied."""
+
+
+def random_batch(
+    batch_size: int, seq_len: int, vocab_size: int, generator: torch.Generator | None = None
+) -> Batch:
+    """A synthetic batch (every token real and labelled), for benchmarks and tests without data files."""
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over trainable parameters: heads at lr (x heads_lr_multiplier in stage 2), backbone at lr.
+
+    Weight decay applies to matrices only (not biases or norm gains). Fused on CUDA: one kernel for all.
+    """
+    heads_lr = config.lr * (config.heads_lr_multiplier if config.stage == 2 else 1.0)
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            part = "heads" if name.startswith("medusa_heads.") else "backbone"
+            groups.setdefault((part, p.ndim >= 2), []).append(p)
+    param_groups = [
+        {
+            "params": params,
+            "lr": heads_lr if part == "heads" else config.lr,
+            "weight_decay": config.weight_decay if decay else 0.0,
+            "name": f"{part}{'' if decay else '_no_decay'}",
+        }
+        for (part, decay), params in sorted(groups.items())
+    ]
+    if not param_groups:
+        raise ValueError(
+            "no trainable parameter: with --shared-lm-head and --num-layers 0 stage 1 trains nothing"
+        )
+    return torch.optim.AdamW(param_groups, lr=config.lr, fused=device.type == "cuda")
+
+
+class Trainer:
+    """Trains a `MedusaModel` per a `TrainConfig`.
+
+    train_batches: a `fastmedusa.data.ConversationBatches` (resumable) or any iterable of batches (cycled).
+    eval_batches: held-out batches. total_steps: defaults to config.max_steps, or epochs x batches.
+    backend: `SingleProcess` (default) or the FSDP2 backend of `fastmedusa.train.distributed`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_batches: Iterable[Batch] | None = None,
+        eval_batches: Sequence[Batch] = (),
+        *,
+        backend: SingleProcess | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        self.config = config
+        self.device = config.torch_device()
+        self.backend = backend or SingleProcess()
+        self.amp_dtype = config.autocast_dtype(self.device)
+        self.model = self.backend.wrap_model(self._prepare(model))
+        self.optimizer = build_optimizer(self.model, config, self.device)
+        self.total_steps = total_steps or self._resolve_total_steps(train_batches)
+        warmup = config.warmup(self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, self.total_steps, warmup, config.lr_schedule, config.min_lr_ratio),
+        )
+        self.train_batches = train_batches
+        self.eval_batches = list(eval_batches)
+        self._eval_hidden: list[torch.Tensor] | None = None
+        self.step = 0
+        self.output_dir = Path(config.output_dir)
+        self.log = JsonlLog(self.output_dir / LOG_FILE, enabled=self.backend.is_main_process())
+        self.history: list[dict] = []
+        self.saved_step: int | None = None
+
+    # -- set-up ------------------------------------------------------------------------
+    def _prepare(self, model: nn.Module) -> nn.Module:
+        """Stage, device, parameter dtype, gradient checkpointing and compile, before wrapping."""
+        model.set_stage(self.config.stage)
+        model.to(device=self.device, dtype=self.config.parameter_dtype())
+        if self.config.gradient_checkpointing:
+            if self.config.stage == 1:
+                logger.warning(
+                    "--gradient-checkpointing does nothing in stage 1: the backbone runs without grad"
+                )
+            else:
+                model.base.config.use_cache = False
+                model.base.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+        if self.config.compile:
+            model.base.get_decoder().compile()
+        return model
+
+    def _resolve_total_steps(self, train_batches: Iterable[Batch] | None) -> int:
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        if train_batches is None or not hasattr(train_batches, "__len__"):
+            raise ValueError("--epochs needs a sized training set: pass --max-steps instead")
+        return max(1, math.ceil(self.config.epochs * len(train_batches) / self.config.grad_accum))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @property
+    def head_weights(self) -> list[float]:
+        """Weights of the heads' losses at the current step (coefficient x ramp x decay**k)."""
+        cfg = self.config
+        ramp = heads_ramp(cfg.heads_schedule, self.step, self.total_steps)
+        return head_weights(cfg.num_heads, cfg.heads_coefficient, cfg.heads_decay, ramp)
+
+    # -- one optimisation step ---------------------------------------------------------
+    def train_step(self, batch: Batch | Sequence[Batch], with_metrics: bool = False) -> dict:
+        """Forward + backward over `batch` (or a list of micro-batches, accumulated), clip, AdamW, lr step.
+
+        Returns the step's mean loss, per-head losses, grad norm, lr and token counts; with `with_metrics`
+        also per-head top-1/top-5 accuracy on the last micro-batch (no grad, chunked over the vocabulary).
+        A NaN/inf loss raises `NonFiniteLossError` before the weights change.
+        """
+        micro = [self.backend.shard_batch(b) for b in ([batch] if isinstance(batch, dict) else batch)]
+        self.model.train()
+        weights = self.head_weights
+        lm_weight = 1.0 if self.config.stage == 2 else 0.0
+        loss_sum = torch.zeros((), device=self.device)
+        head_sum = torch.zeros(self.config.num_heads, device=self.device)
+        lm_sum = torch.zeros((), device=self.device)
+        topk = None
+        for i, mb in enumerate(micro):
+            mb = self._to_device(mb)
+            with self._autocast():
+                out = self.model(
+                    mb["input_ids"], mb.get("attention_mask"), mb["labels"],
+                    head_weights=weights, lm_loss_weight=lm_weight, impl=self.config.impl,
+                )  # fmt: skip
+                if with_metrics and i == len(micro) - 1:
+                    topk = self.model.medusa_heads.topk_correct(out.hidden_states.detach(), mb["labels"])
+            (out.loss / len(micro)).backward()
+            loss_sum += out.loss.detach().float()
+            head_sum += out.head_losses.detach().float()
+            if out.lm_loss is not None:
+                lm_sum += out.lm_loss.detach().float()
+        n = len(micro)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = self.backend.clip_grad_norm_(params, max_norm)
+        packed = torch.cat([(loss_sum / n)[None], head_sum / n, (lm_sum / n)[None], grad_norm.float()[None]])
+        values = packed.tolist()  # the step's one host sync: the NaN check needs the values anyway
+        if not all(math.isfinite(v) for v in values):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {self.step + 1} (loss {values[0]}, head losses "
+                f"{values[1:-2]}, grad norm {values[-1]}); no update was applied"
+            )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        metrics = {
+            "loss": values[0],
+            "head_loss": values[1 : 1 + self.config.num_heads],
+            "lm_loss": values[-2] if self.config.stage == 2 else None,
+            "grad_norm": values[-1],
+            "lr": lr,
+            "head_weights": weights,
+            **_token_counts(micro),
+        }
+        if topk is not None:
+            hits, counts = topk
+            rates = hits.float() / counts.clamp(min=1)[:, None].float()
+            metrics["top1"], metrics["top5"] = rates[:, 0].tolist(), rates[:, -1].tolist()
+        return metrics
+
+    # -- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        """Per-head loss and top-1/top-5 on the held-out batches (token-weighted over all of them).
+
+        Stage 1 on one process: the frozen backbone's hidden states are computed once and reused by
+        every later evaluation (up to EVAL_CACHE_BYTES), so evaluating costs only the heads.
+        """
+        if not self.eval_batches:
+            return None
+        self.model.eval()
+        k = self.config.num_heads
+        loss_sum = torch.zeros(k, dtype=torch.float64)
+        hits_sum = torch.zeros(k, 2, dtype=torch.long)
+        count_sum = torch.zeros(k, dtype=torch.long)
+        lm_sum, lm_count = 0.0, 0
+        cache = self._eval_hidden_cache()
+        heads = self.model.medusa_heads
+        for i, batch in enumerate(self.eval_batches):
+            batch = self._to_device(self.backend.shard_batch(batch))
+            with self._autocast():
+                if cache is not None:
+                    hidden = cache[i] if i < len(cache) else self._cache_hidden(cache, batch)
+                    _, head_losses = heads(hidden, batch["labels"], impl=self.config.impl)
+                else:
+                    out = self.model(batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                                     impl=self.config.impl)  # fmt: skip
+                    hidden, head_losses = out.hidden_states, out.head_losses
+                    if out.lm_loss is not None:
+                        n_lm = int((batch["labels"][:, 1:] != -100).sum())
+                        lm_sum, lm_count = lm_sum + float(out.lm_loss) * n_lm, lm_count + n_lm
+                hits, counts = heads.topk_correct(hidden, batch["labels"])
+            loss_sum += head_losses.double().cpu() * counts
+            hits_sum += hits.cpu()
+            count_sum += counts
+        reduce = self.backend.all_reduce
+        loss_sum, hits_sum, count_sum = reduce(loss_sum), reduce(hits_sum), reduce(count_sum)
+        denom = count_sum.clamp(min=1)
+        result = {
+            "head_loss": (loss_sum / denom).tolist(),
+            "top1": (hits_sum[:, 0] / denom).tolist(),
+            "top5": (hits_sum[:, 1] / denom).tolist(),
+            "positions": count_sum.tolist(),
+        }
+        if lm_count:
+            result["lm_loss"] = lm_sum / lm_count
+        return result
+
+    def _eval_hidden_cache(self) -> list[torch.Tensor] | None:
+        frozen = self.config.stage == 1 and self.backend.world_size == 1
+        if not frozen:
+            return None
+        if self._eval_hidden is None:
+            self._eval_hidden = []
+        return self._eval_hidden
+
+    def _cache_hidden(self, cache: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+        hidden = self.model.backbone_hidden_states(batch["input_ids"], batch.get("attention_mask"))
+        if sum(h.numel() * h.element_size() for h in cache) + hidden.numel() * hidden.element_size() <= (
+            EVAL_CACHE_BYTES
+        ):
+            cache.append(hidden)
+        return hidden
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Atomically write the state that `load_checkpoint` needs to continue exactly; keep the newest few."""
+        extra = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else None,
+            "rng": ckpt.rng_state(),
+            "config": self.config.to_dict(),
+        }
+        # Every process writes its part into one temporary directory; the main one renames it when all are done.
+        main = self.backend.is_main_process()
+        tmp = ckpt.begin(self.output_dir, self.step) if main else ckpt.tmp_dir(self.output_dir, self.step)
+        self.backend.barrier()
+        self.backend.save_checkpoint(tmp, self.model, self.optimizer, extra)
+        self.backend.barrier()
+        if main:
+            self.config.save(tmp / "train_config.json")
+            ckpt.commit(self.output_dir, self.step, keep=self.config.keep_checkpoints)
+        self.backend.barrier()
+        self.saved_step = self.step
+        return ckpt.checkpoint_dir(self.output_dir, self.step)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue from `path`: weights, optimizer, lr schedule, data position, RNG states, step."""
+        extra = self.backend.load_checkpoint(path, self.model, self.optimizer)
+        check_resumable(extra["config"], self.config, path)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        if extra["data"] is not None and hasattr(self.train_batches, "load_state_dict"):
+            self.train_batches.load_state_dict(extra["data"])
+        ckpt.set_rng_state(extra["rng"])
+        self.step = self.saved_step = int(extra["step"])
+
+    # -- the loop ----------------------------------------------------------------------
+    def _batch_stream(self) -> Iterator[Batch]:
+        if self.train_batches is None:
+            raise ValueError("Trainer.fit needs train_batches")
+        if hasattr(self.train_batches, "forever"):
+            return self.train_batches.forever()
+        return itertools.cycle(list(self.train_batches))
+
+    def fit(self) -> dict:
+        """Train to `total_steps` with logs, evaluations and checkpoints; returns the summary.
+
+        Evaluates before the first step (so the log shows where the heads start), every `eval_every`
+        steps and at the end; writes `metrics.jsonl`, `curves.png` and the final checkpoint.
+        """
+        cfg = self.config
+        main = self.backend.is_main_process()
+        self.log.truncate_after(self.step)
+        if self.step == 0:
+            self._log_eval()
+        stream = self._batch_stream()
+        flops_per_token = None
+        peak = peak_tflops(self.device, cfg.peak_tflops)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"stage {cfg.stage}",
+            disable=not (cfg.progress and main),
+        )
+        window = {"time": time.perf_counter(), "tokens": 0, "padded": 0, "steps": 0}
+        try:
+            while self.step < self.total_steps:
+                micro = [next(stream) for _ in range(cfg.grad_accum)]
+                due = (
+                    cfg.log_every
+                    and (self.step + 1) % cfg.log_every == 0
+                    or self.step + 1 == self.total_steps
+                )
+                m = self.train_step(micro, with_metrics=bool(due))
+                window["tokens"] += m["tokens"]
+                window["padded"] += m["padded_tokens"]
+                window["steps"] += 1
+                bar.update(1)
+                if due:
+                    seq = micro[-1]["input_ids"].shape[1]
+                    flops_per_token = train_flops_per_token(self.model, seq, cfg.stage)
+                    self._log_train(m, window, flops_per_token, peak, bar)
+                    window = {"time": time.perf_counter(), "tokens": 0, "padded": 0, "steps": 0}
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    self._log_eval(bar)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+        except NonFiniteLossError as err:
+            bar.close()
+            kept = ckpt.latest_checkpoint(self.output_dir)
+            where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"{err}; {where}. Lower --lr (now {cfg.lr}) or --max-grad-norm, or check the data"
+            ) from err
+        bar.close()
+        final_eval = self._log_eval()
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        if main and cfg.plot and self.log.path.is_file():
+            plot_curves(read_jsonl(self.log.path), self.output_dir / "curves.png", cfg.num_heads)
+        return self._summary(final_eval)
+
+    def _log_train(self, m: dict, window: dict, flops_per_token: float, peak: float | None, bar) -> None:
+        synchronize(self.device)
+        elapsed = max(time.perf_counter() - window["time"], 1e-9)
+        reduce = self.backend.all_reduce
+        counts = reduce(torch.tensor([window["tokens"], window["padded"]], dtype=torch.float64)).tolist()
+        record = {
+            "kind": "train",
+            "step": self.step,
+            **{k: v for k, v in m.items() if k not in ("tokens", "padded_tokens", "label_tokens")},
+            "tokens_per_s": counts[0] / elapsed,
+            "padded_tokens_per_s": counts[1] / elapsed,
+            "peak_memory_gb": _gb(peak_memory_bytes(self.device)),
+            "mfu": counts[1] / elapsed * flops_per_token / (peak * 1e12 * self.backend.world_size)
+            if peak
+            else None,
+        }
+        self.history.append(record)
+        self.log.write(record)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", top1=fmt_pct(m.get("top1", [])), refresh=False)
+
+    def _log_eval(self, bar=None) -> dict | None:
+        result = self.evaluate()
+        if result is None:
+            return None
+        record = {"kind": "eval", "step": self.step, **result}
+        self.history.append(record)
+        self.log.write(record)
+        if self.backend.is_main_process():
+            line = (
+                f"eval step {self.step}: top-1 % per head {fmt_pct(result['top1'])} | top-5 % "
+                f"{fmt_pct(result['top5'])} | loss {' '.join(f'{x:.3f}' for x in result['head_loss'])}"
+            )
+            (bar.write if bar is not None else tqdm.write)(line)
+        return result
+
+    def _summary(self, final_eval: dict | None) -> dict:
+        """First and last held-out numbers per head (from this run's log, so resumed runs see the start)."""
+        records = read_jsonl(self.log.path) if self.log.path.is_file() else self.history
+        evals = [r for r in records if r["kind"] == "eval"]
+        trains = [r for r in records if r["kind"] == "train"]
+        summary = {"steps": self.step, "first_eval": evals[0] if evals else None, "final_eval": final_eval}
+        if trains:
+            summary["tokens_per_s"] = trains[-1]["tokens_per_s"]
+            summary["peak_memory_gb"] = trains[-1]["peak_memory_gb"]
+            summary["mfu"] = trains[-1]["mfu"]
+        return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """One line per head: held-out top-1/top-5/loss before -> after training."""
+    first, last = summary.get("first_eval"), summary.get("final_eval")
+    if not first or not last:
+        return [f"trained {summary['steps']} steps (no held-out set)"]
+    lines = []
+    for k in range(len(last["top1"])):
+        lines.append(
+            f"head {k + 1} (predicts t+{k + 2}): held-out top-1 {100 * first['top1'][k]:.1f}% -> "
+            f"{100 * last['top1'][k]:.1f}%, top-5 {100 * first['top5'][k]:.1f}% -> {100 * last['top5'][k]:.1f}%, "
+            f"loss {first['head_loss'][k]:.3f} -> {last['head_loss'][k]:.3f}"
+        )
+    return lines
+
+
+def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    """A checkpoint continues only the run it came from: same model, data, shapes and seed."""
+    now = config.to_dict()
+    changed = [
+        f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in RESUME_FIELDS if saved.get(k) != now[k]
+    ]
+    if changed:
+        raise ValueError(
+            f"{path} was written by a different run ({'; '.join(changed)}): resume with the same settings "
+            "or pass another --output-dir"
+        )
+
+
+def _token_counts(micro: Sequence[Batch]) -> dict[str, int]:
+    """Real (attention-mask) tokens, padded tokens and labelled tokens; counted on the CPU (no sync)."""
+    real = sum(
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro
+    )
+    return {
+        "tokens": real,
+        "padded_tokens": sum(b["input_ids"].numel() for b in micro),
+        "label_tokens": sum(int((b["labels"] != -100).sum()) for b in micro),
+    }
+
+
+def _gb(n: int | None) -> float | None:
+    return None if n is None else n / 2**30
