@@ -181,3 +181,17 @@ def test_heads_for_another_base_model(llama):
     other = MedusaModel.from_base(tiny_llama(5, hidden_size=32), MedusaConfig(num_heads=2))
     with pytest.raises(ValueError, match="hidden_size=32 but the base model has 64"):
         generate(llama, prompts(1)[0], max_new_tokens=4, heads=other.medusa_heads)
+
+
+@pytest.mark.slow
+def test_compiled_steps_match_eager(llama):
+    """torch.compile(fullgraph=True) traces both steps without graph breaks (CUDA adds CUDA graphs on top)."""
+    model = random_medusa(llama, num_heads=2)
+    ids = prompts(1, seed=9)[0]
+    plain = generate(model, ids, max_new_tokens=12, medusa=False)
+    assert torch.equal(
+        generate(model, ids, max_new_tokens=12, medusa=False, compile=True).sequences, plain.sequences
+    )
+    assert torch.equal(
+        generate(model, ids, max_new_tokens=12, tree="chain_2", compile=True).sequences, plain.sequences
+    )

@@ -90,10 +90,14 @@ def node_acceptance(
 
 
 def longest_accepted_path(node_ok: torch.Tensor, tree: TreeBuffers) -> tuple[torch.Tensor, torch.Tensor]:
-    """(best path row, its number of accepted speculated tokens); the first path wins ties."""
+    """(best path row, its number of accepted speculated tokens), both (1,); the first path wins ties.
+
+    Indices stay 1-element tensors (never 0-d): indexing with a 0-d tensor is an `.item()` to torch.compile,
+    a host sync that would split the compiled step.
+    """
     ok = node_ok[tree.retrieve_indices[:, 1:]] & tree.path_valid[:, 1:]  # (P, depth)
     accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (P,)
-    best = accepted.argmax()
+    best = accepted.argmax().view(1)
     return best, accepted[best]
 
 
@@ -155,14 +159,14 @@ def make_medusa_step(
         logits = engine.logits(hidden[0])  # (N, V)
         node_ok = node_acceptance(logits, tokens, tree.parents, temperature, epsilon, delta)
         best, accepted = longest_accepted_path(node_ok, tree)
-        path = tree.retrieve_indices[best]  # (depth+1,)
-        last = path[accepted]
-        next_root = sample_token(logits[last], temperature).view(1)
+        path = tree.retrieve_indices[best][0]  # (depth+1,)
+        last = path[accepted]  # (1,)
+        next_root = sample_token(logits[last], temperature)  # (1,)
         speculated = tokens[path[1:]]
         emitted = torch.where(steps_ar == accepted, next_root, torch.cat([speculated, next_root]))
-        info = torch.stack([accepted, _eos_position(emitted, accepted + 1, eos_ids)])
+        info = torch.cat([accepted, _eos_position(emitted, accepted + 1, eos_ids).view(1)])
         engine.move_kv(cur_len + path, cur_len + steps_ar)
-        return emitted, info, next_root, hidden[0, last][None], cur_len + accepted + 1
+        return emitted, info, next_root, hidden[0, last], cur_len + accepted + 1
 
     return step
 
