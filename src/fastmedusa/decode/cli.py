@@ -1,0 +1,132 @@
+"""`fastmedusa generate`: text from a prompt with Medusa tree decoding (or plain greedy), plus one stats line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="base model: hub id, local directory or .gguf (default: embedded SmolLM2)",
+    )
+    parser.add_argument(
+        "--heads",
+        default=None,
+        help="Medusa heads directory written by `fastmedusa train` (config.json + weights)",
+    )
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user turn in the chat template"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)"
+    )
+    parser.add_argument(
+        "--no-medusa", action="store_true", help="plain decoding on the same engine (no heads)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy (lossless Medusa); > 0 samples and uses typical acceptance",
+    )
+    parser.add_argument(
+        "--tree",
+        default=None,
+        help="Medusa tree: a preset (mc_sim_7b_63, mc_sim_7b_31, mc_sim_7b_15, mc_sim_7b_7, chain_<depth>) or a "
+        "JSON file from `fastmedusa bench heads` (default: mc_sim_7b_63 pruned to the number of heads)",
+    )
+    parser.add_argument("--typical-epsilon", type=float, default=0.09, help="typical acceptance: epsilon")
+    parser.add_argument("--typical-delta", type=float, default=0.3, help="typical acceptance: delta")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--max-len", type=int, default=None, help="KV cache rows (default: what the call needs)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (temperature > 0)")
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile the decode steps (auto: on CUDA only, with CUDA graphs)",
+    )
+
+
+def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """Default to CUDA + bf16 when a GPU exists, else CPU + fp32; refuse a CUDA device that is not there."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; pass --device cpu")
+    return dev, DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """Token ids (1, P); with `chat`, the prompt becomes a user turn followed by the assistant's header."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS plus the model's generation-config EOS ids (chat models often add end-of-turn)."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def load_for_generation(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """(model for `generate`, base HF model): a MedusaModel with --heads, else the bare base model."""
+    from fastmedusa.model import MedusaModel, load_base_model
+
+    if args.heads is not None:
+        model = MedusaModel.from_pretrained(args.model, heads=args.heads, dtype=dtype, device=device).eval()
+        return model, model.base
+    if not args.no_medusa:
+        raise ValueError(
+            "Medusa decoding needs heads: pass --heads DIR (written by `fastmedusa train`) or --no-medusa"
+        )
+    base = load_base_model(args.model, dtype=dtype, device=device).eval()
+    return base, base
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from fastmedusa.decode.generate import generate
+    from fastmedusa.model import load_tokenizer
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    model, base = load_for_generation(args, device, dtype)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat)
+    out = generate(
+        model,
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        medusa=not args.no_medusa,
+        temperature=args.temperature,
+        tree=args.tree,
+        eos_token_id=eos_token_ids(tokenizer, base),
+        typical_epsilon=args.typical_epsilon,
+        typical_delta=args.typical_delta,
+        compile={"auto": None, "on": True, "off": False}[args.compile],
+        max_len=args.max_len,
+    )
+    print(tokenizer.decode(out.new_token_ids.tolist(), skip_special_tokens=True))
+    print(out.summary(), file=sys.stderr)
+    return 0

