@@ -1,0 +1,85 @@
+"""`fastmedusa train`: flags map onto TrainConfig, bad input is one `error:` line, a tiny run learns and exports."""
+
+import argparse
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+
+from fastmedusa.cli import main
+from fastmedusa.train import TrainConfig
+from fastmedusa.train.cli import HELP, add_train_arguments, config_from_args
+
+
+def _parse(*argv: str) -> TrainConfig:
+    return config_from_args(add_train_arguments(argparse.ArgumentParser()).parse_args(list(argv)))
+
+
+def test_every_field_has_a_documented_flag():
+    parser = add_train_arguments(argparse.ArgumentParser())
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(flags) == {f.name for f in fields(TrainConfig)} == set(HELP)
+    assert all(len(a.help) > 20 for a in flags.values())
+    assert _parse() == TrainConfig()  # no flag: the dataclass defaults
+
+
+def test_flags_set_their_fields():
+    cfg = _parse(
+        "--model", "m", "--data", "d.json", "--stage", "2", "--num-heads", "5", "--seq-len", "64",
+        "--batch-size", "2", "--max-steps", "7", "--output-dir", "o", "--resume", "--no-plot",
+        "--max-conversations", "all", "--heads-schedule", "sine", "--lr", "3e-4",
+    )  # fmt: skip
+    assert (cfg.model, cfg.data, cfg.stage, cfg.num_heads, cfg.seq_len) == ("m", "d.json", 2, 5, 64)
+    assert (cfg.batch_size, cfg.max_steps, cfg.output_dir, cfg.resume, cfg.plot) == (2, 7, "o", True, False)
+    assert cfg.max_conversations is None and cfg.heads_schedule == "sine" and cfg.lr == 3e-4
+    assert _parse("--epochs", "2").max_steps is None  # --epochs alone runs by epochs
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seq-len", "1"], "--seq-len 1: pass at least 2"),
+        (["--num-heads", "0"], "--num-heads 0: pass 1 or more"),
+        (["--lr", "0"], "--lr 0.0: pass a positive learning rate"),
+        (["--data", "/nonexistent/sharegpt.json"], "--data /nonexistent/sharegpt.json: no such file"),
+        (["--output-dir", "/proc/version/out"], "--output-dir /proc/version/out is not writable"),
+        (["--eval-size", "10", "--max-conversations", "10"], "leaves no training conversation"),
+    ],
+)
+def test_bad_input_is_one_clear_line(argv, message, capsys):
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, sharegpt_file, capsys):
+    assert main(["train", "--data", str(sharegpt_file), "--output-dir", str(tmp_path), "--resume"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_tiny_run_learns_and_exports_loadable_heads(tiny_model_dir, sharegpt_file, tmp_path, capsys):
+    from fastmedusa.model import MedusaModel
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(sharegpt_file), "--output-dir", str(out),
+            "--num-heads", "2", "--seq-len", "64", "--batch-size", "4", "--max-steps", "30", "--lr", "1e-2",
+            "--eval-size", "8", "--eval-every", "0", "--save-every", "0", "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    evals = [
+        r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"
+    ]
+    first, last = evals[0], evals[-1]
+    assert (first["step"], last["step"]) == (0, 30)
+    assert all(b > a + 0.05 for a, b in zip(first["top1"], last["top1"])), (first["top1"], last["top1"])
+    printed = capsys.readouterr().out
+    assert "head 1 (predicts t+2): held-out top-1" in printed and "head 2 (predicts t+3)" in printed
+    heads = json.loads((out / "heads" / "config.json").read_text())
+    assert heads["medusa_num_heads"] == 2 and heads["tokenizer_name_or_path"] == str(tiny_model_dir)
+    model = MedusaModel.from_pretrained(tiny_model_dir, heads=out / "heads")
+    saved = torch.load(next((out).glob("checkpoint-*")) / "state.pt", weights_only=False)["model"]
+    for name, p in model.named_parameters():
+        if name.startswith("medusa_heads."):
+            assert torch.equal(p, saved[name]), name
+    assert (out / "curves.png").is_file() and (out / "heads" / "tokenizer.json").is_file()
