@@ -1,0 +1,187 @@
+"""`fastmedusa bench heads`: per-head, per-rank accuracy of Medusa heads on held-out prompts, and the trees it implies.
+
+What greedy Medusa decoding needs from a head is agreement with the base model's own greedy tokens. So each
+held-out prompt is continued by plain greedy decoding, the backbone is run once over prompt + continuation,
+and head k's rank-r token at position t counts as right when it equals the continuation's token at t+k+2.
+These rank accuracies feed `build_tree` (greedy node additions maximising the expected accepted length),
+whose trees are written as JSON for `--tree FILE`. Writes JSON (+ PNG) under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fastmedusa.bench.common import environment, write_json
+from fastmedusa.decode import build_tree, expected_accept_length, generate, prune_tree, save_tree
+from fastmedusa.decode.trees import PRESETS
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastmedusa bench heads", description=__doc__.splitlines()[0])
+    add_model_arguments(p)
+    p.add_argument("--heads", required=True, help="Medusa heads directory (written by `fastmedusa train`)")
+    p.add_argument("--prompts", type=int, default=32, help="held-out prompts to continue and score")
+    p.add_argument("--new-tokens", type=int, default=128, help="greedy continuation length per prompt")
+    p.add_argument("--ranks", type=int, default=10, help="ranks r scored per head (top-k of the tree)")
+    p.add_argument(
+        "--tree-nodes", type=int, nargs="+", default=[16, 32, 64], help="node budgets of built trees"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("bench/results/heads.json"), help="JSON path (PNG beside)"
+    )
+    p.add_argument(
+        "--tree-dir", type=Path, default=None, help="where tree_<n>.json go (default: beside --out)"
+    )
+    return p.parse_args(argv)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared with `bench decode`: model, data split (as `fastmedusa train` made it), device."""
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
+    p.add_argument("--data", default=None, help="ShareGPT file (default: the embedded one)")
+    p.add_argument("--max-conversations", type=int, default=400, help="as in `fastmedusa train` (same split)")
+    p.add_argument(
+        "--eval-size", type=int, default=48, help="held-out conversations, as in `fastmedusa train`"
+    )
+    p.add_argument("--seed", type=int, default=0, help="split seed, as in `fastmedusa train`")
+    p.add_argument(
+        "--max-prompt-tokens", type=int, default=384, help="skip held-out prompts longer than this"
+    )
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA"
+    )
+
+
+def held_out_prompts(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
+    """First user turns of the conversations `fastmedusa train` held out, chat-templated: (1, P) each."""
+    from fastmedusa.data import read_sharegpt, train_eval_split
+    from fastmedusa.decode.cli import encode_prompt
+
+    conversations, _ = read_sharegpt(args.data, limit=args.max_conversations)
+    _, held_out = train_eval_split(conversations, args.eval_size, seed=args.seed)
+    prompts = []
+    for conversation in held_out:
+        turn = next(
+            (t["content"] for t in conversation if t["role"] == "user" and t["content"].strip()), None
+        )
+        if turn is None:
+            continue
+        ids = encode_prompt(tokenizer, turn, chat=True)
+        if ids.shape[1] <= args.max_prompt_tokens:
+            prompts.append(ids)
+    if not prompts:
+        raise ValueError(
+            f"no held-out prompt of <= {args.max_prompt_tokens} tokens: raise --max-prompt-tokens or --eval-size"
+        )
+    return prompts
+
+
+@torch.no_grad()
+def measure_rank_accuracies(
+    model, prompts: list[torch.Tensor], new_tokens: int, ranks: int, eos_token_id=None, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, ranks) P(head k's rank-r token = the base model's greedy token), and the (K,) positions scored."""
+    heads = model.medusa_heads
+    hits = torch.zeros(heads.num_heads, ranks, dtype=torch.long)
+    counts = torch.zeros(heads.num_heads, dtype=torch.long)
+    for ids in tqdm(prompts, desc="scoring heads", disable=not progress):
+        seq = generate(
+            model, ids, max_new_tokens=new_tokens, medusa=False, eos_token_id=eos_token_id
+        ).sequences
+        seq = seq.to(next(model.base.parameters()).device)
+        hidden = model.backbone_hidden_states(seq)[0]  # (L, H)
+        start, length = ids.shape[1] - 1, seq.shape[1]  # heads act on the last accepted token: t >= P - 1
+        if length - 2 <= start:
+            continue
+        top = heads.head_logits(hidden[start : length - 2]).topk(ranks, dim=-1).indices.cpu()  # (K, T, ranks)
+        tokens = seq[0].cpu()
+        for k in range(heads.num_heads):
+            scored = length - k - 2 - start  # positions t whose target t+k+2 exists
+            if scored <= 0:
+                continue
+            target = tokens[start + k + 2 : start + k + 2 + scored]
+            hits[k] += (top[k, :scored] == target[:, None]).sum(0)
+            counts[k] += scored
+    if (counts == 0).any():
+        raise ValueError("some heads were never scored: raise --new-tokens or --prompts")
+    return hits.double() / counts[:, None].double(), counts
+
+
+def tree_report(rank_acc: torch.Tensor, budgets: list[int], tree_dir: Path, meta: dict) -> list[dict]:
+    """Build a tree per budget, write it, and compare its expected tokens/step with the presets'."""
+    num_heads = rank_acc.shape[0]
+    rows = []
+    for n in budgets:
+        paths = build_tree(rank_acc, n)
+        eal = expected_accept_length(paths, rank_acc)
+        file = save_tree(tree_dir / f"tree_{n}.json", paths, expected_accept_length=eal, **meta)
+        rows.append(
+            {"tree": f"built_{n}", "nodes": len(paths), "expected_tokens_per_step": eal, "file": str(file)}
+        )
+    for name, preset in PRESETS.items():
+        paths = prune_tree(preset, num_heads)
+        if max(max(p) for p in paths) < rank_acc.shape[1]:
+            eal = expected_accept_length(paths, rank_acc)
+            rows.append({"tree": name, "nodes": len(paths), "expected_tokens_per_step": eal})
+    return rows
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = torch.tensor(payload["rank_accuracies"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, row in enumerate(acc):
+        a.plot(range(1, len(row) + 1), row.cumsum(0).tolist(), marker="o", label=f"head {k + 1} (t+{k + 2})")
+    a.set(xlabel="k", ylabel="top-k accuracy vs base greedy", title="Medusa heads on held-out prompts")
+    a.legend()
+    for row in payload["trees"]:
+        b.scatter(row["nodes"], row["expected_tokens_per_step"], label=row["tree"])
+    b.set(xlabel="tree nodes", ylabel="expected tokens / step", title="trees under the measured accuracies")
+    b.legend(fontsize=7)
+    env = payload["env"]
+    fig.suptitle(f"{env['device']} · {env['date']} · torch {env['versions'].get('torch')}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastmedusa.decode.cli import eos_token_ids, resolve_device_dtype
+    from fastmedusa.model import MedusaModel, load_tokenizer
+
+    args = parse_args(argv)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    model = MedusaModel.from_pretrained(args.model, heads=args.heads, dtype=dtype, device=device).eval()
+    prompts = held_out_prompts(args, tokenizer)[: args.prompts]
+    eos = eos_token_ids(tokenizer, model.base)
+    rank_acc, counts = measure_rank_accuracies(model, prompts, args.new_tokens, args.ranks, eos)
+    meta = {"rank_accuracies": rank_acc.tolist(), "heads": str(args.heads), "model": args.model or "embedded"}
+    trees = tree_report(rank_acc, args.tree_nodes, args.tree_dir or args.out.parent, meta)
+    payload = {
+        "env": environment(device),
+        "args": vars(args),
+        "prompts": len(prompts),
+        "positions_scored": counts.tolist(),
+        "rank_accuracies": rank_acc.tolist(),
+        "topk_accuracies": rank_acc.cumsum(1).tolist(),
+        "trees": trees,
+    }
+    write_json(args.out, payload)
+    plot(payload, args.out.with_suffix(".png"))
+    for k, row in enumerate(rank_acc.cumsum(1)):
+        print(f"head {k + 1}: top-1 {row[0]:.3f}, top-{args.ranks} {row[-1]:.3f}")
+    for row in trees:
+        print(
+            f"{row['tree']:>14}: {row['nodes']:3d} nodes, expected {row['expected_tokens_per_step']:.2f} tokens/step"
+        )
+    return 0
