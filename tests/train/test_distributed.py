@@ -301,3 +301,38 @@ def test_single_process_defaults(monkeypatch):
     assert D.all_reduce_mean(3.0) == 3.0 and D.is_main_process()
     with pytest.raises(RuntimeError, match="torchrun"):
         D.apply_fsdp(tiny_model(1))
+
+
+def test_shard_rows_splits_the_global_batch():
+    ids, labels = global_batch(0)
+    parts = [D.shard_rows({"input_ids": ids, "labels": labels}, r, 2) for r in range(2)]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts]), ids)
+    assert torch.equal(parts[1]["labels"], labels[2:])
+    with pytest.raises(ValueError, match="multiple of 3"):
+        D.shard_rows({"input_ids": ids}, 0, 3)
+
+
+def test_backend_reads_accelerate_settings(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    backend = D.FSDPBackend.from_env()
+    assert backend.param_dtype == torch.bfloat16
+    assert backend.activation_checkpointing and not backend.reshard_after_forward
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        D.FSDPBackend.from_env()
+
+
+def test_accelerate_example_config_is_fsdp2():
+    import yaml
+
+    path = Path(__file__).parents[2] / "examples" / "accelerate_fsdp2.yaml"
+    config = yaml.safe_load(path.read_text())
+    assert config["distributed_type"] == "FSDP"
+    assert config["fsdp_config"]["fsdp_version"] == 2
+    assert config["mixed_precision"] == "bf16"

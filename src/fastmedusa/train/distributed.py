@@ -29,6 +29,7 @@ that crosses the wire besides all-gathers (tested by counting collectives).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -92,6 +93,10 @@ def _default_device(local_rank: int) -> torch.device:
 def cleanup() -> None:
     """Leave the process group (at the end of training, on every process)."""
     if dist.is_available() and dist.is_initialized():
+        # all processes arrive before any tears down: a rank leaving early (with the TCP store of rank 0)
+        # made gloo abort the others' shutdown ("terminate called without an active exception")
+        dist.barrier()
+        gc.collect()  # free sharded models (their device mesh holds the process group) before it goes
         dist.destroy_process_group()
 
 
@@ -151,6 +156,32 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torc
         total = total.full_tensor()  # partial squared norms of the shards, reduced over processes
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def shard_rows(
+    batch: dict[str, torch.Tensor], rank: int | None = None, world_size: int | None = None
+) -> dict:
+    """This process's contiguous slice of the rows of a global batch (every tensor split on dim 0).
+
+    Every process reads the same batches (same seed, same order) and keeps its rows: the data position
+    is then one number for all processes and resumes at any world size. Each process's loss is the mean
+    over its own tokens and FSDP averages the gradients, so the step equals a single-process step on the
+    whole batch when the processes hold equal numbers of trained tokens (otherwise tokens weigh a little
+    differently between processes, as in every data-parallel trainer that averages per-process means).
+    """
+    rank = (dist.get_rank() if _initialized() else 0) if rank is None else rank
+    world_size = (dist.get_world_size() if _initialized() else 1) if world_size is None else world_size
+    out = {}
+    for key, value in batch.items():
+        rows = value.shape[0]
+        if rows % world_size:
+            raise ValueError(
+                f"a batch of {rows} rows does not split over {world_size} processes: make the global batch "
+                f"(--batch-size x processes) a multiple of {world_size}"
+            )
+        per = rows // world_size
+        out[key] = value[rank * per : (rank + 1) * per]
+    return out
 
 
 # -- wrapping --------------------------------------------------------------------------------------------
@@ -404,8 +435,18 @@ def export_heads(model: nn.Module, directory: str | os.PathLike) -> Path | None:
 
 
 # -- the Trainer's backend -------------------------------------------------------------------------------
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    return None if value is None else value.strip().lower() in ("1", "true", "yes")
+
+
 class FSDPBackend:
-    """The FSDP2 implementation of the Trainer's seams (see `fastmedusa.train.backend.SingleProcess`)."""
+    """The FSDP2 implementation of the Trainer's seams (see `fastmedusa.train.backend.SingleProcess`).
+
+    Under `accelerate launch --config_file examples/accelerate_fsdp2.yaml`, `from_env` reads that file's
+    settings from the environment accelerate sets (mixed precision, activation checkpointing, reshard
+    after forward); the wrapping itself is always `apply_fsdp`.
+    """
 
     def __init__(
         self,
@@ -422,8 +463,48 @@ class FSDPBackend:
         self.activation_checkpointing = activation_checkpointing
         self.reshard_after_forward = reshard_after_forward
 
+    @classmethod
+    def from_env(
+        cls,
+        info: DistInfo | None = None,
+        *,
+        param_dtype: torch.dtype | None = None,
+        activation_checkpointing: bool = False,
+        reshard_after_forward: bool = True,
+    ) -> FSDPBackend:
+        """The arguments, overridden by accelerate's FSDP settings when `accelerate launch` set them."""
+        if _env_flag("ACCELERATE_USE_FSDP"):
+            version = os.environ.get("FSDP_VERSION", "1")
+            if version != "2":
+                raise ValueError(
+                    f"accelerate config has fsdp_version {version}: fastmedusa shards with FSDP2, set "
+                    "`fsdp_version: 2` (see examples/accelerate_fsdp2.yaml)"
+                )
+            if _env_flag("FSDP_OFFLOAD_PARAMS"):
+                raise ValueError(
+                    "fsdp_offload_params is not supported: set it to false in the accelerate config"
+                )
+        precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+        if precision in ("bf16", "fp16"):
+            param_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        elif precision == "no":
+            param_dtype = torch.float32
+        if (flag := _env_flag("FSDP_ACTIVATION_CHECKPOINTING")) is not None:
+            activation_checkpointing = flag
+        if (flag := _env_flag("FSDP_RESHARD_AFTER_FORWARD")) is not None:
+            reshard_after_forward = flag
+        return cls(
+            info,
+            param_dtype=param_dtype,
+            activation_checkpointing=activation_checkpointing,
+            reshard_after_forward=reshard_after_forward,
+        )
+
     def is_main_process(self) -> bool:
         return self.info.is_main
+
+    def shard_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return shard_rows(batch, self.rank, self.world_size)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return apply_fsdp(
