@@ -32,16 +32,16 @@ class TrainConfig:
     shared_lm_head: bool = False  # heads reuse the base LM head (frozen in stage 1) instead of a copy each
     # -- data --------------------------------------------------------------------------
     data: str | None = None  # ShareGPT .json/.jsonl, a directory holding one, or a hub id; None = embedded
-    max_conversations: int | None = 400  # records kept from the file (None = all)
-    eval_size: int = 48  # held-out conversations (taken from the ones read)
-    seq_len: int = 256  # tokens per conversation (longer ones are truncated)
+    max_conversations: int | None = 300  # records kept from the file (None = all)
+    eval_size: int = 32  # held-out conversations (taken from the ones read)
+    seq_len: int = 128  # tokens per conversation (longer ones are truncated)
     pack: bool = False  # fill rows of seq_len tokens with several conversations
     # -- optimisation ------------------------------------------------------------------
     batch_size: int = 4  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
-    max_steps: int | None = 80  # optimiser steps; None = run `epochs` over the training split
+    max_steps: int | None = 60  # optimiser steps; None = run `epochs` over the training split
     epochs: float | None = None
-    lr: float = 1e-3
+    lr: float = 2e-3
     heads_lr_multiplier: float = 1.0  # stage 2: heads' lr = lr * this (the backbone gets lr)
     weight_decay: float = 0.0
     warmup_steps: int | None = None  # None = warmup_ratio of the steps
@@ -53,10 +53,10 @@ class TrainConfig:
     heads_decay: float = 1.0  # head k's loss is weighted by heads_decay**k
     heads_schedule: str = "constant"  # ramp of heads_coefficient over training: constant, linear, sine
     # -- loop --------------------------------------------------------------------------
-    eval_every: int = 40  # steps between evaluations (0 = only before and after training)
+    eval_every: int = 20  # steps between evaluations (0 = only before and after training)
     eval_batch_size: int | None = None  # None = batch_size
     log_every: int = 5
-    save_every: int = 40  # steps between checkpoints (0 = only at the end)
+    save_every: int = 20  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 1  # older ones are deleted once a newer one is complete
     output_dir: str = "runs/medusa"
     resume: bool = False  # continue from the newest checkpoint in output_dir

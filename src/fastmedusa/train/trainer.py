@@ -129,7 +129,10 @@ class Trainer:
     def _prepare(self, model: nn.Module) -> nn.Module:
         """Stage, device, parameter dtype, gradient checkpointing and compile, before wrapping."""
         model.set_stage(self.config.stage)
-        model.to(device=self.device, dtype=self.config.parameter_dtype())
+        dtype = self.config.parameter_dtype()
+        model.to(device=self.device)
+        if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+            model.to(dtype=dtype)  # only when needed: a cast also rounds buffers such as RoPE's inv_freq
         if self.config.gradient_checkpointing:
             if self.config.stage == 1:
                 logger.warning(
