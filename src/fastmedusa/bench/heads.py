@@ -147,8 +147,16 @@ def plot(payload: dict, path: Path) -> None:
         b.scatter(row["nodes"], row["expected_tokens_per_step"], label=row["tree"])
     b.set(xlabel="tree nodes", ylabel="expected tokens / step", title="trees under the measured accuracies")
     b.legend(fontsize=7)
-    env = payload["env"]
-    fig.suptitle(f"{env['device']} · {env['date']} · torch {env['versions'].get('torch')}", fontsize=8)
+    save_figure(fig, path, payload["env"])
+
+
+def save_figure(fig, path: Path, env: dict) -> None:
+    """Stamp the device, date and versions on a chart, save it, and free it."""
+    import matplotlib.pyplot as plt
+
+    versions = env["versions"]
+    stamp = f"torch {versions.get('torch')} · transformers {versions.get('transformers')}"
+    fig.suptitle(f"{env['device']} · {env['date']} · {stamp}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

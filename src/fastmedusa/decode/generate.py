@@ -123,6 +123,7 @@ def make_greedy_step(engine: DecodeEngine, temperature: float) -> Callable:
         nxt = sample_token(engine.logits(hidden[0]), temperature)  # (1,)
         return nxt, cur_len + 1
 
+    step.static_tensors = [positions]
     return step
 
 
@@ -168,7 +169,17 @@ def make_medusa_step(
         engine.move_kv(cur_len + path, cur_len + steps_ar)
         return emitted, info, next_root, hidden[0, last], cur_len + accepted + 1
 
+    step.static_tensors = [positions, steps_ar, node_rows, *vars(tree).values()]
+    step.static_tensors += list(heads.parameters()) if isinstance(heads, nn.Module) else []
     return step
+
+
+def _mark_static(tensors) -> None:
+    """Tell CUDA graphs these tensors keep their address (as HF's StaticCache does for its KV buffers), so a
+    replay reads them in place instead of first copying them into the graph's input slots."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            torch._dynamo.mark_static_address(t)
 
 
 def _compiled(engine: DecodeEngine, key: tuple, build: Callable[[], Callable], compile: bool) -> Callable:
@@ -177,6 +188,7 @@ def _compiled(engine: DecodeEngine, key: tuple, build: Callable[[], Callable], c
     if key not in engine.compiled:
         fn = build()
         if compile:
+            _mark_static([*engine.buffers(), *getattr(fn, "static_tensors", [])])
             mode = "reduce-overhead" if engine.device.type == "cuda" else "default"
             fn = torch.compile(fn, mode=mode, fullgraph=True)
         engine.compiled[key] = fn
