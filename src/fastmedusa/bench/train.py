@@ -105,11 +105,17 @@ def step_flops(model: MedusaModel, tokens: int, seq_len: int, stage: int) -> flo
     return tokens * per_token
 
 
-def synthetic_batch(batch_size: int, seq_len: int, vocab: int, device: torch.device, seed: int = 0) -> dict:
-    """Full-length rows, every position labelled (the seed trains on packed ShareGPT rows)."""
+def synthetic_batch(
+    batch_size: int, seq_len: int, vocab: int, device: torch.device, masked_frac: float = 0.0, seed: int = 0
+) -> dict:
+    """Full-length rows. masked_frac = 0: every position labelled (the seed's setting); otherwise the
+    first masked_frac of each row is a prompt with label -100, as in SFT data (ShareGPT with assistant-only
+    labels, SmolLM2 template, T 1024-4096: 23-27% of tokens are not labelled)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    labels = ids.clone()
+    labels[:, : int(masked_frac * seq_len)] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def free_cuda() -> None:
@@ -189,13 +195,13 @@ def run_point(base, shape: str, stage: int, heads: int, seq_len: int, impl: str,
     from fastmedusa.bench.common import is_oom
 
     row = {"shape": shape, "stage": stage, "heads": heads, "seq_len": seq_len, "impl": impl,
-           "batch_size": args.batch_size}  # fmt: skip
+           "batch_size": args.batch_size, "masked_frac": args.masked_frac}  # fmt: skip
     model = trainer = batch = None
     try:
         model = MedusaModel.from_base(base, MedusaConfig(num_heads=heads, num_layers=1))
         trainer = make_trainer(model, stage, impl, args)
         device = torch.device(args.device)
-        batch = synthetic_batch(args.batch_size, seq_len, base.config.vocab_size, device)
+        batch = synthetic_batch(args.batch_size, seq_len, base.config.vocab_size, device, args.masked_frac)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = time_steps(trainer, batch, args.warmup, args.steps)
@@ -233,6 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of the harness)"
     )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="parameter and autocast dtype")
+    p.add_argument("--masked-frac", type=float, default=0.0,
+                   help="fraction of each row labelled -100 (a prompt); 0 = every token trained, as the seed")  # fmt: skip
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per point")
     p.add_argument("--steps", type=int, default=3, help="timed steps per point (median reported)")
     p.add_argument("--profile", action="store_true", help="also time the heads' loss and optimizer alone")
@@ -317,7 +325,9 @@ def plot(result: dict, path: Path) -> Path:
             ax.set_xlabel("sequence length (x = OOM)")
     axes[0, 0].legend(fontsize=8)
     env = result["environment"]
-    fig.suptitle(f"fastmedusa bench train: batch {result['settings']['batch_size']}, bf16, AdamW, grad ckpt; "
+    masked = result["settings"].get("masked_frac", 0.0)
+    labels = f"first {masked:.0%} of each row unlabelled (SFT-like)" if masked else "every token labelled"
+    fig.suptitle(f"fastmedusa bench train: batch {result['settings']['batch_size']}, bf16, AdamW, grad ckpt, {labels}; "
                  f"{env['device']}, {env['date'][:10]}, torch {env['versions']['torch']}", fontsize=10)  # fmt: skip
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
