@@ -19,6 +19,7 @@ import torch
 
 from fastmedusa.bench.common import environment, write_json
 from fastmedusa.model import MedusaConfig, MedusaModel
+from fastmedusa.train.metrics import PEAK_BF16_TFLOPS, peak_tflops, synchronize, train_flops_per_token
 
 # Public hyper-parameters (config.json of meta-llama/Meta-Llama-3-8B and Llama-3.2-1B).
 SHAPES = {
@@ -57,11 +58,6 @@ SHAPES = {
         tie_word_embeddings=True,
     ),
 }
-# Dense bf16 peak from the datasheets, for MFU (H100 SXM and H200 share it).
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-# The seed (Liger-Kernel's Medusa example) as the issue quotes it, one GPU, tokens/s per T and peak GB.
-SEED_ROWS_NOTE = "issue 8: measured by the seed's authors' setup on one H100/H200, quoted for comparison only"
 
 
 def build_random_llama(shape: str, device: torch.device, dtype: torch.dtype):
@@ -77,32 +73,6 @@ def build_random_llama(shape: str, device: torch.device, dtype: torch.dtype):
     finally:
         torch.set_default_dtype(default)
     return model
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_tflops(device: torch.device) -> float:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
-
-
-def step_flops(model: MedusaModel, tokens: int, seq_len: int, stage: int) -> float:
-    """Model FLOPs of one step, recomputation not counted (the MFU convention).
-
-    Per token: a matmul parameter costs 2 FLOPs forward and 4 backward; attention scores and values
-    cost 2 * 2 * T * H per layer forward, halved by the causal mask. Stage 1 runs the decoder forward
-    only and never computes the LM head; stage 2 trains the decoder and adds the LM loss (V x H)."""
-    cfg = model.base.config
-    decoder = sum(p.numel() for p in model.base.get_decoder().parameters()) - cfg.vocab_size * cfg.hidden_size
-    heads = sum(p.numel() for p in model.medusa_heads.parameters())
-    attn = 2 * 2 * seq_len * cfg.hidden_size * cfg.num_hidden_layers / 2
-    per_token = 6 * heads + (
-        2 * decoder + attn if stage == 1 else 3 * (2 * decoder + attn) + 6 * cfg.vocab_size * cfg.hidden_size
-    )
-    return tokens * per_token
 
 
 def synthetic_batch(
@@ -210,7 +180,7 @@ def run_point(base, shape: str, stage: int, heads: int, seq_len: int, impl: str,
         row.update(
             step_s=step_s, step_times_s=times, tokens_per_s=tokens / step_s,
             peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
-            mfu=step_flops(model, tokens, seq_len, stage) / step_s / (peak_tflops(device) * 1e12),
+            mfu=tokens * train_flops_per_token(model, seq_len, stage) / step_s / ((peak_tflops(device) or float("nan")) * 1e12),
             oom=False,
         )  # fmt: skip
         if args.profile:
