@@ -19,6 +19,7 @@ import torch
 
 from fastmedusa.bench.common import environment, write_json
 from fastmedusa.model import MedusaConfig, MedusaModel
+from fastmedusa.train.config import DTYPES
 from fastmedusa.train.metrics import PEAK_BF16_TFLOPS, peak_tflops, synchronize, train_flops_per_token
 
 # Public hyper-parameters (config.json of meta-llama/Meta-Llama-3-8B and Llama-3.2-1B).
