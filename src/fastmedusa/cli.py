@@ -32,6 +32,7 @@ BENCHMARKS = {
         "fastmedusa.bench.heads",
         "per-head top-k accuracy on held-out prompts, and a tree built from it",
     ),
+    "report": ("fastmedusa.bench.report", "markdown tables of speed-ups and memory from bench train JSON files"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 

@@ -1,0 +1,28 @@
+"""`fastmedusa bench report` derives speed-ups and memory from the rows, skipping OOM peers."""
+
+from fastmedusa.bench.report import markdown, ratio_rows
+
+
+def _row(impl, tok_s, gb, oom=False):
+    return {
+        "stage": 1,
+        "heads": 3,
+        "seq_len": 1024,
+        "impl": impl,
+        "oom": oom,
+        "tokens_per_s": tok_s,
+        "peak_memory_gb": gb,
+    }
+
+
+def test_best_fitting_peer_and_liger_memory():
+    result = {
+        "rows": [_row("torch", 0, 0, oom=True), _row("liger", 100.0, 9.0), _row("cce", 120.0, 8.5), _row("triton", 150.0, 10.0)],
+        "environment": {"device": "X", "date": "2026-11-25T00:00", "versions": {"torch": "2.11"}},
+        "settings": {"batch_size": 6},
+        "shape": "1b",
+    }  # fmt: skip
+    (row,) = ratio_rows(result)
+    assert row["best_peer"] == "cce" and row["best_peer_tok_s"] == 120.0
+    assert row["ours_tok_s"] == 150.0 and row["liger_gb"] == 9.0
+    assert "| 1 | 3 | 1024 | 150 | 120 (cce) | 1.25x | 10.0 | 9.0 |" in markdown(result)
