@@ -78,7 +78,11 @@ def test_tiny_run_learns_and_exports_loadable_heads(tiny_model_dir, sharegpt_fil
     heads = json.loads((out / "heads" / "config.json").read_text())
     assert heads["medusa_num_heads"] == 2 and heads["tokenizer_name_or_path"] == str(tiny_model_dir)
     model = MedusaModel.from_pretrained(tiny_model_dir, heads=out / "heads")
-    saved = torch.load(next((out).glob("checkpoint-*")) / "state.pt", weights_only=False)["model"]
+    # the checkpoint is DCP (the format FSDP runs write too): convert it to one file to read it here
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(next(out.glob("checkpoint-*")), tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
     for name, p in model.named_parameters():
         if name.startswith("medusa_heads."):
             assert torch.equal(p, saved[name]), name

@@ -9,6 +9,7 @@ one with the same methods (DCP sharded checkpoints), passed as `Trainer(..., bac
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ class SingleProcess:
 
     rank = 0
     world_size = 1
+    device: torch.device | None = None  # None: the Trainer uses config.torch_device()
+    shards_model = False  # True under FSDP: the heads' weights exist only inside the model's forward
 
     def is_main_process(self) -> bool:
         """Only the main process writes logs, plots and exported heads."""
@@ -55,7 +58,7 @@ class SingleProcess:
         return model
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Sum (or max) a metric tensor over processes; here the identity."""
+        """Sum (or max, or mean) a metric tensor over processes; here the identity."""
         return tensor
 
     def shard_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -76,18 +79,39 @@ class SingleProcess:
     def save_checkpoint(
         self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict
     ) -> None:
-        """Write trainable parameters, optimizer state and `extra` (plain Python, tensors) into `directory`."""
-        state = {"model": trainable_state_dict(model), "optimizer": optimizer.state_dict(), "extra": extra}
-        path = directory / STATE_FILE
-        with open(path, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        """Write trainable parameters, optimizer state and `extra` (plain Python, tensors) into `directory`.
+
+        The format is FSDP's (torch.distributed.checkpoint, no process group needed): a run started on one
+        process resumes under torchrun at any world size, and the other way round."""
+        from fastmedusa.train.distributed import save_sharded
+
+        with warnings.catch_warnings():  # "no process group: assuming a single process" is the point here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            save_sharded(directory, model, optimizer, extra)
+        for path in directory.iterdir():  # DCP does not fsync; the checkpoint must survive a power cut
+            _fsync(path)
 
     def load_checkpoint(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Restore what `save_checkpoint` wrote, in place; returns `extra`."""
-        # weights_only=False: `extra` holds RNG states (numpy's is a tuple with an ndarray); our own file.
-        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-        load_trainable_state_dict(model, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        return state["extra"]
+        """Restore what `save_checkpoint` (or an FSDP run) wrote, in place; returns `extra`."""
+        if (directory / STATE_FILE).is_file():
+            return load_state_file(directory, model, optimizer)
+        from fastmedusa.train.distributed import load_sharded
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            return load_sharded(directory, model, optimizer)
+
+
+def load_state_file(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A checkpoint of the earlier single-file format (`state.pt`), still read so older runs resume."""
+    # weights_only=False: `extra` holds RNG states (numpy's is a tuple with an ndarray); our own file.
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    load_trainable_state_dict(model, state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["extra"]
+
+
+def _fsync(path: Path) -> None:
+    if path.is_file():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())

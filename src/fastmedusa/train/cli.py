@@ -23,7 +23,7 @@ HELP = {
     "eval_size": "conversations held out for evaluation (0: no evaluation)",
     "seq_len": "tokens per training row; longer conversations are truncated",
     "pack": "fill each row with several whole conversations up to --seq-len tokens",
-    "batch_size": "rows per micro-batch",
+    "batch_size": "rows per micro-batch of one process (under torchrun the global batch is this x processes)",
     "grad_accum": "micro-batches accumulated per optimiser step",
     "max_steps": "optimiser steps ('none' with --epochs)",
     "epochs": "passes over the training conversations (used when --max-steps is not given)",
@@ -56,6 +56,7 @@ HELP = {
     "torch (materialised logits), liger, cce",
     "compile": "torch.compile the backbone's decoder",
     "peak_tflops": "device peak TFLOP/s for MFU (default: looked up, H100/H200 bf16 dense = 989)",
+    "fsdp": "shard with FSDP2 even without a launcher (one process; torchrun/accelerate launch use it anyway)",
 }
 CHOICES = {
     "stage": (1, 2),

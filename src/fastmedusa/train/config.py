@@ -37,7 +37,7 @@ class TrainConfig:
     seq_len: int = 128  # tokens per conversation (longer ones are truncated)
     pack: bool = False  # fill rows of seq_len tokens with several conversations
     # -- optimisation ------------------------------------------------------------------
-    batch_size: int = 4  # rows per micro-batch
+    batch_size: int = 4  # rows per micro-batch of one process (the global batch is this x processes)
     grad_accum: int = 1  # micro-batches per optimiser step
     max_steps: int | None = 60  # optimiser steps; None = run `epochs` over the training split
     epochs: float | None = None
@@ -71,6 +71,7 @@ class TrainConfig:
     impl: str = "auto"  # heads' loss: auto, chunked, triton, torch, liger, cce
     compile: bool = False  # torch.compile the backbone's decoder
     peak_tflops: float | None = None  # device peak for MFU; None = look it up (H100/H200 bf16: 989)
+    fsdp: bool = False  # shard with FSDP2 even in one process (torchrun/accelerate turn it on by themselves)
 
     def __post_init__(self) -> None:
         self.validate()

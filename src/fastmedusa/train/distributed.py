@@ -90,12 +90,15 @@ def _default_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def cleanup() -> None:
-    """Leave the process group (at the end of training, on every process)."""
+def cleanup(wait: bool = True) -> None:
+    """Leave the process group (at the end of training, on every process).
+
+    wait=False after an error: the other processes may never reach the barrier (the launcher ends them)."""
     if dist.is_available() and dist.is_initialized():
         # all processes arrive before any tears down: a rank leaving early (with the TCP store of rank 0)
         # made gloo abort the others' shutdown ("terminate called without an active exception")
-        dist.barrier()
+        if wait:
+            dist.barrier()
         gc.collect()  # free sharded models (their device mesh holds the process group) before it goes
         dist.destroy_process_group()
 
@@ -500,6 +503,13 @@ class FSDPBackend:
             reshard_after_forward=reshard_after_forward,
         )
 
+    shards_model = True  # the heads' weights are DTensor shards outside the model's forward
+
+    @property
+    def device(self) -> torch.device:
+        """This process's device (cuda:LOCAL_RANK, or the CPU under gloo)."""
+        return self.info.device
+
     def is_main_process(self) -> bool:
         return self.info.is_main
 
@@ -530,6 +540,11 @@ class FSDPBackend:
         save_sharded(directory, model, optimizer, extra)
 
     def load_checkpoint(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        if (Path(directory) / "state.pt").is_file():
+            raise ValueError(
+                f"{directory} is a single-file checkpoint of an older single-process run: resume it without "
+                "torchrun/--fsdp (checkpoints written since then load under both)"
+            )
         return load_sharded(directory, model, optimizer)
 
     def clip_grad_norm_(self, parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from fastmedusa.train import checkpoint as ckpt
 from fastmedusa.train.backend import SingleProcess
 from fastmedusa.train.config import TrainConfig, check_output_dir
+from fastmedusa.train.distributed import FSDPBackend, barrier, cleanup, init_distributed, is_main_process
 from fastmedusa.train.trainer import Trainer, summary_lines
 
 logger = logging.getLogger(__name__)
 EMBEDDED_MODEL_NAME = "embedded"  # what the heads' config records for the default model (portable alias)
 
 
-def build_data(config: TrainConfig, tokenizer) -> tuple[object, list[dict]]:
-    """(resumable training batches, held-out batches): read, split by conversation, encode, batch."""
+def build_data(config: TrainConfig, tokenizer, world_size: int = 1) -> tuple[object, list[dict]]:
+    """(resumable training batches, held-out batches): read, split by conversation, encode, batch.
+
+    Every process builds the same global batches of batch_size x world_size rows (the Trainer keeps its
+    slice), so the data position is one number that resumes at any world size."""
     from fastmedusa.data import ConversationBatches, encode_dataset, read_sharegpt, train_eval_split
 
     conversations, n_skipped = read_sharegpt(config.data, limit=config.max_conversations)
@@ -28,22 +36,26 @@ def build_data(config: TrainConfig, tokenizer) -> tuple[object, list[dict]]:
         train_convs, eval_convs = train_eval_split(conversations, config.eval_size, seed=config.seed)
     else:
         train_convs, eval_convs = list(conversations), []
-    train_enc = encode_dataset(tokenizer, train_convs, config.seq_len, progress=config.progress)
+    progress = config.progress and is_main_process()
+    train_enc = encode_dataset(tokenizer, train_convs, config.seq_len, progress=progress)
     say(f"train: {train_enc.stats.summary()}")
     # Fixed shapes only where they pay (packing fills rows; compile avoids recompiles); else pad to the batch's longest.
     fixed = config.seq_len if (config.pack or config.compile) else None
     pad_id = tokenizer.pad_token_id or 0
+    # A last partial batch is dropped: it may not split over the processes, and the layout (part of the
+    # data position) must not depend on the world size, so that a run resumes on another number of GPUs.
     train = ConversationBatches(
-        train_enc, config.batch_size, seq_len=fixed, seed=config.seed, pack=config.pack, pad_id=pad_id
-    )
+        train_enc, config.batch_size * world_size, seq_len=fixed, seed=config.seed, pack=config.pack,
+        pad_id=pad_id, drop_last=True,
+    )  # fmt: skip
     eval_batches: list[dict] = []
     if eval_convs:
-        eval_enc = encode_dataset(tokenizer, eval_convs, config.seq_len, progress=config.progress)
+        eval_enc = encode_dataset(tokenizer, eval_convs, config.seq_len, progress=progress)
         say(f"held out: {eval_enc.stats.summary()}")
         if eval_enc:
             loader = ConversationBatches(
                 eval_enc,
-                config.eval_batch_size or config.batch_size,
+                (config.eval_batch_size or config.batch_size) * world_size,
                 seq_len=fixed,
                 pad_id=pad_id,
                 shuffle=False,
@@ -67,7 +79,19 @@ def build_model(config: TrainConfig):
 
 
 def prepare_output_dir(config: TrainConfig) -> Path | None:
-    """Check the output dir; return the checkpoint to resume from (None = start fresh)."""
+    """Check the output dir; return the checkpoint to resume from (None = start fresh).
+
+    Only the main process removes an earlier run's files; the others wait for it, then all agree."""
+    if not is_main_process():
+        barrier()
+        return ckpt.latest_checkpoint(Path(config.output_dir)) if config.resume else None
+    try:
+        return _prepare_output_dir(config)
+    finally:
+        barrier()
+
+
+def _prepare_output_dir(config: TrainConfig) -> Path | None:
     out = check_output_dir(config.output_dir)
     latest = ckpt.latest_checkpoint(out)
     if config.resume:
@@ -87,26 +111,73 @@ def prepare_output_dir(config: TrainConfig) -> Path | None:
     return None
 
 
-def train(config: TrainConfig, backend: SingleProcess | None = None) -> dict:
-    """Run the whole job; returns the summary (held-out accuracy before/after, tokens/s, paths)."""
+def train(config: TrainConfig, backend: SingleProcess | FSDPBackend | None = None) -> dict:
+    """Run the whole job; returns the summary (held-out accuracy before/after, tokens/s, paths).
+
+    Under torchrun / accelerate launch (or with --fsdp) every process runs this with an FSDP2 backend;
+    the process group is left at the end, also after an error."""
+    config.torch_device()  # a bad --device fails before anything loads
+    owns_group = backend is None and not dist.is_initialized()
+    ok = False
+    try:
+        if backend is None:
+            backend = choose_backend(config)
+        summary = _train(config, backend)
+        ok = True
+        return summary
+    finally:
+        if owns_group:
+            cleanup(wait=ok)
+
+
+def choose_backend(config: TrainConfig) -> SingleProcess | FSDPBackend:
+    """FSDP2 under a launcher (RANK/WORLD_SIZE set) or with --fsdp (a process group of one); else one process."""
+    if config.fsdp and "RANK" not in os.environ:
+        _single_process_group_env()
+    device = config.torch_device() if config.device != "auto" else None
+    info = init_distributed(device)
+    if not info.distributed:
+        return SingleProcess()
+    return FSDPBackend.from_env(
+        info,
+        param_dtype=torch.bfloat16 if info.device.type == "cuda" else None,
+        activation_checkpointing=config.gradient_checkpointing,
+    )
+
+
+def _single_process_group_env() -> None:
+    """What torchrun would set for one process, so --fsdp alone gives a process group of size 1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**defaults, "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+
+
+def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
     from fastmedusa.data import resolve_data_path
     from fastmedusa.model import load_tokenizer
 
     started = time.perf_counter()
-    config.torch_device()  # a bad --device fails before anything loads
     resolve_data_path(config.data)  # a missing --data file fails before the model loads
     resume_from = prepare_output_dir(config)
-    config.save(Path(config.output_dir) / "train_config.json")
+    if backend.is_main_process():
+        config.save(Path(config.output_dir) / "train_config.json")
     tokenizer = load_tokenizer(config.model)
-    train_batches, eval_batches = build_data(config, tokenizer)
+    train_batches, eval_batches = build_data(config, tokenizer, backend.world_size)
     model = build_model(config)
     trainer = Trainer(model, config, train_batches, eval_batches, backend=backend)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         say(f"resumed from {resume_from} at step {trainer.step}/{trainer.total_steps}")
+    trainer.log.write(environment_record(trainer))
+    processes = (
+        f" x {backend.world_size} processes (FSDP2)" if getattr(backend, "shards_model", False) else ""
+    )
     say(
         f"training {config.num_heads} heads, stage {config.stage}, {trainer.total_steps} steps of "
-        f"{config.batch_size}x{config.grad_accum} rows <= {config.seq_len} tokens on {trainer.device}"
+        f"{config.batch_size}x{config.grad_accum} rows{processes} <= {config.seq_len} tokens on {trainer.device}"
     )
     summary = trainer.fit()
     heads_dir = export_heads(trainer.model, tokenizer, config, trainer.backend)
@@ -118,6 +189,19 @@ def train(config: TrainConfig, backend: SingleProcess | None = None) -> dict:
         f"done in {summary['seconds']:.0f} s ({speed}); heads in {heads_dir}; curves in {config.output_dir}/curves.png"
     )
     return summary
+
+
+def environment_record(trainer: Trainer) -> dict:
+    """metrics.jsonl's provenance line for this (re)start: device, date, versions, processes."""
+    from fastmedusa.bench.common import environment  # a leaf helper; bench itself is not imported
+
+    return {
+        "kind": "environment",
+        "step": trainer.step,
+        "world_size": trainer.backend.world_size,
+        "fsdp": bool(getattr(trainer.backend, "shards_model", False)),
+        **environment(trainer.device),
+    }
 
 
 def export_heads(model, tokenizer, config: TrainConfig, backend: SingleProcess | None = None) -> Path | None:
@@ -141,5 +225,6 @@ def export_heads(model, tokenizer, config: TrainConfig, backend: SingleProcess |
 
 
 def say(line: str) -> None:
-    """A progress line that does not break a tqdm bar."""
-    tqdm.write(line)
+    """A progress line that does not break a tqdm bar; printed by the main process only."""
+    if is_main_process():
+        tqdm.write(line)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from fastmedusa.train import checkpoint as ckpt
 from fastmedusa.train.backend import SingleProcess
 from fastmedusa.train.config import TrainConfig
+from fastmedusa.train.distributed import gathered_heads
 from fastmedusa.train.metrics import (
     JsonlLog,
     fmt_pct,
@@ -105,8 +106,9 @@ class Trainer:
         total_steps: int | None = None,
     ) -> None:
         self.config = config
-        self.device = config.torch_device()
         self.backend = backend or SingleProcess()
+        # under torchrun each process owns cuda:LOCAL_RANK (the backend knows it); else --device decides
+        self.device = getattr(self.backend, "device", None) or config.torch_device()
         self.amp_dtype = config.autocast_dtype(self.device)
         self.model = self.backend.wrap_model(self._prepare(model))
         self.optimizer = build_optimizer(self.model, config, self.device)
@@ -203,7 +205,12 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = self.backend.clip_grad_norm_(params, max_norm)
-        packed = torch.cat([(loss_sum / n)[None], head_sum / n, (lm_sum / n)[None], grad_norm.float()[None]])
+        # mean over processes (each one's loss is over its own rows): the logged loss is the global batch's,
+        # and every process sees the same values, so a NaN on one stops them all at the same step
+        losses = self.backend.all_reduce(
+            torch.cat([(loss_sum / n)[None], head_sum / n, (lm_sum / n)[None]]), "mean"
+        )
+        packed = torch.cat([losses, grad_norm.float().to(losses.device)[None]])
         values = packed.tolist()  # the step's one host sync: the NaN check needs the values anyway
         if not all(math.isfinite(v) for v in values):
             self.optimizer.zero_grad(set_to_none=True)
@@ -226,7 +233,7 @@ class Trainer:
             **_token_counts(micro),
         }
         if topk is not None:
-            hits, counts = topk
+            hits, counts = (self.backend.all_reduce(t) for t in topk)
             rates = hits.float() / counts.clamp(min=1)[:, None].float()
             metrics["top1"], metrics["top5"] = rates[:, 0].tolist(), rates[:, -1].tolist()
         return metrics
@@ -237,7 +244,8 @@ class Trainer:
         """Per-head loss and top-1/top-5 on the held-out batches (token-weighted over all of them).
 
         Stage 1 on one process: the frozen backbone's hidden states are computed once and reused by
-        every later evaluation (up to EVAL_CACHE_BYTES), so evaluating costs only the heads.
+        every later evaluation (up to EVAL_CACHE_BYTES), so evaluating costs only the heads. Over several
+        processes each evaluates its rows of every batch (padded with unlabelled rows to split evenly).
         """
         if not self.eval_batches:
             return None
@@ -246,12 +254,13 @@ class Trainer:
         loss_sum = torch.zeros(k, dtype=torch.float64)
         hits_sum = torch.zeros(k, 2, dtype=torch.long)
         count_sum = torch.zeros(k, dtype=torch.long)
-        lm_sum, lm_count = 0.0, 0
+        lm_sum, lm_count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
         cache = self._eval_hidden_cache()
         heads = self.model.medusa_heads
         for i, batch in enumerate(self.eval_batches):
+            batch = pad_rows(batch, self.backend.world_size)
             batch = self._to_device(self.backend.shard_batch(batch))
-            with self._autocast():
+            with self._autocast(), gathered_heads(self.model):
                 if cache is not None:
                     hidden = cache[i] if i < len(cache) else self._cache_hidden(cache, batch)
                     _, head_losses = heads(hidden, batch["labels"], impl=self.config.impl)
@@ -259,15 +268,18 @@ class Trainer:
                     out = self.model(batch["input_ids"], batch.get("attention_mask"), batch["labels"],
                                      impl=self.config.impl)  # fmt: skip
                     hidden, head_losses = out.hidden_states, out.head_losses
-                    if out.lm_loss is not None:
-                        n_lm = int((batch["labels"][:, 1:] != -100).sum())
-                        lm_sum, lm_count = lm_sum + float(out.lm_loss) * n_lm, lm_count + n_lm
+                    n_lm = int((batch["labels"][:, 1:] != -100).sum())
+                    if out.lm_loss is not None and n_lm:
+                        lm_sum += float(out.lm_loss) * n_lm
+                        lm_count += n_lm
                 hits, counts = heads.topk_correct(hidden, batch["labels"])
-            loss_sum += head_losses.double().cpu() * counts
+            # a head with no labelled position here has a NaN mean loss: it weighs 0, not NaN
+            loss_sum += torch.where(counts > 0, head_losses.double().cpu() * counts, 0.0)
             hits_sum += hits.cpu()
             count_sum += counts
         reduce = self.backend.all_reduce
         loss_sum, hits_sum, count_sum = reduce(loss_sum), reduce(hits_sum), reduce(count_sum)
+        lm_sum, lm_count = float(reduce(lm_sum)), int(reduce(lm_count))
         denom = count_sum.clamp(min=1)
         result = {
             "head_loss": (loss_sum / denom).tolist(),
@@ -280,7 +292,9 @@ class Trainer:
         return result
 
     def _eval_hidden_cache(self) -> list[torch.Tensor] | None:
-        frozen = self.config.stage == 1 and self.backend.world_size == 1
+        # Under FSDP the heads run outside the model's forward here, on shards: no cache (even on one process)
+        sharded = getattr(self.backend, "shards_model", False)
+        frozen = self.config.stage == 1 and self.backend.world_size == 1 and not sharded
         if not frozen:
             return None
         if self._eval_hidden is None:
@@ -305,6 +319,7 @@ class Trainer:
             "data": self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else None,
             "rng": ckpt.rng_state(),
             "config": self.config.to_dict(),
+            "world_size": self.backend.world_size,
         }
         # Every process writes its part into one temporary directory; the main one renames it when all are done.
         main = self.backend.is_main_process()
@@ -322,7 +337,9 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Continue from `path`: weights, optimizer, lr schedule, data position, RNG states, step."""
         extra = self.backend.load_checkpoint(path, self.model, self.optimizer)
-        check_resumable(extra["config"], self.config, path)
+        check_resumable(
+            extra["config"], self.config, path, extra.get("world_size", 1), self.backend.world_size
+        )
         self.scheduler.load_state_dict(extra["scheduler"])
         if extra["data"] is not None and hasattr(self.train_batches, "load_state_dict"):
             self.train_batches.load_state_dict(extra["data"])
@@ -460,17 +477,43 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
-def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
-    """A checkpoint continues only the run it came from: same model, data, shapes and seed."""
+def check_resumable(
+    saved: dict, config: TrainConfig, path: Path, saved_world_size: int = 1, world_size: int = 1
+) -> None:
+    """A checkpoint continues only the run it came from: same model, data, shapes, seed and global batch.
+
+    The global batch (--batch-size x processes) is what must match, so a run of 2 processes x 4 rows
+    continues on 1 process with --batch-size 8 (the data position counts global batches)."""
     now = config.to_dict()
     changed = [
-        f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in RESUME_FIELDS if saved.get(k) != now[k]
+        f"{k}: saved {saved.get(k)!r}, now {now[k]!r}"
+        for k in RESUME_FIELDS
+        if k != "batch_size" and saved.get(k) != now[k]
     ]
+    saved_global, now_global = saved.get("batch_size", 0) * saved_world_size, config.batch_size * world_size
+    if saved_global != now_global:
+        changed.append(
+            f"global batch (--batch-size x processes): saved {saved.get('batch_size')} x {saved_world_size}, "
+            f"now {config.batch_size} x {world_size}"
+        )
     if changed:
         raise ValueError(
             f"{path} was written by a different run ({'; '.join(changed)}): resume with the same settings "
             "or pass another --output-dir"
         )
+
+
+def pad_rows(batch: Batch, multiple: int) -> Batch:
+    """Append copies of the last row with no labels until the rows split evenly over `multiple` processes.
+
+    Held-out sets rarely fill the last batch; a padded row counts for nothing (labels -100)."""
+    rows = batch["input_ids"].shape[0]
+    missing = -rows % multiple
+    if not missing:
+        return batch
+    padded = {k: torch.cat([v, v[-1:].expand(missing, *v.shape[1:])]) for k, v in batch.items()}
+    padded["labels"][rows:] = -100
+    return padded
 
 
 def _token_counts(micro: Sequence[Batch]) -> dict[str, int]:
