@@ -193,7 +193,7 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
 
 def environment_record(trainer: Trainer) -> dict:
     """metrics.jsonl's provenance line for this (re)start: device, date, versions, processes."""
-    from fastmedusa.bench.common import environment  # a leaf helper; bench itself is not imported
+    from fastmedusa.environment import environment
 
     return {
         "kind": "environment",
