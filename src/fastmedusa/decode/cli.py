@@ -35,7 +35,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature",
         type=float,
         default=0.0,
-        help="0 = greedy (lossless Medusa); > 0 samples and uses typical acceptance",
+        help="0 = greedy (lossless Medusa: exact in fp32, up to rounding-level argmax ties in bf16/fp16); "
+        "> 0 samples and uses typical acceptance",
     )
     parser.add_argument(
         "--tree",

@@ -5,6 +5,18 @@ the tree's tokens; the root is the token the base LM head already chose. One ver
 node with the tree mask; the longest path whose tokens the base model agrees with is accepted, its KV rows
 are moved into place, and the base model's choice after the last accepted node becomes the next root.
 Everything in a step has static shapes; the host reads two integers per step (accepted length, EOS).
+
+What "lossless" means. A token is accepted only if it is the argmax of the base model's logits at its
+parent, computed in the verify forward, so in fp32 Medusa greedy equals plain greedy token for token (the
+tests check this). In bf16/fp16 the verify forward (N query rows, a tree mask) and the one-token greedy step
+are different matmul/attention shapes, so KV rows and logits differ in the last bits; where the top two
+logits are closer than that noise the argmax can flip, and from there the two continuations diverge. Both
+remain greedy up to argmax ties within rounding: every emitted token's fp32 logit is within ~2x the
+low-precision noise of the fp32 maximum (tests/decode/test_low_precision.py). Measured on SmolLM2-135M in
+bf16 (CPU): at each first divergence the fp32 gap between the two tokens was 0.02-0.06, below one bf16 ulp
+of the logits (0.125-0.25), and the plain-vs-Medusa logit difference was up to 0.3. Computing the final
+norm and LM head in fp32 does not remove these flips (the difference is already in the hidden state) and
+would add the LM head's fp32 read to every step, so the engine keeps the model dtype throughout.
 """
 
 from __future__ import annotations
@@ -264,7 +276,8 @@ def generate(
 
     `model` is a `MedusaModel` or a plain HF Llama-family causal LM (then `medusa=False`, or pass `heads`:
     any module with `head_logits(hidden (..., H)) -> (K, ..., V)` and `num_heads`). temperature 0 is
-    greedy (Medusa output then equals plain greedy token for token); above 0, tokens are sampled and
+    greedy (Medusa output then equals plain greedy token for token in fp32, and up to argmax near-ties
+    within rounding in bf16/fp16: see the module docstring); above 0, tokens are sampled and
     speculated tokens pass typical acceptance (`typical_epsilon`, `typical_delta`). `tree`: a preset name,
     a JSON file, a list of paths, or None (mc_sim_7b_63 pruned to the number of heads). `compile`: default
     on CUDA only (CUDA graphs); `max_len`: KV cache rows (default: enough for this call, rounded up).
