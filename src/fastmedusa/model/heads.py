@@ -111,8 +111,8 @@ class MedusaHeads(nn.Module):
         losses = medusa_cross_entropy(
             hiddens, weights, labels, shifts=head_shifts(self.num_heads, with_lm_loss), impl=impl
         )
-        if with_lm_loss:
-            return losses[0], losses[1:]
+        if with_lm_loss:  # clones: FSDP2 warns about (and cannot track) views returned by a sharded module
+            return losses[0].clone(), losses[1:].clone()
         return None, losses
 
     @torch.no_grad()
