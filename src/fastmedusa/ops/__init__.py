@@ -1,4 +1,5 @@
-"""Fused multi-head linear cross-entropy (Triton kernel, chunked PyTorch, reference, peers) and metrics."""
+"""Fused multi-head linear cross-entropy and KL divergence (Triton kernels, chunked PyTorch, references,
+peers) and metrics."""
 
 from fastmedusa.ops.cross_entropy import (
     IMPLS,
@@ -7,5 +8,14 @@ from fastmedusa.ops.cross_entropy import (
     resolve_impl,
     topk_correct,
 )
+from fastmedusa.ops.kl_divergence import KL_IMPLS, medusa_kl_divergence
 
-__all__ = ["IMPLS", "linear_cross_entropy", "medusa_cross_entropy", "resolve_impl", "topk_correct"]
+__all__ = [
+    "IMPLS",
+    "KL_IMPLS",
+    "linear_cross_entropy",
+    "medusa_cross_entropy",
+    "medusa_kl_divergence",
+    "resolve_impl",
+    "topk_correct",
+]

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmedusa.ops.fused import DEFAULT_CHUNK_ROWS, acc_dtype, linear_ce_op, linear_ce_rows_op, resolve_wgrad
+from fastmedusa.ops.dtypes import acc_dtype
+from fastmedusa.ops.fused import DEFAULT_CHUNK_ROWS, linear_ce_op, linear_ce_rows_op, resolve_wgrad
 
 IMPLS = ("auto", "triton", "torch", "chunked", "liger", "cce")
 REDUCTIONS = ("mean", "sum", "none")

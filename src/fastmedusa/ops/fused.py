@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fastmedusa.ops.dtypes import acc_dtype
+
 DEFAULT_CHUNK_ROWS = 1024  # for callers that need a fixed chunk (topk_correct)
 LOGITS_BUDGET_BYTES = 1 << 30  # chunk_rows=0 (auto): the fewest balanced chunks whose logits fit this
 WGRAD_MODES = ("auto", "accumulate", "recompute")
@@ -72,11 +74,6 @@ def softmax_grad_ref(
             grad.mul_(grad_scale)
         logits.copy_(grad)
     return loss, lse
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for 16-bit compute dtypes, float64 stays float64 (exact references)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:

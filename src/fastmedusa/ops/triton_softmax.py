@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastmedusa.ops.fused import acc_dtype
+from fastmedusa.ops.dtypes import acc_dtype
 
 LOG2E = 1.4426950408889634
 

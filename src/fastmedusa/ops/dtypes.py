@@ -1,0 +1,10 @@
+"""Dtype rules shared by the fused ops and their Triton kernels (a leaf module: it imports neither)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit compute dtypes, float64 stays float64 (exact references)."""
+    return torch.promote_types(dtype, torch.float32)
