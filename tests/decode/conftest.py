@@ -108,6 +108,9 @@ class OracleHeads(nn.Module):
         )
         return out.reshape(self.num_heads, *hidden.shape[:-1], self.vocab)
 
+    def draft_topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        return self.head_logits(hidden).topk(k, dim=-1).indices  # full-vocabulary heads: rows are token ids
+
 
 @pytest.fixture(scope="module")
 def llama() -> nn.Module:

@@ -21,12 +21,18 @@ from fastmedusa.train import distributed as D
 
 WORLD = 2
 GLOBAL_ROWS, SEQ, VOCAB = 4, 12, 96
+DRAFT = 24  # draft-vocabulary variants: the heads score 24 of the 96 tokens
+DRAFT_MAP = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(9))[:DRAFT]
+CASES = [(1, True, False, False), (2, True, False, False), (2, False, False, False), (1, False, True, False),
+         (1, False, False, True), (2, True, True, True)]  # (stage, tied, shared LM head, draft vocab)  # fmt: skip
 LR, MAX_NORM = 2e-2, 0.5
 TOL = {"rtol": 1e-4, "atol": 2e-5}
 
 
 # -- shared by the workers and the single-process reference ----------------------------------------------
-def tiny_model(stage: int, tied: bool = True, shared_lm_head: bool = False) -> MedusaModel:
+def tiny_model(
+    stage: int, tied: bool = True, shared_lm_head: bool = False, draft: bool = False
+) -> MedusaModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -41,9 +47,11 @@ def tiny_model(stage: int, tied: bool = True, shared_lm_head: bool = False) -> M
         tie_word_embeddings=tied,
     )
     base = LlamaForCausalLM(config)
-    model = MedusaModel.from_base(
-        base, MedusaConfig(num_heads=2, num_layers=1, shared_lm_head=shared_lm_head)
+    token_map = DRAFT_MAP if draft else None
+    config = MedusaConfig(
+        num_heads=2, num_layers=1, shared_lm_head=shared_lm_head, draft_vocab_size=DRAFT if draft else None
     )
+    model = MedusaModel.from_base(base, config, token_map)
     with torch.no_grad():  # zero-initialised ResBlocks would make every head the same function at step 0
         for p in model.medusa_heads.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -51,9 +59,11 @@ def tiny_model(stage: int, tied: bool = True, shared_lm_head: bool = False) -> M
     return model
 
 
-def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(step: int, draft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(0, VOCAB, (GLOBAL_ROWS, SEQ), generator=g)
+    if draft:  # tokens of the draft vocabulary only: every rank scores as many positions as the others
+        ids = DRAFT_MAP[ids % DRAFT]
     labels = ids.clone()
     labels[:, :3] = -100  # a masked prompt, the same length in every row: equal token counts per rank
     return ids, labels
@@ -73,7 +83,7 @@ def train_steps(model: MedusaModel, optimizer, steps: range) -> list[float]:
     """One optimiser step per global batch; returns the global mean loss of each step."""
     losses = []
     for step in steps:
-        ids, labels = global_batch(step)
+        ids, labels = global_batch(step, draft=model.medusa_heads.token_map is not None)
         out = model(local_rows(ids), labels=local_rows(labels), impl="chunked")
         out.loss.backward()
         D.clip_grad_norm_(model.parameters(), MAX_NORM)
@@ -126,22 +136,27 @@ def _count_reduce_scatters() -> dict:
 def _scenario_train(out_dir: Path) -> dict:
     results = {}
     counter = _count_reduce_scatters()
-    for stage, tied, shared in ((1, True, False), (2, True, False), (2, False, False), (1, False, True)):
+    for stage, tied, shared, draft in CASES:
         model = D.apply_fsdp(
-            tiny_model(stage, tied, shared), stage=stage, activation_checkpointing=stage == 2
+            tiny_model(stage, tied, shared, draft), stage=stage, activation_checkpointing=stage == 2
         )
         seen = []
+        rows = DRAFT if draft else VOCAB
 
-        def check_gathered(module, args, kwargs, seen=seen):
+        def check_gathered(module, args, kwargs, seen=seen, rows=rows, shared=shared):
             # FSDP's pre-forward hooks ran before this one: the weights the loss kernel reads must be whole
-            weights = [module.base_lm_head.weight, *module.projection_weights()]
-            seen.append(all(type(w) is torch.nn.Parameter and w.shape == (VOCAB, 32) for w in weights))
+            # (a shared draft projection is a gather of the LM head's rows, a plain tensor)
+            lm = module.base_lm_head.weight
+            ok = type(lm) is torch.nn.Parameter and lm.shape == (VOCAB, 32)
+            for w in module.projection_weights():
+                ok &= (type(w) is torch.nn.Parameter or shared) and w.shape == (rows, 32)
+            seen.append(ok)
 
         model.medusa_heads.register_forward_pre_hook(check_gathered, with_kwargs=True)
         optimizer = make_optimizer(model)
         before = counter["n"]
         losses = train_steps(model, optimizer, range(3))
-        key = f"stage{stage}_tied{int(tied)}_shared{int(shared)}"
+        key = f"stage{stage}_tied{int(tied)}_shared{int(shared)}" + ("_draft1" if draft else "")
         results[key] = {
             "losses": losses,
             "state": full_trainable_state(model),
@@ -216,18 +231,17 @@ def train_results(tmp_path_factory) -> tuple[dict, Path]:
     return _spawn("train", out), out
 
 
-@pytest.mark.parametrize(
-    "stage, tied, shared", [(1, True, False), (2, True, False), (2, False, False), (1, False, True)]
-)
-def test_fsdp_matches_single_process(train_results, stage, tied, shared):
+@pytest.mark.parametrize("stage, tied, shared, draft", CASES)
+def test_fsdp_matches_single_process(train_results, stage, tied, shared, draft):
     results, _ = train_results
-    got = results[f"stage{stage}_tied{int(tied)}_shared{int(shared)}"]
-    losses, model = _single_process_run(stage, range(3), tied=tied, shared_lm_head=shared)
+    got = results[f"stage{stage}_tied{int(tied)}_shared{int(shared)}" + ("_draft1" if draft else "")]
+    losses, model = _single_process_run(stage, range(3), tied=tied, shared_lm_head=shared, draft=draft)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses), **TOL)
     expected = D.trainable_state_dict(model)  # both names of a tied weight, as the gathered state has
-    initial = tiny_model(stage, tied=tied, shared_lm_head=shared).state_dict()
-    assert all(not torch.equal(v, initial[k]) for k, v in expected.items())  # every trainable tensor moved
-    _assert_state_close(got["state"], expected)
+    initial = tiny_model(stage, tied=tied, shared_lm_head=shared, draft=draft).state_dict()
+    moved = {k for k, v in expected.items() if not torch.equal(v, initial[k])}
+    assert moved == set(expected) - {"medusa_heads.token_map"}  # every trainable tensor moved
+    _assert_state_close(got["state"], expected)  # the token map (a buffer) included
     assert got["gathered_in_heads_forward"]
     ids, labels = global_batch(7)
     with torch.no_grad():
@@ -248,10 +262,10 @@ def test_stage1_reduces_only_the_heads(train_results):
 
 def test_export_heads_loads_into_medusa_model(train_results):
     results, _ = train_results
-    for key in ("stage1_tied1_shared0", "stage2_tied0_shared0"):
+    for key in ("stage1_tied1_shared0", "stage2_tied0_shared0", "stage1_tied0_shared0_draft1"):
         got = results[key]
         stage, tied = int(key[5]), key[10] == "1"
-        fresh = tiny_model(stage, tied=tied)
+        fresh = tiny_model(stage, tied=tied, draft=key.endswith("draft1"))
         fresh.load_heads(got["exported"])
         for name, value in fresh.medusa_heads.state_dict().items():
             torch.testing.assert_close(value, got["state"][f"medusa_heads.{name}"], rtol=0, atol=0)

@@ -98,7 +98,7 @@ def measure_rank_accuracies(
         start, length = ids.shape[1] - 1, seq.shape[1]  # heads act on the last accepted token: t >= P - 1
         if length - 2 <= start:
             continue
-        top = heads.head_logits(hidden[start : length - 2]).topk(ranks, dim=-1).indices.cpu()  # (K, T, ranks)
+        top = heads.draft_topk(hidden[start : length - 2], ranks).cpu()  # (K, T, ranks) token ids
         tokens = seq[0].cpu()
         for k in range(heads.num_heads):
             scored = length - k - 2 - start  # positions t whose target t+k+2 exists

@@ -160,8 +160,8 @@ def make_medusa_step(
     node_rows = torch.arange(n, device=engine.device)
 
     def step(root: torch.Tensor, hidden_last: torch.Tensor, cur_len: torch.Tensor):
-        head_logits = heads.head_logits(hidden_last)[:depth, 0]  # (depth, V)
-        topk = head_logits.topk(tree.topk, dim=-1).indices  # (depth, topk)
+        # token ids, best first: draft_topk maps a draft-vocabulary head's rows back through its token_map
+        topk = heads.draft_topk(hidden_last, tree.topk)[:depth, 0]  # (depth, topk)
         tokens = torch.cat([root, topk.reshape(-1)])[tree.tree_indices]  # (N,)
         # Node i sits in cache row cur_len + i at RoPE position cur_len + depth(i); it sees the prefix and
         # its tree ancestors.
@@ -275,7 +275,7 @@ def generate(
     """Generate up to `max_new_tokens` after `input_ids` (1, P), stopping after an EOS token.
 
     `model` is a `MedusaModel` or a plain HF Llama-family causal LM (then `medusa=False`, or pass `heads`:
-    any module with `head_logits(hidden (..., H)) -> (K, ..., V)` and `num_heads`). temperature 0 is
+    any module with `draft_topk(hidden (..., H), k) -> (K, ..., k)` token ids and `num_heads`). temperature 0 is
     greedy (Medusa output then equals plain greedy token for token in fp32, and up to argmax near-ties
     within rounding in bf16/fp16: see the module docstring); above 0, tokens are sampled and
     speculated tokens pass typical acceptance (`typical_epsilon`, `typical_delta`). `tree`: a preset name,

@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 CONFIG_NAME = "config.json"
+# The default tree (mc_sim_7b_63) drafts each head's top 10 tokens: a smaller draft vocabulary could not fill it.
+MIN_DRAFT_VOCAB = 10
 
 
 @dataclass
@@ -17,6 +19,9 @@ class MedusaConfig:
     LM head predicts t+1. The JSON keeps FasterDecoding/Medusa's key names
     (`medusa_num_heads`, `medusa_num_layers`, `base_model_name_or_path`) so heads move
     between the two projects.
+
+    `draft_vocab_size` N (None: the full vocabulary): the heads project onto N tokens only, listed by
+    the heads' `token_map` buffer (saved as `token_map` beside the weights, as vLLM's Medusa reads it).
     """
 
     num_heads: int = 3
@@ -26,6 +31,7 @@ class MedusaConfig:
     vocab_size: int | None = None
     base_model_name_or_path: str | None = None
     base_model_gguf_file: str | None = None
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
@@ -34,6 +40,23 @@ class MedusaConfig:
             )
         if not isinstance(self.num_layers, int) or self.num_layers < 0:
             raise ValueError(f"num_layers must be an integer >= 0, got {self.num_layers!r}")
+        n = self.draft_vocab_size
+        if n is not None:
+            if not isinstance(n, int) or isinstance(n, bool) or n < MIN_DRAFT_VOCAB:
+                raise ValueError(
+                    f"draft_vocab_size={n!r}: pass an integer >= {MIN_DRAFT_VOCAB} (the default tree drafts "
+                    "each head's top 10 tokens), or None for the full vocabulary"
+                )
+            if self.vocab_size is not None and n > self.vocab_size:
+                raise ValueError(
+                    f"draft_vocab_size={n} is larger than the vocabulary ({self.vocab_size}): pass at most "
+                    f"{self.vocab_size}, or None for the full vocabulary"
+                )
+
+    @property
+    def head_vocab_size(self) -> int | None:
+        """Rows of each head's projection: the draft vocabulary's size, else the full vocabulary's."""
+        return self.draft_vocab_size or self.vocab_size
 
     # -- JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmedusa.data.chat import IGNORE_INDEX
 from fastmedusa.model.config import MedusaConfig
 
 
@@ -29,6 +30,49 @@ def head_shifts(num_heads: int, with_lm_head: bool = False) -> list[int]:
     return ([1] if with_lm_head else []) + [k + 1 for k in range(1, num_heads + 1)]
 
 
+def check_token_map(
+    token_map: torch.Tensor, vocab_size: int, draft_vocab_size: int | None = None
+) -> torch.Tensor:
+    """A draft vocabulary's token map as int64 (N,): distinct ids in [0, vocab_size), N as configured."""
+    token_map = torch.as_tensor(token_map)
+    if token_map.dim() != 1 or token_map.dtype.is_floating_point or token_map.dtype == torch.bool:
+        raise ValueError(
+            f"token_map must be a 1-D integer tensor of token ids, got {token_map.dtype} {tuple(token_map.shape)}"
+        )
+    token_map = token_map.long()
+    if draft_vocab_size is not None and token_map.numel() != draft_vocab_size:
+        raise ValueError(
+            f"token_map has {token_map.numel()} ids but draft_vocab_size is {draft_vocab_size}: "
+            "pass a map of exactly draft_vocab_size ids"
+        )
+    if token_map.numel() and (int(token_map.min()) < 0 or int(token_map.max()) >= vocab_size):
+        bad = int(token_map.min()) if int(token_map.min()) < 0 else int(token_map.max())
+        raise ValueError(f"token_map holds id {bad}, outside the vocabulary [0, {vocab_size}): fix the map")
+    unique = token_map.unique()
+    if unique.numel() != token_map.numel():
+        sorted_ids = token_map.sort().values
+        dup = int(sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]][0])
+        raise ValueError(f"token_map lists id {dup} more than once: each draft row must be a distinct token")
+    return token_map
+
+
+def inverse_token_map(token_map: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) int64: the draft index of each token id, IGNORE_INDEX for tokens outside the map."""
+    inverse = torch.full((vocab_size,), IGNORE_INDEX, dtype=torch.long, device=token_map.device)
+    inverse[token_map] = torch.arange(token_map.numel(), device=token_map.device)
+    return inverse
+
+
+def draft_labels(labels: torch.Tensor, draft_index: torch.Tensor) -> torch.Tensor:
+    """Labels (token ids, IGNORE_INDEX = not scored) as draft-vocabulary indices; IGNORE_INDEX outside it.
+
+    A gather of B*T integers: the hidden states and weights are untouched, so every loss impl works."""
+    labels = labels.long()
+    valid = labels != IGNORE_INDEX
+    mapped = draft_index[labels.clamp(min=0)]
+    return torch.where(valid, mapped, IGNORE_INDEX)
+
+
 class MedusaHeads(nn.Module):
     """The K Medusa heads, stored under FasterDecoding/Medusa's names (`medusa_head.{i}.{j}.linear.weight`,
     `medusa_head.{i}.{num_layers}.weight`) so heads move between the two projects.
@@ -36,9 +80,19 @@ class MedusaHeads(nn.Module):
     The base model's LM head is held as a plain reference, not a submodule: it belongs to the base
     model (its parameters are saved and sharded with it). The heads call the loss kernel with its
     weight inside their own forward, so under FSDP the weight has been gathered by then.
+
+    With `config.draft_vocab_size` N, each head scores N tokens only: `token_map` (N,) lists their ids
+    (sorted by id when counted by `fastmedusa.data.vocab`; any order of distinct ids works), a buffer
+    saved with the weights; a per-head projection is (N, H), initialised from the LM head rows of those
+    ids; a shared projection gathers those rows of the LM head once per call. `draft_index` (V,), the
+    inverse map (not saved, rebuilt whenever the map is loaded), turns label ids into draft rows; labels
+    outside the map are not scored by the heads' loss and count as misses in `topk_correct`.
+    Without a draft vocabulary `token_map` is None and everything is full-vocabulary.
     """
 
-    def __init__(self, config: MedusaConfig, lm_head: nn.Module) -> None:
+    def __init__(
+        self, config: MedusaConfig, lm_head: nn.Module, token_map: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         lm_weight = lm_head.weight
         if config.hidden_size is None or config.vocab_size is None:
@@ -48,24 +102,86 @@ class MedusaHeads(nn.Module):
                 f"heads config (vocab {config.vocab_size}, hidden {config.hidden_size}) does not match the base "
                 f"model's lm_head {tuple(lm_weight.shape)}: these heads were trained for another base model"
             )
+        config.__post_init__()  # vocab_size is known now: a draft vocabulary larger than it fails here
         self.config = config
         self.__dict__["base_lm_head"] = lm_head  # a reference, deliberately not registered
         factory = {"device": lm_weight.device, "dtype": lm_weight.dtype}
+        self.register_buffer("token_map", None)
+        self.register_buffer("draft_index", None, persistent=False)
+        if config.draft_vocab_size is not None:
+            if token_map is None:  # placeholder until a saved map is loaded (or for speed benchmarks)
+                token_map = torch.arange(config.draft_vocab_size)
+            self.set_token_map(token_map)
+        elif token_map is not None:
+            raise ValueError(
+                "a token_map was given but config.draft_vocab_size is None: set draft_vocab_size"
+            )
         self.medusa_head = nn.ModuleList()
         for _ in range(config.num_heads):
             layers: list[nn.Module] = [
                 ResBlock(config.hidden_size).to(**factory) for _ in range(config.num_layers)
             ]
             if not config.shared_lm_head:
-                proj = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+                proj = nn.Linear(config.hidden_size, config.head_vocab_size, bias=False, **factory)
                 with torch.no_grad():
-                    proj.weight.copy_(lm_weight)
+                    rows = (
+                        lm_weight
+                        if self.token_map is None
+                        else lm_weight[self.token_map.to(lm_weight.device)]
+                    )
+                    proj.weight.copy_(rows)
                 layers.append(proj)
             self.medusa_head.append(nn.Sequential(*layers))
 
     @property
     def num_heads(self) -> int:
         return self.config.num_heads
+
+    # -- draft vocabulary --------------------------------------------------------------
+    def set_token_map(self, token_map: torch.Tensor) -> None:
+        """Install a draft vocabulary's token map (checked) and its inverse. The projections are not
+        re-gathered: pass the map to the constructor to initialise them from the LM head's rows."""
+        token_map = check_token_map(token_map, self.config.vocab_size, self.config.draft_vocab_size)
+        device = self.token_map.device if self.token_map is not None else self.base_lm_head.weight.device
+        self.token_map = token_map.to(device)
+        self.draft_index = inverse_token_map(self.token_map, self.config.vocab_size)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # the saved map replaces ours (checked), and the inverse follows it: also under DCP loads
+        key = prefix + "token_map"
+        if key in state_dict and self.token_map is not None:
+            check_token_map(state_dict[key], self.config.vocab_size, self.config.draft_vocab_size)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if key in state_dict and self.token_map is not None:
+            self.draft_index = inverse_token_map(self.token_map, self.config.vocab_size)
+
+    def head_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels the heads' loss scores: draft rows under a draft vocabulary, else the labels."""
+        if self.draft_index is None:
+            return labels
+        return draft_labels(labels, self.draft_index.to(labels.device))
+
+    def outside_draft_count(self, labels: torch.Tensor) -> tuple[int, int]:
+        """(labelled positions whose token is outside the draft vocabulary, labelled positions)."""
+        labelled = labels != IGNORE_INDEX
+        if self.draft_index is None:
+            return 0, int(labelled.sum())
+        outside = labelled & (self.head_labels(labels) == IGNORE_INDEX)
+        return int(outside.sum()), int(labelled.sum())
+
+    @torch.no_grad()
+    def draft_topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """Each head's k best tokens as vocabulary ids, best first: (K, ..., k) int64.
+
+        What decoding drafts: the top-k of the (draft-sized) head logits, mapped back through token_map."""
+        rows = self.config.head_vocab_size
+        if not 1 <= k <= rows:
+            raise ValueError(
+                f"the tree drafts the top {k} tokens of each head, but the heads score {rows} tokens: "
+                "pick a tree with a smaller top-k or heads with a larger draft vocabulary"
+            )
+        top = self.head_logits(hidden).topk(k, dim=-1).indices
+        return top if self.token_map is None else self.token_map[top]
 
     def head_hidden_states(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """Each head's ResBlock tower applied to `hidden` (..., H): K tensors (..., H)."""
@@ -78,13 +194,18 @@ class MedusaHeads(nn.Module):
         return towers
 
     def projection_weights(self) -> list[torch.Tensor]:
-        """Each head's (V, H) vocabulary projection (the base LM head's weight when shared)."""
+        """Each head's (N, H) vocabulary projection (N = draft or full vocabulary). Shared: the base LM
+        head's weight, or under a draft vocabulary its token_map rows, gathered once for all heads."""
         if self.config.shared_lm_head:
-            return [self.base_lm_head.weight] * self.num_heads
+            weight = self.base_lm_head.weight
+            if self.token_map is not None:
+                weight = weight.index_select(0, self.token_map.to(weight.device))  # (N, H), one gather
+            return [weight] * self.num_heads
         return [head[self.config.num_layers].weight for head in self.medusa_head]
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of every head, (K, ..., V). For decoding (few positions), never for training."""
+        """Logits of every head, (K, ..., N) over the heads' vocabulary (draft rows under a draft vocabulary:
+        `draft_topk` maps them to token ids). For decoding (few positions), never for training."""
         weights = self.projection_weights()
         return torch.stack([F.linear(h, w) for h, w in zip(self.head_hidden_states(hidden), weights)])
 
@@ -99,33 +220,37 @@ class MedusaHeads(nn.Module):
         """Mean cross-entropy of each head, without materialising tokens x vocab logits.
 
         hidden (B, T, H) from the backbone, labels (B, T) token-aligned (-100 = ignored).
-        Returns (lm_loss or None, head_losses (K,)).
+        Returns (lm_loss or None, head_losses (K,)). Under a draft vocabulary the heads score draft rows
+        (labels outside it are not scored); the LM loss is always over the full vocabulary.
         """
-        from fastmedusa.ops import medusa_cross_entropy
+        from fastmedusa.ops import linear_cross_entropy, medusa_cross_entropy
 
-        hiddens = self.head_hidden_states(hidden)
-        weights = self.projection_weights()
-        if with_lm_loss:
-            hiddens = [hidden, *hiddens]
-            weights = [self.base_lm_head.weight, *weights]
         losses = medusa_cross_entropy(
-            hiddens, weights, labels, shifts=head_shifts(self.num_heads, with_lm_loss), impl=impl
+            self.head_hidden_states(hidden),
+            self.projection_weights(),
+            self.head_labels(labels),
+            shifts=head_shifts(self.num_heads),
+            impl=impl,
         )
-        if with_lm_loss:  # clones: FSDP2 warns about (and cannot track) views returned by a sharded module
-            return losses[0].clone(), losses[1:].clone()
-        return None, losses
+        if not with_lm_loss:
+            return None, losses
+        lm_loss = linear_cross_entropy(hidden, self.base_lm_head.weight, labels, shift=1, impl=impl)
+        return lm_loss.clone(), losses  # a clone: FSDP2 cannot track a view returned by a sharded module
 
     @torch.no_grad()
     def topk_correct(
         self, hidden: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head top-k hits, computed chunk by chunk: (K, len(ks)) hits and (K,) scored positions."""
+        """Per-head top-k hits, computed chunk by chunk: (K, len(ks)) hits and (K,) scored positions.
+
+        Under a draft vocabulary a labelled position whose token is outside it is scored and is a miss."""
         from fastmedusa.ops import topk_correct
 
         hits, counts = [], []
         shifts = head_shifts(self.num_heads)
+        mapped = self.head_labels(labels)
         for h, w, s in zip(self.head_hidden_states(hidden), self.projection_weights(), shifts):
-            c, n = topk_correct(h, w, labels, shift=s, ks=tuple(ks))
+            c, _ = topk_correct(h, w, mapped, shift=s, ks=tuple(ks))
             hits.append(torch.as_tensor(c, device="cpu"))
-            counts.append(int(n))
+            counts.append(int((labels[..., s:] != IGNORE_INDEX).sum()))
         return torch.stack(hits), torch.tensor(counts)

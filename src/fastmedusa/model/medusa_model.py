@@ -36,23 +36,28 @@ class MedusaModel(nn.Module):
     Stage 2 trains everything and adds the LM loss (the Medusa-2 recipe).
     """
 
-    def __init__(self, base: nn.Module, config: MedusaConfig) -> None:
+    def __init__(self, base: nn.Module, config: MedusaConfig, token_map: torch.Tensor | None = None) -> None:
         super().__init__()
         check_has_lm_head(base)
         self.base = base
         self.config = base.config  # HF convention: model.config is the base model's config
         self.medusa_config = config
-        self.medusa_heads = MedusaHeads(config, base.get_output_embeddings())
+        self.medusa_heads = MedusaHeads(config, base.get_output_embeddings(), token_map)
         self.backbone_frozen = False
 
     # -- construction ------------------------------------------------------------------
     @classmethod
-    def from_base(cls, hf_model: nn.Module, config: MedusaConfig | None = None) -> MedusaModel:
-        """Attach fresh heads (ResBlocks zero, projections copied from the LM head) to a loaded HF model."""
+    def from_base(
+        cls, hf_model: nn.Module, config: MedusaConfig | None = None, token_map: torch.Tensor | None = None
+    ) -> MedusaModel:
+        """Attach fresh heads (ResBlocks zero, projections copied from the LM head) to a loaded HF model.
+
+        With `config.draft_vocab_size`, `token_map` lists the draft vocabulary's token ids
+        (`fastmedusa.data.vocab.label_token_map` counts them); the projections copy those LM head rows."""
         config = config or MedusaConfig()
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(hf_model.config, "_name_or_path", None) or None
-        return cls(hf_model, config)
+        return cls(hf_model, config, token_map)
 
     @classmethod
     def from_pretrained(
@@ -95,7 +100,7 @@ class MedusaModel(nn.Module):
         directory = Path(directory)
         saved = MedusaConfig.from_pretrained(directory)
         mine = self.medusa_config
-        for field in ("num_heads", "num_layers", "shared_lm_head"):
+        for field in ("num_heads", "num_layers", "shared_lm_head", "draft_vocab_size"):
             if getattr(saved, field) != getattr(mine, field):
                 raise ValueError(
                     f"heads in {directory} have {field}={getattr(saved, field)}, model has {getattr(mine, field)}"
@@ -193,4 +198,8 @@ def read_heads_state(directory: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(
             f"no head weights in {directory}: expected {HEADS_WEIGHTS_NAME} (fastmedusa) or {LEGACY_WEIGHTS_NAME}"
         )
-    return {k if k.startswith("medusa_head.") else f"medusa_head.{k}": v for k, v in state.items()}
+    # `token_map` (a draft vocabulary's ids) sits at the top level, where vLLM's Medusa loader reads it
+    return {
+        k if k.startswith("medusa_head.") or k == "token_map" else f"medusa_head.{k}": v
+        for k, v in state.items()
+    }

@@ -17,6 +17,9 @@ HELP = {
     "num_heads": "number of Medusa heads; head k predicts the token k+1 positions after the next one",
     "num_layers": "ResBlocks per head",
     "shared_lm_head": "heads reuse the base model's LM head instead of each training a copy (frozen in stage 1)",
+    "draft_vocab": "heads score only the N most frequent label tokens of the training data (counted before "
+    "training; saved as token_map with the heads; labels outside are not scored). Smaller heads, faster "
+    "training; decoding stays lossless (0 or none: the full vocabulary)",
     "data": "ShareGPT conversations: a .json/.jsonl file (a truncated .json is fine), a directory holding one, "
     "or a hub dataset id (default: the embedded ShareGPT V3)",
     "max_conversations": "read at most this many usable conversations ('all' for every one)",

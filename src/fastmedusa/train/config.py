@@ -30,6 +30,7 @@ class TrainConfig:
     num_heads: int = 3
     num_layers: int = 1  # ResBlocks per head
     shared_lm_head: bool = False  # heads reuse the base LM head (frozen in stage 1) instead of a copy each
+    draft_vocab: int | None = None  # heads score the N most frequent label tokens only (None/0 = full vocab)
     # -- data --------------------------------------------------------------------------
     data: str | None = None  # ShareGPT .json/.jsonl, a directory holding one, or a hub id; None = embedded
     max_conversations: int | None = 300  # records kept from the file (None = all)
@@ -82,6 +83,16 @@ class TrainConfig:
         _check(self.stage in (1, 2), f"--stage {self.stage}: pass 1 (heads only) or 2 (heads + backbone)")
         _check_int(self.num_heads, 1, "--num-heads", "pass 1 or more (3 to 5 is usual)")
         _check_int(self.num_layers, 0, "--num-layers", "pass 0 or more ResBlocks per head")
+        if self.draft_vocab == 0:
+            self.draft_vocab = None  # 0 spells "the full vocabulary" on the command line too
+        if self.draft_vocab is not None:
+            from fastmedusa.model.config import MIN_DRAFT_VOCAB
+
+            _check_int(
+                self.draft_vocab, MIN_DRAFT_VOCAB, "--draft-vocab",
+                f"pass at least {MIN_DRAFT_VOCAB} tokens (the default tree drafts each head's top 10), "
+                "or 0 for the full vocabulary",
+            )  # fmt: skip
         _check_int(self.seq_len, 2, "--seq-len", "pass at least 2 (a token and the one it predicts)")
         _check_int(self.batch_size, 1, "--batch-size", "pass 1 or more rows")
         _check_int(self.grad_accum, 1, "--grad-accum", "pass 1 or more micro-batches per step")

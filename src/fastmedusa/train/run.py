@@ -64,8 +64,11 @@ def build_data(config: TrainConfig, tokenizer, world_size: int = 1) -> tuple[obj
     return train, eval_batches
 
 
-def build_model(config: TrainConfig):
-    """The base model (fp32 or bf16 params) with fresh heads initialised from its LM head."""
+def build_model(config: TrainConfig, train_examples=None):
+    """The base model (fp32 or bf16 params) with fresh heads initialised from its LM head.
+
+    With --draft-vocab the token map is counted over the labelled positions of `train_examples`
+    (encoded conversations) before training; its coverage of those labels is printed."""
     from fastmedusa.model import MedusaConfig, MedusaModel, load_base_model
 
     base = load_base_model(config.model, dtype=config.parameter_dtype())
@@ -74,8 +77,21 @@ def build_model(config: TrainConfig):
         num_layers=config.num_layers,
         shared_lm_head=config.shared_lm_head,
         base_model_name_or_path=config.model or EMBEDDED_MODEL_NAME,
+        draft_vocab_size=config.draft_vocab,
     )
-    return MedusaModel.from_base(base, heads)
+    token_map = None
+    if config.draft_vocab is not None:
+        from fastmedusa.data.vocab import label_token_map
+
+        if train_examples is None:
+            raise ValueError("--draft-vocab needs the training conversations to count the draft vocabulary")
+        vocab_size = base.get_output_embeddings().weight.shape[0]
+        token_map, coverage = label_token_map(train_examples, vocab_size, config.draft_vocab)
+        say(
+            f"draft vocabulary: the {config.draft_vocab} most frequent of {vocab_size} tokens cover "
+            f"{100 * coverage:.2f}% of the training labels"
+        )
+    return MedusaModel.from_base(base, heads, token_map)
 
 
 def prepare_output_dir(config: TrainConfig) -> Path | None:
@@ -166,7 +182,7 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
         config.save(Path(config.output_dir) / "train_config.json")
     tokenizer = load_tokenizer(config.model)
     train_batches, eval_batches = build_data(config, tokenizer, backend.world_size)
-    model = build_model(config)
+    model = build_model(config, getattr(train_batches, "encoded", None))
     trainer = Trainer(model, config, train_batches, eval_batches, backend=backend)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)

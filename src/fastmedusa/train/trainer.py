@@ -43,8 +43,8 @@ EVAL_CACHE_BYTES = (
 LOG_FILE = "metrics.jsonl"
 # Fields that must match for a checkpoint to continue the same run (steps and logging may change).
 RESUME_FIELDS = (
-    "model", "data", "stage", "num_heads", "num_layers", "shared_lm_head", "seq_len", "pack", "batch_size",
-    "grad_accum", "max_conversations", "eval_size", "seed", "param_dtype",
+    "model", "data", "stage", "num_heads", "num_layers", "shared_lm_head", "draft_vocab", "seq_len", "pack",
+    "batch_size", "grad_accum", "max_conversations", "eval_size", "seed", "param_dtype",
 )  # fmt: skip
 
 
@@ -255,6 +255,7 @@ class Trainer:
         hits_sum = torch.zeros(k, 2, dtype=torch.long)
         count_sum = torch.zeros(k, dtype=torch.long)
         lm_sum, lm_count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
+        outside = torch.zeros(2, dtype=torch.long)  # labelled tokens outside the draft vocabulary, labelled
         cache = self._eval_hidden_cache()
         heads = self.model.medusa_heads
         for i, batch in enumerate(self.eval_batches):
@@ -273,6 +274,7 @@ class Trainer:
                         lm_sum += float(out.lm_loss) * n_lm
                         lm_count += n_lm
                 hits, counts = heads.topk_correct(hidden, batch["labels"])
+                outside += torch.tensor(heads.outside_draft_count(batch["labels"]))
             # a head with no labelled position here has a NaN mean loss: it weighs 0, not NaN
             loss_sum += torch.where(counts > 0, head_losses.double().cpu() * counts, 0.0)
             hits_sum += hits.cpu()
@@ -289,6 +291,9 @@ class Trainer:
         }
         if lm_count:
             result["lm_loss"] = lm_sum / lm_count
+        if heads.token_map is not None:  # scored as misses by top-k, not scored by the loss
+            outside = reduce(outside)
+            result["outside_draft_frac"] = int(outside[0]) / max(int(outside[1]), 1)
         return result
 
     def _eval_hidden_cache(self) -> list[torch.Tensor] | None:
@@ -473,6 +478,11 @@ def summary_lines(summary: dict) -> list[str]:
             f"head {k + 1} (predicts t+{k + 2}): held-out top-1 {100 * first['top1'][k]:.1f}% -> "
             f"{100 * last['top1'][k]:.1f}%, top-5 {100 * first['top5'][k]:.1f}% -> {100 * last['top5'][k]:.1f}%, "
             f"loss {first['head_loss'][k]:.3f} -> {last['head_loss'][k]:.3f}"
+        )
+    if "outside_draft_frac" in last:
+        lines.append(
+            f"draft vocabulary: {100 * last['outside_draft_frac']:.2f}% of held-out labels fall outside it "
+            "(not scored by the heads' loss, misses in top-k)"
         )
     return lines
 

@@ -1,0 +1,62 @@
+"""`fastmedusa train --draft-vocab N`: the map is counted from the training labels, trained with, reported,
+saved with the heads, and kept through a checkpoint."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from fastmedusa.cli import main
+
+
+def test_draft_vocab_run_counts_trains_and_saves_the_map(tiny_model_dir, sharegpt_file, tmp_path, capsys):
+    from fastmedusa.data.vocab import count_label_tokens
+    from fastmedusa.model import MedusaModel
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(sharegpt_file), "--output-dir", str(out),
+            "--num-heads", "2", "--seq-len", "64", "--batch-size", "4", "--max-steps", "12", "--lr", "1e-2",
+            "--eval-size", "8", "--eval-every", "0", "--save-every", "0", "--no-progress", "--device", "cpu",
+            "--draft-vocab", "48", "--no-plot"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "draft vocabulary: the 48 most frequent of 49152 tokens cover" in printed
+    assert "of held-out labels fall outside it" in printed
+    evals = [
+        r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"
+    ]
+    assert 0.0 <= evals[-1]["outside_draft_frac"] < 1.0
+    assert all(b > a for a, b in zip(evals[0]["top1"], evals[-1]["top1"])), (evals[0], evals[-1])
+    saved = load_file(str(out / "heads" / "medusa_lm_head.safetensors"))
+    token_map = saved["token_map"]
+    assert token_map.shape == (48,) and torch.equal(token_map, token_map.sort().values)
+    assert saved["medusa_head.0.1.weight"].shape == (48, 32)
+    heads_config = json.loads((out / "heads" / "config.json").read_text())
+    assert heads_config["draft_vocab_size"] == 48
+    model = MedusaModel.from_pretrained(tiny_model_dir, heads=out / "heads")
+    assert torch.equal(model.medusa_heads.token_map, token_map)
+    # the map is the 48 most frequent label tokens of the training split: every id outside has a count
+    # no higher than the least frequent id inside
+    from fastmedusa.data import encode_dataset, read_sharegpt, train_eval_split
+    from fastmedusa.model import load_tokenizer
+
+    convs, _ = read_sharegpt(str(sharegpt_file), limit=300)
+    train_convs, _ = train_eval_split(convs, 8, seed=0)
+    counts = count_label_tokens(
+        encode_dataset(load_tokenizer(str(tiny_model_dir)), train_convs, 64, False), 49152
+    )
+    inside = torch.zeros(49152, dtype=torch.bool)
+    inside[token_map] = True
+    assert counts[~inside].max() <= counts[inside].min()
+    # the DCP checkpoint holds the map too (resume restores it)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(next(out.glob("checkpoint-*")), tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+    assert torch.equal(ckpt["medusa_heads.token_map"], token_map)
+
+
+def test_bad_draft_vocab_is_one_clear_line(capsys):
+    assert main(["train", "--draft-vocab", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --draft-vocab 5: pass at least 10") and len(err.splitlines()) == 1
