@@ -1,4 +1,4 @@
-"""The `fastmedusa` command: train, generate, bench. Argument parsing lives beside each feature; this file
+"""The `fastmedusa` command: train, generate, distill, bench. Argument parsing lives beside each feature; this file
 only routes and turns bad input into one clear line (exit code 2) instead of a traceback."""
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ COMMANDS = {
         "add_generate_arguments",
         "run_generate",
         "generate text with Medusa tree decoding",
+    ),
+    "distill": (
+        "fastmedusa.data.distill",
+        "add_distill_arguments",
+        "run_distill",
+        "regenerate ShareGPT answers with the base model itself (self-distillation data for the heads)",
     ),
 }
 BENCHMARKS = {

@@ -10,12 +10,14 @@ from fastmedusa.data.chat import (
     EncodeStats,
     encode_conversation,
     encode_dataset,
+    generation_prompt,
     render_with_spans,
 )
 from fastmedusa.data.sharegpt import (
     Conversations,
     ReadStats,
     default_data_path,
+    iter_sharegpt,
     normalize_record,
     read_sharegpt,
     resolve_data_path,
@@ -31,6 +33,8 @@ __all__ = [
     "default_data_path",
     "encode_conversation",
     "encode_dataset",
+    "generation_prompt",
+    "iter_sharegpt",
     "normalize_record",
     "pack_rows",
     "pad_rows",

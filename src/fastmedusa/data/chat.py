@@ -54,6 +54,12 @@ def _apply(tokenizer, messages: Conversation, add_generation_prompt: bool = Fals
     )
 
 
+def generation_prompt(tokenizer, messages: Conversation) -> str:
+    """The text a chat model continues to answer `messages`: its chat template with the generation prompt."""
+    _check_conversation(messages)
+    return _apply(tokenizer, messages, add_generation_prompt=True)
+
+
 def _render_template(tokenizer, conversation: Conversation) -> tuple[str, list[Span]]:
     full = _apply(tokenizer, conversation)
     markers = _end_markers(tokenizer)

@@ -130,27 +130,39 @@ def read_sharegpt(
     `limit` stops after that many kept conversations, so small runs need not parse all 125 MB.
     `conversations.stats` holds the counts per skip reason and whether the file was truncated.
     """
+    source = resolve_data_path(path)
+    stats = ReadStats(path=str(source))
+    kept = Conversations((conversation for _, conversation in iter_sharegpt(source, limit, stats)), stats=stats)
+    if not kept:
+        raise ValueError(f"{source}: no usable conversation ({stats.summary()}); {_EXPECTED_SHAPE}")
+    (logger.warning if stats.truncated else logger.info)(stats.summary())
+    return kept, stats.n_skipped
+
+
+def iter_sharegpt(
+    path: str | os.PathLike | None = None, limit: int | None = None, stats: ReadStats | None = None
+) -> Iterator[tuple[dict, Conversation]]:
+    """Stream `(raw record, normalised conversation)` pairs, skipping (and counting in `stats`) bad records.
+
+    For callers that need more of the record than its turns (its `id`, the source's role names) or that
+    must not hold the whole file in memory. `stats.n_kept` counts the pairs yielded so far.
+    """
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit}: pass a positive number of conversations, or None for all")
     source = resolve_data_path(path)
-    stats = ReadStats(path=str(source))
+    stats = stats if stats is not None else ReadStats(path=str(source))
     records = _hub_records(source) if isinstance(source, str) else _file_records(source, stats)
-    kept = Conversations(stats=stats)
     for record in records:
         stats.n_records += 1
         conversation, reason = normalize_record(record)
         if conversation is None:
             stats.skip(reason)
             continue
-        kept.append(conversation)
-        if limit is not None and len(kept) >= limit:
+        stats.n_kept += 1
+        yield record, conversation
+        if limit is not None and stats.n_kept >= limit:
             stats.stopped_at_limit = True
-            break
-    stats.n_kept = len(kept)
-    if not kept:
-        raise ValueError(f"{source}: no usable conversation ({stats.summary()}); {_EXPECTED_SHAPE}")
-    (logger.warning if stats.truncated else logger.info)(stats.summary())
-    return kept, stats.n_skipped
+            return
 
 
 _EXPECTED_SHAPE = (
