@@ -9,6 +9,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from fastmedusa.errors import UserError
+
 # subcommand -> (module, function adding arguments, function running; help)
 COMMANDS = {
     "train": (
@@ -38,9 +40,15 @@ BENCHMARKS = {
         "fastmedusa.bench.heads",
         "per-head top-k accuracy on held-out prompts, and a tree built from it",
     ),
-    "report": ("fastmedusa.bench.report", "markdown tables of speed-ups and memory from bench train JSON files"),
+    "report": (
+        "fastmedusa.bench.report",
+        "markdown tables of speed-ups and memory from bench train JSON files",
+    ),
 }
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (
+    ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
+    UserError,
+)  # fmt: skip
 
 
 def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
@@ -81,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the message
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

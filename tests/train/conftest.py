@@ -79,3 +79,9 @@ def sharegpt_file(tmp_path):
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(conversations(40)))
     return path
+
+
+@pytest.fixture(scope="session")
+def sharegpt_records():
+    """`conversations(n, seed)` for tests that write their own data files."""
+    return conversations

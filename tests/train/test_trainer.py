@@ -59,9 +59,9 @@ def test_evaluate_matches_with_and_without_the_stage_1_cache(tiny_medusa, tmp_pa
     evals = _batches(3, seed=5)
     trainer = Trainer(tiny_medusa(), _config(tmp_path), eval_batches=evals)
     first = trainer.evaluate()  # fills the hidden-state cache
-    assert len(trainer._eval_hidden) == 3
+    assert len(trainer.eval_cache) == 3
     cached = trainer.evaluate()
-    trainer._eval_hidden = None
+    trainer.eval_cache = None
     trainer.config.stage = 2  # the uncached path: the full model forward
     uncached = trainer.evaluate()
     for key in ("head_loss", "top1", "top5"):

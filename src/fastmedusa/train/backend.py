@@ -8,37 +8,11 @@ one with the same methods (DCP sharded checkpoints), passed as `Trainer(..., bac
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
-
-STATE_FILE = "state.pt"
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters that train: the heads in stage 1, everything in stage 2. Frozen ones reload from the base."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable parameters in place; a different set of names is a clear error."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint parameters do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
-            "resume with the same --model, --stage, --num-heads, --num-layers and --shared-lm-head"
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != state[name].shape:
-                raise ValueError(
-                    f"checkpoint {name} has shape {tuple(state[name].shape)}, model {tuple(p.shape)}"
-                )
-            p.copy_(state[name])
 
 
 class SingleProcess:
@@ -79,39 +53,21 @@ class SingleProcess:
     def save_checkpoint(
         self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict
     ) -> None:
-        """Write trainable parameters, optimizer state and `extra` (plain Python, tensors) into `directory`.
+        """Write trainable parameters, optimizer state and `extra` (JSON) into `directory`.
 
         The format is FSDP's (torch.distributed.checkpoint, no process group needed): a run started on one
-        process resumes under torchrun at any world size, and the other way round."""
+        process resumes under torchrun at any world size, and the other way round. The caller's
+        `checkpoint.write_checkpoint` adds the manifest and fsyncs."""
         from fastmedusa.train.distributed import save_sharded
 
         with warnings.catch_warnings():  # "no process group: assuming a single process" is the point here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             save_sharded(directory, model, optimizer, extra)
-        for path in directory.iterdir():  # DCP does not fsync; the checkpoint must survive a power cut
-            _fsync(path)
 
     def load_checkpoint(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Restore what `save_checkpoint` (or an FSDP run) wrote, in place; returns `extra`."""
-        if (directory / STATE_FILE).is_file():
-            return load_state_file(directory, model, optimizer)
         from fastmedusa.train.distributed import load_sharded
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             return load_sharded(directory, model, optimizer)
-
-
-def load_state_file(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """A checkpoint of the earlier single-file format (`state.pt`), still read so older runs resume."""
-    # weights_only=False: `extra` holds RNG states (numpy's is a tuple with an ndarray); our own file.
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-    load_trainable_state_dict(model, state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return state["extra"]
-
-
-def _fsync(path: Path) -> None:
-    if path.is_file():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())

@@ -1,39 +1,62 @@
-"""Checkpoint directories written atomically, and the RNG states that make `--resume` exact.
+"""Checkpoint directories: one atomic write path, a manifest that guards every read, RNG states as JSON.
 
-A checkpoint is `output_dir/checkpoint-{step:07d}/`. It is written under a temporary name, every file
-and the directory fsynced, then renamed into place: a run killed at any moment leaves either the
-previous complete checkpoint or the new one, never half of one. Older ones are deleted only after the
+A checkpoint is `output_dir/checkpoint-{step:07d}/`. It is written under `.tmp-checkpoint-*`, every file
+and the directory fsynced, then renamed into place: a run killed at any moment leaves either the previous
+complete checkpoint or the new one, never half of one; a write that fails (a full disk) removes the
+temporary directory and leaves the older checkpoints as they were. Older ones are deleted only after the
 new one is complete.
+
+`manifest.json` (size and sha256 of every other file) is written last and marks the checkpoint complete.
+A resume checks it before anything is parsed: torch.distributed.checkpoint's `.metadata` is a pickle,
+and a flipped byte in a tensor shard would otherwise train on silently. Nothing on the load path
+unpickles arbitrary objects: tensors are read by DCP with torch's weights-only loader, the metadata with
+an allowlist unpickler (`fastmedusa.train.distributed`), everything else is JSON.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+from fastmedusa.errors import UserError
 
 PREFIX = "checkpoint-"
-COMPLETE_MARKER = "COMPLETE"
+TMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
+TRAIN_CONFIG = "train_config.json"
+RUN_INFO = "checkpoint.json"  # step, world size, model shape, input fingerprints: checked before tensors load
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+_HASH_BLOCK = 1 << 20
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be written or read (full disk, corrupt or truncated file, none usable)."""
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return output_dir / f"{PREFIX}{step:07d}"
+    return Path(output_dir) / f"{PREFIX}{step:07d}"
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in `output_dir`, oldest first."""
+    """Complete checkpoints (those with a manifest) in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = []
     for path in output_dir.iterdir():
         match = _NAME.match(path.name)
-        if match and (path / COMPLETE_MARKER).is_file():
+        if match and (path / MANIFEST).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -43,24 +66,96 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def earlier_run_files(output_dir: Path) -> list[Path]:
+    """What an earlier run left in `output_dir` (checkpoints complete or not, its metrics log)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = sorted(p for p in output_dir.iterdir() if _NAME.match(p.name))
+    return found + [p for p in (output_dir / "metrics.jsonl",) if p.exists()]
+
+
 def tmp_dir(output_dir: Path, step: int) -> Path:
     """Where the checkpoint of `step` is written before `commit` renames it into place."""
-    return output_dir / f".tmp-{checkpoint_dir(output_dir, step).name}"
+    return Path(output_dir) / f"{TMP_PREFIX}{checkpoint_dir(output_dir, step).name}"
 
 
-def begin(output_dir: Path, step: int) -> Path:
-    """Create an empty temporary directory for the checkpoint of `step` (main process only)."""
+def remove_stale_tmp(output_dir: Path) -> int:
+    """Delete `.tmp-checkpoint-*` directories of saves that never completed (a kill, a full disk)."""
+    stale = list(Path(output_dir).glob(f"{TMP_PREFIX}{PREFIX}*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
+
+
+def remove_checkpoints(output_dir: Path) -> int:
+    """Delete every checkpoint (complete or not) and the metrics log: only for an explicit --overwrite."""
+    paths = earlier_run_files(output_dir)
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(paths) + remove_stale_tmp(output_dir)
+
+
+def write_checkpoint(
+    output_dir: Path,
+    step: int,
+    write: Callable[[Path], None],
+    *,
+    keep: int = 2,
+    main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """The one write path: `write(tmp)` on every process, then the main one commits (manifest, fsync, rename).
+
+    A failure in `write` (e.g. ENOSPC) removes the temporary directory and raises `CheckpointError`;
+    the checkpoints already on disk are not touched."""
+    output_dir = Path(output_dir)
     tmp = tmp_dir(output_dir, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left over by a run killed mid-write
-    tmp.mkdir(parents=True)
-    return tmp
+    try:
+        if main:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left over by a save killed mid-write
+            tmp.mkdir(parents=True)
+        barrier()
+        write(tmp)
+        barrier()
+        if main:
+            commit(output_dir, step, keep=keep)
+    except (OSError, CheckpointException) as err:  # DCP wraps a process's OSError in a CheckpointException
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(output_dir)
+        raise CheckpointError(
+            f"could not write {checkpoint_dir(output_dir, step)} ({describe(err)}); nothing of it was kept"
+            + (f" and {kept} is intact: free space and continue with --resume" if kept else "")
+        ) from err
+    barrier()
+    return checkpoint_dir(output_dir, step)
 
 
-def commit(output_dir: Path, step: int, keep: int = 1) -> Path:
-    """Mark the temporary directory complete, fsync it, rename it into place; keep the newest `keep`."""
+def describe(err: BaseException) -> str:
+    """One line for an exception; DCP's CheckpointException is unwrapped to the first process's error."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        err = inner[0] if isinstance(inner, tuple) else inner
+    cause = err  # torch.save turns a failed write into "unexpected pos": the OSError is its context
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        err = cause
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{type(err).__name__}: {text}"[:300]
+
+
+def commit(output_dir: Path, step: int, keep: int = 2) -> Path:
+    """Write the manifest (last), fsync, rename the temporary directory into place; keep the newest `keep`."""
+    output_dir = Path(output_dir)
     tmp, final = tmp_dir(output_dir, step), checkpoint_dir(output_dir, step)
-    (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+    write_manifest(tmp)
     for path in tmp.rglob("*"):
         if path.is_file():
             _fsync_path(path)
@@ -74,14 +169,6 @@ def commit(output_dir: Path, step: int, keep: int = 1) -> Path:
     return final
 
 
-def remove_checkpoints(output_dir: Path) -> int:
-    """Delete every checkpoint (complete or not) in `output_dir`: a fresh run must not resume an old one."""
-    paths = [p for p in output_dir.glob(f"{PREFIX}*")] + list(output_dir.glob(f".tmp-{PREFIX}*"))
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
-    return len(paths)
-
-
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -90,17 +177,137 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# -- manifest ----------------------------------------------------------------------------------------------
+def _files(directory: Path) -> Iterator[Path]:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            yield path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> Path:
+    """`manifest.json`: size and sha256 of every file in `directory` (written last: it marks completion)."""
+    files = {
+        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in _files(directory)
+    }
+    path = directory / MANIFEST
+    path.write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+    return path
+
+
+def verify_manifest(directory: Path) -> None:
+    """Raise `CheckpointError` naming the first file that is missing, extra, truncated or altered."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not an object")
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{manifest} is missing: the checkpoint is incomplete") from err
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest} is unreadable ({err})") from err
+    present = {p.relative_to(directory).as_posix() for p in _files(directory)}
+    if missing := sorted(set(files) - present):
+        raise CheckpointError(f"{directory / missing[0]} is missing (listed in {MANIFEST})")
+    if extra := sorted(present - set(files)):
+        raise CheckpointError(
+            f"{directory / extra[0]} is not listed in {MANIFEST}: the checkpoint was altered"
+        )
+    for name, entry in sorted(files.items()):
+        path = directory / name
+        if not isinstance(entry, dict) or path.stat().st_size != entry.get("size"):
+            raise CheckpointError(
+                f"{path} has {path.stat().st_size} bytes, {MANIFEST} says {entry}: truncated"
+            )
+        if sha256_file(path) != entry.get("sha256"):
+            raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST}: the file is corrupt")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint file; anything else is a `CheckpointError` naming the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err})") from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return value
+
+
+def write_json(path: Path, value: dict) -> None:
+    Path(path).write_text(json.dumps(value, indent=1, allow_nan=False) + "\n")
+
+
+# -- RNG states as JSON ------------------------------------------------------------------------------------
+def _bytes(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8).clone()
+
+
 def rng_state() -> dict:
-    """Python, numpy, torch CPU and CUDA generator states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch CPU and CUDA generator states, JSON-serialisable (byte states in base64)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _bytes(torch.get_rng_state()),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_bytes(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    """Restore what `rng_state` returned (a malformed state raises `CheckpointError`)."""
+    try:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(_tensor(state["torch"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([_tensor(s) for s in state["cuda"]])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"the saved RNG state is malformed ({err})") from err
+
+
+# -- input fingerprints ------------------------------------------------------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def fingerprint(path: str | os.PathLike) -> dict | None:
+    """Size and sha256 of the first and last MB of a file (or of each weights file of a directory).
+
+    Enough to notice a file replaced at the same path without reading gigabytes; None for what is not a
+    local path (a hub id)."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    else:
+        return None
+    out = {}
+    for p in files:
+        size = p.stat().st_size
+        digest = hashlib.sha256()
+        with open(p, "rb") as f:
+            digest.update(f.read(_HASH_BLOCK))
+            if size > _HASH_BLOCK:
+                f.seek(max(_HASH_BLOCK, size - _HASH_BLOCK))
+                digest.update(f.read(_HASH_BLOCK))
+        out[p.name] = {"size": size, "sha256_first_last_mb": digest.hexdigest()}
+    return out

@@ -58,9 +58,11 @@ class TrainConfig:
     eval_batch_size: int | None = None  # None = batch_size
     log_every: int = 5
     save_every: int = 20  # steps between checkpoints (0 = only at the end)
-    keep_checkpoints: int = 1  # older ones are deleted once a newer one is complete
+    keep_checkpoints: int = 2  # older ones are deleted once a newer one is complete (2: one to fall back on)
     output_dir: str = "runs/medusa"
     resume: bool = False  # continue from the newest checkpoint in output_dir
+    overwrite: bool = False  # start over in an output_dir holding an earlier run (deleted once inputs load)
+    allow_changed_data: bool = False  # resume although the model or data file at the same path changed
     seed: int = 0
     progress: bool = True  # tqdm bars
     plot: bool = True  # write curves.png at the end
@@ -139,6 +141,10 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "log_every"):
             _check_int(getattr(self, name), 0, f"--{_flag(name)}", "pass 0 or more steps")
         _check_int(self.keep_checkpoints, 1, "--keep-checkpoints", "keep at least the newest one")
+        _check(
+            not (self.resume and self.overwrite),
+            "--resume continues the run in --output-dir, --overwrite deletes it: pass one of them",
+        )
         if self.peak_tflops is not None:
             _check(
                 self.peak_tflops > 0, f"--peak-tflops {self.peak_tflops}: pass the device's peak, e.g. 989"

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
-import shutil
+import pickle
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +42,9 @@ from torch import nn
 
 from fastmedusa.model.medusa_model import HEADS_WEIGHTS_NAME
 
-EXTRA_FILE = "extra_rank{rank}.pt"  # per process: RNG states and data position differ between ranks
+EXTRA_FILE = "extra_rank{rank}.json"  # per process: RNG states and data position differ between ranks
 META_FILE = "dist_meta.json"
+OPTIMIZER_FILE = "optimizer.json"  # the optimizer's hyper-parameters (its tensors are in the DCP files)
 
 
 # -- process group ---------------------------------------------------------------------------------------
@@ -306,26 +306,110 @@ def trainable_state_dict(model: nn.Module, *, full: bool = False) -> dict[str, t
     return _drop_frozen(model, get_model_state_dict(model, options=_state_options(full)))
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads DCP's `.metadata` (a pickle) resolving only the classes DCP writes there, so a crafted file
+    cannot name `os.system` or any other callable: an unknown global is an `UnpicklingError`."""
+
+    _ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+            "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+        },
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+        "collections": {"OrderedDict"},
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if name in self._ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata")
+
+
+def _safe_reader(directory: Path):
+    """A DCP FileSystemReader whose metadata read runs no code (see `_MetadataUnpickler`)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(directory / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if type(metadata).__name__ != "Metadata":
+                raise pickle.UnpicklingError(f"{directory / '.metadata'} holds no DCP Metadata")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(directory))
+
+
+def _safe_planner():
+    """DCP's default load planner, except that a non-tensor item is read weights-only (no pickle code)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            loaded = torch.load(value, map_location="cpu", weights_only=True)
+            fqn = read_item.dest_index.fqn
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], loaded)
+            else:
+                self.state_dict[fqn] = loaded
+
+    return SafePlanner()
+
+
+def _json_value(value, where: str):
+    """Optimizer hyper-parameters as JSON (tuples become lists, restored by `_param_groups`)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_json_value(v, where) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"{where}: {type(value).__name__} is not a JSON value")
+
+
+def _param_groups(groups: list[dict]) -> list[dict]:
+    return [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in groups]
+
+
 def save_sharded(
     directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict
 ) -> None:
-    """Collective: every process writes its shards of the trainable parameters and the optimizer state
-    (torch.distributed.checkpoint, loadable at any world size) and its own `extra` into `directory`.
+    """Collective: every process writes its shards of the trainable parameters and the optimizer's tensors
+    (torch.distributed.checkpoint, loadable at any world size) and its own `extra` (JSON) into `directory`;
+    the main process adds the optimizer's hyper-parameters (JSON) and the world size.
 
     `directory` must be the same path on every process (a shared filesystem across nodes) and exist.
-    Call `save_checkpoint` for the atomic temp-dir-and-rename protocol around this.
+    `fastmedusa.train.checkpoint.write_checkpoint` wraps this in the atomic temp-dir-and-rename protocol.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from fastmedusa.train.checkpoint import write_json
+
     directory = Path(directory)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
-    dcp.save({"model": _drop_frozen(model, model_sd), "optim": optim_sd}, checkpoint_id=str(directory))
+    dcp.save(
+        {"model": _drop_frozen(model, model_sd), "optim": {"state": optim_sd["state"]}},
+        checkpoint_id=str(directory),
+    )
     rank = dist.get_rank() if _initialized() else 0
-    torch.save(extra, directory / EXTRA_FILE.format(rank=rank))
+    write_json(directory / EXTRA_FILE.format(rank=rank), extra)
     if rank == 0:
+        groups = [
+            {k: _json_value(v, f"param_groups.{k}") for k, v in g.items()} for g in optim_sd["param_groups"]
+        ]
+        write_json(directory / OPTIMIZER_FILE, {"param_groups": groups})
         world = dist.get_world_size() if _initialized() else 1
-        (directory / META_FILE).write_text(json.dumps({"world_size": world}) + "\n")
+        write_json(directory / META_FILE, {"world_size": world})
     barrier()
 
 
@@ -334,7 +418,8 @@ def load_sharded(
 ) -> dict:
     """Collective: restore what `save_sharded` wrote, at the same or another world size, wrapped with FSDP2
     or not; returns this process's `extra` (rank 0's when the world size changed: per-rank RNG states
-    and data positions do not carry over between world sizes)."""
+    and data positions do not carry over between world sizes). Verify the manifest first
+    (`fastmedusa.train.checkpoint.verify_manifest`): this reads the files it is given."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -342,6 +427,8 @@ def load_sharded(
         set_model_state_dict,
         set_state_dict,
     )
+
+    from fastmedusa.train.checkpoint import read_json
 
     directory = Path(directory)
     if not (directory / ".metadata").is_file():
@@ -351,24 +438,25 @@ def load_sharded(
     # strict=False: the frozen parameters are not in the checkpoint. Every trainable one is: DCP raises
     # when a key asked for is missing from the checkpoint (e.g. a stage-1 checkpoint resumed in stage 2).
     opts = _state_options(strict=False)
+    load = dict(checkpoint_id=str(directory), storage_reader=_safe_reader(directory), planner=_safe_planner())
     if optimizer is None:
         state = {"model": _drop_frozen(model, get_model_state_dict(model, options=opts))}
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, **load)
         set_model_state_dict(model, state["model"], options=opts)
     else:
         # get_state_dict creates the optimizer's state (a zero-lr step) so DCP has tensors to load into
         model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-        state = {"model": _drop_frozen(model, model_sd), "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(directory))
+        state = {"model": _drop_frozen(model, model_sd), "optim": {"state": optim_sd["state"]}}
+        dcp.load(state, **load)
+        groups = read_json(directory / OPTIMIZER_FILE)["param_groups"]
+        optim_sd = {"state": state["optim"]["state"], "param_groups": _param_groups(groups)}
         set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_sd, options=opts
         )
     rank = dist.get_rank() if _initialized() else 0
     world = dist.get_world_size() if _initialized() else 1
-    saved_world = json.loads((directory / META_FILE).read_text())["world_size"]
-    extra_path = directory / EXTRA_FILE.format(rank=rank if world == saved_world else 0)
-    # weights_only=False: our own file; numpy's RNG state is a tuple holding an ndarray
-    return torch.load(extra_path, map_location="cpu", weights_only=False)
+    saved_world = read_json(directory / META_FILE)["world_size"]
+    return read_json(directory / EXTRA_FILE.format(rank=rank if world == saved_world else 0))
 
 
 def save_checkpoint(
@@ -378,37 +466,25 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     extra: dict,
     *,
-    keep: int = 1,
+    keep: int = 2,
 ) -> Path:
-    """Collective: `output_dir/checkpoint-{step:07d}`, written under a temp name by all processes and renamed
-    by rank 0 after a barrier, so a save killed at any moment leaves the previous complete checkpoint.
-    Same names and COMPLETE marker as the single-process trainer (`fastmedusa.train.checkpoint`)."""
-    from fastmedusa.train.checkpoint import COMPLETE_MARKER, checkpoint_dir, list_checkpoints
+    """Collective: `output_dir/checkpoint-{step:07d}` through the one write path of
+    `fastmedusa.train.checkpoint.write_checkpoint` (temp dir, manifest, fsync, rename by rank 0)."""
+    from fastmedusa.train.checkpoint import write_checkpoint
 
-    output_dir = Path(output_dir)
-    final = checkpoint_dir(output_dir, step)
-    tmp = output_dir / f".tmp-{final.name}"
-    if is_main_process():
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over by a run killed mid-save
-        tmp.mkdir(parents=True)
-    barrier()
-    save_sharded(tmp, model, optimizer, extra)  # ends with a barrier: every shard is on disk
-    if is_main_process():
-        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
+    return write_checkpoint(
+        Path(output_dir), step, lambda tmp: save_sharded(tmp, model, optimizer, extra),
+        keep=keep, main=is_main_process(), barrier=barrier,
+    )  # fmt: skip
 
 
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> dict:
-    """Collective: restore a checkpoint directory written by `save_checkpoint`; returns `extra`."""
+    """Collective: verify the manifest of a directory written by `save_checkpoint`, restore it; returns `extra`."""
+    from fastmedusa.train.checkpoint import verify_manifest
+
+    verify_manifest(Path(path))
     return load_sharded(path, model, optimizer)
 
 
@@ -540,11 +616,6 @@ class FSDPBackend:
         save_sharded(directory, model, optimizer, extra)
 
     def load_checkpoint(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        if (Path(directory) / "state.pt").is_file():
-            raise ValueError(
-                f"{directory} is a single-file checkpoint of an older single-process run: resume it without "
-                "torchrun/--fsdp (checkpoints written since then load under both)"
-            )
         return load_sharded(directory, model, optimizer)
 
     def clip_grad_norm_(self, parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:

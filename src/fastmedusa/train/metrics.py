@@ -77,14 +77,27 @@ class JsonlLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """On resume drop records past the checkpoint's step: that part of training runs again."""
+    def truncate_after(self, step: int) -> int:
+        """On resume drop records past the checkpoint's step: that part of training runs again.
+
+        A line that is not a whole JSON record (the last one, torn by a kill mid-write) is dropped too;
+        returns how many such lines were dropped."""
         if not self.enabled or not self.path.is_file():
-            return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-        ]
+            return 0
+        kept, torn = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                record_step = record["step"]
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
+            if record_step <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
+        return torn
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -94,37 +94,86 @@ def build_model(config: TrainConfig, train_examples=None):
     return MedusaModel.from_base(base, heads, token_map)
 
 
-def prepare_output_dir(config: TrainConfig) -> Path | None:
-    """Check the output dir; return the checkpoint to resume from (None = start fresh).
+def prepare_output_dir(config: TrainConfig) -> Path:
+    """Check the output dir before anything loads: refuse an earlier run's files unless --resume or
+    --overwrite, remove temporary directories of saves that never completed.
 
-    Only the main process removes an earlier run's files; the others wait for it, then all agree."""
+    Only the main process touches files; the others wait for it. Nothing is deleted here: --overwrite
+    deletes the earlier run in `remove_earlier_run`, once the model and data have loaded."""
     if not is_main_process():
         barrier()
-        return ckpt.latest_checkpoint(Path(config.output_dir)) if config.resume else None
+        return Path(config.output_dir).expanduser()
     try:
         return _prepare_output_dir(config)
     finally:
         barrier()
 
 
-def _prepare_output_dir(config: TrainConfig) -> Path | None:
+def _prepare_output_dir(config: TrainConfig) -> Path:
     out = check_output_dir(config.output_dir)
-    latest = ckpt.latest_checkpoint(out)
+    if stale := ckpt.remove_stale_tmp(out):
+        say(f"removed {stale} incomplete checkpoint save(s) (.tmp-checkpoint-*) in {out}")
     if config.resume:
-        if latest is None:
+        if ckpt.latest_checkpoint(out) is None:
             raise FileNotFoundError(
                 f"--resume: no complete checkpoint in {out}: drop --resume to start a new run there"
             )
-        return latest
-    removed = ckpt.remove_checkpoints(out)
-    if removed:
-        say(
-            f"starting a new run in {out}: removed {removed} checkpoint(s) of an earlier run (--resume continues one)"
+        return out
+    earlier = ckpt.earlier_run_files(out)
+    if earlier and not config.overwrite:
+        names = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise FileExistsError(
+            f"--output-dir {out} holds an earlier run ({names}): pass --resume to continue it, --overwrite "
+            "to delete it and start over, or another --output-dir"
         )
-    log = out / "metrics.jsonl"
-    if log.exists():
-        log.unlink()
-    return None
+    return out
+
+
+def remove_earlier_run(config: TrainConfig) -> None:
+    """--overwrite: delete the earlier run's checkpoints and log, now that the new run's inputs loaded."""
+    if config.overwrite and is_main_process():
+        if removed := ckpt.remove_checkpoints(Path(config.output_dir).expanduser()):
+            say(
+                f"--overwrite: removed {removed} checkpoint(s)/log(s) of an earlier run in {config.output_dir}"
+            )
+    barrier()
+
+
+def input_fingerprints(config: TrainConfig, data_path: Path | str) -> dict:
+    """Fingerprints of the base model's weights and the data file (None for hub ids), saved with checkpoints."""
+    from fastmedusa.model.loading import resolve_model_source
+
+    source, extra = resolve_model_source(config.model)
+    model_path = Path(source) / extra["gguf_file"] if "gguf_file" in extra else Path(source)
+    return {
+        "model": ckpt.fingerprint(model_path),
+        "data": ckpt.fingerprint(data_path) if isinstance(data_path, Path) else None,
+    }
+
+
+def check_resume_inputs(config: TrainConfig, world_size: int, inputs: dict) -> None:
+    """Fail fast, before the model and data load: the newest checkpoint's settings (JSON only) and the
+    fingerprints of the model and data files must match this run's (--allow-changed-data accepts new files)."""
+    from fastmedusa.train.trainer import ResumeMismatchError, check_resumable
+
+    for _, path in reversed(ckpt.list_checkpoints(Path(config.output_dir).expanduser())):
+        try:
+            saved, info = ckpt.read_json(path / ckpt.TRAIN_CONFIG), ckpt.read_json(path / ckpt.RUN_INFO)
+        except ckpt.CheckpointError:
+            continue  # unreadable: Trainer.resume reports it and falls back to an older one
+        check_resumable(saved, config, path, info.get("world_size", 1), world_size)
+        for key, flag in (("model", "--model"), ("data", "--data")):
+            then, now = (info.get("inputs") or {}).get(key), inputs.get(key)
+            if then is None or now is None or then == now:
+                continue
+            where = getattr(config, key) or "(the embedded default)"
+            if not config.allow_changed_data:
+                raise ResumeMismatchError(
+                    f"{flag} {where}: the file changed since {path} was written (its size or the hash of its "
+                    "first and last MB differ): resume with the original file, or pass --allow-changed-data"
+                )
+            say(f"{flag} {where} changed since {path} was written; continuing (--allow-changed-data)")
+        return
 
 
 def train(config: TrainConfig, backend: SingleProcess | FSDPBackend | None = None) -> dict:
@@ -176,17 +225,22 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
     from fastmedusa.model import load_tokenizer
 
     started = time.perf_counter()
-    resolve_data_path(config.data)  # a missing --data file fails before the model loads
-    resume_from = prepare_output_dir(config)
-    if backend.is_main_process():
-        config.save(Path(config.output_dir) / "train_config.json")
+    data_path = resolve_data_path(config.data)  # a missing --data file fails before the model loads
+    out = prepare_output_dir(config)
+    inputs = input_fingerprints(config, data_path)
+    if config.resume:
+        check_resume_inputs(config, backend.world_size, inputs)
     tokenizer = load_tokenizer(config.model)
     train_batches, eval_batches = build_data(config, tokenizer, backend.world_size)
     model = build_model(config, getattr(train_batches, "encoded", None))
+    remove_earlier_run(config)
     trainer = Trainer(model, config, train_batches, eval_batches, backend=backend)
-    if resume_from is not None:
-        trainer.load_checkpoint(resume_from)
-        say(f"resumed from {resume_from} at step {trainer.step}/{trainer.total_steps}")
+    trainer.inputs = inputs
+    if config.resume:
+        resumed = trainer.resume(report=say)
+        say(f"resumed from {resumed} at step {trainer.step}/{trainer.total_steps}")
+    if backend.is_main_process():
+        config.save(out / "train_config.json")
     trainer.log.write(environment_record(trainer))
     processes = (
         f" x {backend.world_size} processes (FSDP2)" if getattr(backend, "shards_model", False) else ""

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fastmedusa.train import checkpoint as ckpt
 from fastmedusa.train.backend import SingleProcess
 from fastmedusa.train.config import TrainConfig
-from fastmedusa.train.distributed import gathered_heads
+from fastmedusa.train.evaluate import EVAL_CACHE_BYTES, HiddenCache, evaluate
 from fastmedusa.train.metrics import (
     JsonlLog,
     fmt_pct,
@@ -37,9 +37,6 @@ from fastmedusa.train.schedules import head_weights, heads_ramp, lr_factor
 
 logger = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
-EVAL_CACHE_BYTES = (
-    2 << 30
-)  # stage 1: keep held-out hidden states up to 2 GiB instead of re-running the backbone
 LOG_FILE = "metrics.jsonl"
 # Fields that must match for a checkpoint to continue the same run (steps and logging may change).
 RESUME_FIELDS = (
@@ -50,6 +47,10 @@ RESUME_FIELDS = (
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became NaN/inf; the step was not applied."""
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint belongs to a run with other settings, another model shape or other inputs."""
 
 
 def random_batch(
@@ -120,7 +121,10 @@ class Trainer:
         )
         self.train_batches = train_batches
         self.eval_batches = list(eval_batches)
-        self._eval_hidden: list[torch.Tensor] | None = None
+        # stage 1 on one process: held-out hidden states computed once (see fastmedusa.train.evaluate)
+        frozen = config.stage == 1 and self.backend.world_size == 1 and not self.backend.shards_model
+        self.eval_cache: HiddenCache | None = HiddenCache(EVAL_CACHE_BYTES) if frozen else None
+        self.inputs: dict = {}  # fingerprints of the model and data files, saved with each checkpoint
         self.step = 0
         self.output_dir = Path(config.output_dir)
         self.log = JsonlLog(self.output_dir / LOG_FILE, enabled=self.backend.is_main_process())
@@ -239,80 +243,12 @@ class Trainer:
         return metrics
 
     # -- evaluation --------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict | None:
-        """Per-head loss and top-1/top-5 on the held-out batches (token-weighted over all of them).
-
-        Stage 1 on one process: the frozen backbone's hidden states are computed once and reused by
-        every later evaluation (up to EVAL_CACHE_BYTES), so evaluating costs only the heads. Over several
-        processes each evaluates its rows of every batch (padded with unlabelled rows to split evenly).
-        """
-        if not self.eval_batches:
-            return None
-        self.model.eval()
-        k = self.config.num_heads
-        loss_sum = torch.zeros(k, dtype=torch.float64)
-        hits_sum = torch.zeros(k, 2, dtype=torch.long)
-        count_sum = torch.zeros(k, dtype=torch.long)
-        lm_sum, lm_count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
-        outside = torch.zeros(2, dtype=torch.long)  # labelled tokens outside the draft vocabulary, labelled
-        cache = self._eval_hidden_cache()
-        heads = self.model.medusa_heads
-        for i, batch in enumerate(self.eval_batches):
-            batch = pad_rows(batch, self.backend.world_size)
-            batch = self._to_device(self.backend.shard_batch(batch))
-            with self._autocast(), gathered_heads(self.model):
-                if cache is not None:
-                    hidden = cache[i] if i < len(cache) else self._cache_hidden(cache, batch)
-                    _, head_losses = heads(hidden, batch["labels"], impl=self.config.impl)
-                else:
-                    out = self.model(batch["input_ids"], batch.get("attention_mask"), batch["labels"],
-                                     impl=self.config.impl)  # fmt: skip
-                    hidden, head_losses = out.hidden_states, out.head_losses
-                    n_lm = int((batch["labels"][:, 1:] != -100).sum())
-                    if out.lm_loss is not None and n_lm:
-                        lm_sum += float(out.lm_loss) * n_lm
-                        lm_count += n_lm
-                hits, counts = heads.topk_correct(hidden, batch["labels"])
-                outside += torch.tensor(heads.outside_draft_count(batch["labels"]))
-            # a head with no labelled position here has a NaN mean loss: it weighs 0, not NaN
-            loss_sum += torch.where(counts > 0, head_losses.double().cpu() * counts, 0.0)
-            hits_sum += hits.cpu()
-            count_sum += counts
-        reduce = self.backend.all_reduce
-        loss_sum, hits_sum, count_sum = reduce(loss_sum), reduce(hits_sum), reduce(count_sum)
-        lm_sum, lm_count = float(reduce(lm_sum)), int(reduce(lm_count))
-        denom = count_sum.clamp(min=1)
-        result = {
-            "head_loss": (loss_sum / denom).tolist(),
-            "top1": (hits_sum[:, 0] / denom).tolist(),
-            "top5": (hits_sum[:, 1] / denom).tolist(),
-            "positions": count_sum.tolist(),
-        }
-        if lm_count:
-            result["lm_loss"] = lm_sum / lm_count
-        if heads.token_map is not None:  # scored as misses by top-k, not scored by the loss
-            outside = reduce(outside)
-            result["outside_draft_frac"] = int(outside[0]) / max(int(outside[1]), 1)
-        return result
-
-    def _eval_hidden_cache(self) -> list[torch.Tensor] | None:
-        # Under FSDP the heads run outside the model's forward here, on shards: no cache (even on one process)
-        sharded = getattr(self.backend, "shards_model", False)
-        frozen = self.config.stage == 1 and self.backend.world_size == 1 and not sharded
-        if not frozen:
-            return None
-        if self._eval_hidden is None:
-            self._eval_hidden = []
-        return self._eval_hidden
-
-    def _cache_hidden(self, cache: list[torch.Tensor], batch: Batch) -> torch.Tensor:
-        hidden = self.model.backbone_hidden_states(batch["input_ids"], batch.get("attention_mask"))
-        if sum(h.numel() * h.element_size() for h in cache) + hidden.numel() * hidden.element_size() <= (
-            EVAL_CACHE_BYTES
-        ):
-            cache.append(hidden)
-        return hidden
+        """Per-head loss and top-1/top-5 on the held-out batches (see `fastmedusa.train.evaluate`)."""
+        return evaluate(
+            self.model, self.eval_batches, num_heads=self.config.num_heads, impl=self.config.impl,
+            backend=self.backend, device=self.device, autocast=self._autocast, cache=self.eval_cache,
+        )  # fmt: skip
 
     # -- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -323,33 +259,76 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data": self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else None,
             "rng": ckpt.rng_state(),
-            "config": self.config.to_dict(),
-            "world_size": self.backend.world_size,
         }
-        # Every process writes its part into one temporary directory; the main one renames it when all are done.
         main = self.backend.is_main_process()
-        tmp = ckpt.begin(self.output_dir, self.step) if main else ckpt.tmp_dir(self.output_dir, self.step)
-        self.backend.barrier()
-        self.backend.save_checkpoint(tmp, self.model, self.optimizer, extra)
-        self.backend.barrier()
-        if main:
-            self.config.save(tmp / "train_config.json")
-            ckpt.commit(self.output_dir, self.step, keep=self.config.keep_checkpoints)
-        self.backend.barrier()
+
+        def write(tmp: Path) -> None:  # every process writes its part; the main one adds the JSON
+            self.backend.save_checkpoint(tmp, self.model, self.optimizer, extra)
+            if main:
+                self.config.save(tmp / ckpt.TRAIN_CONFIG)
+                ckpt.write_json(tmp / ckpt.RUN_INFO, self._run_info())
+
+        path = ckpt.write_checkpoint(
+            self.output_dir, self.step, write, keep=self.config.keep_checkpoints, main=main,
+            barrier=self.backend.barrier,
+        )  # fmt: skip
         self.saved_step = self.step
-        return ckpt.checkpoint_dir(self.output_dir, self.step)
+        return path
+
+    def _run_info(self) -> dict:
+        return {
+            "step": self.step,
+            "world_size": self.backend.world_size,
+            "model_shape": model_shape(self.model),
+            "inputs": self.inputs,
+        }
+
+    def check_checkpoint(self, path: Path) -> None:
+        """Refuse a checkpoint of another run from its JSON files alone, before any tensor is read."""
+        saved = ckpt.read_json(path / ckpt.TRAIN_CONFIG)
+        info = ckpt.read_json(path / ckpt.RUN_INFO)
+        check_resumable(saved, self.config, path, info.get("world_size", 1), self.backend.world_size)
+        mine = model_shape(self.model)
+        changed = [f"{k}: saved {v!r}, now {mine.get(k)!r}" for k, v in info.get("model_shape", {}).items()
+                   if mine.get(k) != v]  # fmt: skip
+        if changed:
+            raise ResumeMismatchError(
+                f"{path} was written for another base model ({'; '.join(changed)}): resume with the same "
+                "--model or pass another --output-dir"
+            )
 
     def load_checkpoint(self, path: Path) -> None:
-        """Continue from `path`: weights, optimizer, lr schedule, data position, RNG states, step."""
+        """Continue from `path`: manifest verified, settings checked, then weights, optimizer, lr schedule,
+        data position, RNG states, step."""
+        path = Path(path)
+        ckpt.verify_manifest(path)
+        self.check_checkpoint(path)
         extra = self.backend.load_checkpoint(path, self.model, self.optimizer)
-        check_resumable(
-            extra["config"], self.config, path, extra.get("world_size", 1), self.backend.world_size
-        )
         self.scheduler.load_state_dict(extra["scheduler"])
         if extra["data"] is not None and hasattr(self.train_batches, "load_state_dict"):
             self.train_batches.load_state_dict(extra["data"])
         ckpt.set_rng_state(extra["rng"])
         self.step = self.saved_step = int(extra["step"])
+
+    def resume(self, report=logger.warning) -> Path:
+        """Load the newest usable checkpoint in the output dir. One that is corrupt, truncated or fails to
+        load is reported in one line (`report`) and the next older one is tried; settings that differ
+        from the checkpoint's stop at once (`ResumeMismatchError`)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        found = [path for _, path in reversed(ckpt.list_checkpoints(self.output_dir))]
+        for path in found:
+            try:
+                self.load_checkpoint(path)
+                return path
+            except ResumeMismatchError:
+                raise
+            except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+                report(f"cannot resume from {path}: {ckpt.describe(err)}")
+        raise ckpt.CheckpointError(
+            f"--resume: no usable checkpoint in {self.output_dir} ({len(found)} tried, see above): "
+            "start a new run there with --overwrite, or pass another --output-dir"
+        )
 
     # -- the loop ----------------------------------------------------------------------
     def _batch_stream(self) -> Iterator[Batch]:
@@ -367,7 +346,8 @@ class Trainer:
         """
         cfg = self.config
         main = self.backend.is_main_process()
-        self.log.truncate_after(self.step)
+        if torn := self.log.truncate_after(self.step):
+            logger.warning("%s: dropped %d torn line(s) left by an interrupted write", self.log.path, torn)
         if self.step == 0:
             self._log_eval()
         stream = self._batch_stream()
@@ -507,23 +487,10 @@ def check_resumable(
             f"now {config.batch_size} x {world_size}"
         )
     if changed:
-        raise ValueError(
+        raise ResumeMismatchError(
             f"{path} was written by a different run ({'; '.join(changed)}): resume with the same settings "
             "or pass another --output-dir"
         )
-
-
-def pad_rows(batch: Batch, multiple: int) -> Batch:
-    """Append copies of the last row with no labels until the rows split evenly over `multiple` processes.
-
-    Held-out sets rarely fill the last batch; a padded row counts for nothing (labels -100)."""
-    rows = batch["input_ids"].shape[0]
-    missing = -rows % multiple
-    if not missing:
-        return batch
-    padded = {k: torch.cat([v, v[-1:].expand(missing, *v.shape[1:])]) for k, v in batch.items()}
-    padded["labels"][rows:] = -100
-    return padded
 
 
 def _token_counts(micro: Sequence[Batch]) -> dict[str, int]:
@@ -540,3 +507,9 @@ def _token_counts(micro: Sequence[Batch]) -> dict[str, int]:
 
 def _gb(n: int | None) -> float | None:
     return None if n is None else n / 2**30
+
+
+def model_shape(model: nn.Module) -> dict[str, int | None]:
+    """The base model's sizes a checkpoint's tensors depend on (compared before they are read)."""
+    cfg = model.config
+    return {k: getattr(cfg, k, None) for k in ("hidden_size", "vocab_size", "num_hidden_layers")}
