@@ -25,6 +25,9 @@ class ResBlock(nn.Module):
         return x + F.silu(self.linear(x))
 
 
+HEAD_LOSSES = ("ce", "kl")
+
+
 def head_shifts(num_heads: int, with_lm_head: bool = False) -> list[int]:
     """Label shifts: the LM head scores t against t+1, Medusa head k (1-based) against t+k+1."""
     return ([1] if with_lm_head else []) + [k + 1 for k in range(1, num_heads + 1)]
@@ -216,26 +219,72 @@ class MedusaHeads(nn.Module):
         *,
         with_lm_loss: bool = False,
         impl: str = "auto",
+        loss: str = "ce",
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Mean cross-entropy of each head, without materialising tokens x vocab logits.
+        """Each head's mean loss, without materialising tokens x vocab logits.
 
-        hidden (B, T, H) from the backbone, labels (B, T) token-aligned (-100 = ignored).
-        Returns (lm_loss or None, head_losses (K,)). Under a draft vocabulary the heads score draft rows
-        (labels outside it are not scored); the LM loss is always over the full vocabulary.
+        hidden (B, T, H) from the backbone, labels (B, T) token-aligned (-100 = ignored). loss "ce": head k
+        learns the label at t+k+1; "kl": head k learns the base model's distribution for that token
+        (`kl_divergence`). Returns (lm_loss or None, head_losses (K,)). Under a draft vocabulary the heads'
+        CE scores draft rows (labels outside it are not scored); the LM loss (stage 2) is always the base
+        LM head's cross-entropy over the full vocabulary.
         """
         from fastmedusa.ops import linear_cross_entropy, medusa_cross_entropy
 
-        losses = medusa_cross_entropy(
-            self.head_hidden_states(hidden),
-            self.projection_weights(),
-            self.head_labels(labels),
-            shifts=head_shifts(self.num_heads),
-            impl=impl,
-        )
+        if loss not in HEAD_LOSSES:
+            raise ValueError(
+                f"loss={loss!r} is not one of {HEAD_LOSSES}: pass ce (labels) or kl (the base model)"
+            )
+        towers = self.head_hidden_states(hidden)
+        if loss == "kl":
+            losses = self.kl_divergence(hidden, labels, impl=impl, towers=towers)
+        else:
+            losses = medusa_cross_entropy(
+                towers,
+                self.projection_weights(),
+                self.head_labels(labels),
+                shifts=head_shifts(self.num_heads),
+                impl=impl,
+            )
         if not with_lm_loss:
             return None, losses
         lm_loss = linear_cross_entropy(hidden, self.base_lm_head.weight, labels, shift=1, impl=impl)
         return lm_loss.clone(), losses  # a clone: FSDP2 cannot track a view returned by a sharded module
+
+    def kl_divergence(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        impl: str = "auto",
+        towers: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Per-head mean KL(base model || head) at each head's labelled positions: (K,).
+
+        The teacher is the base LM head on the same hidden states, both detached: head k at t is compared
+        with softmax(lm_head(hidden[t+k])), the base model's distribution for token t+k+1. In stage 1 the
+        backbone is frozen, so this is exactly the base model. In stage 2 the backbone trains too and the
+        teacher is its current (detached) state: a frozen copy would double the backbone's memory and its
+        forward time, and the LM cross-entropy keeps the base model close to what it was. Detaching keeps
+        the KL from pulling the backbone toward the heads. Under a draft vocabulary the teacher is the
+        base model's distribution renormalised over the draft tokens (the LM head's token_map rows): the
+        heads cannot put mass outside them. `towers`: the heads' hidden states when already computed.
+        """
+        from fastmedusa.ops import medusa_kl_divergence
+
+        towers = self.head_hidden_states(hidden) if towers is None else towers
+        teacher = self.base_lm_head.weight.detach()
+        if self.token_map is not None:
+            teacher = teacher.index_select(0, self.token_map.to(teacher.device))  # (N, H), one gather
+        return medusa_kl_divergence(
+            towers,
+            self.projection_weights(),
+            hidden.detach(),
+            teacher,
+            labels,
+            shifts=head_shifts(self.num_heads),
+            impl=impl,
+        )
 
     @torch.no_grad()
     def topk_correct(

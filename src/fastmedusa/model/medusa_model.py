@@ -24,7 +24,7 @@ class MedusaOutput:
     """What `MedusaModel.forward` returns. Losses are None without labels."""
 
     loss: torch.Tensor | None = None
-    head_losses: torch.Tensor | None = None  # (K,) mean CE per Medusa head
+    head_losses: torch.Tensor | None = None  # (K,) mean CE (or KL to the base model) per Medusa head
     lm_loss: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None  # (B, T, H) last hidden state of the backbone
 
@@ -148,8 +148,10 @@ class MedusaModel(nn.Module):
         head_weights: Sequence[float] | torch.Tensor | None = None,
         lm_loss_weight: float | None = None,
         impl: str = "auto",
+        loss: str = "ce",
     ) -> MedusaOutput:
-        """`loss = lm_loss_weight * lm_loss + sum_k head_weights[k] * CE_k`.
+        """`loss = lm_loss_weight * lm_loss + sum_k head_weights[k] * L_k`, L_k the head's CE (loss="ce")
+        or its KL to the base model's distribution (loss="kl", see `MedusaHeads.kl_divergence`).
 
         labels (B, T) are token-aligned like input_ids (-100 = not trained on); each head shifts them
         itself. Defaults: every head weight 1; the LM loss counts only when the backbone trains (stage 2).
@@ -164,7 +166,7 @@ class MedusaModel(nn.Module):
         if lm_loss_weight is None:
             lm_loss_weight = 0.0 if self.backbone_frozen else 1.0
         lm_loss, head_losses = self.medusa_heads(
-            hidden, labels, with_lm_loss=lm_loss_weight != 0.0, impl=impl
+            hidden, labels, with_lm_loss=lm_loss_weight != 0.0, impl=impl, loss=loss
         )
         weights = (
             torch.ones_like(head_losses)
@@ -175,10 +177,10 @@ class MedusaModel(nn.Module):
             raise ValueError(
                 f"head_weights has {weights.numel()} entries, the model has {head_losses.numel()} heads"
             )
-        loss = (weights * head_losses).sum()
+        total = (weights * head_losses).sum()
         if lm_loss is not None:
-            loss = loss + lm_loss_weight * lm_loss
-        return MedusaOutput(loss=loss, head_losses=head_losses, lm_loss=lm_loss, hidden_states=hidden)
+            total = total + lm_loss_weight * lm_loss
+        return MedusaOutput(loss=total, head_losses=head_losses, lm_loss=lm_loss, hidden_states=hidden)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, **kwargs):
         """Medusa tree decoding (`medusa=True`, default) or plain greedy on the same engine."""

@@ -8,7 +8,7 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
-from fastmedusa.train.config import DTYPES, HEADS_SCHEDULES, LR_SCHEDULES, TrainConfig
+from fastmedusa.train.config import DTYPES, HEADS_SCHEDULES, LOSSES, LR_SCHEDULES, TrainConfig
 
 HELP = {
     "model": "base model: a hub id, a local directory saved by save_pretrained, or a .gguf file "
@@ -59,13 +59,15 @@ HELP = {
     "param_dtype": "parameter dtype: fp32 (with bf16 autocast on CUDA) or bf16 (pure bf16, less memory)",
     "gradient_checkpointing": "recompute the backbone's activations in backward (stage 2: less memory)",
     "impl": "heads' loss implementation: auto (Triton on CUDA, chunked PyTorch on the CPU), chunked, triton, "
-    "torch (materialised logits), liger, cce",
+    "torch (materialised logits), liger, cce (liger and cce: --loss ce only)",
     "compile": "torch.compile the backbone's decoder",
     "peak_tflops": "device peak TFLOP/s for MFU (default: looked up, H100/H200 bf16 dense = 989)",
     "fsdp": "shard with FSDP2 even without a launcher (one process; torchrun/accelerate launch use it anyway)",
 }
+HELP.update({f.name: f.metadata["help"] for f in fields(TrainConfig) if "help" in f.metadata})
 CHOICES = {
     "stage": (1, 2),
+    "loss": LOSSES,
     "heads_schedule": HEADS_SCHEDULES,
     "lr_schedule": LR_SCHEDULES,
     "dtype": ("auto", *DTYPES),

@@ -10,13 +10,14 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 HEADS_SCHEDULES = ("constant", "linear", "sine")
 LR_SCHEDULES = ("cosine", "constant")
+LOSSES = ("ce", "kl")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -53,6 +54,15 @@ class TrainConfig:
     heads_coefficient: float = 1.0  # weight of the heads' losses against the LM loss
     heads_decay: float = 1.0  # head k's loss is weighted by heads_decay**k
     heads_schedule: str = "constant"  # ramp of heads_coefficient over training: constant, linear, sine
+    loss: str = field(
+        default="ce",
+        metadata={
+            "help": "what the heads learn: ce (the data's next tokens: head k at t the label at t+k+1) or kl "
+            "(the base model's own distribution for that token, from its LM head on the same hidden states; "
+            "soft targets, best with data the model wrote itself, see `fastmedusa distill`). Stage 2 keeps "
+            "the LM cross-entropy either way"
+        },
+    )
     # -- loop --------------------------------------------------------------------------
     eval_every: int = 20  # steps between evaluations (0 = only before and after training)
     eval_batch_size: int | None = None  # None = batch_size
@@ -136,6 +146,12 @@ class TrainConfig:
             _check_int(self.warmup_steps, 0, "--warmup-steps", "pass 0 or more steps")
         _choice(self.heads_schedule, HEADS_SCHEDULES, "--heads-schedule")
         _choice(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
+        _choice(self.loss, LOSSES, "--loss")
+        _check(
+            self.loss == "ce" or self.impl not in ("liger", "cce"),
+            f"--impl {self.impl} is a cross-entropy peer with no KL divergence: with --loss kl pass --impl "
+            "auto, triton, chunked or torch",
+        )
         _choice(self.dtype, ("auto", *DTYPES), "--dtype")
         _choice(self.param_dtype, ("fp32", "bf16"), "--param-dtype")
         for name in ("eval_every", "save_every", "log_every"):

@@ -1,4 +1,6 @@
-"""Held-out evaluation: per-head loss and top-1/top-5, token-weighted over every held-out batch.
+"""Held-out evaluation: per-head loss, KL to the base model and top-1/top-5, token-weighted over every
+held-out batch. The KL is reported whatever loss trains: it says how close each head is to the base model's
+own distribution, the soft version of the acceptance the decoder sees.
 
 Stage 1 on one process: the frozen backbone gives the same hidden states at every evaluation, so they are
 computed once and kept in a `HiddenCache` keyed by batch index, up to a byte budget. Batches past the
@@ -67,12 +69,14 @@ def evaluate(
     *,
     num_heads: int,
     impl: str,
+    loss: str = "ce",
     backend,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     cache: HiddenCache | None = None,
 ) -> dict | None:
-    """Per-head loss and top-1/top-5 over `batches`; None without batches.
+    """Per-head loss (`loss`: "ce" or "kl"), KL to the base model and top-1/top-5 over `batches`; None
+    without batches.
 
     `cache` (stage 1, one process only: under FSDP the heads run outside the model's forward, on shards)
     reuses the backbone's hidden states between calls. Over several processes each evaluates its rows of
@@ -81,6 +85,7 @@ def evaluate(
         return None
     model.eval()
     loss_sum = torch.zeros(num_heads, dtype=torch.float64)
+    kl_sum = torch.zeros(num_heads, dtype=torch.float64)
     hits_sum = torch.zeros(num_heads, 2, dtype=torch.long)
     count_sum = torch.zeros(num_heads, dtype=torch.long)
     lm_sum, lm_count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
@@ -96,9 +101,9 @@ def evaluate(
                 if hidden is None:
                     hidden = model.backbone_hidden_states(batch["input_ids"], batch.get("attention_mask"))
                     cache.put(i, hidden)
-                _, head_losses = heads(hidden, labels, impl=impl)
+                _, head_losses = heads(hidden, labels, impl=impl, loss=loss)
             else:
-                out = model(batch["input_ids"], batch.get("attention_mask"), labels, impl=impl)
+                out = model(batch["input_ids"], batch.get("attention_mask"), labels, impl=impl, loss=loss)
                 hidden, head_losses = out.hidden_states, out.head_losses
                 n_lm = int((labels[:, 1:] != IGNORE_INDEX).sum())
                 if out.lm_loss is not None and n_lm:
@@ -106,16 +111,20 @@ def evaluate(
                     lm_count += n_lm
             hits, counts = heads.topk_correct(hidden, labels)
             outside += torch.tensor(heads.outside_draft_count(labels))
+            kl = head_losses if loss == "kl" else heads.kl_divergence(hidden, labels, impl=impl)
         # a head with no labelled position here has a NaN mean loss: it weighs 0, not NaN
         loss_sum += torch.where(counts > 0, head_losses.double().cpu() * counts, 0.0)
+        kl_sum += torch.where(counts > 0, kl.double().cpu() * counts, 0.0)
         hits_sum += hits.cpu()
         count_sum += counts.cpu()
     reduce = backend.all_reduce
-    loss_sum, hits_sum, count_sum = reduce(loss_sum), reduce(hits_sum), reduce(count_sum)
+    loss_sum, kl_sum = reduce(loss_sum), reduce(kl_sum)
+    hits_sum, count_sum = reduce(hits_sum), reduce(count_sum)
     lm_sum, lm_count = float(reduce(lm_sum)), int(reduce(lm_count))
     denom = count_sum.clamp(min=1)
     result = {
         "head_loss": (loss_sum / denom).tolist(),
+        "head_kl": (kl_sum / denom).tolist(),
         "top1": (hits_sum[:, 0] / denom).tolist(),
         "top5": (hits_sum[:, 1] / denom).tolist(),
         "positions": count_sum.tolist(),

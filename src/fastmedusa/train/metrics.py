@@ -128,7 +128,7 @@ def plot_curves(records: list[dict], path: Path, num_heads: int) -> Path:
         ax.set_title(title)
         ax.set_xlabel("optimiser step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("cross-entropy")
+    axes[0].set_ylabel("head loss (CE, or KL with --loss kl)")
     axes[1].set_ylabel("accuracy")
     axes[2].set_ylabel("accuracy")
     axes[0].legend(fontsize=8)

@@ -196,7 +196,7 @@ class Trainer:
             with self._autocast():
                 out = self.model(
                     mb["input_ids"], mb.get("attention_mask"), mb["labels"],
-                    head_weights=weights, lm_loss_weight=lm_weight, impl=self.config.impl,
+                    head_weights=weights, lm_loss_weight=lm_weight, impl=self.config.impl, loss=self.config.loss,
                 )  # fmt: skip
                 if with_metrics and i == len(micro) - 1:
                     topk = self.model.medusa_heads.topk_correct(out.hidden_states.detach(), mb["labels"])
@@ -236,6 +236,8 @@ class Trainer:
             "head_weights": weights,
             **_token_counts(micro),
         }
+        if self.config.loss == "kl":
+            metrics["head_kl"] = metrics["head_loss"]
         if topk is not None:
             hits, counts = (self.backend.all_reduce(t) for t in topk)
             rates = hits.float() / counts.clamp(min=1)[:, None].float()
@@ -244,9 +246,10 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------
     def evaluate(self) -> dict | None:
-        """Per-head loss and top-1/top-5 on the held-out batches (see `fastmedusa.train.evaluate`)."""
+        """Per-head loss, KL to the base model and top-1/top-5 on the held-out batches (see
+        `fastmedusa.train.evaluate`)."""
         return evaluate(
-            self.model, self.eval_batches, num_heads=self.config.num_heads, impl=self.config.impl,
+            self.model, self.eval_batches, num_heads=self.config.num_heads, impl=self.config.impl, loss=self.config.loss,
             backend=self.backend, device=self.device, autocast=self._autocast, cache=self.eval_cache,
         )  # fmt: skip
 
@@ -429,7 +432,8 @@ class Trainer:
         if self.backend.is_main_process():
             line = (
                 f"eval step {self.step}: top-1 % per head {fmt_pct(result['top1'])} | top-5 % "
-                f"{fmt_pct(result['top5'])} | loss {' '.join(f'{x:.3f}' for x in result['head_loss'])}"
+                f"{fmt_pct(result['top5'])} | loss {' '.join(f'{x:.3f}' for x in result['head_loss'])} | KL to the "
+                f"base model {' '.join(f'{x:.3f}' for x in result['head_kl'])}"
             )
             (bar.write if bar is not None else tqdm.write)(line)
         return result
