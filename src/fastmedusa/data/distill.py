@@ -249,12 +249,14 @@ class BatchGenerator:
         self.max_len = config.max_prompt_tokens + config.max_new_tokens
         self.batched = "attention_mask" in inspect.signature(generate_fn).parameters
 
-    def __call__(self, rows: list[list[int]]) -> list[list[int]]:
-        """The new tokens of each row (up to max_new_tokens; anything after an end token is ignored)."""
+    def __call__(self, rows: list[list[int]], seeds: list[int]) -> list[list[int]]:
+        """The new tokens of each row (up to max_new_tokens; anything after an end token is ignored).
+
+        `seeds` (one per row) make sampling a function of the row alone, not of the batch it landed in."""
         ids, mask = left_pad(rows, self.pad_id)
         kwargs = {}
         if self.batched:
-            kwargs["attention_mask"] = mask
+            kwargs.update(attention_mask=mask, seed=seeds, max_batch_size=self.config.batch_size)
         elif len(rows) > 1:
             raise ValueError("this decode engine generates batch 1 only: pass --batch-size 1")
         out = self.generate_fn(
@@ -267,7 +269,15 @@ class BatchGenerator:
             max_len=self.max_len,
             **kwargs,
         )
-        return out.sequences[:, ids.shape[1] :].tolist()
+        new = out.sequences[:, ids.shape[1] :].tolist()
+        counts = getattr(out, "new_tokens_per_row", None) or [len(row) for row in new]
+        return [row[:count] for row, count in zip(new, counts)]
+
+
+def answer_seed(seed: int, index: int, turn: int) -> int:
+    """Sampling seed of answer `turn` of source conversation `index`: the same in any batch and on resume."""
+    digest = hashlib.blake2b(f"{seed}/{index}/{turn}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 def run_group(
@@ -292,7 +302,8 @@ def run_group(
         for start in range(0, len(ready), config.batch_size):
             chunk = ready[start : start + config.batch_size]
             finished, tokens = 0, 0
-            for (job, _), new in zip(chunk, generate_batch([ids for _, ids in chunk])):
+            seeds = [answer_seed(config.seed, job.index, len(job.answers)) for job, _ in chunk]
+            for (job, _), new in zip(chunk, generate_batch([ids for _, ids in chunk], seeds)):
                 answer_ids, n_tokens, ended = split_answer(new, eos)
                 text = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
                 tokens += n_tokens
