@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fastmedusa.cli import main
+from fastmedusa.data import distill as distill_module
 from fastmedusa.data.distill import DistillConfig, distill_conversations, progress_path
 from fastmedusa.data.sharegpt import read_sharegpt
 from fastmedusa.decode import generate as engine_generate
@@ -186,30 +187,28 @@ def test_long_history_drops_oldest_turns_and_too_long_first_prompt_skips(tiny, t
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_resume_after_torn_write_gives_the_uninterrupted_file(tiny, tmp_path, temperature):
+def test_resume_after_torn_write_gives_the_uninterrupted_file(tiny, tmp_path, temperature, monkeypatch):
     """A run killed while appending group 2 (one record whole, the next torn, progress not yet updated)."""
+    monkeypatch.setattr(distill_module, "GROUP_BATCHES", 4)  # batch 1: groups of 4 conversations
     model, tokenizer = tiny
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _records(12)))  # batch 1: groups of 8
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(7)))
     kwargs = dict(data=str(data), max_new_tokens=MAX_NEW, batch_size=1, temperature=temperature, seed=3)
     straight = tmp_path / "straight.jsonl"
     distill_conversations(model, tokenizer, DistillConfig(output=str(straight), **kwargs))
     lines = straight.read_bytes().splitlines(keepends=True)
-    assert len(lines) == 12
+    assert len(lines) == 7
 
     killed = tmp_path / "killed.jsonl"
-    distill_conversations(model, tokenizer, DistillConfig(output=str(killed), max_conversations=8, **kwargs))
-    assert killed.read_bytes() == b"".join(lines[:8])
+    distill_conversations(model, tokenizer, DistillConfig(output=str(killed), max_conversations=4, **kwargs))
+    assert killed.read_bytes() == b"".join(lines[:4])
     with open(killed, "ab") as f:
-        f.write(lines[8] + lines[9][:17])
-    progress = progress_path(killed).read_text()
+        f.write(lines[4] + lines[5][:17])
+    progress = json.loads(progress_path(killed).read_text())
     stats = distill_conversations(model, tokenizer, DistillConfig(output=str(killed), resume=True, **kwargs))
     assert killed.read_bytes() == straight.read_bytes()
-    assert stats.n_read == 4 and stats.n_written == 3  # group 2 regenerated, its first record not rewritten
-    assert (
-        json.loads(progress)["records"] == 8
-        and json.loads(progress_path(killed).read_text())["records"] == 12
-    )
+    assert stats.n_read == 3 and stats.n_written == 2  # group 2 regenerated, its first record not rewritten
+    assert progress["records"] == 4 and json.loads(progress_path(killed).read_text())["records"] == 7
     if temperature > 0:  # sampling really happened: another seed gives other answers
         other = tmp_path / "other.jsonl"
         distill_conversations(model, tokenizer, DistillConfig(output=str(other), **{**kwargs, "seed": 4}))
@@ -287,7 +286,7 @@ def test_cli_output_trains_and_chat_template_flag(tiny_dir, data_file, tmp_path)
     assert len(conversations) == 6 and skipped == 0
     rc, stdout, err = _cli(
         "train", "--model", str(tiny_dir), "--data", str(out), "--output-dir", str(tmp_path / "heads"),
-        "--num-heads", "1", "--seq-len", "64", "--batch-size", "2", "--max-steps", "2", "--eval-size", "0",
+        "--num-heads", "1", "--seq-len", "64", "--batch-size", "2", "--max-steps", "2", "--eval-size", "0", "--loss", "kl",
         "--no-progress", "--no-plot", "--device", "cpu", "--dtype", "fp32",
     )  # fmt: skip
     assert rc == 0, err

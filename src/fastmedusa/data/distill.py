@@ -39,7 +39,11 @@ from fastmedusa.data.chat import generation_prompt
 from fastmedusa.data.sharegpt import ROLES, Conversation, ReadStats, iter_sharegpt, resolve_data_path
 
 DEFAULT_PROMPT_TOKENS = 1024
-GROUP_BATCHES = 8  # batches per group: more sorts prompts into fuller batches, fewer resumes sooner
+# Batches per group. A round holds one prompt per unfinished conversation, and ShareGPT's turn counts are
+# skewed (mean 3.4 answers, 1 in 80 conversations above 12), so late rounds run part-empty batches: on the
+# embedded data the share of rows doing work is 52/64/76/86% for groups of 4/8/16/32 batches. Larger
+# groups also write less often (a group's records are written when all of them are done).
+GROUP_BATCHES = 16
 PROGRESS_SUFFIX = ".progress"  # no .json suffix: `train --data DIR` must still see a single data file
 DEFAULT_ROLE_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
