@@ -450,13 +450,16 @@ def group_seed(seed: int, first_index: int) -> int:
 
 
 class _Progress:
-    """A tqdm bar on a terminal; on a pipe or log file, one plain line per group instead."""
+    """A tqdm bar on a terminal; on a pipe or log file, a plain line per group and at most every
+    `LOG_SECONDS` in between (a group of a large batch can take minutes)."""
+
+    LOG_SECONDS = 30.0
 
     def __init__(self, config: DistillConfig, initial: int) -> None:
         self.tty = sys.stderr.isatty()
         self.enabled = config.progress
-        self.start = time.perf_counter()
-        self.done, self.tokens = 0, 0
+        self.start = self.logged = time.perf_counter()
+        self.done, self.tokens, self.records = 0, 0, 0
         self.bar = tqdm(
             total=config.max_conversations, initial=initial, desc="distill", unit="conv",
             disable=not (self.enabled and self.tty), dynamic_ncols=True,
@@ -467,13 +470,20 @@ class _Progress:
         self.tokens += tokens
         self.bar.update(conversations)
         self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):.0f} tok/s")
+        if time.perf_counter() - self.logged >= self.LOG_SECONDS:
+            self._log()
 
     def group_written(self, records_total: int) -> None:
+        self.records = records_total
+        self._log()
+
+    def _log(self) -> None:
+        self.logged = time.perf_counter()
         if self.enabled and not self.tty:
-            seconds = max(time.perf_counter() - self.start, 1e-9)
+            seconds = max(self.logged - self.start, 1e-9)
             print(
                 f"distill: {self.done} conversations ({self.done / seconds:.2f}/s), {self.tokens} tokens "
-                f"({self.tokens / seconds:.0f}/s), {records_total} records written",
+                f"({self.tokens / seconds:.0f}/s), {self.records} records in the file",
                 file=sys.stderr,
                 flush=True,
             )
@@ -503,6 +513,7 @@ def distill_conversations(
     stats = DistillStats(n_records_total=start.records)
     group_size = GROUP_BATCHES * config.batch_size
     progress = _Progress(config, initial=start.consumed)
+    progress.records = start.records
     t0 = time.perf_counter()
     consumed, records, ahead = start.consumed, start.records, start.written_ahead
     try:
