@@ -33,7 +33,10 @@ COMMANDS = {
     ),
 }
 BENCHMARKS = {
-    "loss": ("fastmedusa.bench.loss", "fused linear cross-entropy: torch, chunked, liger, cce, triton"),
+    "loss": (
+        "fastmedusa.bench.loss",
+        "fused linear cross-entropy (--loss kl: KL divergence to a teacher): torch, chunked, liger, cce, triton",
+    ),
     "train": ("fastmedusa.bench.train", "a training step on Llama-3 shapes: memory, tokens/s, MFU"),
     "decode": ("fastmedusa.bench.decode", "generation speed: HF generate vs own greedy vs Medusa"),
     "heads": (

@@ -1,12 +1,14 @@
-"""The peers, for benchmarks and comparisons: Liger-Kernel's and Cut Cross-Entropy's fused linear CE.
+"""The peers, for benchmarks and comparisons: Liger-Kernel's and Cut Cross-Entropy's fused linear CE, and
+Liger-Kernel's fused linear distillation losses (as a forward KL) beside `medusa_kl_divergence`.
 
 Each is called one head at a time, as a user of those libraries would; a shift is applied by slicing
 the hidden states and labels (the peers may copy the non-contiguous slice: that is their cost).
-Both run only on CUDA and only where installed (`pip install liger-kernel` / `cut-cross-entropy`).
+All run only on CUDA and only where installed (`pip install liger-kernel` / `cut-cross-entropy`).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -41,3 +43,52 @@ def peer_linear_cross_entropy(
     if reduction == "sum":
         return loss
     return loss / (target != ignore_index).sum().clamp(min=1)
+
+
+KL_PEERS = ("liger", "liger-chunked")
+
+
+def _import_kl_peer(impl: str, ignore_index: int):
+    """Liger's distillation losses set to the forward KL(teacher || student): beta=0 in both (Liger's
+    generalised JSD is that KL at beta 0 in `LigerFusedLinearJSD` and in current `LigerFusedLinearJSDLoss`)."""
+    try:
+        if impl == "liger":
+            from liger_kernel.transformers import LigerFusedLinearJSD
+
+            return LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=ignore_index, temperature=1.0)
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, ignore_index=ignore_index, temperature=1.0
+        )
+        return lambda s, w, t, tw, y: loss(s, w, t, tw, y, None, None)  # no biases
+    except ImportError as err:
+        raise ValueError(f"impl={impl!r} needs the liger-kernel package: pip install liger-kernel") from err
+
+
+def peer_kl_divergence(
+    impl: str,
+    hiddens: list[Tensor],
+    weights: list[Tensor],
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor,
+    shifts: list[int],
+    ignore_index: int = -100,
+) -> Tensor:
+    """Liger on K heads, one call per head as its users would: the same contract as
+    `medusa_kl_divergence` for (B, T, H) inputs. Each call recomputes the teacher's logits for its rows
+    (4 GEMM passes a head), and the shifted rows are sliced copies."""
+    if impl not in KL_PEERS:
+        raise ValueError(f"impl={impl!r} is not a KL peer: pick one of {KL_PEERS}")
+    if not teacher_hidden.is_cuda:
+        raise ValueError(f"impl={impl!r} runs on CUDA only, but the inputs are on {teacher_hidden.device}")
+    fn = _import_kl_peer(impl, ignore_index)
+    seq, width = teacher_hidden.shape[-2], teacher_hidden.shape[-1]
+    losses = []
+    for h, w, s in zip(hiddens, weights, shifts):
+        keep = max(seq - s, 0)
+        student = h[..., :keep, :].reshape(-1, width)
+        teacher = teacher_hidden[..., s - 1 : s - 1 + keep, :].reshape(-1, width)
+        losses.append(fn(student, w, teacher.detach(), teacher_weight.detach(), labels[..., s:].reshape(-1)))
+    return torch.stack(losses)

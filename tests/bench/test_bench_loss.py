@@ -1,0 +1,49 @@
+"""`fastmedusa bench loss` on the CPU with tiny shapes: the harness, rows, JSON and PNG (the numbers that
+count come from a GPU)."""
+
+import json
+
+import pytest
+
+from fastmedusa.bench import loss as bench_loss
+from fastmedusa.cli import main
+
+
+def _argv(out, *extra):
+    return ["--device", "cpu", "--dtype", "fp32", "--batch", "2", "--hidden", "16", "--vocab", "97",
+            "--seq-lens", "9", "--heads", "1", "3", "--warmup", "0", "--repeats", "1", "--chunk-rows", "5",
+            "--out", str(out), *extra]  # fmt: skip
+
+
+def test_kl_bench_rows_agree_and_peers_are_rows(tmp_path):
+    out = tmp_path / "loss_kl.json"
+    argv = _argv(out, "--loss", "kl", "--impls", "torch", "chunked", "triton", "liger")
+    assert main(["bench", "loss", *argv]) == 0
+    result = json.loads(out.read_text())
+    assert result["loss"] == "kl" and result["env"]["versions"]["torch"]
+    rows = result["rows"]
+    assert [(r["heads"], r["impl"]) for r in rows] == [
+        (k, i) for k in (1, 3) for i in ("torch", "chunked", "triton", "liger")
+    ]
+    for k in (1, 3):
+        ok = {r["impl"]: r for r in rows if r["heads"] == k and r["status"] == "ok"}
+        assert set(ok) == {"torch", "chunked", "triton"}  # Liger: CUDA only, a row saying why
+        assert ok["chunked"]["loss_sum"] == pytest.approx(ok["torch"]["loss_sum"], rel=1e-5)
+        assert ok["triton"]["loss_sum"] == pytest.approx(ok["torch"]["loss_sum"], rel=1e-5)
+        assert ok["triton"]["flops"] == (2 + 6 * k) * 2 * 9 * 16 * 97 and ok["triton"]["ms"] > 0
+    assert all(r["status"] == "missing" and r["note"] for r in rows if r["impl"] == "liger")
+    assert result["summary"] == [] or all("triton" in line for line in result["summary"])
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_ce_bench_still_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "loss.json"
+    assert bench_loss.main(_argv(out, "--impls", "torch", "chunked")) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"torch", "chunked"} and all(r["status"] == "ok" for r in rows)
+    assert rows[0]["flops"] == 6 * 1 * 2 * 9 * 16 * 97
+
+
+def test_an_impl_of_the_other_loss_is_one_clear_line(tmp_path, capsys):
+    assert main(["bench", "loss", *_argv(tmp_path / "x.json", "--loss", "kl", "--impls", "cce")]) == 2
+    assert "error: --impls cce: not an impl of --loss kl" in capsys.readouterr().err
