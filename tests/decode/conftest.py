@@ -112,6 +112,39 @@ class OracleHeads(nn.Module):
         return self.head_logits(hidden).topk(k, dim=-1).indices  # full-vocabulary heads: rows are token ids
 
 
+class BatchOracleHeads(nn.Module):
+    """Oracle heads for several prompts at once: each hidden state goes to the oracle of the prompt whose
+    reference sequence holds its nearest hidden state."""
+
+    def __init__(self, oracles: list[OracleHeads]):
+        super().__init__()
+        self.oracles = oracles
+        self.num_heads = oracles[0].num_heads
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1]).float()
+        dist = torch.stack([torch.cdist(flat, o.reference.float()).min(-1).values for o in self.oracles])
+        owner = dist.argmin(0)  # (M,)
+        out = torch.stack(
+            [self.oracles[int(i)].head_logits(h[None])[:, 0] for i, h in zip(owner, flat)], dim=1
+        )
+        return out.reshape(self.num_heads, *hidden.shape[:-1], out.shape[-1])
+
+    def draft_topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        return self.head_logits(hidden).topk(k, dim=-1).indices
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (B, longest): each (1, P) prompt right-aligned after pad_id padding."""
+    width = max(p.shape[-1] for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[-1] :] = p.reshape(-1)
+        mask[row, width - p.shape[-1] :] = 1
+    return ids, mask
+
+
 @pytest.fixture(scope="module")
 def llama() -> nn.Module:
     return tiny_llama(0)

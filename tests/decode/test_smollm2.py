@@ -62,3 +62,31 @@ def test_medusa_greedy_equals_hf_generate(smollm2, prompt_ids, hf_reference):
         prompt_ids, max_new_tokens=NEW_TOKENS, tree="mc_sim_7b_7", eos_token_id=tokenizer.eos_token_id
     )
     assert out.sequences.tolist() == hf_reference.tolist()
+
+
+def test_batched_greedy_rows_equal_hf_batch_1(smollm2):
+    model, tokenizer = smollm2
+    questions = ["Hi!", "Name a prime number larger than ten and explain briefly why it is prime.", "2+2?"]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
+    ]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    out = generate(
+        model,
+        batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=24,
+        medusa=False,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    for row, text in enumerate(texts):
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        ref = model.generate(
+            ids, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, ids.shape[1] :]  # fmt: skip
+        assert out.row_new_token_ids(row).tolist() == ref.tolist()

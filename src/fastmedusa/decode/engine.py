@@ -90,14 +90,19 @@ class LayerWeights(nn.Module):
 
 
 class DecodeEngine(nn.Module):
-    """Weights of an HF Llama-family model plus a static KV cache, for batch-1 generation.
+    """Weights of an HF Llama-family model plus a static KV cache of `max_batch_size` rows x `max_len` slots.
+
+    Every row of a batch has its own length: each forward writes each token at an explicit cache slot, gives
+    it an explicit RoPE position, and attends under an explicit (B, T, max_len) mask. A left-padded prompt
+    keeps its pad in the first slots of its row; the mask hides them and RoPE positions start at the first
+    real token, so a row computes what it would alone.
 
     q/k/v and gate/up are fused into one matrix each (a copy: fewer, larger matmuls per layer, as in
     gpt-fast); the other weights are the HF tensors themselves. Build it once per model/device/dtype/max_len
     (`get_engine` caches it on the model): a later change to the HF weights is not seen by the fused copies.
     """
 
-    def __init__(self, hf_model: nn.Module, max_len: int) -> None:
+    def __init__(self, hf_model: nn.Module, max_len: int, max_batch_size: int = 1) -> None:
         super().__init__()
         check_supported(hf_model)
         config = hf_model.config
@@ -105,6 +110,7 @@ class DecodeEngine(nn.Module):
         embed = decoder.embed_tokens.weight
         self.device, self.dtype = embed.device, embed.dtype
         self.max_len = int(max_len)
+        self.max_batch_size = int(max_batch_size)
         self.vocab_size, self.hidden_size = embed.shape
         attn0 = decoder.layers[0].self_attn
         self.num_heads = config.num_attention_heads
@@ -134,7 +140,7 @@ class DecodeEngine(nn.Module):
         self.register_buffer("final_norm", decoder.norm.weight.detach(), persistent=False)
         self.layers = nn.ModuleList(LayerWeights(layer) for layer in decoder.layers)
         self._rope_tables(decoder.rotary_emb)
-        shape = (self.num_layers, 1, self.num_kv_heads, self.max_len, self.head_dim)
+        shape = (self.num_layers, self.max_batch_size, self.num_kv_heads, self.max_len, self.head_dim)
         self.register_buffer(
             "k_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False
         )
@@ -154,26 +160,24 @@ class DecodeEngine(nn.Module):
         self.register_buffer("rope_cos", (emb.cos() * scale).to(self.dtype), persistent=False)
         self.register_buffer("rope_sin", (emb.sin() * scale).to(self.dtype), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """tokens (1, T) written at cache rows input_pos (T,); mask (T, max_len) bool, True = may attend.
-
-        Returns the final-normed hidden states (1, T, H).
-        """
-        return self.forward_at(tokens, input_pos, input_pos, mask)
-
-    def forward_at(
+    def forward(
         self, tokens: torch.Tensor, cache_rows: torch.Tensor, rope_pos: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """Like `forward`, with the cache row and the RoPE position of each token given separately."""
+        """Run tokens (B, T) of cache rows 0..B-1, writing token t of row b into cache slot cache_rows[b, t]
+        with RoPE position rope_pos[b, t]; mask (B, T, max_len) bool, True = may attend.
+
+        Returns the final-normed hidden states (B, T, H).
+        """
         bsz, seq = tokens.shape
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         groups = nh // nkv
-        x = F.embedding(tokens, self.embed)  # (1, T, H)
-        cos = self.rope_cos[rope_pos][None, :, None, :]  # (1, T, 1, hd)
-        sin = self.rope_sin[rope_pos][None, :, None, :]
+        x = F.embedding(tokens, self.embed)  # (B, T, H)
+        cos = self.rope_cos[rope_pos][:, :, None, :]  # (B, T, 1, hd)
+        sin = self.rope_sin[rope_pos][:, :, None, :]
         # GQA without copying the cache: the `groups` query heads of one KV head are folded into the query
-        # length, so SDPA sees (1, nkv, groups*T, hd) against (1, nkv, max_len, hd); the mask is tiled to match.
-        attn_mask = mask.repeat(groups, 1)[None, None]  # (1, 1, groups*T, max_len)
+        # length, so SDPA sees (B, nkv, groups*T, hd) against (B, nkv, max_len, hd); the mask is tiled to match.
+        attn_mask = mask.repeat(1, groups, 1)[:, None]  # (B, 1, groups*T, max_len)
+        batch_rows = torch.arange(bsz, device=tokens.device)[:, None]  # (B, 1)
         for i, w in enumerate(self.layers):
             h = rms_norm(x, w.input_norm, self.eps)
             q, k, v = F.linear(h, w.wqkv, w.bqkv).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -181,10 +185,12 @@ class DecodeEngine(nn.Module):
             k = k.view(bsz, seq, nkv, hd)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            self.k_cache[i, :, :, cache_rows] = k.transpose(1, 2)
-            self.v_cache[i, :, :, cache_rows] = v.view(bsz, seq, nkv, hd).transpose(1, 2)
+            # advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, nkv, hd)
+            self.k_cache[i][batch_rows, :, cache_rows] = k
+            self.v_cache[i][batch_rows, :, cache_rows] = v.view(bsz, seq, nkv, hd)
             qg = q.view(bsz, seq, nkv, groups, hd).permute(0, 2, 3, 1, 4).reshape(bsz, nkv, groups * seq, hd)
-            o = F.scaled_dot_product_attention(qg, self.k_cache[i], self.v_cache[i], attn_mask=attn_mask)
+            keys, values = self.k_cache[i, :bsz], self.v_cache[i, :bsz]
+            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=attn_mask)
             o = o.view(bsz, nkv, groups, seq, hd).permute(0, 3, 1, 2, 4).reshape(bsz, seq, nh * hd)
             x = x + F.linear(o, w.wo, w.bo)
             h = rms_norm(x, w.post_norm, self.eps)
@@ -195,23 +201,33 @@ class DecodeEngine(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head, self.lm_head_bias)
 
-    def causal_mask(self, start: int | torch.Tensor, length: int) -> torch.Tensor:
-        """(length, max_len) mask of `length` consecutive tokens at rows start.. after a `start`-token prefix."""
-        rows = torch.arange(length, device=self.device) + start
-        return torch.arange(self.max_len, device=self.device)[None, :] <= rows[:, None]
-
     def move_kv(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy cache rows src -> dst in every layer (accepted tree nodes into place after the prefix)."""
-        self.k_cache[:, :, :, dst] = self.k_cache[:, :, :, src]
-        self.v_cache[:, :, :, dst] = self.v_cache[:, :, :, src]
+        """Copy cache slots src[b] -> dst[b] of row b in every layer (accepted tree nodes into place).
+
+        src, dst (B, D). The indexed view is (B, D, layers, nkv, hd)."""
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
+        self.k_cache[:, rows, :, dst] = self.k_cache[:, rows, :, src]
+        self.v_cache[:, rows, :, dst] = self.v_cache[:, rows, :, src]
 
 
-def get_engine(hf_model: nn.Module, min_len: int, max_len: int | None = None) -> DecodeEngine:
-    """The engine cached on `hf_model`, rebuilt only when the device/dtype changed or the cache is too short.
+def get_engine(
+    hf_model: nn.Module,
+    min_len: int,
+    max_len: int | None = None,
+    batch_size: int = 1,
+    max_batch_size: int | None = None,
+) -> DecodeEngine:
+    """The engine cached on `hf_model`, rebuilt only when the device/dtype changed or the cache is too small.
 
-    A new engine gets `max_len` rows, or `min_len` rounded up to a multiple of 256 so that prompts of
-    similar length reuse one engine (and its compiled steps).
+    A new engine gets `max_len` slots per row, or `min_len` rounded up to a multiple of 256 so that prompts
+    of similar length reuse one engine (and its compiled steps); and `max_batch_size` rows, or `batch_size`
+    rounded up to a power of two.
     """
+    if max_batch_size is not None and batch_size > max_batch_size:
+        raise ValueError(
+            f"batch of {batch_size} rows does not fit the KV cache built for {max_batch_size} rows: "
+            "raise max_batch_size or split the batch"
+        )
     embed = _decoder(hf_model).embed_tokens.weight
     engine = hf_model.__dict__.get("_fastmedusa_engine")
     if max_len is not None and max_len < min_len:
@@ -225,6 +241,8 @@ def get_engine(hf_model: nn.Module, min_len: int, max_len: int | None = None) ->
         and engine.dtype == embed.dtype
         and engine.max_len >= min_len
         and (max_len is None or engine.max_len == max_len)
+        and engine.max_batch_size >= batch_size
+        and (max_batch_size is None or engine.max_batch_size == max_batch_size)
     ):
         return engine
     if max_len is None:
@@ -232,7 +250,11 @@ def get_engine(hf_model: nn.Module, min_len: int, max_len: int | None = None) ->
         limit = getattr(hf_model.config, "max_position_embeddings", None)
         if limit is not None and min_len <= limit:
             max_len = min(max_len, limit)
+    if max_batch_size is None:
+        max_batch_size = 1 << (batch_size - 1).bit_length()
+        if engine is not None and engine.device == embed.device and engine.dtype == embed.dtype:
+            max_batch_size = max(max_batch_size, engine.max_batch_size)
     hf_model.__dict__["_fastmedusa_engine"] = None  # free the old cache before allocating the new one
-    engine = DecodeEngine(hf_model, max_len)
+    engine = DecodeEngine(hf_model, max_len, max_batch_size)
     hf_model.__dict__["_fastmedusa_engine"] = engine
     return engine

@@ -1,10 +1,20 @@
-"""The generation loop: plain greedy/sampling and Medusa tree decoding on one `DecodeEngine`.
+"""The generation loop: plain greedy/sampling and Medusa tree decoding on one `DecodeEngine`, for a
+left-padded batch of B prompts (B = 1 included).
+
+Batches. Every row keeps its own length: its tokens sit at its own cache slots, get their own RoPE positions
+(a row's first real token is position 0 whatever its left pad) and attend under their own mask, so a row
+computes what it computes alone; with Medusa each row accepts its own number of tokens per step. A row that
+reaches EOS or max_new_tokens is frozen (its length stops moving, its outputs are dropped) until every row
+is done. The host never waits on a step it just launched: it reads "all rows done" one step late, so at
+most one spare step runs at the end.
 
 Medusa step (one forward per step): the heads' top-k on the hidden state of the last accepted token give
 the tree's tokens; the root is the token the base LM head already chose. One verify forward runs every tree
 node with the tree mask; the longest path whose tokens the base model agrees with is accepted, its KV rows
 are moved into place, and the base model's choice after the last accepted node becomes the next root.
-Everything in a step has static shapes; the host reads two integers per step (accepted length, EOS).
+Everything in a step has static shapes and lives in one compiled function (heads, candidates, mask, verify
+forward, acceptance, KV compaction); nothing in it depends on max_new_tokens or the prompt length except
+through tensors, so one compiled step serves every call with the same batch size and tree.
 
 What "lossless" means. A token is accepted only if it is the argmax of the base model's logits at its
 parent, computed in the verify forward, so in fp32 Medusa greedy equals plain greedy token for token (the
@@ -33,51 +43,104 @@ from fastmedusa.decode.engine import DecodeEngine, get_engine
 from fastmedusa.decode.trees import TreeBuffers, build_tree_buffers, resolve_tree
 
 TreeSpec = str | os.PathLike | Sequence[Sequence[int]] | None
+SeedSpec = int | Sequence[int] | torch.Tensor | None
 
 
 @dataclass
 class GenerationOutput:
-    """What `generate` returns. A step is one model forward; the prefill counts as one (it yields a token)."""
+    """What `generate` returns. A step is one model forward; the prefill counts as one (it yields a token).
 
-    sequences: torch.Tensor  # (1, prompt + new) LongTensor
-    prompt_length: int
-    new_tokens: int
-    steps: int
+    `sequences` is (B, P + W): the (left-padded) prompts, then each row's new tokens, then `pad_token_id`
+    after a row's end; W is the longest row's number of new tokens (max_new_tokens unless every row stopped
+    at EOS earlier). Per-row counts say where each row ends.
+    """
+
+    sequences: torch.Tensor  # (B, P + W) LongTensor
+    prompt_length: int  # P, the padded prompt width
+    new_tokens: int  # over all rows
+    steps: int  # forwards the batch ran (the longest row's steps)
     seconds: float
-    accept_lengths: list[int] = field(default_factory=list)  # speculated tokens accepted per Medusa step
+    accept_lengths: list[list[int]] = field(default_factory=list)  # per row: accepted per Medusa step
     tree_nodes: int = 0  # nodes per verify pass (0 = plain decoding)
+    new_tokens_per_row: list[int] = field(default_factory=list)
+    steps_per_row: list[int] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.sequences.shape[0]
 
     @property
     def tokens_per_step(self) -> float:
-        return self.new_tokens / max(self.steps, 1)
+        """New tokens per forward of a row (summed over rows: finished rows' idle steps do not count)."""
+        return self.new_tokens / max(sum(self.steps_per_row) or self.steps, 1)
 
     @property
     def tokens_per_s(self) -> float:
+        """New tokens of all rows per second (throughput)."""
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
     @property
     def new_token_ids(self) -> torch.Tensor:
-        return self.sequences[0, self.prompt_length :]
+        """The new tokens of a batch-1 call (for a batch, use `row_new_token_ids(i)`)."""
+        if self.batch_size != 1:
+            raise ValueError(
+                f"new_token_ids is for batch 1; this output has {self.batch_size} rows: use "
+                "row_new_token_ids(i)"
+            )
+        return self.row_new_token_ids(0)
+
+    def row_new_token_ids(self, row: int) -> torch.Tensor:
+        """Row `row`'s new tokens, up to and including its EOS (no padding)."""
+        count = self.new_tokens_per_row[row] if self.new_tokens_per_row else self.new_tokens
+        return self.sequences[row, self.prompt_length : self.prompt_length + count]
 
     def summary(self) -> str:
         mode = f"medusa ({self.tree_nodes}-node tree)" if self.tree_nodes else "plain"
+        batch = f", batch {self.batch_size}" if self.batch_size > 1 else ""
         return (
-            f"{mode}: {self.new_tokens} tokens in {self.steps} steps, {self.tokens_per_step:.2f} tokens/step, "
-            f"{self.tokens_per_s:.1f} tokens/s ({self.seconds:.2f} s)"
+            f"{mode}{batch}: {self.new_tokens} tokens in {self.steps} steps, "
+            f"{self.tokens_per_step:.2f} tokens/step, {self.tokens_per_s:.1f} tokens/s ({self.seconds:.2f} s)"
         )
 
 
 # -- sampling and acceptance (pure tensor code, traced into the compiled steps) ------------------------
 
+_MASK32 = 0xFFFFFFFF
 
-def sample_token(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """argmax at temperature 0, else a sample from softmax(logits / T) by the exponential-race trick,
-    which needs no host sync (torch.multinomial would)."""
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (int64 tensors holding values < 2^32; products stay below 2^63)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) Gumbel noise that is a pure function of (row seed, position, token id).
+
+    A counter-based generator: a row samples the same tokens whatever the batch around it, eager or
+    compiled, and the step needs no RNG state (no host sync, nothing for CUDA graphs to capture)."""
+    base = _hash32(_hash32(seeds & _MASK32) ^ (positions & _MASK32))  # (B,)
+    vocab = (torch.arange(vocab_size, device=seeds.device) * 0x9E3779B1) & _MASK32  # (V,)
+    bits = _hash32(base[:, None] ^ vocab[None, :]) >> 8  # 24 random bits
+    uniform = (bits.float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+def sample_token(
+    logits: torch.Tensor,
+    temperature: float,
+    seeds: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, V) -> (B,): argmax at temperature 0, else a sample from softmax(logits / T) by the Gumbel-max
+    trick with `gumbel_noise(seeds, positions)` (needs no host sync, as torch.multinomial would)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    race = torch.empty_like(probs).exponential_(1)
-    return (probs / race).argmax(-1)
+    if seeds is None or positions is None:
+        raise ValueError("sampling (temperature > 0) needs per-row seeds and positions")
+    noise = gumbel_noise(seeds, positions, logits.shape[-1])
+    return (logits.float() / temperature + noise).argmax(-1)
 
 
 def node_acceptance(
@@ -88,52 +151,60 @@ def node_acceptance(
     epsilon: float,
     delta: float,
 ) -> torch.Tensor:
-    """(N,) bool: would the base model, at node i's parent, accept node i's token?
+    """(..., N) bool: would the base model, at node i's parent, accept node i's token?
 
-    Greedy (temperature 0): the token is the parent's argmax, which makes Medusa lossless. Typical
-    acceptance: p(token) > min(epsilon, delta * exp(-H(p))), p = softmax(parent logits / temperature).
+    logits (..., N, V), tokens (..., N), parents (N,). Greedy (temperature 0): the token is the parent's
+    argmax, which makes Medusa lossless. Typical acceptance: p(token) > min(epsilon, delta * exp(-H(p))),
+    p = softmax(parent logits / temperature); computed from per-node log-sum-exp and entropy so that no
+    (N, V) probability tensor is kept.
     """
+    parent_idx = parents.expand(tokens.shape)
     if temperature <= 0:
-        return tokens == logits.argmax(-1)[parents]
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (N, V)
-    entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)
-    threshold = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy))
-    return probs[parents, tokens] > threshold[parents]
+        return tokens == logits.argmax(-1).gather(-1, parent_idx)
+    z = logits.float() / temperature  # (..., N, V)
+    lse = z.logsumexp(-1)  # (..., N)
+    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    threshold = torch.clamp(delta * torch.exp(-entropy), max=epsilon)
+    z_token = z.flatten(-2).gather(-1, parent_idx * z.shape[-1] + tokens)  # z[parent(i), token(i)]
+    return torch.exp(z_token - lse.gather(-1, parent_idx)) > threshold.gather(-1, parent_idx)
 
 
 def longest_accepted_path(node_ok: torch.Tensor, tree: TreeBuffers) -> tuple[torch.Tensor, torch.Tensor]:
-    """(best path row, its number of accepted speculated tokens), both (1,); the first path wins ties.
+    """node_ok (B, N) -> (best path row, its number of accepted speculated tokens), both (B,); the first
+    path wins ties."""
+    ok = node_ok[:, tree.retrieve_indices[:, 1:]] & tree.path_valid[:, 1:]  # (B, paths, depth)
+    accepted = ok.long().cumprod(dim=-1).sum(dim=-1)  # (B, paths)
+    best = accepted.argmax(dim=-1)  # (B,)
+    return best, accepted.gather(1, best[:, None])[:, 0]
 
-    Indices stay 1-element tensors (never 0-d): indexing with a 0-d tensor is an `.item()` to torch.compile,
-    a host sync that would split the compiled step.
-    """
-    ok = node_ok[tree.retrieve_indices[:, 1:]] & tree.path_valid[:, 1:]  # (P, depth)
-    accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (P,)
-    best = accepted.argmax().view(1)
-    return best, accepted[best]
+
+def _is_eos(tokens: torch.Tensor, eos_ids: torch.Tensor | None) -> torch.Tensor:
+    """Elementwise: is the token one of the EOS ids."""
+    if eos_ids is None:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    return (tokens[..., None] == eos_ids).any(-1)
 
 
 # -- step functions -----------------------------------------------------------------------------------
+# State per row (all (B,) tensors): cur = the cache slot of the newest token, whose KV is not written yet;
+# offset = left-pad slots of the row (RoPE position = slot - offset); seeds; n = tokens emitted so far;
+# limit = max_new_tokens; done = the row stopped (EOS or limit) and is frozen.
 
 
-def _eos_position(emitted: torch.Tensor, count: torch.Tensor, eos_ids: torch.Tensor | None) -> torch.Tensor:
-    """Index of the first EOS among the first `count` emitted tokens, else len(emitted)."""
-    ar = torch.arange(emitted.shape[0], device=emitted.device)
-    if eos_ids is None:
-        return torch.full((), emitted.shape[0], device=emitted.device, dtype=torch.long)
-    is_eos = (emitted[:, None] == eos_ids[None, :]).any(-1) & (ar < count)
-    return torch.where(is_eos, ar, emitted.shape[0]).min()
-
-
-def make_greedy_step(engine: DecodeEngine, temperature: float) -> Callable:
-    """(token (1,), cur_len (1,)) -> (next token (1,), cur_len + 1): one token through the cached model."""
+def make_plain_step(engine: DecodeEngine, temperature: float, eos_ids: torch.Tensor | None, pad_id: int):
+    """(token, cur, offset, seeds, n, limit, done) -> (emitted, next token, cur + 1, n, done): one token per
+    row. A frozen row emits pad_id but keeps feeding a real token (a pad id may lie outside the vocabulary)."""
     positions = torch.arange(engine.max_len, device=engine.device)
 
-    def step(token: torch.Tensor, cur_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = positions[None, :] <= cur_len[:, None]  # (1, max_len)
-        hidden = engine(token[None], cur_len, mask)  # (1, 1, H)
-        nxt = sample_token(engine.logits(hidden[0]), temperature)  # (1,)
-        return nxt, cur_len + 1
+    def step(token, cur, offset, seeds, n, limit, done):
+        mask = (positions[None, :] <= cur[:, None]) & (positions[None, :] >= offset[:, None])  # (B, max_len)
+        rope = cur - offset
+        hidden = engine(token[:, None], cur[:, None], rope[:, None], mask[:, None, :])  # (B, 1, H)
+        nxt = sample_token(engine.logits(hidden[:, 0]), temperature, seeds, rope + 1)  # (B,)
+        n = n + (~done).long()
+        emitted = torch.where(done, pad_id, nxt)
+        done = done | _is_eos(nxt, eos_ids) | (n >= limit)
+        return emitted, nxt, cur + 1, n, done
 
     step.static_tensors = [positions]
     return step
@@ -148,40 +219,64 @@ def make_medusa_step(
     delta: float,
     eos_ids: torch.Tensor | None,
 ) -> Callable:
-    """One Medusa step: (root (1,), hidden of the last token (1, H), cur_len (1,)) ->
-    (emitted (depth+1,), [accepted, eos index] (2,), next root, next hidden, next cur_len).
+    """One Medusa step for every row: (root, hidden of the last token (B, H), cur, offset, seeds, n, limit,
+    done) -> (emitted (B, depth+1), count (B,), accepted (B,), next root, next hidden, cur, n, done).
 
-    emitted[:accepted] are the accepted speculated tokens and emitted[accepted] is the next root (the base
-    model's own token after them), so a step yields accepted + 1 tokens.
+    emitted[b, :accepted] are row b's accepted speculated tokens and emitted[b, accepted] the next root (the
+    base model's own token after them); count[b] of them are kept (fewer at EOS or the limit, 0 for a
+    frozen row), and accepted is -1 for a frozen row.
     """
     positions = torch.arange(engine.max_len, device=engine.device)
-    n, depth = tree.num_nodes, tree.depth
+    n_nodes, depth = tree.num_nodes, tree.depth
     steps_ar = torch.arange(depth + 1, device=engine.device)
-    node_rows = torch.arange(n, device=engine.device)
+    node_rows = torch.arange(n_nodes, device=engine.device)
+    tree_mask_t = tree.attention_mask.t().contiguous()  # (N, N): [j, i] = node i sees node j
 
-    def step(root: torch.Tensor, hidden_last: torch.Tensor, cur_len: torch.Tensor):
+    def step(root, hidden_last, cur, offset, seeds, n, limit, done):
+        bsz = root.shape[0]
         # token ids, best first: draft_topk maps a draft-vocabulary head's rows back through its token_map
-        topk = heads.draft_topk(hidden_last, tree.topk)[:depth, 0]  # (depth, topk)
-        tokens = torch.cat([root, topk.reshape(-1)])[tree.tree_indices]  # (N,)
-        # Node i sits in cache row cur_len + i at RoPE position cur_len + depth(i); it sees the prefix and
-        # its tree ancestors.
-        rel = positions - cur_len  # (max_len,)
-        in_tree = (rel >= 0) & (rel < n)
-        mask = (rel < 0)[None, :] | (tree.attention_mask[:, rel.clamp(0, n - 1)] & in_tree[None, :])
-        hidden = engine.forward_at(tokens[None], cur_len + node_rows, cur_len + tree.depths, mask)
-        logits = engine.logits(hidden[0])  # (N, V)
+        topk = heads.draft_topk(hidden_last, tree.topk)[:depth]  # (depth, B, k)
+        topk = topk.transpose(0, 1).reshape(bsz, -1)  # (B, depth*k)
+        tokens = torch.cat([root[:, None], topk], dim=1)[:, tree.tree_indices]  # (B, N)
+        # Node i of row b sits in slot cur + i at RoPE position cur - offset + depth(i); it sees the row's
+        # prefix (without its pad) and its own tree ancestors.
+        rel = positions[None, :] - cur[:, None]  # (B, max_len)
+        prefix = (rel < 0) & (positions[None, :] >= offset[:, None])
+        in_tree = (rel >= 0) & (rel < n_nodes)
+        tree_part = tree_mask_t[rel.clamp(0, n_nodes - 1)].transpose(1, 2) & in_tree[:, None, :]  # (B, N, L)
+        mask = prefix[:, None, :] | tree_part
+        rope0 = cur - offset
+        hidden = engine(tokens, cur[:, None] + node_rows, rope0[:, None] + tree.depths, mask)  # (B, N, H)
+        logits = engine.logits(hidden)  # (B, N, V)
         node_ok = node_acceptance(logits, tokens, tree.parents, temperature, epsilon, delta)
         best, accepted = longest_accepted_path(node_ok, tree)
-        path = tree.retrieve_indices[best][0]  # (depth+1,)
-        last = path[accepted]  # (1,)
-        next_root = sample_token(logits[last], temperature)  # (1,)
-        speculated = tokens[path[1:]]
-        emitted = torch.where(steps_ar == accepted, next_root, torch.cat([speculated, next_root]))
-        info = torch.cat([accepted, _eos_position(emitted, accepted + 1, eos_ids).view(1)])
-        engine.move_kv(cur_len + path, cur_len + steps_ar)
-        return emitted, info, next_root, hidden[0, last], cur_len + accepted + 1
+        path = tree.retrieve_indices[best]  # (B, depth+1)
+        last = path.gather(1, accepted[:, None])  # (B, 1)
+        last_logits = logits.gather(1, last[:, :, None].expand(bsz, 1, logits.shape[-1]))[:, 0]
+        next_root = sample_token(last_logits, temperature, seeds, rope0 + accepted + 1)  # (B,)
+        speculated = tokens.gather(1, path[:, 1:])  # (B, depth)
+        emitted = torch.cat([speculated, next_root[:, None]], dim=1)
+        emitted = torch.where(steps_ar[None, :] == accepted[:, None], next_root[:, None], emitted)
+        eos = _is_eos(emitted, eos_ids) & (steps_ar[None, :] <= accepted[:, None])
+        eos_at = torch.where(eos, steps_ar[None, :], depth + 1).amin(dim=1)  # (B,)
+        count = torch.minimum(torch.minimum(accepted + 1, eos_at + 1), limit - n)
+        count = torch.where(done, 0, count)
+        engine.move_kv(cur[:, None] + path, cur[:, None] + steps_ar[None, :])
+        next_hidden = hidden.gather(1, last[:, :, None].expand(bsz, 1, hidden.shape[-1]))[:, 0]
+        n_next = n + count
+        done_next = done | (eos_at < count) | (n_next >= limit)
+        return (
+            emitted,
+            count,
+            torch.where(done, -1, accepted),
+            torch.where(done, root, next_root),
+            torch.where(done[:, None], hidden_last, next_hidden),
+            torch.where(done, cur, cur + accepted + 1),
+            n_next,
+            done_next,
+        )
 
-    step.static_tensors = [positions, steps_ar, node_rows, *vars(tree).values()]
+    step.static_tensors = [positions, steps_ar, node_rows, tree_mask_t, *vars(tree).values()]
     step.static_tensors += list(heads.parameters()) if isinstance(heads, nn.Module) else []
     return step
 
@@ -194,15 +289,28 @@ def _mark_static(tensors) -> None:
             torch._dynamo.mark_static_address(t)
 
 
+def _allow_recompiles(limit: int = 64) -> None:
+    """Every step closure shares one code object, and dynamo's recompile limit (8) counts per code object:
+    batch sizes x trees x temperatures exceed it, after which steps silently ran eager. Raise it."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < limit:
+            setattr(config, name, limit)
+
+
 def _compiled(engine: DecodeEngine, key: tuple, build: Callable[[], Callable], compile: bool) -> Callable:
-    """Build (and compile) a step once per engine and key, so repeated calls reuse CUDA graphs."""
+    """Build (and compile) a step once per engine and key, so repeated calls reuse CUDA graphs.
+
+    dynamic=False: every shape in a step is fixed by (batch size, tree, max_len), never by the prompt or
+    max_new_tokens, so automatic dynamic shapes would only add a second, slower compile."""
     key = (*key, compile)
     if key not in engine.compiled:
         fn = build()
         if compile:
+            _allow_recompiles()
             _mark_static([*engine.buffers(), *getattr(fn, "static_tensors", [])])
             mode = "reduce-overhead" if engine.device.type == "cuda" else "default"
-            fn = torch.compile(fn, mode=mode, fullgraph=True)
+            fn = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
         engine.compiled[key] = fn
     return engine.compiled[key]
 
@@ -216,20 +324,45 @@ def _split_model(model: nn.Module, heads: nn.Module | None) -> tuple[nn.Module, 
     return model, heads
 
 
-def _check_inputs(input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def check_batch(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, P) long, left pad per row (B,)) from a left-padded batch, or a clear error."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32):
-        raise ValueError("input_ids must be an integer tensor of token ids, shape (1, prompt_len)")
+        raise ValueError("input_ids must be an integer tensor of token ids, shape (batch, prompt_len)")
     ids = input_ids.long().reshape(1, -1) if input_ids.ndim == 1 else input_ids.long()
-    if ids.ndim != 2 or ids.shape[0] != 1:
-        raise ValueError(
-            f"the decode engine runs batch 1; got input_ids of shape {tuple(input_ids.shape)}: "
-            "call generate once per prompt (sequences accept different lengths per step)"
-        )
-    if ids.shape[1] == 0:
-        raise ValueError("input_ids is empty: give at least one prompt token")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, prompt_len), got shape {tuple(input_ids.shape)}")
+    if ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise ValueError(f"input_ids of shape {tuple(ids.shape)} is empty: give at least one prompt token")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    return ids
+    if attention_mask is None:
+        if ids.shape[0] > 1:
+            raise ValueError(
+                f"input_ids has {ids.shape[0]} rows but no attention_mask: padding cannot be told from tokens; "
+                "pass the tokenizer's attention_mask (padding_side='left')"
+            )
+        return ids, torch.zeros(1, dtype=torch.long, device=ids.device)
+    mask = attention_mask.reshape(ids.shape) if attention_mask.numel() == ids.numel() else None
+    if mask is None:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids {tuple(ids.shape)}"
+        )
+    mask = mask.to(ids.device)
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = mask.long()
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        row = int((mask[:, 1:] < mask[:, :-1]).any(1).nonzero()[0])
+        raise ValueError(
+            f"attention_mask row {row} has padding after tokens (right padding or a hole): the engine "
+            "needs left padding; set tokenizer.padding_side = 'left'"
+        )
+    if (mask[:, -1] == 0).any():
+        row = int((mask[:, -1] == 0).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} is all padding: every row needs at least one token")
+    return ids, (ids.shape[1] - mask.sum(1)).long()
 
 
 def _check_heads(heads: nn.Module, engine: DecodeEngine) -> None:
@@ -251,6 +384,21 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) 
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
+def row_seeds(seed: SeedSpec, batch_size: int, device: torch.device) -> torch.Tensor:
+    """(B,) sampling seeds: an int gives row b the seed (seed, b); a sequence gives each row its own (then a
+    prompt samples the same tokens in any batch); None draws one from torch's RNG (torch.manual_seed)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    if isinstance(seed, int):
+        return (seed * 1_000_003 + torch.arange(batch_size, device=device)) & _MASK32
+    seeds = torch.as_tensor(seed, dtype=torch.long).reshape(-1).to(device)
+    if seeds.numel() != batch_size:
+        raise ValueError(
+            f"seed has {seeds.numel()} entries for a batch of {batch_size}: give one per row or an int"
+        )
+    return seeds & _MASK32
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -261,29 +409,38 @@ def generate(
     model: nn.Module,
     input_ids: torch.Tensor,
     *,
+    attention_mask: torch.Tensor | None = None,
     max_new_tokens: int,
     medusa: bool = True,
     temperature: float = 0.0,
     tree: TreeSpec = None,
     eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: SeedSpec = None,
     typical_epsilon: float = 0.09,
     typical_delta: float = 0.3,
     heads: nn.Module | None = None,
     compile: bool | None = None,
     max_len: int | None = None,
+    max_batch_size: int | None = None,
 ) -> GenerationOutput:
-    """Generate up to `max_new_tokens` after `input_ids` (1, P), stopping after an EOS token.
+    """Generate up to `max_new_tokens` after each row of `input_ids` (B, P), a row stopping after EOS.
 
-    `model` is a `MedusaModel` or a plain HF Llama-family causal LM (then `medusa=False`, or pass `heads`:
-    any module with `draft_topk(hidden (..., H), k) -> (K, ..., k)` token ids and `num_heads`). temperature 0 is
-    greedy (Medusa output then equals plain greedy token for token in fp32, and up to argmax near-ties
-    within rounding in bf16/fp16: see the module docstring); above 0, tokens are sampled and
-    speculated tokens pass typical acceptance (`typical_epsilon`, `typical_delta`). `tree`: a preset name,
-    a JSON file, a list of paths, or None (mc_sim_7b_63 pruned to the number of heads). `compile`: default
-    on CUDA only (CUDA graphs); `max_len`: KV cache rows (default: enough for this call, rounded up).
+    A batch must be left-padded with its `attention_mask` (required when B > 1); each row then gets what it
+    would get alone. `model` is a `MedusaModel` or a plain HF Llama-family causal LM (then `medusa=False`,
+    or pass `heads`: any module with `draft_topk(hidden (..., H), k) -> (K, ..., k)` token ids and
+    `num_heads`).
+    temperature 0 is greedy (Medusa output then equals plain greedy token for token in fp32, and up to
+    argmax near-ties within rounding in bf16/fp16: see the module docstring); above 0, tokens are sampled
+    (reproducibly from `seed`: an int, one per row, or None for torch's RNG) and speculated tokens pass
+    typical acceptance (`typical_epsilon`, `typical_delta`). `tree`: a preset name, "auto:N", a JSON file,
+    a list of paths, or None (the heads' tree.json, else mc_sim_7b_63 pruned to the number of heads).
+    `pad_token_id` fills rows after their end (default: the first EOS id, else 0). `compile`: default on
+    CUDA only (CUDA graphs); `max_len`/`max_batch_size`: KV cache slots per row / rows (default: enough
+    for this call, rounded up so that similar calls reuse the engine and its compiled steps).
     """
     base, heads = _split_model(model, heads)
-    ids = _check_inputs(input_ids, max_new_tokens)
+    ids, offsets = check_batch(input_ids, attention_mask, max_new_tokens)
     tree_buffers = None
     if medusa:
         if heads is None:
@@ -296,51 +453,74 @@ def generate(
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) + tree ({slack} nodes) = "
             f"{needed} does not fit the KV cache of {max_len} rows: shorten the prompt or raise max_len"
         )
-    engine = get_engine(base, needed, max_len)
-    ids = ids.to(engine.device)
+    engine = get_engine(base, needed, max_len, ids.shape[0], max_batch_size)
+    ids, offsets = ids.to(engine.device), offsets.to(engine.device)
     compile = engine.device.type == "cuda" if compile is None else compile
     eos_ids = _eos_tensor(eos_token_id, engine.device)
+    if pad_token_id is None:
+        pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
+    seeds = row_seeds(seed, ids.shape[0], engine.device)
+    eos_key = None if eos_ids is None else tuple(eos_ids.tolist())
     if tree_buffers is not None:
         _check_heads(heads, engine)
         tree_buffers = tree_buffers.to(engine.device)
     _sync(engine.device)
     start = time.perf_counter()
+    state = _prefill(engine, ids, offsets, seeds, max_new_tokens, temperature, eos_ids)
     if tree_buffers is None:
-        new, steps, accepts = _plain_loop(engine, ids, max_new_tokens, temperature, eos_ids, compile)
-    else:
-        key = ("medusa", tuple(tree_buffers.paths), id(heads), temperature, typical_epsilon, typical_delta)
-        key += (None if eos_ids is None else tuple(eos_ids.tolist()),)
         step = _compiled(
             engine,
-            key,
+            ("plain", temperature, eos_key, pad_token_id),
+            lambda: make_plain_step(engine, temperature, eos_ids, pad_token_id),
+            compile,
+        )
+        out, n, steps, accepts = _plain_loop(
+            engine, step, state, max_new_tokens, pad_token_id, compile, eos_ids
+        )
+    else:
+        key = ("medusa", tuple(tree_buffers.paths), id(heads), temperature, typical_epsilon, typical_delta)
+        step = _compiled(
+            engine,
+            (*key, eos_key),
             lambda: make_medusa_step(
                 engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids
             ),
             compile,
         )
-        new, steps, accepts = _medusa_loop(
-            engine, step, ids, max_new_tokens, tree_buffers.depth, temperature, eos_ids, compile
+        out, n, steps, accepts = _medusa_loop(
+            engine, step, state, max_new_tokens, tree_buffers.depth, pad_token_id, compile, eos_ids
         )
+    counts = n.tolist()
     _sync(engine.device)
     seconds = time.perf_counter() - start
-    sequences = torch.cat([ids, new[None].to(ids.device)], dim=1).to(input_ids.device)
+    width = max(counts)
+    sequences = torch.cat([ids, out[:, :width]], dim=1).to(input_ids.device)
     nodes = tree_buffers.num_nodes if tree_buffers is not None else 0
-    return GenerationOutput(sequences, ids.shape[1], new.numel(), steps, seconds, accepts, nodes)
+    return GenerationOutput(
+        sequences, ids.shape[1], sum(counts), max(steps), seconds, accepts, nodes, counts, steps
+    )
 
 
-def _prefill(
-    engine: DecodeEngine, ids: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the prompt through the cache (eager: its length varies): first new token, last hidden, cur_len."""
-    length = ids.shape[1]
+def _prefill(engine, ids, offsets, seeds, max_new_tokens, temperature, eos_ids) -> dict[str, torch.Tensor]:
+    """Run the prompts through the cache (eager: their length varies) and sample each row's first token.
+
+    Pad slots attend to themselves only (a query that sees nothing would give NaNs, and NaN values of a
+    masked slot would still poison a softmax-weighted sum); real tokens never see pad slots."""
+    bsz, length = ids.shape
     pos = torch.arange(length, device=engine.device)
-    hidden = engine(ids, pos, engine.causal_mask(0, length))  # (1, P, H)
-    token = sample_token(engine.logits(hidden[0, -1:]), temperature)  # (1,)
-    return token, hidden[0, -1:], torch.full((1,), length, device=engine.device, dtype=torch.long)
-
-
-def _is_eos(token: torch.Tensor, eos_ids: torch.Tensor | None) -> bool:
-    return eos_ids is not None and bool((token[:, None] == eos_ids[None, :]).any())
+    keys = torch.arange(engine.max_len, device=engine.device)
+    causal = keys[None, None, :] <= pos[None, :, None]  # (1, P, max_len)
+    visible = (keys[None, None, :] >= offsets[:, None, None]) | (keys[None, None, :] == pos[None, :, None])
+    rope = (pos[None, :] - offsets[:, None]).clamp(min=0)  # (B, P)
+    hidden = engine(ids, pos.expand(bsz, length), rope, causal & visible)  # (B, P, H)
+    last = hidden[:, -1]
+    real_len = length - offsets
+    token = sample_token(engine.logits(last), temperature, seeds, real_len)  # (B,)
+    n = torch.ones(bsz, dtype=torch.long, device=engine.device)
+    limit = torch.full_like(n, max_new_tokens)
+    done = _is_eos(token, eos_ids) | (n >= limit)
+    cur = torch.full_like(n, length)
+    return dict(token=token, hidden=last, cur=cur, offset=offsets, seeds=seeds, n=n, limit=limit, done=done)
 
 
 def _mark_step(compile: bool, engine: DecodeEngine) -> None:
@@ -348,36 +528,57 @@ def _mark_step(compile: bool, engine: DecodeEngine) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def _plain_loop(engine, ids, max_new_tokens, temperature, eos_ids, compile):
-    """One token per forward. Without EOS ids the loop never waits for the device."""
-    step = _compiled(engine, ("plain", temperature), lambda: make_greedy_step(engine, temperature), compile)
-    out = torch.empty(max_new_tokens, dtype=torch.long, device=engine.device)
-    token, _, cur_len = _prefill(engine, ids, temperature)
-    out[:1] = token
-    n = 1
-    while n < max_new_tokens and not _is_eos(token, eos_ids):
-        _mark_step(compile, engine)
-        token, cur_len = step(token, cur_len)
-        token, cur_len = token.clone(), cur_len.clone()
-        out[n : n + 1] = token
-        n += 1
-    return out[:n], n, []
+class _LaggedStop:
+    """ "Are all rows done?", read one step late: the host checks the flag of the state before the step it
+    last launched, so the device always has a step queued; at most one spare step runs at the end."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.pending = enabled, None
+
+    def should_stop(self, done: torch.Tensor) -> bool:
+        if not self.enabled:
+            return False
+        stop = self.pending is not None and bool(self.pending)
+        self.pending = done.all()
+        return stop
 
 
-def _medusa_loop(engine, step, ids, max_new_tokens, depth, temperature, eos_ids, compile):
-    """Medusa steps until max_new_tokens or EOS; the only host reads are [accepted, eos index] per step."""
-    root, hidden, cur_len = _prefill(engine, ids, temperature)
-    out = torch.empty(max_new_tokens + depth + 1, dtype=torch.long, device=engine.device)
-    out[:1] = root
-    n, steps, accepts = 1, 1, []
-    stop = _is_eos(root, eos_ids)
-    while n < max_new_tokens and not stop:
+def _plain_loop(engine, step, s, max_new_tokens, pad_id, compile, eos_ids):
+    """One token per row per forward."""
+    bsz = s["token"].shape[0]
+    out = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=engine.device)
+    out[:, 0] = s["token"]
+    token, cur, n, done = s["token"], s["cur"], s["n"], s["done"]
+    stop = _LaggedStop(eos_ids is not None)
+    for col in range(1, max_new_tokens):
+        if stop.should_stop(done):
+            break
         _mark_step(compile, engine)
-        emitted, info, root, hidden, cur_len = step(root, hidden, cur_len)
-        root, hidden, cur_len = root.clone(), hidden.clone(), cur_len.clone()
-        accepted, eos_at = info.tolist()
-        count = min(accepted + 1, eos_at + 1)
-        out[n : n + count] = emitted[:count]
-        n, steps, stop = n + count, steps + 1, eos_at <= accepted
-        accepts.append(accepted)
-    return out[: min(n, max_new_tokens)], steps, accepts
+        emitted, token, cur, n, done = step(token, cur, s["offset"], s["seeds"], n, s["limit"], done)
+        token, cur, n, done = token.clone(), cur.clone(), n.clone(), done.clone()
+        out[:, col] = emitted
+    return out, n, n.tolist(), [[] for _ in range(bsz)]
+
+
+def _medusa_loop(engine, step, s, max_new_tokens, depth, pad_id, compile, eos_ids):
+    """Medusa steps until every row is done; the host reads one flag per step, one step late."""
+    bsz = s["token"].shape[0]
+    dump = max_new_tokens + depth + 1  # a scratch column for the tokens a row does not keep
+    out = torch.full((bsz, dump + 1), pad_id, dtype=torch.long, device=engine.device)
+    out[:, 0] = s["token"]
+    cols = torch.arange(depth + 1, device=engine.device)
+    root, hidden, cur, n, done = s["token"], s["hidden"], s["cur"], s["n"], s["done"]
+    stop = _LaggedStop(True)
+    accepted_log = []
+    while not stop.should_stop(done):
+        _mark_step(compile, engine)
+        emitted, count, accepted, root, hidden, cur, n_next, done = step(
+            root, hidden, cur, s["offset"], s["seeds"], n, s["limit"], done
+        )
+        where = torch.where(cols[None, :] < count[:, None], n[:, None] + cols[None, :], dump)
+        out.scatter_(1, where, emitted)
+        root, hidden, cur, n, done = root.clone(), hidden.clone(), cur.clone(), n_next.clone(), done.clone()
+        accepted_log.append(accepted.clone())
+    log = torch.stack(accepted_log, dim=1).tolist() if accepted_log else [[] for _ in range(bsz)]
+    accepts = [[a for a in row if a >= 0] for row in log]
+    return out[:, :max_new_tokens], n, [1 + len(a) for a in accepts], accepts

@@ -1,0 +1,204 @@
+"""Batches: a left-padded (B, P) batch gives each row what it gives alone (fp32), plain and Medusa."""
+
+import math
+
+import pytest
+import torch
+from conftest import VOCAB, BatchOracleHeads, OracleHeads, hf_greedy, left_pad, random_medusa, tiny_llama
+
+from fastmedusa.decode import generate
+
+
+def ragged_prompts(lengths, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (1, n), generator=gen) for n in lengths]
+
+
+def check_rows(out, prompts, references, pad_id, prompt_pad=0):
+    """Row i of a batched output = references[i] (new tokens), then pad_id; the prompt part unchanged."""
+    ids, _ = left_pad(prompts, prompt_pad)
+    width = ids.shape[1]
+    assert torch.equal(out.sequences[:, :width], ids)
+    for row, ref in enumerate(references):
+        ref = ref.reshape(-1).tolist()
+        assert out.row_new_token_ids(row).tolist() == ref, f"row {row}"
+        assert out.new_tokens_per_row[row] == len(ref)
+        assert (out.sequences[row, width + len(ref) :] == pad_id).all()
+    assert out.new_tokens == sum(len(r.reshape(-1)) for r in references)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_plain_batch_rows_equal_hf_batch_1(kind):
+    model = tiny_llama(7, kind=kind)
+    prompts = ragged_prompts([5, 1, 9, 3])
+    refs = [hf_greedy(model, p, 20)[0, p.shape[1] :] for p in prompts]
+    ids, mask = left_pad(prompts, pad_id=3)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=20, medusa=False)
+    check_rows(out, prompts, refs, pad_id=0, prompt_pad=3)
+    assert out.steps == 20 and out.steps_per_row == [20] * 4 and out.tokens_per_step == 1.0
+
+
+def test_plain_batch_rows_stop_at_their_eos(llama):
+    prompts = ragged_prompts([4, 7, 2, 6, 1], seed=1)
+    alone = [generate(llama, p, max_new_tokens=30, medusa=False).new_token_ids for p in prompts]
+    eos = int(alone[1][6])  # row 1 stops at its 7th token; others where (if) they emit it
+    refs = []
+    for a in alone:
+        hits = (a == eos).nonzero()
+        refs.append(a[: int(hits[0]) + 1] if hits.numel() else a)
+    ids, mask = left_pad(prompts)
+    out = generate(llama, ids, attention_mask=mask, max_new_tokens=30, medusa=False, eos_token_id=eos,
+                   pad_token_id=VOCAB + 1)  # fmt: skip
+    check_rows(out, prompts, refs, pad_id=VOCAB + 1)
+    assert out.sequences.shape[1] == ids.shape[1] + max(len(r) for r in refs)
+    single = generate(llama, ids[1:2, -7:], max_new_tokens=30, medusa=False, eos_token_id=eos)
+    assert single.new_token_ids.tolist() == refs[1].tolist()
+
+
+@pytest.mark.parametrize("tree", ["chain_2", "mc_sim_7b_31"])
+def test_medusa_batch_random_heads_equals_plain(llama, tree):
+    model = random_medusa(llama, num_heads=3)
+    prompts = ragged_prompts([3, 8, 1, 5], seed=2)
+    refs = [generate(model, p, max_new_tokens=25, medusa=False).new_token_ids for p in prompts]
+    ids, mask = left_pad(prompts)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=25, tree=tree)
+    check_rows(out, prompts, refs, pad_id=0)
+    assert len(out.accept_lengths) == 4
+    assert out.steps_per_row == [1 + len(a) for a in out.accept_lengths]
+
+
+def test_medusa_batch_oracle_heads_accept_long_paths_per_row(llama):
+    prompts = ragged_prompts([6, 2, 9], seed=3)
+    references = [hf_greedy(llama, p, 64) for p in prompts]
+    probabilities = [(0.95, 0.05), (0.5, 0.3), (0.0, 0.0)]  # rows accept long, medium and no paths
+    heads = BatchOracleHeads(
+        [
+            OracleHeads(llama, r, num_heads=4, p_top1=a, p_top2=b)
+            for r, (a, b) in zip(references, probabilities)
+        ]
+    )
+    ids, mask = left_pad(prompts)
+    new1 = references[1][0, 2:].tolist()  # row 1 stops early, at an EOS that may sit inside a path
+    eos = next(t for j, t in enumerate(new1) if j >= 20 and t not in new1[:j])
+    out = generate(llama, ids, attention_mask=mask, max_new_tokens=40, heads=heads, tree="mc_sim_7b_63",
+                   eos_token_id=eos)  # fmt: skip
+    refs = []
+    for p, r in zip(prompts, references):
+        new = r[0, p.shape[1] : p.shape[1] + 40]
+        hits = (new == eos).nonzero()
+        refs.append(new[: int(hits[0]) + 1] if hits.numel() else new)
+    check_rows(out, prompts, refs, pad_id=eos)
+    mean = [sum(a) / len(a) for a in out.accept_lengths]
+    assert mean[0] > 2.5 and 0.5 < mean[1] < mean[0] and mean[2] == 0
+    assert out.steps_per_row[2] == 40 and out.steps_per_row[0] < 15
+    assert out.tokens_per_step == out.new_tokens / sum(out.steps_per_row)
+
+
+def test_sampling_is_reproducible_per_row(llama):
+    prompts = ragged_prompts([4, 6, 2], seed=4)
+    ids, mask = left_pad(prompts)
+    batch = generate(llama, ids, attention_mask=mask, max_new_tokens=16, medusa=False, temperature=1.0,
+                     seed=[11, 12, 13])  # fmt: skip
+    again = generate(llama, ids, attention_mask=mask, max_new_tokens=16, medusa=False, temperature=1.0,
+                     seed=[11, 12, 13])  # fmt: skip
+    assert torch.equal(batch.sequences, again.sequences)
+    for row, (p, s) in enumerate(zip(prompts, [11, 12, 13])):
+        alone = generate(llama, p, max_new_tokens=16, medusa=False, temperature=1.0, seed=[s])
+        assert alone.new_token_ids.tolist() == batch.row_new_token_ids(row).tolist()
+    other = generate(
+        llama, ids, attention_mask=mask, max_new_tokens=16, medusa=False, temperature=1.0, seed=5
+    )
+    assert not torch.equal(other.sequences, batch.sequences)
+
+
+def test_sampling_follows_the_distribution():
+    """Gumbel-max with the counter-based noise: token frequencies match softmax(logits / T)."""
+    from fastmedusa.decode.generate import sample_token
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    seeds = torch.arange(4000)
+    tokens = sample_token(logits, 0.7, seeds, torch.full((4000,), 3))
+    freq = torch.bincount(tokens, minlength=4).double() / 4000
+    expected = torch.softmax(logits[0].double() / 0.7, -1)
+    assert (freq - expected).abs().max() < 0.03
+
+
+def test_typical_acceptance_with_oracle_heads_accepts_long_typical_paths(llama):
+    """Oracle heads propose each row's plain *sampled* continuation (same seed). Sampling noise is a function
+    of (seed, position), so a root Medusa samples after an accepted path is the token plain sampling drew
+    there: with only those tokens in the tree (a chain), the output equals plain sampling token for token.
+    Typical acceptance takes long paths, and every accepted speculated token passes the criterion under an
+    independent fp64 computation (also in a wide tree, whose other tokens may pass and change the text)."""
+    temperature, eps, delta = 0.7, 0.09, 0.3
+    prompts = ragged_prompts([5, 3], seed=5)
+    sampled = [
+        generate(llama, p, max_new_tokens=64, medusa=False, temperature=temperature, seed=[s]).sequences
+        for p, s in zip(prompts, [1, 2])
+    ]
+    ids, mask = left_pad(prompts)
+    kw = dict(attention_mask=mask, max_new_tokens=40, temperature=temperature, seed=[1, 2],
+              typical_epsilon=eps, typical_delta=delta)  # fmt: skip
+    exact = BatchOracleHeads([OracleHeads(llama, r, num_heads=4, p_top1=1.0, p_top2=0.0) for r in sampled])
+    out = generate(llama, ids, heads=exact, tree="chain_4", **kw)
+    check_rows(out, prompts, [r[0, p.shape[1] : p.shape[1] + 40] for p, r in zip(prompts, sampled)], pad_id=0)
+    assert out.tokens_per_step > 2.0 and max(max(a) for a in out.accept_lengths) >= 3
+    check_typical(llama, prompts, out, temperature, eps, delta)
+    heads = BatchOracleHeads([OracleHeads(llama, r, num_heads=4, p_top1=0.8, p_top2=0.1) for r in sampled])
+    out = generate(llama, ids, heads=heads, tree="mc_sim_7b_63", **kw)
+    assert out.tokens_per_step > 1.5
+    check_typical(llama, prompts, out, temperature, eps, delta)
+
+
+def check_typical(llama, prompts, out, temperature, eps, delta):
+    for row, p in enumerate(prompts):
+        new = out.row_new_token_ids(row)
+        seq = torch.cat([p[0], new])[None]
+        with torch.no_grad():
+            z = llama(seq).logits[0, p.shape[1] - 1 : -1].double() / temperature  # (new, V)
+        probs = torch.softmax(z, -1)
+        entropy = -(probs * torch.log(probs)).sum(-1)
+        threshold = torch.clamp(delta * torch.exp(-entropy), max=eps)
+        p_token = probs.gather(-1, new[:, None])[:, 0]
+        # which emitted tokens were speculated: per step, `a` accepted then one root
+        speculated, position = [], 1
+        for a in out.accept_lengths[row]:
+            speculated += range(position, min(position + a, len(new)))
+            position += a + 1
+        assert len(speculated) > 10
+        assert (p_token[speculated] > threshold[speculated]).all()
+
+
+def test_typical_threshold_rule_against_float64():
+    from fastmedusa.decode.generate import node_acceptance
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=gen) * 2
+    tokens = torch.randint(0, 7, (2, 5), generator=gen)
+    parents = torch.tensor([0, 0, 1, 1, 2])
+    temperature, eps, delta = 0.8, 0.2, 0.5
+    got = node_acceptance(logits, tokens, parents, temperature, eps, delta)
+    for b in range(2):
+        for i in range(5):
+            p = torch.softmax(logits[b, parents[i]].double() / temperature, -1)
+            h = -(p * p.log()).sum().item()
+            assert got[b, i].item() == (p[tokens[b, i]].item() > min(eps, delta * math.exp(-h)))
+    greedy = node_acceptance(logits, tokens, parents, 0.0, eps, delta)
+    assert torch.equal(greedy, tokens == logits.argmax(-1)[:, parents])
+
+
+def test_batch_bad_input(llama):
+    prompts = ragged_prompts([3, 5], seed=6)
+    ids, mask = left_pad(prompts)
+    with pytest.raises(ValueError, match="no attention_mask"):
+        generate(llama, ids, max_new_tokens=4, medusa=False)
+    right = mask.flip(1)
+    with pytest.raises(ValueError, match="left padding"):
+        generate(llama, ids, attention_mask=right, max_new_tokens=4, medusa=False)
+    with pytest.raises(ValueError, match="all padding"):
+        generate(llama, ids, attention_mask=torch.zeros_like(mask), max_new_tokens=4, medusa=False)
+    with pytest.raises(ValueError, match="does not match input_ids"):
+        generate(llama, ids, attention_mask=mask[:, 1:], max_new_tokens=4, medusa=False)
+    with pytest.raises(ValueError, match="built for 1 rows"):
+        generate(llama, ids, attention_mask=mask, max_new_tokens=4, medusa=False, max_batch_size=1)
+    with pytest.raises(ValueError, match="one per row"):
+        generate(llama, ids, attention_mask=mask, max_new_tokens=4, medusa=False, temperature=1.0, seed=[1])
