@@ -31,6 +31,12 @@ COMMANDS = {
         "run_distill",
         "regenerate ShareGPT answers with the base model itself (self-distillation data for the heads)",
     ),
+    "export": (
+        "fastmedusa.model.cli",
+        "add_export_arguments",
+        "run_export",
+        "write heads in the layout a serving engine loads (FasterDecoding/Medusa, vLLM) with a model card",
+    ),
 }
 BENCHMARKS = {
     "loss": (

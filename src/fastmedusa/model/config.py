@@ -9,6 +9,13 @@ from dataclasses import asdict, dataclass, fields
 CONFIG_NAME = "config.json"
 # The default tree (mc_sim_7b_63) drafts each head's top 10 tokens: a smaller draft vocabulary could not fill it.
 MIN_DRAFT_VOCAB = 10
+# Other projects' names for our fields, read on load: FasterDecoding/Medusa (TGI, TensorRT-LLM) and vLLM.
+FIELD_ALIASES = {
+    "medusa_num_heads": "num_heads",
+    "medusa_num_layers": "num_layers",
+    "num_hidden_layers": "num_layers",
+    "original_lm_head": "shared_lm_head",
+}
 
 
 @dataclass
@@ -60,26 +67,32 @@ class MedusaConfig:
 
     # -- JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The fields under FasterDecoding/Medusa's names (`medusa_num_heads`, `medusa_num_layers`)."""
         d = asdict(self)
         d["medusa_num_heads"] = d.pop("num_heads")
         d["medusa_num_layers"] = d.pop("num_layers")
-        d["model_type"] = "fastmedusa"
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> MedusaConfig:
+        """Read our names, FasterDecoding/Medusa's and vLLM's (`num_hidden_layers`, `original_lm_head`,
+        `truncated_vocab_size`); unknown keys (training metadata, HF fields) are ignored."""
         d = dict(d)
-        if "medusa_num_heads" in d:
-            d["num_heads"] = d.pop("medusa_num_heads")
-        if "medusa_num_layers" in d:
-            d["num_layers"] = d.pop("medusa_num_layers")
+        for alias, name in FIELD_ALIASES.items():
+            if alias in d:
+                value = d.pop(alias)
+                d.setdefault(name, value)
         known = {f.name for f in fields(cls)}
+        truncated = d.pop("truncated_vocab_size", None)
+        if truncated is not None and truncated != d.get("vocab_size") and d.get("draft_vocab_size") is None:
+            d["draft_vocab_size"] = truncated
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        """Write config.json alone (the heads writer, `fastmedusa.model.export.write_heads`, adds layout fields)."""
+        from fastmedusa.files import write_json_atomic
+
+        write_json_atomic(os.path.join(directory, CONFIG_NAME), self.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> MedusaConfig:

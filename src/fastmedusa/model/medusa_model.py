@@ -8,15 +8,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastmedusa.model.config import MedusaConfig
+from fastmedusa.model.export import (
+    HEADS_WEIGHTS_NAME,
+    LEGACY_WEIGHTS_NAME,
+    checkpoint_from_module_state,
+    module_state,
+    read_heads,
+    write_heads,
+)
 from fastmedusa.model.heads import MedusaHeads
 from fastmedusa.model.loading import check_has_lm_head, load_base_model
 
-HEADS_WEIGHTS_NAME = "medusa_lm_head.safetensors"
-LEGACY_WEIGHTS_NAME = "medusa_lm_head.pt"  # FasterDecoding/Medusa's torch.save format
+__all__ = ["HEADS_WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "MedusaModel", "MedusaOutput"]
 
 
 @dataclass
@@ -69,43 +75,39 @@ class MedusaModel(nn.Module):
     ) -> MedusaModel:
         """Load a base model (hub id, local dir, .gguf, or None for the embedded SmolLM2) and heads.
 
-        `heads` is a directory written by `save_heads` (or FasterDecoding/Medusa's format); without it
-        fresh heads are made from `config` (default `MedusaConfig()`).
+        `heads` is a heads directory in any layout `fastmedusa.model.export` reads (FasterDecoding/Medusa's,
+        vLLM's, fastmedusa's earlier prefixed one, `medusa_lm_head.pt`) or a training output dir holding
+        `heads/`; without it fresh heads are made from `config` (default `MedusaConfig()`).
         """
-        if heads is not None:
-            config = MedusaConfig.from_pretrained(heads)
+        checkpoint = read_heads(heads) if heads is not None else None
+        if checkpoint is not None:
+            config = checkpoint.config
         base = load_base_model(base_name_or_path, **hf_kwargs)
         config = config or MedusaConfig()
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = None if base_name_or_path is None else str(base_name_or_path)
         model = cls(base, config)
-        if heads is not None:
-            model.load_heads(heads)
+        if checkpoint is not None:
+            model.load_heads(heads, checkpoint=checkpoint)
         return model
 
-    # -- save / load -------------------------------------------------------------------
-    def save_heads(self, directory: str | os.PathLike) -> Path:
-        """Write `config.json` + `medusa_lm_head.safetensors` (FasterDecoding/Medusa key names), atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.medusa_config.save_pretrained(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.medusa_heads.state_dict().items()}
-        tmp = directory / (HEADS_WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "num_heads": str(self.medusa_config.num_heads)})
-        os.replace(tmp, directory / HEADS_WEIGHTS_NAME)
-        return directory
+    # -- save / load ------------------------------------------------------------------
+    def save_heads(self, directory: str | os.PathLike, layout: str = "medusa") -> Path:
+        """Write the heads in FasterDecoding/Medusa's layout (default) or vLLM's; see `fastmedusa.model.export`."""
+        shared = self.medusa_heads.base_lm_head.weight if self.medusa_config.shared_lm_head else None
+        checkpoint = checkpoint_from_module_state(self.medusa_config, self.medusa_heads.state_dict(), shared)
+        return write_heads(directory, checkpoint, layout)
 
-    def load_heads(self, directory: str | os.PathLike) -> None:
-        """Load heads saved by `save_heads` or by FasterDecoding/Medusa (`medusa_lm_head.pt`)."""
-        directory = Path(directory)
-        saved = MedusaConfig.from_pretrained(directory)
-        mine = self.medusa_config
+    def load_heads(self, directory: str | os.PathLike, *, checkpoint=None) -> None:
+        """Load heads of any layout `read_heads` knows into this model (shapes and head counts must match)."""
+        checkpoint = checkpoint or read_heads(directory)
+        saved, mine = checkpoint.config, self.medusa_config
         for field in ("num_heads", "num_layers", "shared_lm_head", "draft_vocab_size"):
             if getattr(saved, field) != getattr(mine, field):
                 raise ValueError(
                     f"heads in {directory} have {field}={getattr(saved, field)}, model has {getattr(mine, field)}"
                 )
-        state = read_heads_state(directory)
+        state = module_state(checkpoint)
         head = self.medusa_heads.state_dict()
         for key, value in state.items():
             if key in head and head[key].shape != value.shape:
@@ -188,20 +190,3 @@ class MedusaModel(nn.Module):
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
-
-def read_heads_state(directory: Path) -> dict[str, torch.Tensor]:
-    """Head weights keyed `medusa_head.{i}...` from either project's file format."""
-    path = directory / HEADS_WEIGHTS_NAME
-    if path.is_file():
-        state = load_file(str(path))
-    elif (directory / LEGACY_WEIGHTS_NAME).is_file():
-        state = torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(
-            f"no head weights in {directory}: expected {HEADS_WEIGHTS_NAME} (fastmedusa) or {LEGACY_WEIGHTS_NAME}"
-        )
-    # `token_map` (a draft vocabulary's ids) sits at the top level, where vLLM's Medusa loader reads it
-    return {
-        k if k.startswith("medusa_head.") or k == "token_map" else f"medusa_head.{k}": v
-        for k, v in state.items()
-    }

@@ -40,8 +40,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastmedusa.model.medusa_model import HEADS_WEIGHTS_NAME
-
 EXTRA_FILE = "extra_rank{rank}.json"  # per process: RNG states and data position differ between ranks
 META_FILE = "dist_meta.json"
 OPTIMIZER_FILE = "optimizer.json"  # the optimizer's hyper-parameters (its tensors are in the DCP files)
@@ -489,28 +487,26 @@ def load_checkpoint(
 
 
 def export_heads(model: nn.Module, directory: str | os.PathLike) -> Path | None:
-    """Collective: gather the full heads and, on rank 0, write `config.json` + `medusa_lm_head.safetensors`
-    as `MedusaModel.save_heads` does (so `MedusaModel.load_heads` and decoding read them). Returns the
-    directory on rank 0, None elsewhere."""
-    from safetensors.torch import save_file
+    """Collective: gather the full heads (and, for a shared projection, the LM head) and, on rank 0, write
+    them with the one heads writer `MedusaModel.save_heads` uses. Returns the directory on rank 0, None
+    elsewhere."""
     from torch.distributed.tensor import DTensor
 
-    state = {}
-    for key, value in model.medusa_heads.state_dict().items():
-        if isinstance(value, DTensor):
-            value = value.full_tensor()  # collective: same key order on every process
-        state[key] = value.detach().contiguous().cpu()
+    from fastmedusa.model.export import checkpoint_from_module_state, write_heads
+
+    def full(value: torch.Tensor) -> torch.Tensor:
+        # collective: the same tensors in the same order on every process
+        return (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
+
+    config = model.medusa_config
+    state = {key: full(value) for key, value in model.medusa_heads.state_dict().items()}
+    lm_head = full(model.medusa_heads.base_lm_head.weight) if config.shared_lm_head else None
     if not is_main_process():
         barrier()
         return None
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.medusa_config.save_pretrained(directory)
-    tmp = directory / (HEADS_WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "num_heads": str(model.medusa_config.num_heads)})
-    os.replace(tmp, directory / HEADS_WEIGHTS_NAME)
+    write_heads(directory, checkpoint_from_module_state(config, state, lm_head))
     barrier()
-    return directory
+    return Path(directory)
 
 
 # -- the Trainer's backend -------------------------------------------------------------------------------

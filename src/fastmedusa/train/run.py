@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -250,7 +249,7 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
         f"{config.batch_size}x{config.grad_accum} rows{processes} <= {config.seq_len} tokens on {trainer.device}"
     )
     summary = trainer.fit()
-    heads_dir = export_heads(trainer.model, tokenizer, config, trainer.backend)
+    heads_dir = export_heads(trainer.model, tokenizer, config, trainer.backend, summary)
     summary.update(heads_dir=str(heads_dir), seconds=time.perf_counter() - started)
     for line in summary_lines(summary):
         say(line)
@@ -274,23 +273,30 @@ def environment_record(trainer: Trainer) -> dict:
     }
 
 
-def export_heads(model, tokenizer, config: TrainConfig, backend: SingleProcess | None = None) -> Path | None:
-    """`output_dir/heads`: the heads (safetensors + config, FasterDecoding names) and the tokenizer to decode with.
+def export_heads(
+    model, tokenizer, config: TrainConfig, backend: SingleProcess | None = None, summary: dict | None = None
+) -> Path | None:
+    """`output_dir/heads`: the heads (FasterDecoding/Medusa layout), the tokenizer to decode with, and in
+    config.json what a model card needs (data, steps, held-out accuracy per head).
 
     Collective under a distributed backend; returns the directory on the main process, None elsewhere."""
+    from fastmedusa.model.export import update_heads_config
+
     heads_dir = (backend or SingleProcess()).export_heads(model, Path(config.output_dir) / "heads")
     if heads_dir is None:
         return None
     tokenizer.save_pretrained(heads_dir)
-    config_path = heads_dir / "config.json"
-    heads_config = json.loads(config_path.read_text())
-    heads_config["tokenizer_name_or_path"] = config.model or EMBEDDED_MODEL_NAME
-    heads_config["training"] = {
+    final = (summary or {}).get("final_eval") or {}
+    training = {
         "stage": config.stage,
-        "steps_config": config.max_steps,
+        "steps": (summary or {}).get("steps", config.max_steps),
+        "data": config.data or "embedded ShareGPT",
         "seq_len": config.seq_len,
+        "final_eval": {k: final[k] for k in ("top1", "top5", "head_loss") if k in final} or None,
     }
-    config_path.write_text(json.dumps(heads_config, indent=2) + "\n")
+    update_heads_config(
+        heads_dir, tokenizer_name_or_path=config.model or EMBEDDED_MODEL_NAME, training=training
+    )
     return heads_dir
 
 

@@ -1,0 +1,48 @@
+"""Writing output files atomically, with the modes a user expects (0666 minus the umask, as `open` gives)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def default_file_mode() -> int:
+    """What `open(path, "w")` would give a new file: 0o666 without the process umask (usually 0o644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; once the block succeeds it becomes `path` in one rename.
+
+    A reader never sees half a file, and a crash leaves the old file. `tempfile` creates its files with
+    mode 0600; the file gets the usual mode before the rename, so others can read published weights.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: object) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")

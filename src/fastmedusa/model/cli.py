@@ -1,0 +1,36 @@
+"""`fastmedusa export`: heads rewritten in the layout a serving engine loads, with a model card."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastmedusa.model.export import LAYOUTS
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "heads_dir",
+        metavar="HEADS_DIR",
+        help="heads directory in any layout fastmedusa reads, or a `fastmedusa train --output-dir` holding heads/",
+    )
+    parser.add_argument(
+        "--format",
+        choices=LAYOUTS,
+        default="medusa",
+        help="medusa: FasterDecoding/Medusa's medusa_lm_head.safetensors (TGI, TensorRT-LLM, vLLM read it); "
+        "vllm: vLLM's own names (blocks.*, lm_heads.*, token_map) in model.safetensors (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="directory to write (config.json, weights, README.md)"
+    )
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fastmedusa.model.config import MedusaConfig
+    from fastmedusa.model.export import export_heads
+
+    out = export_heads(args.heads_dir, args.output, args.format)
+    cfg = MedusaConfig.from_pretrained(out)
+    files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
+    print(f"{cfg.num_heads} heads x {cfg.num_layers} layers in the {args.format} layout: {out} ({files})")
+    return 0

@@ -1,0 +1,514 @@
+"""Medusa heads on disk in the layouts serving engines load: one writer per layout, one reader for all.
+
+Layouts of a heads directory:
+
+- ``medusa`` (the default of `save_heads` and `fastmedusa train`): FasterDecoding/Medusa's, which TGI and
+  TensorRT-LLM's converter read. `medusa_lm_head.safetensors` holds `{i}.{j}.linear.weight` and
+  `{i}.{j}.linear.bias` (ResBlock j of head i) and `{i}.{L}.weight` (head i's vocabulary projection,
+  L = number of ResBlocks); `config.json` has `medusa_num_heads`, `medusa_num_layers`,
+  `base_model_name_or_path`, and also `model_type: medusa`, `hidden_size`, `vocab_size`, `medusa_fc_bias`,
+  so that vLLM (which maps FasterDecoding's keys itself) loads the same directory.
+- ``vllm``: vLLM's own names (vllm/model_executor/models/medusa.py): `blocks.{i}.layers.{j}.weight|bias`,
+  `lm_heads.{i}.weight` and an optional `token_map` in `model.safetensors`; config `num_heads`,
+  `num_hidden_layers`, `truncated_vocab_size`, `medusa_fc_bias`, `original_lm_head`.
+- read only: fastmedusa's earlier files (keys prefixed `medusa_head.`) and FasterDecoding's
+  `medusa_lm_head.pt` (torch.save).
+
+Heads that share the base model's LM head: FasterDecoding, TGI and TensorRT-LLM have no such option, so the
+medusa layout stores the LM head's weight as every head's projection (K copies: it loads everywhere, at
+K x vocab x hidden of disk) and `shared_lm_head: true` tells fastmedusa to use the base model's own instead.
+The vLLM layout stores one copy, `lm_heads.0.weight`, under vLLM's `original_lm_head: true`.
+
+A draft vocabulary (`token_map`: draft row -> token id) is written as the `token_map` tensor in both layouts,
+with `truncated_vocab_size` (vLLM's name) beside the full `vocab_size`. vLLM applies a token map only to a
+shared head (`original_lm_head`): per-head draft projections are refused for the vLLM layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastmedusa.files import atomic_output, write_json_atomic, write_text_atomic
+from fastmedusa.model.config import CONFIG_NAME, MedusaConfig
+
+LAYOUTS = ("medusa", "vllm")
+HEADS_WEIGHTS_NAME = "medusa_lm_head.safetensors"  # FasterDecoding/Medusa, TGI, TensorRT-LLM
+LEGACY_WEIGHTS_NAME = "medusa_lm_head.pt"  # FasterDecoding/Medusa's torch.save format
+VLLM_WEIGHTS_NAME = "model.safetensors"
+TOKEN_MAP = "token_map"
+MODEL_CARD_NAME = "README.md"
+WEIGHT_FILES = (HEADS_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, VLLM_WEIGHTS_NAME)
+
+_BLOCK = re.compile(r"(\d+)\.(\d+)\.linear\.(weight|bias)")
+_PROJ = re.compile(r"(\d+)\.(\d+)\.weight")
+_VLLM_BLOCK = re.compile(r"blocks\.(\d+)\.layers\.(\d+)\.(weight|bias)")
+_VLLM_PROJ = re.compile(r"lm_heads\.(\d+)\.weight")
+
+
+@dataclass
+class HeadsCheckpoint:
+    """Heads independent of any layout: the config, the weights under FasterDecoding's unprefixed names
+    (`{i}.{j}.linear.weight`, `{i}.{L}.weight`, `token_map`), and the other config.json fields (training
+    metadata, tokenizer) carried from one layout to the next."""
+
+    config: MedusaConfig
+    state: dict[str, torch.Tensor]
+    metadata: dict = field(default_factory=dict)
+    layout: str = "medusa"
+
+    def projection(self, head: int) -> torch.Tensor | None:
+        return self.state.get(f"{head}.{self.config.num_layers}.weight")
+
+    @property
+    def token_map(self) -> torch.Tensor | None:
+        return self.state.get(TOKEN_MAP)
+
+
+# -- from and to a MedusaHeads module -------------------------------------------------------------------------
+
+
+def checkpoint_from_module_state(
+    config: MedusaConfig,
+    module_state: dict[str, torch.Tensor],
+    lm_head_weight: torch.Tensor | None = None,
+    metadata: dict | None = None,
+) -> HeadsCheckpoint:
+    """A checkpoint from `MedusaHeads.state_dict()` (full tensors, any device); for heads that share the
+    base LM head, `lm_head_weight` becomes every head's stored projection (see the module docstring)."""
+    state = {}
+    for key, value in module_state.items():
+        name = key.removeprefix("medusa_head.")
+        state[name] = value.detach().to("cpu").contiguous()
+    if config.shared_lm_head:
+        if lm_head_weight is None:
+            raise ValueError(
+                "heads that share the base LM head need its weight (lm_head_weight) to be written"
+            )
+        weight = lm_head_weight.detach().to("cpu").contiguous()
+        if TOKEN_MAP in state and weight.shape[0] != state[TOKEN_MAP].numel():
+            weight = weight[state[TOKEN_MAP].long()]
+        for i in range(config.num_heads):
+            state[f"{i}.{config.num_layers}.weight"] = weight
+    return HeadsCheckpoint(config, state, dict(metadata or {}))
+
+
+def module_state(checkpoint: HeadsCheckpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint as `MedusaHeads.load_state_dict` wants it (shared heads drop their stored copies)."""
+    cfg = checkpoint.config
+    out = {}
+    for key, value in checkpoint.state.items():
+        if key == TOKEN_MAP:
+            out[key] = value
+        elif cfg.shared_lm_head and _PROJ.fullmatch(key) and int(key.split(".")[1]) == cfg.num_layers:
+            continue
+        else:
+            out[f"medusa_head.{key}"] = value
+    return out
+
+
+# -- writers --------------------------------------------------------------------------------------------------
+
+
+def write_heads(directory: str | os.PathLike, checkpoint: HeadsCheckpoint, layout: str = "medusa") -> Path:
+    """Write `config.json` + weights in `layout` ("medusa" or "vllm"), each file atomically, mode 0644."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown heads layout {layout!r}: pass one of {', '.join(LAYOUTS)}")
+    check_complete(checkpoint)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if layout == "medusa":
+        tensors, name = checkpoint.state, HEADS_WEIGHTS_NAME
+    else:
+        if checkpoint.token_map is not None and not checkpoint.config.shared_lm_head:
+            # vLLM sizes per-head lm_heads by the full vocabulary and gathers token_map rows into them: the
+            # shapes cannot agree, so it loads a draft vocabulary only under original_lm_head (one head)
+            raise ValueError(
+                "vLLM's Medusa applies a token_map only to one shared LM head (original_lm_head): these heads "
+                "have their own draft-vocabulary projections; export them with --format medusa, or train "
+                "with --shared-lm-head for vLLM"
+            )
+        tensors, name = _vllm_tensors(checkpoint), VLLM_WEIGHTS_NAME
+    with atomic_output(directory / name) as tmp:
+        # safetensors refuses tensors that share memory: the shared-head copies are cloned on the way out
+        save_file(_unshared(tensors), str(tmp), metadata={"format": "pt", "fastmedusa_layout": layout})
+    for other in WEIGHT_FILES:  # a directory holds one layout: a stale file of another would be read first
+        if other != name:
+            (directory / other).unlink(missing_ok=True)
+    write_json_atomic(directory / CONFIG_NAME, _config_json(checkpoint, layout))
+    return directory
+
+
+def _config_json(checkpoint: HeadsCheckpoint, layout: str) -> dict:
+    cfg = checkpoint.config
+    if layout == "medusa":
+        fields = cfg.to_dict()
+    else:
+        fields = {
+            "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size,
+            "num_heads": cfg.num_heads,
+            "num_hidden_layers": cfg.num_layers,
+            "truncated_vocab_size": cfg.vocab_size,
+            "original_lm_head": cfg.shared_lm_head,
+            "base_model_name_or_path": cfg.base_model_name_or_path,
+            "base_model_gguf_file": cfg.base_model_gguf_file,
+        }
+    # vLLM picks its Medusa config class by model_type, and gives ResBlocks a bias only with medusa_fc_bias
+    config = {
+        **checkpoint.metadata,
+        "model_type": "medusa",
+        "architectures": ["MedusaModel"],
+        **fields,
+        "medusa_fc_bias": True,
+        "fastmedusa_layout": layout,
+    }
+    if checkpoint.token_map is not None:
+        config["truncated_vocab_size"] = int(checkpoint.token_map.numel())
+    return config
+
+
+def _vllm_tensors(checkpoint: HeadsCheckpoint) -> dict[str, torch.Tensor]:
+    cfg = checkpoint.config
+    out = {}
+    for key, value in checkpoint.state.items():
+        if key == TOKEN_MAP:
+            out[TOKEN_MAP] = value
+        elif m := _BLOCK.fullmatch(key):
+            out[f"blocks.{m[1]}.layers.{m[2]}.{m[3]}"] = value
+        elif (m := _PROJ.fullmatch(key)) and int(m[2]) == cfg.num_layers:
+            if not cfg.shared_lm_head or m[1] == "0":  # vLLM's original_lm_head reads lm_heads.0 only
+                out[f"lm_heads.{m[1]}.weight"] = value
+    return out
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
+def check_complete(checkpoint: HeadsCheckpoint) -> None:
+    """Every head has its L ResBlocks and a projection of the right shape, and nothing else is there."""
+    cfg = checkpoint.config
+    expected = {f"{i}.{j}.linear.{p}" for i in range(cfg.num_heads) for j in range(cfg.num_layers)
+                for p in ("weight", "bias")}  # fmt: skip
+    expected |= {f"{i}.{cfg.num_layers}.weight" for i in range(cfg.num_heads)}
+    have = set(checkpoint.state) - {TOKEN_MAP}
+    if have != expected:
+        missing, extra = sorted(expected - have), sorted(have - expected)
+        hint = (
+            " (heads sharing the base LM head were saved without a copy of it: load them with "
+            "MedusaModel.from_pretrained(base, heads=DIR) and save_heads again)"
+            if cfg.shared_lm_head and missing
+            else ""
+        )
+        raise ValueError(
+            f"heads checkpoint does not match its config ({cfg.num_heads} heads x {cfg.num_layers} layers): "
+            f"missing {missing[:4]}, unexpected {extra[:4]}{hint}"
+        )
+    rows = cfg.vocab_size if checkpoint.token_map is None else checkpoint.token_map.numel()
+    for i in range(cfg.num_heads):
+        shape = tuple(checkpoint.projection(i).shape)
+        if cfg.hidden_size is not None and rows is not None and shape != (rows, cfg.hidden_size):
+            raise ValueError(
+                f"head {i}'s projection has shape {shape}, the config says ({rows}, {cfg.hidden_size})"
+            )
+
+
+# -- the reader -----------------------------------------------------------------------------------------------
+
+
+def find_heads_dir(path: str | os.PathLike) -> Path:
+    """`path` itself when it holds heads, else its `heads/` (a `fastmedusa train --output-dir`)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no heads directory at {path}: pass the directory written by `fastmedusa train`"
+        )
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file: pass the heads directory (config.json + weights)")
+    if not (path / CONFIG_NAME).is_file() and (path / "heads" / CONFIG_NAME).is_file():
+        return path / "heads"
+    return path
+
+
+def detect_layout(directory: str | os.PathLike) -> str:
+    """Which layout a heads directory holds: "medusa", "vllm", "fastmedusa-prefixed" or "medusa-pt"."""
+    return read_heads(directory).layout
+
+
+def read_heads(directory: str | os.PathLike) -> HeadsCheckpoint:
+    """Read heads in any layout above (or a training output dir holding `heads/`)."""
+    directory = find_heads_dir(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"no Medusa heads config at {config_path}: pass the directory written by `save_heads`, "
+            "`fastmedusa train --output-dir` or `fastmedusa export`"
+        )
+    try:
+        raw_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}): re-export the heads") from err
+    config = MedusaConfig.from_dict(raw_config)
+    raw_state, file = _read_weights(directory)
+    state, layout = canonical_state(raw_state, config, file)
+    known = set(config.to_dict()) | _LAYOUT_FIELDS
+    metadata = {k: v for k, v in raw_config.items() if k not in known}
+    checkpoint = HeadsCheckpoint(config, state, metadata, layout)
+    if config.hidden_size is None and checkpoint.projection(0) is not None:
+        config.vocab_size, config.hidden_size = checkpoint.projection(0).shape
+    return checkpoint
+
+
+_LAYOUT_FIELDS = {
+    "model_type", "architectures", "medusa_fc_bias", "fastmedusa_layout", "num_heads", "num_hidden_layers",
+    "truncated_vocab_size", "original_lm_head", "transformers_version", "version",
+}  # fmt: skip
+
+
+def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name == LEGACY_WEIGHTS_NAME:
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        return load_file(str(path)), path
+    raise FileNotFoundError(
+        f"no head weights in {directory}: expected {HEADS_WEIGHTS_NAME} (FasterDecoding/Medusa layout), "
+        f"{VLLM_WEIGHTS_NAME} (vLLM layout) or {LEGACY_WEIGHTS_NAME}"
+    )
+
+
+def canonical_state(
+    raw: dict[str, torch.Tensor], config: MedusaConfig, file: Path | str = "heads file"
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Map any layout's keys to FasterDecoding's unprefixed names; returns (state, layout it was in)."""
+    L = config.num_layers
+    state: dict[str, torch.Tensor] = {}
+    layouts = set()
+    shared_weight = None
+    for key, value in raw.items():
+        name = key
+        if name.startswith("medusa_head."):
+            name, kind = name.removeprefix("medusa_head."), "fastmedusa-prefixed"
+        else:
+            name = name.removeprefix("medusa_heads.")
+            kind = "medusa-pt" if str(file).endswith(".pt") else "medusa"
+        if name == TOKEN_MAP:
+            state[TOKEN_MAP] = value
+            continue
+        if m := _VLLM_BLOCK.fullmatch(name):
+            name, kind = f"{m[1]}.{m[2]}.linear.{m[3]}", "vllm"
+        elif m := _VLLM_PROJ.fullmatch(name):
+            name, kind = f"{m[1]}.{L}.weight", "vllm"
+        elif name == "lm_head.weight":
+            shared_weight, kind = value, "vllm"
+            layouts.add(kind)
+            continue
+        elif not (_BLOCK.fullmatch(name) or _PROJ.fullmatch(name)):
+            raise ValueError(f"{file}: unexpected key {key!r}: not a Medusa heads file of a known layout")
+        layouts.add(kind)
+        state[name] = value
+    if config.shared_lm_head and shared_weight is None and f"0.{L}.weight" in state:
+        shared_weight = state[f"0.{L}.weight"]
+    if config.shared_lm_head and shared_weight is not None:
+        for i in range(config.num_heads):  # vLLM's original_lm_head stores one projection for all heads
+            state.setdefault(f"{i}.{L}.weight", shared_weight)
+    for i in range(config.num_heads):  # vLLM's medusa_fc_bias=false checkpoints have no biases
+        for j in range(L):
+            weight = state.get(f"{i}.{j}.linear.weight")
+            if weight is not None and f"{i}.{j}.linear.bias" not in state:
+                state[f"{i}.{j}.linear.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+    if len(layouts) > 1:
+        raise ValueError(f"{file} mixes key layouts {sorted(layouts)}: re-export the heads")
+    return state, layouts.pop() if layouts else "medusa"
+
+
+def update_heads_config(directory: str | os.PathLike, **fields: object) -> None:
+    """Add fields (training metadata, tokenizer) to a heads directory's config.json, atomically."""
+    path = Path(directory) / CONFIG_NAME
+    config = json.loads(path.read_text())
+    config.update(fields)
+    write_json_atomic(path, config)
+
+
+# -- export ---------------------------------------------------------------------------------------------------
+
+
+def export_heads(heads_dir: str | os.PathLike, output: str | os.PathLike, layout: str = "medusa") -> Path:
+    """Rewrite the heads of `heads_dir` (any layout) into `output` in `layout`, with the tokenizer and
+    tree files beside them and a model card (README.md), ready to push to a model hub as it is."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"--format {layout!r}: pass one of {', '.join(LAYOUTS)}")
+    source = find_heads_dir(heads_dir)
+    output = Path(output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(f"--output {output} is a file: pass a directory")
+    if output.resolve() == source.resolve():
+        raise ValueError(f"--output {output} is the heads directory itself: pass another directory")
+    checkpoint = read_heads(source)
+    write_heads(output, checkpoint, layout)
+    for item in sorted(
+        source.iterdir()
+    ):  # tokenizer, tree.json, eval.json: everything but what was rewritten
+        if item.is_file() and item.name not in (*WEIGHT_FILES, CONFIG_NAME, MODEL_CARD_NAME):
+            with atomic_output(output / item.name) as tmp:
+                shutil.copyfile(item, tmp)
+    write_text_atomic(output / MODEL_CARD_NAME, model_card(output, layout))
+    return output
+
+
+def model_card(directory: str | os.PathLike, layout: str = "medusa") -> str:
+    """A model hub README for a heads directory: what the heads are, what they were trained on, how well
+    they predict (held-out top-1/top-5 per head) and decode (tokens/step), and how to load them."""
+    directory = Path(directory)
+    checkpoint = read_heads(directory)
+    cfg, meta = checkpoint.config, checkpoint.metadata
+    training = meta.get("training") or {}
+    evaluation = _read_json(directory / "eval.json")
+    tree = _read_json(directory / "tree.json")
+    base = cfg.base_model_name_or_path or "unknown"
+    hub_base = base if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists() else None
+    if base in ("embedded", "default"):  # `fastmedusa train` without --model: the SmolLM2 GGUF it ships
+        base, hub_base = EMBEDDED_BASE_TEXT, EMBEDDED_HUB_ID
+    lines = ["---"]
+    if hub_base:
+        lines.append(f"base_model: {hub_base}")
+    lines += ["library_name: fastmedusa", "tags:", "- medusa", "- speculative-decoding", "---", ""]
+    projection = (
+        "the base model's LM head (shared)" if cfg.shared_lm_head else "its own vocabulary projection"
+    )
+    lines += [
+        f"# Medusa heads for {base}",
+        "",
+        f"{cfg.num_heads} Medusa heads, each {cfg.num_layers} ResBlock(s) and {projection}, trained with "
+        f"fastmedusa. Head k predicts the token k+1 positions after the next one. Layout: {_LAYOUT_TEXT[layout]}.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| base model | {base}{' (' + cfg.base_model_gguf_file + ')' if cfg.base_model_gguf_file else ''} |",
+        f"| hidden size, vocabulary | {cfg.hidden_size}, {cfg.vocab_size} |",
+    ]
+    if checkpoint.token_map is not None:
+        lines.append(f"| draft vocabulary | {checkpoint.token_map.numel()} tokens (`token_map`) |")
+    for label, key in (("data", "data"), ("training stage", "stage"), ("steps", "steps"),
+                       ("sequence length", "seq_len"), ("loss", "loss")):  # fmt: skip
+        if training.get(key) is not None:
+            lines.append(f"| {label} | {training[key]} |")
+    lines += ["", "## Held-out accuracy", ""]
+    lines += _accuracy_table(evaluation, training)
+    lines += ["", "## Decoding speed", ""]
+    lines += _speed_lines(evaluation, tree)
+    lines += ["", "## Use", "", *_usage(directory, cfg, base, layout), ""]
+    return "\n".join(lines)
+
+
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_BASE_TEXT = f"{EMBEDDED_HUB_ID} (the Q4_1 GGUF embedded in fastmedusa)"
+
+_LAYOUT_TEXT = {
+    "medusa": "FasterDecoding/Medusa (`medusa_lm_head.safetensors`; read by FasterDecoding/Medusa, TGI, "
+    "TensorRT-LLM's converter, vLLM and fastmedusa)",
+    "vllm": "vLLM (`model.safetensors` with `blocks.*`/`lm_heads.*`; read by vLLM and fastmedusa)",
+}
+
+
+def _accuracy_table(evaluation: dict | None, training: dict) -> list[str]:
+    rows = []
+    if evaluation and evaluation.get("labels"):
+        source = f"{evaluation.get('conversations', '?')} held-out conversations (`fastmedusa eval`)"
+        labels, greedy = evaluation["labels"], evaluation.get("greedy") or {}
+        for k, (t1, t5) in enumerate(zip(labels["top1"], labels["top5"])):
+            g = (f" | {100 * greedy['top1'][k]:.1f}% | {100 * greedy['top5'][k]:.1f}%"
+                 if greedy.get("top1") else " | | ")  # fmt: skip
+            rows.append(f"| {k + 1} | t+{k + 2} | {100 * t1:.1f}% | {100 * t5:.1f}%{g} |")
+        header = [
+            f"Measured on {source}: against the data's tokens, and against the base model's own greedy tokens.",
+            "",
+            "| head | predicts | top-1 (data) | top-5 (data) | top-1 (greedy) | top-5 (greedy) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        return header + rows
+    final = training.get("final_eval")
+    if final and final.get("top1"):
+        for k, (t1, t5) in enumerate(zip(final["top1"], final["top5"])):
+            rows.append(f"| {k + 1} | t+{k + 2} | {100 * t1:.1f}% | {100 * t5:.1f}% |")
+        return [
+            "Measured at the end of training on the held-out conversations, against the data's tokens.",
+            "",
+            "| head | predicts | top-1 | top-5 |",
+            "| --- | --- | --- | --- |",
+            *rows,
+        ]
+    return ["Not measured: run `fastmedusa eval` on this directory, then export again."]
+
+
+def _speed_lines(evaluation: dict | None, tree: dict | None) -> list[str]:
+    lines = []
+    tree_eval = (evaluation or {}).get("tree")
+    if tree_eval:
+        lines.append(
+            f"Expected tokens per decoding step with the {tree_eval.get('name', 'default')} tree "
+            f"({tree_eval.get('nodes')} nodes), from the measured per-head accuracies: "
+            f"{tree_eval['expected_tokens_per_step']:.2f}."
+        )
+    if tree:
+        eal = tree.get("expected_accept_length") or tree.get("expected_tokens_per_step")
+        measured = tree.get("measured_tokens_per_step") or tree.get("tokens_per_step")
+        text = f"`tree.json` holds a tree of {len(tree.get('paths', []))} nodes built for these heads"
+        if eal:
+            text += f", expected {float(eal):.2f} tokens/step"
+        if measured:
+            text += f", measured {float(measured):.2f} tokens/step"
+        lines.append(text + ".")
+    return lines or ["Tokens per step not measured yet: `fastmedusa eval` estimates them."]
+
+
+def _usage(directory: Path, cfg: MedusaConfig, base: str, layout: str) -> list[str]:
+    name = directory.name
+    model_flag = "" if base == EMBEDDED_BASE_TEXT else f"--model {base} "
+    if base == EMBEDDED_BASE_TEXT:
+        base = EMBEDDED_HUB_ID
+    lines = [
+        "fastmedusa:",
+        "",
+        "```bash",
+        f"fastmedusa generate {model_flag}--heads {name} --prompt 'Hello'",
+        "```",
+        "",
+        "vLLM (the base model as a Hugging Face directory or hub id):",
+        "",
+        "```python",
+        "from vllm import LLM",
+        f"llm = LLM(model={base!r}, speculative_config={{'method': 'medusa', 'model': {name!r}, "
+        f"'num_speculative_tokens': {cfg.num_heads}}})",
+        "```",
+    ]
+    if layout == "medusa":
+        lines += ["", "TGI (reads `base_model_name_or_path` from config.json):", "", "```bash",
+                  f"text-generation-launcher --model-id {name} --speculate {cfg.num_heads}", "```"]  # fmt: skip
+    return lines
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
