@@ -30,7 +30,7 @@ def test_draft_vocab_run_counts_trains_and_saves_the_map(tiny_model_dir, sharegp
     saved = load_file(str(out / "heads" / "medusa_lm_head.safetensors"))
     token_map = saved["token_map"]
     assert token_map.shape == (48,) and torch.equal(token_map, token_map.sort().values)
-    assert saved["medusa_head.0.1.weight"].shape == (48, 32)
+    assert saved["0.1.weight"].shape == (48, 32)
     heads_config = json.loads((out / "heads" / "config.json").read_text())
     assert heads_config["draft_vocab_size"] == 48
     model = MedusaModel.from_pretrained(tiny_model_dir, heads=out / "heads")
