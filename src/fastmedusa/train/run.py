@@ -292,6 +292,7 @@ def export_heads(
         "steps": (summary or {}).get("steps", config.max_steps),
         "data": config.data or "embedded ShareGPT",
         "seq_len": config.seq_len,
+        "loss": config.loss,
         "final_eval": {k: final[k] for k in ("top1", "top5", "head_loss") if k in final} or None,
     }
     update_heads_config(
