@@ -49,6 +49,10 @@ BENCHMARKS = {
         "fastmedusa.bench.heads",
         "per-head top-k accuracy on held-out prompts, and a tree built from it",
     ),
+    "wgrad": (
+        "fastmedusa.bench.wgrad",
+        "weight-gradient error of each dW scheme against float64 (CPU or GPU)",
+    ),
     "report": (
         "fastmedusa.bench.report",
         "markdown tables of speed-ups and memory from bench train JSON files",

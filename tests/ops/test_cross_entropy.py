@@ -13,7 +13,7 @@ from fastmedusa.ops import linear_cross_entropy, medusa_cross_entropy, topk_corr
 from fastmedusa.ops.fused import fused_forward
 
 IMPLS = ["chunked", "triton"]
-WGRADS = ["accumulate", "recompute"]
+WGRADS = ["inplace", "accumulate", "recompute"]
 DTYPES = [torch.float32, torch.float16]
 # absolute floor on the relative error: rounding of an O(1) value in the dtype
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}

@@ -23,7 +23,7 @@ import torch
 
 from fastmedusa.bench.common import cuda_times_ms, environment, is_oom, matmul_tflops, median, write_json
 
-CE_IMPLS = ("torch", "compile", "chunked", "liger", "cce", "triton", "triton-recompute")
+CE_IMPLS = ("torch", "compile", "chunked", "liger", "cce", "triton", "triton-fp32acc", "triton-recompute")
 # triton: the default dW sums (in the gradient's bf16 for Llama-3, no extra memory); triton-fp32acc: fp32 sums
 KL_IMPLS = ("torch", "chunked", "liger", "liger-chunked", "triton", "triton-fp32acc")
 IMPL_CHOICES = tuple(dict.fromkeys(CE_IMPLS + KL_IMPLS))
@@ -149,8 +149,9 @@ def loss_fn(impl: str, chunk_rows: int | None):
             lambda h, w, y, s: linear_cross_entropy(h, w, y, shift=s, impl="torch"), dynamic=True
         )
         return lambda hs, ws, y, shifts: torch.stack([head(h, w, y, s) for h, w, s in zip(hs, ws, shifts)])
-    if impl == "triton-recompute":  # the lean weight-gradient mode: four GEMM passes, no fp32 V x H buffer
-        extra["wgrad"] = "recompute"
+    if impl in ("triton-recompute", "triton-fp32acc"):  # the other weight-gradient modes of the kernel:
+        # four GEMM passes, no V x H buffer; or the exact fp32 V x H sums (1 GiB chunks)
+        extra["wgrad"] = "recompute" if impl == "triton-recompute" else "accumulate"
         impl = "triton"
     name = impl
     return lambda hs, ws, y, shifts: medusa_cross_entropy(hs, ws, y, shifts=shifts, impl=name, **extra)

@@ -2,8 +2,8 @@
 
 Dtypes: the GEMMs run in the autocast dtype when autocast is on for the hidden's device (bf16 on CUDA
 under `torch.autocast`), otherwise in the weight's dtype; the hidden is cast to it. Softmax, loss and
-the weight-gradient accumulation are fp32 (fp64 for fp64 inputs). The loss is returned in that dtype;
-gradients come back in each input's own dtype.
+each GEMM's sums are fp32 (fp64 for fp64 inputs); by default dW sums its row chunks in the compute dtype
+(wgrad="accumulate": in fp32). The loss is fp32 (fp64 for fp64); gradients are in each input's dtype.
 """
 
 from __future__ import annotations
@@ -102,9 +102,10 @@ def linear_cross_entropy(
     shaped like labels (0 where not scored).
 
     Tuning (fused impls): chunk_rows bounds the logits buffer (chunk_rows x V; None: balanced chunks
-    within `fused.LOGITS_BUDGET_BYTES`, 1 GiB); wgrad picks how the
-    weight gradient is formed: "accumulate" (3 GEMM passes + an fp32 V x H buffer), "recompute"
-    (4 passes, no buffer), "auto" (see `fused.resolve_wgrad`).
+    within `fused.LOGITS_BUDGET_BYTES`, 1 GiB, and for the lean modes within twice the hidden's size);
+    wgrad picks how the weight gradient is formed: "inplace" (3 GEMM passes, summed chunk by chunk in the
+    weight's dtype, no extra V x H memory), "accumulate" (3 passes + an fp32 V x H buffer: exact sums),
+    "recompute" (4 passes, no buffer), "auto" ("inplace"; "accumulate" for fp16: `fused.resolve_wgrad`).
     """
     _check_inputs(hidden, weight, labels, shift, reduction)
     impl = resolve_impl(impl, hidden.device)

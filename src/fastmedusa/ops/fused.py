@@ -9,10 +9,21 @@ so it saves the log-sum-exp and recomputes the logits in its backward (8*N*H*V F
 
 Memory math (N rows, hidden H, vocab V, 2-byte compute dtype; Llama-3 V=128256 H=4096, B6 T4096 N=24576):
   all logits          N*V*2   = 6.3 GB      never made
-  one chunk of logits C*V*2   = 263 MB      C=1024 rows (the default), overwritten in place by dlogits
-  dW accumulator      V*H*4   = 2.1 GB      fp32 (summing chunks in bf16 harms convergence); one buffer
-                                            per head call, freed and reused through the caching allocator
+  one chunk of logits C*V*2   = 394 MB      the only large temporary, overwritten in place by dlogits;
+                                            wgrad="inplace" (the default): C = 2*N*H/V rows (1536 here),
+                                            twice the hidden's bytes at most (see `resolve_chunk_rows`)
+  dW, "inplace"       0                     summed chunk by chunk into the gradient itself (V*H*2, not
+                                            extra): each chunk's GEMM sums its rows in fp32 (cuBLAS, and
+                                            the CPU's bf16 GEMM), only the N/C ~ V/(2H) = 16 per-chunk adds
+                                            round to bf16
+  dW, "accumulate"    V*H*4   = 2.1 GB      an fp32 buffer, the exact option (fp32 sums of the chunks;
+                                            chunks up to LOGITS_BUDGET_BYTES, 1 GiB); the default for fp16,
+                                            whose unscaled sums could overflow
   dH                  N*H*2                 the hidden's gradient itself (not extra)
+Against Liger-Kernel (bf16 dW sums too): its chunk is next_pow2(N / ceil(V/H)) >= N*H/V rows, i.e. at least
+the hidden's bytes, and a shifted head's hidden is a slice it must copy (N*H*2 more), so its extra memory is
+at least 2*N*H*2 bytes, the most our chunk may take. Its bf16 sums round once per chunk as ours do, over as
+many or more chunks (`tests/ops/test_wgrad_precision.py` measures both against float64).
 Rows whose target is ignored are skipped (no GEMM work): SFT masks often ignore a third of the tokens.
 
 The per-chunk "softmax step" is pluggable: `softmax_grad_ref` (pure PyTorch, fp32 temporaries) for
@@ -31,20 +42,31 @@ from fastmedusa.ops.dtypes import acc_dtype
 
 DEFAULT_CHUNK_ROWS = 1024  # for callers that need a fixed chunk (topk_correct)
 LOGITS_BUDGET_BYTES = 1 << 30  # chunk_rows=0 (auto): the fewest balanced chunks whose logits fit this
-WGRAD_MODES = ("auto", "accumulate", "recompute")
+HIDDEN_MULTIPLE = 2  # wgrad="inplace": a chunk's logits hold at most this many times the hidden's elements
+WGRAD_MODES = ("auto", "inplace", "accumulate", "recompute")
 
 
-def resolve_chunk_rows(chunk_rows: int, rows: int, vocab: int) -> int:
-    """chunk_rows, or for 0 the fewest balanced chunks (multiples of 128 rows) within LOGITS_BUDGET_BYTES.
+def resolve_chunk_rows(
+    chunk_rows: int, rows: int, vocab: int, hidden_elems: int | None = None, granule: int = 128
+) -> int:
+    """chunk_rows, or for 0 the fewest balanced chunks (multiples of 128 rows) within LOGITS_BUDGET_BYTES
+    and, given `hidden_elems` (N*H, the hidden's size), within HIDDEN_MULTIPLE * N*H logits elements.
 
-    Large chunks matter on the GPU: the fp32 dW accumulation GEMM reads and writes V*H*8 bytes per
-    chunk (4.2 GB for Llama-3), so at 1024 rows it ran at 406 TFLOP/s and at 4096 at 744 (H100).
+    Large chunks matter on the GPU: each dW accumulation GEMM reads and writes the V x H sums (4.2 GB a
+    chunk in fp32 for Llama-3, 2.1 GB in bf16), so the fp32 one ran at 406 TFLOP/s at 1024 rows and at 744
+    at 4096 (H100). The hidden-size bound keeps the extra memory at or under Liger-Kernel's (module
+    docstring) and fixes the number of chunks near V / (2H) whatever N.
     """
     if chunk_rows > 0:
         return chunk_rows
-    cap = max(128, LOGITS_BUDGET_BYTES // (2 * vocab) // 128 * 128)
+    cap = LOGITS_BUDGET_BYTES // (2 * vocab)
+    if hidden_elems is not None:
+        cap = min(cap, HIDDEN_MULTIPLE * hidden_elems // vocab)
+    if cap < granule:  # few rows: smaller chunks (multiples of 16) rather than more memory
+        granule = 16
+    cap = max(granule, cap // granule * granule)
     chunks = max(1, math.ceil(rows / cap))
-    return max(128, math.ceil(math.ceil(rows / chunks) / 128) * 128)
+    return max(granule, math.ceil(math.ceil(rows / chunks) / granule) * granule)
 
 
 # step(logits (C, W), targets (C,), lse (C,) | None, grad_scale) -> (loss (C,) | None, lse (C,)).
@@ -94,12 +116,17 @@ def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def resolve_wgrad(wgrad: str) -> str:
-    """ "auto" is "accumulate": three GEMM passes beat four (H100, B6 T4096 V128256: ~110 vs ~150 ms a head)
-    at the cost of the fp32 V x H buffer; "recompute" is the lean choice when memory is short."""
+def resolve_wgrad(wgrad: str, dtype: torch.dtype | None = None) -> str:
+    """How dW is formed. "inplace" (the default): three GEMM passes, dW summed chunk by chunk in the
+    weight's dtype, no V x H buffer, chunks sized to the hidden (module docstring). "accumulate": fp32 sums
+    in a V x H buffer (the exact option, and the default for fp16, whose sums could overflow).
+    "recompute": four passes (H100, B6 T4096 V128256: ~150 vs ~110 ms a head), each block of dW written
+    once from a GEMM over all rows, no buffer and no per-chunk rounding."""
     if wgrad not in WGRAD_MODES:
         raise ValueError(f"wgrad={wgrad!r} is not one of {WGRAD_MODES}")
-    return "accumulate" if wgrad == "auto" else wgrad
+    if wgrad == "auto":
+        return "accumulate" if dtype == torch.float16 else "inplace"
+    return wgrad
 
 
 def chunk_loop(
@@ -114,30 +141,35 @@ def chunk_loop(
     need_weight_grad: bool,
     step: SoftmaxStep,
     chunk_rows: int,
-    wgrad: str = "accumulate",
+    wgrad: str = "inplace",
     out_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Loss, lse and gradients over chunks of the rows `rows` (None = all rows, contiguous slices).
 
     hidden (N, H) and weight (V, H) in the compute dtype, targets (N,) int64 valid on `rows`,
     lse (N,) or None, grad_scale: dlogits multiplier (a float, an (N,) tensor, or None = loss only).
-    wgrad "accumulate": dW summed chunk by chunk into an fp32 (V, H) buffer (three GEMM passes);
-    "recompute": a second pass over vocab blocks recomputes the logits and writes each block of dW
+    wgrad "inplace": dW summed chunk by chunk into the gradient itself, in the weight's dtype (three GEMM
+    passes); "accumulate": into an fp32 (V, H) buffer (three passes); "recompute": a second pass over vocab blocks recomputes the logits and writes each block of dW
     from one GEMM over all rows (four passes, no fp32 buffer, the GEMMs' own fp32 accumulation).
     Gradients are multiplied by out_scale. Returns per-row loss (N,), lse (N,), grad_hidden (N, H) or
     empty, grad_weight (V, H) or empty.
     """
     n = hidden.shape[0]
     count = n if rows is None else rows.numel()
-    chunk_rows = resolve_chunk_rows(chunk_rows, count, weight.shape[0])
+    lean = wgrad != "accumulate" or not need_weight_grad  # no V x H buffer: keep the chunk as lean too
+    chunk_rows = resolve_chunk_rows(chunk_rows, count, weight.shape[0], hidden.numel() if lean else None)
     fdt = acc_dtype(hidden.dtype)
     loss_rows = hidden.new_zeros(n, dtype=fdt)
     lse_rows = hidden.new_zeros(n, dtype=fdt)
     grad_h = hidden.new_empty(0)
     if need_hidden_grad:
         grad_h = torch.empty_like(hidden) if count == n else torch.zeros_like(hidden)
-    accumulate = need_weight_grad and wgrad == "accumulate"
-    acc = weight.new_zeros(weight.shape, dtype=fdt) if accumulate else None
+    accumulate = need_weight_grad and wgrad in ("accumulate", "inplace")
+    acc = None
+    if accumulate and wgrad == "accumulate":
+        acc = weight.new_zeros(weight.shape, dtype=fdt)
+    elif accumulate:  # the first chunk's GEMM writes it (zeros only when there is no chunk)
+        acc = torch.empty_like(weight) if count else torch.zeros_like(weight)
     rows_pass = lse is None or need_hidden_grad or accumulate
     if not rows_pass:
         lse_rows = lse
@@ -167,7 +199,7 @@ def chunk_loop(
             acc.mul_(out_scale)
     grad_w = weight.new_empty(0)
     if acc is not None:
-        grad_w = acc.to(weight.dtype)
+        grad_w = acc.to(weight.dtype)  # "inplace": acc is the gradient already, no copy
     elif need_weight_grad:
         h_rows = hidden if rows is None else hidden[rows]
         t_rows = targets if rows is None else targets[rows]
@@ -250,7 +282,7 @@ def fused_forward(
         need_weight_grad=need_weight_grad,
         step=_step_for(impl),
         chunk_rows=chunk_rows,
-        wgrad=resolve_wgrad(wgrad),
+        wgrad=resolve_wgrad(wgrad, hidden.dtype),
         out_scale=1.0 / denom if hidden.dtype == torch.float16 else 1.0,
     )
     fdt = acc_dtype(hidden.dtype)
@@ -382,7 +414,7 @@ def linear_ce_rows_backward_op(
         need_weight_grad=need_weight_grad,
         step=_step_for(impl),
         chunk_rows=chunk_rows,
-        wgrad=resolve_wgrad(wgrad),
+        wgrad=resolve_wgrad(wgrad, hidden.dtype),
     )
     return grad_h, grad_w
 
