@@ -16,6 +16,7 @@ def record(*turns, key="conversations", role_key="from", text_key="value"):
 
 
 GOOD = record(("human", "What is 2+2?"), ("gpt", "4."))
+GOOD_2 = record(("human", "What is 3+3?"), ("gpt", "6."))
 GOOD_OPENAI = record(
     ("system", "Be brief."),
     ("user", "Hi"),
@@ -71,7 +72,7 @@ def test_leading_assistant_and_trailing_user_turns_are_dropped():
 
 @pytest.mark.parametrize("bad, reason", MALFORMED, ids=[why for _, why in MALFORMED])
 def test_each_malformed_record_is_skipped_with_its_reason(bad, reason, write_json):
-    path = write_json("d.json", json.dumps([GOOD, bad, GOOD]))
+    path = write_json("d.json", json.dumps([GOOD, bad, GOOD_2]))
     conversations, n_skipped = read_sharegpt(path)
     assert len(conversations) == 2 and n_skipped == 1
     assert conversations.stats.skip_reasons == {reason: 1}
@@ -105,7 +106,7 @@ def test_truncated_json_keeps_every_complete_record(write_json, monkeypatch, cap
 
 
 def test_limit_stops_early(write_json):
-    path = write_json("d.json", json.dumps([GOOD] * 10))
+    path = write_json("d.json", json.dumps([record(("human", f"q{i}"), ("gpt", f"a{i}")) for i in range(10)]))
     conversations, _ = read_sharegpt(path, limit=3)
     assert len(conversations) == 3 and conversations.stats.stopped_at_limit
     with pytest.raises(ValueError, match="limit=0"):

@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 TOKENIZE_BATCH = 256  # texts per call of the Rust tokenizer: amortises the Python overhead
+# Text kept per token before tokenizing (English BPE averages ~4 characters a token) and a margin longer
+# than any token (SmolLM2's longest is 81 characters).
+CUT_CHARS_PER_TOKEN = 16
+CUT_MARGIN = 256
 
 Span = tuple[int, int]  # [start, stop) character offsets of labelled text
 
@@ -156,11 +160,32 @@ def _check_max_length(max_length: int) -> None:
 
 
 def _tokenize(tokenizer, texts: list[str], max_length: int) -> list[tuple[list[int], list[Span]]]:
+    """Ids and character offsets of the first `max_length` tokens of each text.
+
+    A text is cut to `max_length * CUT_CHARS_PER_TOKEN + CUT_MARGIN` characters before the tokenizer sees
+    it: a turn of megabytes would otherwise be tokenized whole (seconds, gigabytes) only to keep
+    `max_length` tokens. Where the cut could matter (fewer than `max_length` tokens came out, or the last
+    one ends within CUT_MARGIN of the cut, which is more than the longest token) the text is tokenized
+    again whole, so the ids are always those of the whole text."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"{type(tokenizer).__name__} is a slow tokenizer without character offsets: load it with "
             "AutoTokenizer.from_pretrained(..., use_fast=True)"
         )
+    bound = max_length * CUT_CHARS_PER_TOKEN + CUT_MARGIN
+    out = _call_tokenizer(tokenizer, [text[:bound] for text in texts], max_length)
+    redo = [
+        i
+        for i, (text, (ids, offsets)) in enumerate(zip(texts, out))
+        if len(text) > bound and (len(ids) < max_length or offsets[-1][1] > bound - CUT_MARGIN)
+    ]
+    if redo:
+        for i, whole in zip(redo, _call_tokenizer(tokenizer, [texts[i] for i in redo], max_length)):
+            out[i] = whole
+    return out
+
+
+def _call_tokenizer(tokenizer, texts: list[str], max_length: int) -> list[tuple[list[int], list[Span]]]:
     out = tokenizer(
         texts,
         add_special_tokens=False,  # the chat template already wrote any bos/eos it wants

@@ -7,11 +7,14 @@ Every record is normalised to a list of `{"role", "content"}` turns with roles `
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import importlib.resources
 import itertools
 import json
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +44,17 @@ ROLES = {
 CHUNK_CHARS = 1 << 20
 
 Conversation = list[dict[str, str]]
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json decodes "\\ud800" alone to a str no tokenizer accepts
+_RECORD_KEYS = ("conversations", "messages")
+_REPLACED_BYTES = [0]  # bytes the decoder could not read, counted by the error handler below
+
+
+def _replace_and_count(err: UnicodeError) -> tuple[str, int]:
+    _REPLACED_BYTES[0] += err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error("fastmedusa-replace", _replace_and_count)
 
 
 @dataclass
@@ -54,15 +68,26 @@ class ReadStats:
     skip_reasons: Counter = field(default_factory=Counter)
     truncated: bool = False  # the file ended mid-record; every complete record before it was kept
     stopped_at_limit: bool = False
+    n_replaced_bytes: int = 0  # bytes that are not UTF-8, read as U+FFFD
+    n_replaced_surrogates: int = 0  # lone UTF-16 surrogates ("\ud800") in kept turns, replaced by U+FFFD
 
     def skip(self, reason: str) -> None:
         self.n_skipped += 1
         self.skip_reasons[reason] += 1
 
+    def bad_record(self, reason: str) -> None:
+        """A record that could not even be decoded (syntax error, nesting too deep): read and skipped."""
+        self.n_records += 1
+        self.skip(reason)
+
     def summary(self) -> str:
         reasons = ", ".join(f"{why}: {n}" for why, n in self.skip_reasons.most_common())
         text = f"{self.path}: {self.n_kept} conversations kept, {self.n_skipped} skipped"
         text += f" ({reasons})" if reasons else ""
+        if self.n_replaced_bytes:
+            text += f"; {self.n_replaced_bytes} bytes that are not UTF-8 read as U+FFFD"
+        if self.n_replaced_surrogates:
+            text += f"; {self.n_replaced_surrogates} lone surrogates replaced by U+FFFD"
         if self.truncated:
             text += f"; the file is truncated: kept every complete record ({self.n_records} read)"
         if self.stopped_at_limit:
@@ -132,7 +157,9 @@ def read_sharegpt(
     """
     source = resolve_data_path(path)
     stats = ReadStats(path=str(source))
-    kept = Conversations((conversation for _, conversation in iter_sharegpt(source, limit, stats)), stats=stats)
+    kept = Conversations(
+        (conversation for _, conversation in iter_sharegpt(source, limit, stats)), stats=stats
+    )
     if not kept:
         raise ValueError(f"{source}: no usable conversation ({stats.summary()}); {_EXPECTED_SHAPE}")
     (logger.warning if stats.truncated else logger.info)(stats.summary())
@@ -152,12 +179,19 @@ def iter_sharegpt(
     source = resolve_data_path(path)
     stats = stats if stats is not None else ReadStats(path=str(source))
     records = _hub_records(source) if isinstance(source, str) else _file_records(source, stats)
+    seen: set[bytes] = set()  # digests of kept conversations: a copy must not land on both sides of the split
     for record in records:
         stats.n_records += 1
         conversation, reason = normalize_record(record)
         if conversation is None:
             stats.skip(reason)
             continue
+        conversation = _without_surrogates(conversation, stats)
+        digest = hashlib.blake2b(json.dumps(conversation).encode("utf-8"), digest_size=16).digest()
+        if digest in seen:
+            stats.skip("duplicate conversation")
+            continue
+        seen.add(digest)
         stats.n_kept += 1
         yield record, conversation
         if limit is not None and stats.n_kept >= limit:
@@ -171,52 +205,97 @@ _EXPECTED_SHAPE = (
 )
 
 
+def _without_surrogates(conversation: Conversation, stats: ReadStats) -> Conversation:
+    """Replace lone surrogates (valid JSON, invalid Unicode: tokenizers reject them) by U+FFFD, counted."""
+    out = []
+    for turn in conversation:
+        text, n = _SURROGATE.subn("\ufffd", turn["content"])
+        stats.n_replaced_surrogates += n
+        out.append({**turn, "content": text} if n else turn)
+    return out
+
+
 def _file_records(path: Path, stats: ReadStats) -> Iterator[object]:
-    """Records of a JSON list (streamed) or of JSON lines, chosen by the first non-blank character."""
-    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM from Windows editors
-        head = f.read(CHUNK_CHARS)
-        first = head.lstrip()[:1]
-        if first == "[":
-            yield from _json_array_records(f, head, stats)
-        elif first == "{":
-            yield from _json_lines_records(itertools.chain((head + f.readline()).splitlines(), f), stats)
-        else:
-            raise ValueError(
-                f"{path}: neither a JSON list nor JSON lines (starts with {first!r}); {_EXPECTED_SHAPE}"
-            )
+    """Records of a JSON list (streamed) or of JSON lines, chosen by the first non-blank character.
+
+    Bytes that are not UTF-8 cost only themselves: they are read as U+FFFD and counted."""
+    start = _REPLACED_BYTES[0]
+    # -sig: tolerate a BOM from Windows editors
+    with open(path, encoding="utf-8-sig", errors="fastmedusa-replace") as f:
+        try:
+            head = f.read(CHUNK_CHARS)
+            first = head.lstrip()[:1]
+            if first == "[":
+                yield from _json_array_records(f, head, stats)
+            elif first == "{":
+                yield from _json_lines_records(itertools.chain((head + f.readline()).splitlines(), f), stats)
+            else:
+                raise ValueError(
+                    f"--data {path}: neither a JSON list nor JSON lines (starts with {first!r}); {_EXPECTED_SHAPE}"
+                )
+        finally:
+            stats.n_replaced_bytes += _REPLACED_BYTES[0] - start
 
 
 def _json_array_records(f, buf: str, stats: ReadStats) -> Iterator[object]:
     """Stream the elements of a top-level JSON list with `raw_decode`, keeping memory to about one chunk.
 
     A file that ends inside an element (the embedded ShareGPT file does) yields every complete element
-    and sets `stats.truncated`, instead of failing like `json.load` would.
+    and sets `stats.truncated`, instead of failing like `json.load` would. A syntax error or a nesting
+    too deep for the parser (RecursionError) inside the file costs that record only: the reader skips
+    it, counts it, and resynchronises on the next record (the next `{` that decodes to an object with a
+    conversations/messages key; objects inside the broken record are stepped over whole).
     """
     decoder = json.JSONDecoder()
     pos = buf.index("[") + 1
     eof = len(buf) < CHUNK_CHARS
+    resync = False  # looking for the next record after a broken one
     while True:
-        pos = _skip_separators(buf, pos)
-        if pos < len(buf) and buf[pos] == "]":
+        pos = buf.find("{", pos) if resync else _skip_separators(buf, pos)
+        if pos < 0:
+            pos = len(buf)
+        if not resync and pos < len(buf) and buf[pos] == "]":
             return
         try:
             if pos >= len(buf):
-                raise json.JSONDecodeError("need more data", buf, pos)
+                raise json.JSONDecodeError("need more data", buf, len(buf))
             record, end = decoder.raw_decode(buf, pos)
             if end == len(buf) and not eof:  # a scalar may continue past the buffer: read on first
-                raise json.JSONDecodeError("need more data", buf, pos)
+                raise json.JSONDecodeError("need more data", buf, len(buf))
         except json.JSONDecodeError as err:
-            if eof:
-                stats.truncated = True
-                logger.warning("%s: file ends mid-record (%s)", stats.path, err.msg)
-                return
-            want = max(CHUNK_CHARS, len(buf) - pos)  # doubling: a record of many chunks is not O(n^2)
-            more = f.read(want)
-            eof = len(more) < want  # a text-mode read(n) is short only at the end of the file
-            buf, pos = buf[pos:] + more, 0
+            if _may_continue(err, buf):
+                if eof:
+                    if not resync:
+                        stats.truncated = True
+                        logger.warning("%s: file ends mid-record (%s)", stats.path, err.msg)
+                    return
+                want = max(CHUNK_CHARS, len(buf) - pos)  # doubling: a record of many chunks is not O(n^2)
+                more = f.read(want)
+                eof = len(more) < want  # a text-mode read(n) is short only at the end of the file
+                buf, pos = buf[pos:] + more, 0
+                continue
+            if not resync:
+                stats.bad_record("invalid JSON record")
+                logger.warning("%s: skipped a record with a syntax error (%s)", stats.path, err)
+            resync, pos = True, pos + 1
             continue
+        except RecursionError:
+            if not resync:
+                stats.bad_record("nested too deeply")
+            resync, pos = True, pos + 1
+            continue
+        if resync and not (isinstance(record, dict) and any(k in record for k in _RECORD_KEYS)):
+            pos = end  # an object inside the broken record: step over it
+            continue
+        resync = False
         yield record
         pos = end
+
+
+def _may_continue(err: json.JSONDecodeError, buf: str) -> bool:
+    """Whether the error can be the end of the data read so far rather than a real syntax error: it sits
+    within a literal's length of the buffer's end (`tru` of a cut `true`), or a string is unterminated."""
+    return err.pos >= len(buf.rstrip()) - 16 or err.msg.startswith("Unterminated string")
 
 
 def _skip_separators(buf: str, pos: int) -> int:
@@ -230,9 +309,14 @@ def _json_lines_records(lines: Iterable[str], stats: ReadStats) -> Iterator[obje
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError:
-            stats.skip("invalid JSON line")
+            stats.bad_record("invalid JSON line")
+            continue
+        except RecursionError:
+            stats.bad_record("nested too deeply")
+            continue
+        yield record
 
 
 def _hub_records(dataset_id: str) -> Iterator[object]:
