@@ -90,13 +90,41 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def read_heads_arg(path: str):
+    """(heads directory, heads) for `--heads`: a heads directory or a training output dir holding `heads/`.
+
+    A file the user can break (a config.json that is not UTF-8 JSON, truncated or corrupt weights) is a
+    ValueError naming that file, read before the base model loads."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from fastmedusa.model.export import WEIGHT_FILES, find_heads_dir, read_heads
+
+    directory = find_heads_dir(path)
+    try:
+        return directory, read_heads(directory)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"--heads {path}: {directory / 'config.json'} is not UTF-8 text ({err.reason} at byte {err.start}): "
+            "pass a heads directory written by `fastmedusa train` or `fastmedusa export`"
+        ) from err
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        weights = next((directory / n for n in WEIGHT_FILES if (directory / n).is_file()), directory)
+        raise ValueError(
+            f"--heads {path}: {weights} is truncated or corrupt ({err}): export or train the heads again"
+        ) from err
+
+
 def load_for_generation(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """(model for `generate`, base HF model): a MedusaModel with --heads, else the bare base model."""
     from fastmedusa.model import MedusaModel, load_base_model
 
     if args.heads is not None:
-        model = MedusaModel.from_pretrained(args.model, heads=args.heads, dtype=dtype, device=device).eval()
-        return model, model.base
+        directory, checkpoint = read_heads_arg(args.heads)
+        model = MedusaModel.from_pretrained(args.model, config=checkpoint.config, dtype=dtype, device=device)
+        model.load_heads(directory, checkpoint=checkpoint)
+        return model.eval(), model.base
     if not args.no_medusa:
         raise ValueError(
             "Medusa decoding needs heads: pass --heads DIR (written by `fastmedusa train`) or --no-medusa"
