@@ -31,6 +31,12 @@ COMMANDS = {
         "run_distill",
         "regenerate ShareGPT answers with the base model itself (self-distillation data for the heads)",
     ),
+    "eval": (
+        "fastmedusa.heads_eval",
+        "add_eval_arguments",
+        "run_eval",
+        "held-out accuracy of trained heads (vs the data and vs the model's greedy tokens), tokens/step",
+    ),
     "export": (
         "fastmedusa.model.cli",
         "add_export_arguments",

@@ -1,9 +1,7 @@
 """`fastmedusa bench heads`: per-head, per-rank accuracy of Medusa heads on held-out prompts, and the trees it implies.
 
-What greedy Medusa decoding needs from a head is agreement with the base model's own greedy tokens. So each
-held-out prompt is continued by plain greedy decoding, the backbone is run once over prompt + continuation,
-and head k's rank-r token at position t counts as right when it equals the continuation's token at t+k+2.
-These rank accuracies feed `build_tree` (greedy node additions maximising the expected accepted length),
+The accuracies are measured against the base model's own greedy continuation of each held-out prompt
+(`fastmedusa.decode.accuracy`). They feed `build_tree` (greedy node additions maximising the expected accepted length),
 whose trees are written as JSON for `--tree FILE`. Writes JSON (+ PNG) under bench/results/.
 """
 
@@ -13,10 +11,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from fastmedusa.bench.common import environment, write_json
-from fastmedusa.decode import build_tree, expected_accept_length, generate, prune_tree, save_tree
+from fastmedusa.decode import build_tree, expected_accept_length, prune_tree, save_tree
+from fastmedusa.decode.accuracy import first_user_prompts, measure_rank_accuracies
 from fastmedusa.decode.trees import PRESETS
 
 
@@ -60,56 +58,15 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def held_out_prompts(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
     """First user turns of the conversations `fastmedusa train` held out, chat-templated: (1, P) each."""
     from fastmedusa.data import read_sharegpt, train_eval_split
-    from fastmedusa.decode.cli import encode_prompt
 
     conversations, _ = read_sharegpt(args.data, limit=args.max_conversations)
     _, held_out = train_eval_split(conversations, args.eval_size, seed=args.seed)
-    prompts = []
-    for conversation in held_out:
-        turn = next(
-            (t["content"] for t in conversation if t["role"] == "user" and t["content"].strip()), None
-        )
-        if turn is None:
-            continue
-        ids = encode_prompt(tokenizer, turn, chat=True)
-        if ids.shape[1] <= args.max_prompt_tokens:
-            prompts.append(ids)
+    prompts = first_user_prompts(tokenizer, held_out, args.max_prompt_tokens)
     if not prompts:
         raise ValueError(
             f"no held-out prompt of <= {args.max_prompt_tokens} tokens: raise --max-prompt-tokens or --eval-size"
         )
     return prompts
-
-
-@torch.no_grad()
-def measure_rank_accuracies(
-    model, prompts: list[torch.Tensor], new_tokens: int, ranks: int, eos_token_id=None, progress: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, ranks) P(head k's rank-r token = the base model's greedy token), and the (K,) positions scored."""
-    heads = model.medusa_heads
-    hits = torch.zeros(heads.num_heads, ranks, dtype=torch.long)
-    counts = torch.zeros(heads.num_heads, dtype=torch.long)
-    for ids in tqdm(prompts, desc="scoring heads", disable=not progress):
-        seq = generate(
-            model, ids, max_new_tokens=new_tokens, medusa=False, eos_token_id=eos_token_id
-        ).sequences
-        seq = seq.to(next(model.base.parameters()).device)
-        hidden = model.backbone_hidden_states(seq)[0]  # (L, H)
-        start, length = ids.shape[1] - 1, seq.shape[1]  # heads act on the last accepted token: t >= P - 1
-        if length - 2 <= start:
-            continue
-        top = heads.draft_topk(hidden[start : length - 2], ranks).cpu()  # (K, T, ranks) token ids
-        tokens = seq[0].cpu()
-        for k in range(heads.num_heads):
-            scored = length - k - 2 - start  # positions t whose target t+k+2 exists
-            if scored <= 0:
-                continue
-            target = tokens[start + k + 2 : start + k + 2 + scored]
-            hits[k] += (top[k, :scored] == target[:, None]).sum(0)
-            counts[k] += scored
-    if (counts == 0).any():
-        raise ValueError("some heads were never scored: raise --new-tokens or --prompts")
-    return hits.double() / counts[:, None].double(), counts
 
 
 def tree_report(rank_acc: torch.Tensor, budgets: list[int], tree_dir: Path, meta: dict) -> list[dict]:

@@ -1,0 +1,31 @@
+"""One dtype vocabulary for every command: `bf16`, `fp16`, `fp32` (the long torch names are accepted too)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+DTYPE_METAVAR = "{" + ",".join(DTYPES) + "}"
+
+
+def dtype_name(text: str) -> str:
+    """The short name of a dtype given as `bf16`/`bfloat16`, `fp16`/`float16`/`half`, `fp32`/`float32`."""
+    name = ALIASES.get(str(text).lower(), str(text).lower())
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {text!r}: pass one of {', '.join(DTYPES)}")
+    return name
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    return DTYPES[dtype_name(text)]
+
+
+def dtype_arg(text: str) -> str:
+    """argparse `type=`: the short name, or a usage error naming the choices."""
+    try:
+        return dtype_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err

@@ -1,0 +1,255 @@
+"""`fastmedusa eval`: how good a set of heads is, without training.
+
+Two held-out measures per head, on the conversations `fastmedusa train` held out (the run's own split when
+HEADS_DIR is, or sits in, a training output dir; the same flags otherwise):
+
+- against the data: top-1/top-5 of head k at t against the conversation's token at t+k+1 (assistant turns
+  only), as training's evaluation reports it;
+- against the model's own greedy tokens: the first user turn of each held-out conversation is continued
+  greedily by the base model, and head k's top-1/top-5 is scored against that continuation. This is what
+  greedy Medusa decoding accepts, so it also gives the expected tokens per decoding step of a tree.
+
+Writes JSON (default: HEADS_DIR/eval.json, which `fastmedusa export` puts in the model card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg, parse_dtype
+
+RUN_CONFIG = "train_config.json"
+SPLIT_FIELDS = ("model", "data", "max_conversations", "eval_size", "seed", "seq_len")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "heads_dir",
+        metavar="HEADS_DIR",
+        help="heads directory, or a `fastmedusa train --output-dir` holding heads/",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="base model (default: the run's --model, else the heads' base_model_name_or_path)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="ShareGPT file or hub id (default: the run's --data, else the embedded one)",
+    )
+    parser.add_argument(
+        "--max-conversations",
+        type=int,
+        default=None,
+        help="records read, as in training (default: the run's)",
+    )
+    parser.add_argument(
+        "--eval-size",
+        type=int,
+        default=None,
+        help="held-out conversations, as in training (default: the run's)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="split seed, as in training (default: the run's)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per held-out conversation (default: the run's)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="held-out rows per batch (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=16,
+        help="held-out prompts continued greedily for the greedy-token accuracy; 0 skips it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, default=64, help="greedy tokens per prompt (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=384, help="skip longer prompts (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--tree",
+        default=None,
+        help="tree whose expected tokens/step is reported: a preset, chain_<depth> or a JSON file "
+        "(default: HEADS_DIR/tree.json if present, else the decoder's default tree)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        type=dtype_arg,
+        default=None,
+        metavar=DTYPE_METAVAR,
+        help="weights dtype (default: bf16 on CUDA, fp32 on the CPU)",
+    )
+    parser.add_argument(
+        "--output", default=None, metavar="FILE", help="JSON to write (default: HEADS_DIR/eval.json)"
+    )
+
+
+def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
+    """Model and held-out split: flags first, then the training run's train_config.json, then the defaults
+    of `fastmedusa train` (so that the held-out conversations are the ones training never saw)."""
+    from fastmedusa.train.config import TrainConfig
+
+    defaults = TrainConfig()
+    run_file = heads_dir.parent / RUN_CONFIG
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    settings = {}
+    for name in SPLIT_FIELDS:
+        given = getattr(args, name)
+        settings[name] = given if given is not None else run.get(name, getattr(defaults, name))
+    if not settings["eval_size"]:
+        raise ValueError("--eval-size 0: evaluation needs held-out conversations; pass --eval-size 32")
+    settings["run_config"] = str(run_file) if run else None
+    return settings
+
+
+def base_model_name(settings: dict, heads_config) -> str | None:
+    """The base model to load: --model, the run's, else what the heads record ("embedded" = the default)."""
+    name = settings["model"] or heads_config.base_model_name_or_path
+    return None if name in (None, "", "embedded", "default") else name
+
+
+def held_out_conversations(settings: dict) -> list:
+    from fastmedusa.data import read_sharegpt, train_eval_split
+
+    conversations, _ = read_sharegpt(settings["data"], limit=settings["max_conversations"])
+    _, held_out = train_eval_split(conversations, settings["eval_size"], seed=settings["seed"])
+    return held_out
+
+
+def label_accuracy(model, tokenizer, conversations: list, seq_len: int, batch_size: int, device) -> dict:
+    """Per-head top-1/top-5 (and loss) against the data's tokens, with training's own evaluation code."""
+    from fastmedusa.data import ConversationBatches, encode_dataset
+    from fastmedusa.train.backend import SingleProcess
+    from fastmedusa.train.evaluate import evaluate
+
+    encoded = encode_dataset(tokenizer, conversations, seq_len, progress=False)
+    if not encoded:
+        raise ValueError("no held-out conversation has a labelled token: raise --seq-len or --eval-size")
+    batches = list(
+        ConversationBatches(encoded, batch_size, pad_id=tokenizer.pad_token_id or 0, shuffle=False)
+    )
+    result = evaluate(
+        model,
+        batches,
+        num_heads=model.medusa_config.num_heads,
+        impl="auto",
+        backend=SingleProcess(),
+        device=device,
+    )
+    return {
+        k: result[k] for k in ("top1", "top5", "head_loss", "positions", "outside_draft_frac") if k in result
+    }
+
+
+def greedy_accuracy(model, tokenizer, conversations: list, args: argparse.Namespace, tree) -> dict:
+    """Per-head top-1/top-5 against the base model's own greedy continuation, and the tree's expected
+    tokens per decoding step under those accuracies."""
+    from fastmedusa.decode import expected_accept_length, resolve_tree
+    from fastmedusa.decode.accuracy import first_user_prompts, measure_rank_accuracies
+    from fastmedusa.decode.cli import eos_token_ids
+
+    prompts = first_user_prompts(tokenizer, conversations, args.max_prompt_tokens)[: args.prompts]
+    if not prompts:
+        raise ValueError(
+            f"no held-out prompt of <= {args.max_prompt_tokens} tokens: raise --max-prompt-tokens or --eval-size"
+        )
+    paths = resolve_tree(tree, model.medusa_config.num_heads)
+    ranks = max(10, 1 + max(max(p) for p in paths))
+    eos = eos_token_ids(tokenizer, model.base)
+    rank_acc, counts = measure_rank_accuracies(model, prompts, args.new_tokens, ranks, eos, progress=False)
+    topk = rank_acc.cumsum(1)
+    return {
+        "greedy": {
+            "top1": topk[:, 0].tolist(),
+            "top5": topk[:, 4].tolist(),
+            "prompts": len(prompts),
+            "new_tokens": args.new_tokens,
+            "positions": counts.tolist(),
+            "rank_accuracies": rank_acc.tolist(),
+        },
+        "tree": {
+            "name": str(tree) if tree is not None else "default",
+            "nodes": len(paths),
+            "expected_tokens_per_step": expected_accept_length(paths, rank_acc),
+        },
+    }
+
+
+def evaluate_heads(args: argparse.Namespace) -> dict:
+    from fastmedusa.decode.cli import resolve_device_dtype
+    from fastmedusa.model import MedusaModel, load_tokenizer
+    from fastmedusa.model.export import find_heads_dir, read_heads
+
+    heads_dir = find_heads_dir(args.heads_dir)
+    checkpoint = read_heads(heads_dir)
+    settings = split_settings(args, heads_dir)
+    model_name = base_model_name(settings, checkpoint.config)
+    device, dtype = resolve_device_dtype(args.device, None)
+    dtype = parse_dtype(args.dtype) if args.dtype else dtype
+    tokenizer = load_tokenizer(model_name)
+    model = MedusaModel.from_pretrained(model_name, heads=heads_dir, dtype=dtype, device=device).eval()
+    conversations = held_out_conversations(settings)
+    result = {
+        "heads": str(heads_dir),
+        "model": model_name or "embedded",
+        "data": settings["data"] or "embedded",
+        "conversations": len(conversations),
+        "split": {k: settings[k] for k in ("max_conversations", "eval_size", "seed", "seq_len")},
+        "run_config": settings["run_config"],
+        "labels": label_accuracy(
+            model, tokenizer, conversations, settings["seq_len"], args.batch_size, device
+        ),
+    }
+    if args.prompts > 0:
+        tree = args.tree
+        if tree is None and (heads_dir / "tree.json").is_file():
+            tree = str(heads_dir / "tree.json")
+        result.update(greedy_accuracy(model, tokenizer, conversations, args, tree))
+    return result
+
+
+def report_lines(result: dict) -> list[str]:
+    labels, greedy = result["labels"], result.get("greedy")
+    lines = [f"held-out: {result['conversations']} conversations of {result['data']}"]
+    for k in range(len(labels["top1"])):
+        line = (
+            f"head {k + 1} (predicts t+{k + 2}): data top-1 {100 * labels['top1'][k]:.1f}% "
+            f"top-5 {100 * labels['top5'][k]:.1f}%"
+        )
+        if greedy:
+            line += f" | greedy top-1 {100 * greedy['top1'][k]:.1f}% top-5 {100 * greedy['top5'][k]:.1f}%"
+        lines.append(line)
+    if result.get("tree"):
+        tree = result["tree"]
+        lines.append(
+            f"expected tokens/step with the {tree['name']} tree ({tree['nodes']} nodes): "
+            f"{tree['expected_tokens_per_step']:.2f}"
+        )
+    return lines
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from fastmedusa.files import write_json_atomic
+    from fastmedusa.model.export import find_heads_dir
+
+    for flag in ("batch_size", "new_tokens", "max_prompt_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: pass 1 or more")
+    if args.prompts < 0:
+        raise ValueError(f"--prompts {args.prompts}: pass 0 (skip the greedy measure) or more")
+    output = Path(args.output) if args.output else find_heads_dir(args.heads_dir) / "eval.json"
+    result = evaluate_heads(args)
+    write_json_atomic(output, result)
+    for line in report_lines(result):
+        print(line)
+    print(f"results in {output}", file=sys.stderr)
+    return 0

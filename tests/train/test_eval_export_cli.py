@@ -1,0 +1,77 @@
+"""`fastmedusa eval` and `fastmedusa export` on a tiny training run: the run's own held-out split, both
+accuracy measures, tokens/step, and a model card that carries them."""
+
+import json
+import stat
+
+import pytest
+from safetensors.torch import load_file
+
+from fastmedusa.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, smollm2_tokenizer):
+    from conftest import conversations, make_tiny_llama
+
+    root = tmp_path_factory.mktemp("eval-run")
+    model_dir = root / "model"
+    make_tiny_llama().save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    data = root / "sharegpt.json"
+    data.write_text(json.dumps(conversations(40)))
+    out = root / "run"
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
+            "--num-heads", "2", "--seq-len", "64", "--batch-size", "4", "--max-steps", "20", "--lr", "1e-2",
+            "--eval-size", "8", "--eval-every", "0", "--save-every", "0", "--no-progress", "--no-plot",
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_eval_uses_the_runs_split_and_agrees_with_training(run_dir, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--prompts", "2", "--new-tokens", "8", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((run_dir / "heads" / "eval.json").read_text())
+    assert result["conversations"] == 8 and result["split"]["eval_size"] == 8  # the run's, not the default 32
+    trained = json.loads((run_dir / "heads" / "config.json").read_text())["training"]["final_eval"]
+    for k in range(2):  # the same held-out conversations and code as training's last evaluation
+        assert result["labels"]["top1"][k] == pytest.approx(trained["top1"][k], abs=0.02)
+        assert 0.0 <= result["greedy"]["top1"][k] <= result["greedy"]["top5"][k] <= 1.0
+    assert result["greedy"]["prompts"] == 2
+    assert result["tree"]["expected_tokens_per_step"] >= 1.0 and result["tree"]["name"] == "default"
+    assert "head 1 (predicts t+2): data top-1" in printed and "expected tokens/step" in printed
+    assert stat.S_IMODE((run_dir / "heads" / "eval.json").stat().st_mode) & 0o044 == 0o044
+
+
+def test_export_of_an_evaluated_run_has_a_full_model_card(run_dir, tmp_path, capsys):
+    if not (run_dir / "heads" / "eval.json").is_file():
+        main(["eval", str(run_dir), "--prompts", "1", "--new-tokens", "4", "--device", "cpu"])
+    assert main(["export", str(run_dir), "--format", "vllm", "--output", str(tmp_path / "hub")]) == 0
+    assert "2 heads x 1 layers in the vllm layout" in capsys.readouterr().out
+    card = (tmp_path / "hub" / "README.md").read_text()
+    result = json.loads((run_dir / "heads" / "eval.json").read_text())
+    assert f"| 1 | t+2 | {100 * result['labels']['top1'][0]:.1f}% |" in card
+    assert "| steps | 20 |" in card and "Expected tokens per decoding step" in card
+    assert set(load_file(str(tmp_path / "hub" / "model.safetensors"))) >= {
+        "blocks.0.layers.0.bias",
+        "lm_heads.1.weight",
+    }
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "/nonexistent/run"], "no heads directory at /nonexistent/run"),
+        (["export", "/nonexistent/run", "--output", "/tmp/x"], "no heads directory at /nonexistent/run"),
+        (["eval", "RUN", "--eval-size", "0"], "--eval-size 0: evaluation needs held-out conversations"),
+        (["eval", "RUN", "--batch-size", "0"], "--batch-size 0: pass 1 or more"),
+        (["export", "RUN", "--format", "vllm", "--output", "RUN/heads"], "is the heads directory itself"),
+    ],
+)
+def test_bad_input_is_one_clear_line(run_dir, argv, message, capsys):
+    argv = [a.replace("RUN", str(run_dir)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message.replace("RUN", str(run_dir)) in err[0]
