@@ -47,3 +47,29 @@ def test_ce_bench_still_runs_on_the_cpu(tmp_path):
 def test_an_impl_of_the_other_loss_is_one_clear_line(tmp_path, capsys):
     assert main(["bench", "loss", *_argv(tmp_path / "x.json", "--loss", "kl", "--impls", "cce")]) == 2
     assert "error: --impls cce: not an impl of --loss kl" in capsys.readouterr().err
+
+
+def test_draft_vocab_rows_project_onto_the_draft_rows(tmp_path):
+    out = tmp_path / "loss_draft.json"
+    argv = _argv(out, "--impls", "torch", "triton", "quack", "--vocab", "300", "--draft-vocab", "97")
+    assert bench_loss.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["impl"] for r in ok} == {"torch", "triton"} and all(r["draft_vocab"] == 97 for r in rows)
+    assert ok[0]["flops"] == 6 * 1 * 2 * 9 * 16 * 97  # the heads' GEMMs over the 97 draft rows
+    for k in (1, 3):
+        by = {r["impl"]: r for r in ok if r["heads"] == k}
+        assert by["triton"]["loss_sum"] == pytest.approx(by["torch"]["loss_sum"], rel=1e-5)
+    assert all(r["status"] == "missing" and "quack" in r["note"] for r in rows if r["impl"] == "quack")
+
+
+def test_draft_labels_for_bench_cover_the_asked_fraction():
+    import torch
+
+    labels = torch.zeros(4, 5000, dtype=torch.long)
+    labels[:, :100] = -100
+    mapped = bench_loss.draft_labels_for_bench(labels, 1000, 100, 0.9, seed=0)
+    scored = labels != -100
+    assert (mapped[~scored] == -100).all()
+    inside = (mapped[scored] != -100).float().mean().item()
+    assert abs(inside - 0.9) < 0.01 and int(mapped.max()) < 100

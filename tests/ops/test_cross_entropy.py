@@ -207,9 +207,21 @@ def test_mismatched_shapes_raise_value_error():
 
 def test_peers_raise_clear_errors_off_cuda():
     hs, ws, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)
-    for impl in ("liger", "cce"):
+    for impl in ("liger", "cce", "quack"):
         with pytest.raises(ValueError, match=impl):
             linear_cross_entropy(hs[0], ws[0], labels, impl=impl)
+
+
+def test_compile_impl_matches_reference():
+    hs, ws, labels = _inputs(2, 7, 8, 30, heads=1, ignore_frac=0.3, seed=3)
+    h, w = hs[0].double().requires_grad_(), ws[0].double().requires_grad_()
+    got = linear_cross_entropy(h, w, labels, shift=2, impl="compile")
+    got.backward()
+    h2, w2 = hs[0].double().requires_grad_(), ws[0].double().requires_grad_()
+    want = linear_cross_entropy(h2, w2, labels, shift=2, impl="torch")
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(w.grad, w2.grad)
 
 
 def test_topk_correct_counts_match_full_logits():

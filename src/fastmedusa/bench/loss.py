@@ -9,6 +9,12 @@ a teacher (B, T, H) hidden and (V, H) weight join the inputs; head k with shift 
 row t+s-1. Weights are scaled so the logits have a standard deviation of ~3 (a trained LM's, not a flat
 softmax). OOM is a row, not a crash. Writes JSON (+ PNG) under bench/results/. --device cpu runs the
 harness on tiny shapes (wall-clock times, no memory figures).
+
+--draft-vocab N: the heads (and the KL's teacher) project onto N rows, as `MedusaConfig(draft_vocab_size=N)`
+heads do. For speed the token map is the first N ids (which ids they are does not change the work);
+labels fall inside it with probability --draft-coverage (the rest are ignored by the heads, as outside the
+draft vocabulary), and are mapped to draft rows before timing. Every impl, peers included, gets the same
+(N, H) weights and mapped labels.
 """
 
 from __future__ import annotations
@@ -23,11 +29,27 @@ import torch
 
 from fastmedusa.bench.common import cuda_times_ms, environment, is_oom, matmul_tflops, median, write_json
 
-CE_IMPLS = ("torch", "compile", "chunked", "liger", "cce", "triton", "triton-fp32acc", "triton-recompute")
+CE_IMPLS = (
+    "torch",
+    "compile",
+    "chunked",
+    "liger",
+    "cce",
+    "quack",
+    "triton",
+    "triton-fp32acc",
+    "triton-recompute",
+)
 # triton: the default dW sums (in the gradient's bf16 for Llama-3, no extra memory); triton-fp32acc: fp32 sums
 KL_IMPLS = ("torch", "chunked", "liger", "liger-chunked", "triton", "triton-fp32acc")
 IMPL_CHOICES = tuple(dict.fromkeys(CE_IMPLS + KL_IMPLS))
-PEERS = {"ce": ("torch", "compile", "liger", "cce"), "kl": ("torch", "liger", "liger-chunked")}
+PEERS = {"ce": ("torch", "compile", "liger", "cce", "quack"), "kl": ("torch", "liger", "liger-chunked")}
+EXTERNAL = (
+    "liger",
+    "liger-chunked",
+    "cce",
+    "quack",
+)  # a failure of theirs is a row with the error, not a crash
 DEFAULTS = {  # per loss: T values, head counts, output file
     "ce": ([1024, 2048, 4096, 8192], [1, 4, 6], "bench/results/loss.json"),
     "kl": ([1024, 4096], [1, 4], "bench/results/loss_kl.json"),
@@ -49,6 +71,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=6, help="batch size B")
     p.add_argument("--hidden", type=int, default=4096, help="hidden size H")
     p.add_argument("--vocab", type=int, default=128256, help="vocabulary size V")
+    p.add_argument(
+        "--draft-vocab", type=int, default=0, help="heads over a draft vocabulary of N tokens (0: the full V)"
+    )
+    p.add_argument(
+        "--draft-coverage",
+        type=float,
+        default=0.98,
+        help="with --draft-vocab: fraction of labels inside the draft vocabulary (the rest are not scored)",
+    )
     p.add_argument(
         "--impls",
         nargs="+",
@@ -83,6 +114,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     seqs, heads, out = DEFAULTS[args.loss]
     args.seq_lens, args.heads = args.seq_lens or seqs, args.heads or heads
     args.out = args.out or Path(out)
+    if args.draft_vocab and not 10 <= args.draft_vocab <= args.vocab:
+        raise ValueError(
+            f"--draft-vocab {args.draft_vocab}: pass 10..{args.vocab} (--vocab), or 0 for the full"
+        )
+    if not 0.0 <= args.draft_coverage <= 1.0:
+        raise ValueError(f"--draft-coverage {args.draft_coverage}: pass a fraction in [0, 1]")
     allowed = CE_IMPLS if args.loss == "ce" else KL_IMPLS
     args.impls = args.impls or list(allowed)
     wrong = [i for i in args.impls if i not in allowed]
@@ -108,6 +145,22 @@ def make_inputs(batch, seq, hidden, vocab, heads, logit_std, device, prompt_frac
     labels = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
     labels[:, : int(prompt_frac * seq)] = -100
     return hs, ws, labels
+
+
+def draft_labels_for_bench(labels, vocab: int, draft_vocab: int, coverage: float, seed: int):
+    """Labels with the token map = the first N ids: a `coverage` fraction of the scored ones redrawn inside
+    it, the rest outside; then mapped to draft rows (outside: -100) the way the heads map them."""
+    from fastmedusa.model.heads import draft_labels, inverse_token_map
+
+    gen = torch.Generator(device=labels.device).manual_seed(seed)
+    inside = torch.randint(0, draft_vocab, labels.shape, device=labels.device, generator=gen)
+    outside = torch.randint(
+        draft_vocab, max(vocab, draft_vocab + 1), labels.shape, device=labels.device, generator=gen
+    )
+    pick = torch.rand(labels.shape, device=labels.device, generator=gen) < coverage
+    ids = torch.where(labels == -100, labels, torch.where(pick, inside, outside.clamp(max=vocab - 1)))
+    token_map = torch.arange(draft_vocab, device=labels.device)
+    return draft_labels(ids, inverse_token_map(token_map, vocab))
 
 
 def make_teacher(batch, seq, hidden, vocab, logit_std, device, dtype=torch.bfloat16):
@@ -240,30 +293,34 @@ def run_grid(args) -> dict:
     }
     for heads in args.heads:
         for seq in args.seq_lens:
+            rows_v = args.draft_vocab or args.vocab  # the heads' (and teacher's) projection rows
             hs, ws, labels = make_inputs(
                 args.batch,
                 seq,
                 args.hidden,
-                args.vocab,
+                rows_v,
                 heads,
                 args.logit_std,
                 device,
                 args.prompt_frac,
                 dtype,
             )
+            if args.draft_vocab:
+                labels = draft_labels_for_bench(
+                    labels, args.vocab, args.draft_vocab, args.draft_coverage, seq
+                )
             teacher = None
             if args.loss == "kl":
-                teacher = make_teacher(
-                    args.batch, seq, args.hidden, args.vocab, args.logit_std, device, dtype
-                )
+                teacher = make_teacher(args.batch, seq, args.hidden, rows_v, args.logit_std, device, dtype)
             passes = 6 * heads if args.loss == "ce" else 2 + 6 * heads  # 2 FLOPs per multiply-add per pass
-            flops = passes * args.batch * seq * args.hidden * args.vocab
+            flops = passes * args.batch * seq * args.hidden * rows_v
             for impl in args.impls:
                 shape = {
                     "heads": heads,
                     "seq_len": seq,
                     "batch": args.batch,
                     "prompt_frac": args.prompt_frac,
+                    "draft_vocab": args.draft_vocab or None,
                     "flops": flops,
                 }
                 if oom_at.get((impl, heads), 1 << 30) < seq:
@@ -282,6 +339,13 @@ def run_grid(args) -> dict:
                     row = {"impl": impl, "status": "missing", "note": str(err)}
                 except ValueError as err:
                     row = {"impl": impl, "status": "missing", "note": str(err)}
+                except Exception as err:  # noqa: BLE001 - a peer that fails to run is a row saying how
+                    if impl not in EXTERNAL:
+                        raise
+                    row = {"impl": impl, "status": "error", "note": f"{type(err).__name__}: {err}"[:400]}
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 row.update(shape)
                 if row["status"] == "oom":
                     oom_at[(impl, heads)] = seq
@@ -375,13 +439,19 @@ def plot(result: dict, path: Path) -> Path:
     what = "linear KL divergence to a teacher" if result.get("loss") == "kl" else "linear cross-entropy"
     matmul = f", matmul {result['matmul_tflops']:.0f} TFLOP/s" if result.get("matmul_tflops") else ""
     fig.suptitle(
-        f"{what}, H={result['args']['hidden']} V={result['args']['vocab']} {result['args'].get('dtype', 'bf16')}, {env['device']}, "
+        f"{what}, H={result['args']['hidden']} V={result['args']['vocab']}{_draft_note(result['args'])} "
+        f"{result['args'].get('dtype', 'bf16')}, {env['device']}, "
         f"{env['date'][:10]}, torch {env['versions'].get('torch')}{matmul}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _draft_note(args: dict) -> str:
+    n = args.get("draft_vocab")
+    return f" (heads: draft vocabulary {n}, token map = first {n} ids)" if n else ""
 
 
 def merge(paths: list[Path]) -> dict:

@@ -14,7 +14,7 @@ PEERS = ("torch", "liger", "cce")
 
 
 def _fits(row: dict | None) -> bool:
-    return row is not None and not row.get("oom")
+    return row is not None and not row.get("oom") and not row.get("failed")
 
 
 def ratio_rows(result: dict, ours: str = "triton") -> list[dict]:

@@ -2,8 +2,13 @@
 
 Random-weight Llama models of real shapes (memory and speed do not depend on weight values), the real
 `fastmedusa.train` step (bf16 params, fused AdamW, gradient checkpointing), stage 1 and 2, 3 and 5 heads,
-T in {1024, 2048, 4096, 8192}, batch 6, the heads' loss by impl = torch | liger | cce | triton.
-One JSON row per run (OOM is a result) and PNG charts laid out like the seed's.
+T in {1024, 2048, 4096, 8192}, batch 6, the heads' loss by impl = torch | compile | liger | cce | quack |
+triton. One JSON row per run (OOM is a result, and so is a peer that fails to run) and PNG charts laid out
+like the seed's.
+
+--draft-vocab N: heads over a draft vocabulary of N tokens (`MedusaConfig(draft_vocab_size=N)`); for speed
+the token map is the first N ids (which ids does not change the work) and the synthetic tokens fall inside
+it with probability --draft-coverage (a 32k map covers ~98% of chat tokens; the rest are not scored).
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ SHAPES = {
 }
 
 
+IMPLS = ["torch", "compile", "chunked", "liger", "cce", "quack", "triton"]
+EXTERNAL = ("liger", "cce", "quack")  # peers from other packages: a failure is recorded, not raised
+
+
 def build_random_llama(shape: str, device: torch.device, dtype: torch.dtype):
     """A LlamaForCausalLM of a real shape with random weights, built directly on the GPU in `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -77,13 +86,25 @@ def build_random_llama(shape: str, device: torch.device, dtype: torch.dtype):
 
 
 def synthetic_batch(
-    batch_size: int, seq_len: int, vocab: int, device: torch.device, masked_frac: float = 0.0, seed: int = 0
+    batch_size: int,
+    seq_len: int,
+    vocab: int,
+    device: torch.device,
+    masked_frac: float = 0.0,
+    seed: int = 0,
+    draft_vocab: int = 0,
+    draft_coverage: float = 1.0,
 ) -> dict:
     """Full-length rows. masked_frac = 0: every position labelled (the seed's setting); otherwise the
     first masked_frac of each row is a prompt with label -100, as in SFT data (ShareGPT with assistant-only
     labels, SmolLM2 template, T 1024-4096: 23-27% of tokens are not labelled)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+    if draft_vocab:  # tokens of the map (the first draft_vocab ids) with probability draft_coverage
+        inside = torch.randint(0, draft_vocab, ids.shape, generator=gen)
+        outside = torch.randint(min(draft_vocab, vocab - 1), vocab, ids.shape, generator=gen)
+        ids = torch.where(torch.rand(ids.shape, generator=gen) < draft_coverage, inside, outside)
+    ids = ids.to(device)
     labels = ids.clone()
     labels[:, : int(masked_frac * seq_len)] = -100
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -166,13 +187,17 @@ def run_point(base, shape: str, stage: int, heads: int, seq_len: int, impl: str,
     from fastmedusa.bench.common import is_oom
 
     row = {"shape": shape, "stage": stage, "heads": heads, "seq_len": seq_len, "impl": impl,
-           "batch_size": args.batch_size, "masked_frac": args.masked_frac}  # fmt: skip
+           "batch_size": args.batch_size, "masked_frac": args.masked_frac, "draft_vocab": args.draft_vocab or None}  # fmt: skip
     model = trainer = batch = None
     try:
-        model = MedusaModel.from_base(base, MedusaConfig(num_heads=heads, num_layers=1))
+        config = MedusaConfig(num_heads=heads, num_layers=1, draft_vocab_size=args.draft_vocab or None)
+        model = MedusaModel.from_base(base, config)  # a draft token map defaults to the first N ids
         trainer = make_trainer(model, stage, impl, args)
         device = torch.device(args.device)
-        batch = synthetic_batch(args.batch_size, seq_len, base.config.vocab_size, device, args.masked_frac)
+        batch = synthetic_batch(
+            args.batch_size, seq_len, base.config.vocab_size, device, args.masked_frac,
+            draft_vocab=args.draft_vocab, draft_coverage=args.draft_coverage,
+        )  # fmt: skip
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = time_steps(trainer, batch, args.warmup, args.steps)
@@ -186,10 +211,13 @@ def run_point(base, shape: str, stage: int, heads: int, seq_len: int, impl: str,
         )  # fmt: skip
         if args.profile:
             row["profile"] = profile_step(trainer, batch, stage, impl)
-    except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
-        if not is_oom(err):
+    except Exception as err:  # noqa: BLE001 - an OOM is a result, so is a peer's failure; else re-raised
+        if is_oom(err):
+            row.update(oom=True, error=str(err).splitlines()[0][:200])
+        elif impl in EXTERNAL:
+            row.update(oom=False, failed=True, error=f"{type(err).__name__}: {err}"[:400])
+        else:
             raise
-        row.update(oom=True, error=str(err).splitlines()[0][:200])
     finally:
         del model, trainer, batch
         base.zero_grad(set_to_none=True)
@@ -203,8 +231,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     p.add_argument("--heads", type=int, nargs="+", default=[3, 5], help="numbers of Medusa heads")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    p.add_argument("--impls", nargs="+", default=["torch", "liger", "cce", "triton"],
-                   choices=["torch", "chunked", "liger", "cce", "triton"], help="heads' loss implementations")  # fmt: skip
+    p.add_argument("--impls", nargs="+", default=["torch", "compile", "liger", "cce", "quack", "triton"],
+                   choices=IMPLS, help="heads' loss implementations")  # fmt: skip
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="heads over a draft vocabulary of N tokens (token map: the first N ids); 0 = full")  # fmt: skip
+    p.add_argument("--draft-coverage", type=float, default=0.98,
+                   help="with --draft-vocab: probability that a token is inside the draft vocabulary")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=6, help="rows per step (no accumulation)")
     p.add_argument(
         "--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of the harness)"
@@ -257,6 +289,8 @@ def format_row(row: dict) -> str:
     head = f"{row['shape']} stage {row['stage']} K{row['heads']} T{row['seq_len']:5d} {row['impl']:>7}"
     if row.get("oom"):
         return f"{head}: OOM"
+    if row.get("failed"):
+        return f"{head}: failed ({row['error']})"
     return (f"{head}: {row['tokens_per_s']:9.0f} tok/s  {row['peak_memory_gb'] or 0:6.1f} GB  MFU {row['mfu']:.2f}"
             + (f"  heads-loss {row['profile']['heads_loss_s']*1e3:.0f} ms opt {row['profile']['optimizer_s']*1e3:.0f} ms"
                f" step {row['step_s']*1e3:.0f} ms" if "profile" in row else ""))  # fmt: skip
@@ -271,7 +305,7 @@ def plot(result: dict, path: Path) -> Path:
 
     rows = result["rows"]
     panels = sorted({(r["stage"], r["heads"]) for r in rows})
-    impls = [i for i in ["torch", "chunked", "liger", "cce", "triton"] if any(r["impl"] == i for r in rows)]
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
     seqs = sorted({r["seq_len"] for r in rows})
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
     width = 0.8 / max(1, len(impls))
@@ -284,8 +318,9 @@ def plot(result: dict, path: Path) -> Path:
                     if r is None:
                         continue
                     x = j + (i - (len(impls) - 1) / 2) * width
-                    (ooms if r["oom"] else xs).append(x)
-                    if not r["oom"]:
+                    missing = r["oom"] or r.get("failed", False)
+                    (ooms if missing else xs).append(x)
+                    if not missing:
                         ys.append(r[metric] or 0.0)  # no peak memory on the CPU
                 label = "fastmedusa (triton)" if impl == "triton" else impl
                 ax.bar(xs, ys, width, label=label)
@@ -293,11 +328,14 @@ def plot(result: dict, path: Path) -> Path:
             ax.set_xticks(range(len(seqs)), [str(t) for t in seqs])
             ax.set_title(f"{result['shape'].upper()} stage {stage}, {heads} heads", fontsize=10)
             ax.set_ylabel("peak memory (GB)" if metric == "peak_memory_gb" else "tokens/s")
-            ax.set_xlabel("sequence length (x = OOM)")
+            ax.set_xlabel("sequence length (x = OOM or failed)")
     axes[0, 0].legend(fontsize=8)
     env = result["environment"]
     masked = result["settings"].get("masked_frac", 0.0)
     labels = f"first {masked:.0%} of each row unlabelled (SFT-like)" if masked else "every token labelled"
+    draft = result["settings"].get("draft_vocab")
+    if draft:
+        labels += f", heads over a {draft}-token draft vocabulary (first {draft} ids)"
     fig.suptitle(f"fastmedusa bench train: batch {result['settings']['batch_size']}, bf16, AdamW, grad ckpt, {labels}; "
                  f"{env['device']}, {env['date'][:10]}, torch {env['versions']['torch']}", fontsize=10)  # fmt: skip
     fig.tight_layout()

@@ -8,6 +8,7 @@ each GEMM's sums are fp32 (fp64 for fp64 inputs); by default dW sums its row chu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 from fastmedusa.ops.dtypes import acc_dtype
 from fastmedusa.ops.fused import DEFAULT_CHUNK_ROWS, linear_ce_op, linear_ce_rows_op, resolve_wgrad
 
-IMPLS = ("auto", "triton", "torch", "chunked", "liger", "cce")
+IMPLS = ("auto", "triton", "torch", "chunked", "compile", "liger", "cce", "quack")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -109,7 +110,7 @@ def linear_cross_entropy(
     """
     _check_inputs(hidden, weight, labels, shift, reduction)
     impl = resolve_impl(impl, hidden.device)
-    if impl in ("liger", "cce"):
+    if impl in ("liger", "cce", "quack"):
         from fastmedusa.ops.peers import peer_linear_cross_entropy
 
         return peer_linear_cross_entropy(impl, hidden, weight, labels, shift, ignore_index, reduction)
@@ -121,8 +122,9 @@ def linear_cross_entropy(
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     w = weight.to(dtype)
     targets = shifted_targets(labels, shift, ignore_index)
-    if impl == "torch":
-        return linear_cross_entropy_ref(h, w, targets, ignore_index, reduction).reshape(
+    if impl in ("torch", "compile"):
+        ref = _compiled_reference() if impl == "compile" else linear_cross_entropy_ref
+        return ref(h, w, targets, ignore_index, reduction).reshape(
             labels.shape if reduction == "none" else ()
         )
     if reduction == "none":
@@ -147,6 +149,12 @@ def linear_cross_entropy_ref(
     if reduction == "sum":
         return total
     return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+@functools.cache
+def _compiled_reference():
+    """impl="compile": the reference under torch.compile (Inductor fuses the softmax, the logits stay)."""
+    return torch.compile(linear_cross_entropy_ref, dynamic=True)
 
 
 def medusa_cross_entropy(

@@ -1,15 +1,23 @@
-"""The peers, for benchmarks and comparisons: Liger-Kernel's and Cut Cross-Entropy's fused linear CE, and
-Liger-Kernel's fused linear distillation losses (as a forward KL) beside `medusa_kl_divergence`.
+"""The peers, for benchmarks and comparisons: Liger-Kernel's, Cut Cross-Entropy's and quack-kernels' fused
+linear CE, and Liger-Kernel's fused linear distillation losses (as a forward KL) beside `medusa_kl_divergence`.
 
-Each is called one head at a time, as a user of those libraries would; a shift is applied by slicing
-the hidden states and labels (the peers may copy the non-contiguous slice: that is their cost).
-All run only on CUDA and only where installed (`pip install liger-kernel` / `cut-cross-entropy`).
+Each is called one head at a time, as a user of those libraries would. A shift: Liger takes no shift, so the
+hidden states and labels are sliced (the non-contiguous slice is copied: that is its cost, N*H*2 bytes);
+CCE takes its own `shift=` (versions whose `shift` is an int; older ones are sliced like Liger); quack needs
+rows in multiples of 8, so it gets every row (a view) with the labels shifted and the last `shift` of each
+sequence ignored. All run only on CUDA and only where installed (`pip install liger-kernel` /
+`cut-cross-entropy` / `quack-kernels`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import Tensor
+
+CE_PEERS = {"liger": "liger-kernel", "cce": "cut-cross-entropy", "quack": "quack-kernels"}
 
 
 def _import_peer(impl: str):
@@ -18,28 +26,53 @@ def _import_peer(impl: str):
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
             return liger_fused_linear_cross_entropy
+        if impl == "quack":
+            from quack.linear_cross_entropy import chunked_linear_cross_entropy
+
+            return chunked_linear_cross_entropy
         from cut_cross_entropy import linear_cross_entropy
 
         return linear_cross_entropy
     except ImportError as err:
-        package = "liger-kernel" if impl == "liger" else "cut-cross-entropy"
+        package = CE_PEERS[impl]
         raise ValueError(f"impl={impl!r} needs the {package} package: pip install {package}") from err
+
+
+@functools.cache
+def _cce_takes_int_shift() -> bool:
+    """CCE's `shift` became `bool | int` (earlier versions: a bool, i.e. only a shift of 1)."""
+    try:
+        from cut_cross_entropy.cce import cce_linear_cross_entropy
+    except ImportError:
+        return False
+    return "int" in str(inspect.signature(cce_linear_cross_entropy).parameters["shift"].annotation)
 
 
 def peer_linear_cross_entropy(
     impl: str, hidden: Tensor, weight: Tensor, labels: Tensor, shift: int, ignore_index: int, reduction: str
 ) -> Tensor:
-    """Liger or CCE on one head: same contract as `linear_cross_entropy` for "mean" and "sum"."""
+    """Liger, CCE or quack on one head: same contract as `linear_cross_entropy` for "mean" and "sum"."""
+    from fastmedusa.ops.cross_entropy import shifted_targets
+
     if reduction == "none":
         raise ValueError(f"impl={impl!r} is wired for reduction 'mean' or 'sum' only: use impl='chunked'")
     if not hidden.is_cuda:
         raise ValueError(f"impl={impl!r} runs on CUDA only, but hidden is on {hidden.device}")
     fn = _import_peer(impl)
-    length = hidden.shape[-2] if hidden.dim() == 3 else hidden.shape[0]
-    keep = max(length - shift, 0)
-    h = hidden[..., :keep, :].reshape(-1, hidden.shape[-1])
-    target = labels[..., shift:].reshape(-1)
-    loss = fn(h, weight, target, ignore_index=ignore_index, reduction="sum")
+    if impl == "quack":
+        target = shifted_targets(labels, shift, ignore_index)
+        loss = fn(
+            hidden.reshape(-1, hidden.shape[-1]), weight, target, ignore_index=ignore_index, reduction="sum"
+        )
+    elif impl == "cce" and _cce_takes_int_shift():
+        target = labels[..., shift:]
+        loss = fn(hidden, weight, labels, ignore_index=ignore_index, reduction="sum", shift=shift)
+    else:
+        length = hidden.shape[-2] if hidden.dim() == 3 else hidden.shape[0]
+        keep = max(length - shift, 0)
+        h = hidden[..., :keep, :].reshape(-1, hidden.shape[-1])
+        target = labels[..., shift:].reshape(-1)
+        loss = fn(h, weight, target, ignore_index=ignore_index, reduction="sum")
     if reduction == "sum":
         return loss
     return loss / (target != ignore_index).sum().clamp(min=1)

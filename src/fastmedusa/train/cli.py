@@ -59,7 +59,8 @@ HELP = {
     "param_dtype": "parameter dtype: fp32 (with bf16 autocast on CUDA) or bf16 (pure bf16, less memory)",
     "gradient_checkpointing": "recompute the backbone's activations in backward (stage 2: less memory)",
     "impl": "heads' loss implementation: auto (Triton on CUDA, chunked PyTorch on the CPU), chunked, triton, "
-    "torch (materialised logits), liger, cce (liger and cce: --loss ce only)",
+    "torch (materialised logits), compile (torch under torch.compile), liger, cce, quack (the last four: "
+    "--loss ce only)",
     "compile": "torch.compile the backbone's decoder",
     "peak_tflops": "device peak TFLOP/s for MFU (default: looked up, H100/H200 bf16 dense = 989)",
     "fsdp": "shard with FSDP2 even without a launcher (one process; torchrun/accelerate launch use it anyway)",

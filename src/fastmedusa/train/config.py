@@ -81,7 +81,7 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype: auto = bf16 on CUDA, fp32 (no autocast) on the CPU
     param_dtype: str = "fp32"  # fp32 params (+ autocast) or bf16 params (pure bf16, as the seed's benchmark)
     gradient_checkpointing: bool = False  # recompute backbone activations in backward (stage 2)
-    impl: str = "auto"  # heads' loss: auto, chunked, triton, torch, liger, cce
+    impl: str = "auto"  # heads' loss: auto, chunked, triton, torch, compile, liger, cce, quack
     compile: bool = False  # torch.compile the backbone's decoder
     peak_tflops: float | None = None  # device peak for MFU; None = look it up (H100/H200 bf16: 989)
     fsdp: bool = False  # shard with FSDP2 even in one process (torchrun/accelerate turn it on by themselves)
@@ -148,7 +148,7 @@ class TrainConfig:
         _choice(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
         _choice(self.loss, LOSSES, "--loss")
         _check(
-            self.loss == "ce" or self.impl not in ("liger", "cce"),
+            self.loss == "ce" or self.impl not in ("liger", "cce", "quack", "compile"),
             f"--impl {self.impl} is a cross-entropy peer with no KL divergence: with --loss kl pass --impl "
             "auto, triton, chunked or torch",
         )

@@ -44,7 +44,7 @@ def train_flops_per_token(model: nn.Module, seq_len: int, stage: int) -> float:
     attention = 2 * 2 * seq_len * hidden * cfg.num_hidden_layers / 2
     heads = model.medusa_heads
     tower = _numel(p for head in heads.medusa_head for p in head[: heads.config.num_layers].parameters())
-    projections = heads.num_heads * vocab * hidden
+    projections = heads.num_heads * (heads.config.head_vocab_size or vocab) * hidden  # draft rows if any
     heads_flops = 6 * tower + (4 if heads.config.shared_lm_head and stage == 1 else 6) * projections
     if stage == 1:
         return 2 * decoder_matmul + attention + heads_flops
