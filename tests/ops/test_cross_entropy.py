@@ -12,7 +12,7 @@ import torch
 from fastmedusa.ops import linear_cross_entropy, medusa_cross_entropy, topk_correct
 from fastmedusa.ops.fused import fused_forward
 
-IMPLS = ["chunked", "triton"]
+IMPLS = ["chunked", "triton", "torch"]
 WGRADS = ["inplace", "accumulate", "recompute"]
 DTYPES = [torch.float32, torch.float16]
 # absolute floor on the relative error: rounding of an O(1) value in the dtype
@@ -77,9 +77,43 @@ def _run(
     return [loss.detach()] + grads
 
 
+def _run_sliced(dtype, hs, ws, labels, shifts, reduction="mean", grad_seed=0, share=False, **_):
+    """The reference `_run` is checked against, built without the library: head k scores hidden[:, :T-s]
+    against labels[:, s:] (slicing, not `shifted_targets`), logits in fp32 (fp64 for fp64) as HF upcasts."""
+    hs = [h.detach().to(dtype).requires_grad_() for h in hs]
+    ws = [w.detach().to(dtype).requires_grad_() for w in ws]
+    head_ws = [ws[0]] * len(hs) if share else ws
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    losses = []
+    rows = labels if labels.dim() == 2 else labels[None]  # (N,) positions are one sequence
+    for h, w, s in zip(hs, head_ws, shifts):
+        h = h if labels.dim() == 2 else h[None]
+        seq = rows.shape[1]
+        kept = max(seq - s, 0)
+        logits = h[:, :kept].to(acc) @ w.to(acc).T  # (B, T-s, V)
+        target = rows[:, s:]
+        per = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, w.shape[0]), target.reshape(-1), ignore_index=-100, reduction="none"
+        ).reshape(target.shape)
+        if reduction == "none":
+            losses.append(
+                torch.cat([per, per.new_zeros(rows.shape[0], seq - kept)], dim=1).reshape(labels.shape)
+            )
+        elif reduction == "sum":
+            losses.append(per.sum())
+        else:
+            losses.append(per.sum() / (target != -100).sum().clamp(min=1))
+    loss = losses[0] if len(hs) == 1 else torch.stack(losses)
+    gen = torch.Generator().manual_seed(grad_seed)
+    upstream = torch.rand(loss.shape, generator=gen, dtype=torch.float64).to(loss.device) + 0.5
+    (loss.double() * upstream).sum().backward()
+    grads = [h.grad for h in hs] + [w.grad for w in (ws[:1] if share else ws)]
+    return [loss.detach()] + grads
+
+
 def _check_against_reference(impl, dtype, hs, ws, labels, shifts, wgrad="auto", **kw):
-    truth = _run("torch", torch.float64, hs, ws, labels, shifts, **kw)
-    plain = _run("torch", dtype, hs, ws, labels, shifts, **kw)
+    truth = _run_sliced(torch.float64, hs, ws, labels, shifts, **kw)
+    plain = _run_sliced(dtype, hs, ws, labels, shifts, **kw)
     got = _run(impl, dtype, hs, ws, labels, shifts, wgrad=wgrad, **kw)
     names = (
         ["loss"]
@@ -321,3 +355,17 @@ def test_medusa_passes_wgrad_to_the_kernel(wgrad, monkeypatch):
     ws = [w.float().requires_grad_() for w in ws]
     medusa_cross_entropy(hs, ws, labels, shifts=[1, 2], impl="chunked", wgrad=wgrad).sum().backward()
     assert seen == [wgrad, wgrad]
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+@pytest.mark.parametrize("wgrad", ["accumulate", "recompute"])
+def test_fp16_logits_past_65504_give_a_finite_loss(impl, wgrad):
+    """Hidden and weight fit fp16, their logits (~1e5) do not: the loss and gradients stay finite and
+    match fp64 on the same fp16-rounded inputs."""
+    hs, ws, labels = _inputs(2, 6, 16, 40, heads=1, ignore_frac=0.0, seed=21)
+    hs, ws = [(hs[0] * 1000).half().double()], [(ws[0] * 30).half().double()]
+    assert (hs[0] @ ws[0].T).abs().max() > 65504
+    truth = _run_sliced(torch.float64, hs, ws, labels, [1])
+    got = _run(impl, torch.float16, hs, ws, labels, [1], wgrad=wgrad)
+    for name, g, t in zip(("loss", "d_hidden", "d_weight"), got, truth):
+        assert _rel_err(g, t) < 2e-3, name

@@ -141,7 +141,11 @@ def linear_cross_entropy(
 def linear_cross_entropy_ref(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, reduction: str
 ) -> Tensor:
-    """impl="torch": F.linear + F.cross_entropy on fp32 logits (as HF models upcast), all N x V at once."""
+    """impl="torch": F.linear + F.cross_entropy on fp32 logits (as HF models upcast), all N x V at once.
+
+    fp16 inputs: the GEMM itself runs in fp32, since fp16 logits overflow past 65504 (inf, NaN loss)."""
+    if hidden.dtype == torch.float16:
+        hidden, weight = hidden.float(), weight.float()
     logits = F.linear(hidden, weight).to(acc_dtype(hidden.dtype))
     if reduction == "none":
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")

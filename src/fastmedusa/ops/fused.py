@@ -116,6 +116,16 @@ def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+def chunk_logits(h: Tensor, weight: Tensor) -> Tensor:
+    """h @ weight.T; fp32 for fp16 inputs: logits past fp16's 65504 (large hidden norms, e.g. a model's
+    outlier dimensions) would be inf and the loss NaN. bf16 has fp32's range and keeps the bf16 GEMM."""
+    if h.dtype != torch.float16:
+        return h @ weight.T
+    if h.is_cuda:  # fp16 GEMM with fp32 output: no fp32 copy of the weight
+        return torch.ops.aten.mm.dtype(h, weight.T, torch.float32)
+    return h.float() @ weight.float().T
+
+
 def resolve_wgrad(wgrad: str, dtype: torch.dtype | None = None) -> str:
     """How dW is formed. "inplace" (the default): three GEMM passes, dW summed chunk by chunk in the
     weight's dtype, no V x H buffer, chunks sized to the hidden (module docstring). "accumulate": fp32 sums
@@ -177,7 +187,7 @@ def chunk_loop(
         end = min(start + chunk_rows, count)
         idx = slice(start, end) if rows is None else rows[start:end]
         h = hidden[idx]  # (C, H): a view on contiguous rows, a gather otherwise
-        logits = h @ weight.T  # (C, V)
+        logits = chunk_logits(h, weight)  # (C, V)
         gs = grad_scale[idx] if isinstance(grad_scale, Tensor) else grad_scale
         if not (need_hidden_grad or accumulate):
             gs = None
@@ -185,6 +195,7 @@ def chunk_loop(
         if loss_c is not None:
             loss_rows[idx] = loss_c
         lse_rows[idx] = lse_c
+        logits = logits.to(weight.dtype)  # fp16: dlogits are O(1) (grad_scale 1), fp16 holds them
         if need_hidden_grad:
             if rows is None:
                 torch.mm(logits, weight, out=grad_h[idx])
@@ -226,8 +237,9 @@ def _weight_grad_by_vocab_blocks(
         return grad_w.zero_()
     block = min(vocab, max(256, chunk_rows * vocab // m // 256 * 256))
     for v0 in range(0, vocab, block):
-        logits = hidden @ weight[v0 : v0 + block].T  # (M, Vb)
+        logits = chunk_logits(hidden, weight[v0 : v0 + block])  # (M, Vb)
         step(logits, targets - v0, lse, grad_scale)
+        logits = logits.to(weight.dtype)
         torch.mm(logits.T, hidden, out=grad_w[v0 : v0 + block])
         del logits
     return grad_w
