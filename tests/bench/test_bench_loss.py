@@ -73,3 +73,20 @@ def test_draft_labels_for_bench_cover_the_asked_fraction():
     assert (mapped[~scored] == -100).all()
     inside = (mapped[scored] != -100).float().mean().item()
     assert abs(inside - 0.9) < 0.01 and int(mapped.max()) < 100
+
+
+def test_a_peer_whose_api_changed_is_an_error_row(tmp_path, monkeypatch):
+    from fastmedusa.ops import peers
+
+    def old_api(*args, **kwargs):
+        raise TypeError("forward() takes 5 positional arguments but 6 were given")
+
+    monkeypatch.setattr(peers, "peer_kl_divergence", old_api)
+    out = tmp_path / "loss_kl.json"
+    assert (
+        bench_loss.main(_argv(out, "--loss", "kl", "--heads", "2", "--impls", "chunked", "liger-chunked"))
+        == 0
+    )
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["chunked"]["status"] == "ok"
+    assert rows["liger-chunked"]["status"] == "error" and "TypeError" in rows["liger-chunked"]["note"]

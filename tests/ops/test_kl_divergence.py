@@ -68,7 +68,7 @@ def _run(fn, dtype, hs, ws, th, tw, labels, shifts, grad_seed=0):
     th, tw = th.detach().to(dtype).requires_grad_(), tw.detach().to(dtype).requires_grad_()
     loss = fn(hs, ws, th, tw, labels, shifts)
     gen = torch.Generator().manual_seed(grad_seed)
-    upstream = torch.rand(loss.shape, generator=gen, dtype=torch.float64) + 0.5
+    upstream = (torch.rand(loss.shape, generator=gen, dtype=torch.float64) + 0.5).to(loss.device)
     (loss.double() * upstream).sum().backward()
     assert th.grad is None and tw.grad is None, "the teacher must not get a gradient"
     return [loss.detach()] + [h.grad for h in hs] + [w.grad for w in ws]
