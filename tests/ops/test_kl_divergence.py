@@ -144,6 +144,20 @@ def test_unbatched_rows_and_whole_ignored_sequences(impl):
 
 
 @pytest.mark.parametrize("impl", ["torch", *IMPLS])
+def test_fp16_logits_beyond_its_range_stay_finite(impl):
+    """Logits past fp16's 65504 (large hidden norms) are computed in fp32: no inf, no NaN."""
+    hs, ws, th, tw, labels = _inputs(2, 6, 16, 50, heads=2, ignore_frac=0.1, seed=13)
+    ws, tw = [w * 1e4 for w in ws], tw * 1e4  # weights within fp16, logits of std ~3e4 (max ~1e5)
+    rounded = [[h.half().double() for h in hs], [w.half().double() for w in ws], th.half().double(),
+               tw.half().double(), labels]  # fmt: skip
+    got = _run(_op_fn(impl), torch.float16, *rounded, [1, 2])
+    truth = _run(_reference_fn(torch.float64), torch.float64, *rounded, [1, 2])
+    assert (got[0] > 1e3).all()  # confident, disagreeing distributions: a large but finite KL
+    for g, t in zip(got, truth):
+        assert _rel_err(g, t) < 1e-2
+
+
+@pytest.mark.parametrize("impl", ["torch", *IMPLS])
 def test_all_ignored_gives_zero_loss_and_zero_grads(impl):
     hs, ws, th, tw, labels = _inputs(2, 5, 8, 30, heads=2, ignore_frac=1.0, seed=7)
     hs = [h.float().requires_grad_() for h in hs]

@@ -211,6 +211,16 @@ def _chunk_plan(
     return plan, counts
 
 
+def _logits(h: Tensor, weight: Tensor, out: Tensor) -> Tensor:
+    """out = h @ weight.T in out's dtype: the compute dtype, or fp32 for fp16 inputs (a fp16 GEMM with fp32
+    output on CUDA, no fp32 copy of the weight)."""
+    if out.dtype == h.dtype:
+        return torch.mm(h, weight.T, out=out)
+    if h.is_cuda:
+        return torch.ops.aten.mm.dtype_out(h, weight.T, out.dtype, out=out)
+    return torch.mm(h.to(out.dtype), weight.T.to(out.dtype), out=out)
+
+
 @torch.library.custom_op("fastmedusa::medusa_kl", mutates_args=())
 def medusa_kl_op(
     hiddens: list[Tensor],
@@ -244,23 +254,23 @@ def medusa_kl_op(
     sums = [WeightGradSum(w, mode) if need else None for w, need in zip(weights, need_weight_grad)]
     loss_sums = teacher_hidden.new_zeros(k_heads, dtype=fdt)
     size = max((idx.numel() for idx, _ in plan), default=0)
-    teacher_buf = teacher_hidden.new_empty(size, vocab)
-    student_buf = teacher_hidden.new_empty(size, vocab)
+    logits_dtype = torch.float32 if fp16 else teacher_hidden.dtype  # fp16 logits overflow past 65504
+    teacher_buf = teacher_hidden.new_empty(size, vocab, dtype=logits_dtype)
+    student_buf = teacher_hidden.new_empty(size, vocab, dtype=logits_dtype)
     for idx, per_head in plan:
         c = idx.numel()
-        teacher = teacher_buf[:c]
-        torch.mm(teacher_hidden[idx], teacher_weight.T, out=teacher)  # (C, V), once for all heads
+        teacher = _logits(teacher_hidden[idx], teacher_weight, teacher_buf[:c])  # (C, V), once for all heads
         teacher_lse = teacher_step(teacher)
         for k, rows in enumerate(per_head):
             if rows is None:
                 continue
             student_rows, teacher_rows = rows
             h = hiddens[k][student_rows]  # (Ck, H)
-            student = student_buf[: student_rows.numel()]
-            torch.mm(h, weights[k].T, out=student)  # (Ck, V)
+            student = _logits(h, weights[k], student_buf[: student_rows.numel()])  # (Ck, V)
             wants = need_hidden_grad[k] or need_weight_grad[k]
             loss_rows, _ = kl_step(student, teacher, teacher_rows, teacher_lse, 1.0 if wants else None)
             loss_sums[k] += loss_rows.sum()
+            student = student.to(h.dtype)  # fp16: dlogits are O(1) (scale 1), fp16 holds them
             if need_hidden_grad[k]:
                 grad_hs[k].index_copy_(0, student_rows, student @ weights[k])
             if need_weight_grad[k]:
@@ -421,9 +431,14 @@ def medusa_kl_divergence_ref(
     shifts: list[int],
     ignore_index: int,
 ) -> Tensor:
-    """impl="torch": every logit materialised in fp32 (rows (B*T, H), labels (B, T)), autograd for the rest."""
+    """impl="torch": every logit materialised in fp32 (rows (B*T, H), labels (B, T)), autograd for the rest.
+
+    fp16 inputs: the GEMMs themselves run in fp32, since fp16 logits overflow past 65504."""
     batch, seq = labels.shape
     fdt = acc_dtype(teacher_hidden.dtype)
+    if teacher_hidden.dtype == torch.float16:
+        hiddens, weights = [h.float() for h in hiddens], [w.float() for w in weights]
+        teacher_hidden, teacher_weight = teacher_hidden.float(), teacher_weight.float()
     with torch.no_grad():
         teacher_logp = F.log_softmax(F.linear(teacher_hidden, teacher_weight).to(fdt), dim=-1)
     teacher_logp = teacher_logp.reshape(batch, seq, -1)
