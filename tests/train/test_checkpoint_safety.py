@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastmedusa.cli import main
-from fastmedusa.train.checkpoint import MANIFEST, list_checkpoints, write_manifest
+from fastmedusa.train.checkpoint import MANIFEST, fingerprint, list_checkpoints, write_manifest
 
 STEPS = 4
 
@@ -303,3 +303,33 @@ def test_a_changed_model_shape_is_refused_before_loading(run, tiny_model_dir, tm
     line = _error_line(capsys)
     assert "hidden_size: saved 32, now 48" in line and "another base model" in line
     assert _snapshot(out) == before
+
+
+def test_changed_model_weights_at_the_same_path_are_refused(run, tiny_model_dir, tmp_path, capsys):
+    from transformers import LlamaForCausalLM
+
+    data, out = run
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    for path in out.glob("checkpoint-*"):  # the run was made with this model directory
+        saved = json.loads((path / "train_config.json").read_text())
+        saved["model"] = str(model_dir)
+        (path / "train_config.json").write_text(json.dumps(saved))
+        info = json.loads((path / "checkpoint.json").read_text())
+        info["inputs"]["model"] = fingerprint(model_dir)
+        (path / "checkpoint.json").write_text(json.dumps(info))
+        write_manifest(path)
+    retrained = LlamaForCausalLM.from_pretrained(model_dir)
+    retrained.model.norm.weight.data.mul_(2)  # other weights, same shapes, same path
+    retrained.save_pretrained(model_dir)
+    before = _snapshot(out)
+    assert main(_argv(model_dir, data, out, "--resume")) == 2
+    line = _error_line(capsys)
+    assert f"--model {model_dir}: the file changed since" in line and "--allow-changed-data" in line
+    assert _snapshot(out) == before
+
+
+def test_debug_keeps_the_traceback(run, tiny_model_dir):
+    data, out = run
+    with pytest.raises(FileExistsError, match="holds an earlier run"):
+        main(["--debug", *_argv(tiny_model_dir, data, out)])

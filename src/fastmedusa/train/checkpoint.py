@@ -67,12 +67,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def earlier_run_files(output_dir: Path) -> list[Path]:
-    """What an earlier run left in `output_dir` (checkpoints complete or not, its metrics log)."""
+    """What an earlier run left in `output_dir`: checkpoints (complete or not), its metrics log, its heads."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = sorted(p for p in output_dir.iterdir() if _NAME.match(p.name))
-    return found + [p for p in (output_dir / "metrics.jsonl",) if p.exists()]
+    return found + [p for p in (output_dir / "metrics.jsonl", output_dir / "heads") if p.exists()]
 
 
 def tmp_dir(output_dir: Path, step: int) -> Path:
@@ -89,7 +89,7 @@ def remove_stale_tmp(output_dir: Path) -> int:
 
 
 def remove_checkpoints(output_dir: Path) -> int:
-    """Delete every checkpoint (complete or not) and the metrics log: only for an explicit --overwrite."""
+    """Delete every checkpoint (complete or not), the metrics log and the heads: only for --overwrite."""
     paths = earlier_run_files(output_dir)
     for path in paths:
         if path.is_dir():

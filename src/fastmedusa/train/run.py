@@ -133,7 +133,7 @@ def remove_earlier_run(config: TrainConfig) -> None:
     if config.overwrite and is_main_process():
         if removed := ckpt.remove_checkpoints(Path(config.output_dir).expanduser()):
             say(
-                f"--overwrite: removed {removed} checkpoint(s)/log(s) of an earlier run in {config.output_dir}"
+                f"--overwrite: removed {removed} file(s)/dir(s) of an earlier run (checkpoints, log, heads) in {config.output_dir}"
             )
     barrier()
 
