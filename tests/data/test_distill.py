@@ -101,14 +101,7 @@ def _hf_answer(model, tokenizer, messages: list[dict]) -> str:
     return tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
-def _engine_batches() -> list[int]:
-    """Batch sizes to test: 1, and 3 once the decode engine takes left-padded batches."""
-    import inspect
-
-    return [1, 3] if "attention_mask" in inspect.signature(engine_generate).parameters else [1]
-
-
-@pytest.mark.parametrize("batch_size", _engine_batches())
+@pytest.mark.parametrize("batch_size", [1, 3])
 def test_first_answers_equal_hf_greedy_and_records_keep_the_source(tiny, data_file, tmp_path, batch_size):
     model, tokenizer = tiny
     out = tmp_path / "out.jsonl"
@@ -143,11 +136,12 @@ def test_later_prompts_hold_the_models_own_answers(tiny, data_file, tmp_path):
     prompts = []
 
     def recording_generate(m, input_ids, **kwargs):
-        prompts.append(input_ids[0].tolist())
+        for row, mask in zip(input_ids.tolist(), kwargs["attention_mask"].tolist()):
+            prompts.append([token for token, keep in zip(row, mask) if keep])
         return engine_generate(m, input_ids, **kwargs)
 
     out = tmp_path / "out.jsonl"
-    config = DistillConfig(output=str(out), data=str(data_file), max_new_tokens=MAX_NEW, batch_size=1)
+    config = DistillConfig(output=str(out), data=str(data_file), max_new_tokens=MAX_NEW, batch_size=2)
     distill_conversations(model, tokenizer, config, generate_fn=recording_generate)
     three_turns = _read_jsonl(out)[5]["conversations"]  # record 5 has three user turns
     texts = [tokenizer.decode(p) for p in prompts]
@@ -177,7 +171,7 @@ def test_long_history_drops_oldest_turns_and_too_long_first_prompt_skips(tiny, t
     out = tmp_path / "out.jsonl"
     # ~60 tokens fit: the first turn's prompt does, the third needs its oldest pair dropped
     config = DistillConfig(
-        output=str(out), data=str(data), max_new_tokens=MAX_NEW, max_prompt_tokens=75, batch_size=1
+        output=str(out), data=str(data), max_new_tokens=MAX_NEW, max_prompt_tokens=75, batch_size=2
     )
     stats = distill_conversations(model, tokenizer, config)
     records = _read_jsonl(out)
@@ -189,11 +183,11 @@ def test_long_history_drops_oldest_turns_and_too_long_first_prompt_skips(tiny, t
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_resume_after_torn_write_gives_the_uninterrupted_file(tiny, tmp_path, temperature, monkeypatch):
     """A run killed while appending group 2 (one record whole, the next torn, progress not yet updated)."""
-    monkeypatch.setattr(distill_module, "GROUP_BATCHES", 4)  # batch 1: groups of 4 conversations
+    monkeypatch.setattr(distill_module, "GROUP_BATCHES", 2)  # batch 2: groups of 4 conversations
     model, tokenizer = tiny
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _records(7)))
-    kwargs = dict(data=str(data), max_new_tokens=MAX_NEW, batch_size=1, temperature=temperature, seed=3)
+    kwargs = dict(data=str(data), max_new_tokens=MAX_NEW, batch_size=2, temperature=temperature, seed=3)
     straight = tmp_path / "straight.jsonl"
     distill_conversations(model, tokenizer, DistillConfig(output=str(straight), **kwargs))
     lines = straight.read_bytes().splitlines(keepends=True)
@@ -213,6 +207,24 @@ def test_resume_after_torn_write_gives_the_uninterrupted_file(tiny, tmp_path, te
         other = tmp_path / "other.jsonl"
         distill_conversations(model, tokenizer, DistillConfig(output=str(other), **{**kwargs, "seed": 4}))
         assert other.read_bytes() != straight.read_bytes()
+
+
+def test_sampled_answers_do_not_depend_on_the_batch(tiny, data_file, tmp_path):
+    model, tokenizer = tiny
+    files = []
+    for batch_size in (1, 4):
+        files.append(tmp_path / f"b{batch_size}.jsonl")
+        config = DistillConfig(
+            output=str(files[-1]), data=str(data_file), max_new_tokens=MAX_NEW, batch_size=batch_size,
+            temperature=1.0, seed=7,
+        )  # fmt: skip
+        distill_conversations(model, tokenizer, config)
+    assert files[0].read_bytes() == files[1].read_bytes()
+    greedy = tmp_path / "greedy.jsonl"
+    distill_conversations(
+        model, tokenizer, DistillConfig(output=str(greedy), data=str(data_file), max_new_tokens=MAX_NEW)
+    )
+    assert greedy.read_bytes() != files[0].read_bytes()  # it did sample
 
 
 def test_resume_refuses_other_settings_and_overwrite_restarts(tiny, data_file, tmp_path):
@@ -279,7 +291,7 @@ def test_cli_output_trains_and_chat_template_flag(tiny_dir, data_file, tmp_path)
     )
     rc, stdout, _ = _cli(
         "distill", "--model", str(tiny_dir), "--data", str(data_file), "--output", str(out), "--device", "cpu",
-        "--max-new-tokens", str(MAX_NEW), "--chat-template", str(template), "--no-progress", "--batch-size", "1",
+        "--max-new-tokens", str(MAX_NEW), "--chat-template", str(template), "--no-progress", "--batch-size", "2",
     )  # fmt: skip
     assert rc == 0 and "distilled 6 conversations" in stdout and "6 written" in stdout
     conversations, skipped = read_sharegpt(out)
@@ -295,18 +307,18 @@ def test_cli_output_trains_and_chat_template_flag(tiny_dir, data_file, tmp_path)
 
 def _distill_argv(model_dir: Path, data: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "fastmedusa", "distill", "--model", str(model_dir), "--data", str(data),
-            "--output", str(out), "--max-new-tokens", "16", "--batch-size", "1", "--device", "cpu",
+            "--output", str(out), "--max-new-tokens", "16", "--batch-size", "2", "--device", "cpu",
             "--dtype", "fp32", "--temperature", "0.7", "--seed", "5", "--no-progress"]  # fmt: skip
 
 
 @pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_file(tiny_dir, tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _records(40)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(48)))  # groups of 32 and 16
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     straight, killed = tmp_path / "straight.jsonl", tmp_path / "killed.jsonl"
     subprocess.run(_distill_argv(tiny_dir, data, straight), env=env, check=True, capture_output=True)
-    assert len(straight.read_text().splitlines()) == 40
+    assert len(straight.read_text().splitlines()) == 48
 
     proc = subprocess.Popen(_distill_argv(tiny_dir, data, killed), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -315,7 +327,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_file(tiny_dir, tmp_path):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # killed mid-run, not after it finished
-    assert 0 < len(killed.read_bytes().splitlines()) < 40
+    assert 0 < len(killed.read_bytes().splitlines()) < 48
 
     resumed = subprocess.run(_distill_argv(tiny_dir, data, killed) + ["--resume"], env=env,
                              capture_output=True, text=True)  # fmt: skip

@@ -11,9 +11,11 @@ and generates them `batch_size` at a time as left-padded rows. A group's records
 order with one write + fsync, then a small `OUT.progress` file records how far the source was consumed.
 
 Resume: a killed run leaves at most a torn last line (dropped) and possibly a group written but not yet
-recorded in `OUT.progress` (kept; only its missing records are written). Groups always start at the
-same source positions and sampling is seeded per group from `--seed` and the group's first source
-index, so a resumed run writes exactly the file an uninterrupted run writes.
+recorded in `OUT.progress` (kept; only its missing records are written). Each answer samples from its
+own seed (from `--seed`, the conversation's source index and the turn), so its tokens do not depend on
+the batch it lands in; and groups always start at the same source positions, so even low-precision
+rounding, which can depend on the batch's shape, repeats: a resumed run writes exactly the file an
+uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import inspect
 import itertools
 import json
 import os
@@ -251,31 +252,27 @@ class BatchGenerator:
         self.config = config
         # Every prompt fits max_prompt_tokens, so one cache length serves all batches (and compiled steps).
         self.max_len = config.max_prompt_tokens + config.max_new_tokens
-        self.batched = "attention_mask" in inspect.signature(generate_fn).parameters
 
     def __call__(self, rows: list[list[int]], seeds: list[int]) -> list[list[int]]:
-        """The new tokens of each row (up to max_new_tokens; anything after an end token is ignored).
+        """The new tokens of each row, up to and including its end token (if it reached one).
 
         `seeds` (one per row) make sampling a function of the row alone, not of the batch it landed in."""
         ids, mask = left_pad(rows, self.pad_id)
-        kwargs = {}
-        if self.batched:
-            kwargs.update(attention_mask=mask, seed=seeds, max_batch_size=self.config.batch_size)
-        elif len(rows) > 1:
-            raise ValueError("this decode engine generates batch 1 only: pass --batch-size 1")
         out = self.generate_fn(
             self.model,
             ids,
+            attention_mask=mask,
             max_new_tokens=self.config.max_new_tokens,
             medusa=False,
             temperature=self.config.temperature,
             eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            seed=seeds,
             max_len=self.max_len,
-            **kwargs,
+            max_batch_size=self.config.batch_size,
         )
         new = out.sequences[:, ids.shape[1] :].tolist()
-        counts = getattr(out, "new_tokens_per_row", None) or [len(row) for row in new]
-        return [row[:count] for row, count in zip(new, counts)]
+        return [row[:count] for row, count in zip(new, out.new_tokens_per_row)]
 
 
 def answer_seed(seed: int, index: int, turn: int) -> int:
@@ -444,11 +441,6 @@ def run_settings(config: DistillConfig, model, tokenizer) -> dict:
 # -- the run -------------------------------------------------------------------------------------------
 
 
-def group_seed(seed: int, first_index: int) -> int:
-    """Sampling seed of the group starting at source conversation `first_index`: resume-independent."""
-    return (seed * 1_000_003 + first_index) % (1 << 63)
-
-
 class _Progress:
     """A tqdm bar on a terminal; on a pipe or log file, a plain line per group and at most every
     `LOG_SECONDS` in between (a group of a large batch can take minutes)."""
@@ -518,7 +510,6 @@ def distill_conversations(
     consumed, records, ahead = start.consumed, start.records, start.written_ahead
     try:
         while group := list(itertools.islice(source, group_size)):
-            torch.manual_seed(group_seed(config.seed, group[0][0]))
             jobs = [_job_from(i, record, conversation) for i, (record, conversation) in group]
             stats.n_read += len(jobs)
             run_group(jobs, tokenizer, generate_batch, config, stats, progress.update)
@@ -608,7 +599,8 @@ HELP = {
     "shorter than that plus --max-new-tokens)",
     "batch_size": "prompts generated together (left-padded); larger is faster until the GPU is full",
     "temperature": "0: greedy; above 0: sampling, reproducible from --seed (also across --resume)",
-    "seed": "seed of the sampling (per group of conversations, so a resumed run samples the same)",
+    "seed": "seed of the sampling: each answer draws from its own seed derived from this, so the output does "
+    "not depend on --batch-size and a resumed run samples the same",
     "resume": "continue a killed or finished run after its last complete record (same settings; a larger "
     "--max-conversations extends it)",
     "overwrite": "replace an existing --output instead of refusing",
