@@ -211,14 +211,22 @@ def test_resume_after_torn_write_gives_the_uninterrupted_file(tiny, tmp_path, te
 
 def test_sampled_answers_do_not_depend_on_the_batch(tiny, data_file, tmp_path):
     model, tokenizer = tiny
-    files = []
+    files, shapes = [], []
+
+    def recording_generate(m, input_ids, **kwargs):
+        shapes.append(input_ids.shape[0])
+        return engine_generate(m, input_ids, **kwargs)
+
     for batch_size in (1, 4):
         files.append(tmp_path / f"b{batch_size}.jsonl")
         config = DistillConfig(
             output=str(files[-1]), data=str(data_file), max_new_tokens=MAX_NEW, batch_size=batch_size,
             temperature=1.0, seed=7,
         )  # fmt: skip
-        distill_conversations(model, tokenizer, config)
+        shapes.clear()
+        distill_conversations(model, tokenizer, config, generate_fn=recording_generate)
+    # rounds of 6, 3 and 1 prompts: 4 + 2, then 3 rows filled up to 4 (power-of-two shapes), then 1
+    assert shapes == [4, 2, 4, 1]
     assert files[0].read_bytes() == files[1].read_bytes()
     greedy = tmp_path / "greedy.jsonl"
     distill_conversations(

@@ -256,7 +256,13 @@ class BatchGenerator:
     def __call__(self, rows: list[list[int]], seeds: list[int]) -> list[list[int]]:
         """The new tokens of each row, up to and including its end token (if it reached one).
 
-        `seeds` (one per row) make sampling a function of the row alone, not of the batch it landed in."""
+        `seeds` (one per row) make sampling a function of the row alone, not of the batch it landed in.
+        A short batch (the last of a round) is filled up to a power of two with copies of its last row,
+        whose answers are dropped: the compiled decode step and its CUDA graphs are then built for at most
+        log2(batch_size) + 2 batch shapes instead of one per size from 1 to batch_size."""
+        n = len(rows)
+        width = min(self.config.batch_size, 1 << (n - 1).bit_length())
+        rows, seeds = rows + [rows[-1]] * (width - n), seeds + [seeds[-1]] * (width - n)
         ids, mask = left_pad(rows, self.pad_id)
         out = self.generate_fn(
             self.model,
@@ -271,7 +277,7 @@ class BatchGenerator:
             max_len=self.max_len,
             max_batch_size=self.config.batch_size,
         )
-        new = out.sequences[:, ids.shape[1] :].tolist()
+        new = out.sequences[:n, ids.shape[1] :].tolist()
         return [row[:count] for row, count in zip(new, out.new_tokens_per_row)]
 
 
