@@ -64,6 +64,8 @@ BENCHMARKS = {
         "markdown tables of speed-ups and memory from bench train JSON files",
     ),
 }
+DEBUG_HELP = "show full tracebacks for errors"
+VERBOSE_HELP = "show what transformers prints while loading models (GGUF conversion and loading bars, warnings)"
 USER_ERRORS = (
     ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
     UserError,
@@ -71,18 +73,34 @@ USER_ERRORS = (
 
 
 def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
+    from fastmedusa import __version__
+
     parser = argparse.ArgumentParser(
         prog="fastmedusa",
         description="Train Medusa decoding heads cheaply and decode faster with them.",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"fastmedusa {__version__}")
+    common = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, add, _run, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         if argv_command in (None, name):  # import only what runs: `fastmedusa train` never loads decode code
             getattr(importlib.import_module(module), add)(p)
-    bench = sub.add_parser("bench", help="benchmarks (results as JSON + PNG under bench/results/)")
-    bench.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
+    width = max(map(len, BENCHMARKS))
+    listing = "\n".join(f"  {name:<{width}}  {text}" for name, (_module, text) in BENCHMARKS.items())
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks (results as JSON + PNG under bench/results/)",
+        description=f"Benchmarks; each writes JSON + PNG under bench/results/.\n\nbenchmarks:\n{listing}\n\n"
+        "`fastmedusa bench NAME --help` shows a benchmark's own flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    bench.add_argument("benchmark", choices=list(BENCHMARKS), metavar="NAME", help="which benchmark to run")
     bench.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)"
     )
@@ -93,6 +111,9 @@ def run(argv: Sequence[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    from fastmedusa.model.loading import show_loading_output
+
+    show_loading_output(bool(getattr(args, "verbose", False)))
     if args.command == "bench":
         module = importlib.import_module(BENCHMARKS[args.benchmark][0])
         return int(module.main(list(args.bench_args)) or 0)

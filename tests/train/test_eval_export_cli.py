@@ -1,6 +1,8 @@
 """`fastmedusa eval` and `fastmedusa export` on a tiny training run: the run's own held-out split, both
 accuracy measures, tokens/step, and a model card that carries them."""
 
+import contextlib
+import io
 import json
 import stat
 
@@ -11,22 +13,27 @@ from fastmedusa.cli import main
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, smollm2_tokenizer):
-    from conftest import conversations, make_tiny_llama
-
+def run_dir(tmp_path_factory, tiny_model_dir, sharegpt_records):
     root = tmp_path_factory.mktemp("eval-run")
-    model_dir = root / "model"
-    make_tiny_llama().save_pretrained(model_dir)
-    smollm2_tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_dir
     data = root / "sharegpt.json"
-    data.write_text(json.dumps(conversations(40)))
+    data.write_text(json.dumps(sharegpt_records(40)))
     out = root / "run"
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
             "--num-heads", "2", "--seq-len", "64", "--batch-size", "4", "--max-steps", "20", "--lr", "1e-2",
             "--eval-size", "8", "--eval-every", "0", "--save-every", "0", "--no-progress", "--no-plot",
             "--device", "cpu"]  # fmt: skip
-    assert main(argv) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    (root / "train_output.txt").write_text(printed.getvalue())
     return out
+
+
+def test_no_plot_run_prints_no_curves_path(run_dir):
+    printed = (run_dir.parent / "train_output.txt").read_text()
+    assert "done in" in printed and "heads in" in printed and "curves" not in printed
+    assert not (run_dir / "curves.png").exists()
 
 
 def test_eval_uses_the_runs_split_and_agrees_with_training(run_dir, capsys):

@@ -17,9 +17,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
 from fastmedusa.data.sharegpt import Conversation
+from fastmedusa.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -238,11 +237,11 @@ class EncodedDataset(list):
 def encode_dataset(
     tokenizer, conversations: Sequence[Conversation], max_length: int, progress: bool = True
 ) -> EncodedDataset:
-    """Encode many conversations (tqdm bar); drop those left with no labelled token, and count them."""
+    """Encode many conversations (progress bar or lines); drop those left with no labelled token, and count them."""
     _check_max_length(max_length)
     stats = EncodeStats(n_conversations=len(conversations))
     encoded = EncodedDataset(stats=stats)
-    bar = tqdm(total=len(conversations), desc="encoding", unit="conv", disable=not progress)
+    bar = Progress(total=len(conversations), desc="encoding", unit="conv", enabled=progress)
     for first in range(0, len(conversations), TOKENIZE_BATCH):
         rendered = []
         for conversation in conversations[first : first + TOKENIZE_BATCH]:

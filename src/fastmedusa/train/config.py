@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from fastmedusa.dtypes import DTYPES
+
 HEADS_SCHEDULES = ("constant", "linear", "sine")
 LR_SCHEDULES = ("cosine", "constant")
 LOSSES = ("ce", "kl")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

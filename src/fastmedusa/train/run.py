@@ -253,10 +253,10 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
     summary.update(heads_dir=str(heads_dir), seconds=time.perf_counter() - started)
     for line in summary_lines(summary):
         say(line)
-    speed = f"{summary['tokens_per_s']:.0f} tokens/s" if summary.get("tokens_per_s") else ""
-    say(
-        f"done in {summary['seconds']:.0f} s ({speed}); heads in {heads_dir}; curves in {config.output_dir}/curves.png"
-    )
+    speed = f" ({summary['tokens_per_s']:.0f} tokens/s)" if summary.get("tokens_per_s") else ""
+    curves = Path(config.output_dir) / "curves.png"
+    drawn = f"; curves in {curves}" if config.plot and curves.is_file() else ""
+    say(f"done in {summary['seconds']:.0f} s{speed}; heads in {heads_dir}{drawn}")
     return summary
 
 

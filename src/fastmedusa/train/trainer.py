@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastmedusa.progress import Progress
 from fastmedusa.train import checkpoint as ckpt
 from fastmedusa.train.backend import SingleProcess
 from fastmedusa.train.config import TrainConfig
@@ -358,11 +359,12 @@ class Trainer:
         peak = peak_tflops(self.device, cfg.peak_tflops)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        bar = tqdm(
+        bar = Progress(
             total=self.total_steps,
             initial=self.step,
             desc=f"stage {cfg.stage}",
-            disable=not (cfg.progress and main),
+            unit="step",
+            enabled=cfg.progress and main,
         )
         window = {"time": time.perf_counter(), "tokens": 0, "padded": 0, "steps": 0}
         try:
@@ -420,7 +422,13 @@ class Trainer:
         }
         self.history.append(record)
         self.log.write(record)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", top1=fmt_pct(m.get("top1", [])), refresh=False)
+        # per head, as evaluation prints them (the optimised loss is their weighted sum)
+        parts = [f"loss per head {' '.join(f'{x:.3f}' for x in m['head_loss'])}"]
+        if m.get("lm_loss") is not None:
+            parts.append(f"LM loss {m['lm_loss']:.3f}")
+        if m.get("top1"):
+            parts.append(f"top-1 % {fmt_pct(m['top1'])}")
+        bar.set_postfix(" | ".join(parts))
 
     def _log_eval(self, bar=None) -> dict | None:
         result = self.evaluate()

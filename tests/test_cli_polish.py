@@ -1,0 +1,172 @@
+"""The command line as a new user meets it: --version, help texts, one dtype vocabulary, progress output off a
+terminal, quiet model loading, file modes."""
+
+import argparse
+import io
+import os
+import stat
+
+import pytest
+
+from fastmedusa.cli import BENCHMARKS, build_parser, main
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_version(capsys):
+    from fastmedusa import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"fastmedusa {__version__}"
+
+
+def _actions(parser: argparse.ArgumentParser, command: str) -> list[argparse.Action]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [a for a in sub.choices[command]._actions if a.help and a.dest != "help"]
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "eval", "export", "distill"])
+def test_every_flag_states_at_most_one_default(command):
+    for action in _actions(build_parser(command), command):
+        text = action.help % {"default": action.default, "prog": "x"} if "%(" in action.help else action.help
+        assert text.count("(default") + text.count("default:") <= 1 or text.count("(default:") == 1, (
+            action.option_strings,
+            text,
+        )
+        assert text.count("(default:") <= 1, (action.option_strings, text)
+
+
+def test_train_help_has_one_default_for_model_data_and_eval_batch_size(capsys):
+    text = _help(capsys, "train")
+    for flag, default in (("--model MODEL", "the embedded SmolLM2-135M-Instruct"),
+                          ("--data DATA", "the embedded ShareGPT V3"),
+                          ("--eval-batch-size EVAL_BATCH_SIZE", "--batch-size")):  # fmt: skip
+        start = text.index("  " + flag)
+        chunk = " ".join(text[start : text.index("\n  -", start + 1)].split())
+        assert chunk.count("(default:") == 1 and f"(default: {default})" in chunk, chunk
+
+
+def test_bench_help_says_a_word_on_each_benchmark(capsys):
+    text = _help(capsys, "bench")
+    for name, (_module, words) in BENCHMARKS.items():
+        assert f"  {name}" in text and words.split(":")[0][:30] in " ".join(text.split())
+
+
+@pytest.mark.parametrize("flag", ["--dtype", "--param-dtype"])
+@pytest.mark.parametrize("given, expected", [("bf16", "bf16"), ("bfloat16", "bf16"), ("float32", "fp32")])
+def test_one_dtype_vocabulary_with_long_aliases(flag, given, expected):
+    from fastmedusa.train.cli import config_from_args
+
+    parser = build_parser("train")
+    args = parser.parse_args(["train", flag, given])
+    assert getattr(config_from_args(args), flag[2:].replace("-", "_")) == expected
+    for command in ("eval",):
+        args = build_parser(command).parse_args(
+            [command, "HEADS" if command == "eval" else "--prompt=x", "--dtype", given]
+        )
+        assert args.dtype == expected
+
+
+def test_a_bad_dtype_names_the_vocabulary(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "HEADS", "--dtype", "float8"])
+    assert exit_info.value.code == 2
+    assert "unknown dtype 'float8': pass one of bf16, fp16, fp32" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_plain_lines_off_a_terminal():
+    from fastmedusa.progress import Progress
+
+    out = io.StringIO()
+    bar = Progress(total=4, desc="stage 1", unit="step", stream=out, interval=0.0)
+    for _ in range(4):
+        bar.update(1)
+        bar.set_postfix("loss per head 2.000 3.000")
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 4
+    assert lines[-1].startswith("stage 1: 4/4 step (100%), ") and lines[-1].endswith(
+        "loss per head 2.000 3.000"
+    )
+    quiet = io.StringIO()
+    slow = Progress(range(3), desc="encoding", unit="conv", stream=quiet)  # 30 s interval: only the end
+    assert (
+        list(slow) == [0, 1, 2]
+        and quiet.getvalue().count("\n") == 1
+        and "3/3 conv (100%)" in quiet.getvalue()
+    )
+    off = io.StringIO()
+    Progress(total=2, stream=off, enabled=False, interval=0.0).update(2)
+    assert off.getvalue() == ""
+
+
+def test_progress_is_a_bar_on_a_terminal():
+    from fastmedusa.progress import Progress
+
+    term = _Terminal()
+    bar = Progress(total=3, desc="stage 1", unit="step", stream=term, interval=0.0)
+    bar.update(3)
+    bar.close()
+    assert "\r" in term.getvalue() and "3/3" in term.getvalue()
+
+
+def test_loading_output_is_hidden_unless_verbose(monkeypatch):
+    """The CLI turns transformers' loading bars and warnings off; --verbose keeps them."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from fastmedusa.model import loading
+
+    seen = {}
+
+    def fake_loader(source, **kwargs):
+        seen["bars"] = hf_logging.is_progress_bar_enabled()
+        seen["gguf_disabled"] = gguf_utils.tqdm([1, 2]).disable
+        seen["verbosity"] = hf_logging.get_verbosity()
+        return object()
+
+    monkeypatch.setattr(loading, "_show_loading_output", True)
+    original = gguf_utils.tqdm
+    for verbose in (False, True):
+        loading.show_loading_output(verbose)
+        loading._from_pretrained(fake_loader, "some/model", "model")
+        assert seen["bars"] is verbose and seen["gguf_disabled"] is not verbose
+        assert (seen["verbosity"] == hf_logging.ERROR) is not verbose
+        assert gguf_utils.tqdm is original  # restored after the load
+
+
+def test_cli_sets_loading_output_from_verbose(monkeypatch):
+    from fastmedusa.model import loading
+
+    calls = []
+    monkeypatch.setattr(loading, "show_loading_output", calls.append)
+    for argv in (["export", "/nonexistent", "--output", "/tmp/o"], ["--verbose", "export", "/nonexistent",
+                 "--output", "/tmp/o"], ["export", "/nonexistent", "--output", "/tmp/o", "--verbose"]):  # fmt: skip
+        assert main(argv) == 2
+    assert calls == [False, True, True]
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    from fastmedusa.files import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        os.umask(0o002)
+        write_json_atomic(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o664
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
