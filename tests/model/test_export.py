@@ -243,3 +243,18 @@ def test_export_errors_name_the_fix(make_llama, tmp_path):
               str(tmp_path / "h" / HEADS_WEIGHTS_NAME))  # fmt: skip
     with pytest.raises(ValueError, match="mixes key layouts"):
         read_heads(tmp_path / "h")
+
+
+def test_broken_files_are_errors_naming_the_file(make_llama, tmp_path):
+    _model(make_llama).save_heads(tmp_path)
+    weights = tmp_path / HEADS_WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{weights} is truncated or corrupt"):
+        read_heads(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_bytes(b"{\xff")
+    with pytest.raises(ValueError, match=f"{config} is not UTF-8 text"):
+        read_heads(tmp_path)
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds no JSON object"):
+        read_heads(tmp_path)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -259,9 +260,16 @@ def read_heads(directory: str | os.PathLike) -> HeadsCheckpoint:
             "`fastmedusa train --output-dir` or `fastmedusa export`"
         )
     try:
-        raw_config = json.loads(config_path.read_text())
+        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{config_path} is not UTF-8 text ({err.reason} at byte {err.start}): pass a heads directory "
+            "written by `fastmedusa train` or `fastmedusa export`"
+        ) from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path} is not valid JSON ({err}): re-export the heads") from err
+    if not isinstance(raw_config, dict):
+        raise ValueError(f"{config_path} holds no JSON object: re-export the heads")
     config = MedusaConfig.from_dict(raw_config)
     raw_state, file = _read_weights(directory)
     state, layout = canonical_state(raw_state, config, file)
@@ -280,13 +288,18 @@ _LAYOUT_FIELDS = {
 
 
 def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    from safetensors import SafetensorError
+
     for name in WEIGHT_FILES:
         path = directory / name
         if not path.is_file():
             continue
-        if name == LEGACY_WEIGHTS_NAME:
-            return torch.load(path, map_location="cpu", weights_only=True), path
-        return load_file(str(path)), path
+        try:
+            if name == LEGACY_WEIGHTS_NAME:
+                return torch.load(path, map_location="cpu", weights_only=True), path
+            return load_file(str(path)), path
+        except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
+            raise ValueError(f"{path} is truncated or corrupt ({err}): export or train the heads again") from err
     raise FileNotFoundError(
         f"no head weights in {directory}: expected {HEADS_WEIGHTS_NAME} (FasterDecoding/Medusa layout), "
         f"{VLLM_WEIGHTS_NAME} (vLLM layout) or {LEGACY_WEIGHTS_NAME}"
