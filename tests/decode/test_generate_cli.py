@@ -57,3 +57,23 @@ def test_sampling_with_seed_is_reproducible(saved, capsys):
     args += ["--temperature", 0.8, "--seed", 3]
     first, second = run(capsys, *args), run(capsys, *args)
     assert first[0] == 0 and first[1] == second[1]
+
+
+def test_generate_auto_tree(saved, capsys, tmp_path):
+    import shutil
+
+    from fastmedusa.decode import write_tree_json
+
+    heads = tmp_path / "heads"
+    shutil.copytree(saved / "heads", heads)
+    common = ["--model", saved / "model", "--heads", heads, "--prompt", "Hi", "--max-new-tokens", 8]
+    rc, _, err = run(capsys, *common, "--tree", "auto:6")
+    assert rc == 2 and "no tree.json" in err
+    write_tree_json(heads, [[0.5, 0.2], [0.3, 0.1]], num_nodes=5)
+    rc, text, stats = run(capsys, *common, "--tree", "auto:6")
+    assert rc == 0 and "7-node tree" in stats
+    rc, text2, stats = run(capsys, *common)
+    assert rc == 0 and "6-node tree" in stats and text2 == text
+    write_tree_json(heads, [[0.5, 0.2]] * 3, num_nodes=5)
+    rc, _, err = run(capsys, *common)
+    assert rc == 2 and "measured for 3 Medusa heads but these heads have 2" in err

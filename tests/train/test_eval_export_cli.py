@@ -47,7 +47,7 @@ def test_eval_uses_the_runs_split_and_agrees_with_training(run_dir, capsys):
         assert result["labels"]["top1"][k] == pytest.approx(trained["top1"][k], abs=0.02)
         assert 0.0 <= result["greedy"]["top1"][k] <= result["greedy"]["top5"][k] <= 1.0
     assert result["greedy"]["prompts"] == 2
-    assert result["tree"]["expected_tokens_per_step"] >= 1.0 and result["tree"]["name"] == "default"
+    assert result["tree"]["expected_tokens_per_step"] >= 1.0 and result["tree"]["name"].endswith("tree.json")  # measured by train
     assert "head 1 (predicts t+2): data top-1" in printed and "expected tokens/step" in printed
     assert stat.S_IMODE((run_dir / "heads" / "eval.json").stat().st_mode) & 0o044 == 0o044
 

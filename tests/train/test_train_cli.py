@@ -88,3 +88,10 @@ def test_tiny_run_learns_and_exports_loadable_heads(tiny_model_dir, sharegpt_fil
         if name.startswith("medusa_heads."):
             assert torch.equal(p, dict(restored.named_parameters())[name]), name
     assert (out / "curves.png").is_file() and (out / "heads" / "tokenizer.json").is_file()
+    # the heads' own tree, measured against the model's greedy tokens, is what generate uses by default
+    tree = json.loads((out / "heads" / "tree.json").read_text())
+    assert (
+        tree["num_heads"] == 2 and len(tree["rank_accuracies"]) == 2 and tree["expected_tokens_per_step"] >= 1
+    )
+    out_gen = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+    assert out_gen.tree_nodes == tree["tree_nodes"] + 1

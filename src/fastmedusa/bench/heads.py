@@ -14,7 +14,7 @@ import torch
 
 from fastmedusa.bench.common import environment, write_json
 from fastmedusa.decode import build_tree, expected_accept_length, prune_tree, save_tree
-from fastmedusa.decode.accuracy import first_user_prompts, measure_rank_accuracies
+from fastmedusa.decode.accuracy import first_user_prompts, measure_rank_accuracies, write_tree_json
 from fastmedusa.decode.trees import PRESETS
 
 
@@ -33,6 +33,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--tree-dir", type=Path, default=None, help="where tree_<n>.json go (default: beside --out)"
+    )
+    p.add_argument(
+        "--write-tree",
+        type=int,
+        nargs="?",
+        const=64,
+        default=None,
+        metavar="NODES",
+        help="also write HEADS/tree.json (accuracies + a NODES-node tree, default 64): what `generate` then "
+        "uses by default and builds `--tree auto:N` from",
     )
     return p.parse_args(argv)
 
@@ -132,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     rank_acc, counts = measure_rank_accuracies(model, prompts, args.new_tokens, args.ranks, eos)
     meta = {"rank_accuracies": rank_acc.tolist(), "heads": str(args.heads), "model": args.model or "embedded"}
     trees = tree_report(rank_acc, args.tree_nodes, args.tree_dir or args.out.parent, meta)
+    if args.write_tree:
+        written = write_tree_json(args.heads, rank_acc, counts, args.write_tree, prompts=len(prompts),
+                                  new_tokens=args.new_tokens)  # fmt: skip
+        print(f"wrote {written}")
     payload = {
         "env": environment(device),
         "args": vars(args),

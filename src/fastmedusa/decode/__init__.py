@@ -1,5 +1,12 @@
 """Medusa tree decoding: trees, a static-KV-cache engine for Llama-family models, and the generation loop."""
 
+from fastmedusa.decode.accuracy import (
+    choose_tree_size,
+    measure_heads_tree,
+    measure_rank_accuracies,
+    read_tree_json,
+    write_tree_json,
+)
 from fastmedusa.decode.engine import DecodeEngine, get_engine
 from fastmedusa.decode.generate import GenerationOutput, generate
 from fastmedusa.decode.trees import (
@@ -25,11 +32,16 @@ __all__ = [
     "build_tree",
     "build_tree_buffers",
     "chain_tree",
+    "choose_tree_size",
     "expected_accept_length",
     "generate",
     "get_engine",
     "load_tree",
+    "measure_heads_tree",
+    "measure_rank_accuracies",
     "prune_tree",
+    "read_tree_json",
     "resolve_tree",
     "save_tree",
+    "write_tree_json",
 ]

@@ -1,67 +1,125 @@
-"""How well Medusa heads predict the base model's own greedy tokens: per head, per rank.
+"""How often each head's rank-r token is the base model's own next-next token, and the tree that implies.
 
-What greedy Medusa decoding needs from a head is agreement with the base model's greedy continuation. Each
-prompt is continued by plain greedy decoding, the backbone runs once over prompt + continuation, and head
-k's rank-r token at position t counts as right when it equals the continuation's token at t+k+2. The rank
-accuracies feed `build_tree` and `expected_accept_length` (expected tokens per decoding step).
+What greedy Medusa decoding needs from a head is agreement with the base model's own greedy tokens (not
+with a dataset's). So held-out prompts are continued by plain greedy decoding (batched), the backbone runs
+once over prompt + continuation, and head k's rank-r token at position t counts as right when it equals the
+continuation's token at t+k+2. These rank accuracies give `build_tree` its input; `tree.json` in a heads
+directory keeps them with the tree built from them, which `generate` then uses by default and from which
+`tree="auto:N"` builds an N-node tree. `choose_tree_size` picks N for a device: the expected tokens per
+step of each tree divided by its measured step time, the best tokens/s wins.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from fastmedusa.decode.generate import generate
+from fastmedusa.decode.trees import build_tree, expected_accept_length
+
+TREE_FILE = "tree.json"
+DEFAULT_TREE_NODES = 64
 
 
-def first_user_prompts(
-    tokenizer, conversations: Sequence[list[dict]], max_prompt_tokens: int
-) -> list[torch.Tensor]:
-    """The first non-empty user turn of each conversation, chat-templated as a generation prompt: (1, P)
-    token ids each; prompts longer than `max_prompt_tokens` are skipped."""
-    from fastmedusa.decode.cli import encode_prompt
-
-    prompts = []
+def first_user_turns(conversations: Sequence[Sequence[dict]]) -> list[str]:
+    """The first non-empty user turn of each conversation (`{"role", "content"}` turns), where there is one."""
+    turns = []
     for conversation in conversations:
         turn = next(
             (t["content"] for t in conversation if t["role"] == "user" and t["content"].strip()), None
         )
-        if turn is None:
-            continue
-        ids = encode_prompt(tokenizer, turn, chat=True)
-        if ids.shape[1] <= max_prompt_tokens:
+        if turn is not None:
+            turns.append(turn)
+    return turns
+
+
+def first_user_prompts(
+    tokenizer, conversations: Sequence[Sequence[dict]], max_prompt_tokens: int | None = None
+) -> list[torch.Tensor]:
+    """The first non-empty user turn of each conversation, chat-templated as a generation prompt: (1, P)
+    token ids each; prompts longer than `max_prompt_tokens` are skipped."""
+    return chat_prompts(tokenizer, first_user_turns(conversations), max_prompt_tokens)
+
+
+def chat_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int | None = None) -> list[torch.Tensor]:
+    """Each text as a chat-templated user turn, (1, P) ids; prompts longer than max_prompt_tokens are skipped."""
+    prompts = []
+    for text in texts:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(rendered, return_tensors="pt", add_special_tokens=False).input_ids
+        if max_prompt_tokens is None or ids.shape[1] <= max_prompt_tokens:
             prompts.append(ids)
     return prompts
 
 
-@torch.no_grad()
-def measure_rank_accuracies(
-    model,
+def left_pad_batch(prompts: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (B, longest): (1, P) prompts right-aligned after `pad_id` padding."""
+    width = max(p.shape[-1] for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[-1] :] = p.reshape(-1)
+        mask[row, width - p.shape[-1] :] = 1
+    return ids, mask
+
+
+def greedy_continuations(
+    model: nn.Module,
     prompts: Sequence[torch.Tensor],
     new_tokens: int,
-    ranks: int,
+    eos_token_id=None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[torch.Tensor]:
+    """prompt + the base model's own greedy continuation, (1, P + n) each, generated `batch_size` at a time."""
+    from fastmedusa.decode.generate import generate
+
+    sequences = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="greedy continuations", disable=not progress):
+        chunk = prompts[start : start + batch_size]
+        ids, mask = left_pad_batch(chunk)
+        out = generate(model, ids, attention_mask=mask, max_new_tokens=new_tokens, medusa=False,
+                       eos_token_id=eos_token_id, compile=False)  # fmt: skip
+        for row, p in enumerate(chunk):
+            sequences.append(torch.cat([p.reshape(-1), out.row_new_token_ids(row).cpu()])[None])
+    return sequences
+
+
+@torch.no_grad()
+def measure_rank_accuracies(
+    model: nn.Module,
+    prompts: Sequence[torch.Tensor],
+    new_tokens: int,
+    ranks: int = 10,
     eos_token_id=None,
     progress: bool = True,
+    batch_size: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, ranks) P(head k's rank-r token = the base model's greedy token), and the (K,) positions scored.
 
-    The cumulative sum over ranks is the top-k accuracy against the model's own greedy tokens."""
+    The cumulative sum over ranks is the top-k accuracy against the model's own greedy tokens. `model` is a
+    MedusaModel (or anything with `.base`, `.medusa_heads` and `backbone_hidden_states`); the greedy
+    continuations are generated `batch_size` prompts at a time (eager: a few prompts do not repay a compile)."""
     heads = model.medusa_heads
     hits = torch.zeros(heads.num_heads, ranks, dtype=torch.long)
     counts = torch.zeros(heads.num_heads, dtype=torch.long)
-    for ids in tqdm(prompts, desc="scoring heads", disable=not progress):
-        seq = generate(
-            model, ids, max_new_tokens=new_tokens, medusa=False, eos_token_id=eos_token_id
-        ).sequences
-        seq = seq.to(next(model.base.parameters()).device)
-        hidden = model.backbone_hidden_states(seq)[0]  # (L, H)
+    device = next(model.base.parameters()).device
+    sequences = greedy_continuations(model, prompts, new_tokens, eos_token_id, batch_size)
+    for ids, seq in tqdm(list(zip(prompts, sequences)), desc="scoring heads", disable=not progress):
+        hidden = model.backbone_hidden_states(seq.to(device))[0]  # (L, H)
         start, length = ids.shape[1] - 1, seq.shape[1]  # heads act on the last accepted token: t >= P - 1
         if length - 2 <= start:
             continue
         top = heads.draft_topk(hidden[start : length - 2], ranks).cpu()  # (K, T, ranks) token ids
-        tokens = seq[0].cpu()
+        tokens = seq[0]
         for k in range(heads.num_heads):
             scored = length - k - 2 - start  # positions t whose target t+k+2 exists
             if scored <= 0:
@@ -70,5 +128,117 @@ def measure_rank_accuracies(
             hits[k] += (top[k, :scored] == target[:, None]).sum(0)
             counts[k] += scored
     if (counts == 0).any():
-        raise ValueError("some heads were never scored: raise --new-tokens or --prompts")
+        raise ValueError("some heads were never scored: give more or longer prompts (or more new tokens)")
     return hits.double() / counts[:, None].double(), counts
+
+
+def write_tree_json(
+    path: str | os.PathLike,
+    rank_accuracies: torch.Tensor,
+    positions_scored: torch.Tensor | Sequence[int] | None = None,
+    num_nodes: int = DEFAULT_TREE_NODES,
+    **extra: object,
+) -> Path:
+    """Write tree.json (into `path` if it is a directory): the N-node tree built from the accuracies, the
+    accuracies themselves (what `auto:N` builds other trees from) and the expected tokens per step."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TREE_FILE
+    acc = torch.as_tensor(rank_accuracies, dtype=torch.float64)
+    paths = build_tree(acc, num_nodes)
+    payload = {
+        "paths": paths,
+        "num_heads": acc.shape[0],
+        "tree_nodes": len(paths),
+        "expected_tokens_per_step": expected_accept_length(paths, acc),
+        "rank_accuracies": acc.tolist(),
+        "positions_scored": None if positions_scored is None else torch.as_tensor(positions_scored).tolist(),
+        **extra,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dict | None:
+    """The tree.json of a heads directory (or a tree.json path); None when the directory has none.
+
+    A file made for another number of heads is an error, not a silent fallback."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TREE_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err.msg}): delete it or rewrite it with write_tree_json"
+        ) from None
+    if not isinstance(info, dict) or not isinstance(info.get("paths"), list):
+        raise ValueError(f"{path} holds no tree: expected {{'paths': [...], 'rank_accuracies': [...]}}")
+    theirs = info.get("num_heads") or (len(info["rank_accuracies"]) if info.get("rank_accuracies") else None)
+    if num_heads is not None and theirs is not None and theirs != num_heads:
+        raise ValueError(
+            f"{path} was measured for {theirs} Medusa heads but these heads have {num_heads}: re-measure it "
+            "(measure_heads_tree / `fastmedusa bench heads --heads DIR --write-tree`) or delete it"
+        )
+    return info
+
+
+def measure_heads_tree(
+    model: nn.Module,
+    prompts: Sequence[torch.Tensor],
+    heads_dir: str | os.PathLike,
+    *,
+    new_tokens: int = 48,
+    ranks: int = 10,
+    num_nodes: int = DEFAULT_TREE_NODES,
+    eos_token_id=None,
+    progress: bool = False,
+    **extra: object,
+) -> Path:
+    """Measure the heads' rank accuracies on `prompts` against the model's own greedy tokens and write
+    heads_dir/tree.json. The engine built for the measurement is dropped afterwards (it holds a KV cache)."""
+    started = time.perf_counter()
+    acc, counts = measure_rank_accuracies(model, prompts, new_tokens, ranks, eos_token_id, progress)
+    model.base.__dict__.pop("_fastmedusa_engine", None)
+    return write_tree_json(
+        heads_dir, acc, counts, num_nodes, prompts=len(prompts), new_tokens=new_tokens,
+        seconds=round(time.perf_counter() - started, 2), **extra,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def choose_tree_size(
+    model: nn.Module,
+    rank_accuracies: torch.Tensor,
+    prompt: torch.Tensor,
+    candidates: Sequence[int] = (4, 8, 16, 32, 64, 96, 128),
+    *,
+    batch_size: int = 1,
+    steps: int = 24,
+    compile: bool | None = None,
+) -> tuple[int, list[dict]]:
+    """The tree size that maximises expected tokens/s on this device: for each candidate N, time Medusa steps
+    of the N-node tree built from `rank_accuracies` (after a warm-up call that compiles it) and divide its
+    expected tokens per step by the step time. Returns (best N, one row per candidate)."""
+    from fastmedusa.decode.generate import generate
+
+    acc = torch.as_tensor(rank_accuracies, dtype=torch.float64)
+    ids = prompt.reshape(1, -1).expand(batch_size, -1)
+    mask = torch.ones_like(ids)
+    rows = []
+    for n in candidates:
+        paths = build_tree(acc, n)
+        kw = dict(attention_mask=mask, max_new_tokens=steps, tree=paths, compile=compile)
+        generate(model, ids, **kw)  # compile / warm up
+        out = generate(model, ids, **kw)
+        step_s = out.seconds / max(out.steps, 1)
+        expected = expected_accept_length(paths, acc)
+        rows.append({"nodes": len(paths), "expected_tokens_per_step": expected, "step_ms": 1e3 * step_s,
+                     "expected_tokens_per_s": batch_size * expected / step_s})  # fmt: skip
+    best = max(rows, key=lambda r: r["expected_tokens_per_s"])
+    return best["nodes"], rows

@@ -41,8 +41,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tree",
         default=None,
-        help="Medusa tree: a preset (mc_sim_7b_63, mc_sim_7b_31, mc_sim_7b_15, mc_sim_7b_7, chain_<depth>) or a "
-        "JSON file from `fastmedusa bench heads` (default: mc_sim_7b_63 pruned to the number of heads)",
+        help="Medusa tree. Default: the tree measured for the heads (HEADS/tree.json, written at the end of "
+        "`fastmedusa train` or by `fastmedusa bench heads --write-tree`), else mc_sim_7b_63 pruned to the "
+        "number of heads. auto:N builds an N-node tree from the heads' measured per-rank accuracies; auto "
+        "picks N for this device by timing verify steps of trees of 4-128 nodes and keeping the one with "
+        "the most expected tokens/s (expected tokens per step / step time; costs a compile per size). Also: "
+        "a preset (mc_sim_7b_63, mc_sim_7b_31, mc_sim_7b_15, mc_sim_7b_7, chain_<depth>) or a JSON file",
     )
     parser.add_argument("--typical-epsilon", type=float, default=0.09, help="typical acceptance: epsilon")
     parser.add_argument("--typical-delta", type=float, default=0.3, help="typical acceptance: delta")
@@ -137,8 +141,6 @@ def run_generate(args: argparse.Namespace) -> int:
     from fastmedusa.decode.generate import generate
     from fastmedusa.model import load_tokenizer
 
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     tokenizer = load_tokenizer(args.model)
     model, base = load_for_generation(args, device, dtype)
@@ -155,6 +157,7 @@ def run_generate(args: argparse.Namespace) -> int:
         typical_delta=args.typical_delta,
         compile={"auto": None, "on": True, "off": False}[args.compile],
         max_len=args.max_len,
+        seed=args.seed,
     )
     print(tokenizer.decode(out.new_token_ids.tolist(), skip_special_tokens=True))
     print(out.summary(), file=sys.stderr)

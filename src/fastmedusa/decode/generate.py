@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastmedusa.decode.accuracy import choose_tree_size, read_tree_json
 from fastmedusa.decode.engine import DecodeEngine, get_engine
 from fastmedusa.decode.trees import TreeBuffers, build_tree_buffers, resolve_tree
 
@@ -365,6 +366,27 @@ def check_batch(
     return ids, (ids.shape[1] - mask.sum(1)).long()
 
 
+def heads_tree_info(model: nn.Module, heads: nn.Module) -> dict | None:
+    """The measured tree.json of the heads' directory (`MedusaModel.heads_dir`), if it has one."""
+    directory = getattr(model, "heads_dir", None) or getattr(heads, "heads_dir", None)
+    return None if directory is None else read_tree_json(directory, heads.num_heads)
+
+
+def _auto_tree_size(model, heads, tree_info, prompt, batch_size, compile) -> int:
+    """tree="auto": the node count that maximises tokens/s here (measured once per heads and batch size)."""
+    if tree_info is None or not tree_info.get("rank_accuracies"):
+        raise ValueError(
+            "tree='auto' picks a size for the heads' measured accuracies, and these heads have no tree.json: "
+            "measure them (`fastmedusa bench heads --heads DIR --write-tree`) or pass a preset"
+        )
+    cache = heads.__dict__.setdefault("_fastmedusa_tree_size", {})
+    key = (batch_size, str(next(model.parameters()).device))
+    if key not in cache:
+        acc = torch.tensor(tree_info["rank_accuracies"])
+        cache[key], _ = choose_tree_size(model, acc, prompt, batch_size=batch_size, compile=compile)
+    return cache[key]
+
+
 def _check_heads(heads: nn.Module, engine: DecodeEngine) -> None:
     """Heads trained for another base model fail loudly here, not with a shape error mid-step."""
     config = getattr(heads, "config", None)
@@ -445,7 +467,11 @@ def generate(
     if medusa:
         if heads is None:
             raise ValueError("medusa=True needs Medusa heads: pass a MedusaModel, heads=..., or medusa=False")
-        tree_buffers = build_tree_buffers(resolve_tree(tree, heads.num_heads), heads.num_heads)
+        tree_info = heads_tree_info(model, heads)
+        if isinstance(tree, str) and tree == "auto":
+            prompt = ids[0, int(offsets[0]) :]
+            tree = f"auto:{_auto_tree_size(model, heads, tree_info, prompt, ids.shape[0], compile)}"
+        tree_buffers = build_tree_buffers(resolve_tree(tree, heads.num_heads, tree_info), heads.num_heads)
     slack = tree_buffers.num_nodes if tree_buffers is not None else 0
     needed = ids.shape[1] + max_new_tokens + slack
     if max_len is not None and needed > max_len:
@@ -513,7 +539,7 @@ def _prefill(engine, ids, offsets, seeds, max_new_tokens, temperature, eos_ids) 
     visible = (keys[None, None, :] >= offsets[:, None, None]) | (keys[None, None, :] == pos[None, :, None])
     rope = (pos[None, :] - offsets[:, None]).clamp(min=0)  # (B, P)
     hidden = engine(ids, pos.expand(bsz, length), rope, causal & visible)  # (B, P, H)
-    last = hidden[:, -1]
+    last = hidden[:, -1].clone(memory_format=torch.contiguous_format)  # a stride set by P would recompile
     real_len = length - offsets
     token = sample_token(engine.logits(last), temperature, seeds, real_len)  # (B,)
     n = torch.ones(bsz, dtype=torch.long, device=engine.device)

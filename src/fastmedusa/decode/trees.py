@@ -81,9 +81,19 @@ def prune_tree(paths: Sequence[Sequence[int]], max_depth: int) -> list[list[int]
     return [list(p) for p in paths if len(p) <= max_depth]
 
 
-def resolve_tree(tree: str | os.PathLike | Sequence[Sequence[int]] | None, num_heads: int) -> list[Path_]:
-    """A tree given as None (default for `num_heads`), a preset name, a JSON file, or a list of paths."""
+def resolve_tree(
+    tree: str | os.PathLike | Sequence[Sequence[int]] | None,
+    num_heads: int,
+    tree_info: dict | None = None,
+) -> list[Path_]:
+    """A tree given as None, a preset name, "auto:N", a JSON file, or a list of paths.
+
+    `tree_info` is the heads' measured tree.json (see `fastmedusa.decode.accuracy`): None then means its
+    tree, and "auto:N" an N-node tree built from its rank accuracies. Without it, None means mc_sim_7b_63
+    pruned to `num_heads`, and "auto:N" is an error (there is nothing to build from)."""
     if tree is None:
+        if tree_info is not None:
+            return validate_paths(tree_info["paths"], num_heads)
         return validate_paths(prune_tree(MC_SIM_7B_63, num_heads), num_heads)
     if isinstance(tree, str | os.PathLike):
         name = str(tree)
@@ -91,9 +101,24 @@ def resolve_tree(tree: str | os.PathLike | Sequence[Sequence[int]] | None, num_h
             return validate_paths(PRESETS[name], num_heads)
         if name.startswith("chain_") and name[len("chain_") :].isdigit():
             return validate_paths(chain_tree(int(name[len("chain_") :])), num_heads)
+        if name.startswith("auto:"):
+            size = name[len("auto:") :]
+            if not size.isdigit() or int(size) < 1:
+                raise ValueError(
+                    f"tree {name!r}: the node count after 'auto:' must be an integer >= 1, e.g. auto:64"
+                )
+            if tree_info is None or not tree_info.get("rank_accuracies"):
+                raise ValueError(
+                    f"tree {name!r} is built from the heads' measured accuracies, and these heads have no "
+                    "tree.json: measure them (`fastmedusa bench heads --heads DIR --write-tree`, or "
+                    "fastmedusa.decode.measure_heads_tree), or pass a preset such as mc_sim_7b_63"
+                )
+            return validate_paths(build_tree(tree_info["rank_accuracies"], int(size)), num_heads)
         if Path(name).is_file():
-            return validate_paths(load_tree(name), num_heads)
-        raise ValueError(f"unknown tree {name!r}: use one of {preset_names()} or a JSON file of paths")
+            return validate_paths(load_tree(name, num_heads), num_heads)
+        raise ValueError(
+            f"unknown tree {name!r}: use one of {preset_names()}, auto:<nodes>, or a JSON file of paths"
+        )
     return validate_paths(tree, num_heads)
 
 
@@ -223,8 +248,9 @@ def save_tree(path: str | os.PathLike, paths: Sequence[Sequence[int]], **extra: 
     return path
 
 
-def load_tree(path: str | os.PathLike) -> list[list[int]]:
-    """Paths from a JSON file: `{"paths": [[0], [0, 0], ...]}` or a bare list of paths."""
+def load_tree(path: str | os.PathLike, num_heads: int | None = None) -> list[list[int]]:
+    """Paths from a JSON file: `{"paths": [[0], [0, 0], ...]}` or a bare list of paths. A file that says it
+    was measured for another number of heads (`num_heads`) is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tree file at {path}: write one with `fastmedusa bench heads`")
@@ -232,4 +258,10 @@ def load_tree(path: str | os.PathLike) -> list[list[int]]:
     paths = data.get("paths") if isinstance(data, dict) else data
     if not isinstance(paths, list):
         raise ValueError(f"{path} holds no list of paths: expected {{'paths': [[0], [0, 0], ...]}}")
+    theirs = data.get("num_heads") if isinstance(data, dict) else None
+    if num_heads is not None and theirs is not None and theirs != num_heads:
+        raise ValueError(
+            f"{path} is a tree for {theirs} Medusa heads but these heads have {num_heads}: use a tree made "
+            "for these heads (re-measure with `fastmedusa bench heads --write-tree`)"
+        )
     return paths

@@ -120,6 +120,7 @@ class MedusaModel(nn.Module):
             raise ValueError(
                 f"heads in {directory} do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}"
             )
+        self.heads_dir = directory  # decoding reads its tree.json (measured tree) from here
 
     # -- stages ------------------------------------------------------------------------
     def set_stage(self, stage: int) -> None:

@@ -64,6 +64,14 @@ class TrainConfig:
             "the LM cross-entropy either way"
         },
     )
+    tree_prompts: int = field(
+        default=8,
+        metadata={
+            "help": "at the end, continue this many held-out first turns greedily (48 tokens) and measure each "
+            "head's per-rank accuracy against the model's own tokens; writes HEADS/tree.json, the tree "
+            "`fastmedusa generate` then uses by default and builds --tree auto:N from (0: skip)"
+        },
+    )
     # -- loop --------------------------------------------------------------------------
     eval_every: int = 20  # steps between evaluations (0 = only before and after training)
     eval_batch_size: int | None = None  # None = batch_size

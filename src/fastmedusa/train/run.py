@@ -250,6 +250,8 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
     )
     summary = trainer.fit()
     heads_dir = export_heads(trainer.model, tokenizer, config, trainer.backend, summary)
+    if heads_dir is not None and config.tree_prompts and isinstance(trainer.backend, SingleProcess):
+        write_heads_tree(trainer.model, tokenizer, config, heads_dir)
     summary.update(heads_dir=str(heads_dir), seconds=time.perf_counter() - started)
     for line in summary_lines(summary):
         say(line)
@@ -299,6 +301,31 @@ def export_heads(
         heads_dir, tokenizer_name_or_path=config.model or EMBEDDED_MODEL_NAME, training=training
     )
     return heads_dir
+
+
+def write_heads_tree(model, tokenizer, config: TrainConfig, heads_dir: Path) -> None:
+    """heads_dir/tree.json from the first turns of the held-out conversations (see decode.accuracy)."""
+    from fastmedusa.data import read_sharegpt, train_eval_split
+    from fastmedusa.decode.accuracy import first_user_prompts, measure_heads_tree, read_tree_json
+    from fastmedusa.decode.cli import eos_token_ids
+
+    if not config.eval_size:
+        return say("no held-out conversations (--eval-size 0): no tree.json measured")
+    conversations, _ = read_sharegpt(config.data, limit=config.max_conversations)
+    _, held_out = train_eval_split(conversations, config.eval_size, seed=config.seed)
+    prompts = first_user_prompts(tokenizer, held_out, max_prompt_tokens=config.seq_len)[: config.tree_prompts]
+    if not prompts:
+        return say(f"no held-out first turn fits {config.seq_len} tokens: no tree.json measured")
+    was_training = model.training
+    model.eval()
+    try:  # the heads are saved already: a model the decode engine does not run must not fail the run
+        eos = eos_token_ids(tokenizer, model.base)
+        info = read_tree_json(measure_heads_tree(model, prompts, heads_dir, eos_token_id=eos))
+    except ValueError as err:
+        return say(f"no tree.json measured: {err}")
+    finally:
+        model.train(was_training)
+    say(f"tree.json: {info['tree_nodes']} nodes, expected {info['expected_tokens_per_step']:.2f} tokens/step")
 
 
 def say(line: str) -> None:
