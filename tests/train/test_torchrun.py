@@ -141,3 +141,25 @@ def test_fsdp_flag_on_one_process_matches_the_plain_run(runs, tiny_model_dir):
     got, expected = _heads(out), _heads(runs["w1"])
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow
+def test_two_processes_fall_back_from_a_corrupt_checkpoint(runs, tiny_model_dir):
+    """A flipped shard that the second process hashes: both learn it, both resume from the older one."""
+    out = runs["tmp"] / "corrupt"
+    shutil.copytree(runs["w2"], out)
+    shard = out / "checkpoint-0000004" / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[100:4196] = bytes(b ^ 0xFF for b in raw[100:4196])
+    shard.write_bytes(bytes(raw))
+    older = {p.name: p.read_bytes() for p in (out / "checkpoint-0000002").iterdir()}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    argv = torchrun + _train_args(tiny_model_dir, runs["data"], out, 2) + ["--resume"]
+    done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"{shard} does not match its sha256" in done.stdout
+    assert f"resumed from {out / 'checkpoint-0000002'} at step 2/4" in done.stdout
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint-0000002").iterdir()} == older
+    got, expected = _heads(out), _heads(runs["w2"])
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")

@@ -47,6 +47,10 @@ class SingleProcess:
         """Write the heads (`save_heads` format); returns the directory on the main process, else None."""
         return model.save_heads(directory)
 
+    def first_error(self, message: str | None) -> str | None:
+        """Collective: the first process's error message, or None when no process has one."""
+        return message
+
     def barrier(self) -> None:
         """Wait for every process (before renaming a checkpoint written by all of them)."""
 

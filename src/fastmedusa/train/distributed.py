@@ -400,15 +400,25 @@ def save_sharded(
         checkpoint_id=str(directory),
     )
     rank = dist.get_rank() if _initialized() else 0
-    write_json(directory / EXTRA_FILE.format(rank=rank), extra)
-    if rank == 0:
-        groups = [
-            {k: _json_value(v, f"param_groups.{k}") for k, v in g.items()} for g in optim_sd["param_groups"]
-        ]
-        write_json(directory / OPTIMIZER_FILE, {"param_groups": groups})
-        world = dist.get_world_size() if _initialized() else 1
-        write_json(directory / META_FILE, {"world_size": world})
-    barrier()
+    failed: OSError | None = None
+    try:
+        write_json(directory / EXTRA_FILE.format(rank=rank), extra)
+        if rank == 0:
+            groups = [
+                {k: _json_value(v, f"param_groups.{k}") for k, v in g.items()}
+                for g in optim_sd["param_groups"]
+            ]
+            write_json(directory / OPTIMIZER_FILE, {"param_groups": groups})
+            world = dist.get_world_size() if _initialized() else 1
+            write_json(directory / META_FILE, {"world_size": world})
+    except OSError as err:  # e.g. a full disk on this process only
+        failed = err
+    # instead of a barrier: every process learns whether all wrote their part, so all fail together
+    # (a process that raised alone would leave the others waiting for it at the next barrier)
+    if all_reduce_max(float(failed is not None)) and failed is None:
+        failed = OSError(f"another process could not write its part of {directory}")
+    if failed is not None:
+        raise failed
 
 
 def load_sharded(
@@ -605,6 +615,11 @@ class FSDPBackend:
 
     def barrier(self) -> None:
         barrier()
+
+    def first_error(self, message: str | None) -> str | None:
+        messages: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(messages, message)
+        return next((m for m in messages if m), None)
 
     def save_checkpoint(
         self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict

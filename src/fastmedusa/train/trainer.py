@@ -305,12 +305,21 @@ class Trainer:
         """Continue from `path`: manifest verified, settings checked, then weights, optimizer, lr schedule,
         data position, RNG states, step."""
         path = Path(path)
-        ckpt.verify_manifest(path)
+        try:  # each process hashes its share of the files; all learn the first mismatch found
+            ckpt.verify_manifest(path, self.backend.rank, self.backend.world_size)
+            error = None
+        except ckpt.CheckpointError as err:
+            error = str(err)
+        if error := self.backend.first_error(error):
+            raise ckpt.CheckpointError(error)
         self.check_checkpoint(path)
         extra = self.backend.load_checkpoint(path, self.model, self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
         if extra["data"] is not None and hasattr(self.train_batches, "load_state_dict"):
-            self.train_batches.load_state_dict(extra["data"])
+            try:
+                self.train_batches.load_state_dict(extra["data"])
+            except ValueError as err:  # another data layout: a setting to fix, not a corrupt file
+                raise ResumeMismatchError(f"{path}: {err}") from err
         ckpt.set_rng_state(extra["rng"])
         self.step = self.saved_step = int(extra["step"])
 
