@@ -170,3 +170,18 @@ def test_written_files_get_the_usual_mode(tmp_path):
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o664
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+def test_distill_progress_is_a_line_per_group_off_a_terminal(capsys):
+    from types import SimpleNamespace
+
+    from fastmedusa.data.distill import _Progress
+
+    progress = _Progress(SimpleNamespace(max_conversations=4, progress=True), initial=0)
+    progress.update(2, 100)
+    progress.group_written(2)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "\r" not in lines[0]
+    assert lines[0].startswith("distill: 2/4 conv (50%)")
+    assert "100 tokens (" in lines[0] and lines[0].endswith("2 records in the file")

@@ -81,6 +81,11 @@ class Progress:
         else:
             print(line, flush=True)
 
+    def log(self) -> None:
+        """Print a plain line now (off a terminal), e.g. when a unit of work was saved."""
+        if self.plain:
+            self._line()
+
     def close(self) -> None:
         self.bar.close()
         if self.plain and self.n != self.logged_n:

@@ -26,7 +26,6 @@ import hashlib
 import itertools
 import json
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,10 +33,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from fastmedusa.data.chat import generation_prompt
 from fastmedusa.data.sharegpt import ROLES, Conversation, ReadStats, iter_sharegpt, resolve_data_path
+from fastmedusa.progress import Progress
 
 DEFAULT_PROMPT_TOKENS = 1024
 # Batches per group. A round holds one prompt per unfinished conversation, and ShareGPT's turn counts are
@@ -448,43 +447,30 @@ def run_settings(config: DistillConfig, model, tokenizer) -> dict:
 
 
 class _Progress:
-    """A tqdm bar on a terminal; on a pipe or log file, a plain line per group and at most every
-    `LOG_SECONDS` in between (a group of a large batch can take minutes)."""
-
-    LOG_SECONDS = 30.0
+    """Conversations regenerated, tokens/s and records written: a bar on a terminal; on a pipe or log file
+    (`fastmedusa.progress`), a plain line per group written and at most every 30 s in between (a group of
+    a large batch can take minutes)."""
 
     def __init__(self, config: DistillConfig, initial: int) -> None:
-        self.tty = sys.stderr.isatty()
-        self.enabled = config.progress
-        self.start = self.logged = time.perf_counter()
-        self.done, self.tokens, self.records = 0, 0, 0
-        self.bar = tqdm(
-            total=config.max_conversations, initial=initial, desc="distill", unit="conv",
-            disable=not (self.enabled and self.tty), dynamic_ncols=True,
-        )  # fmt: skip
+        self.start = time.perf_counter()
+        self.tokens, self.records = 0, 0
+        self.bar = Progress(
+            total=config.max_conversations, initial=initial, desc="distill", unit="conv", enabled=config.progress
+        )
 
     def update(self, conversations: int, tokens: int) -> None:
-        self.done += conversations
         self.tokens += tokens
+        self._postfix()
         self.bar.update(conversations)
-        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):.0f} tok/s")
-        if time.perf_counter() - self.logged >= self.LOG_SECONDS:
-            self._log()
 
     def group_written(self, records_total: int) -> None:
         self.records = records_total
-        self._log()
+        self._postfix()
+        self.bar.log()
 
-    def _log(self) -> None:
-        self.logged = time.perf_counter()
-        if self.enabled and not self.tty:
-            seconds = max(self.logged - self.start, 1e-9)
-            print(
-                f"distill: {self.done} conversations ({self.done / seconds:.2f}/s), {self.tokens} tokens "
-                f"({self.tokens / seconds:.0f}/s), {self.records} records in the file",
-                file=sys.stderr,
-                flush=True,
-            )
+    def _postfix(self) -> None:
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(f"{self.tokens} tokens ({rate:.0f}/s), {self.records} records in the file")
 
     def close(self) -> None:
         self.bar.close()
