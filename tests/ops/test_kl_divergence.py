@@ -143,6 +143,30 @@ def test_unbatched_rows_and_whole_ignored_sequences(impl):
         torch.testing.assert_close(g.double(), w.reshape(g.shape), rtol=1e-4, atol=1e-6)
 
 
+def test_gemm_work_is_one_teacher_pass_and_three_per_head_over_scored_rows_only():
+    """GEMM FLOPs (aten mm/addmm, from the profiler) = 2*H*V*(M + 3*sum_k n_k): the teacher's logits once for
+    its M scored rows, then logits, dH and dW for each head's n_k rows; ignored rows cost nothing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, seq, width, vocab = 3, 10, 8, 40
+    hs, ws, th, tw, labels = _inputs(batch, seq, width, vocab, heads=3, ignore_frac=0.0, seed=14)
+    labels[0, :5] = -100
+    labels[2] = -100
+    hs = [h.float().requires_grad_() for h in hs]
+    ws = [w.float().requires_grad_() for w in ws]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss = medusa_kl_divergence(hs, ws, th.float(), tw.float(), labels, shifts=[1, 2, 3], chunk_rows=4)
+        loss.sum().backward()
+    flops = 0
+    for event in prof.events():
+        if event.name in ("aten::mm", "aten::addmm", "aten::addmm_"):
+            a, b = event.input_shapes[:2] if event.name == "aten::mm" else event.input_shapes[1:3]
+            flops += 2 * a[0] * a[1] * b[1]
+    scored = [(b, t) for b in range(batch) for t in range(seq - 1) if labels[b, t + 1] != -100]
+    per_head = [sum(1 for _, t in scored if t >= s - 1) for s in (1, 2, 3)]
+    assert flops == 2 * width * vocab * (len(scored) + 3 * sum(per_head))
+
+
 @pytest.mark.parametrize("impl", ["torch", *IMPLS])
 def test_fp16_logits_beyond_its_range_stay_finite(impl):
     """Logits past fp16's 65504 (large hidden norms) are computed in fp32: no inf, no NaN."""
