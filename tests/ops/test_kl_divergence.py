@@ -273,3 +273,28 @@ def test_bf16_triton_on_gpu_matches_reference(wgrad):
     for g, p, t in zip(got, plain, truth):
         err, base = _rel_err(g, t), _rel_err(p, t)
         assert err <= 2 * base + FLOOR[dtype] + (3e-3 if wgrad == "inplace" else 0.0)
+
+
+@pytest.mark.gpu
+def test_bf16_extra_memory_is_the_two_chunk_buffers():
+    """wgrad="inplace": beyond the inputs and their gradients, the teacher and student chunk logits (plus
+    O(C*H) gathers) are all the op allocates."""
+    from fastmedusa.ops.kl_divergence import kl_chunk_rows
+
+    batch, seq, width, vocab, k = 2, 512, 256, 32000, 3
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen, device="cuda") * scale).bfloat16()  # noqa: E731
+    hs = [make(batch, seq, width).requires_grad_() for _ in range(k)]
+    ws = [make(vocab, width, scale=3 / width**0.5).requires_grad_() for _ in range(k)]
+    th, tw = make(batch, seq, width), make(vocab, width, scale=3 / width**0.5)
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = medusa_kl_divergence(hs, ws, th, tw, labels, shifts=[1, 2, 3], wgrad="inplace")
+    loss.sum().backward()
+    torch.cuda.synchronize()
+    grads = sum(p.numel() * p.element_size() for p in hs + ws)
+    rows = kl_chunk_rows(0, batch * (seq - 1), vocab)
+    buffers = 2 * rows * vocab * 2
+    assert torch.cuda.max_memory_allocated() - base - grads <= 1.1 * buffers + (32 << 20)
