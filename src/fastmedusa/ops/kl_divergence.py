@@ -25,8 +25,10 @@ The per-chunk steps are pluggable like the cross-entropy's: `teacher_lse_ref`/`k
 fp32 temporaries) for impl="chunked", the Triton kernels of `triton_kl.py` for impl="triton". impl="torch"
 (`medusa_kl_divergence_ref`) materialises all logits and shares no code with the fused path.
 
-The teacher's vocabulary is the students' (V rows each); a head over a subset of the vocabulary would need
-the teacher reduced to those rows first (a gather of `teacher_weight` rows plus the mass outside them).
+fp16 inputs: the logits buffers are fp32 (fp16 logits overflow past 65504), dlogits go back to fp16.
+
+The teacher's vocabulary is the students' (V rows each). Heads over a draft vocabulary pass the teacher's
+rows of those tokens (`MedusaHeads.kl_divergence`): the teacher renormalised over the draft tokens.
 """
 
 from __future__ import annotations
