@@ -52,6 +52,12 @@ def test_train_help_has_one_default_for_model_data_and_eval_batch_size(capsys):
         assert chunk.count("(default:") == 1 and f"(default: {default})" in chunk, chunk
 
 
+def test_generate_help_shows_the_typical_acceptance_defaults(capsys):
+    text = " ".join(_help(capsys, "generate").split())
+    assert "epsilon (default: 0.09)" in text and "delta (default: 0.3)" in text
+    assert "--dtype {bf16,fp16,fp32}" in text
+
+
 def test_bench_help_says_a_word_on_each_benchmark(capsys):
     text = _help(capsys, "bench")
     for name, (_module, words) in BENCHMARKS.items():
@@ -66,16 +72,15 @@ def test_one_dtype_vocabulary_with_long_aliases(flag, given, expected):
     parser = build_parser("train")
     args = parser.parse_args(["train", flag, given])
     assert getattr(config_from_args(args), flag[2:].replace("-", "_")) == expected
-    for command in ("eval",):
-        args = build_parser(command).parse_args(
-            [command, "HEADS" if command == "eval" else "--prompt=x", "--dtype", given]
-        )
+    first = {"generate": ["--prompt", "x"], "eval": ["HEADS"], "distill": ["--output", "o.jsonl"]}
+    for command, needed in first.items():
+        args = build_parser(command).parse_args([command, *needed, "--dtype", given])
         assert args.dtype == expected
 
 
 def test_a_bad_dtype_names_the_vocabulary(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "HEADS", "--dtype", "float8"])
+        main(["generate", "--prompt", "x", "--dtype", "float8"])
     assert exit_info.value.code == 2
     assert "unknown dtype 'float8': pass one of bf16, fp16, fp32" in capsys.readouterr().err
 

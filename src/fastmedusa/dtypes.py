@@ -23,6 +23,11 @@ def parse_dtype(text: str) -> torch.dtype:
     return DTYPES[dtype_name(text)]
 
 
+def dtype_or_auto_arg(text: str) -> str:
+    """argparse `type=` for flags that also take `auto` (the device decides)."""
+    return "auto" if text == "auto" else dtype_arg(text)
+
+
 def dtype_arg(text: str) -> str:
     """argparse `type=`: the short name, or a usage error naming the choices."""
     try:

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg, parse_dtype
+from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
 
 RUN_CONFIG = "train_config.json"
 SPLIT_FIELDS = ("model", "data", "max_conversations", "eval_size", "seed", "seq_len")
@@ -193,8 +193,7 @@ def evaluate_heads(args: argparse.Namespace) -> dict:
     checkpoint = read_heads(heads_dir)
     settings = split_settings(args, heads_dir)
     model_name = base_model_name(settings, checkpoint.config)
-    device, dtype = resolve_device_dtype(args.device, None)
-    dtype = parse_dtype(args.dtype) if args.dtype else dtype
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
     tokenizer = load_tokenizer(model_name)
     model = MedusaModel.from_pretrained(model_name, heads=heads_dir, dtype=dtype, device=device).eval()
     conversations = held_out_conversations(settings)

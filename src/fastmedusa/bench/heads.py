@@ -16,6 +16,7 @@ from fastmedusa.bench.common import environment, write_json
 from fastmedusa.decode import build_tree, expected_accept_length, prune_tree, save_tree
 from fastmedusa.decode.accuracy import first_user_prompts, measure_rank_accuracies, write_tree_json
 from fastmedusa.decode.trees import PRESETS
+from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,7 +62,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA"
+        "--dtype",
+        type=dtype_arg,
+        default=None,
+        metavar=DTYPE_METAVAR,
+        help="default: bf16 on CUDA, fp32 on the CPU",
     )
 
 

@@ -36,6 +36,7 @@ import torch
 
 from fastmedusa.data.chat import generation_prompt
 from fastmedusa.data.sharegpt import ROLES, Conversation, ReadStats, iter_sharegpt, resolve_data_path
+from fastmedusa.dtypes import dtype_or_auto_arg
 from fastmedusa.progress import Progress
 
 DEFAULT_PROMPT_TOKENS = 1024
@@ -455,7 +456,11 @@ class _Progress:
         self.start = time.perf_counter()
         self.tokens, self.records = 0, 0
         self.bar = Progress(
-            total=config.max_conversations, initial=initial, desc="distill", unit="conv", enabled=config.progress
+            total=config.max_conversations,
+            initial=initial,
+            desc="distill",
+            unit="conv",
+            enabled=config.progress,
         )
 
     def update(self, conversations: int, tokens: int) -> None:
@@ -619,7 +624,11 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
             continue
-        kind = types.get(f.name, int if isinstance(f.default, int) else str)
+        kind = (
+            dtype_or_auto_arg
+            if f.name == "dtype"
+            else types.get(f.name, int if isinstance(f.default, int) else str)
+        )
         choices = ("auto", *DTYPE_NAMES) if f.name == "dtype" else None
         metavar = None if choices else f.name.upper()
         parser.add_argument(flag, type=kind, default=f.default, choices=choices, metavar=metavar, help=text)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fastmedusa.decode.trees import build_tree, expected_accept_length
+from fastmedusa.progress import Progress
 
 TREE_FILE = "tree.json"
 DEFAULT_TREE_NODES = 64
@@ -83,7 +83,8 @@ def greedy_continuations(
     from fastmedusa.decode.generate import generate
 
     sequences = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="greedy continuations", disable=not progress):
+    starts = range(0, len(prompts), batch_size)
+    for start in Progress(starts, desc="greedy continuations", unit="batch", enabled=progress):
         chunk = prompts[start : start + batch_size]
         ids, mask = left_pad_batch(chunk)
         out = generate(model, ids, attention_mask=mask, max_new_tokens=new_tokens, medusa=False,
@@ -113,7 +114,8 @@ def measure_rank_accuracies(
     counts = torch.zeros(heads.num_heads, dtype=torch.long)
     device = next(model.base.parameters()).device
     sequences = greedy_continuations(model, prompts, new_tokens, eos_token_id, batch_size)
-    for ids, seq in tqdm(list(zip(prompts, sequences)), desc="scoring heads", disable=not progress):
+    pairs = list(zip(prompts, sequences))
+    for ids, seq in Progress(pairs, desc="scoring heads", unit="prompt", enabled=progress):
         hidden = model.backbone_hidden_states(seq.to(device))[0]  # (L, H)
         start, length = ids.shape[1] - 1, seq.shape[1]  # heads act on the last accepted token: t >= P - 1
         if length - 2 <= start:

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg, parse_dtype
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat", action="store_true", help="wrap the prompt as a user turn in the chat template"
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)"
+        "--max-new-tokens", type=int, default=128, help="most tokens to generate (default: %(default)s)"
     )
     parser.add_argument(
         "--no-medusa", action="store_true", help="plain decoding on the same engine (no heads)"
@@ -48,14 +48,23 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "the most expected tokens/s (expected tokens per step / step time; costs a compile per size). Also: "
         "a preset (mc_sim_7b_63, mc_sim_7b_31, mc_sim_7b_15, mc_sim_7b_7, chain_<depth>) or a JSON file",
     )
-    parser.add_argument("--typical-epsilon", type=float, default=0.09, help="typical acceptance: epsilon")
-    parser.add_argument("--typical-delta", type=float, default=0.3, help="typical acceptance: delta")
+    parser.add_argument(
+        "--typical-epsilon",
+        type=float,
+        default=0.09,
+        help="typical acceptance (temperature > 0): a candidate is accepted when its probability exceeds "
+        "min(epsilon, delta * exp(-entropy)); epsilon (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--typical-delta", type=float, default=0.3, help="typical acceptance: delta (default: %(default)s)"
+    )
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        type=dtype_arg,
         default=None,
-        help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)",
+        metavar=DTYPE_METAVAR,
+        help="weights dtype; bfloat16/float16/float32 also work (default: bf16 on CUDA, fp32 on the CPU)",
     )
     parser.add_argument(
         "--max-len", type=int, default=None, help="KV cache rows (default: what the call needs)"
@@ -74,7 +83,7 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here; pass --device cpu")
-    return dev, DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    return dev, parse_dtype(dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:

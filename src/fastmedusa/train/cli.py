@@ -8,7 +8,7 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
-from fastmedusa.dtypes import dtype_arg
+from fastmedusa.dtypes import dtype_arg, dtype_or_auto_arg
 from fastmedusa.train.config import DTYPES, HEADS_SCHEDULES, LOSSES, LR_SCHEDULES, TrainConfig
 
 HELP = {
@@ -77,12 +77,8 @@ CHOICES = {
 }
 
 
-def _dtype_or_auto(text: str) -> str:
-    """`auto` or a dtype in the one vocabulary (`bf16`, `fp16`, `fp32`; `bfloat16` etc. are aliases)."""
-    return "auto" if text == "auto" else dtype_arg(text)
-
-
-DTYPE_FLAGS = {"dtype": _dtype_or_auto, "param_dtype": dtype_arg}
+# one dtype vocabulary (`bf16`, `fp16`, `fp32`; `bfloat16` etc. are accepted as aliases)
+DTYPE_FLAGS = {"dtype": dtype_or_auto_arg, "param_dtype": dtype_arg}
 
 
 def _optional(kind: type):
