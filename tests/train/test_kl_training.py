@@ -1,6 +1,7 @@
 """`--loss kl`: heads trained toward the base model's own distribution (its LM head as teacher)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -115,3 +116,35 @@ def test_kl_under_a_draft_vocabulary_renormalises_the_teacher(tiny_medusa):
     _, losses = heads(hidden, batch["labels"], loss="kl")
     losses.sum().backward()
     assert all(w.grad.shape == (64, 32) for w in heads.projection_weights())
+
+
+@pytest.mark.slow
+def test_fsdp_on_one_process_trains_kl_heads_like_the_plain_run(tiny_model_dir, sharegpt_file, tmp_path):
+    """--fsdp --loss kl: the heads unit and the root (with the teacher, the LM head) are gathered while the
+    heads' forward runs; the trained heads equal those of the plain process."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from fastmedusa.model.medusa_model import HEADS_WEIGHTS_NAME
+
+    def argv(out):
+        return [sys.executable, "-m", "fastmedusa", "train", "--loss", "kl", "--model", str(tiny_model_dir),
+                "--data", str(sharegpt_file), "--output-dir", str(out), "--num-heads", "2", "--seq-len", "48",
+                "--batch-size", "4", "--max-steps", "3", "--lr", "1e-2", "--eval-size", "4", "--eval-every", "0",
+                "--save-every", "0", "--no-progress", "--no-plot", "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    plain, sharded = tmp_path / "plain", tmp_path / "fsdp"
+    procs = [subprocess.Popen(argv(plain), env=env, stderr=subprocess.PIPE, text=True),
+             subprocess.Popen(argv(sharded) + ["--fsdp"], env=env, stderr=subprocess.PIPE, text=True)]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    assert json.loads((sharded / "metrics.jsonl").read_text().splitlines()[0])["fsdp"] is True
+    got = load_file(str(sharded / "heads" / HEADS_WEIGHTS_NAME))
+    want = load_file(str(plain / "heads" / HEADS_WEIGHTS_NAME))
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-5)
