@@ -59,6 +59,10 @@ BENCHMARKS = {
         "fastmedusa.bench.wgrad",
         "weight-gradient error of each dW scheme against float64 (CPU or GPU)",
     ),
+    "draft-kl": (
+        "fastmedusa.bench.draft_kl",
+        "draft-vocabulary heads: KL to the renormalised teacher vs one extra class vs CE, a small run",
+    ),
     "report": (
         "fastmedusa.bench.report",
         "markdown tables of speed-ups and memory from bench train JSON files",
