@@ -134,6 +134,17 @@ class BatchOracleHeads(nn.Module):
         return self.head_logits(hidden).topk(k, dim=-1).indices
 
 
+class Wrapped(nn.Module):
+    """A MedusaModel-like pair (base + given heads) for the head-accuracy measurement."""
+
+    def __init__(self, base: nn.Module, heads: nn.Module):
+        super().__init__()
+        self.base, self.medusa_heads = base, heads
+
+    def backbone_hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.get_decoder()(input_ids=ids).last_hidden_state
+
+
 def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask), both (B, longest): each (1, P) prompt right-aligned after pad_id padding."""
     width = max(p.shape[-1] for p in prompts)

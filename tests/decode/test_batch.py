@@ -202,3 +202,37 @@ def test_batch_bad_input(llama):
         generate(llama, ids, attention_mask=mask, max_new_tokens=4, medusa=False, max_batch_size=1)
     with pytest.raises(ValueError, match="one per row"):
         generate(llama, ids, attention_mask=mask, max_new_tokens=4, medusa=False, temperature=1.0, seed=[1])
+
+
+@pytest.mark.parametrize("medusa", [False, True], ids=["plain", "medusa"])
+def test_finished_rows_stop_costing_work(llama, monkeypatch, medusa):
+    """Rows finishing at different EOS positions: the step shrinks to the unfinished rows (power-of-two
+    batches), and every row still equals its batch-1 output."""
+    from fastmedusa.decode.engine import DecodeEngine
+
+    prompts = ragged_prompts([3, 5, 2, 7, 4, 6, 1, 8], seed=7)
+    alone = [generate(llama, p, max_new_tokens=40, medusa=False).new_token_ids for p in prompts]
+    counts = torch.bincount(torch.cat(alone), minlength=VOCAB)
+    eos = int(counts.argmax())  # the most frequent token: most rows stop early, at different positions
+    refs = []
+    for a in alone:
+        hits = (a == eos).nonzero()
+        refs.append(a[: int(hits[0]) + 1] if hits.numel() else a)
+    assert len({len(r) for r in refs}) >= 4
+    sizes = []
+    forward = DecodeEngine.forward
+    monkeypatch.setattr(
+        DecodeEngine, "forward", lambda self, t, *a: sizes.append(t.shape[0]) or forward(self, t, *a)
+    )
+    model = random_medusa(llama, num_heads=3) if medusa else llama
+    ids, mask = left_pad(prompts)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=40, medusa=medusa, eos_token_id=eos,
+                   tree="chain_2" if medusa else None)  # fmt: skip
+    check_rows(out, prompts, refs, pad_id=eos)
+    assert sizes[0] == 8 and min(sizes) < 8 and all(s in (1, 2, 4, 8) for s in sizes)
+    assert out.steps_per_row == (
+        [len(r) for r in refs] if not medusa else [1 + len(a) for a in out.accept_lengths]
+    )
+    same = generate(model, ids, attention_mask=mask, max_new_tokens=40, medusa=medusa, eos_token_id=eos,
+                    tree="chain_2" if medusa else None, compact=False)  # fmt: skip
+    assert torch.equal(same.sequences, out.sequences)

@@ -2,21 +2,10 @@
 
 import pytest
 import torch
-from conftest import OracleHeads, hf_greedy, random_medusa, tiny_llama
+from conftest import OracleHeads, Wrapped, hf_greedy, random_medusa, tiny_llama
 
 from fastmedusa.bench.heads import measure_rank_accuracies, tree_report
 from fastmedusa.decode import load_tree
-
-
-class Wrapped(torch.nn.Module):
-    """A MedusaModel-like pair (base + given heads) for the scorer."""
-
-    def __init__(self, base, heads):
-        super().__init__()
-        self.base, self.medusa_heads = base, heads
-
-    def backbone_hidden_states(self, ids):
-        return self.base.get_decoder()(input_ids=ids).last_hidden_state
 
 
 @pytest.mark.parametrize("p_top1,p_top2,rank", [(1.0, 0.0, 0), (0.0, 1.0, 1)])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import OracleHeads, hf_greedy, random_medusa, tiny_llama
+from conftest import OracleHeads, Wrapped, hf_greedy, random_medusa, tiny_llama
 
 from fastmedusa.decode import (
     build_tree,
@@ -59,17 +59,6 @@ def test_generate_uses_the_heads_tree_json(llama, tmp_path):
     write_tree_json(tmp_path, ACC[:2], num_nodes=4)
     with pytest.raises(ValueError, match="measured for 2 Medusa heads"):
         generate(model, ids, max_new_tokens=4)
-
-
-class Wrapped(torch.nn.Module):
-    """A MedusaModel-like pair (base + given heads) for the measurement."""
-
-    def __init__(self, base, heads):
-        super().__init__()
-        self.base, self.medusa_heads = base, heads
-
-    def backbone_hidden_states(self, ids):
-        return self.base.get_decoder()(input_ids=ids).last_hidden_state
 
 
 def test_measure_heads_tree_with_oracle_heads(tmp_path):

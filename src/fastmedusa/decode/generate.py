@@ -445,6 +445,7 @@ def generate(
     compile: bool | None = None,
     max_len: int | None = None,
     max_batch_size: int | None = None,
+    compact: bool | None = None,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` after each row of `input_ids` (B, P), a row stopping after EOS.
 
@@ -459,7 +460,10 @@ def generate(
     a list of paths, or None (the heads' tree.json, else mc_sim_7b_63 pruned to the number of heads).
     `pad_token_id` fills rows after their end (default: the first EOS id, else 0). `compile`: default on
     CUDA only (CUDA graphs); `max_len`/`max_batch_size`: KV cache slots per row / rows (default: enough
-    for this call, rounded up so that similar calls reuse the engine and its compiled steps).
+    for this call, rounded up so that similar calls reuse the engine and its compiled steps). `compact`
+    (default: with EOS ids and B >= 4): once half the rows have finished, move the others together and run
+    the step at the next power of two of their count, so finished rows stop costing work (one compile per
+    such batch size on first use).
     """
     base, heads = _split_model(model, heads)
     ids, offsets = check_batch(input_ids, attention_mask, max_new_tokens)
@@ -492,6 +496,8 @@ def generate(
         tree_buffers = tree_buffers.to(engine.device)
     _sync(engine.device)
     start = time.perf_counter()
+    if compact is None:
+        compact = eos_ids is not None and ids.shape[0] >= 4
     state = _prefill(engine, ids, offsets, seeds, max_new_tokens, temperature, eos_ids)
     if tree_buffers is None:
         step = _compiled(
@@ -501,7 +507,7 @@ def generate(
             compile,
         )
         out, n, steps, accepts = _plain_loop(
-            engine, step, state, max_new_tokens, pad_token_id, compile, eos_ids
+            engine, step, state, max_new_tokens, pad_token_id, compile, eos_ids, compact
         )
     else:
         key = ("medusa", tuple(tree_buffers.paths), id(heads), temperature, typical_epsilon, typical_delta)
@@ -514,7 +520,7 @@ def generate(
             compile,
         )
         out, n, steps, accepts = _medusa_loop(
-            engine, step, state, max_new_tokens, tree_buffers.depth, pad_token_id, compile, eos_ids
+            engine, step, state, max_new_tokens, tree_buffers.depth, pad_token_id, compile, eos_ids, compact
         )
     counts = n.tolist()
     _sync(engine.device)
@@ -554,57 +560,99 @@ def _mark_step(compile: bool, engine: DecodeEngine) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-class _LaggedStop:
-    """ "Are all rows done?", read one step late: the host checks the flag of the state before the step it
-    last launched, so the device always has a step queued; at most one spare step runs at the end."""
+class _Slots:
+    """The batch rows that still decode, in cache rows (slots) 0..b-1 of the engine.
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.pending = enabled, None
+    The host reads the number of unfinished rows one step late (the device always has a step queued; at most
+    one spare step runs at the end). With `compact`, once at most half the slots hold unfinished rows, those
+    rows' caches and states move into the first slots and the step runs at the next power of two of their
+    count: finished rows stop costing work, at one compile per batch size (log2 B of them) on first use."""
 
-    def should_stop(self, done: torch.Tensor) -> bool:
-        if not self.enabled:
+    STATE = ("token", "hidden", "cur", "offset", "seeds", "n", "limit", "done")
+
+    def __init__(self, engine: DecodeEngine, state: dict, check: bool, compact: bool) -> None:
+        self.engine, self.check, self.compact = engine, check, compact
+        bsz = state["token"].shape[0]
+        self.rows = torch.arange(bsz, device=engine.device)  # slot -> batch row
+        self.n_all = state["n"].clone()  # tokens per batch row, updated when a row leaves its slot
+        self.pending: torch.Tensor | None = None
+
+    def next(self, state: dict) -> bool:
+        """False when every row is done; may compact `state` (in place) first."""
+        if not self.check:
+            return True
+        active = None if self.pending is None else int(self.pending)
+        self.pending = (~state["done"]).sum()
+        if active == 0:
             return False
-        stop = self.pending is not None and bool(self.pending)
-        self.pending = done.all()
-        return stop
+        size = self.rows.shape[0]
+        if self.compact and active is not None and size > 1 and active <= size // 2:
+            self._compact(state)
+        return True
+
+    def _compact(self, state: dict) -> None:
+        done = state["done"]
+        keep = (~done).nonzero()[:, 0]  # reads the current state: at most log2(B) such syncs
+        size = 1 << max(int(keep.numel()) - 1, 0).bit_length()
+        fill = done.nonzero()[:, 0][: size - keep.numel()]  # finished rows pad the bucket (frozen)
+        slots = torch.cat([keep, fill])
+        self.n_all[self.rows] = state["n"]
+        cache = self.engine
+        cache.k_cache[:, :size] = cache.k_cache[:, slots]
+        cache.v_cache[:, :size] = cache.v_cache[:, slots]
+        for name in self.STATE:
+            if name in state:
+                state[name] = state[name][slots]
+        self.rows = self.rows[slots]
+        self.pending = (~state["done"]).sum()
+
+    def finish(self, state: dict) -> torch.Tensor:
+        """(B,) new tokens per batch row."""
+        self.n_all[self.rows] = state["n"]
+        return self.n_all
 
 
-def _plain_loop(engine, step, s, max_new_tokens, pad_id, compile, eos_ids):
+def _plain_loop(engine, step, s, max_new_tokens, pad_id, compile, eos_ids, compact):
     """One token per row per forward."""
     bsz = s["token"].shape[0]
     out = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=engine.device)
     out[:, 0] = s["token"]
-    token, cur, n, done = s["token"], s["cur"], s["n"], s["done"]
-    stop = _LaggedStop(eos_ids is not None)
+    s = dict(s)
+    slots = _Slots(engine, s, eos_ids is not None, compact)
     for col in range(1, max_new_tokens):
-        if stop.should_stop(done):
+        if not slots.next(s):
             break
         _mark_step(compile, engine)
-        emitted, token, cur, n, done = step(token, cur, s["offset"], s["seeds"], n, s["limit"], done)
-        token, cur, n, done = token.clone(), cur.clone(), n.clone(), done.clone()
-        out[:, col] = emitted
+        emitted, *new = step(s["token"], s["cur"], s["offset"], s["seeds"], s["n"], s["limit"], s["done"])
+        s.update(zip(("token", "cur", "n", "done"), (t.clone() for t in new)))
+        out[slots.rows, col] = emitted
+    n = slots.finish(s)
     return out, n, n.tolist(), [[] for _ in range(bsz)]
 
 
-def _medusa_loop(engine, step, s, max_new_tokens, depth, pad_id, compile, eos_ids):
-    """Medusa steps until every row is done; the host reads one flag per step, one step late."""
+def _medusa_loop(engine, step, s, max_new_tokens, depth, pad_id, compile, eos_ids, compact):
+    """Medusa steps until every row is done."""
     bsz = s["token"].shape[0]
     dump = max_new_tokens + depth + 1  # a scratch column for the tokens a row does not keep
     out = torch.full((bsz, dump + 1), pad_id, dtype=torch.long, device=engine.device)
     out[:, 0] = s["token"]
     cols = torch.arange(depth + 1, device=engine.device)
-    root, hidden, cur, n, done = s["token"], s["hidden"], s["cur"], s["n"], s["done"]
-    stop = _LaggedStop(True)
-    accepted_log = []
-    while not stop.should_stop(done):
+    s = dict(s)
+    slots = _Slots(engine, s, True, compact)
+    log = []
+    while slots.next(s):
         _mark_step(compile, engine)
-        emitted, count, accepted, root, hidden, cur, n_next, done = step(
-            root, hidden, cur, s["offset"], s["seeds"], n, s["limit"], done
+        emitted, count, accepted, *new = step(
+            s["token"], s["hidden"], s["cur"], s["offset"], s["seeds"], s["n"], s["limit"], s["done"]
         )
-        where = torch.where(cols[None, :] < count[:, None], n[:, None] + cols[None, :], dump)
-        out.scatter_(1, where, emitted)
-        root, hidden, cur, n, done = root.clone(), hidden.clone(), cur.clone(), n_next.clone(), done.clone()
-        accepted_log.append(accepted.clone())
-    log = torch.stack(accepted_log, dim=1).tolist() if accepted_log else [[] for _ in range(bsz)]
-    accepts = [[a for a in row if a >= 0] for row in log]
+        where = torch.where(cols[None, :] < count[:, None], s["n"][:, None] + cols[None, :], dump)
+        out[slots.rows[:, None], where] = emitted
+        s.update(zip(("token", "hidden", "cur", "n", "done"), (t.clone() for t in new)))
+        log.append((slots.rows, accepted.clone()))
+    accepts: list[list[int]] = [[] for _ in range(bsz)]
+    for rows, accepted in log:
+        for row, a in zip(rows.tolist(), accepted.tolist()):
+            if a >= 0:
+                accepts[row].append(a)
+    n = slots.finish(s)
     return out[:, :max_new_tokens], n, [1 + len(a) for a in accepts], accepts
