@@ -218,7 +218,8 @@ def evaluate_heads(args: argparse.Namespace) -> dict:
 
 def report_lines(result: dict) -> list[str]:
     labels, greedy = result["labels"], result.get("greedy")
-    lines = [f"held-out: {result['conversations']} conversations of {result['data']}"]
+    data = "the embedded ShareGPT" if result["data"] == "embedded" else result["data"]
+    lines = [f"held-out: {result['conversations']} conversations of {data}"]
     for k in range(len(labels["top1"])):
         line = (
             f"head {k + 1} (predicts t+{k + 2}): data top-1 {100 * labels['top1'][k]:.1f}% "

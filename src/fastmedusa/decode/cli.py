@@ -19,7 +19,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--heads",
         default=None,
-        help="Medusa heads directory written by `fastmedusa train` (config.json + weights)",
+        help="Medusa heads: a directory in any layout fastmedusa reads (`fastmedusa train`, `fastmedusa export`, "
+        "FasterDecoding/Medusa, vLLM) or a training output dir holding heads/",
     )
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument(
@@ -36,7 +37,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="0 = greedy (lossless Medusa: exact in fp32, up to rounding-level argmax ties in bf16/fp16); "
-        "> 0 samples and uses typical acceptance",
+        "> 0 samples and uses typical acceptance (default: %(default)s)",
     )
     parser.add_argument(
         "--tree",
