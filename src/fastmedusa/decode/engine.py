@@ -176,7 +176,11 @@ class DecodeEngine(nn.Module):
         sin = self.rope_sin[rope_pos][:, :, None, :]
         # GQA without copying the cache: the `groups` query heads of one KV head are folded into the query
         # length, so SDPA sees (B, nkv, groups*T, hd) against (B, nkv, max_len, hd); the mask is tiled to match.
-        attn_mask = mask.repeat(1, groups, 1)[:, None]  # (B, 1, groups*T, max_len)
+        # An additive mask, built once per forward: SDPA turns a boolean mask into one on every call, which
+        # would be one more kernel per layer. The dtype's minimum, not -inf: exp underflows to 0 all the same.
+        bias = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device)
+        bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)
+        attn_mask = bias.repeat(1, groups, 1)[:, None]  # (B, 1, groups*T, max_len)
         batch_rows = torch.arange(bsz, device=tokens.device)[:, None]  # (B, 1)
         for i, w in enumerate(self.layers):
             h = rms_norm(x, w.input_norm, self.eps)
