@@ -140,13 +140,14 @@ class DecodeEngine(nn.Module):
         self.register_buffer("final_norm", decoder.norm.weight.detach(), persistent=False)
         self.layers = nn.ModuleList(LayerWeights(layer) for layer in decoder.layers)
         self._rope_tables(decoder.rotary_emb)
-        shape = (self.num_layers, self.max_batch_size, self.num_kv_heads, self.max_len, self.head_dim)
-        self.register_buffer(
-            "k_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False
-        )
-        self.register_buffer(
-            "v_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False
-        )
+        # One K and one V buffer per layer, written in place with index_put_ on the whole buffer. (A single
+        # (layers, B, ...) buffer written through `cache[i][...] = k` made inductor copy the whole cache of
+        # every layer at every step: a view of a select cannot be re-inplaced. Measured on an H100 with a
+        # 128-row cache: 48 ms per step, against ~2 ms with per-layer buffers.)
+        shape = (self.max_batch_size, self.num_kv_heads, self.max_len, self.head_dim)
+        for w in self.layers:
+            w.register_buffer("k_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False)
+            w.register_buffer("v_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False)
         self.compiled: dict[object, object] = {}  # step functions, compiled once per shape/tree
 
     @torch.no_grad()
@@ -182,7 +183,7 @@ class DecodeEngine(nn.Module):
         bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)
         attn_mask = bias.repeat(1, groups, 1)[:, None]  # (B, 1, groups*T, max_len)
         batch_rows = torch.arange(bsz, device=tokens.device)[:, None]  # (B, 1)
-        for i, w in enumerate(self.layers):
+        for w in self.layers:
             h = rms_norm(x, w.input_norm, self.eps)
             q, k, v = F.linear(h, w.wqkv, w.bqkv).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             q = q.view(bsz, seq, nh, hd)
@@ -190,10 +191,10 @@ class DecodeEngine(nn.Module):
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             # advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, nkv, hd)
-            self.k_cache[i][batch_rows, :, cache_rows] = k
-            self.v_cache[i][batch_rows, :, cache_rows] = v.view(bsz, seq, nkv, hd)
+            w.k_cache[batch_rows, :, cache_rows] = k
+            w.v_cache[batch_rows, :, cache_rows] = v.view(bsz, seq, nkv, hd)
             qg = q.view(bsz, seq, nkv, groups, hd).permute(0, 2, 3, 1, 4).reshape(bsz, nkv, groups * seq, hd)
-            keys, values = self.k_cache[i, :bsz], self.v_cache[i, :bsz]
+            keys, values = w.k_cache[:bsz], w.v_cache[:bsz]
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=attn_mask)
             o = o.view(bsz, nkv, groups, seq, hd).permute(0, 3, 1, 2, 4).reshape(bsz, seq, nh * hd)
             x = x + F.linear(o, w.wo, w.bo)
@@ -208,10 +209,11 @@ class DecodeEngine(nn.Module):
     def move_kv(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy cache slots src[b] -> dst[b] of row b in every layer (accepted tree nodes into place).
 
-        src, dst (B, D). The indexed view is (B, D, layers, nkv, hd)."""
+        src, dst (B, D). The indexed view is (B, D, nkv, hd)."""
         rows = torch.arange(src.shape[0], device=src.device)[:, None]
-        self.k_cache[:, rows, :, dst] = self.k_cache[:, rows, :, src]
-        self.v_cache[:, rows, :, dst] = self.v_cache[:, rows, :, src]
+        for w in self.layers:
+            w.k_cache[rows, :, dst] = w.k_cache[rows, :, src]
+            w.v_cache[rows, :, dst] = w.v_cache[rows, :, src]
 
 
 def get_engine(
