@@ -206,6 +206,13 @@ class DecodeEngine(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head, self.lm_head_bias)
 
+    def gather_rows(self, rows: torch.Tensor) -> None:
+        """Move the cache of batch rows `rows` (R,) to rows 0..R-1 (compaction when rows finish)."""
+        size = rows.shape[0]
+        for w in self.layers:
+            w.k_cache[:size] = w.k_cache[rows]
+            w.v_cache[:size] = w.v_cache[rows]
+
     def move_kv(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy cache slots src[b] -> dst[b] of row b in every layer (accepted tree nodes into place).
 

@@ -597,9 +597,7 @@ class _Slots:
         fill = done.nonzero()[:, 0][: size - keep.numel()]  # finished rows pad the bucket (frozen)
         slots = torch.cat([keep, fill])
         self.n_all[self.rows] = state["n"]
-        cache = self.engine
-        cache.k_cache[:, :size] = cache.k_cache[:, slots]
-        cache.v_cache[:, :size] = cache.v_cache[:, slots]
+        self.engine.gather_rows(slots)
         for name in self.STATE:
             if name in state:
                 state[name] = state[name][slots]
