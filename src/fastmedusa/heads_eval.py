@@ -77,8 +77,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tree",
         default=None,
-        help="tree whose expected tokens/step is reported: a preset, chain_<depth> or a JSON file "
-        "(default: HEADS_DIR/tree.json if present, else the decoder's default tree)",
+        help="tree whose expected tokens/step is reported: a preset, chain_<depth>, auto:N (built from the "
+        "accuracies measured here) or a JSON file (default: HEADS_DIR/tree.json if present, else mc_sim_7b_63)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument(
@@ -150,22 +150,29 @@ def label_accuracy(model, tokenizer, conversations: list, seq_len: int, batch_si
     }
 
 
-def greedy_accuracy(model, tokenizer, conversations: list, args: argparse.Namespace, tree) -> dict:
-    """Per-head top-1/top-5 against the base model's own greedy continuation, and the tree's expected
-    tokens per decoding step under those accuracies."""
+def greedy_accuracy(model, tokenizer, conversations: list, args: argparse.Namespace, heads_dir: Path) -> dict:
+    """Per-head top-1/top-5 against the base model's own greedy continuation, and the expected tokens per
+    decoding step of the tree `generate` would use (--tree, else the heads' tree.json, else mc_sim_7b_63)
+    under those accuracies. `auto:N` builds an N-node tree from the accuracies measured here."""
     from fastmedusa.decode import expected_accept_length, resolve_tree
-    from fastmedusa.decode.accuracy import first_user_prompts, measure_rank_accuracies
+    from fastmedusa.decode.accuracy import first_user_prompts, measure_rank_accuracies, read_tree_json
     from fastmedusa.decode.cli import eos_token_ids
 
+    num_heads = model.medusa_config.num_heads
     prompts = first_user_prompts(tokenizer, conversations, args.max_prompt_tokens)[: args.prompts]
     if not prompts:
         raise ValueError(
             f"no held-out prompt of <= {args.max_prompt_tokens} tokens: raise --max-prompt-tokens or --eval-size"
         )
-    paths = resolve_tree(tree, model.medusa_config.num_heads)
-    ranks = max(10, 1 + max(max(p) for p in paths))
+    tree_info = read_tree_json(heads_dir, num_heads)
+    built_here = isinstance(args.tree, str) and args.tree.startswith("auto:")
+    paths = None if built_here else resolve_tree(args.tree, num_heads, tree_info)
+    ranks = max(10, 1 + max(max(p) for p in paths)) if paths else 10
     eos = eos_token_ids(tokenizer, model.base)
     rank_acc, counts = measure_rank_accuracies(model, prompts, args.new_tokens, ranks, eos, progress=False)
+    if built_here:
+        paths = resolve_tree(args.tree, num_heads, {"rank_accuracies": rank_acc.tolist(), "paths": []})
+    name = args.tree or ("tree.json" if tree_info is not None else "mc_sim_7b_63")
     topk = rank_acc.cumsum(1)
     return {
         "greedy": {
@@ -177,7 +184,7 @@ def greedy_accuracy(model, tokenizer, conversations: list, args: argparse.Namesp
             "rank_accuracies": rank_acc.tolist(),
         },
         "tree": {
-            "name": str(tree) if tree is not None else "default",
+            "name": name,
             "nodes": len(paths),
             "expected_tokens_per_step": expected_accept_length(paths, rank_acc),
         },
@@ -209,10 +216,7 @@ def evaluate_heads(args: argparse.Namespace) -> dict:
         ),
     }
     if args.prompts > 0:
-        tree = args.tree
-        if tree is None and (heads_dir / "tree.json").is_file():
-            tree = str(heads_dir / "tree.json")
-        result.update(greedy_accuracy(model, tokenizer, conversations, args, tree))
+        result.update(greedy_accuracy(model, tokenizer, conversations, args, heads_dir))
     return result
 
 

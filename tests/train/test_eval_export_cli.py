@@ -52,6 +52,16 @@ def test_eval_uses_the_runs_split_and_agrees_with_training(run_dir, capsys):
     assert stat.S_IMODE((run_dir / "heads" / "eval.json").stat().st_mode) & 0o044 == 0o044
 
 
+def test_eval_builds_auto_trees_from_its_own_measurement(run_dir, tmp_path, capsys):
+    out = tmp_path / "auto.json"
+    argv = ["eval", str(run_dir), "--prompts", "2", "--new-tokens", "8", "--device", "cpu", "--tree", "auto:5",
+            "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["tree"]["name"] == "auto:5" and result["tree"]["nodes"] == 5
+    assert "auto:5 tree (5 nodes)" in capsys.readouterr().out
+
+
 def test_export_of_an_evaluated_run_has_a_full_model_card(run_dir, tmp_path, capsys):
     if not (run_dir / "heads" / "eval.json").is_file():
         main(["eval", str(run_dir), "--prompts", "1", "--new-tokens", "4", "--device", "cpu"])
