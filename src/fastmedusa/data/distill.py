@@ -498,7 +498,7 @@ def distill_conversations(
     settings = run_settings(config, model, tokenizer)
     start = prepare_output(config, settings)
     generate_batch = BatchGenerator(model, tokenizer, config, generate_fn)
-    read_stats = ReadStats(path=str(config.data))
+    read_stats = ReadStats(path=str(resolve_data_path(config.data)))
     source = iter_sharegpt(config.data, config.max_conversations, read_stats)
     source = itertools.islice(enumerate(source), start.consumed, None)
     stats = DistillStats(n_records_total=start.records)
@@ -564,15 +564,13 @@ def distill(config: DistillConfig) -> DistillStats:
     from fastmedusa.model import load_base_model, load_tokenizer
 
     config.validate()
-    read_stats = ReadStats(path=str(config.data))
+    read_stats = ReadStats(path=str(resolve_data_path(config.data)))
     try:  # read the first record before loading the model: bad data fails in a second
         next(iter_sharegpt(config.data, 1, read_stats))
     except StopIteration:
-        raise ValueError(f"--data {config.data}: no usable conversation ({read_stats.summary()})") from None
-    except UnicodeDecodeError as err:
         raise ValueError(
-            f"--data {config.data}: not UTF-8 text ({err.reason}); pass a .json/.jsonl file"
-        ) from err
+            f"--data {read_stats.path}: no usable conversation ({read_stats.summary()})"
+        ) from None
     tokenizer = load_tokenizer(config.model)
     apply_chat_template_option(tokenizer, config.chat_template)
     check_chat_template(tokenizer, config.model)
