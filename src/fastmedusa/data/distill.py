@@ -258,11 +258,12 @@ class BatchGenerator:
         """The new tokens of each row, up to and including its end token (if it reached one).
 
         `seeds` (one per row) make sampling a function of the row alone, not of the batch it landed in.
-        A short batch (the last of a round) is filled up to a power of two with copies of its last row,
-        whose answers are dropped: the compiled decode step and its CUDA graphs are then built for at most
-        log2(batch_size) + 2 batch shapes instead of one per size from 1 to batch_size."""
+        With --compile, a short batch (the last of a round) is filled up to a power of two with copies of
+        its last row, whose answers are dropped: the compiled decode step and its CUDA graphs are then
+        built for at most log2(batch_size) + 2 batch shapes instead of one per size from 1 to batch_size.
+        Eager steps take any shape, so there the filler would only cost work."""
         n = len(rows)
-        width = min(self.config.batch_size, 1 << (n - 1).bit_length())
+        width = min(self.config.batch_size, 1 << (n - 1).bit_length()) if self.config.compile else n
         rows, seeds = rows + [rows[-1]] * (width - n), seeds + [seeds[-1]] * (width - n)
         ids, mask = left_pad(rows, self.pad_id)
         out = self.generate_fn(
