@@ -77,3 +77,18 @@ def test_generate_auto_tree(saved, capsys, tmp_path):
     write_tree_json(heads, [[0.5, 0.2]] * 3, num_nodes=5)
     rc, _, err = run(capsys, *common)
     assert rc == 2 and "measured for 3 Medusa heads but these heads have 2" in err
+
+
+def test_generate_several_prompts_as_one_batch(saved, capsys):
+    common = ["--model", saved / "model", "--heads", saved / "heads", "--chat", "--max-new-tokens", 10,
+              "--tree", "chain_2", "--device", "cpu"]  # fmt: skip
+    singles = []
+    for prompt in ("Hello there", "Tell me a long story about a cat"):
+        rc, text, _ = run(capsys, *common, "--prompt", prompt)
+        assert rc == 0
+        singles.append(text.rstrip("\n"))
+    rc, text, stats = run(
+        capsys, *common, "--prompt", "Hello there", "--prompt", "Tell me a long story about a cat"
+    )
+    assert rc == 0 and "batch 2" in stats
+    assert text.rstrip("\n") == "\n\n".join(singles)

@@ -22,7 +22,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="Medusa heads: a directory in any layout fastmedusa reads (`fastmedusa train`, `fastmedusa export`, "
         "FasterDecoding/Medusa, vLLM) or a training output dir holding heads/",
     )
-    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument(
+        "--prompt",
+        required=True,
+        action="append",
+        help="the prompt text; repeat the flag to generate for several prompts as one batch (left-padded; "
+        "each answer is printed in order, separated by a blank line)",
+    )
     parser.add_argument(
         "--chat", action="store_true", help="wrap the prompt as a user turn in the chat template"
     )
@@ -154,10 +160,15 @@ def run_generate(args: argparse.Namespace) -> int:
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     tokenizer = load_tokenizer(args.model)
     model, base = load_for_generation(args, device, dtype)
-    ids = encode_prompt(tokenizer, args.prompt, args.chat)
+    from fastmedusa.decode.accuracy import left_pad_batch
+
+    encoded = [encode_prompt(tokenizer, prompt, args.chat) for prompt in args.prompt]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = left_pad_batch(encoded, pad_id)
     out = generate(
         model,
         ids,
+        attention_mask=mask,
         max_new_tokens=args.max_new_tokens,
         medusa=not args.no_medusa,
         temperature=args.temperature,
@@ -169,6 +180,10 @@ def run_generate(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         seed=args.seed,
     )
-    print(tokenizer.decode(out.new_token_ids.tolist(), skip_special_tokens=True))
+    texts = [
+        tokenizer.decode(out.row_new_token_ids(r).tolist(), skip_special_tokens=True)
+        for r in range(len(encoded))
+    ]
+    print("\n\n".join(texts))
     print(out.summary(), file=sys.stderr)
     return 0
