@@ -37,6 +37,7 @@ class Progress:
         enabled: bool = True,
         interval: float = LOG_SECONDS,
         stream: IO | None = None,
+        leave: bool = True,
     ) -> None:
         self.iterable = iterable
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
@@ -49,7 +50,7 @@ class Progress:
         self.logged_n = initial
         self.bar = tqdm(
             total=self.total, initial=initial, desc=desc, unit=unit, file=self.stream,
-            disable=not (enabled and self.tty), dynamic_ncols=True,
+            disable=not (enabled and self.tty), dynamic_ncols=True, leave=leave,
         )  # fmt: skip
 
     @property

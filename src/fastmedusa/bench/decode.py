@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from fastmedusa.bench.common import environment, is_oom, write_json
 from fastmedusa.bench.heads import add_model_arguments, held_out_prompts, save_figure
 from fastmedusa.decode import generate
 from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
+from fastmedusa.progress import Progress
 
 ROWS = ("hf-static", "greedy", "medusa", "typical")
 
@@ -196,7 +196,7 @@ def run_row(name: str, fn, batches, device: torch.device) -> dict:
     (_, first_forwards, _, _), first_s = synced_seconds(fn, device, *batches[0][1:], batches[0][0])
     graphs_first = compiled_graphs() - graphs
     tokens, forwards, row_steps, seconds, outputs, nodes = 0, 0, 0, 0.0, {}, 0
-    for idx, ids, mask in tqdm(batches, desc=name, leave=False):
+    for idx, ids, mask in Progress(batches, desc=name, unit="batch", leave=False):
         (rows, n_forwards, steps_per_row, nodes), secs = synced_seconds(fn, device, ids, mask, idx)
         tokens += sum(len(r) for r in rows)
         forwards, row_steps, seconds = forwards + n_forwards, row_steps + sum(steps_per_row), seconds + secs
