@@ -70,7 +70,7 @@ class DistillConfig:
     chat_template: str | None = None
     dtype: str = "auto"
     device: str = "auto"
-    compile: bool = False
+    compile: bool = True  # on CUDA only: the CPU always runs eager
     progress: bool = True
 
     def validate(self) -> None:
@@ -254,16 +254,21 @@ class BatchGenerator:
         # Every prompt fits max_prompt_tokens, so one cache length serves all batches (and compiled steps).
         self.max_len = config.max_prompt_tokens + config.max_new_tokens
 
+    def runs_on_cuda(self) -> bool:
+        """Whether the model's weights are on a CUDA device (the only place where compiling pays)."""
+        return next(self.model.parameters()).device.type == "cuda"
+
     def __call__(self, rows: list[list[int]], seeds: list[int]) -> list[list[int]]:
         """The new tokens of each row, up to and including its end token (if it reached one).
 
         `seeds` (one per row) make sampling a function of the row alone, not of the batch it landed in.
-        With --compile, a short batch (the last of a round) is filled up to a power of two with copies of
-        its last row, whose answers are dropped: the compiled decode step and its CUDA graphs are then
-        built for at most log2(batch_size) + 2 batch shapes instead of one per size from 1 to batch_size.
-        Eager steps take any shape, so there the filler would only cost work."""
+        Compiled (the default on CUDA), every batch is filled up to --batch-size with copies of its last
+        row, whose answers are dropped, and finished rows are not compacted: the decode step is compiled
+        and captured as CUDA graphs for one batch shape only, once per run. Eager steps (the CPU, or
+        --no-compile) take any shape, so there the filler would only cost work and compaction helps."""
         n = len(rows)
-        width = min(self.config.batch_size, 1 << (n - 1).bit_length()) if self.config.compile else n
+        compiled = self.config.compile and self.runs_on_cuda()
+        width = self.config.batch_size if compiled else n
         rows, seeds = rows + [rows[-1]] * (width - n), seeds + [seeds[-1]] * (width - n)
         ids, mask = left_pad(rows, self.pad_id)
         out = self.generate_fn(
@@ -278,7 +283,8 @@ class BatchGenerator:
             seed=seeds,
             max_len=self.max_len,
             max_batch_size=self.config.batch_size,
-            compile=self.config.compile,
+            compile=compiled,
+            compact=None if not compiled else False,
         )
         new = out.sequences[:n, ids.shape[1] :].tolist()
         return [row[:count] for row, count in zip(new, out.new_tokens_per_row)]
@@ -605,9 +611,9 @@ HELP = {
     "chat_template": "a Jinja chat template (file or string) for a tokenizer that has none or to replace its own",
     "dtype": "weights dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16, fp32",
     "device": "cpu, cuda or cuda:N (auto: cuda when available)",
-    "compile": "compile the decode step with CUDA graphs (one compile of ~45 s per batch shape on an H100, "
-    "and finishing rows move to power-of-two shapes): worth it for runs of many minutes; off, the step runs "
-    "eager, which at large batches costs little more per token",
+    "compile": "on CUDA, compile the decode step with CUDA graphs for one batch shape (short batches are "
+    "filled up to --batch-size; the compile takes about a minute once per run); --no-compile runs it eager, "
+    "which launches every kernel from Python on each step. Ignored on the CPU, which always runs eager",
     "progress": "show a progress bar (on a terminal) or one line per group of conversations (otherwise)",
 }
 
