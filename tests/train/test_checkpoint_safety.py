@@ -99,6 +99,22 @@ def test_overwrite_deletes_only_after_the_inputs_load(run, tiny_model_dir, tmp_p
     assert max(steps) == 2  # the earlier run's log went with it
 
 
+def test_checkpoints_without_a_manifest_are_named_and_not_resumed(run, tiny_model_dir, capsys):
+    """A checkpoint of a version that wrote no manifest (or a save cut short) cannot be verified: --resume
+    names it and points to --overwrite; a new run does not suggest --resume, which could not work."""
+    data, out = run
+    for path, _ in [(p, s) for s, p in list_checkpoints(out)]:
+        (path / "manifest.json").unlink()
+    before = _snapshot(out)
+    assert main(_argv(tiny_model_dir, data, out, "--resume")) == 2
+    line = _error_line(capsys)
+    assert "has no manifest.json" in line and "--overwrite" in line and "checkpoint-" in line
+    assert main(_argv(tiny_model_dir, data, out)) == 2
+    line = _error_line(capsys)
+    assert "none of its checkpoints can be resumed" in line and "pass --resume" not in line
+    assert _snapshot(out) == before
+
+
 def test_resume_and_overwrite_together_are_refused(run, tiny_model_dir, capsys):
     data, out = run
     assert main(_argv(tiny_model_dir, data, out, "--overwrite", "--resume")) == 2

@@ -61,6 +61,15 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoints_without_manifest(output_dir: Path) -> list[Path]:
+    """Checkpoint folders that cannot be verified (no manifest: a save cut short, or an older format)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if _NAME.match(p.name) and not (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None

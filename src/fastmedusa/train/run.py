@@ -112,8 +112,15 @@ def _prepare_output_dir(config: TrainConfig) -> Path:
     out = check_output_dir(config.output_dir)
     if stale := ckpt.remove_stale_tmp(out):
         say(f"removed {stale} incomplete checkpoint save(s) (.tmp-checkpoint-*) in {out}")
+    unverifiable = ckpt.checkpoints_without_manifest(out)
     if config.resume:
         if ckpt.latest_checkpoint(out) is None:
+            if unverifiable:
+                raise FileNotFoundError(
+                    f"--resume: {unverifiable[-1]} has no {ckpt.MANIFEST} (an interrupted save, or a checkpoint "
+                    "of a fastmedusa version that wrote none), so it cannot be verified and is not resumed: "
+                    "pass --overwrite instead of --resume to start over there, or another --output-dir"
+                )
             raise FileNotFoundError(
                 f"--resume: no complete checkpoint in {out}: drop --resume to start a new run there"
             )
@@ -121,9 +128,11 @@ def _prepare_output_dir(config: TrainConfig) -> Path:
     earlier = ckpt.earlier_run_files(out)
     if earlier and not config.overwrite:
         names = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        resumable = ckpt.latest_checkpoint(out) is not None
         raise FileExistsError(
-            f"--output-dir {out} holds an earlier run ({names}): pass --resume to continue it, --overwrite "
-            "to delete it and start over, or another --output-dir"
+            f"--output-dir {out} holds an earlier run ({names}): "
+            + ("pass --resume to continue it, " if resumable else "none of its checkpoints can be resumed; ")
+            + "pass --overwrite to delete it and start over, or another --output-dir"
         )
     return out
 
