@@ -349,3 +349,60 @@ def test_debug_keeps_the_traceback(run, tiny_model_dir):
     data, out = run
     with pytest.raises(FileExistsError, match="holds an earlier run"):
         main(["--debug", *_argv(tiny_model_dir, data, out)])
+
+
+@pytest.mark.parametrize("fails", ["main_write", "other_write", "main_commit"])
+def test_a_save_failing_on_one_process_raises_on_every_process(tmp_path, monkeypatch, fails):
+    """Two processes (threads here) share the write protocol: whichever fails, and at whichever stage,
+    both raise CheckpointError within the timeout instead of one waiting for the other at a barrier, and
+    the checkpoint already on disk is untouched."""
+    import threading
+
+    from fastmedusa.train import checkpoint as ckpt
+
+    out = tmp_path / "out"
+    ckpt.write_checkpoint(out, 1, lambda tmp: (tmp / "part-0").write_text("one"))
+    before = _snapshot(out)
+    barrier = threading.Barrier(2, timeout=20)
+    flags: list[bool] = []
+
+    def any_failed(failed: bool) -> bool:  # what an all-reduce of the flags gives every process
+        flags.append(failed)
+        barrier.wait()
+        result = any(flags)
+        barrier.wait()
+        if barrier.n_waiting == 0 and len(flags) == 2:
+            flags.clear()
+        barrier.wait()
+        return result
+
+    real_commit = ckpt.commit
+    monkeypatch.setattr(
+        ckpt, "commit", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error"))
+        if fails == "main_commit" else real_commit(*a, **k),
+    )  # fmt: skip
+    outcome: dict[str, BaseException | None] = {}
+
+    def process(rank: int) -> None:
+        def write(tmp: Path) -> None:
+            if (fails, rank) in (("main_write", 0), ("other_write", 1)):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            (tmp / f"part-{rank}").write_text("two")
+
+        try:
+            ckpt.write_checkpoint(
+                out, 2, write, main=rank == 0, barrier=lambda: barrier.wait(), any_failed=any_failed
+            )
+            outcome[rank] = None
+        except BaseException as err:  # noqa: BLE001 - recorded for the assertions
+            outcome[rank] = err
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a process was left waiting"
+    assert all(isinstance(outcome[r], ckpt.CheckpointError) for r in (0, 1)), outcome
+    assert "nothing of it was kept" in str(outcome[1])
+    assert _snapshot(out) == before and [s for s, _ in list_checkpoints(out)] == [1]

@@ -116,11 +116,14 @@ def write_checkpoint(
     keep: int = 2,
     main: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    any_failed: Callable[[bool], bool] = lambda failed: failed,
 ) -> Path:
     """The one write path: `write(tmp)` on every process, then the main one commits (manifest, fsync, rename).
 
     A failure in `write` (e.g. ENOSPC) removes the temporary directory and raises `CheckpointError`;
-    the checkpoints already on disk are not touched."""
+    the checkpoints already on disk are not touched. `any_failed` (collective: whether any process
+    failed) tells every process the outcome of the writes and of the commit, so a process that fails
+    alone raises together with the others instead of leaving them waiting at a barrier."""
     output_dir = Path(output_dir)
     tmp = tmp_dir(output_dir, step)
     try:
@@ -129,10 +132,9 @@ def write_checkpoint(
                 shutil.rmtree(tmp)  # left over by a save killed mid-write
             tmp.mkdir(parents=True)
         barrier()
-        write(tmp)
-        barrier()
-        if main:
-            commit(output_dir, step, keep=keep)
+        _together(lambda: write(tmp), any_failed, "another process could not write its part")
+        _together(lambda: commit(output_dir, step, keep=keep) if main else None, any_failed,
+                  "the main process could not commit it")  # fmt: skip
     except (OSError, CheckpointException) as err:  # DCP wraps a process's OSError in a CheckpointException
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -141,8 +143,19 @@ def write_checkpoint(
             f"could not write {checkpoint_dir(output_dir, step)} ({describe(err)}); nothing of it was kept"
             + (f" and {kept} is intact: free space and continue with --resume" if kept else "")
         ) from err
-    barrier()
     return checkpoint_dir(output_dir, step)
+
+
+def _together(action: Callable[[], object], any_failed: Callable[[bool], bool], others: str) -> None:
+    """Run `action` here; if it failed on any process, raise on every one (its own error where it failed,
+    else an OSError saying `others`), so no process is left waiting at the next collective."""
+    error: Exception | None = None
+    try:
+        action()
+    except Exception as err:  # noqa: BLE001 - shared first, then raised
+        error = err
+    if any_failed(error is not None):
+        raise error or OSError(others)
 
 
 def describe(err: BaseException) -> str:

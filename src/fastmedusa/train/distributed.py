@@ -400,7 +400,7 @@ def save_sharded(
         checkpoint_id=str(directory),
     )
     rank = dist.get_rank() if _initialized() else 0
-    failed: OSError | None = None
+    failed: Exception | None = None
     try:
         write_json(directory / EXTRA_FILE.format(rank=rank), extra)
         if rank == 0:
@@ -411,7 +411,7 @@ def save_sharded(
             write_json(directory / OPTIMIZER_FILE, {"param_groups": groups})
             world = dist.get_world_size() if _initialized() else 1
             write_json(directory / META_FILE, {"world_size": world})
-    except OSError as err:  # e.g. a full disk on this process only
+    except Exception as err:  # noqa: BLE001 - e.g. a full disk on this process only; raised after the collective
         failed = err
     # instead of a barrier: every process learns whether all wrote their part, so all fail together
     # (a process that raised alone would leave the others waiting for it at the next barrier)
@@ -483,6 +483,7 @@ def save_checkpoint(
     return write_checkpoint(
         Path(output_dir), step, lambda tmp: save_sharded(tmp, model, optimizer, extra),
         keep=keep, main=is_main_process(), barrier=barrier,
+        any_failed=lambda failed: bool(all_reduce_max(float(failed))),
     )  # fmt: skip
 
 

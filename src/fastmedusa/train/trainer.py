@@ -275,6 +275,7 @@ class Trainer:
         path = ckpt.write_checkpoint(
             self.output_dir, self.step, write, keep=self.config.keep_checkpoints, main=main,
             barrier=self.backend.barrier,
+            any_failed=lambda failed: self.backend.first_error("failed" if failed else None) is not None,
         )  # fmt: skip
         self.saved_step = self.step
         return path
