@@ -300,14 +300,19 @@ def test_a_changed_data_file_at_the_same_path_is_refused(run, tiny_model_dir, sh
     assert main(_argv(tiny_model_dir, data, out, "--resume", "--allow-changed-data")) == 0
 
 
-def test_a_changed_model_shape_is_refused_before_loading(run, tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("field", ["hidden_size", "vocab_size"])
+def test_a_changed_model_shape_is_refused_before_loading(run, tiny_model_dir, tmp_path, capsys, field):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     data, out = run
     other = tmp_path / "model"
     shutil.copytree(tiny_model_dir, other)
     config = LlamaConfig.from_pretrained(other)
-    config.hidden_size, config.intermediate_size = 48, 96
+    saved_value = getattr(config, field)
+    if field == "hidden_size":
+        config.hidden_size, config.intermediate_size = 48, 96
+    else:
+        config.vocab_size += 8
     LlamaForCausalLM(config).save_pretrained(other)
     for path in out.glob("checkpoint-*"):  # the same run, moved: its --model now points at `other`
         saved = json.loads((path / "train_config.json").read_text())
@@ -317,7 +322,7 @@ def test_a_changed_model_shape_is_refused_before_loading(run, tiny_model_dir, tm
     before = _snapshot(out)
     assert main(_argv(other, data, out, "--resume", "--allow-changed-data")) == 2
     line = _error_line(capsys)
-    assert "hidden_size: saved 32, now 48" in line and "another base model" in line
+    assert f"{field}: saved {saved_value}, now {getattr(config, field)}" in line and "another base model" in line
     assert _snapshot(out) == before
 
 
