@@ -131,6 +131,22 @@ def test_first_answers_equal_hf_greedy_and_records_keep_the_source(tiny, data_fi
         assert got[answer_at]["value"] == _hf_answer(model, tokenizer, first)
 
 
+def test_max_turns_ends_each_record_after_that_many_answers(tiny, data_file, tmp_path):
+    model, tokenizer = tiny
+    full, short = tmp_path / "full.jsonl", tmp_path / "short.jsonl"
+    common = {"data": str(data_file), "max_new_tokens": MAX_NEW, "batch_size": 2, "progress": False}
+    distill_conversations(model, tokenizer, DistillConfig(output=str(full), **common))
+    stats = distill_conversations(model, tokenizer, DistillConfig(output=str(short), max_turns=2, **common))
+    assert stats.n_answers == 1 + 2 + 1 + 1 + 2 + 2 and stats.shortened == {"reached --max-turns": 1}
+    for whole, cut in zip(_read_jsonl(full), _read_jsonl(short)):
+        answers = [t for t in cut["conversations"] if t["from"] in ("gpt", "assistant")]
+        assert cut["conversations"][-1] == answers[-1] and len(answers) == min(2, len(answers))
+        # the same answers as the full run, up to the cut: later turns are dropped, earlier ones unchanged
+        assert cut["conversations"] == whole["conversations"][: len(cut["conversations"])]
+    with pytest.raises(ValueError, match="--max-turns 0"):
+        DistillConfig(output=str(tmp_path / "x.jsonl"), max_turns=0).validate()
+
+
 def test_later_prompts_hold_the_models_own_answers(tiny, data_file, tmp_path):
     model, tokenizer = tiny
     prompts = []

@@ -49,7 +49,9 @@ PROGRESS_SUFFIX = ".progress"  # no .json suffix: `train --data DIR` must still 
 DEFAULT_ROLE_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Settings that change what is generated: a resumed run must use the same ones.
-RESUME_SETTINGS = ("data", "max_new_tokens", "max_prompt_tokens", "batch_size", "temperature", "seed")
+RESUME_SETTINGS = (
+    "data", "max_new_tokens", "max_prompt_tokens", "max_turns", "batch_size", "temperature", "seed"
+)  # fmt: skip
 
 
 @dataclass
@@ -62,6 +64,7 @@ class DistillConfig:
     max_conversations: int | None = None
     max_new_tokens: int = 256
     max_prompt_tokens: int | None = None  # None: DEFAULT_PROMPT_TOKENS, less what the model's context lacks
+    max_turns: int | None = None  # None: every answer of every conversation
     batch_size: int = 16
     temperature: float = 0.0
     seed: int = 0
@@ -75,9 +78,9 @@ class DistillConfig:
 
     def validate(self) -> None:
         """Refuse bad values before any model is loaded, naming the flag and what to pass instead."""
-        for name, low in (("max_new_tokens", 1), ("max_prompt_tokens", 1), ("batch_size", 1)):
+        for name, low in (("max_new_tokens", 1), ("max_prompt_tokens", 1), ("max_turns", 1), ("batch_size", 1)):
             value = getattr(self, name)
-            if value is None and name == "max_prompt_tokens":
+            if value is None and name in ("max_prompt_tokens", "max_turns"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"--{name.replace('_', '-')} {value!r}: pass an integer >= {low}")
@@ -333,6 +336,9 @@ def run_group(
                 stats.n_answers_cut += not ended
                 if len(job.answers) == len(job.users):
                     job.done = True
+                    finished += 1
+                elif config.max_turns is not None and len(job.answers) >= config.max_turns:
+                    job.end(stats, "reached --max-turns")
                     finished += 1
             on_done(finished, tokens)
 
@@ -601,6 +607,9 @@ HELP = {
     "max_prompt_tokens": "longest prompt: longer histories lose their oldest turns (the system turn stays); "
     "this plus --max-new-tokens sets the KV cache length (default: 1024, less if the model's context is "
     "shorter than that plus --max-new-tokens)",
+    "max_turns": "regenerate at most this many answers per conversation; the record ends after its last one "
+    "(later turns are dropped and counted). Long chats make many rounds of small batches, so this bounds "
+    "the run's time (default: every answer)",
     "batch_size": "prompts generated together (left-padded); larger is faster until the GPU is full",
     "temperature": "0: greedy; above 0: sampling, reproducible from --seed (also across --resume)",
     "seed": "seed of the sampling: each answer draws from its own seed derived from this, so the output does "
@@ -624,7 +633,8 @@ def _positive_or_all(text: str) -> int | None:
 
 def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """One flag per `DistillConfig` field; unset flags keep the dataclass default (shown in --help)."""
-    types = {"max_conversations": _positive_or_all, "max_prompt_tokens": int, "temperature": float}
+    types = {"max_conversations": _positive_or_all, "max_prompt_tokens": int, "max_turns": _positive_or_all,
+             "temperature": float}  # fmt: skip
     for f in fields(DistillConfig):
         flag = "--" + f.name.replace("_", "-")
         text = HELP[f.name] if "default:" in HELP[f.name] else f"{HELP[f.name]} (default: {f.default})"
