@@ -196,8 +196,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{record['prefixes'][-1]['expected_tokens_per_step']:.2f} | measured "
               f"{record['decode'].get('medusa', {}).get('tokens_per_step', float('nan')):.2f}", flush=True)  # fmt: skip
     env = environment()
-    settings = {k: v for k, v in vars(args).items()}
-    path = write_json(out_dir / "ablation.json", {"env": env, "settings": settings, "runs": results})
+    path = write_json(out_dir / "ablation.json", {"env": env, "settings": vars(args), "runs": results})
     plot(results, env, out_dir / "ablation.png")
     print(f"results in {path} and {out_dir / 'ablation.png'}")
 

@@ -287,7 +287,7 @@ class BatchGenerator:
             max_len=self.max_len,
             max_batch_size=self.config.batch_size,
             compile=compiled,
-            compact=None if not compiled else False,
+            compact=False if compiled else None,
         )
         new = out.sequences[:n, ids.shape[1] :].tolist()
         return [row[:count] for row, count in zip(new, out.new_tokens_per_row)]

@@ -48,26 +48,22 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / f"{PREFIX}{step:07d}"
 
 
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with a manifest) in `output_dir`, oldest first."""
+def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    """Every `checkpoint-N` folder in `output_dir` (complete or not), oldest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = []
-    for path in output_dir.iterdir():
-        match = _NAME.match(path.name)
-        if match and (path / MANIFEST).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in output_dir.iterdir() if (m := _NAME.match(p.name)))
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with a manifest) in `output_dir`, oldest first."""
+    return [(step, path) for step, path in _checkpoint_dirs(output_dir) if (path / MANIFEST).is_file()]
 
 
 def checkpoints_without_manifest(output_dir: Path) -> list[Path]:
     """Checkpoint folders that cannot be verified (no manifest: a save cut short, or an older format)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if _NAME.match(p.name) and not (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return [path for _, path in _checkpoint_dirs(output_dir) if not (path / MANIFEST).is_file()]
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -78,9 +74,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def earlier_run_files(output_dir: Path) -> list[Path]:
     """What an earlier run left in `output_dir`: checkpoints (complete or not), its metrics log, its heads."""
     output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = sorted(p for p in output_dir.iterdir() if _NAME.match(p.name))
+    found = [path for _, path in _checkpoint_dirs(output_dir)]
     return found + [p for p in (output_dir / "metrics.jsonl", output_dir / "heads") if p.exists()]
 
 

@@ -386,7 +386,8 @@ def save_sharded(
     the main process adds the optimizer's hyper-parameters (JSON) and the world size.
 
     `directory` must be the same path on every process (a shared filesystem across nodes) and exist.
-    `fastmedusa.train.checkpoint.write_checkpoint` wraps this in the atomic temp-dir-and-rename protocol.
+    `fastmedusa.train.checkpoint.write_checkpoint` wraps this in the atomic temp-dir-and-rename protocol,
+    which also tells every process when one of them failed here (so none waits for it).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -400,25 +401,14 @@ def save_sharded(
         checkpoint_id=str(directory),
     )
     rank = dist.get_rank() if _initialized() else 0
-    failed: Exception | None = None
-    try:
-        write_json(directory / EXTRA_FILE.format(rank=rank), extra)
-        if rank == 0:
-            groups = [
-                {k: _json_value(v, f"param_groups.{k}") for k, v in g.items()}
-                for g in optim_sd["param_groups"]
-            ]
-            write_json(directory / OPTIMIZER_FILE, {"param_groups": groups})
-            world = dist.get_world_size() if _initialized() else 1
-            write_json(directory / META_FILE, {"world_size": world})
-    except Exception as err:  # noqa: BLE001 - e.g. a full disk on this process only; raised after the collective
-        failed = err
-    # instead of a barrier: every process learns whether all wrote their part, so all fail together
-    # (a process that raised alone would leave the others waiting for it at the next barrier)
-    if all_reduce_max(float(failed is not None)) and failed is None:
-        failed = OSError(f"another process could not write its part of {directory}")
-    if failed is not None:
-        raise failed
+    write_json(directory / EXTRA_FILE.format(rank=rank), extra)
+    if rank == 0:
+        groups = [
+            {k: _json_value(v, f"param_groups.{k}") for k, v in g.items()} for g in optim_sd["param_groups"]
+        ]
+        write_json(directory / OPTIMIZER_FILE, {"param_groups": groups})
+        world = dist.get_world_size() if _initialized() else 1
+        write_json(directory / META_FILE, {"world_size": world})
 
 
 def load_sharded(

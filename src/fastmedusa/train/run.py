@@ -112,10 +112,9 @@ def _prepare_output_dir(config: TrainConfig) -> Path:
     out = check_output_dir(config.output_dir)
     if stale := ckpt.remove_stale_tmp(out):
         say(f"removed {stale} incomplete checkpoint save(s) (.tmp-checkpoint-*) in {out}")
-    unverifiable = ckpt.checkpoints_without_manifest(out)
     if config.resume:
         if ckpt.latest_checkpoint(out) is None:
-            if unverifiable:
+            if unverifiable := ckpt.checkpoints_without_manifest(out):
                 raise FileNotFoundError(
                     f"--resume: {unverifiable[-1]} has no {ckpt.MANIFEST} (an interrupted save, or a checkpoint "
                     "of a fastmedusa version that wrote none), so it cannot be verified and is not resumed: "
