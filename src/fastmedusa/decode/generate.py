@@ -116,14 +116,25 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def token_keys(vocab_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(V,) int64 per-token keys of `gumbel_noise`. Computed eagerly and passed into compiled steps as a buffer:
+    traced, `arange(V) * 0x9E3779B1` becomes an index expression, and Triton refuses that constant as an
+    int32 scalar (inductor then fails to compile any sampling step on CUDA)."""
+    return (torch.arange(vocab_size, device=device) * 0x9E3779B1) & _MASK32
+
+
+def gumbel_noise(
+    seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int, keys: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, V) Gumbel noise that is a pure function of (row seed, position, token id).
 
     A counter-based generator: a row samples the same tokens whatever the batch around it, eager or
-    compiled, and the step needs no RNG state (no host sync, nothing for CUDA graphs to capture)."""
+    compiled, and the step needs no RNG state (no host sync, nothing for CUDA graphs to capture). `keys`:
+    `token_keys(vocab_size)`, required inside compiled code."""
+    if keys is None:
+        keys = token_keys(vocab_size, seeds.device)
     base = _hash32(_hash32(seeds & _MASK32) ^ (positions & _MASK32))  # (B,)
-    vocab = (torch.arange(vocab_size, device=seeds.device) * 0x9E3779B1) & _MASK32  # (V,)
-    bits = _hash32(base[:, None] ^ vocab[None, :]) >> 8  # 24 random bits
+    bits = _hash32(base[:, None] ^ keys[None, :]) >> 8  # 24 random bits
     uniform = (bits.float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
     return -torch.log(-torch.log(uniform))
 
@@ -133,14 +144,15 @@ def sample_token(
     temperature: float,
     seeds: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, V) -> (B,): argmax at temperature 0, else a sample from softmax(logits / T) by the Gumbel-max
-    trick with `gumbel_noise(seeds, positions)` (needs no host sync, as torch.multinomial would)."""
+    trick with `gumbel_noise(seeds, positions, V, keys)` (needs no host sync, as torch.multinomial would)."""
     if temperature <= 0:
         return logits.argmax(-1)
     if seeds is None or positions is None:
         raise ValueError("sampling (temperature > 0) needs per-row seeds and positions")
-    noise = gumbel_noise(seeds, positions, logits.shape[-1])
+    noise = gumbel_noise(seeds, positions, logits.shape[-1], keys)
     return (logits.float() / temperature + noise).argmax(-1)
 
 
@@ -196,18 +208,19 @@ def make_plain_step(engine: DecodeEngine, temperature: float, eos_ids: torch.Ten
     """(token, cur, offset, seeds, n, limit, done) -> (emitted, next token, cur + 1, n, done): one token per
     row. A frozen row emits pad_id but keeps feeding a real token (a pad id may lie outside the vocabulary)."""
     positions = torch.arange(engine.max_len, device=engine.device)
+    keys = token_keys(engine.lm_head.shape[0], engine.device)  # per-token noise keys, a static buffer
 
     def step(token, cur, offset, seeds, n, limit, done):
         mask = (positions[None, :] <= cur[:, None]) & (positions[None, :] >= offset[:, None])  # (B, max_len)
         rope = cur - offset
         hidden = engine(token[:, None], cur[:, None], rope[:, None], mask[:, None, :])  # (B, 1, H)
-        nxt = sample_token(engine.logits(hidden[:, 0]), temperature, seeds, rope + 1)  # (B,)
+        nxt = sample_token(engine.logits(hidden[:, 0]), temperature, seeds, rope + 1, keys)  # (B,)
         n = n + (~done).long()
         emitted = torch.where(done, pad_id, nxt)
         done = done | _is_eos(nxt, eos_ids) | (n >= limit)
         return emitted, nxt, cur + 1, n, done
 
-    step.static_tensors = [positions]
+    step.static_tensors = [positions, keys]
     return step
 
 
@@ -232,6 +245,7 @@ def make_medusa_step(
     steps_ar = torch.arange(depth + 1, device=engine.device)
     node_rows = torch.arange(n_nodes, device=engine.device)
     tree_mask_t = tree.attention_mask.t().contiguous()  # (N, N): [j, i] = node i sees node j
+    keys = token_keys(engine.lm_head.shape[0], engine.device)  # per-token noise keys, a static buffer
 
     def step(root, hidden_last, cur, offset, seeds, n, limit, done):
         bsz = root.shape[0]
@@ -254,7 +268,7 @@ def make_medusa_step(
         path = tree.retrieve_indices[best]  # (B, depth+1)
         last = path.gather(1, accepted[:, None])  # (B, 1)
         last_logits = logits.gather(1, last[:, :, None].expand(bsz, 1, logits.shape[-1]))[:, 0]
-        next_root = sample_token(last_logits, temperature, seeds, rope0 + accepted + 1)  # (B,)
+        next_root = sample_token(last_logits, temperature, seeds, rope0 + accepted + 1, keys)  # (B,)
         speculated = tokens.gather(1, path[:, 1:])  # (B, depth)
         emitted = torch.cat([speculated, next_root[:, None]], dim=1)
         emitted = torch.where(steps_ar[None, :] == accepted[:, None], next_root[:, None], emitted)
@@ -277,7 +291,7 @@ def make_medusa_step(
             done_next,
         )
 
-    step.static_tensors = [positions, steps_ar, node_rows, tree_mask_t, *vars(tree).values()]
+    step.static_tensors = [positions, steps_ar, node_rows, tree_mask_t, keys, *vars(tree).values()]
     step.static_tensors += list(heads.parameters()) if isinstance(heads, nn.Module) else []
     return step
 
