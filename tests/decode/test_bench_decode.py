@@ -53,6 +53,10 @@ def test_bench_decode_rows_and_files(setup):
     assert rows[("hf-static", 2)]["matches_greedy"] == "2/2"
     assert rows[("medusa", 1)]["tree_nodes"] == 3 and "step_ratio_vs_greedy" in rows[("medusa", 1)]
     assert payload["profile"]["greedy"]["step_ms"] > 0 and "aten::" in payload["profile"]["medusa"]["table"]
+    for kind in ("greedy", "medusa"):  # on the CPU: no GPU kernels, every op eager
+        summary = payload["profile"][kind]
+        assert summary["kernels_per_step"] == 0 and summary["gpu_busy_fraction"] is None
+        assert summary["eager_aten_ops_per_step"] > 1
 
 
 def test_make_batches_pads_left_to_a_common_width():

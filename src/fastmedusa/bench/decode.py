@@ -251,6 +251,24 @@ def add_ratios(rows: list[dict], batch_size: int) -> None:
             r["step_ratio_vs_greedy"] = r["step_ms"] / mine["greedy"]["step_ms"]
 
 
+def profile_summary(events, steps: int, wall_ms: float) -> dict:
+    """Where a step's time goes, from profiler events: the GPU kernels' count and summed time per step, the
+    share of the wall clock the GPU spent in kernels (the rest is launch gaps or waiting on the host), and the
+    eager (host-dispatched) aten ops per step, i.e. the work outside the compiled step."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernel_us = sum(e.time_range.end - e.time_range.start for e in kernels)
+    eager = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::") and not e.cpu_parent]
+    per_step = max(steps, 1)
+    return {
+        "kernels_per_step": len(kernels) / per_step,
+        "kernel_ms_per_step": kernel_us / 1e3 / per_step,
+        "gpu_busy_fraction": kernel_us / 1e3 / wall_ms if kernels and wall_ms > 0 else None,
+        "eager_aten_ops_per_step": len(eager) / per_step,
+    }
+
+
 def profile_steps(model, args, tree, max_len: int, prompt: torch.Tensor) -> dict:
     """Kernel tables of plain and Medusa decoding at batch 1 (after a warm-up), and their per-step ms."""
     from torch.profiler import ProfilerActivity, profile
@@ -269,6 +287,7 @@ def profile_steps(model, args, tree, max_len: int, prompt: torch.Tensor) -> dict
         result[kind] = {
             "step_ms": 1e3 * seconds / out.steps,
             "steps": out.steps,
+            **profile_summary(prof.events(), out.steps, 1e3 * seconds),
             "table": prof.key_averages().table(sort_by=sort, row_limit=25),
         }
     result["step_ratio"] = result["medusa"]["step_ms"] / result["greedy"]["step_ms"]
@@ -350,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         payload["profile"] = profile_steps(model, args, args.tree, max_len, prompts[0])
         print(f"profile: Medusa step / greedy step = {payload['profile']['step_ratio']:.2f}")
+        for kind in ("greedy", "medusa"):
+            p = payload["profile"][kind]
+            busy = "n/a" if p["gpu_busy_fraction"] is None else f"{100 * p['gpu_busy_fraction']:.0f}%"
+            print(f"profile {kind}: {p['step_ms']:.2f} ms/step, {p['kernels_per_step']:.0f} kernels "
+                  f"({p['kernel_ms_per_step']:.2f} ms) per step, GPU busy {busy}, "
+                  f"{p['eager_aten_ops_per_step']:.1f} eager aten ops per step")  # fmt: skip
     for batch_size in args.batch_sizes:
         own_batches = make_batches(prompts, batch_size, pad_id)
         reference = None
