@@ -6,8 +6,8 @@ above 0: sampling and typical acceptance). Step time does not depend on weight v
 meaningless, so the result is the step time (the difference of a long and a short call divided by their
 difference in steps, which leaves out the prefill and the call's fixed cost), the first call's time (it
 compiles), and how many compiled steps ran without CUDA graphs (`cudagraph_skips`; TORCH_LOGS=cudagraphs
-says why). A step that fails to compile is recorded with its error. Writes $OUT/step_cost.json (or
-./step_cost.json). Without CUDA it runs a 2-layer fp32 model as a smoke test.
+says why). A step that fails to compile is recorded with its error. Writes
+$OUT/step_cost_L{layers}_T{temperature}.json (or ./...), so runs with other settings do not overwrite it. Without CUDA it runs a 2-layer fp32 model as a smoke test.
 
     PYTHONPATH=src BATCHES="1 16" python3 bench/step_cost.py
 """
@@ -81,7 +81,8 @@ def main() -> None:
             print(f"batch {batch}: medusa step / plain step = {tree / plain:.2f}x", flush=True)
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     result = dict(device=device, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=rows)
-    with open(os.path.join(os.environ.get("OUT", "."), "step_cost.json"), "w") as f:
+    name = f"step_cost_L{model.base.config.num_hidden_layers}_T{TEMPERATURE:g}.json"
+    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(result, f, indent=1)
 
 
