@@ -2,8 +2,9 @@
 # The self-distillation recipe on one GPU, end to end, in phases (each fits one 10-minute run):
 #   distill  regenerate the ShareGPT answers with the model itself (`fastmedusa distill`, compiled, batched)
 #   train    KL heads on those answers (`train --loss kl`); writes heads/ and the measured tree.json
-#   decode   MT-Bench first turns at batch 1 (own greedy, Medusa greedy, typical, HF static compiled) and
-#            batch 16 (own greedy, Medusa greedy), with a profile of both steps
+#   decode   MT-Bench first turns at batch 1: own greedy, Medusa greedy, typical (with a profile of both
+#            steps), and HF static compiled on 24 prompts
+#   batched  batch 16 and 64: own greedy and Medusa greedy, with the heads' tree.json and with auto:16
 #   ablation CE/KL x ShareGPT/self-distilled, 5 heads each (prefixes of 1..5 heads in ablation.json)
 #
 #   MODEL=model.gguf DATA=sharegpt.json PROMPTS=question.jsonl WORK=runs OUT=results \
@@ -45,14 +46,24 @@ for phase in "$@"; do
     train)
         train "kl-distilled-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS"
         ;;
-    decode)
+    decode)  # batch 1: own greedy, Medusa greedy and typical (with a step profile); HF compiled on fewer prompts
         heads="$WORK/kl-distilled-$HEADS/heads"
         timeout 330 python3 -m fastmedusa bench decode --model "$MODEL" --heads "$heads" --prompts "$PROMPTS" \
-            --batch-sizes 1 --new-tokens 256 --rows greedy medusa typical hf-static --profile \
+            --batch-sizes 1 --new-tokens 256 --rows greedy medusa typical --profile \
             --out "$OUT/decode_mtbench_b1.json" 2>&1 | tee "$OUT/decode_b1.log"
         timeout 200 python3 -m fastmedusa bench decode --model "$MODEL" --heads "$heads" --prompts "$PROMPTS" \
-            --batch-sizes 16 --new-tokens 256 --rows greedy medusa \
-            --out "$OUT/decode_mtbench_b16.json" 2>&1 | tee "$OUT/decode_b16.log"
+            --num-prompts 24 --batch-sizes 1 --new-tokens 256 --rows greedy hf-static \
+            --out "$OUT/decode_mtbench_b1_hf.json" 2>&1 | tee "$OUT/decode_b1_hf.log"
+        ;;
+    batched)  # batch 16 and 64 with the heads' 64-node tree.json and with a 16-node tree from its accuracies
+        heads="$WORK/kl-distilled-$HEADS/heads"
+        for tree in default auto:16; do
+            flag=()
+            [[ $tree != default ]] && flag=(--tree "$tree")
+            timeout 280 python3 -m fastmedusa bench decode --model "$MODEL" --heads "$heads" --prompts "$PROMPTS" \
+                --batch-sizes 16 64 --new-tokens 256 --rows greedy medusa "${flag[@]}" \
+                --out "$OUT/decode_mtbench_batched_${tree/:/}.json" 2>&1 | tee "$OUT/decode_batched_${tree/:/}.log"
+        done
         ;;
     ablation)
         for run in ${RUNS:-ce-sharegpt kl-sharegpt ce-distilled kl-distilled}; do
@@ -63,7 +74,7 @@ for phase in "$@"; do
         done
         ;;
     *)
-        echo "unknown phase $phase (distill, train, decode, ablation)" >&2
+        echo "unknown phase $phase (distill, train, decode, batched, ablation)" >&2
         exit 2
         ;;
     esac
