@@ -127,21 +127,6 @@ def bench_decode(args: argparse.Namespace, out: Path) -> dict:
             for r in payload["rows"] if "tokens_per_step" in r}  # fmt: skip
 
 
-def prefix_expectations(evaluation: dict, nodes: int = 64) -> list[dict]:
-    """Expected tokens/step of the first k heads (k = 1..K), each on the `nodes`-node tree built from their
-    measured rank accuracies (the tree `train` writes to tree.json)."""
-    from fastmedusa.decode import expected_accept_length
-    from fastmedusa.decode.trees import build_tree
-
-    rank_acc = evaluation["greedy"]["rank_accuracies"]
-    rows = []
-    for k in range(1, len(rank_acc) + 1):
-        paths = build_tree(rank_acc[:k], nodes)
-        rows.append({"heads": k, "tree_nodes": len(paths),
-                     "expected_tokens_per_step": round(expected_accept_length(paths, rank_acc[:k]), 3)})  # fmt: skip
-    return rows
-
-
 def run_label(record: dict) -> str:
     draft = f", draft vocab {record['draft_vocab']}" if record.get("draft_vocab") else ""
     return f"{record['loss'].upper()} on {record['dataset']}{draft}"
@@ -179,6 +164,7 @@ def plot(results: list[dict], env: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from fastmedusa.bench.common import environment, write_json
+    from fastmedusa.decode import expected_by_heads
 
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -188,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         out = out_dir / (f"{loss}-{dataset}" + (f"-draft{draft}" if draft else ""))
         record = train_run(args, dataset, loss, draft, out)
         record["eval"] = evaluate(args, out)
-        record["prefixes"] = prefix_expectations(record["eval"])
+        record["prefixes"] = expected_by_heads(record["eval"]["greedy"]["rank_accuracies"])
         record["decode"] = bench_decode(args, out)
         results.append(record)
         top1 = " ".join(f"{100 * a:.1f}" for a in record["eval"]["greedy"]["top1"])

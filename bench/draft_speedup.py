@@ -56,12 +56,14 @@ def markdown(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(points: list[dict], path: Path, title: str) -> None:
+def plot(points: list[dict], path: Path, env: dict, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
+
+    from fastmedusa.bench.heads import save_figure
 
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
     seq = [p["seq_len"] for p in points]
@@ -78,10 +80,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, env, title)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,9 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"environment": env, "full": args.full.name, "draft": args.draft.name, "points": points}
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
     shape = draft.get("settings", {}).get("shape", "")
-    title = (f"Llama-3.2-{shape.upper()} shape, stage 1: draft-vocabulary heads vs full-vocabulary peers · "
-             f"{env.get('device', '')} · {env.get('date', '')[:10]}")  # fmt: skip
-    plot(points, args.out.with_suffix(".png"), title)
+    title = f"Llama-3.2-{shape.upper()} shape, stage 1: draft-vocabulary heads vs full-vocabulary peers"
+    plot(points, args.out.with_suffix(".png"), env, title)
     print(markdown(points))
 
 

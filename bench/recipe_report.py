@@ -16,18 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fastmedusa.decode import expected_accept_length
-from fastmedusa.decode.trees import build_tree
-
-
-def prefix_rows(rank_accuracies: list[list[float]], nodes: int = 64) -> list[dict]:
-    """Expected tokens/step of the first k heads, k = 1..K, on the `nodes`-node tree built from them."""
-    rows = []
-    for k in range(1, len(rank_accuracies) + 1):
-        paths = build_tree(rank_accuracies[:k], nodes)
-        expected = expected_accept_length(paths, rank_accuracies[:k])
-        rows.append({"heads": k, "tree_nodes": len(paths), "expected_tokens_per_step": round(expected, 3)})
-    return rows
+from fastmedusa.decode import expected_by_heads
 
 
 def read_runs(directory: Path) -> list[dict]:
@@ -42,7 +31,7 @@ def read_runs(directory: Path) -> list[dict]:
             "top1_vs_own_greedy": [round(a[0], 4) for a in acc],
             "top5_vs_own_greedy": [round(sum(a[:5]), 4) for a in acc],
             "positions_scored": tree.get("positions_scored"), "prompts": tree.get("prompts"),
-            "prefixes": prefix_rows(acc),
+            "prefixes": expected_by_heads(acc),
         })  # fmt: skip
     return runs
 

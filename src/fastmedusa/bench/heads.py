@@ -122,13 +122,14 @@ def plot(payload: dict, path: Path) -> None:
     save_figure(fig, path, payload["env"])
 
 
-def save_figure(fig, path: Path, env: dict) -> None:
-    """Stamp the device, date and versions on a chart, save it, and free it."""
+def save_figure(fig, path: Path, env: dict, title: str | None = None) -> None:
+    """Stamp `title` (if any), the device, date and versions on a chart, save it, and free it."""
     import matplotlib.pyplot as plt
 
-    versions = env["versions"]
+    versions = env.get("versions", {})
     stamp = f"torch {versions.get('torch')} · transformers {versions.get('transformers')}"
-    fig.suptitle(f"{env['device']} · {env['date']} · {stamp}", fontsize=8)
+    head = f"{title}\n" if title else ""
+    fig.suptitle(f"{head}{env.get('device', '')} · {str(env.get('date', ''))[:10]} · {stamp}", fontsize=10 if title else 8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -2,6 +2,7 @@
 
 from fastmedusa.decode.accuracy import (
     choose_tree_size,
+    expected_by_heads,
     measure_heads_tree,
     measure_rank_accuracies,
     read_tree_json,
@@ -24,6 +25,7 @@ from fastmedusa.decode.trees import (
 )
 
 __all__ = [
+    "expected_by_heads",
     "MC_SIM_7B_63",
     "PRESETS",
     "DecodeEngine",

@@ -214,6 +214,18 @@ def measure_heads_tree(
 
 
 @torch.no_grad()
+def expected_by_heads(rank_accuracies: Sequence[Sequence[float]], nodes: int = 64) -> list[dict]:
+    """Expected tokens/step when only the first k heads are used (k = 1..K), each on the `nodes`-node tree
+    built from their rank accuracies. In stage 1 the heads are independent models on a frozen backbone, so
+    the first k heads of a K-head run stand for a k-head run."""
+    rows = []
+    for k in range(1, len(rank_accuracies) + 1):
+        paths = build_tree(rank_accuracies[:k], nodes)
+        expected = expected_accept_length(paths, rank_accuracies[:k])
+        rows.append({"heads": k, "tree_nodes": len(paths), "expected_tokens_per_step": round(expected, 3)})
+    return rows
+
+
 def choose_tree_size(
     model: nn.Module,
     rank_accuracies: torch.Tensor,
