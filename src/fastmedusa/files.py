@@ -10,11 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def default_file_mode() -> int:
-    """What `open(path, "w")` would give a new file: 0o666 without the process umask (usually 0o644)."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def default_file_mode() -> int:
+    """What `open(path, "w")` would give a new file: 0o666 without the process umask (usually 0o644)."""
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -46,3 +50,31 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, data: object) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `path`; once the block succeeds it replaces `path`.
+
+    A crash while writing leaves the previous directory whole; the swap itself is two renames, and a run
+    killed between them leaves the new directory under its final name only once the second rename lands.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, default_file_mode() | (0o111 & ~_umask()))  # mkdtemp gives 0700
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -194,12 +194,13 @@ def greedy_accuracy(model, tokenizer, conversations: list, args: argparse.Namesp
 def evaluate_heads(args: argparse.Namespace) -> dict:
     from fastmedusa.decode.cli import resolve_device_dtype
     from fastmedusa.model import MedusaModel, load_tokenizer
-    from fastmedusa.model.export import find_heads_dir, read_heads
+    from fastmedusa.model.export import base_model_for_heads, find_heads_dir, read_heads
 
     heads_dir = find_heads_dir(args.heads_dir)
     checkpoint = read_heads(heads_dir)
     settings = split_settings(args, heads_dir)
-    model_name = base_model_name(settings, checkpoint.config)
+    backbone = base_model_for_heads(args.model, heads_dir)  # --model, else a stage-2 run's own backbone
+    model_name = backbone if backbone is not None else base_model_name(settings, checkpoint.config)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     tokenizer = load_tokenizer(model_name)
     model = MedusaModel.from_pretrained(model_name, heads=heads_dir, dtype=dtype, device=device).eval()

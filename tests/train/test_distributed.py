@@ -165,6 +165,9 @@ def _scenario_train(out_dir: Path) -> dict:
         }
         exported = D.export_heads(model, out_dir / f"heads_{key}")
         results[key]["exported"] = None if exported is None else str(exported)
+        if stage == 2:  # the trained backbone, gathered from its shards and written by rank 0
+            backbone = D.export_backbone(model, out_dir / f"model_{key}")
+            results[key]["backbone"] = None if backbone is None else str(backbone)
         # gathered_heads lets metrics bypass forward: top-k hits of the sharded model on a batch
         ids, labels = global_batch(7)
         with torch.no_grad(), D.gathered_heads(model):
@@ -269,6 +272,17 @@ def test_export_heads_loads_into_medusa_model(train_results):
         fresh.load_heads(got["exported"])
         for name, value in fresh.medusa_heads.state_dict().items():
             torch.testing.assert_close(value, got["state"][f"medusa_heads.{name}"], rtol=0, atol=0)
+
+
+def test_export_backbone_writes_the_trained_full_weights(train_results):
+    from transformers import AutoModelForCausalLM
+
+    results, _ = train_results
+    for key in ("stage2_tied1_shared0", "stage2_tied0_shared0"):
+        got = results[key]
+        saved = AutoModelForCausalLM.from_pretrained(got["backbone"])
+        for name, value in saved.state_dict().items():
+            torch.testing.assert_close(value, got["state"][f"base.{name}"], rtol=0, atol=0, msg=name)
 
 
 def test_metric_reductions(train_results):

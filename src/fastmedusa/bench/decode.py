@@ -336,10 +336,11 @@ def plot(payload: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastmedusa.decode.cli import eos_token_ids, resolve_device_dtype
+    from fastmedusa.decode.cli import base_model_arg, eos_token_ids, resolve_device_dtype
     from fastmedusa.model import MedusaModel, load_tokenizer
 
     args = parse_args(argv)
+    args.model = base_model_arg(args.model, args.heads)
     if any(b < 1 for b in args.batch_sizes) or args.new_tokens < 1:
         raise ValueError("--batch-sizes and --new-tokens must be >= 1")
     device, dtype = resolve_device_dtype(args.device, args.dtype)

@@ -136,11 +136,12 @@ def save_figure(fig, path: Path, env: dict, title: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastmedusa.decode.cli import eos_token_ids, resolve_device_dtype
+    from fastmedusa.decode.cli import base_model_arg, eos_token_ids, resolve_device_dtype
     from fastmedusa.model import MedusaModel, load_tokenizer
 
     args = parse_args(argv)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
+    args.model = base_model_arg(args.model, args.heads)
     tokenizer = load_tokenizer(args.model)
     model = MedusaModel.from_pretrained(args.model, heads=args.heads, dtype=dtype, device=device).eval()
     prompts = held_out_prompts(args, tokenizer)[: args.prompts]

@@ -136,6 +136,16 @@ def read_heads_arg(path: str):
         ) from err
 
 
+def base_model_arg(model: str | None, heads: str | None) -> str | None:
+    """--model, or else the backbone that a stage-2 run saved beside --heads (said on stderr)."""
+    from fastmedusa.model.export import base_model_for_heads
+
+    resolved = base_model_for_heads(model, heads)
+    if model is None and resolved is not None:
+        print(f"base model: {resolved} (trained together with these heads, stage 2)", file=sys.stderr)
+    return resolved
+
+
 def load_for_generation(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """(model for `generate`, base HF model): a MedusaModel with --heads, else the bare base model."""
     from fastmedusa.model import MedusaModel, load_base_model
@@ -158,6 +168,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from fastmedusa.model import load_tokenizer
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
+    args.model = base_model_arg(args.model, args.heads)
     tokenizer = load_tokenizer(args.model)
     model, base = load_for_generation(args, device, dtype)
     from fastmedusa.decode.accuracy import left_pad_batch

@@ -250,6 +250,42 @@ def detect_layout(directory: str | os.PathLike) -> str:
     return read_heads(directory).layout
 
 
+BACKBONE_DIR = "../model"  # where a stage-2 run writes its backbone, relative to its heads directory
+
+
+def trained_backbone(heads: str | os.PathLike) -> Path | None:
+    """The backbone that a stage-2 run trained together with these heads (config.json's
+    `training.backbone`, relative to the heads), or None for heads on an unchanged base model.
+
+    Stage-2 heads read hidden states that only their own backbone produces: on the original base model they
+    would propose, and be judged against, another model's tokens."""
+    directory = find_heads_dir(heads)
+    try:
+        raw = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # read_heads reports a missing or broken config.json with its own message
+    training = raw.get("training") if isinstance(raw, dict) else None
+    relative = training.get("backbone") if isinstance(training, dict) else None
+    if not relative:
+        return None
+    path = (directory / relative).resolve()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{directory}: these heads were trained together with their backbone (stage 2), which should be "
+            f"at {path}: copy that directory beside the heads, or pass it with --model"
+        )
+    return path
+
+
+def base_model_for_heads(model: str | os.PathLike | None, heads: str | os.PathLike | None) -> str | None:
+    """The base model to load: `model` when given, else the stage-2 backbone saved with the heads, else None
+    (the embedded SmolLM2)."""
+    if model is not None or heads is None:
+        return None if model is None else str(model)
+    backbone = trained_backbone(heads)
+    return None if backbone is None else str(backbone)
+
+
 def read_heads(directory: str | os.PathLike) -> HeadsCheckpoint:
     """Read heads in any layout above (or a training output dir holding `heads/`)."""
     directory = find_heads_dir(directory)
@@ -299,7 +335,9 @@ def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
                 return torch.load(path, map_location="cpu", weights_only=True), path
             return load_file(str(path)), path
         except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
-            raise ValueError(f"{path} is truncated or corrupt ({err}): export or train the heads again") from err
+            raise ValueError(
+                f"{path} is truncated or corrupt ({err}): export or train the heads again"
+            ) from err
     raise FileNotFoundError(
         f"no head weights in {directory}: expected {HEADS_WEIGHTS_NAME} (FasterDecoding/Medusa layout), "
         f"{VLLM_WEIGHTS_NAME} (vLLM layout) or {LEGACY_WEIGHTS_NAME}"

@@ -143,6 +143,20 @@ def load_base_model(
     return model
 
 
+def save_base_model(model, directory: str | os.PathLike, tokenizer=None, state_dict: dict | None = None) -> Path:
+    """Write a trained backbone (stage 2) with `save_pretrained` (safetensors), beside its tokenizer, so every
+    Hugging Face loader and serving engine reads it. Written into a temporary directory and swapped in whole:
+    a killed run leaves the previous model, never half of one. `state_dict` overrides the module's own (an
+    FSDP run passes the gathered full tensors)."""
+    from fastmedusa.files import atomic_directory
+
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)
+
+
 def check_has_lm_head(model, name: object = None) -> None:
     """Medusa heads are initialised from the LM head: a model without one cannot carry them."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -14,6 +14,7 @@ from fastmedusa.model.config import MedusaConfig
 from fastmedusa.model.export import (
     HEADS_WEIGHTS_NAME,
     LEGACY_WEIGHTS_NAME,
+    base_model_for_heads,
     checkpoint_from_module_state,
     module_state,
     read_heads,
@@ -77,9 +78,11 @@ class MedusaModel(nn.Module):
 
         `heads` is a heads directory in any layout `fastmedusa.model.export` reads (FasterDecoding/Medusa's,
         vLLM's, fastmedusa's earlier prefixed one, `medusa_lm_head.pt`) or a training output dir holding
-        `heads/`; without it fresh heads are made from `config` (default `MedusaConfig()`).
+        `heads/`; without it fresh heads are made from `config` (default `MedusaConfig()`). Heads of a
+        stage-2 run load on the backbone trained with them when `base_name_or_path` is None.
         """
         checkpoint = read_heads(heads) if heads is not None else None
+        base_name_or_path = base_model_for_heads(base_name_or_path, heads)  # a stage-2 run's own backbone
         if checkpoint is not None:
             config = checkpoint.config
         base = load_base_model(base_name_or_path, **hf_kwargs)

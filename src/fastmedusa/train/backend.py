@@ -47,6 +47,12 @@ class SingleProcess:
         """Write the heads (`save_heads` format); returns the directory on the main process, else None."""
         return model.save_heads(directory)
 
+    def export_backbone(self, model: nn.Module, directory: Path, tokenizer=None) -> Path | None:
+        """Write the trained backbone (stage 2) with `save_pretrained`; the directory on the main process."""
+        from fastmedusa.model.loading import save_base_model
+
+        return save_base_model(model.base, directory, tokenizer)
+
     def first_error(self, message: str | None) -> str | None:
         """Collective: the first process's error message, or None when no process has one."""
         return message

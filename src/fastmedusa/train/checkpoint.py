@@ -72,10 +72,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def earlier_run_files(output_dir: Path) -> list[Path]:
-    """What an earlier run left in `output_dir`: checkpoints (complete or not), its metrics log, its heads."""
+    """What an earlier run left in `output_dir`: checkpoints (complete or not), its metrics log, its heads and
+    (stage 2) its backbone."""
     output_dir = Path(output_dir)
     found = [path for _, path in _checkpoint_dirs(output_dir)]
-    return found + [p for p in (output_dir / "metrics.jsonl", output_dir / "heads") if p.exists()]
+    earlier = (output_dir / "metrics.jsonl", output_dir / "heads", output_dir / "model")  # model: stage 2's backbone
+    return found + [p for p in earlier if p.exists()]
 
 
 def tmp_dir(output_dir: Path, step: int) -> Path:

@@ -510,6 +510,25 @@ def export_heads(model: nn.Module, directory: str | os.PathLike) -> Path | None:
     return Path(directory)
 
 
+def export_backbone(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path | None:
+    """Collective: gather the full backbone (stage 2) and, on rank 0, write it with `save_base_model`.
+    Returns the directory on rank 0, None elsewhere."""
+    from torch.distributed.tensor import DTensor
+
+    from fastmedusa.model.loading import save_base_model
+
+    state = {  # collective: the same tensors in the same order on every process
+        key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
+        for key, value in model.base.state_dict().items()
+    }
+    if not is_main_process():
+        barrier()
+        return None
+    save_base_model(model.base, directory, tokenizer, state_dict=state)
+    barrier()
+    return Path(directory)
+
+
 # -- the Trainer's backend -------------------------------------------------------------------------------
 def _env_flag(name: str) -> bool | None:
     value = os.environ.get(name)
@@ -625,3 +644,6 @@ class FSDPBackend:
 
     def export_heads(self, model: nn.Module, directory: str | os.PathLike) -> Path | None:
         return export_heads(model, directory)
+
+    def export_backbone(self, model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path | None:
+        return export_backbone(model, directory, tokenizer)

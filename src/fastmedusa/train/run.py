@@ -266,7 +266,12 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
     speed = f" ({summary['tokens_per_s']:.0f} tokens/s)" if summary.get("tokens_per_s") else ""
     curves = Path(config.output_dir) / "curves.png"
     drawn = f"; curves in {curves}" if config.plot and curves.is_file() else ""
-    say(f"done in {summary['seconds']:.0f} s{speed}; heads in {heads_dir}{drawn}")
+    backbone = (
+        f", with the backbone trained beside them in {Path(config.output_dir) / 'model'}"
+        if config.stage == 2
+        else ""
+    )
+    say(f"done in {summary['seconds']:.0f} s{speed}; heads in {heads_dir}{backbone}{drawn}")
     return summary
 
 
@@ -287,12 +292,19 @@ def export_heads(
     model, tokenizer, config: TrainConfig, backend: SingleProcess | None = None, summary: dict | None = None
 ) -> Path | None:
     """`output_dir/heads`: the heads (FasterDecoding/Medusa layout), the tokenizer to decode with, and in
-    config.json what a model card needs (data, steps, held-out accuracy per head).
+    config.json what a model card needs (data, steps, held-out accuracy per head). Stage 2 also writes the
+    trained backbone to `output_dir/model` (save_pretrained), which loading the heads then picks up.
 
     Collective under a distributed backend; returns the directory on the main process, None elsewhere."""
-    from fastmedusa.model.export import update_heads_config
+    from fastmedusa.model.export import BACKBONE_DIR, update_heads_config
 
-    heads_dir = (backend or SingleProcess()).export_heads(model, Path(config.output_dir) / "heads")
+    backend = backend or SingleProcess()
+    heads_dir = backend.export_heads(model, Path(config.output_dir) / "heads")
+    backbone = None
+    if config.stage == 2:  # the heads read this backbone's hidden states: they are only right beside it
+        backbone = backend.export_backbone(
+            model, (Path(config.output_dir) / "heads" / BACKBONE_DIR).resolve(), tokenizer
+        )
     if heads_dir is None:
         return None
     tokenizer.save_pretrained(heads_dir)
@@ -303,10 +315,12 @@ def export_heads(
         "data": config.data or "embedded ShareGPT",
         "seq_len": config.seq_len,
         "loss": config.loss,
+        **({"backbone": BACKBONE_DIR} if backbone is not None else {}),
         "final_eval": {k: final[k] for k in ("top1", "top5", "head_loss") if k in final} or None,
     }
+    base = {"base_model_name_or_path": str(backbone)} if backbone is not None else {}  # what TGI loads
     update_heads_config(
-        heads_dir, tokenizer_name_or_path=config.model or EMBEDDED_MODEL_NAME, training=training
+        heads_dir, tokenizer_name_or_path=config.model or EMBEDDED_MODEL_NAME, training=training, **base
     )
     return heads_dir
 

@@ -1,0 +1,88 @@
+"""Stage 2 trains the backbone with the heads: both are written, and loading the heads brings the backbone."""
+
+import json
+
+import pytest
+import torch
+
+from fastmedusa.cli import main
+
+
+@pytest.fixture(scope="module")
+def stage2_run(tiny_model_dir, sharegpt_records, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage2") / "run"
+    sharegpt_file = out.parent / "sharegpt.json"
+    sharegpt_file.write_text(json.dumps(sharegpt_records(40)))
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(sharegpt_file), "--output-dir", str(out),
+            "--stage", "2", "--num-heads", "2", "--seq-len", "64", "--batch-size", "4", "--max-steps", "6",
+            "--lr", "1e-2", "--eval-size", "8", "--eval-every", "0", "--save-every", "0", "--tree-prompts", "2",
+            "--no-progress", "--no-plot", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_stage2_writes_the_trained_backbone_beside_the_heads(stage2_run, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    backbone = stage2_run / "model"
+    assert (backbone / "config.json").is_file() and (backbone / "model.safetensors").is_file()
+    assert (backbone / "tokenizer.json").is_file()
+    config = json.loads((stage2_run / "heads" / "config.json").read_text())
+    assert config["training"]["backbone"] == "../model"
+    assert config["base_model_name_or_path"] == str(backbone.resolve())
+    trained = AutoModelForCausalLM.from_pretrained(backbone)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [
+        name for name, p in trained.named_parameters()
+        if not torch.equal(p, dict(original.named_parameters())[name])
+    ]  # fmt: skip
+    assert changed, "stage 2 trained the backbone, yet its saved weights equal the original ones"
+
+
+def test_loading_the_heads_brings_their_backbone(stage2_run):
+    from fastmedusa.model import MedusaModel
+    from fastmedusa.model.export import base_model_for_heads
+
+    assert base_model_for_heads(None, stage2_run) == str((stage2_run / "model").resolve())
+    assert base_model_for_heads("other", stage2_run) == "other"  # --model wins
+    model = MedusaModel.from_pretrained(heads=stage2_run / "heads")
+    saved = MedusaModel.from_pretrained(stage2_run / "model", heads=stage2_run / "heads")
+    for (name, a), (_, b) in zip(model.state_dict().items(), saved.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_generate_cli_uses_the_stage2_backbone(stage2_run, capsys):
+    argv = ["generate", "--heads", str(stage2_run / "heads"), "--prompt", "alpha beta", "--max-new-tokens", "4",
+            "--device", "cpu", "--compile", "off"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"base model: {(stage2_run / 'model').resolve()}" in err
+
+
+def test_heads_without_their_backbone_fail_with_one_clear_line(stage2_run, tmp_path):
+    import shutil
+
+    from fastmedusa.model.export import trained_backbone
+
+    moved = tmp_path / "heads"
+    shutil.copytree(stage2_run / "heads", moved)  # copied without ../model
+    with pytest.raises(FileNotFoundError, match="trained together with their backbone"):
+        trained_backbone(moved)
+
+
+def test_an_interrupted_directory_write_keeps_the_previous_one(tmp_path):
+    from fastmedusa.files import atomic_directory
+
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("killed")
+    assert (target / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary directory left
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (target / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model"
+    ]
