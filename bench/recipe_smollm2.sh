@@ -6,6 +6,9 @@
 #            steps), and HF static compiled on 24 prompts
 #   batched  batch 16 and 64: own greedy and Medusa greedy, with the heads' tree.json and with auto:16
 #   ablation CE/KL x ShareGPT/self-distilled, 5 heads each (prefixes of 1..5 heads in ablation.json)
+#   stage2   Medusa-2 on the self-distilled answers: heads and backbone together (KL heads, LM cross-entropy
+#            on the model's own answers), a conservative and a stronger setting; writes model/ beside heads/
+#   pick     the run whose tree.json expects the most tokens/step becomes $WORK/best (decode, batched use it)
 #
 #   MODEL=model.gguf DATA=sharegpt.json PROMPTS=question.jsonl WORK=runs OUT=results \
 #       bash bench/recipe_smollm2.sh distill train decode
@@ -26,11 +29,20 @@ fm() { python3 -m fastmedusa "$@"; }
 train() {  # train NAME LOSS DATA NUM_HEADS [extra flags]
     local name=$1 loss=$2 data=$3 heads=$4
     shift 4
-    fm train --model "$MODEL" --data "$data" --max-conversations all --stage 1 --num-heads "$heads" \
+    # a run past TRAIN_SECONDS is stopped (0: no limit); its heads are then missing, and pick skips it
+    timeout "${TRAIN_SECONDS:-0}" python3 -m fastmedusa train --model "$MODEL" --data "$data" --max-conversations all --stage 1 --num-heads "$heads" \
         --seq-len 1024 --pack --batch-size 16 --max-steps "$STEPS" --lr 1e-3 --eval-size 200 \
         --eval-every "$STEPS" --log-every 100 --save-every 0 --tree-prompts 32 --loss "$loss" \
         --no-progress --no-plot --overwrite --output-dir "$WORK/$name" "$@" 2>&1 | tee "$OUT/train_$name.log"
     cp "$WORK/$name/heads/tree.json" "$OUT/tree_$name.json" 2>/dev/null || true
+}
+
+heads_dir() {  # the heads the decode phases measure: $WORK/best (see pick), else the stage-1 KL run
+    if [[ -e $WORK/best/heads ]]; then echo "$WORK/best/heads"; else echo "$WORK/kl-distilled-$HEADS/heads"; fi
+}
+
+model_flag() {  # a stage-2 run's heads bring their own backbone (heads/config.json): pass --model only without one
+    [[ -d $1/../model ]] || echo "--model $MODEL"
 }
 
 for phase in "$@"; do
@@ -47,21 +59,24 @@ for phase in "$@"; do
         train "kl-distilled-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS"
         ;;
     decode)  # batch 1: own greedy, Medusa greedy and typical (with a step profile); HF compiled on fewer prompts
-        heads="$WORK/kl-distilled-$HEADS/heads"
-        timeout 330 python3 -m fastmedusa bench decode --model "$MODEL" --heads "$heads" --prompts "$PROMPTS" \
+        heads=$(heads_dir)
+        # shellcheck disable=SC2046
+        timeout 330 python3 -m fastmedusa bench decode $(model_flag "$heads") --heads "$heads" --prompts "$PROMPTS" \
             --batch-sizes 1 --new-tokens 256 --rows greedy medusa typical --profile \
             --out "$OUT/decode_mtbench_b1.json" 2>&1 | tee "$OUT/decode_b1.log"
-        timeout 200 python3 -m fastmedusa bench decode --model "$MODEL" --heads "$heads" --prompts "$PROMPTS" \
+        # shellcheck disable=SC2046
+        timeout 200 python3 -m fastmedusa bench decode $(model_flag "$heads") --heads "$heads" --prompts "$PROMPTS" \
             --num-prompts 24 --batch-sizes 1 --new-tokens 256 --rows greedy hf-static \
             --out "$OUT/decode_mtbench_b1_hf.json" 2>&1 | tee "$OUT/decode_b1_hf.log"
         ;;
     batched)  # batch 16 and 64 with the heads' 64-node tree.json and with a 16-node tree from its accuracies
-        heads="$WORK/kl-distilled-$HEADS/heads"
-        for tree in default auto:16; do
+        heads=$(heads_dir)
+        for tree in ${BATCHED_TREES:-default auto:16}; do
             flag=()
             [[ $tree != default ]] && flag=(--tree "$tree")
-            timeout 280 python3 -m fastmedusa bench decode --model "$MODEL" --heads "$heads" --prompts "$PROMPTS" \
-                --batch-sizes 16 64 --new-tokens 256 --rows greedy medusa "${flag[@]}" \
+            # shellcheck disable=SC2046
+            timeout 280 python3 -m fastmedusa bench decode $(model_flag "$heads") --heads "$heads" --prompts "$PROMPTS" \
+                --batch-sizes ${BATCH_SIZES:-16 64} --new-tokens 256 --rows greedy medusa "${flag[@]}" \
                 --out "$OUT/decode_mtbench_batched_${tree/:/}.json" 2>&1 | tee "$OUT/decode_batched_${tree/:/}.log"
         done
         ;;
@@ -73,8 +88,26 @@ for phase in "$@"; do
             train "$run-5" "$loss" "$data" 5
         done
         ;;
+    stage2)  # Medusa-2: the backbone learns too (lr), heads at lr x multiplier; the LM loss keeps its answers
+        TRAIN_SECONDS=${STAGE2_SECONDS:-200} train "kl2-conservative-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS" \
+            --stage 2 --lr 5e-5 --heads-lr-multiplier 20 --heads-coefficient 0.2 --heads-decay 0.8
+        TRAIN_SECONDS=${STAGE2_SECONDS:-200} train "kl2-strong-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS" \
+            --stage 2 --lr 2e-4 --heads-lr-multiplier 5 --heads-decay 0.8
+        ;;
+    pick)  # the measured tree.json with the most expected tokens/step
+        best=$(python3 - "$WORK" <<'PY'
+import json, sys
+from pathlib import Path
+runs = [(json.loads(t.read_text())["expected_tokens_per_step"], t.parent.parent) for t in Path(sys.argv[1]).glob("*/heads/tree.json")]
+for expected, run in sorted(runs):
+    print(f"{run.name}: expected {expected:.3f} tokens/step", file=sys.stderr)
+print(max(runs)[1] if runs else "")
+PY
+)
+        [[ -n $best ]] && ln -sfn "$best" "$WORK/best" && echo "best: $best" | tee "$OUT/best.txt"
+        ;;
     *)
-        echo "unknown phase $phase (distill, train, decode, batched, ablation)" >&2
+        echo "unknown phase $phase (distill, train, decode, batched, ablation, stage2, pick)" >&2
         exit 2
         ;;
     esac

@@ -234,11 +234,13 @@ def make_medusa_step(
     eos_ids: torch.Tensor | None,
 ) -> Callable:
     """One Medusa step for every row: (root, hidden of the last token (B, H), cur, offset, seeds, n, limit,
-    done) -> (emitted (B, depth+1), count (B,), accepted (B,), next root, next hidden, cur, n, done).
+    done) -> (emitted (B, depth+1), columns (B, depth+1), accepted (B,), next root, next hidden, cur, n, done).
 
     emitted[b, :accepted] are row b's accepted speculated tokens and emitted[b, accepted] the next root (the
-    base model's own token after them); count[b] of them are kept (fewer at EOS or the limit, 0 for a
-    frozen row), and accepted is -1 for a frozen row.
+    base model's own token after them); the first count[b] of them are kept (fewer at EOS or the limit, 0 for
+    a frozen row) and go to output columns n[b], n[b] + 1, ...: `columns` holds those, and -1 (the caller's
+    scratch column) for the rest, so the host writes the step's tokens with one indexed copy. accepted is -1
+    for a frozen row.
     """
     positions = torch.arange(engine.max_len, device=engine.device)
     n_nodes, depth = tree.num_nodes, tree.depth
@@ -280,9 +282,10 @@ def make_medusa_step(
         next_hidden = hidden.gather(1, last[:, :, None].expand(bsz, 1, hidden.shape[-1]))[:, 0]
         n_next = n + count
         done_next = done | (eos_at < count) | (n_next >= limit)
+        columns = torch.where(steps_ar[None, :] < count[:, None], n[:, None] + steps_ar[None, :], -1)
         return (
             emitted,
-            count,
+            columns,
             torch.where(done, -1, accepted),
             torch.where(done, root, next_root),
             torch.where(done[:, None], hidden_last, next_hidden),
@@ -645,20 +648,18 @@ def _plain_loop(engine, step, s, max_new_tokens, pad_id, compile, eos_ids, compa
 def _medusa_loop(engine, step, s, max_new_tokens, depth, pad_id, compile, eos_ids, compact):
     """Medusa steps until every row is done."""
     bsz = s["token"].shape[0]
-    dump = max_new_tokens + depth + 1  # a scratch column for the tokens a row does not keep
-    out = torch.full((bsz, dump + 1), pad_id, dtype=torch.long, device=engine.device)
+    # the last column (-1) is scratch for the tokens a row does not keep
+    out = torch.full((bsz, max_new_tokens + depth + 2), pad_id, dtype=torch.long, device=engine.device)
     out[:, 0] = s["token"]
-    cols = torch.arange(depth + 1, device=engine.device)
     s = dict(s)
     slots = _Slots(engine, s, True, compact)
     log = []
     while slots.next(s):
         _mark_step(compile, engine)
-        emitted, count, accepted, *new = step(
+        emitted, columns, accepted, *new = step(
             s["token"], s["hidden"], s["cur"], s["offset"], s["seeds"], s["n"], s["limit"], s["done"]
         )
-        where = torch.where(cols[None, :] < count[:, None], s["n"][:, None] + cols[None, :], dump)
-        out[slots.rows[:, None], where] = emitted
+        out[slots.rows[:, None], columns] = emitted
         s.update(zip(("token", "hidden", "cur", "n", "done"), (t.clone() for t in new)))
         log.append((slots.rows, accepted.clone()))
     accepts: list[list[int]] = [[] for _ in range(bsz)]
