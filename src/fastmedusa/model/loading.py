@@ -150,11 +150,34 @@ def save_base_model(model, directory: str | os.PathLike, tokenizer=None, state_d
     FSDP run passes the gathered full tensors)."""
     from fastmedusa.files import atomic_directory
 
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory) as tmp, _as_plain_weights(model):
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(directory)
+
+
+@contextlib.contextmanager
+def _as_plain_weights(model) -> Iterator[None]:
+    """A model loaded from a GGUF file keeps a GGUF "quantizer" that refuses `save_pretrained`, yet its weights
+    were dequantized into plain float tensors at load time: save them as the plain model they are."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)).lower() != "gguf":
+        yield
+        return
+    config = model.config
+    had_config = hasattr(config, "quantization_config")
+    saved_config = getattr(config, "quantization_config", None)
+    model.hf_quantizer = None
+    if had_config:
+        del config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if had_config:
+            config.quantization_config = saved_config
 
 
 def check_has_lm_head(model, name: object = None) -> None:

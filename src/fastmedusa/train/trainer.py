@@ -453,6 +453,8 @@ class Trainer:
                 f"{fmt_pct(result['top5'])} | loss {' '.join(f'{x:.3f}' for x in result['head_loss'])} | KL to the "
                 f"base model {' '.join(f'{x:.3f}' for x in result['head_kl'])}"
             )
+            if result.get("lm_loss") is not None:  # stage 2: how far the backbone moved on the held-out answers
+                line += f" | LM loss {result['lm_loss']:.3f}"
             (bar.write if bar is not None else tqdm.write)(line)
         return result
 
