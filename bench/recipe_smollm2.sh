@@ -64,6 +64,7 @@ for phase in "$@"; do
         timeout 330 python3 -m fastmedusa bench decode $(model_flag "$heads") --heads "$heads" --prompts "$PROMPTS" \
             --batch-sizes 1 --new-tokens 256 --rows greedy medusa typical --profile \
             --out "$OUT/decode_mtbench_b1.json" 2>&1 | tee "$OUT/decode_b1.log"
+        [[ ${DECODE_HF:-1} == 0 ]] && continue
         # shellcheck disable=SC2046
         timeout 200 python3 -m fastmedusa bench decode $(model_flag "$heads") --heads "$heads" --prompts "$PROMPTS" \
             --num-prompts 24 --batch-sizes 1 --new-tokens 256 --rows greedy hf-static \
@@ -89,10 +90,15 @@ for phase in "$@"; do
         done
         ;;
     stage2)  # Medusa-2: the backbone learns too (lr), heads at lr x multiplier; the LM loss keeps its answers
-        TRAIN_SECONDS=${STAGE2_SECONDS:-200} train "kl2-conservative-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS" \
-            --stage 2 --lr 5e-5 --heads-lr-multiplier 20 --heads-coefficient 0.2 --heads-decay 0.8
-        TRAIN_SECONDS=${STAGE2_SECONDS:-200} train "kl2-strong-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS" \
-            --stage 2 --lr 2e-4 --heads-lr-multiplier 5 --heads-decay 0.8
+        for setting in ${STAGE2_RUNS:-conservative strong}; do
+            case $setting in
+            conservative) flags=(--lr 5e-5 --heads-lr-multiplier 20 --heads-coefficient 0.2 --heads-decay 0.8) ;;
+            strong) flags=(--lr 2e-4 --heads-lr-multiplier 5 --heads-decay 0.8) ;;
+            *) echo "unknown stage-2 setting $setting (conservative, strong)" >&2; exit 2 ;;
+            esac
+            TRAIN_SECONDS=${STAGE2_SECONDS:-200} train "kl2-$setting-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS" \
+                --stage 2 "${flags[@]}"
+        done
         ;;
     pick)  # the measured tree.json with the most expected tokens/step
         best=$(python3 - "$WORK" <<'PY'
