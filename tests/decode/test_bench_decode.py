@@ -83,3 +83,11 @@ def test_mtbench_reader(setup, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"turns": "not a list"}\n')
     with pytest.raises(ValueError, match="no list of 'turns'"):
         read_mtbench(tmp_path / "bad.jsonl")
+
+
+def test_chart_titles_name_a_model_path_by_its_last_two_parts():
+    from fastmedusa.bench.decode import short_path
+
+    assert short_path("/root/stage/work/kl2-strong-4/model") == "kl2-strong-4/model"
+    assert short_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert short_path("embedded SmolLM2-135M-Instruct") == "embedded SmolLM2-135M-Instruct"

@@ -326,13 +326,20 @@ def plot(payload: dict, path: Path) -> None:
             )
     ax.set_xticks(range(len(sizes)), [f"batch {s}" for s in sizes])
     ax.set_yscale("log")
-    ax.set(
-        ylabel="new tokens / s (labels: tokens/step)",
-        title=f"decode: {payload['model']}, {payload['prompt_set']}, {payload['args']['new_tokens']} new tokens, "
-        f"{payload['dtype']}",
+    ax.set_ylabel("new tokens / s (labels: tokens/step)")
+    ax.set_title(
+        f"decode: {short_path(payload['model'])}, {payload['prompt_set'].split(' (')[0]}, "
+        f"{payload['args']['new_tokens']} new tokens, {payload['dtype']}",
+        fontsize=10,
     )
     ax.legend(fontsize=8)
     save_figure(fig, path, payload["env"])
+
+
+def short_path(name: str) -> str:
+    """A model path as a chart title shows it: its last two parts (`run/model`), a hub id or name as it is."""
+    parts = Path(name).parts
+    return name if len(parts) <= 2 else str(Path(*parts[-2:]))
 
 
 def main(argv: list[str] | None = None) -> int:
