@@ -67,6 +67,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, default_file_mode() | (0o111 & ~_umask()))  # mkdtemp gives 0700
+        for file in tmp.rglob("*"):  # writers that go through mkstemp leave 0600 files: publish them readable
+            if file.is_file():
+                os.chmod(file, default_file_mode())
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")

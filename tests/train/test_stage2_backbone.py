@@ -1,6 +1,7 @@
 """Stage 2 trains the backbone with the heads: both are written, and loading the heads brings the backbone."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -86,6 +87,14 @@ def test_an_interrupted_directory_write_keeps_the_previous_one(tmp_path):
     assert (target / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
         "model"
     ]
+
+
+def test_files_written_into_an_atomic_directory_get_the_usual_mode(tmp_path):
+    from fastmedusa.files import atomic_directory, default_file_mode
+
+    with atomic_directory(tmp_path / "model") as tmp:
+        os.close(os.open(tmp / "weights", os.O_CREAT | os.O_WRONLY, 0o600))  # as mkstemp makes them
+    assert (tmp_path / "model" / "weights").stat().st_mode & 0o777 == default_file_mode()
 
 
 def test_a_model_loaded_from_gguf_saves_as_the_plain_model_it_is(tmp_path):
