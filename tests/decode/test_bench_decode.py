@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import random_medusa, tiny_llama
 
-from fastmedusa.bench.decode import main, make_batches
+from fastmedusa.bench.decode import PROFILE_TOKENS, main, make_batches, profile_summary
 from fastmedusa.data.mtbench import mtbench_first_turns, read_mtbench
 from fastmedusa.model import default_model_path, load_tokenizer
 
@@ -56,7 +56,28 @@ def test_bench_decode_rows_and_files(setup):
     for kind in ("greedy", "medusa"):  # on the CPU: no GPU kernels, every op eager
         summary = payload["profile"][kind]
         assert summary["kernels_per_step"] == 0 and summary["gpu_busy_fraction"] is None
-        assert summary["eager_aten_ops_per_step"] > 1
+        assert summary["graph_launches_per_step"] == 0 and summary["host_kernel_launches_per_step"] == 0
+        assert summary["eager_aten_ops_per_step"] > 1 and summary["profiled_steps"] > 0
+        assert summary["profiled_step_ms"] > 0 and summary["top_eager_ops_per_step"]
+    # greedy emits one token per step: the long and the short profiled runs differ by exactly that many steps
+    assert payload["profile"]["greedy"]["profiled_steps"] == PROFILE_TOKENS[1] - PROFILE_TOKENS[0]
+
+
+def test_profile_summary_subtracts_the_short_run():
+    from collections import Counter
+
+    def run(steps, kernels, eager, graphs):
+        counts = {"kernels": kernels, "kernel_us": 10.0 * kernels, "eager": Counter(eager),
+                  "graph_launches": graphs, "kernel_launches": 3}  # fmt: skip
+        return {"counts": counts, "steps": steps, "wall_ms": 0.1 * steps + 5.0}
+
+    short = run(10, 1000 + 10 * 40, {"aten::copy_": 200 + 10 * 3, "aten::mm": 120}, 10)
+    long = run(30, 1000 + 30 * 40, {"aten::copy_": 200 + 30 * 3, "aten::mm": 120}, 30)
+    summary = profile_summary(short, long)
+    assert summary["profiled_steps"] == 20 and summary["kernels_per_step"] == 40
+    assert abs(summary["kernel_ms_per_step"] - 0.4) < 1e-12 and abs(summary["profiled_step_ms"] - 0.1) < 1e-12
+    assert summary["graph_launches_per_step"] == 1 and summary["host_kernel_launches_per_step"] == 0
+    assert summary["eager_aten_ops_per_step"] == 3 and summary["top_eager_ops_per_step"] == {"aten::copy_": 3.0}
 
 
 def test_make_batches_pads_left_to_a_common_width():

@@ -251,46 +251,84 @@ def add_ratios(rows: list[dict], batch_size: int) -> None:
             r["step_ratio_vs_greedy"] = r["step_ms"] / mine["greedy"]["step_ms"]
 
 
-def profile_summary(events, steps: int, wall_ms: float) -> dict:
-    """Where a step's time goes, from profiler events: the GPU kernels' count and summed time per step, the
-    share of the wall clock the GPU spent in kernels (the rest is launch gaps or waiting on the host), and the
-    eager (host-dispatched) aten ops per step, i.e. the work outside the compiled step."""
+PROFILE_TOKENS = (32, 96)  # a short and a long run: their difference is decode steps only
+
+
+def event_counts(events) -> dict:
+    """What one profiled run did: GPU kernels (count, summed µs), top-level eager aten ops by name, and the
+    host's launches: CUDA-graph replays and single kernel launches (runtime or driver API)."""
+    from collections import Counter
+
     from torch.autograd import DeviceType
 
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    kernel_us = sum(e.time_range.end - e.time_range.start for e in kernels)
-    eager = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::") and not e.cpu_parent]
-    per_step = max(steps, 1)
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    eager = Counter(e.name for e in host if e.name.startswith("aten::") and not e.cpu_parent)
     return {
-        "kernels_per_step": len(kernels) / per_step,
-        "kernel_ms_per_step": kernel_us / 1e3 / per_step,
-        "gpu_busy_fraction": kernel_us / 1e3 / wall_ms if kernels and wall_ms > 0 else None,
-        "eager_aten_ops_per_step": len(eager) / per_step,
+        "kernels": len(kernels),
+        "kernel_us": sum(e.time_range.end - e.time_range.start for e in kernels),
+        "eager": eager,
+        "graph_launches": sum(e.name in ("cudaGraphLaunch", "cuGraphLaunch") for e in host),
+        "kernel_launches": sum(e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx") for e in host),
+    }
+
+
+def profile_summary(short: dict, long: dict) -> dict:
+    """Per decode step, from two runs that differ only in their number of steps (`short` and `long`: their
+    `counts` from `event_counts`, `steps` and `wall_ms`): the prefill and the set-up cancel out.
+
+    - kernels and their summed time, and the share of the wall clock the GPU spent in them (the rest is launch
+      gaps or waiting on the host);
+    - the host's CUDA-graph replays and single kernel launches: a step captured in a graph shows one replay and
+      no launch of its own;
+    - eager (host-dispatched) aten ops, the work outside the compiled step, and the most frequent of them."""
+    steps = long["steps"] - short["steps"]
+    if steps <= 0:  # nothing to subtract (a run that stopped early): the long run alone
+        steps, short = long["steps"], {"counts": event_counts([]), "wall_ms": 0.0}
+    a, b = short["counts"], long["counts"]
+    wall_ms = long["wall_ms"] - short["wall_ms"]
+    kernel_ms = (b["kernel_us"] - a["kernel_us"]) / 1e3
+    eager = {name: (b["eager"][name] - a["eager"].get(name, 0)) / steps for name in b["eager"]}
+    top = dict(sorted(((n, round(v, 2)) for n, v in eager.items() if v > 0), key=lambda kv: -kv[1])[:8])
+    return {
+        "profiled_steps": steps,
+        "profiled_step_ms": wall_ms / steps,
+        "kernels_per_step": (b["kernels"] - a["kernels"]) / steps,
+        "kernel_ms_per_step": kernel_ms / steps,
+        "gpu_busy_fraction": kernel_ms / wall_ms if b["kernels"] and wall_ms > 0 else None,
+        "graph_launches_per_step": (b["graph_launches"] - a["graph_launches"]) / steps,
+        "host_kernel_launches_per_step": (b["kernel_launches"] - a["kernel_launches"]) / steps,
+        "eager_aten_ops_per_step": sum(eager.values()),
+        "top_eager_ops_per_step": top,
     }
 
 
 def profile_steps(model, args, tree, max_len: int, prompt: torch.Tensor) -> dict:
-    """Kernel tables of plain and Medusa decoding at batch 1 (after a warm-up), and their per-step ms."""
+    """Kernel tables of plain and Medusa decoding at batch 1 (after a warm-up), their per-step ms, and where a
+    step's time goes (`profile_summary`: a long run minus a short one, so the prefill is not counted)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = args.device_obj.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prompt = prompt.to(args.device_obj)
     result = {}
     for kind, kw in (("greedy", {"medusa": False}), ("medusa", {"tree": tree})):
-        args_kw = dict(max_new_tokens=64, max_len=max_len, **kw)
-        generate(model, prompt.to(args.device_obj), **args_kw)  # warm-up (compile)
-        with profile(activities=activities) as prof:
-            out, seconds = synced_seconds(
-                functools.partial(generate, model, prompt.to(args.device_obj), **args_kw), args.device_obj
-            )
+        runs = {}
+        for tokens in PROFILE_TOKENS:
+            run = functools.partial(generate, model, prompt, max_new_tokens=tokens, max_len=max_len, **kw)
+            run()  # warm-up (compile)
+            with profile(activities=activities) as prof:
+                out, seconds = synced_seconds(run, args.device_obj)
+            runs[tokens] = {"counts": event_counts(prof.events()), "steps": out.steps, "wall_ms": 1e3 * seconds}
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        long = runs[PROFILE_TOKENS[-1]]
         result[kind] = {
-            "step_ms": 1e3 * seconds / out.steps,
-            "steps": out.steps,
-            **profile_summary(prof.events(), out.steps, 1e3 * seconds),
+            "step_ms": long["wall_ms"] / long["steps"],
+            "steps": long["steps"],
+            **profile_summary(runs[PROFILE_TOKENS[0]], long),
             "table": prof.key_averages().table(sort_by=sort, row_limit=25),
         }
-    result["step_ratio"] = result["medusa"]["step_ms"] / result["greedy"]["step_ms"]
+    result["step_ratio"] = result["medusa"]["profiled_step_ms"] / result["greedy"]["profiled_step_ms"]
     return result
 
 
@@ -380,9 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("greedy", "medusa"):
             p = payload["profile"][kind]
             busy = "n/a" if p["gpu_busy_fraction"] is None else f"{100 * p['gpu_busy_fraction']:.0f}%"
-            print(f"profile {kind}: {p['step_ms']:.2f} ms/step, {p['kernels_per_step']:.0f} kernels "
-                  f"({p['kernel_ms_per_step']:.2f} ms) per step, GPU busy {busy}, "
-                  f"{p['eager_aten_ops_per_step']:.1f} eager aten ops per step")  # fmt: skip
+            print(f"profile {kind}: {p['profiled_step_ms']:.2f} ms/step (steps only), {p['kernels_per_step']:.0f} "
+                  f"kernels ({p['kernel_ms_per_step']:.2f} ms) per step, GPU busy {busy}, "
+                  f"{p['graph_launches_per_step']:.2f} graph replays and {p['host_kernel_launches_per_step']:.1f} "
+                  f"host kernel launches per step, {p['eager_aten_ops_per_step']:.1f} eager aten ops per step: "
+                  f"{p['top_eager_ops_per_step']}")  # fmt: skip
     for batch_size in args.batch_sizes:
         own_batches = make_batches(prompts, batch_size, pad_id)
         reference = None
