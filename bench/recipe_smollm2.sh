@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The self-distillation recipe on one GPU, end to end, in phases (each fits one 10-minute run):
 #   distill  regenerate the ShareGPT answers with the model itself (`fastmedusa distill`, compiled, batched)
-#   train    KL heads on those answers (`train --loss kl`); writes heads/ and the measured tree.json
+#   train    the recipe's heads: stage 2 (Medusa-2) on those answers, KL heads and the LM's cross-entropy on
+#            its own answers; writes heads/, the measured tree.json and model/ (the trained backbone), and
+#            makes it $WORK/best, the run the decode phases measure
+#   stage1   KL heads on a frozen backbone (`train --loss kl`): the model stays exactly the original
 #   decode   MT-Bench first turns at batch 1: own greedy, Medusa greedy, typical (with a profile of both
 #            steps), and HF static compiled on 24 prompts
 #   batched  batch 16 and 64: own greedy and Medusa greedy, with the heads' tree.json and with auto:16
@@ -31,13 +34,23 @@ train() {  # train NAME LOSS DATA NUM_HEADS [extra flags]
     shift 4
     # a run past TRAIN_SECONDS is stopped (0: no limit); its heads are then missing, and pick skips it
     timeout "${TRAIN_SECONDS:-0}" python3 -m fastmedusa train --model "$MODEL" --data "$data" --max-conversations all --stage 1 --num-heads "$heads" \
-        --seq-len 1024 --pack --batch-size 16 --max-steps "$STEPS" --lr 1e-3 --eval-size 200 \
-        --eval-every "$STEPS" --log-every 100 --save-every 0 --tree-prompts 32 --loss "$loss" \
+        --seq-len 1024 --pack --batch-size 16 --max-steps "$STEPS" --lr 1e-3 --eval-size "${EVAL_SIZE:-200}" \
+        --eval-every "$STEPS" --log-every 100 --save-every 0 --tree-prompts "${TREE_PROMPTS:-32}" --loss "$loss" \
         --no-progress --no-plot --overwrite --output-dir "$WORK/$name" "$@" 2>&1 | tee "$OUT/train_$name.log"
     cp "$WORK/$name/heads/tree.json" "$OUT/tree_$name.json" 2>/dev/null || true
 }
 
-heads_dir() {  # the heads the decode phases measure: $WORK/best (see pick), else the stage-1 KL run
+stage2() {  # stage2 SETTING: Medusa-2, the backbone learns too (lr), heads at lr x multiplier, LM loss kept
+    local flags
+    case $1 in
+    conservative) flags=(--lr 5e-5 --heads-lr-multiplier 20 --heads-coefficient 0.2 --heads-decay 0.8) ;;
+    strong) flags=(--lr 2e-4 --heads-lr-multiplier 5 --heads-decay 0.8) ;;
+    *) echo "unknown stage-2 setting $1 (conservative, strong)" >&2; exit 2 ;;
+    esac
+    TRAIN_SECONDS=${STAGE2_SECONDS:-0} train "kl2-$1-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS" --stage 2 "${flags[@]}"
+}
+
+heads_dir() {  # the heads the decode phases measure: $WORK/best (train, pick), else the stage-1 KL run
     if [[ -e $WORK/best/heads ]]; then echo "$WORK/best/heads"; else echo "$WORK/kl-distilled-$HEADS/heads"; fi
 }
 
@@ -56,6 +69,10 @@ for phase in "$@"; do
         gzip -c "$WORK/distilled.jsonl" > "$OUT/distilled.jsonl.gz"
         ;;
     train)
+        stage2 strong
+        [[ -f $WORK/kl2-strong-$HEADS/heads/tree.json ]] && ln -sfn "$WORK/kl2-strong-$HEADS" "$WORK/best"
+        ;;
+    stage1)
         train "kl-distilled-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS"
         ;;
     decode)  # batch 1: own greedy, Medusa greedy and typical (with a step profile); HF compiled on fewer prompts
@@ -89,16 +106,8 @@ for phase in "$@"; do
             train "$run-5" "$loss" "$data" 5
         done
         ;;
-    stage2)  # Medusa-2: the backbone learns too (lr), heads at lr x multiplier; the LM loss keeps its answers
-        for setting in ${STAGE2_RUNS:-conservative strong}; do
-            case $setting in
-            conservative) flags=(--lr 5e-5 --heads-lr-multiplier 20 --heads-coefficient 0.2 --heads-decay 0.8) ;;
-            strong) flags=(--lr 2e-4 --heads-lr-multiplier 5 --heads-decay 0.8) ;;
-            *) echo "unknown stage-2 setting $setting (conservative, strong)" >&2; exit 2 ;;
-            esac
-            TRAIN_SECONDS=${STAGE2_SECONDS:-200} train "kl2-$setting-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS" \
-                --stage 2 "${flags[@]}"
-        done
+    stage2)  # Medusa-2 settings side by side (STAGE2_RUNS)
+        for setting in ${STAGE2_RUNS:-conservative strong}; do stage2 "$setting"; done
         ;;
     pick)  # the measured tree.json with the most expected tokens/step
         best=$(python3 - "$WORK" <<'PY'
@@ -113,7 +122,7 @@ PY
         [[ -n $best ]] && ln -sfn "$best" "$WORK/best" && echo "best: $best" | tee "$OUT/best.txt"
         ;;
     *)
-        echo "unknown phase $phase (distill, train, decode, batched, ablation, stage2, pick)" >&2
+        echo "unknown phase $phase (distill, train, stage1, stage2, pick, decode, batched, ablation)" >&2
         exit 2
         ;;
     esac

@@ -116,3 +116,13 @@ def test_a_model_loaded_from_gguf_saves_as_the_plain_model_it_is(tmp_path):
     ids = torch.tensor([[1, 504, 3458, 30]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+@pytest.mark.parametrize("layout", ["medusa", "vllm"])
+def test_exported_stage2_heads_still_find_their_backbone(stage2_run, tmp_path, layout):
+    from fastmedusa.model.export import base_model_for_heads, export_heads
+
+    exported = export_heads(stage2_run / "heads", tmp_path / "published" / "heads", layout)
+    backbone = str((stage2_run / "model").resolve())
+    assert base_model_for_heads(None, exported) == backbone
+    assert json.loads((exported / "config.json").read_text())["base_model_name_or_path"] == backbone  # TGI

@@ -419,6 +419,11 @@ def export_heads(heads_dir: str | os.PathLike, output: str | os.PathLike, layout
         if item.is_file() and item.name not in (*WEIGHT_FILES, CONFIG_NAME, MODEL_CARD_NAME):
             with atomic_output(output / item.name) as tmp:
                 shutil.copyfile(item, tmp)
+    backbone = trained_backbone(source)
+    if backbone is not None:  # stage-2 heads: point at their backbone from where the copy now lives
+        training = dict(checkpoint.metadata.get("training") or {})
+        training["backbone"] = os.path.relpath(backbone, output.resolve())
+        update_heads_config(output, training=training, base_model_name_or_path=str(backbone))
     write_text_atomic(output / MODEL_CARD_NAME, model_card(output, layout))
     return output
 

@@ -14,7 +14,8 @@ from fastmedusa.train.config import DTYPES, HEADS_SCHEDULES, LOSSES, LR_SCHEDULE
 HELP = {
     "model": "base model: a hub id, a local directory saved by save_pretrained, or a .gguf file "
     "(default: the embedded SmolLM2-135M-Instruct)",
-    "stage": "1: train the heads on a frozen backbone; 2: train heads and backbone together (Medusa-2, adds the LM loss)",
+    "stage": "1: train the heads on a frozen backbone; 2: train heads and backbone together (Medusa-2, adds the LM "
+    "loss; the trained backbone is saved to OUTPUT_DIR/model, and loading the heads loads it)",
     "num_heads": "number of Medusa heads; head k predicts the token k+1 positions after the next one",
     "num_layers": "ResBlocks per head",
     "shared_lm_head": "heads reuse the base model's LM head instead of each training a copy (frozen in stage 1)",
