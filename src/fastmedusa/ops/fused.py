@@ -351,6 +351,9 @@ def _(
 
 
 def _linear_ce_setup(ctx, inputs, output) -> None:
+    # the gradient outputs never receive a gradient: without this, autograd would fill a zero tensor for each
+    # of them before the backward runs, one more V x H (and N x H) buffer at the peak
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1], output[2], output[3])
     ctx.need = (inputs[5], inputs[6])
 
@@ -361,6 +364,8 @@ def _linear_ce_backward(ctx, grad_loss, _grad_h, _grad_w, _grad_scale):
     it adopts them without a copy. A second backward through the graph then fails autograd's version check
     (retain_graph=True is not supported here: use impl="torch")."""
     grad_h, grad_w, grad_scale = ctx.saved_tensors
+    if grad_loss is None:  # the loss took no part in what was differentiated
+        return None, None, None, None, None, None, None, None, None, None
     g = grad_loss * grad_scale  # fp32 scalar
     scale = torch.mul if torch.compiler.is_compiling() else torch.Tensor.mul_
     gh = scale(grad_h, g.to(grad_h.dtype)) if ctx.need[0] else None
@@ -451,12 +456,15 @@ def _(
 
 
 def _rows_setup(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)  # the log-sum-exp output gets no gradient: no zero tensor for it
     hidden, weight, targets, ignore_index, impl, chunk_rows, wgrad = inputs
     ctx.save_for_backward(hidden, weight, targets, output[1])
     ctx.args = (ignore_index, impl, chunk_rows, wgrad)
 
 
 def _rows_backward(ctx, grad_rows, _grad_lse):
+    if grad_rows is None:  # only the log-sum-exp was used: it carries no gradient
+        return None, None, None, None, None, None, None
     hidden, weight, targets, lse = ctx.saved_tensors
     ignore_index, impl, chunk_rows, wgrad = ctx.args
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
