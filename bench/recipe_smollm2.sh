@@ -70,7 +70,8 @@ for phase in "$@"; do
         ;;
     train)
         stage2 strong
-        [[ -f $WORK/kl2-strong-$HEADS/heads/tree.json ]] && ln -sfn "$WORK/kl2-strong-$HEADS" "$WORK/best"
+        # a link by the bare run name: it resolves inside $WORK, relative or not
+        [[ -f $WORK/kl2-strong-$HEADS/heads/tree.json ]] && ln -sfn "kl2-strong-$HEADS" "$WORK/best"
         ;;
     stage1)
         train "kl-distilled-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS"
@@ -113,13 +114,14 @@ for phase in "$@"; do
         best=$(python3 - "$WORK" <<'PY'
 import json, sys
 from pathlib import Path
-runs = [(json.loads(t.read_text())["expected_tokens_per_step"], t.parent.parent) for t in Path(sys.argv[1]).glob("*/heads/tree.json")]
+trees = [t for t in Path(sys.argv[1]).glob("*/heads/tree.json") if t.parent.parent.name != "best"]
+runs = [(json.loads(t.read_text())["expected_tokens_per_step"], t.parent.parent.name) for t in trees]
 for expected, run in sorted(runs):
-    print(f"{run.name}: expected {expected:.3f} tokens/step", file=sys.stderr)
+    print(f"{run}: expected {expected:.3f} tokens/step", file=sys.stderr)
 print(max(runs)[1] if runs else "")
 PY
 )
-        [[ -n $best ]] && ln -sfn "$best" "$WORK/best" && echo "best: $best" | tee "$OUT/best.txt"
+        [[ -n $best ]] && ln -sfn "$best" "$WORK/best" && echo "best: $best" | tee "$OUT/best.txt"  # bare name
         ;;
     *)
         echo "unknown phase $phase (distill, train, stage1, stage2, pick, decode, batched, ablation)" >&2

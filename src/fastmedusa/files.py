@@ -56,8 +56,9 @@ def write_json_atomic(path: str | os.PathLike, data: object) -> Path:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; once the block succeeds it replaces `path`.
 
-    A crash while writing leaves the previous directory whole; the swap itself is two renames, and a run
-    killed between them leaves the new directory under its final name only once the second rename lands.
+    A crash while writing leaves the previous directory whole. The swap is two renames: the old directory
+    moves to `.NAME.old`, then the new one takes its name (if that fails, the old one is put back). A kill
+    between the two leaves the old one at `.NAME.old`; `stale_directory_temporaries` lists what a kill left.
     """
     import shutil
 
@@ -75,9 +76,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:  # put the previous directory back under its name
+                os.replace(old, path)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def stale_directory_temporaries(path: str | os.PathLike) -> list[Path]:
+    """What killed `atomic_directory` writes of `path` left beside it: `.NAME.*.tmp` and `.NAME.old`."""
+    path = Path(path)
+    return sorted([*path.parent.glob(f".{path.name}.*.tmp"), *path.parent.glob(f".{path.name}.old")])

@@ -210,7 +210,7 @@ def test_stale_tmp_dirs_are_removed_on_start(run, tiny_model_dir, capsys):
     stale.mkdir()
     (stale / "__0_0.distcp").write_bytes(b"\0" * 1000)
     assert main(_argv(tiny_model_dir, data, out, "--resume")) == 0
-    assert "removed 1 incomplete checkpoint save(s)" in capsys.readouterr().out
+    assert "removed 1 incomplete save(s)" in capsys.readouterr().out
     assert not stale.exists()
 
 

@@ -126,3 +126,59 @@ def test_exported_stage2_heads_still_find_their_backbone(stage2_run, tmp_path, l
     backbone = str((stage2_run / "model").resolve())
     assert base_model_for_heads(None, exported) == backbone
     assert json.loads((exported / "config.json").read_text())["base_model_name_or_path"] == backbone  # TGI
+
+
+def test_the_backbone_carries_a_marker_and_generation_settings(stage2_run):
+    from fastmedusa.model.loading import TRAINED_BACKBONE_MARKER
+
+    marker = json.loads((stage2_run / "model" / TRAINED_BACKBONE_MARKER).read_text())
+    assert marker["written_by"] == "fastmedusa train --stage 2" and marker["heads"] == "../heads"
+    assert json.loads((stage2_run / "model" / "config.json").read_text())["use_cache"] is True
+
+
+def test_stage2_refuses_an_output_dir_whose_model_it_did_not_write(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, out / "model")  # the user's own model, kept in the output directory
+    argv = ["train", "--model", str(out / "model"), "--output-dir", str(out), "--stage", "2", "--overwrite",
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "fastmedusa did not write" in err and len(err.strip().splitlines()) == 1
+    assert (out / "model" / "config.json").is_file()  # untouched
+
+
+def test_overwrite_removes_only_a_backbone_fastmedusa_wrote(tmp_path):
+    from fastmedusa.model.loading import TRAINED_BACKBONE_MARKER
+    from fastmedusa.train import checkpoint as ckpt
+
+    (tmp_path / "model").mkdir()
+    assert ckpt.earlier_run_files(tmp_path) == []
+    (tmp_path / "model" / TRAINED_BACKBONE_MARKER).write_text("{}")
+    assert ckpt.earlier_run_files(tmp_path) == [tmp_path / "model"]
+    (tmp_path / ".model.abc.tmp").mkdir()
+    (tmp_path / ".model.old").mkdir()  # what a killed swap leaves
+    assert ckpt.remove_stale_tmp(tmp_path) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_failed_swap_puts_the_previous_directory_back(tmp_path, monkeypatch):
+    from fastmedusa.files import atomic_directory
+
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new directory taking the name: fails (a full disk, a permission)
+            raise OSError("simulated")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="simulated"), atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("new")
+    monkeypatch.undo()
+    assert (target / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

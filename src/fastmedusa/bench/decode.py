@@ -407,9 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     eos = eos_token_ids(tokenizer, model.base) if args.stop_at_eos else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(p.shape[1] for p in prompts)
-    max_len = (
-        -(-(width + args.new_tokens + 130) // 256) * 256
-    )  # one engine for every batch (trees <= 128 nodes)
+    longest = max(args.new_tokens, PROFILE_TOKENS[-1] if args.profile else 0)
+    max_len = -(-(width + longest + 130) // 256) * 256  # one engine for every batch and the profile (trees <= 128 nodes)
     payload.update(prompts=len(prompts), prompt_tokens=[p.shape[1] for p in prompts], max_len=max_len)
     payload["rows"] = rows = []
     if args.profile:

@@ -143,17 +143,36 @@ def load_base_model(
     return model
 
 
-def save_base_model(model, directory: str | os.PathLike, tokenizer=None, state_dict: dict | None = None) -> Path:
+TRAINED_BACKBONE_MARKER = "fastmedusa_backbone.json"  # in a backbone directory that `fastmedusa train` wrote
+
+
+def save_base_model(
+    model, directory: str | os.PathLike, tokenizer=None, state_dict: dict | None = None, marker: dict | None = None
+) -> Path:
     """Write a trained backbone (stage 2) with `save_pretrained` (safetensors), beside its tokenizer, so every
     Hugging Face loader and serving engine reads it. Written into a temporary directory and swapped in whole:
     a killed run leaves the previous model, never half of one. `state_dict` overrides the module's own (an
-    FSDP run passes the gathered full tensors)."""
+    FSDP run passes the gathered full tensors); `marker` is written as TRAINED_BACKBONE_MARKER, which tells a
+    later run that it may replace this directory. The saved config has `use_cache` on (training turns it off
+    for gradient checkpointing; generation wants it)."""
+    import json
+
     from fastmedusa.files import atomic_directory
 
+    config = model.config
+    use_cache = getattr(config, "use_cache", None)
     with atomic_directory(directory) as tmp, _as_plain_weights(model):
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        try:
+            if use_cache is not None:
+                config.use_cache = True
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        finally:
+            if use_cache is not None:
+                config.use_cache = use_cache
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if marker is not None:
+            (tmp / TRAINED_BACKBONE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return Path(directory)
 
 

@@ -47,11 +47,13 @@ class SingleProcess:
         """Write the heads (`save_heads` format); returns the directory on the main process, else None."""
         return model.save_heads(directory)
 
-    def export_backbone(self, model: nn.Module, directory: Path, tokenizer=None) -> Path | None:
+    def export_backbone(
+        self, model: nn.Module, directory: Path, tokenizer=None, marker: dict | None = None
+    ) -> Path | None:
         """Write the trained backbone (stage 2) with `save_pretrained`; the directory on the main process."""
         from fastmedusa.model.loading import save_base_model
 
-        return save_base_model(model.base, directory, tokenizer)
+        return save_base_model(model.base, directory, tokenizer, marker=marker)
 
     def first_error(self, message: str | None) -> str | None:
         """Collective: the first process's error message, or None when no process has one."""

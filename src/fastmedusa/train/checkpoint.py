@@ -76,8 +76,20 @@ def earlier_run_files(output_dir: Path) -> list[Path]:
     (stage 2) its backbone."""
     output_dir = Path(output_dir)
     found = [path for _, path in _checkpoint_dirs(output_dir)]
-    earlier = (output_dir / "metrics.jsonl", output_dir / "heads", output_dir / "model")  # model: stage 2's backbone
+    earlier = [output_dir / "metrics.jsonl", output_dir / "heads"]
+    if is_trained_backbone(output_dir / BACKBONE_NAME):  # never a model directory fastmedusa did not write
+        earlier.append(output_dir / BACKBONE_NAME)
     return found + [p for p in earlier if p.exists()]
+
+
+BACKBONE_NAME = "model"  # OUTPUT_DIR/model: the backbone a stage-2 run trained
+
+
+def is_trained_backbone(path: Path) -> bool:
+    """Whether `path` is a backbone directory that `fastmedusa train --stage 2` wrote (it holds the marker)."""
+    from fastmedusa.model.loading import TRAINED_BACKBONE_MARKER
+
+    return (Path(path) / TRAINED_BACKBONE_MARKER).is_file()
 
 
 def tmp_dir(output_dir: Path, step: int) -> Path:
@@ -86,8 +98,12 @@ def tmp_dir(output_dir: Path, step: int) -> Path:
 
 
 def remove_stale_tmp(output_dir: Path) -> int:
-    """Delete `.tmp-checkpoint-*` directories of saves that never completed (a kill, a full disk)."""
+    """Delete `.tmp-checkpoint-*` directories of saves that never completed (a kill, a full disk), and what a
+    killed write of the stage-2 backbone left (`.model.*.tmp`, `.model.old`)."""
+    from fastmedusa.files import stale_directory_temporaries
+
     stale = list(Path(output_dir).glob(f"{TMP_PREFIX}{PREFIX}*"))
+    stale += stale_directory_temporaries(Path(output_dir) / BACKBONE_NAME)
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return len(stale)

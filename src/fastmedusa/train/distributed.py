@@ -510,23 +510,34 @@ def export_heads(model: nn.Module, directory: str | os.PathLike) -> Path | None:
     return Path(directory)
 
 
-def export_backbone(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path | None:
-    """Collective: gather the full backbone (stage 2) and, on rank 0, write it with `save_base_model`.
-    Returns the directory on rank 0, None elsewhere."""
+def export_backbone(
+    model: nn.Module, directory: str | os.PathLike, tokenizer=None, marker: dict | None = None
+) -> Path | None:
+    """Collective: gather the full backbone (stage 2) one tensor at a time, keeping the host copy on rank 0
+    only, and write it there with `save_base_model`. A failure on rank 0 is raised on every rank (the others
+    would otherwise wait for it). Returns the directory on rank 0, None elsewhere."""
     from torch.distributed.tensor import DTensor
 
     from fastmedusa.model.loading import save_base_model
 
-    state = {  # collective: the same tensors in the same order on every process
-        key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
-        for key, value in model.base.state_dict().items()
-    }
-    if not is_main_process():
-        barrier()
-        return None
-    save_base_model(model.base, directory, tokenizer, state_dict=state)
-    barrier()
-    return Path(directory)
+    main = is_main_process()
+    state = {}
+    for key, value in model.base.state_dict().items():  # collective: the same order on every process
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        if main:
+            state[key] = full.detach().cpu()
+        del full
+    error = None
+    if main:
+        try:
+            save_base_model(model.base, directory, tokenizer, state_dict=state, marker=marker)
+        except Exception as err:  # noqa: BLE001 - re-raised on every process below
+            error = f"{type(err).__name__}: {err}"
+    errors = [error]
+    dist.broadcast_object_list(errors, src=0)
+    if errors[0] is not None:
+        raise RuntimeError(f"writing the trained backbone to {directory} failed on rank 0: {errors[0]}")
+    return Path(directory) if main else None
 
 
 # -- the Trainer's backend -------------------------------------------------------------------------------
@@ -645,5 +656,7 @@ class FSDPBackend:
     def export_heads(self, model: nn.Module, directory: str | os.PathLike) -> Path | None:
         return export_heads(model, directory)
 
-    def export_backbone(self, model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path | None:
-        return export_backbone(model, directory, tokenizer)
+    def export_backbone(
+        self, model: nn.Module, directory: str | os.PathLike, tokenizer=None, marker: dict | None = None
+    ) -> Path | None:
+        return export_backbone(model, directory, tokenizer, marker)

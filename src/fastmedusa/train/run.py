@@ -110,8 +110,14 @@ def prepare_output_dir(config: TrainConfig) -> Path:
 
 def _prepare_output_dir(config: TrainConfig) -> Path:
     out = check_output_dir(config.output_dir)
+    model_dir = out / ckpt.BACKBONE_NAME
+    if config.stage == 2 and model_dir.exists() and not ckpt.is_trained_backbone(model_dir):
+        raise FileExistsError(
+            f"--output-dir {out}: stage 2 writes its trained backbone to {model_dir}, which holds something "
+            "fastmedusa did not write (a model of yours?): pass another --output-dir"
+        )
     if stale := ckpt.remove_stale_tmp(out):
-        say(f"removed {stale} incomplete checkpoint save(s) (.tmp-checkpoint-*) in {out}")
+        say(f"removed {stale} incomplete save(s) (.tmp-checkpoint-*, .model.*) in {out}")
     if config.resume:
         if ckpt.latest_checkpoint(out) is None:
             if unverifiable := ckpt.checkpoints_without_manifest(out):
@@ -299,12 +305,14 @@ def export_heads(
     from fastmedusa.model.export import BACKBONE_DIR, update_heads_config
 
     backend = backend or SingleProcess()
-    heads_dir = backend.export_heads(model, Path(config.output_dir) / "heads")
     backbone = None
     if config.stage == 2:  # the heads read this backbone's hidden states: they are only right beside it
+        # first, so that heads which point at it never exist without it
+        marker = {"written_by": "fastmedusa train --stage 2", "heads": "../heads", "base_model": config.model}
         backbone = backend.export_backbone(
-            model, (Path(config.output_dir) / "heads" / BACKBONE_DIR).resolve(), tokenizer
+            model, (Path(config.output_dir) / "heads" / BACKBONE_DIR).resolve(), tokenizer, marker
         )
+    heads_dir = backend.export_heads(model, Path(config.output_dir) / "heads")
     if heads_dir is None:
         return None
     tokenizer.save_pretrained(heads_dir)
