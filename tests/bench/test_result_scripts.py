@@ -65,3 +65,32 @@ def test_recipe_report_builds_prefix_expectations_from_the_trees(tmp_path, capsy
     assert two > one
     assert [d["row"] for d in result["decode"]] == ["greedy", "medusa"]
     assert "KL on distilled (2 heads)" in table and (tmp_path / "ablation.png").stat().st_size > 0
+
+
+def _decode_payload(rows):
+    env = {"device": "test", "date": "2026-12-05", "versions": {}}
+    return {"env": env, "model": "m", "prompt_set": "mt-bench", "dtype": "bfloat16", "rows": rows}
+
+
+def _decode_row(row, batch, tok_s, per_step=1.0, nodes=0):
+    return {"row": row, "batch_size": batch, "tokens_per_s": tok_s, "tokens_per_step": per_step,
+            "step_ms": 1e3 * batch * per_step / tok_s, "tree_nodes": nodes}  # fmt: skip
+
+
+def test_decode_by_batch_compares_only_rows_of_the_same_call(tmp_path, capsys):
+    one = _decode_payload([_decode_row("greedy", 1, 500.0), _decode_row("medusa", 1, 1100.0, 3.6, 65),
+                           {"row": "typical", "batch_size": 1, "error": "CompilationError"}])  # fmt: skip
+    other = _decode_payload([_decode_row("greedy", 16, 8000.0), _decode_row("medusa", 16, 12000.0, 3.4, 17),
+                             _decode_row("medusa", 64, 27000.0, 3.3, 17)])  # no greedy row at 64  # fmt: skip
+    (tmp_path / "b1.json").write_text(json.dumps(one))
+    (tmp_path / "b16.json").write_text(json.dumps(other))
+    out = tmp_path / "by_batch.json"
+    printed = run_script("decode_by_batch.py", ["--inputs", str(tmp_path / "b1.json"), str(tmp_path / "b16.json"),
+                                                "--out", str(out)], capsys)  # fmt: skip
+    rows = {(r["row"], r["batch_size"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("greedy", 1), ("medusa", 1), ("greedy", 16), ("medusa", 16), ("medusa", 64)}
+    assert rows[("medusa", 1)]["speedup_vs_greedy"] == pytest.approx(2.2)
+    assert rows[("medusa", 16)]["speedup_vs_greedy"] == pytest.approx(1.5)
+    assert rows[("medusa", 64)]["speedup_vs_greedy"] is None  # never against another call's greedy row
+    assert rows[("medusa", 16)]["source"] == "b16.json" and out.with_suffix(".png").is_file()
+    assert "| 16 | medusa | 17 | 12,000 | 3.40 |" in printed and "1.50x" in printed
