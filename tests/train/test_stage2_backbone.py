@@ -182,3 +182,13 @@ def test_a_failed_swap_puts_the_previous_directory_back(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (target / "weights").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_stage2_warns_about_a_heads_learning_rate_for_the_backbone():
+    from fastmedusa.train.config import TrainConfig
+    from fastmedusa.train.run import stage2_lr_warning
+
+    assert stage2_lr_warning(TrainConfig(stage=1, lr=2e-3)) is None
+    assert stage2_lr_warning(TrainConfig(stage=2, lr=2e-4, heads_lr_multiplier=5)) is None
+    warning = stage2_lr_warning(TrainConfig(stage=2, lr=2e-3))
+    assert warning.startswith("warning: stage 2 trains the backbone at --lr 0.002") and "--lr 2e-4" in warning

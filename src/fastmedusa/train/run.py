@@ -258,6 +258,8 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
     processes = (
         f" x {backend.world_size} processes (FSDP2)" if getattr(backend, "shards_model", False) else ""
     )
+    if (warning := stage2_lr_warning(config)) is not None:
+        say(warning)
     say(
         f"training {config.num_heads} heads, stage {config.stage}, {trainer.total_steps} steps of "
         f"{config.batch_size}x{config.grad_accum} rows{processes} <= {config.seq_len} tokens on {trainer.device}"
@@ -356,6 +358,21 @@ def write_heads_tree(model, tokenizer, config: TrainConfig, heads_dir: Path) -> 
     finally:
         model.train(was_training)
     say(f"tree.json: {info['tree_nodes']} nodes, expected {info['expected_tokens_per_step']:.2f} tokens/step")
+
+
+STAGE2_BACKBONE_LR_WARN = 1e-3  # a backbone lr at or above this is a stage-1 heads' lr, not a fine-tuning one
+
+
+def stage2_lr_warning(config: TrainConfig) -> str | None:
+    """In stage 2 `--lr` is the backbone's learning rate (the heads get lr x --heads-lr-multiplier). A heads'
+    rate there rewrites the model; say so before hours of training, not after."""
+    if config.stage != 2 or config.lr < STAGE2_BACKBONE_LR_WARN:
+        return None
+    return (
+        f"warning: stage 2 trains the backbone at --lr {config.lr:g}, a rate for heads alone; fine-tuning a "
+        "model wants much less. The self-distillation recipe uses --lr 2e-4 --heads-lr-multiplier 5 "
+        "(heads at 1e-3)"
+    )
 
 
 def say(line: str) -> None:
