@@ -192,3 +192,26 @@ def test_stage2_warns_about_a_heads_learning_rate_for_the_backbone():
     assert stage2_lr_warning(TrainConfig(stage=2, lr=2e-4, heads_lr_multiplier=5)) is None
     warning = stage2_lr_warning(TrainConfig(stage=2, lr=2e-3))
     assert warning.startswith("warning: stage 2 trains the backbone at --lr 0.002") and "--lr 2e-4" in warning
+
+
+def test_stage2_can_start_from_stage1_heads(stage2_run, tiny_model_dir, sharegpt_records, tmp_path, capsys):
+    """Medusa-2's warm start: --init-heads loads an earlier run's heads; other heads settings fail in one line."""
+    from fastmedusa.model.export import read_heads
+    from fastmedusa.train.config import TrainConfig
+    from fastmedusa.train.run import build_model
+
+    data = tmp_path / "sharegpt.json"
+    data.write_text(json.dumps(sharegpt_records(40)))
+    config = TrainConfig(model=str(tiny_model_dir), data=str(data), stage=2, num_heads=2,
+                         init_heads=str(stage2_run))  # fmt: skip
+    model = build_model(config)
+    saved = read_heads(stage2_run)
+    for key, value in model.medusa_heads.state_dict().items():
+        if key in saved.state:
+            assert torch.equal(value, saved.state[key].to(value.dtype)), key
+    assert getattr(model, "heads_dir", None) is None  # the old tree.json is not this run's
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "bad"),
+            "--num-heads", "3", "--init-heads", str(stage2_run), "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init-heads" in err[0] and "--num-heads 2" in err[0]

@@ -22,6 +22,9 @@ HELP = {
     "draft_vocab": "heads score only the N most frequent label tokens of the training data (counted before "
     "training; saved as token_map with the heads; labels outside are not scored). Smaller heads, faster "
     "training; decoding stays lossless (0 or none: the full vocabulary)",
+    "init_heads": "start from these heads instead of fresh ones: a heads directory (or the --output-dir) of an "
+    "earlier run with the same heads settings. Medusa-2 trains stage 1 first and starts stage 2 from its heads: "
+    "fresh heads' large early gradients otherwise reach the backbone and degrade the model",
     "data": "ShareGPT conversations: a .json/.jsonl file (a truncated .json is fine), a directory holding one, "
     "or a hub dataset id (default: the embedded ShareGPT V3)",
     "max_conversations": "read at most this many usable conversations ('all' for every one)",

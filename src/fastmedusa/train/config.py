@@ -33,6 +33,7 @@ class TrainConfig:
     num_layers: int = 1  # ResBlocks per head
     shared_lm_head: bool = False  # heads reuse the base LM head (frozen in stage 1) instead of a copy each
     draft_vocab: int | None = None  # heads score the N most frequent label tokens only (None/0 = full vocab)
+    init_heads: str | None = None  # start from these heads (an earlier run's), e.g. stage 2 after stage 1
     # -- data --------------------------------------------------------------------------
     data: str | None = None  # ShareGPT .json/.jsonl, a directory holding one, or a hub id; None = embedded
     max_conversations: int | None = 300  # records kept from the file (None = all)

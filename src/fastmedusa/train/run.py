@@ -70,6 +70,7 @@ def build_model(config: TrainConfig, train_examples=None):
     (encoded conversations) before training; its coverage of those labels is printed."""
     from fastmedusa.model import MedusaConfig, MedusaModel, load_base_model
 
+    init = read_init_heads(config)
     base = load_base_model(config.model, dtype=config.parameter_dtype())
     heads = MedusaConfig(
         num_heads=config.num_heads,
@@ -79,7 +80,9 @@ def build_model(config: TrainConfig, train_examples=None):
         draft_vocab_size=config.draft_vocab,
     )
     token_map = None
-    if config.draft_vocab is not None:
+    if config.draft_vocab is not None and init is not None:
+        token_map = init.token_map  # the starting heads' draft vocabulary, not a new count
+    elif config.draft_vocab is not None:
         from fastmedusa.data.vocab import label_token_map
 
         if train_examples is None:
@@ -90,7 +93,32 @@ def build_model(config: TrainConfig, train_examples=None):
             f"draft vocabulary: the {config.draft_vocab} most frequent of {vocab_size} tokens cover "
             f"{100 * coverage:.2f}% of the training labels"
         )
-    return MedusaModel.from_base(base, heads, token_map)
+    model = MedusaModel.from_base(base, heads, token_map)
+    if init is not None:
+        model.load_heads(config.init_heads, checkpoint=init)
+        model.heads_dir = None  # their tree.json describes the old heads, not the ones this run trains
+        say(f"heads start from {config.init_heads}")
+    return model
+
+
+def read_init_heads(config: TrainConfig):
+    """--init-heads: the heads checkpoint to start from, after checking it matches this run's heads settings."""
+    if config.init_heads is None:
+        return None
+    from fastmedusa.model.export import read_heads
+
+    init = read_heads(config.init_heads)
+    wanted = {"num_heads": config.num_heads, "num_layers": config.num_layers,
+              "shared_lm_head": config.shared_lm_head, "draft_vocab": config.draft_vocab}  # fmt: skip
+    for name, mine in wanted.items():
+        theirs = getattr(init.config, "draft_vocab_size" if name == "draft_vocab" else name)
+        if theirs != mine:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"--init-heads {config.init_heads}: those heads have {flag} {theirs}, this run {mine}: "
+                f"pass {flag} {theirs}, or start from fresh heads"
+            )
+    return init
 
 
 def prepare_output_dir(config: TrainConfig) -> Path:
