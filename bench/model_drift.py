@@ -109,18 +109,18 @@ def main(argv: list[str] | None = None) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prompts = chat_prompts(tokenizer, mtbench_first_turns(args.prompts), args.max_prompt_tokens)
     prompts = prompts[: args.num_prompts]
-    models = {"base": args.base, "tuned": tuned_path}
-    answers, nll = {}, {}
-    for name, path in models.items():  # one model in memory at a time
-        model = load_base_model(path, dtype=dtype, device=device).eval()
-        eos = eos_token_ids(tokenizer, model)
-        answers[name] = greedy_answers(model, prompts, args.batch_size, args.new_tokens, eos, pad_id)
-        for other in [n for n in models if n in answers]:  # the answers written so far
-            nll[f"{name} model on {other} answers"] = answer_nll(model, prompts, answers[other], device)
-        del model
-    base = load_base_model(args.base, dtype=dtype, device=device).eval()  # the base model on the tuned answers
-    nll["base model on tuned answers"] = answer_nll(base, prompts, answers["tuned"], device)
-    del base
+    models = {name: load_base_model(path, dtype=dtype, device=device).eval()  # both held: each scores both
+              for name, path in (("base", args.base), ("tuned", tuned_path))}  # fmt: skip
+    answers = {
+        name: greedy_answers(model, prompts, args.batch_size, args.new_tokens, eos_token_ids(tokenizer, model), pad_id)
+        for name, model in models.items()
+    }
+    nll = {
+        f"{scorer} model on {writer} answers": answer_nll(models[scorer], prompts, answers[writer], device)
+        for scorer in models
+        for writer in answers
+    }
+    del models
     result = {
         "env": environment(device),
         "base": args.base or "embedded SmolLM2-135M-Instruct",

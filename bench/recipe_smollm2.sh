@@ -29,7 +29,6 @@ STEPS=${STEPS:-600}
 DISTILL_SECONDS=${DISTILL_SECONDS:-300}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$WORK" "$OUT"
-fm() { python3 -m fastmedusa "$@"; }
 
 train() {  # train NAME LOSS DATA NUM_HEADS [extra flags]
     local name=$1 loss=$2 data=$3 heads=$4

@@ -250,7 +250,8 @@ def detect_layout(directory: str | os.PathLike) -> str:
     return read_heads(directory).layout
 
 
-BACKBONE_DIR = "../model"  # where a stage-2 run writes its backbone, relative to its heads directory
+BACKBONE_NAME = "model"  # OUTPUT_DIR/model: the backbone a stage-2 run trained, beside OUTPUT_DIR/heads
+BACKBONE_DIR = f"../{BACKBONE_NAME}"  # the same, relative to the heads directory (config.json's pointer)
 
 
 def trained_backbone(heads: str | os.PathLike) -> Path | None:

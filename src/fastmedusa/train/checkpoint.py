@@ -30,6 +30,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from fastmedusa.errors import UserError
+from fastmedusa.model.export import BACKBONE_NAME
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
@@ -81,8 +82,6 @@ def earlier_run_files(output_dir: Path) -> list[Path]:
         earlier.append(output_dir / BACKBONE_NAME)
     return found + [p for p in earlier if p.exists()]
 
-
-BACKBONE_NAME = "model"  # OUTPUT_DIR/model: the backbone a stage-2 run trained
 
 
 def is_trained_backbone(path: Path) -> bool:

@@ -487,21 +487,24 @@ def load_checkpoint(
     return load_sharded(path, model, optimizer)
 
 
+def full_on_host(value: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
+    """Collective for a DTensor (call it for the same tensors in the same order on every process): the whole
+    tensor, detached, on the host; None where `keep` is False (the gather still runs there)."""
+    from torch.distributed.tensor import DTensor
+
+    full = value.full_tensor() if isinstance(value, DTensor) else value
+    return full.detach().cpu() if keep else None
+
+
 def export_heads(model: nn.Module, directory: str | os.PathLike) -> Path | None:
     """Collective: gather the full heads (and, for a shared projection, the LM head) and, on rank 0, write
     them with the one heads writer `MedusaModel.save_heads` uses. Returns the directory on rank 0, None
     elsewhere."""
-    from torch.distributed.tensor import DTensor
-
     from fastmedusa.model.export import checkpoint_from_module_state, write_heads
 
-    def full(value: torch.Tensor) -> torch.Tensor:
-        # collective: the same tensors in the same order on every process
-        return (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
-
     config = model.medusa_config
-    state = {key: full(value) for key, value in model.medusa_heads.state_dict().items()}
-    lm_head = full(model.medusa_heads.base_lm_head.weight) if config.shared_lm_head else None
+    state = {key: full_on_host(value) for key, value in model.medusa_heads.state_dict().items()}
+    lm_head = full_on_host(model.medusa_heads.base_lm_head.weight) if config.shared_lm_head else None
     if not is_main_process():
         barrier()
         return None
@@ -516,17 +519,14 @@ def export_backbone(
     """Collective: gather the full backbone (stage 2) one tensor at a time, keeping the host copy on rank 0
     only, and write it there with `save_base_model`. A failure on rank 0 is raised on every rank (the others
     would otherwise wait for it). Returns the directory on rank 0, None elsewhere."""
-    from torch.distributed.tensor import DTensor
-
     from fastmedusa.model.loading import save_base_model
 
     main = is_main_process()
     state = {}
-    for key, value in model.base.state_dict().items():  # collective: the same order on every process
-        full = value.full_tensor() if isinstance(value, DTensor) else value
-        if main:
-            state[key] = full.detach().cpu()
-        del full
+    for key, value in model.base.state_dict().items():  # one tensor at a time, kept on rank 0 only
+        full = full_on_host(value, keep=main)
+        if full is not None:
+            state[key] = full
     error = None
     if main:
         try:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from fastmedusa.model.export import BACKBONE_NAME
 from fastmedusa.train import checkpoint as ckpt
 from fastmedusa.train.backend import SingleProcess
 from fastmedusa.train.config import TrainConfig, check_output_dir
@@ -138,7 +139,7 @@ def prepare_output_dir(config: TrainConfig) -> Path:
 
 def _prepare_output_dir(config: TrainConfig) -> Path:
     out = check_output_dir(config.output_dir)
-    model_dir = out / ckpt.BACKBONE_NAME
+    model_dir = out / BACKBONE_NAME
     if config.stage == 2 and model_dir.exists() and not ckpt.is_trained_backbone(model_dir):
         raise FileExistsError(
             f"--output-dir {out}: stage 2 writes its trained backbone to {model_dir}, which holds something "
@@ -303,7 +304,7 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
     curves = Path(config.output_dir) / "curves.png"
     drawn = f"; curves in {curves}" if config.plot and curves.is_file() else ""
     backbone = (
-        f", with the backbone trained beside them in {Path(config.output_dir) / 'model'}"
+        f", with the backbone trained beside them in {Path(config.output_dir) / BACKBONE_NAME}"
         if config.stage == 2
         else ""
     )
@@ -340,7 +341,7 @@ def export_heads(
         # first, so that heads which point at it never exist without it
         marker = {"written_by": "fastmedusa train --stage 2", "heads": "../heads", "base_model": config.model}
         backbone = backend.export_backbone(
-            model, (Path(config.output_dir) / "heads" / BACKBONE_DIR).resolve(), tokenizer, marker
+            model, (Path(config.output_dir) / BACKBONE_NAME).resolve(), tokenizer, marker
         )
     heads_dir = backend.export_heads(model, Path(config.output_dir) / "heads")
     if heads_dir is None:
