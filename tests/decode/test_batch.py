@@ -260,3 +260,34 @@ def test_sampling_compiles_on_gpu_and_matches_eager(medusa):
     assert compiled.sequences.shape == eager.sequences.shape
     if not medusa:  # fp32 plain sampling: identical noise and logits up to kernel rounding
         assert (compiled.sequences == eager.sequences).float().mean() > 0.9
+
+
+def test_cuda_graphs_mode_is_checked(llama, monkeypatch):
+    monkeypatch.setenv("FASTMEDUSA_CUDA_GRAPHS", "always")
+    with pytest.raises(ValueError, match="FASTMEDUSA_CUDA_GRAPHS='always'"):
+        generate(llama, torch.tensor([[1, 2, 3]]), max_new_tokens=2, medusa=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("medusa", [False, True], ids=["plain", "medusa"])
+def test_step_graphs_equal_compile_graphs_on_gpu(monkeypatch, medusa):
+    """FASTMEDUSA_CUDA_GRAPHS=step (each whole step captured and replayed) gives the tokens, per-row counts
+    and accepted lengths of the default compile mode, with finished rows compacted and on a second call that
+    replays the captured graphs."""
+    model = random_medusa(tiny_llama()).cuda().eval()
+    prompts = [p.cuda() for p in ragged_prompts([3, 5, 2, 7, 4, 6, 1, 8], seed=7)]
+    ids, mask = left_pad(prompts)
+    plain = generate(model, ids, attention_mask=mask, max_new_tokens=40, medusa=False, compile=True)
+    eos = int(torch.bincount(plain.sequences[:, ids.shape[1] :].reshape(-1)).argmax())
+    kw = dict(attention_mask=mask, max_new_tokens=40, medusa=medusa, eos_token_id=eos, compile=True)
+    results = {}
+    for mode in ("compile", "step", "step"):
+        monkeypatch.setenv("FASTMEDUSA_CUDA_GRAPHS", mode)
+        results.setdefault(mode, []).append(generate(model, ids, **kw))
+    reference = results["compile"][0]
+    for out in results["step"]:
+        assert torch.equal(out.sequences, reference.sequences)
+        assert out.new_tokens_per_row == reference.new_tokens_per_row
+        assert out.accept_lengths == reference.accept_lengths
+    runners = [v for k, v in model.base.__dict__["_fastmedusa_engine"].compiled.items() if k[0] == "runner"]
+    assert any(r.captured for r in runners)

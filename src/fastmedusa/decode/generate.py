@@ -41,6 +41,7 @@ from torch import nn
 
 from fastmedusa.decode.accuracy import choose_tree_size, read_tree_json
 from fastmedusa.decode.engine import DecodeEngine, get_engine
+from fastmedusa.decode.loop import StepRunner, medusa_body, plain_body, run_loop
 from fastmedusa.decode.trees import TreeBuffers, build_tree_buffers, resolve_tree
 
 TreeSpec = str | os.PathLike | Sequence[Sequence[int]] | None
@@ -299,6 +300,16 @@ def make_medusa_step(
     return step
 
 
+def cuda_graphs_mode() -> str:
+    """How decode steps use CUDA graphs: "compile" (default: torch.compile's own, mode="reduce-overhead", the
+    measured path) or "step" (`FASTMEDUSA_CUDA_GRAPHS=step`: the loop captures each whole step as one graph,
+    see fastmedusa.decode.loop; built to remove the host time of the compile path, not yet measured on a GPU)."""
+    mode = os.environ.get("FASTMEDUSA_CUDA_GRAPHS", "compile")
+    if mode not in ("compile", "step"):
+        raise ValueError(f"FASTMEDUSA_CUDA_GRAPHS={mode!r}: use 'compile' (the default) or 'step'")
+    return mode
+
+
 def _mark_static(tensors) -> None:
     """Tell CUDA graphs these tensors keep their address (as HF's StaticCache does for its KV buffers), so a
     replay reads them in place instead of first copying them into the graph's input slots."""
@@ -321,16 +332,39 @@ def _compiled(engine: DecodeEngine, key: tuple, build: Callable[[], Callable], c
 
     dynamic=False: every shape in a step is fixed by (batch size, tree, max_len), never by the prompt or
     max_new_tokens, so automatic dynamic shapes would only add a second, slower compile."""
-    key = (*key, compile)
+    cuda, graphs = engine.device.type == "cuda", cuda_graphs_mode()
+    key = (*key, compile, graphs)
     if key not in engine.compiled:
         fn = build()
         if compile:
             _allow_recompiles()
-            _mark_static([*engine.buffers(), *getattr(fn, "static_tensors", [])])
-            mode = "reduce-overhead" if engine.device.type == "cuda" else "default"
+            compile_graphs = cuda and graphs == "compile"
+            if compile_graphs:
+                _mark_static([*engine.buffers(), *getattr(fn, "static_tensors", [])])
+            mode = "reduce-overhead" if compile_graphs else "default"
             fn = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
         engine.compiled[key] = fn
     return engine.compiled[key]
+
+
+def _runner(
+    engine: DecodeEngine, key: tuple, step: Callable, body: Callable, out_width: int, compile: bool
+) -> StepRunner:
+    """The step's buffers (and in "step" mode its CUDA graphs), built once per engine and step."""
+    cuda, graphs = engine.device.type == "cuda", cuda_graphs_mode()
+    key = ("runner", *key, compile, graphs)
+    if key not in engine.compiled:
+        engine.compiled[key] = StepRunner(
+            engine, step, body, out_width, graphs=cuda and graphs == "step",
+            mark_steps=cuda and compile and graphs == "compile",
+        )  # fmt: skip
+    return engine.compiled[key]
+
+
+def _accept_lengths(runner: StepRunner, steps: int, batch: int) -> list[list[int]]:
+    """Per batch row: the speculated tokens accepted at each of its Medusa steps (from the step log)."""
+    log = runner.shared.log[: min(steps, runner.shared.log.shape[0]), :batch].t().tolist()
+    return [[a for a in row if a >= 0] for row in log]
 
 
 # -- the public entry point ---------------------------------------------------------------------------
@@ -523,9 +557,11 @@ def generate(
             lambda: make_plain_step(engine, temperature, eos_ids, pad_token_id),
             compile,
         )
-        out, n, steps, accepts = _plain_loop(
-            engine, step, state, max_new_tokens, pad_token_id, compile, eos_ids, compact
-        )
+        runner = _runner(engine, ("plain", step), step, plain_body, engine.max_len + 1, compile)
+        runner.start(ids.shape[0], pad_token_id, first_column=1)
+        n, _ = run_loop(runner, state, max_new_tokens - 1, eos_ids is not None, compact)
+        steps = n.tolist()
+        accepts: list[list[int]] = [[] for _ in range(ids.shape[0])]
     else:
         key = ("medusa", tuple(tree_buffers.paths), id(heads), temperature, typical_epsilon, typical_delta)
         step = _compiled(
@@ -536,9 +572,14 @@ def generate(
             ),
             compile,
         )
-        out, n, steps, accepts = _medusa_loop(
-            engine, step, state, max_new_tokens, tree_buffers.depth, pad_token_id, compile, eos_ids, compact
-        )
+        out_width = engine.max_len + tree_buffers.depth + 2
+        runner = _runner(engine, ("medusa", step), step, medusa_body, out_width, compile)
+        runner.start(ids.shape[0], pad_token_id, first_column=0)
+        n, count = run_loop(runner, state, None, True, compact)
+        accepts = _accept_lengths(runner, count, ids.shape[0])
+        steps = [1 + len(a) for a in accepts]
+    out = runner.shared.out[: ids.shape[0]]
+    out[:, 0] = state["token"]
     counts = n.tolist()
     _sync(engine.device)
     seconds = time.perf_counter() - start
@@ -570,102 +611,3 @@ def _prefill(engine, ids, offsets, seeds, max_new_tokens, temperature, eos_ids) 
     done = _is_eos(token, eos_ids) | (n >= limit)
     cur = torch.full_like(n, length)
     return dict(token=token, hidden=last, cur=cur, offset=offsets, seeds=seeds, n=n, limit=limit, done=done)
-
-
-def _mark_step(compile: bool, engine: DecodeEngine) -> None:
-    if compile and engine.device.type == "cuda":
-        torch.compiler.cudagraph_mark_step_begin()
-
-
-class _Slots:
-    """The batch rows that still decode, in cache rows (slots) 0..b-1 of the engine.
-
-    The host reads the number of unfinished rows one step late (the device always has a step queued; at most
-    one spare step runs at the end). With `compact`, once at most half the slots hold unfinished rows, those
-    rows' caches and states move into the first slots and the step runs at the next power of two of their
-    count: finished rows stop costing work, at one compile per batch size (log2 B of them) on first use."""
-
-    STATE = ("token", "hidden", "cur", "offset", "seeds", "n", "limit", "done")
-
-    def __init__(self, engine: DecodeEngine, state: dict, check: bool, compact: bool) -> None:
-        self.engine, self.check, self.compact = engine, check, compact
-        bsz = state["token"].shape[0]
-        self.rows = torch.arange(bsz, device=engine.device)  # slot -> batch row
-        self.n_all = state["n"].clone()  # tokens per batch row, updated when a row leaves its slot
-        self.pending: torch.Tensor | None = None
-
-    def next(self, state: dict) -> bool:
-        """False when every row is done; may compact `state` (in place) first."""
-        if not self.check:
-            return True
-        active = None if self.pending is None else int(self.pending)
-        self.pending = (~state["done"]).sum()
-        if active == 0:
-            return False
-        size = self.rows.shape[0]
-        if self.compact and active is not None and size > 1 and active <= size // 2:
-            self._compact(state)
-        return True
-
-    def _compact(self, state: dict) -> None:
-        done = state["done"]
-        keep = (~done).nonzero()[:, 0]  # reads the current state: at most log2(B) such syncs
-        size = 1 << max(int(keep.numel()) - 1, 0).bit_length()
-        fill = done.nonzero()[:, 0][: size - keep.numel()]  # finished rows pad the bucket (frozen)
-        slots = torch.cat([keep, fill])
-        self.n_all[self.rows] = state["n"]
-        self.engine.gather_rows(slots)
-        for name in self.STATE:
-            if name in state:
-                state[name] = state[name][slots]
-        self.rows = self.rows[slots]
-        self.pending = (~state["done"]).sum()
-
-    def finish(self, state: dict) -> torch.Tensor:
-        """(B,) new tokens per batch row."""
-        self.n_all[self.rows] = state["n"]
-        return self.n_all
-
-
-def _plain_loop(engine, step, s, max_new_tokens, pad_id, compile, eos_ids, compact):
-    """One token per row per forward."""
-    bsz = s["token"].shape[0]
-    out = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=engine.device)
-    out[:, 0] = s["token"]
-    s = dict(s)
-    slots = _Slots(engine, s, eos_ids is not None, compact)
-    for col in range(1, max_new_tokens):
-        if not slots.next(s):
-            break
-        _mark_step(compile, engine)
-        emitted, *new = step(s["token"], s["cur"], s["offset"], s["seeds"], s["n"], s["limit"], s["done"])
-        s.update(zip(("token", "cur", "n", "done"), (t.clone() for t in new)))
-        out[slots.rows, col] = emitted
-    n = slots.finish(s)
-    return out, n, n.tolist(), [[] for _ in range(bsz)]
-
-
-def _medusa_loop(engine, step, s, max_new_tokens, depth, pad_id, compile, eos_ids, compact):
-    """Medusa steps until every row is done."""
-    bsz = s["token"].shape[0]
-    # the last column (-1) is scratch for the tokens a row does not keep
-    out = torch.full((bsz, max_new_tokens + depth + 2), pad_id, dtype=torch.long, device=engine.device)
-    out[:, 0] = s["token"]
-    s = dict(s)
-    slots = _Slots(engine, s, True, compact)
-    log = []
-    while slots.next(s):
-        _mark_step(compile, engine)
-        emitted, columns, accepted, *new = step(
-            s["token"], s["hidden"], s["cur"], s["offset"], s["seeds"], s["n"], s["limit"], s["done"]
-        )
-        out[slots.rows[:, None], columns] = emitted
-        s.update(zip(("token", "hidden", "cur", "n", "done"), (t.clone() for t in new)))
-        log.append((slots.rows, accepted.clone()))
-    accepts: list[list[int]] = [[] for _ in range(bsz)]
-    for rows, accepted in log:
-        for row, a in zip(rows.tolist(), accepted.tolist()):
-            if a >= 0:
-                accepts[row].append(a)
-    n = slots.finish(s)
-    return out[:, :max_new_tokens], n, [1 + len(a) for a in accepts], accepts
