@@ -14,7 +14,7 @@ fastmedusa.decode.generate):
   whatever the model's size. Built to remove that host time; not yet measured on a GPU.
 On the CPU the body runs directly.
 
-Batches. The host reads "how many rows are unfinished" one step late (an event on a pinned copy), so the GPU
+Batches. The host reads "how many rows are unfinished" one step late, so the GPU
 always has the next step queued. With `compact`, once at most half the rows are unfinished, those rows' caches
 and states move into the first slots and steps run at the next power of two of their count (a compile, and
 in "step" mode a graph, per such size on first use), so finished rows stop costing work.
@@ -160,26 +160,15 @@ class ActiveRows:
     """Which slots still decode, read one step late so that the host never waits on the step it just queued.
 
     `poll()` after queueing step i returns the number of unfinished rows after step i - 1 (None at the first
-    step); `compact` moves unfinished rows into the first slots once at most half are unfinished."""
+    step): reading it waits for step i - 1 only, while step i stays queued (at most one spare step runs)."""
 
-    def __init__(self, runner: StepRunner, size: int) -> None:
-        self.runner, self.size = runner, size
-        cuda = runner.engine.device.type == "cuda"
-        self.host = torch.zeros(2, dtype=torch.long, pin_memory=cuda)
-        self.events = [torch.cuda.Event() for _ in range(2)] if cuda else None
-        self.calls = 0
+    def __init__(self, runner: StepRunner) -> None:
+        self.runner = runner
+        self.pending: torch.Tensor | None = None
 
     def poll(self) -> int | None:
-        shared, slot = self.runner.shared, self.calls % 2
-        self.calls += 1
-        if self.events is None:  # CPU: the step has already run
-            return int(shared.active)
-        self.host[slot].copy_(shared.active, non_blocking=True)
-        self.events[slot].record()
-        if self.calls == 1:
-            return None
-        self.events[1 - slot].synchronize()
-        return int(self.host[1 - slot])
+        previous, self.pending = self.pending, self.runner.shared.active.clone()
+        return None if previous is None else int(previous)
 
 
 def compact_rows(
@@ -206,7 +195,7 @@ def run_loop(
     rows = torch.arange(bsz, device=runner.engine.device)
     state = runner.load(prefill, rows)
     n_all = prefill["n"].clone()
-    active = ActiveRows(runner, bsz)
+    active = ActiveRows(runner)
     steps = 0
     while max_steps is None or steps < max_steps:
         size = state["rows"].shape[0]
@@ -221,6 +210,6 @@ def run_loop(
             state = compact_rows(runner, state, n_all)
             if not bool((~state["done"]).any()):
                 break
-            active = ActiveRows(runner, state["rows"].shape[0])
+            active = ActiveRows(runner)
     n_all[state["rows"]] = state["n"]
     return n_all, steps
