@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     from fastmedusa.model import load_base_model, load_tokenizer
 
     args = parse_args(argv)
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    device, dtype = resolve_device_dtype(args.device, None if args.dtype == "auto" else args.dtype)
     tuned_path = tuned_model_path(args.tuned)
     tokenizer = load_tokenizer(args.base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -10,8 +10,9 @@
 #   batched  batch 16 and 64: own greedy and Medusa greedy, with the heads' tree.json and with auto:16
 #   ablation CE/KL x ShareGPT/self-distilled, 5 heads each (prefixes of 1..5 heads in ablation.json)
 #   stage2   Medusa-2 on the self-distilled answers: heads and backbone together (KL heads, LM cross-entropy
-#            on the model's own answers), settings in STAGE2_RUNS: conservative, strong (the measured one), and
-#            warm (starts from the stage1 phase's heads); writes model/ beside heads/
+#            on the model's own answers), settings in STAGE2_RUNS: conservative, strong (the measured one),
+#            warm (starts from the stage1 phase's heads) and anchored (strong, LM loss = KL from a frozen copy of
+#            the original: --lm-loss kl); writes model/ beside heads/
 #   pick     the run whose tree.json expects the most tokens/step becomes $WORK/best (decode, batched use it)
 #   drift    how far a stage-2 backbone moved from the original: both answer MT-Bench greedily, each scores both
 #
@@ -50,7 +51,10 @@ stage2() {  # stage2 SETTING: Medusa-2, the backbone learns too (lr), heads at l
     # the backbone (on the CPU, 10 steps from fresh heads moved the held-out LM loss 0.40 -> 0.64 even here)
     warm) flags=(--init-heads "$WORK/kl-distilled-$HEADS/heads" --lr 5e-5 --heads-lr-multiplier 20
         --heads-coefficient 0.2 --heads-decay 0.8) ;;
-    *) echo "unknown stage-2 setting $1 (conservative, strong, warm)" >&2; exit 2 ;;
+    # strong, with the LM loss as KL from a frozen copy of the original model (the Medusa paper's
+    # self-distillation loss): the model is held to its own distribution while the heads pull on it
+    anchored) flags=(--lr 2e-4 --heads-lr-multiplier 5 --heads-decay 0.8 --lm-loss kl) ;;
+    *) echo "unknown stage-2 setting $1 (conservative, strong, warm, anchored)" >&2; exit 2 ;;
     esac
     TRAIN_SECONDS=${STAGE2_SECONDS:-0} train "kl2-$1-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS" --stage 2 "${flags[@]}"
 }

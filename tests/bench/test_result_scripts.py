@@ -121,15 +121,15 @@ def test_model_drift_compares_a_tuned_model_with_its_base(tmp_path, capsys):
     questions.write_text("\n".join(json.dumps({"question_id": i, "turns": [q]}) for i, q in
                                    enumerate(["Name a colour.", "Count to three.", "Say hello."])) + "\n")  # fmt: skip
     common = ["--base", str(tmp_path / "base"), "--prompts", str(questions), "--new-tokens", "6",
-              "--batch-size", "2", "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
+              "--batch-size", "2", "--device", "cpu"]  # fmt: skip
     torch.manual_seed(0)
-    run_script("model_drift.py", [*common, "--tuned", str(tmp_path / "same"), "--out", str(tmp_path / "s.json")],
-               capsys)  # fmt: skip
+    run_script("model_drift.py", [*common, "--tuned", str(tmp_path / "same"), "--dtype", "fp32",
+                                  "--out", str(tmp_path / "s.json")], capsys)  # fmt: skip
     same = json.loads((tmp_path / "s.json").read_text())
     assert same["prompts"] == 3 and same["identical_answers"] == 3 and same["shared_prefix_tokens_median"] == 6
     nll = same["nll_per_token"]
     assert nll["base model on base answers"] == pytest.approx(nll["base model on tuned answers"])
-    printed = run_script("model_drift.py", [*common, "--tuned", str(tmp_path / "other"),
+    printed = run_script("model_drift.py", [*common, "--tuned", str(tmp_path / "other"),  # default dtype: auto
                                             "--out", str(tmp_path / "o.json")], capsys)  # fmt: skip
     other = json.loads((tmp_path / "o.json").read_text())
     assert other["identical_answers"] < 3 and len(other["examples"]) == 3

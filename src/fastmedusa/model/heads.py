@@ -220,14 +220,17 @@ class MedusaHeads(nn.Module):
         with_lm_loss: bool = False,
         impl: str = "auto",
         loss: str = "ce",
+        lm_teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Each head's mean loss, without materialising tokens x vocab logits.
 
         hidden (B, T, H) from the backbone, labels (B, T) token-aligned (-100 = ignored). loss "ce": head k
         learns the label at t+k+1; "kl": head k learns the base model's distribution for that token
         (`kl_divergence`). Returns (lm_loss or None, head_losses (K,)). Under a draft vocabulary the heads'
-        CE scores draft rows (labels outside it are not scored); the LM loss (stage 2) is always the base
-        LM head's cross-entropy over the full vocabulary.
+        CE scores draft rows (labels outside it are not scored). The LM loss (stage 2) is over the full
+        vocabulary: the base LM head's cross-entropy on the labels, or with `lm_teacher` = (hidden states
+        (B, T, H), LM head weight (V, H)) of a frozen reference model, KL(reference || model) for each
+        labelled next token (`lm_distillation_loss`).
         """
         from fastmedusa.ops import linear_cross_entropy, medusa_cross_entropy
 
@@ -248,8 +251,32 @@ class MedusaHeads(nn.Module):
             )
         if not with_lm_loss:
             return None, losses
-        lm_loss = linear_cross_entropy(hidden, self.base_lm_head.weight, labels, shift=1, impl=impl)
+        if lm_teacher is not None:
+            lm_loss = self.lm_distillation_loss(hidden, labels, *lm_teacher, impl=impl)
+        else:
+            lm_loss = linear_cross_entropy(hidden, self.base_lm_head.weight, labels, shift=1, impl=impl)
         return lm_loss.clone(), losses  # a clone: FSDP2 cannot track a view returned by a sharded module
+
+    def lm_distillation_loss(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        *,
+        impl: str = "auto",
+    ) -> torch.Tensor:
+        """Mean KL(reference || model) of the next-token distribution at each position whose next label is
+        scored: the Medusa paper's LM loss for stage 2 on self-distilled data. The model's LM head at t
+        (`hidden`, gradients reach it and the backbone) against a frozen reference model's at t
+        (`teacher_hidden`, `teacher_weight`, no gradient): it keeps the whole distribution where the
+        original model had it, where cross-entropy on sampled answers only pulls toward one token."""
+        from fastmedusa.ops import medusa_kl_divergence
+
+        return medusa_kl_divergence(
+            [hidden], [self.base_lm_head.weight], teacher_hidden.detach(), teacher_weight.detach(), labels,
+            shifts=[1], impl=impl,
+        )[0]  # fmt: skip
 
     def kl_divergence(
         self,

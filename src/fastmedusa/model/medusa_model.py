@@ -155,12 +155,15 @@ class MedusaModel(nn.Module):
         lm_loss_weight: float | None = None,
         impl: str = "auto",
         loss: str = "ce",
+        lm_teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> MedusaOutput:
         """`loss = lm_loss_weight * lm_loss + sum_k head_weights[k] * L_k`, L_k the head's CE (loss="ce")
         or its KL to the base model's distribution (loss="kl", see `MedusaHeads.kl_divergence`).
 
         labels (B, T) are token-aligned like input_ids (-100 = not trained on); each head shifts them
         itself. Defaults: every head weight 1; the LM loss counts only when the backbone trains (stage 2).
+        `lm_teacher`: (hidden states, LM head weight) of a frozen reference model; the LM loss is then
+        KL(reference || model) instead of cross-entropy on the labels (`MedusaHeads.lm_distillation_loss`).
         """
         hidden = self.backbone_hidden_states(input_ids, attention_mask)
         if labels is None:
@@ -172,7 +175,7 @@ class MedusaModel(nn.Module):
         if lm_loss_weight is None:
             lm_loss_weight = 0.0 if self.backbone_frozen else 1.0
         lm_loss, head_losses = self.medusa_heads(
-            hidden, labels, with_lm_loss=lm_loss_weight != 0.0, impl=impl, loss=loss
+            hidden, labels, with_lm_loss=lm_loss_weight != 0.0, impl=impl, loss=loss, lm_teacher=lm_teacher
         )
         weights = (
             torch.ones_like(head_losses)
@@ -193,4 +196,3 @@ class MedusaModel(nn.Module):
         from fastmedusa.decode import generate
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
-

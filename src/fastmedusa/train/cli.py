@@ -9,7 +9,7 @@ import typing
 from dataclasses import MISSING, fields
 
 from fastmedusa.dtypes import dtype_arg, dtype_or_auto_arg
-from fastmedusa.train.config import DTYPES, HEADS_SCHEDULES, LOSSES, LR_SCHEDULES, TrainConfig
+from fastmedusa.train.config import DTYPES, HEADS_SCHEDULES, LM_LOSSES, LOSSES, LR_SCHEDULES, TrainConfig
 
 HELP = {
     "model": "base model: a hub id, a local directory saved by save_pretrained, or a .gguf file "
@@ -74,6 +74,7 @@ HELP.update({f.name: f.metadata["help"] for f in fields(TrainConfig) if "help" i
 CHOICES = {
     "stage": (1, 2),
     "loss": LOSSES,
+    "lm_loss": LM_LOSSES,
     "heads_schedule": HEADS_SCHEDULES,
     "lr_schedule": LR_SCHEDULES,
     "dtype": ("auto", *DTYPES),

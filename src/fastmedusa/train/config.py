@@ -20,6 +20,7 @@ from fastmedusa.dtypes import DTYPES
 HEADS_SCHEDULES = ("constant", "linear", "sine")
 LR_SCHEDULES = ("cosine", "constant")
 LOSSES = ("ce", "kl")
+LM_LOSSES = ("ce", "kl")  # stage 2: cross-entropy on the labels, or KL from a frozen copy of the original
 
 
 @dataclass
@@ -63,6 +64,15 @@ class TrainConfig:
             "(the base model's own distribution for that token, from its LM head on the same hidden states; "
             "soft targets, best with data the model wrote itself, see `fastmedusa distill`). Stage 2 keeps "
             "the LM cross-entropy either way"
+        },
+    )
+    lm_loss: str = field(
+        default="ce",
+        metadata={
+            "help": "stage 2's LM loss: ce (cross-entropy on the data's tokens) or kl (KL from a frozen copy of "
+            "the original model to the training one at every scored position: the Medusa paper's "
+            "self-distillation loss, which keeps the model's distribution where it was; costs a copy of the "
+            "model's weights and one more forward per step; one process only)"
         },
     )
     tree_prompts: int = field(
@@ -160,6 +170,16 @@ class TrainConfig:
         _check(
             self.loss == "ce" or self.impl not in ("liger", "cce", "quack", "compile"),
             f"--impl {self.impl} is a cross-entropy peer with no KL divergence: with --loss kl pass --impl "
+            "auto, triton, chunked or torch",
+        )
+        _choice(self.lm_loss, LM_LOSSES, "--lm-loss")
+        _check(
+            self.lm_loss == "ce" or self.stage == 2,
+            "--lm-loss kl is stage 2's LM loss (the backbone trains only there): drop it or pass --stage 2",
+        )
+        _check(
+            self.lm_loss == "ce" or self.impl not in ("liger", "cce", "quack", "compile"),
+            f"--impl {self.impl} is a cross-entropy peer with no KL divergence: with --lm-loss kl pass --impl "
             "auto, triton, chunked or torch",
         )
         _choice(self.dtype, ("auto", *DTYPES), "--dtype")

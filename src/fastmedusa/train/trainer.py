@@ -8,6 +8,7 @@ around it: logging, evaluation, atomic checkpoints and exact resume.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import math
@@ -42,8 +43,9 @@ LOG_FILE = "metrics.jsonl"
 # Fields that must match for a checkpoint to continue the same run (steps and logging may change).
 RESUME_FIELDS = (
     "model", "data", "stage", "num_heads", "num_layers", "shared_lm_head", "draft_vocab", "seq_len", "pack",
-    "batch_size", "grad_accum", "max_conversations", "eval_size", "seed", "param_dtype",
+    "batch_size", "grad_accum", "max_conversations", "eval_size", "seed", "param_dtype", "lm_loss",
 )  # fmt: skip
+ADDED_FIELDS = {"lm_loss": "ce"}  # what checkpoints written before a field existed ran with
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,6 +114,7 @@ class Trainer:
         # under torchrun each process owns cuda:LOCAL_RANK (the backend knows it); else --device decides
         self.device = getattr(self.backend, "device", None) or config.torch_device()
         self.amp_dtype = config.autocast_dtype(self.device)
+        self.reference: nn.Module | None = None  # --lm-loss kl: a frozen copy of the original model
         self.model = self.backend.wrap_model(self._prepare(model))
         self.optimizer = build_optimizer(self.model, config, self.device)
         self.total_steps = total_steps or self._resolve_total_steps(train_batches)
@@ -140,6 +143,8 @@ class Trainer:
         model.to(device=self.device)
         if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
             model.to(dtype=dtype)  # only when needed: a cast also rounds buffers such as RoPE's inv_freq
+        if self.config.lm_loss == "kl":
+            self.reference = self._frozen_reference(model)
         if self.config.gradient_checkpointing:
             if self.config.stage == 1:
                 logger.warning(
@@ -153,6 +158,29 @@ class Trainer:
         if self.config.compile:
             model.base.get_decoder().compile()
         return model
+
+    def _frozen_reference(self, model: nn.Module) -> nn.Module:
+        """A frozen copy of the backbone as it is now (before any step or checkpoint load): the original model
+        that --lm-loss kl keeps the training one close to. A resumed run rebuilds it from the --model weights."""
+        if self.backend.world_size > 1 or self.backend.shards_model:
+            raise ValueError(
+                "--lm-loss kl keeps a frozen copy of the model, which is not sharded under FSDP yet: run it in "
+                "one process, or use --lm-loss ce"
+            )
+        reference = copy.deepcopy(model.base).eval()
+        reference.requires_grad_(False)
+        return reference
+
+    @torch.no_grad()
+    def _lm_teacher(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(hidden states, LM head weight) of the frozen reference on this batch, for --lm-loss kl."""
+        if self.reference is None:
+            return None
+        out = self.reference.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+        )
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden, self.reference.get_output_embeddings().weight
 
     def _resolve_total_steps(self, train_batches: Iterable[Batch] | None) -> int:
         if self.config.max_steps is not None:
@@ -198,6 +226,7 @@ class Trainer:
                 out = self.model(
                     mb["input_ids"], mb.get("attention_mask"), mb["labels"],
                     head_weights=weights, lm_loss_weight=lm_weight, impl=self.config.impl, loss=self.config.loss,
+                    lm_teacher=self._lm_teacher(mb),
                 )  # fmt: skip
                 if with_metrics and i == len(micro) - 1:
                     topk = self.model.medusa_heads.topk_correct(out.hidden_states.detach(), mb["labels"])
@@ -435,7 +464,8 @@ class Trainer:
         # per head, as evaluation prints them (the optimised loss is their weighted sum)
         parts = [f"loss per head {' '.join(f'{x:.3f}' for x in m['head_loss'])}"]
         if m.get("lm_loss") is not None:
-            parts.append(f"LM loss {m['lm_loss']:.3f}")
+            name = "LM KL to the original" if self.config.lm_loss == "kl" else "LM loss"
+            parts.append(f"{name} {m['lm_loss']:.3f}")
         if m.get("top1"):
             parts.append(f"top-1 % {fmt_pct(m['top1'])}")
         bar.set_postfix(" | ".join(parts))
@@ -453,7 +483,9 @@ class Trainer:
                 f"{fmt_pct(result['top5'])} | loss {' '.join(f'{x:.3f}' for x in result['head_loss'])} | KL to the "
                 f"base model {' '.join(f'{x:.3f}' for x in result['head_kl'])}"
             )
-            if result.get("lm_loss") is not None:  # stage 2: how far the backbone moved on the held-out answers
+            if (
+                result.get("lm_loss") is not None
+            ):  # stage 2: how far the backbone moved on the held-out answers
                 line += f" | LM loss {result['lm_loss']:.3f}"
             (bar.write if bar is not None else tqdm.write)(line)
         return result
@@ -500,9 +532,9 @@ def check_resumable(
     continues on 1 process with --batch-size 8 (the data position counts global batches)."""
     now = config.to_dict()
     changed = [
-        f"{k}: saved {saved.get(k)!r}, now {now[k]!r}"
+        f"{k}: saved {saved.get(k, ADDED_FIELDS.get(k))!r}, now {now[k]!r}"
         for k in RESUME_FIELDS
-        if k != "batch_size" and saved.get(k) != now[k]
+        if k != "batch_size" and saved.get(k, ADDED_FIELDS.get(k)) != now[k]
     ]
     saved_global, now_global = saved.get("batch_size", 0) * saved_world_size, config.batch_size * world_size
     if saved_global != now_global:
