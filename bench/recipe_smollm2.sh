@@ -15,6 +15,7 @@
 #            the original: --lm-loss kl); writes model/ beside heads/
 #   pick     the run whose tree.json expects the most tokens/step becomes $WORK/best (decode, batched use it)
 #   drift    how far a stage-2 backbone moved from the original: both answer MT-Bench greedily, each scores both
+#   graphs   the decode loop's two CUDA-graph modes (compile, step) at batch 1 (profiled) and 16, same heads
 #
 #   MODEL=model.gguf DATA=sharegpt.json PROMPTS=question.jsonl WORK=runs OUT=results \
 #       bash bench/recipe_smollm2.sh distill train decode
@@ -108,6 +109,15 @@ for phase in "$@"; do
                 --out "$OUT/decode_mtbench_batched_${tree/:/}.json" 2>&1 | tee "$OUT/decode_batched_${tree/:/}.log"
         done
         ;;
+    graphs)  # the two CUDA-graph modes of the decode loop side by side: batch 1 with a step profile, batch 16
+        heads=$(heads_dir)
+        for mode in compile step; do
+            # shellcheck disable=SC2046
+            timeout 280 python3 -m fastmedusa bench decode $(model_flag "$heads") --heads "$heads" --prompts "$PROMPTS" \
+                --num-prompts 32 --batch-sizes 1 16 --new-tokens 256 --rows greedy medusa --profile --cuda-graphs "$mode" \
+                --out "$OUT/decode_graphs_$mode.json" 2>&1 | tee "$OUT/decode_graphs_$mode.log"
+        done
+        ;;
     ablation)
         for run in ${RUNS:-ce-sharegpt kl-sharegpt ce-distilled kl-distilled}; do
             loss=${run%%-*}
@@ -137,7 +147,7 @@ PY
         [[ -n $best ]] && ln -sfn "$best" "$WORK/best" && echo "best: $best" | tee "$OUT/best.txt"  # bare name
         ;;
     *)
-        echo "unknown phase $phase (distill, train, stage1, stage2, pick, drift, decode, batched, ablation)" >&2
+        echo "unknown phase $phase (distill, train, stage1, stage2, pick, drift, decode, batched, graphs, ablation)" >&2
         exit 2
         ;;
     esac

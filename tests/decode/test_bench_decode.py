@@ -63,6 +63,21 @@ def test_bench_decode_rows_and_files(setup):
     assert payload["profile"]["greedy"]["profiled_steps"] == PROFILE_TOKENS[1] - PROFILE_TOKENS[0]
 
 
+def test_bench_decode_records_the_cuda_graphs_mode(setup, monkeypatch):
+    monkeypatch.setenv("FASTMEDUSA_CUDA_GRAPHS", "compile")  # restored after the test
+    out = setup / "out" / "graphs.json"
+    argv = ["--model", str(setup / "model"), "--heads", str(setup / "heads"), "--prompts",
+            str(setup / "question.jsonl"), "--num-prompts", "1", "--batch-sizes", "1", "--new-tokens", "3",
+            "--device", "cpu", "--tree", "chain_2", "--rows", "greedy", "medusa", "--cuda-graphs", "step",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert payload["args"]["cuda_graphs"] == "step"
+    assert all("error" not in row for row in payload["rows"])
+    with pytest.raises(SystemExit):
+        main([*argv[:-2], "--cuda-graphs", "always"])
+
+
 def test_profile_summary_subtracts_the_short_run():
     from collections import Counter
 

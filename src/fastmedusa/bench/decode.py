@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from fastmedusa.bench.common import environment, is_oom, write_json
 from fastmedusa.bench.heads import add_model_arguments, held_out_prompts, save_figure
 from fastmedusa.decode import generate
 from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
+from fastmedusa.decode.generate import cuda_graphs_mode
 from fastmedusa.progress import Progress
 
 ROWS = ("hf-static", "greedy", "medusa", "typical")
@@ -64,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true", help="also profile plain vs Medusa steps at batch 1 (kernel tables)"
     )
+    p.add_argument(
+        "--cuda-graphs", choices=("compile", "step"), default=None,
+        help="how decode steps use CUDA graphs (sets FASTMEDUSA_CUDA_GRAPHS for this run): compile (default: "
+        "torch.compile's own) or step (each whole step captured as one graph); recorded in the JSON",
+    )  # fmt: skip
     p.add_argument(
         "--out", type=Path, default=Path("bench/results/decode.json"), help="JSON path (PNG beside)"
     )
@@ -385,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     from fastmedusa.model import MedusaModel, load_tokenizer
 
     args = parse_args(argv)
+    if args.cuda_graphs is not None:
+        os.environ["FASTMEDUSA_CUDA_GRAPHS"] = args.cuda_graphs
+    args.cuda_graphs = cuda_graphs_mode()  # checked, and the mode the run used, whoever set it
     args.model = base_model_arg(args.model, args.heads)
     if any(b < 1 for b in args.batch_sizes) or args.new_tokens < 1:
         raise ValueError("--batch-sizes and --new-tokens must be >= 1")
