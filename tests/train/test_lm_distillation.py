@@ -91,3 +91,5 @@ def test_bad_lm_loss_settings_fail_with_one_line(tmp_path):
         _config(tmp_path, lm_loss="mse")
     with pytest.raises(ValueError, match="no KL divergence: with --lm-loss kl"):
         _config(tmp_path, impl="liger", loss="ce")
+    with pytest.raises(ValueError, match="not sharded under FSDP yet"):
+        _config(tmp_path, fsdp=True)

@@ -14,7 +14,7 @@ fastmedusa.decode.generate):
   whatever the model's size. Built to remove that host time; not yet measured on a GPU.
 On the CPU the body runs directly.
 
-Batches. The host reads "how many rows are unfinished" one step late, so the GPU
+Batches. The host reads "how many rows are unfinished" one step late (a pinned copy and an event), so the GPU
 always has the next step queued. With `compact`, once at most half the rows are unfinished, those rows' caches
 and states move into the first slots and steps run at the next power of two of their count (a compile, and
 in "step" mode a graph, per such size on first use), so finished rows stop costing work.
@@ -159,16 +159,29 @@ def _graph_pool(engine: DecodeEngine):
 class ActiveRows:
     """Which slots still decode, read one step late so that the host never waits on the step it just queued.
 
-    `poll()` after queueing step i returns the number of unfinished rows after step i - 1 (None at the first
-    step): reading it waits for step i - 1 only, while step i stays queued (at most one spare step runs)."""
+    `poll()` after queueing step i queues a copy of the unfinished count into pinned host memory, then waits
+    for the copy queued after step i - 1 (an event) and returns that count (None at the first step). A plain
+    `int()` of a device tensor would queue its copy behind step i and wait for step i to finish: the host then
+    could not prepare step i + 1 while step i runs."""
 
     def __init__(self, runner: StepRunner) -> None:
         self.runner = runner
-        self.pending: torch.Tensor | None = None
+        self.cuda = runner.engine.device.type == "cuda"
+        self.host = torch.zeros(2, dtype=torch.long, pin_memory=self.cuda)
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.cuda else []
+        self.calls = 0
 
     def poll(self) -> int | None:
-        previous, self.pending = self.pending, self.runner.shared.active.clone()
-        return None if previous is None else int(previous)
+        slot, self.calls = self.calls % 2, self.calls + 1
+        active = self.runner.shared.active
+        if not self.cuda:  # the step has run: read it now
+            return int(active)
+        self.host[slot].copy_(active, non_blocking=True)
+        self.events[slot].record()
+        if self.calls == 1:
+            return None
+        self.events[1 - slot].synchronize()
+        return int(self.host[1 - slot])
 
 
 def compact_rows(
@@ -195,6 +208,8 @@ def run_loop(
     rows = torch.arange(bsz, device=runner.engine.device)
     state = runner.load(prefill, rows)
     n_all = prefill["n"].clone()
+    if check and not bool((~prefill["done"]).any()):  # every row ended at its first token (one sync per call)
+        return n_all, 0
     active = ActiveRows(runner)
     steps = 0
     while max_steps is None or steps < max_steps:

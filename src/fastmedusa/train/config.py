@@ -182,6 +182,11 @@ class TrainConfig:
             f"--impl {self.impl} is a cross-entropy peer with no KL divergence: with --lm-loss kl pass --impl "
             "auto, triton, chunked or torch",
         )
+        _check(
+            self.lm_loss == "ce" or not (self.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1),
+            "--lm-loss kl keeps a frozen copy of the model, which is not sharded under FSDP yet: run it in one "
+            "process, or use --lm-loss ce",
+        )
         _choice(self.dtype, ("auto", *DTYPES), "--dtype")
         _choice(self.param_dtype, ("fp32", "bf16"), "--param-dtype")
         for name in ("eval_every", "save_every", "log_every"):

@@ -441,6 +441,7 @@ class Trainer:
             self.save_checkpoint()
         if main and cfg.plot and self.log.path.is_file():
             plot_curves(read_jsonl(self.log.path), self.output_dir / "curves.png", cfg.num_heads)
+        self.reference = None  # --lm-loss kl's frozen copy: not needed past training (the tree pass, export)
         return self._summary(final_eval)
 
     def _log_train(self, m: dict, window: dict, flops_per_token: float, peak: float | None, bar) -> None:
