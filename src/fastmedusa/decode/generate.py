@@ -347,13 +347,12 @@ def _compiled(engine: DecodeEngine, key: tuple, build: Callable[[], Callable], c
     return engine.compiled[key]
 
 
-def _runner(
-    engine: DecodeEngine, key: tuple, step: Callable, body: Callable, out_width: int, compile: bool
-) -> StepRunner:
-    """The step's buffers (and in "step" mode its CUDA graphs), built once per engine and step."""
-    cuda, graphs = engine.device.type == "cuda", cuda_graphs_mode()
-    key = ("runner", *key, compile, graphs)
+def _runner(engine: DecodeEngine, step: Callable, body: Callable, out_width: int, compile: bool) -> StepRunner:
+    """The step's buffers (and in "step" mode its CUDA graphs), built once per compiled step (`_compiled` keys
+    those by compile and CUDA-graph mode already)."""
+    key = ("runner", step)
     if key not in engine.compiled:
+        cuda, graphs = engine.device.type == "cuda", cuda_graphs_mode()
         engine.compiled[key] = StepRunner(
             engine, step, body, out_width, graphs=cuda and graphs == "step",
             mark_steps=cuda and compile and graphs == "compile",
@@ -557,7 +556,7 @@ def generate(
             lambda: make_plain_step(engine, temperature, eos_ids, pad_token_id),
             compile,
         )
-        runner = _runner(engine, ("plain", step), step, plain_body, engine.max_len + 1, compile)
+        runner = _runner(engine, step, plain_body, engine.max_len + 1, compile)
         runner.start(ids.shape[0], pad_token_id, first_column=1)
         n, _ = run_loop(runner, state, max_new_tokens - 1, eos_ids is not None, compact)
         steps = n.tolist()
@@ -573,7 +572,7 @@ def generate(
             compile,
         )
         out_width = engine.max_len + tree_buffers.depth + 2
-        runner = _runner(engine, ("medusa", step), step, medusa_body, out_width, compile)
+        runner = _runner(engine, step, medusa_body, out_width, compile)
         runner.start(ids.shape[0], pad_token_id, first_column=0)
         n, count = run_loop(runner, state, None, True, compact)
         accepts = _accept_lengths(runner, count, ids.shape[0])

@@ -80,13 +80,8 @@ class StepRunner:
         graphs: bool,
         mark_steps: bool,
     ) -> None:
-        self.engine, self.step, self.body, self.graphs, self.mark_steps = (
-            engine,
-            step,
-            body,
-            graphs,
-            mark_steps,
-        )
+        self.engine, self.step, self.body = engine, step, body
+        self.graphs, self.mark_steps = graphs, mark_steps
         device, rows = engine.device, engine.max_batch_size
         self.shared = SimpleNamespace(
             out=torch.zeros(rows, out_width, dtype=torch.long, device=device),
@@ -97,6 +92,7 @@ class StepRunner:
         self.states: dict[int, dict[str, torch.Tensor]] = {}
         self.captured: dict[int, torch.cuda.CUDAGraph] = {}
         self.warm: dict[int, int] = {}
+        self.side: torch.cuda.Stream | None = None  # warm-up steps run here
 
     def start(self, batch: int, pad_id: int, first_column: int) -> None:
         self.shared.out[:batch].fill_(pad_id)
@@ -130,7 +126,7 @@ class StepRunner:
             return
         if self.warm.get(size, 0) < WARMUP_STEPS:  # real steps, on a side stream as CUDA-graph capture wants
             self.warm[size] = self.warm.get(size, 0) + 1
-            side = torch.cuda.Stream(self.engine.device)
+            side = self.side = self.side or torch.cuda.Stream(self.engine.device)
             side.wait_stream(torch.cuda.current_stream(self.engine.device))
             with torch.cuda.stream(side):
                 self.body(self.step, state, self.shared)

@@ -23,7 +23,15 @@ from fastmedusa.model.export import (
 from fastmedusa.model.heads import MedusaHeads
 from fastmedusa.model.loading import check_has_lm_head, load_base_model
 
-__all__ = ["HEADS_WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "MedusaModel", "MedusaOutput"]
+__all__ = ["HEADS_WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "MedusaModel", "MedusaOutput", "decoder_hidden_states"]
+
+
+def decoder_hidden_states(
+    hf_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Last hidden state (B, T, H) of an HF causal LM's decoder; never computes the LM logits."""
+    out = hf_model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 @dataclass
@@ -139,11 +147,8 @@ class MedusaModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Last hidden state (B, T, H) of the base model's decoder; never computes the LM logits."""
-        decoder = self.base.get_decoder()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return hidden
+            return decoder_hidden_states(self.base, input_ids, attention_mask)
 
     def forward(
         self,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastmedusa.model.medusa_model import decoder_hidden_states
 from fastmedusa.progress import Progress
 from fastmedusa.train import checkpoint as ckpt
 from fastmedusa.train.backend import SingleProcess
@@ -176,10 +177,7 @@ class Trainer:
         """(hidden states, LM head weight) of the frozen reference on this batch, for --lm-loss kl."""
         if self.reference is None:
             return None
-        out = self.reference.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
-        )
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hidden = decoder_hidden_states(self.reference, batch["input_ids"], batch.get("attention_mask"))
         return hidden, self.reference.get_output_embeddings().weight
 
     def _resolve_total_steps(self, train_batches: Iterable[Batch] | None) -> int:
