@@ -320,10 +320,11 @@ def profile_steps(model, args, tree, max_len: int, prompt: torch.Tensor) -> dict
     prompt = prompt.to(args.device_obj)
     result = {}
     for kind, kw in (("greedy", {"medusa": False}), ("medusa", {"tree": tree})):
-        runs = {}
+        runs, first_call_s = {}, None
         for tokens in PROFILE_TOKENS:
             run = functools.partial(generate, model, prompt, max_new_tokens=tokens, max_len=max_len, **kw)
-            run()  # warm-up (compile)
+            _, warm_s = synced_seconds(run, args.device_obj)  # warm-up: the first one compiles
+            first_call_s = warm_s if first_call_s is None else first_call_s
             with profile(activities=activities) as prof:
                 out, seconds = synced_seconds(run, args.device_obj)
             runs[tokens] = {"counts": event_counts(prof.events()), "steps": out.steps, "wall_ms": 1e3 * seconds}
@@ -332,6 +333,7 @@ def profile_steps(model, args, tree, max_len: int, prompt: torch.Tensor) -> dict
         result[kind] = {
             "step_ms": long["wall_ms"] / long["steps"],
             "steps": long["steps"],
+            "first_call_s": first_call_s,
             **profile_summary(runs[PROFILE_TOKENS[0]], long),
             "table": prof.key_averages().table(sort_by=sort, row_limit=25),
         }
@@ -427,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("greedy", "medusa"):
             p = payload["profile"][kind]
             busy = "n/a" if p["gpu_busy_fraction"] is None else f"{100 * p['gpu_busy_fraction']:.0f}%"
-            print(f"profile {kind}: {p['profiled_step_ms']:.2f} ms/step (steps only), {p['kernels_per_step']:.0f} "
+            print(f"profile {kind}: first call {p['first_call_s']:.1f} s, "
+                  f"{p['profiled_step_ms']:.2f} ms/step (steps only), {p['kernels_per_step']:.0f} "
                   f"kernels ({p['kernel_ms_per_step']:.2f} ms) per step, GPU busy {busy}, "
                   f"{p['graph_launches_per_step']:.2f} graph replays and {p['host_kernel_launches_per_step']:.1f} "
                   f"host kernel launches per step, {p['eager_aten_ops_per_step']:.1f} eager aten ops per step: "

@@ -8,6 +8,8 @@ explicit boolean mask. Shapes therefore depend only on the number of new tokens,
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +64,59 @@ def _cat_optional(tensors: list[torch.Tensor | None], like: list[torch.Tensor]) 
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
+
+
+def _layer(
+    x: torch.Tensor,
+    input_norm: torch.Tensor,
+    wqkv: torch.Tensor,
+    bqkv: torch.Tensor | None,
+    wo: torch.Tensor,
+    bo: torch.Tensor | None,
+    post_norm: torch.Tensor,
+    wgate_up: torch.Tensor,
+    bgate_up: torch.Tensor | None,
+    wdown: torch.Tensor,
+    bdown: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attn_mask: torch.Tensor,
+    batch_rows: torch.Tensor,
+    cache_rows: torch.Tensor,
+    nh: int,
+    nkv: int,
+    hd: int,
+    eps: float,
+) -> torch.Tensor:
+    """One Llama block over x (B, T, H): writes this layer's K/V at `cache_rows`, attends under `attn_mask`.
+
+    Weights come in as arguments, not as a module, so every layer is the same function of same-shaped
+    tensors: under `_layer_region` torch.compile traces and compiles it once for all layers."""
+    bsz, seq = x.shape[:2]
+    groups = nh // nkv
+    h = rms_norm(x, input_norm, eps)
+    q, k, v = F.linear(h, wqkv, bqkv).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+    q = q.view(bsz, seq, nh, hd)
+    k = k.view(bsz, seq, nkv, hd)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    # advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, nkv, hd)
+    k_cache[batch_rows, :, cache_rows] = k
+    v_cache[batch_rows, :, cache_rows] = v.view(bsz, seq, nkv, hd)
+    qg = q.view(bsz, seq, nkv, groups, hd).permute(0, 2, 3, 1, 4).reshape(bsz, nkv, groups * seq, hd)
+    o = F.scaled_dot_product_attention(qg, k_cache[:bsz], v_cache[:bsz], attn_mask=attn_mask)
+    o = o.view(bsz, nkv, groups, seq, hd).permute(0, 3, 1, 2, 4).reshape(bsz, seq, nh * hd)
+    x = x + F.linear(o, wo, bo)
+    h = rms_norm(x, post_norm, eps)
+    gate, up = F.linear(h, wgate_up, bgate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, wdown, bdown)
+
+
+# Hierarchical compilation: inside a compiled step the block is traced and compiled once and stamped out for
+# every layer, instead of 30 unrolled copies going through dynamo and inductor. Eager: a plain call.
+_layer_region = torch.compiler.nested_compile_region(_layer)
 
 
 class LayerWeights(nn.Module):
@@ -149,6 +204,7 @@ class DecodeEngine(nn.Module):
             w.register_buffer("k_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False)
             w.register_buffer("v_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False)
         self.compiled: dict[object, object] = {}  # step functions, compiled once per shape/tree
+        self.regional = os.environ.get("FASTMEDUSA_REGIONAL_COMPILE", "1") != "0"
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:
@@ -183,24 +239,13 @@ class DecodeEngine(nn.Module):
         bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)
         attn_mask = bias.repeat(1, groups, 1)[:, None]  # (B, 1, groups*T, max_len)
         batch_rows = torch.arange(bsz, device=tokens.device)[:, None]  # (B, 1)
+        layer = _layer_region if self.regional else _layer
         for w in self.layers:
-            h = rms_norm(x, w.input_norm, self.eps)
-            q, k, v = F.linear(h, w.wqkv, w.bqkv).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            q = q.view(bsz, seq, nh, hd)
-            k = k.view(bsz, seq, nkv, hd)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            # advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, nkv, hd)
-            w.k_cache[batch_rows, :, cache_rows] = k
-            w.v_cache[batch_rows, :, cache_rows] = v.view(bsz, seq, nkv, hd)
-            qg = q.view(bsz, seq, nkv, groups, hd).permute(0, 2, 3, 1, 4).reshape(bsz, nkv, groups * seq, hd)
-            keys, values = w.k_cache[:bsz], w.v_cache[:bsz]
-            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=attn_mask)
-            o = o.view(bsz, nkv, groups, seq, hd).permute(0, 3, 1, 2, 4).reshape(bsz, seq, nh * hd)
-            x = x + F.linear(o, w.wo, w.bo)
-            h = rms_norm(x, w.post_norm, self.eps)
-            gate, up = F.linear(h, w.wgate_up, w.bgate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.wdown, w.bdown)
+            x = layer(
+                x, w.input_norm, w.wqkv, w.bqkv, w.wo, w.bo, w.post_norm, w.wgate_up, w.bgate_up, w.wdown,
+                w.bdown, w.k_cache, w.v_cache, cos, sin, attn_mask, batch_rows, cache_rows,
+                nh, nkv, hd, self.eps,
+            )  # fmt: skip
         return rms_norm(x, self.final_norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
