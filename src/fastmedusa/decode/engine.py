@@ -68,6 +68,7 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _layer(
     x: torch.Tensor,
+    delta: torch.Tensor | None,
     input_norm: torch.Tensor,
     wqkv: torch.Tensor,
     bqkv: torch.Tensor | None,
@@ -89,11 +90,16 @@ def _layer(
     nkv: int,
     hd: int,
     eps: float,
-) -> torch.Tensor:
-    """One Llama block over x (B, T, H): writes this layer's K/V at `cache_rows`, attends under `attn_mask`.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Llama block: writes this layer's K/V at `cache_rows`, attends under `attn_mask`.
 
-    Weights come in as arguments, not as a module, so every layer is the same function of same-shaped
-    tensors: under `_layer_region` torch.compile traces and compiles it once for all layers."""
+    The residual stream is x + delta (B, T, H), delta being the previous block's MLP output (None for the
+    first block), and the block returns its own (x, delta): the add then sits in the same compiled region as
+    the norm that reads it, so the two still fuse into one kernel as in an unrolled graph. Weights come in as
+    arguments, not as a module, so every layer is the same function of same-shaped tensors: under
+    `_layer_region` torch.compile traces and compiles it once for every layer after the first (the first,
+which has no delta, is traced inline)."""
+    x = x if delta is None else x + delta
     bsz, seq = x.shape[:2]
     groups = nh // nkv
     h = rms_norm(x, input_norm, eps)
@@ -111,11 +117,11 @@ def _layer(
     x = x + F.linear(o, wo, bo)
     h = rms_norm(x, post_norm, eps)
     gate, up = F.linear(h, wgate_up, bgate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, wdown, bdown)
+    return x, F.linear(F.silu(gate) * up, wdown, bdown)
 
 
 # Hierarchical compilation: inside a compiled step the block is traced and compiled once and stamped out for
-# every layer, instead of 30 unrolled copies going through dynamo and inductor. Eager: a plain call.
+# every layer, instead of (for SmolLM2) 30 unrolled copies going through dynamo and inductor. Eager: a call.
 _layer_region = torch.compiler.nested_compile_region(_layer)
 
 
@@ -239,14 +245,15 @@ class DecodeEngine(nn.Module):
         bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)
         attn_mask = bias.repeat(1, groups, 1)[:, None]  # (B, 1, groups*T, max_len)
         batch_rows = torch.arange(bsz, device=tokens.device)[:, None]  # (B, 1)
-        layer = _layer_region if self.regional else _layer
+        delta = None
         for w in self.layers:
-            x = layer(
-                x, w.input_norm, w.wqkv, w.bqkv, w.wo, w.bo, w.post_norm, w.wgate_up, w.bgate_up, w.wdown,
+            layer = _layer_region if self.regional and delta is not None else _layer
+            x, delta = layer(
+                x, delta, w.input_norm, w.wqkv, w.bqkv, w.wo, w.bo, w.post_norm, w.wgate_up, w.bgate_up, w.wdown,
                 w.bdown, w.k_cache, w.v_cache, cos, sin, attn_mask, batch_rows, cache_rows,
                 nh, nkv, hd, self.eps,
             )  # fmt: skip
-        return rms_norm(x, self.final_norm, self.eps)
+        return rms_norm(x + delta, self.final_norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head, self.lm_head_bias)
