@@ -101,6 +101,15 @@ def test_projections_start_from_the_lm_head_rows_of_the_map(make_llama):
     )
     weights = shared.medusa_heads.projection_weights()
     assert weights[0] is weights[1] and weights[0].shape == (DRAFT, 32)  # gathered once for all heads
+    hidden = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # one GEMM over the stacked towers = each tower times the gathered rows of the LM head
+        logits = shared.medusa_heads.head_logits(hidden)
+        towers = shared.medusa_heads.head_hidden_states(hidden)
+    assert logits.shape == (2, 2, 3, DRAFT)
+    for k in range(2):
+        rows = shared.medusa_heads.base_lm_head.weight[shared.medusa_heads.token_map]
+        want = towers[k].double() @ rows.double().t()
+        torch.testing.assert_close(logits[k].double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_topk_counts_targets_outside_the_map_as_misses(make_llama):

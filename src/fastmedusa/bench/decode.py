@@ -68,8 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--cuda-graphs", choices=("compile", "step"), default=None,
-        help="how decode steps use CUDA graphs (sets FASTMEDUSA_CUDA_GRAPHS for this run): compile (default: "
-        "torch.compile's own) or step (each whole step captured as one graph); recorded in the JSON",
+        help="how decode steps use CUDA graphs (sets FASTMEDUSA_CUDA_GRAPHS for this run): step (default: each "
+        "whole step captured as one graph) or compile (torch.compile's own); recorded in the JSON",
     )  # fmt: skip
     p.add_argument(
         "--out", type=Path, default=Path("bench/results/decode.json"), help="JSON path (PNG beside)"

@@ -209,8 +209,10 @@ class MedusaHeads(nn.Module):
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of every head, (K, ..., N) over the heads' vocabulary (draft rows under a draft vocabulary:
         `draft_topk` maps them to token ids). For decoding (few positions), never for training."""
-        weights = self.projection_weights()
-        return torch.stack([F.linear(h, w) for h, w in zip(self.head_hidden_states(hidden), weights)])
+        weights, towers = self.projection_weights(), self.head_hidden_states(hidden)
+        if self.config.shared_lm_head:  # one matrix for every head: one GEMM over the stacked towers reads it once
+            return F.linear(torch.stack(towers), weights[0])
+        return torch.stack([F.linear(h, w) for h, w in zip(towers, weights)])
 
     def forward(
         self,
