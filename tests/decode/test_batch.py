@@ -263,6 +263,10 @@ def test_sampling_compiles_on_gpu_and_matches_eager(medusa):
 
 
 def test_cuda_graphs_mode_is_checked(llama, monkeypatch):
+    from fastmedusa.decode.generate import cuda_graphs_mode
+
+    monkeypatch.delenv("FASTMEDUSA_CUDA_GRAPHS", raising=False)
+    assert cuda_graphs_mode() == "step"  # the default: each whole step captured as one graph
     monkeypatch.setenv("FASTMEDUSA_CUDA_GRAPHS", "always")
     with pytest.raises(ValueError, match="FASTMEDUSA_CUDA_GRAPHS='always'"):
         generate(llama, torch.tensor([[1, 2, 3]]), max_new_tokens=2, medusa=False)

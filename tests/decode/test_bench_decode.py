@@ -59,12 +59,13 @@ def test_bench_decode_rows_and_files(setup):
         assert summary["graph_launches_per_step"] == 0 and summary["host_kernel_launches_per_step"] == 0
         assert summary["eager_aten_ops_per_step"] > 1 and summary["profiled_steps"] > 0
         assert summary["profiled_step_ms"] > 0 and summary["top_eager_ops_per_step"]
+        assert summary["first_call_s"] > 0  # the profile's first call (where a GPU run compiles) is recorded
     # greedy emits one token per step: the long and the short profiled runs differ by exactly that many steps
     assert payload["profile"]["greedy"]["profiled_steps"] == PROFILE_TOKENS[1] - PROFILE_TOKENS[0]
 
 
 def test_bench_decode_records_the_cuda_graphs_mode(setup, monkeypatch):
-    monkeypatch.setenv("FASTMEDUSA_CUDA_GRAPHS", "compile")  # restored after the test
+    monkeypatch.setenv("FASTMEDUSA_CUDA_GRAPHS", "compile")  # not the default; restored after the test
     out = setup / "out" / "graphs.json"
     argv = ["--model", str(setup / "model"), "--heads", str(setup / "heads"), "--prompts",
             str(setup / "question.jsonl"), "--num-prompts", "1", "--batch-sizes", "1", "--new-tokens", "3",
