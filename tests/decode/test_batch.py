@@ -295,3 +295,24 @@ def test_step_graphs_equal_compile_graphs_on_gpu(monkeypatch, medusa):
         assert out.accept_lengths == reference.accept_lengths
     runners = [v for k, v in model.base.__dict__["_fastmedusa_engine"].compiled.items() if k[0] == "runner"]
     assert any(r.captured for r in runners)
+
+
+@pytest.mark.slow
+def test_compiled_compaction_equals_eager():
+    """Compiled steps (the decoder block as one nested compile region, a step per power-of-two batch size as
+    rows finish) give the eager path's tokens and accepted lengths."""
+    from torch._dynamo.utils import counters
+
+    model = random_medusa(tiny_llama(4, num_hidden_layers=3), num_heads=2)
+    prompts = ragged_prompts([3, 6, 2, 5], seed=11)
+    ids, mask = left_pad(prompts)
+    plain = generate(model, ids, attention_mask=mask, max_new_tokens=24, medusa=False)
+    eos = int(torch.bincount(plain.sequences[:, ids.shape[1] :].reshape(-1)).argmax())
+    kw = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=eos, tree="chain_2", compact=True)
+    eager = generate(model, ids, **kw)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = generate(model, ids, compile=True, **kw)
+    assert len(set(eager.new_tokens_per_row)) > 1, "rows end at different steps, so the batch shrinks"
+    assert counters["stats"]["unique_graphs"] - graphs >= 2, "a compiled step per batch size"
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert compiled.accept_lengths == eager.accept_lengths
