@@ -16,6 +16,8 @@
 #   pick     the run whose tree.json expects the most tokens/step becomes $WORK/best (decode, batched use it)
 #   drift    how far a stage-2 backbone moved from the original: both answer MT-Bench greedily, each scores both
 #   graphs   the decode loop's two CUDA-graph modes (compile, step) at batch 1 (profiled) and 16, same heads
+#   compile  cold first calls (an empty inductor cache each) and step times at batch 1: the decoder block
+#            compiled once (whole-step or torch.compile graphs) against the unrolled stack
 #
 #   MODEL=model.gguf DATA=sharegpt.json PROMPTS=question.jsonl WORK=runs OUT=results \
 #       bash bench/recipe_smollm2.sh distill train decode
@@ -118,6 +120,19 @@ for phase in "$@"; do
                 --out "$OUT/decode_graphs_$mode.json" 2>&1 | tee "$OUT/decode_graphs_$mode.log"
         done
         ;;
+    compile)  # cold first calls and step times: the decoder block compiled once or unrolled, both graph modes
+        heads=$(heads_dir)
+        for setting in "1 step" "1 compile" "0 compile"; do
+            read -r regional mode <<< "$setting"
+            name="regional${regional}_$mode"
+            rm -rf "$WORK/inductor_$name"  # an empty inductor cache per setting: every first call compiles cold
+            # shellcheck disable=SC2046
+            TORCHINDUCTOR_CACHE_DIR="$WORK/inductor_$name" FASTMEDUSA_REGIONAL_COMPILE=$regional timeout 220 \
+                python3 -m fastmedusa bench decode $(model_flag "$heads") --heads "$heads" --prompts "$PROMPTS" \
+                --num-prompts 8 --batch-sizes 1 --new-tokens 256 --rows greedy medusa typical --profile \
+                --cuda-graphs "$mode" --out "$OUT/decode_compile_$name.json" 2>&1 | tee "$OUT/decode_compile_$name.log"
+        done
+        ;;
     ablation)
         for run in ${RUNS:-ce-sharegpt kl-sharegpt ce-distilled kl-distilled}; do
             loss=${run%%-*}
@@ -147,7 +162,7 @@ PY
         [[ -n $best ]] && ln -sfn "$best" "$WORK/best" && echo "best: $best" | tee "$OUT/best.txt"  # bare name
         ;;
     *)
-        echo "unknown phase $phase (distill, train, stage1, stage2, pick, drift, decode, batched, graphs, ablation)" >&2
+        echo "unknown phase $phase (distill, train, stage1, stage2, pick, drift, decode, batched, graphs, compile, ablation)" >&2
         exit 2
         ;;
     esac
