@@ -5,8 +5,9 @@ $BATCHES batch sizes (default "1"), $LAYERS decoder layers (default 30), $TEMPER
 above 0: sampling and typical acceptance). Step time does not depend on weight values, and acceptance here is
 meaningless, so the result is the step time (the difference of a long and a short call divided by their
 difference in steps, which leaves out the prefill and the call's fixed cost), the first call's time (it
-compiles), and how many compiled steps ran without CUDA graphs (`cudagraph_skips`; TORCH_LOGS=cudagraphs
-says why). A step that fails to compile is recorded with its error. Writes
+compiles), and how many steps ran without CUDA graphs: under FASTMEDUSA_CUDA_GRAPHS=compile torch.compile's
+`cudagraph_skips` (TORCH_LOGS=cudagraphs says why), under the default "step" the step runners whose capture
+failed (a warning says why). A step that fails to compile is recorded with its error. Writes
 $OUT/step_cost_L{layers}_T{temperature}.json (or ./...), so runs with other settings do not overwrite it. Without CUDA it runs a 2-layer fp32 model as a smoke test.
 
     PYTHONPATH=src BATCHES="1 16" python3 bench/step_cost.py
@@ -22,6 +23,8 @@ from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastmedusa.decode import generate
+from fastmedusa.decode.engine import regional_compile
+from fastmedusa.decode.generate import cuda_graphs_mode
 from fastmedusa.model import MedusaConfig, MedusaModel
 
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1").split()]
@@ -48,7 +51,8 @@ def measure(model: MedusaModel, batch: int, medusa: bool) -> dict:
         max_batch_size=batch, temperature=TEMPERATURE, seed=0,
     )  # fmt: skip
     row = dict(batch=batch, mode="medusa" if medusa else "plain", temperature=TEMPERATURE,
-               layers=model.base.config.num_hidden_layers)  # fmt: skip
+               layers=model.base.config.num_hidden_layers, cuda_graphs=cuda_graphs_mode(),
+               regional_compile=regional_compile())  # fmt: skip
     skips = counters["inductor"]["cudagraph_skips"]
     start = time.perf_counter()
     try:
@@ -66,7 +70,16 @@ def measure(model: MedusaModel, batch: int, medusa: bool) -> dict:
         out, few = generate(model, ids, **kw), generate(model, ids, **short)
         times.append((out.seconds - few.seconds) / max(out.steps - few.steps, 1))
     return dict(row, first_call_s=round(first, 1), step_ms=round(1000 * sorted(times)[1], 3), steps=out.steps,
-                tree_nodes=out.tree_nodes, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips)  # fmt: skip
+                tree_nodes=out.tree_nodes, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips,
+                uncaptured_step_runners=uncaptured_runners(model))  # fmt: skip
+
+
+def uncaptured_runners(model: MedusaModel) -> int:
+    """Step runners of the engine that hold no captured graph ("step" mode on CUDA: a failed capture)."""
+    engine = model.base.__dict__.get("_fastmedusa_engine")
+    if engine is None or DEV != "cuda" or cuda_graphs_mode() != "step":
+        return 0
+    return sum(1 for key, runner in engine.compiled.items() if key[0] == "runner" and not runner.graphs)
 
 
 def main() -> None:

@@ -267,6 +267,8 @@ def test_cuda_graphs_mode_is_checked(llama, monkeypatch):
 
     monkeypatch.delenv("FASTMEDUSA_CUDA_GRAPHS", raising=False)
     assert cuda_graphs_mode() == "step"  # the default: each whole step captured as one graph
+    monkeypatch.setenv("FASTMEDUSA_CUDA_GRAPHS", "off")
+    assert cuda_graphs_mode() == "off"
     monkeypatch.setenv("FASTMEDUSA_CUDA_GRAPHS", "always")
     with pytest.raises(ValueError, match="FASTMEDUSA_CUDA_GRAPHS='always'"):
         generate(llama, torch.tensor([[1, 2, 3]]), max_new_tokens=2, medusa=False)
@@ -275,9 +277,9 @@ def test_cuda_graphs_mode_is_checked(llama, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("medusa", [False, True], ids=["plain", "medusa"])
 def test_step_graphs_equal_compile_graphs_on_gpu(monkeypatch, medusa):
-    """FASTMEDUSA_CUDA_GRAPHS=step (each whole step captured and replayed) gives the tokens, per-row counts
-    and accepted lengths of the default compile mode, with finished rows compacted and on a second call that
-    replays the captured graphs."""
+    """FASTMEDUSA_CUDA_GRAPHS=step (the default: each whole step captured and replayed) gives the tokens,
+    per-row counts and accepted lengths of torch.compile's own graphs (FASTMEDUSA_CUDA_GRAPHS=compile), with
+    finished rows compacted and on a second call that replays the captured graphs."""
     model = random_medusa(tiny_llama()).cuda().eval()
     prompts = [p.cuda() for p in ragged_prompts([3, 5, 2, 7, 4, 6, 1, 8], seed=7)]
     ids, mask = left_pad(prompts)
@@ -303,7 +305,10 @@ def test_compiled_compaction_equals_eager():
     rows finish) give the eager path's tokens and accepted lengths."""
     from torch._dynamo.utils import counters
 
-    model = random_medusa(tiny_llama(4, num_hidden_layers=3), num_heads=2)
+    def fresh_model():  # its own engine and KV cache: the compiled run cannot lean on the eager run's writes
+        return random_medusa(tiny_llama(4, num_hidden_layers=3), num_heads=2)
+
+    model = fresh_model()
     prompts = ragged_prompts([3, 6, 2, 5], seed=11)
     ids, mask = left_pad(prompts)
     plain = generate(model, ids, attention_mask=mask, max_new_tokens=24, medusa=False)
@@ -311,7 +316,7 @@ def test_compiled_compaction_equals_eager():
     kw = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=eos, tree="chain_2", compact=True)
     eager = generate(model, ids, **kw)
     graphs = counters["stats"]["unique_graphs"]
-    compiled = generate(model, ids, compile=True, **kw)
+    compiled = generate(fresh_model(), ids, compile=True, **kw)
     assert len(set(eager.new_tokens_per_row)) > 1, "rows end at different steps, so the batch shrinks"
     assert counters["stats"]["unique_graphs"] - graphs >= 2, "a compiled step per batch size"
     assert torch.equal(compiled.sequences, eager.sequences)

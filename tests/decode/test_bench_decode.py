@@ -73,7 +73,7 @@ def test_bench_decode_records_the_cuda_graphs_mode(setup, monkeypatch):
             "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     payload = json.loads(out.read_text())
-    assert payload["args"]["cuda_graphs"] == "step"
+    assert payload["args"]["cuda_graphs"] == "step" and payload["args"]["regional_compile"] is True
     assert all("error" not in row for row in payload["rows"])
     with pytest.raises(SystemExit):
         main([*argv[:-2], "--cuda-graphs", "always"])

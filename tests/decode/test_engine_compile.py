@@ -8,42 +8,62 @@ from conftest import tiny_llama
 from fastmedusa.decode import get_engine
 
 
-def _subgraph_calls(engine, tokens, rows, pos, mask) -> tuple[int, int, torch.Tensor]:
-    """(invoke_subgraph calls, distinct subgraphs) in dynamo's graph of engine.forward, and its output."""
+def _inputs(engine, length: int):
+    tokens = torch.randint(0, 97, (1, length), generator=torch.Generator().manual_seed(length))
+    rows = torch.arange(length)[None]
+    mask = torch.tril(torch.ones(length, engine.max_len, dtype=torch.bool))[None]
+    return tokens, rows, rows, mask
+
+
+def _clear_caches(engine) -> None:
+    for w in engine.layers:
+        w.k_cache.zero_()
+        w.v_cache.zero_()
+
+
+def _compiled_forward(engine, inputs) -> tuple[int, int, torch.Tensor]:
+    """(invoke_subgraph calls, distinct subgraphs) in dynamo's graph of engine.forward, and the output of the
+    graph run through AOTAutograd (functionalization of the in-place cache writes, as inductor sees them)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.compilers import nop
+
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
-        return gm.forward
+        return aot_autograd(fw_compiler=nop)(gm, example_inputs)
 
-    out = torch.compile(engine.forward, backend=backend, fullgraph=True)(tokens, rows, pos, mask)
+    out = torch.compile(engine.forward, backend=backend, fullgraph=True)(*inputs)
     calls = [n for gm in graphs for n in gm.graph.nodes if "invoke_subgraph" in str(n.target)]
     return len(calls), len({n.args[0].target for n in calls}), out
 
 
-@pytest.mark.parametrize("layers", [3, 6])  # (a region used once is inlined)
+@pytest.mark.parametrize("layers", [3, 6])  # (a region used only once is inlined)
 def test_layers_traced_once_and_equal_eager(layers):
     model = tiny_llama(3, num_hidden_layers=layers)
     engine = get_engine(model, 64)
-    tokens = torch.randint(0, 97, (1, 7))
-    rows = torch.arange(7)[None]
-    mask = torch.tril(torch.ones(7, engine.max_len, dtype=torch.bool))[None]
-    eager = engine(tokens, rows, rows, mask)
-    keys = [w.k_cache.clone() for w in engine.layers]
-    calls, distinct, compiled = _subgraph_calls(engine, tokens, rows, rows, mask)
+    inputs = _inputs(engine, 7)
+    _clear_caches(engine)
+    with torch.no_grad():
+        eager = engine(*inputs)
+    eager_caches = [(w.k_cache.clone(), w.v_cache.clone()) for w in engine.layers]
+    _clear_caches(engine)  # the compiled forward must write every layer's K/V itself
+    with torch.no_grad():
+        calls, distinct, compiled = _compiled_forward(engine, inputs)
     assert calls == layers - 1, "every layer after the first goes through the nested region"
     assert distinct == 1, "one traced block serves them all"
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    for w, k in zip(engine.layers, keys):  # the compiled forward wrote the same K into every layer's cache
-        torch.testing.assert_close(w.k_cache, k)
+    for w, (k, v) in zip(engine.layers, eager_caches):
+        assert k.abs().sum() > 0
+        torch.testing.assert_close(w.k_cache, k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w.v_cache, v, rtol=1e-5, atol=1e-5)
 
 
 def test_unrolled_when_regional_is_off(monkeypatch):
     model = tiny_llama(3, num_hidden_layers=3)
     monkeypatch.setenv("FASTMEDUSA_REGIONAL_COMPILE", "0")
     engine = get_engine(model, 64)
-    tokens = torch.randint(0, 97, (1, 4))
-    rows = torch.arange(4)[None]
-    mask = torch.tril(torch.ones(4, engine.max_len, dtype=torch.bool))[None]
-    calls, _, _ = _subgraph_calls(engine, tokens, rows, rows, mask)
+    assert not engine.regional
+    with torch.no_grad():
+        calls, _, _ = _compiled_forward(engine, _inputs(engine, 4))
     assert calls == 0

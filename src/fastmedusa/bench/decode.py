@@ -29,7 +29,8 @@ from fastmedusa.bench.common import environment, is_oom, write_json
 from fastmedusa.bench.heads import add_model_arguments, held_out_prompts, save_figure
 from fastmedusa.decode import generate
 from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
-from fastmedusa.decode.generate import cuda_graphs_mode
+from fastmedusa.decode.engine import regional_compile
+from fastmedusa.decode.generate import CUDA_GRAPHS_MODES, cuda_graphs_mode
 from fastmedusa.progress import Progress
 
 ROWS = ("hf-static", "greedy", "medusa", "typical")
@@ -67,9 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile", action="store_true", help="also profile plain vs Medusa steps at batch 1 (kernel tables)"
     )
     p.add_argument(
-        "--cuda-graphs", choices=("compile", "step"), default=None,
+        "--cuda-graphs", choices=CUDA_GRAPHS_MODES, default=None,
         help="how decode steps use CUDA graphs (sets FASTMEDUSA_CUDA_GRAPHS for this run): step (default: each "
-        "whole step captured as one graph) or compile (torch.compile's own); recorded in the JSON",
+        "whole step captured as one graph), compile (torch.compile's own) or off; recorded in the JSON, with "
+        "whether the decoder block was compiled once (FASTMEDUSA_REGIONAL_COMPILE)",
     )  # fmt: skip
     p.add_argument(
         "--out", type=Path, default=Path("bench/results/decode.json"), help="JSON path (PNG beside)"
@@ -397,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cuda_graphs is not None:
         os.environ["FASTMEDUSA_CUDA_GRAPHS"] = args.cuda_graphs
     args.cuda_graphs = cuda_graphs_mode()  # checked, and the mode the run used, whoever set it
+    args.regional_compile = regional_compile()  # the decoder block compiled once (default) or unrolled
     args.model = base_model_arg(args.model, args.heads)
     if any(b < 1 for b in args.batch_sizes) or args.new_tokens < 1:
         raise ValueError("--batch-sizes and --new-tokens must be >= 1")

@@ -81,7 +81,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         choices=("auto", "on", "off"),
         default="auto",
-        help="torch.compile the decode steps (auto: on CUDA only, with CUDA graphs)",
+        help="torch.compile the decode steps (auto: on CUDA only). On CUDA each step, compiled or not, is "
+        "replayed from one captured CUDA graph; FASTMEDUSA_CUDA_GRAPHS=off turns graphs off",
     )
 
 

@@ -122,7 +122,15 @@ which has no delta, is traced inline)."""
 
 # Hierarchical compilation: inside a compiled step the block is traced and compiled once and stamped out for
 # every layer, instead of (for SmolLM2) 30 unrolled copies going through dynamo and inductor. Eager: a call.
-_layer_region = torch.compiler.nested_compile_region(_layer)
+# (torch releases without nested_compile_region compile the unrolled stack.)
+_nested_region = getattr(torch.compiler, "nested_compile_region", None)
+_layer_region = _layer if _nested_region is None else _nested_region(_layer)
+
+
+def regional_compile() -> bool:
+    """Whether compiled steps trace the decoder block once for all layers (default) or the unrolled stack
+    (`FASTMEDUSA_REGIONAL_COMPILE=0`). Read when an engine is built."""
+    return os.environ.get("FASTMEDUSA_REGIONAL_COMPILE", "1") != "0" and _nested_region is not None
 
 
 class LayerWeights(nn.Module):
@@ -210,7 +218,7 @@ class DecodeEngine(nn.Module):
             w.register_buffer("k_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False)
             w.register_buffer("v_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False)
         self.compiled: dict[object, object] = {}  # step functions, compiled once per shape/tree
-        self.regional = os.environ.get("FASTMEDUSA_REGIONAL_COMPILE", "1") != "0"
+        self.regional = regional_compile()  # read once, when the engine is built (`get_engine` keeps it)
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:

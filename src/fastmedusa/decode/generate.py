@@ -300,13 +300,19 @@ def make_medusa_step(
     return step
 
 
+CUDA_GRAPHS_MODES = ("step", "compile", "off")
+
+
 def cuda_graphs_mode() -> str:
-    """How decode steps use CUDA graphs (`FASTMEDUSA_CUDA_GRAPHS`): "step" (default: the loop captures each
-    whole step as one graph, see fastmedusa.decode.loop) or "compile" (torch.compile's own CUDA graphs,
-    mode="reduce-overhead": the same tokens, 2-3% slower per step on an H100)."""
+    """How decode steps use CUDA graphs (`FASTMEDUSA_CUDA_GRAPHS`), on CUDA only:
+    - "step" (default): the loop captures each whole step as one graph (see fastmedusa.decode.loop); with
+      `compile=False` that is the eager step, captured;
+    - "compile": torch.compile's own CUDA graphs (mode="reduce-overhead"), only with `compile=True`;
+    - "off": no CUDA graphs (compiled or eager steps launched from the host: for debugging and profiling).
+    On an H100 "step" ran 1.4-3.4% faster per step than "compile" (bench/results/decode_graphs_regional_h100)."""
     mode = os.environ.get("FASTMEDUSA_CUDA_GRAPHS", "step")
-    if mode not in ("compile", "step"):
-        raise ValueError(f"FASTMEDUSA_CUDA_GRAPHS={mode!r}: use 'step' (the default) or 'compile'")
+    if mode not in CUDA_GRAPHS_MODES:
+        raise ValueError(f"FASTMEDUSA_CUDA_GRAPHS={mode!r}: use 'step' (the default), 'compile' or 'off'")
     return mode
 
 
@@ -508,8 +514,9 @@ def generate(
     (reproducibly from `seed`: an int, one per row, or None for torch's RNG) and speculated tokens pass
     typical acceptance (`typical_epsilon`, `typical_delta`). `tree`: a preset name, "auto:N", a JSON file,
     a list of paths, or None (the heads' tree.json, else mc_sim_7b_63 pruned to the number of heads).
-    `pad_token_id` fills rows after their end (default: the first EOS id, else 0). `compile`: default on
-    CUDA only (CUDA graphs); `max_len`/`max_batch_size`: KV cache slots per row / rows (default: enough
+    `pad_token_id` fills rows after their end (default: the first EOS id, else 0). `compile`: torch.compile
+    the steps, default on CUDA only (CUDA graphs: `cuda_graphs_mode`, each step captured whether compiled or
+    not); `max_len`/`max_batch_size`: KV cache slots per row / rows (default: enough
     for this call, rounded up so that similar calls reuse the engine and its compiled steps). `compact`
     (default: with EOS ids and B >= 4): once half the rows have finished, move the others together and run
     the step at the next power of two of their count, so finished rows stop costing work (one compile per

@@ -2,7 +2,7 @@
 
 A step is one `body`: the step function (compiled), then in-place writes of the new state, the output tokens,
 the accepted lengths, a step counter and the number of unfinished rows. Nothing in the loop allocates per
-step, so the same body serves both ways of running steps under CUDA graphs (`cuda_graphs_mode` in
+step, so the same body serves every way of running steps under CUDA graphs (`cuda_graphs_mode` in
 fastmedusa.decode.generate):
 - "step" (default): the step is compiled without graphs of its own, run for real as warm-up, then the whole
   body is captured with `torch.cuda.graph` and replayed: one host call per step, whatever the model's size.
@@ -10,9 +10,10 @@ fastmedusa.decode.generate):
 - "compile" (FASTMEDUSA_CUDA_GRAPHS=compile): the step is compiled with mode="reduce-overhead",
   torch.compile's own CUDA graphs. Its replay is driven from Python on every call: dynamo's guards and the
   CUDA-graph tree's input checks walk every tensor the step reads (each layer's weights and KV cache).
-Measured on an H100 with SmolLM2-135M, batch 1, bf16, same heads, same session: a greedy step took 1.41 ms
+- "off" (FASTMEDUSA_CUDA_GRAPHS=off): no graphs, every step launched from the host.
+Measured on an H100 with SmolLM2-135M, bf16, same heads, runs back to back: a greedy step took 1.41 ms
 ("step") against 1.44 ms ("compile"), a Medusa step 1.67 against 1.70 ms; at batch 16, 1.38 / 1.41 ms and
-2.52 / 2.60 ms; the same tokens either way (bench/results/decode_graphs_regional_h100).
+2.52 / 2.60 ms (bench/results/decode_graphs_regional_h100).
 On the CPU the body runs directly.
 
 Batches. The host reads "how many rows are unfinished" one step late (a pinned copy and an event), so the GPU
