@@ -119,6 +119,11 @@ def test_node_acceptance_rules():
     parents = torch.tensor([0, 0, 0])
     tokens = torch.tensor([0, 0, 1])
     assert node_acceptance(logits, tokens, parents, 0.0, 0.09, 0.3).tolist() == [True, True, False]
+    # greedy with the argmax the step already took: the same rule (parent 0's argmax is token 0)
+    taken = torch.tensor([0, 1, 0])
+    assert node_acceptance(logits, tokens, parents, 0.0, 0.09, 0.3, taken).tolist() == [True, True, False]
+    other = torch.tensor([1, 0, 0])  # the given argmax, not a new one, decides
+    assert node_acceptance(logits, tokens, parents, 0.0, 0.09, 0.3, other).tolist() == [False, False, True]
     # typical: p(x) > min(eps, delta * exp(-H(p))) with p the parent's softmax at temperature T
     temperature, eps, delta = 0.5, 0.09, 0.3
     probs = torch.softmax(logits[0] / temperature, -1)

@@ -164,17 +164,19 @@ def node_acceptance(
     temperature: float,
     epsilon: float,
     delta: float,
+    argmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(..., N) bool: would the base model, at node i's parent, accept node i's token?
 
     logits (..., N, V), tokens (..., N), parents (N,). Greedy (temperature 0): the token is the parent's
-    argmax, which makes Medusa lossless. Typical acceptance: p(token) > min(epsilon, delta * exp(-H(p))),
-    p = softmax(parent logits / temperature); computed from per-node log-sum-exp and entropy so that no
-    (N, V) probability tensor is kept.
+    argmax (`argmax`, (..., N), when the caller has taken it already), which makes Medusa lossless. Typical
+    acceptance: p(token) > min(epsilon, delta * exp(-H(p))), p = softmax(parent logits / temperature);
+    computed from per-node log-sum-exp and entropy so that no (N, V) probability tensor is kept.
     """
     parent_idx = parents.expand(tokens.shape)
     if temperature <= 0:
-        return tokens == logits.argmax(-1).gather(-1, parent_idx)
+        argmax = logits.argmax(-1) if argmax is None else argmax
+        return tokens == argmax.gather(-1, parent_idx)
     z = logits.float() / temperature  # (..., N, V)
     lse = z.logsumexp(-1)  # (..., N)
     entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
@@ -266,12 +268,16 @@ def make_medusa_step(
         rope0 = cur - offset
         hidden = engine(tokens, cur[:, None] + node_rows, rope0[:, None] + tree.depths, mask)  # (B, N, H)
         logits = engine.logits(hidden)  # (B, N, V)
-        node_ok = node_acceptance(logits, tokens, tree.parents, temperature, epsilon, delta)
+        node_argmax = logits.argmax(-1) if temperature <= 0 else None  # (B, N): greedy's token after each node
+        node_ok = node_acceptance(logits, tokens, tree.parents, temperature, epsilon, delta, node_argmax)
         best, accepted = longest_accepted_path(node_ok, tree)
         path = tree.retrieve_indices[best]  # (B, depth+1)
         last = path.gather(1, accepted[:, None])  # (B, 1)
-        last_logits = logits.gather(1, last[:, :, None].expand(bsz, 1, logits.shape[-1]))[:, 0]
-        next_root = sample_token(last_logits, temperature, seeds, rope0 + accepted + 1, keys)  # (B,)
+        if node_argmax is not None:  # greedy: the next root is the argmax already taken at the path's last node
+            next_root = node_argmax.gather(1, last)[:, 0]
+        else:
+            last_logits = logits.gather(1, last[:, :, None].expand(bsz, 1, logits.shape[-1]))[:, 0]
+            next_root = sample_token(last_logits, temperature, seeds, rope0 + accepted + 1, keys)  # (B,)
         speculated = tokens.gather(1, path[:, 1:])  # (B, depth)
         emitted = torch.cat([speculated, next_root[:, None]], dim=1)
         emitted = torch.where(steps_ar[None, :] == accepted[:, None], next_root[:, None], emitted)
