@@ -98,7 +98,7 @@ def _layer(
     the norm that reads it, so the two still fuse into one kernel as in an unrolled graph. Weights come in as
     arguments, not as a module, so every layer is the same function of same-shaped tensors: under
     `_layer_region` torch.compile traces and compiles it once for every layer after the first (the first,
-which has no delta, is traced inline)."""
+    which has no delta, is traced inline)."""
     x = x if delta is None else x + delta
     bsz, seq = x.shape[:2]
     groups = nh // nkv
