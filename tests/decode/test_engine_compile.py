@@ -67,3 +67,51 @@ def test_unrolled_when_regional_is_off(monkeypatch):
     with torch.no_grad():
         calls, _, _ = _compiled_forward(engine, _inputs(engine, 4))
     assert calls == 0
+
+
+def _tree_like_inputs(engine, bsz: int, length: int, prefix: int):
+    """A batch of `length` new tokens after a `prefix`-slot prefix, each seeing the prefix and a random
+    subset of the new tokens (itself included): the shape of a tree verify pass."""
+    gen = torch.Generator().manual_seed(bsz * 100 + length)
+    tokens = torch.randint(0, 97, (bsz, length), generator=gen)
+    rows = (prefix + torch.arange(length)).expand(bsz, length)
+    slots = torch.arange(engine.max_len)
+    mask = (slots[None, None, :] < prefix).expand(bsz, length, engine.max_len).clone()
+    sees = torch.rand(bsz, length, length, generator=gen) < 0.5
+    sees |= torch.eye(length, dtype=torch.bool)
+    mask[:, :, prefix : prefix + length] = sees
+    return tokens, rows, rows, mask
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])  # groups of 4, 2 and plain multi-head attention
+def test_attention_layouts_agree(monkeypatch, kv_heads):
+    """SDPA's grouped-query attention (default) and the folded queries compute the same forward and the same
+    cache writes, under a tree-like mask at batch 2."""
+    outs = {}
+    for layout in ("gqa", "fold"):
+        monkeypatch.setenv("FASTMEDUSA_ATTENTION", layout)
+        model = tiny_llama(5, num_key_value_heads=kv_heads)
+        engine = get_engine(model, 64, batch_size=2)
+        assert engine.attention == layout
+        _clear_caches(engine)
+        with torch.no_grad():
+            prefix = engine(*_inputs_batch(engine, 2, 9))
+            tree = engine(*_tree_like_inputs(engine, 2, 6, 9))
+        outs[layout] = (prefix, tree, [w.k_cache.clone() for w in engine.layers])
+    for a, b in zip(outs["gqa"][:2], outs["fold"][:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs["gqa"][2], outs["fold"][2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _inputs_batch(engine, bsz: int, length: int):
+    tokens = torch.randint(0, 97, (bsz, length), generator=torch.Generator().manual_seed(length))
+    rows = torch.arange(length).expand(bsz, length)
+    mask = torch.tril(torch.ones(length, engine.max_len, dtype=torch.bool)).expand(bsz, length, engine.max_len)
+    return tokens, rows, rows, mask
+
+
+def test_unknown_attention_layout(monkeypatch):
+    monkeypatch.setenv("FASTMEDUSA_ATTENTION", "paged")
+    with pytest.raises(ValueError, match="FASTMEDUSA_ATTENTION='paged'.*'gqa'.*'fold'"):
+        get_engine(tiny_llama(3), 64)

@@ -90,6 +90,7 @@ def _layer(
     nkv: int,
     hd: int,
     eps: float,
+    fold: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Llama block: writes this layer's K/V at `cache_rows`, attends under `attn_mask`.
 
@@ -98,7 +99,8 @@ def _layer(
     the norm that reads it, so the two still fuse into one kernel as in an unrolled graph. Weights come in as
     arguments, not as a module, so every layer is the same function of same-shaped tensors: under
     `_layer_region` torch.compile traces and compiles it once for every layer after the first (the first,
-    which has no delta, is traced inline)."""
+    which has no delta, is traced inline). `fold`: grouped-query attention with the query groups folded into
+    the query length (see `attention_layout`), else SDPA's own grouped-query attention."""
     x = x if delta is None else x + delta
     bsz, seq = x.shape[:2]
     groups = nh // nkv
@@ -111,9 +113,15 @@ def _layer(
     # advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, nkv, hd)
     k_cache[batch_rows, :, cache_rows] = k
     v_cache[batch_rows, :, cache_rows] = v.view(bsz, seq, nkv, hd)
-    qg = q.view(bsz, seq, nkv, groups, hd).permute(0, 2, 3, 1, 4).reshape(bsz, nkv, groups * seq, hd)
-    o = F.scaled_dot_product_attention(qg, k_cache[:bsz], v_cache[:bsz], attn_mask=attn_mask)
-    o = o.view(bsz, nkv, groups, seq, hd).permute(0, 3, 1, 2, 4).reshape(bsz, seq, nh * hd)
+    if fold:
+        qg = q.view(bsz, seq, nkv, groups, hd).permute(0, 2, 3, 1, 4).reshape(bsz, nkv, groups * seq, hd)
+        o = F.scaled_dot_product_attention(qg, k_cache[:bsz], v_cache[:bsz], attn_mask=attn_mask)
+        o = o.view(bsz, nkv, groups, seq, hd).permute(0, 3, 1, 2, 4).reshape(bsz, seq, nh * hd)
+    else:  # q as a (B, nh, T, hd) view of its (B, T, nh, hd) rows: the output comes back in that layout too
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k_cache[:bsz], v_cache[:bsz], attn_mask=attn_mask, enable_gqa=groups > 1
+        )
+        o = o.transpose(1, 2).reshape(bsz, seq, nh * hd)
     x = x + F.linear(o, wo, bo)
     h = rms_norm(x, post_norm, eps)
     gate, up = F.linear(h, wgate_up, bgate_up).chunk(2, dim=-1)
@@ -125,6 +133,22 @@ def _layer(
 # (torch releases without nested_compile_region compile the unrolled stack.)
 _nested_region = getattr(torch.compiler, "nested_compile_region", None)
 _layer_region = _layer if _nested_region is None else _nested_region(_layer)
+
+
+ATTENTION_LAYOUTS = ("gqa", "fold")
+
+
+def attention_layout() -> str:
+    """How the engine runs grouped-query attention (`FASTMEDUSA_ATTENTION`), read when an engine is built:
+    - "gqa" (default): SDPA's own grouped-query attention (`enable_gqa`) on the queries as a (B, heads, T, hd)
+      view of the projection's rows; the output comes back in the row layout, so nothing is copied;
+    - "fold": the query heads of each KV head folded into the query length, (B, kv_heads, groups*T, hd),
+      for backends without grouped-query support. With T > 1 (a tree verify pass) that costs a permute copy
+      of the attention output per layer, and the mask is tiled `groups` times."""
+    layout = os.environ.get("FASTMEDUSA_ATTENTION", "gqa")
+    if layout not in ATTENTION_LAYOUTS:
+        raise ValueError(f"FASTMEDUSA_ATTENTION={layout!r}: use 'gqa' (the default) or 'fold'")
+    return layout
 
 
 def regional_compile() -> bool:
@@ -219,6 +243,7 @@ class DecodeEngine(nn.Module):
             w.register_buffer("v_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False)
         self.compiled: dict[object, object] = {}  # step functions, compiled once per shape/tree
         self.regional = regional_compile()  # read once, when the engine is built (`get_engine` keeps it)
+        self.attention = attention_layout()
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:
@@ -245,13 +270,14 @@ class DecodeEngine(nn.Module):
         x = F.embedding(tokens, self.embed)  # (B, T, H)
         cos = self.rope_cos[rope_pos][:, :, None, :]  # (B, T, 1, hd)
         sin = self.rope_sin[rope_pos][:, :, None, :]
-        # GQA without copying the cache: the `groups` query heads of one KV head are folded into the query
-        # length, so SDPA sees (B, nkv, groups*T, hd) against (B, nkv, max_len, hd); the mask is tiled to match.
+        # GQA without copying the cache (`attention_layout`): SDPA's grouped-query attention, or the `groups`
+        # query heads of one KV head folded into the query length, the mask tiled to match.
         # An additive mask, built once per forward: SDPA turns a boolean mask into one on every call, which
         # would be one more kernel per layer. The dtype's minimum, not -inf: exp underflows to 0 all the same.
         bias = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device)
         bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)
-        attn_mask = bias.repeat(1, groups, 1)[:, None]  # (B, 1, groups*T, max_len)
+        fold = self.attention == "fold" and groups > 1
+        attn_mask = (bias.repeat(1, groups, 1) if fold else bias)[:, None]  # (B, 1, [groups*]T, max_len)
         batch_rows = torch.arange(bsz, device=tokens.device)[:, None]  # (B, 1)
         delta = None
         for w in self.layers:
@@ -259,7 +285,7 @@ class DecodeEngine(nn.Module):
             x, delta = layer(
                 x, delta, w.input_norm, w.wqkv, w.bqkv, w.wo, w.bo, w.post_norm, w.wgate_up, w.bgate_up, w.wdown,
                 w.bdown, w.k_cache, w.v_cache, cos, sin, attn_mask, batch_rows, cache_rows,
-                nh, nkv, hd, self.eps,
+                nh, nkv, hd, self.eps, fold,
             )  # fmt: skip
         return rms_norm(x + delta, self.final_norm, self.eps)
 

@@ -42,6 +42,7 @@ from torch import nn
 from fastmedusa.decode.accuracy import choose_tree_size, read_tree_json
 from fastmedusa.decode.engine import DecodeEngine, get_engine
 from fastmedusa.decode.loop import StepRunner, medusa_body, plain_body, run_loop
+from fastmedusa.decode.packed_heads import packed_heads
 from fastmedusa.decode.trees import TreeBuffers, build_tree_buffers, resolve_tree
 
 TreeSpec = str | os.PathLike | Sequence[Sequence[int]] | None
@@ -302,7 +303,10 @@ def make_medusa_step(
         )
 
     step.static_tensors = [positions, steps_ar, node_rows, tree_mask_t, keys, *vars(tree).values()]
-    step.static_tensors += list(heads.parameters()) if isinstance(heads, nn.Module) else []
+    if hasattr(heads, "static_tensors"):
+        step.static_tensors += heads.static_tensors()
+    elif isinstance(heads, nn.Module):
+        step.static_tensors += [*heads.parameters(), *heads.buffers()]
     return step
 
 
@@ -576,11 +580,12 @@ def generate(
         accepts: list[list[int]] = [[] for _ in range(ids.shape[0])]
     else:
         key = ("medusa", tuple(tree_buffers.paths), id(heads), temperature, typical_epsilon, typical_delta)
+        drafter = packed_heads(engine.compiled, heads, tree_buffers.depth)  # refreshed if the weights changed
         step = _compiled(
             engine,
             (*key, eos_key),
             lambda: make_medusa_step(
-                engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids
+                engine, drafter, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids
             ),
             compile,
         )
