@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastmedusa.decode import generate
-from fastmedusa.decode.engine import regional_compile
+from fastmedusa.decode.engine import attention_layout, regional_compile
 from fastmedusa.decode.generate import cuda_graphs_mode
 from fastmedusa.model import MedusaConfig, MedusaModel
 
@@ -52,7 +52,7 @@ def measure(model: MedusaModel, batch: int, medusa: bool) -> dict:
     )  # fmt: skip
     row = dict(batch=batch, mode="medusa" if medusa else "plain", temperature=TEMPERATURE,
                layers=model.base.config.num_hidden_layers, cuda_graphs=cuda_graphs_mode(),
-               regional_compile=regional_compile())  # fmt: skip
+               regional_compile=regional_compile(), attention=attention_layout())  # fmt: skip
     skips = counters["inductor"]["cudagraph_skips"]
     start = time.perf_counter()
     try:

@@ -74,6 +74,7 @@ def test_bench_decode_records_the_cuda_graphs_mode(setup, monkeypatch):
     assert main(argv) == 0
     payload = json.loads(out.read_text())
     assert payload["args"]["cuda_graphs"] == "step" and payload["args"]["regional_compile"] is True
+    assert payload["args"]["attention"] == "gqa"
     assert all("error" not in row for row in payload["rows"])
     with pytest.raises(SystemExit):
         main([*argv[:-2], "--cuda-graphs", "always"])

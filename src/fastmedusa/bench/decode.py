@@ -29,7 +29,7 @@ from fastmedusa.bench.common import environment, is_oom, write_json
 from fastmedusa.bench.heads import add_model_arguments, held_out_prompts, save_figure
 from fastmedusa.decode import generate
 from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
-from fastmedusa.decode.engine import regional_compile
+from fastmedusa.decode.engine import attention_layout, regional_compile
 from fastmedusa.decode.generate import CUDA_GRAPHS_MODES, cuda_graphs_mode
 from fastmedusa.progress import Progress
 
@@ -400,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["FASTMEDUSA_CUDA_GRAPHS"] = args.cuda_graphs
     args.cuda_graphs = cuda_graphs_mode()  # checked, and the mode the run used, whoever set it
     args.regional_compile = regional_compile()  # the decoder block compiled once (default) or unrolled
+    args.attention = attention_layout()  # SDPA's grouped-query attention (default) or folded queries
     args.model = base_model_arg(args.model, args.heads)
     if any(b < 1 for b in args.batch_sizes) or args.new_tokens < 1:
         raise ValueError("--batch-sizes and --new-tokens must be >= 1")
