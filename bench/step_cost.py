@@ -52,7 +52,8 @@ def measure(model: MedusaModel, batch: int, medusa: bool) -> dict:
     )  # fmt: skip
     row = dict(batch=batch, mode="medusa" if medusa else "plain", temperature=TEMPERATURE,
                layers=model.base.config.num_hidden_layers, cuda_graphs=cuda_graphs_mode(),
-               regional_compile=regional_compile(), attention=attention_layout())  # fmt: skip
+               regional_compile=regional_compile(),
+               attention=attention_layout(ids.device, model.base.dtype))  # fmt: skip
     skips = counters["inductor"]["cudagraph_skips"]
     start = time.perf_counter()
     try:

@@ -113,5 +113,40 @@ def _inputs_batch(engine, bsz: int, length: int):
 
 def test_unknown_attention_layout(monkeypatch):
     monkeypatch.setenv("FASTMEDUSA_ATTENTION", "paged")
-    with pytest.raises(ValueError, match="FASTMEDUSA_ATTENTION='paged'.*'gqa'.*'fold'"):
+    with pytest.raises(ValueError, match="FASTMEDUSA_ATTENTION='paged'.*'auto'.*'gqa'.*'fold'"):
         get_engine(tiny_llama(3), 64)
+
+
+def test_auto_attention_layout(monkeypatch):
+    """Grouped-query SDPA wherever a fused backend takes it; folded queries for fp32 on CUDA."""
+    from fastmedusa.decode.engine import attention_layout
+
+    monkeypatch.delenv("FASTMEDUSA_ATTENTION", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_layout(cpu, torch.float32) == "gqa" and attention_layout(cuda, torch.bfloat16) == "gqa"
+    assert attention_layout(cuda, torch.float32) == "fold"
+    assert get_engine(tiny_llama(3), 64).attention == "gqa"
+    monkeypatch.setenv("FASTMEDUSA_ATTENTION", "fold")
+    assert attention_layout(cpu, torch.float32) == "fold"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_layouts_agree_on_gpu(monkeypatch, dtype):
+    """On the GPU the two layouts run different SDPA backends (bf16: cuDNN's grouped-query attention against
+    folded queries): the same forward under a tree-like mask, eager and compiled."""
+    outs = {}
+    for layout in ("gqa", "fold"):
+        monkeypatch.setenv("FASTMEDUSA_ATTENTION", layout)
+        model = tiny_llama(5, num_key_value_heads=1, head_dim=64, hidden_size=256).to("cuda", dtype)
+        engine = get_engine(model, 64, batch_size=2)
+        _clear_caches(engine)
+        with torch.no_grad():
+            engine(*[t.cuda() for t in _inputs_batch(engine, 2, 9)])
+            tree = [t.cuda() for t in _tree_like_inputs(engine, 2, 6, 9)]
+            eager = engine(*tree)
+            compiled = torch.compile(engine.forward, fullgraph=True)(*tree)
+        outs[layout] = (eager, compiled)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=6e-2, atol=6e-2)
+    for a, b in zip(outs["gqa"], outs["fold"]):
+        torch.testing.assert_close(a.float(), b.float(), **tol)

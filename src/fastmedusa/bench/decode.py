@@ -400,12 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["FASTMEDUSA_CUDA_GRAPHS"] = args.cuda_graphs
     args.cuda_graphs = cuda_graphs_mode()  # checked, and the mode the run used, whoever set it
     args.regional_compile = regional_compile()  # the decoder block compiled once (default) or unrolled
-    args.attention = attention_layout()  # SDPA's grouped-query attention (default) or folded queries
     args.model = base_model_arg(args.model, args.heads)
     if any(b < 1 for b in args.batch_sizes) or args.new_tokens < 1:
         raise ValueError("--batch-sizes and --new-tokens must be >= 1")
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     args.device_obj = device
+    args.attention = attention_layout(device, dtype)  # SDPA's grouped-query attention or folded queries
     payload = {"env": environment(device), "args": {k: v for k, v in vars(args).items() if k != "device_obj"}}
     payload.update(
         model=args.model or "embedded SmolLM2-135M-Instruct",

@@ -135,20 +135,26 @@ _nested_region = getattr(torch.compiler, "nested_compile_region", None)
 _layer_region = _layer if _nested_region is None else _nested_region(_layer)
 
 
-ATTENTION_LAYOUTS = ("gqa", "fold")
+ATTENTION_LAYOUTS = ("auto", "gqa", "fold")
 
 
-def attention_layout() -> str:
+def attention_layout(device: torch.device | None = None, dtype: torch.dtype | None = None) -> str:
     """How the engine runs grouped-query attention (`FASTMEDUSA_ATTENTION`), read when an engine is built:
-    - "gqa" (default): SDPA's own grouped-query attention (`enable_gqa`) on the queries as a (B, heads, T, hd)
-      view of the projection's rows; the output comes back in the row layout, so nothing is copied;
-    - "fold": the query heads of each KV head folded into the query length, (B, kv_heads, groups*T, hd),
-      for backends without grouped-query support. With T > 1 (a tree verify pass) that costs a permute copy
-      of the attention output per layer, and the mask is tiled `groups` times."""
-    layout = os.environ.get("FASTMEDUSA_ATTENTION", "gqa")
+    - "gqa": SDPA's own grouped-query attention (`enable_gqa`) on the queries as a (B, heads, T, hd) view of
+      the projection's rows; the output comes back in the row layout, so nothing is copied;
+    - "fold": the query heads of each KV head folded into the query length, (B, kv_heads, groups*T, hd). With
+      T > 1 (a tree verify pass) that costs a permute copy of the attention output per layer, and the mask is
+      tiled `groups` times; but any SDPA backend runs it;
+    - "auto" (default): "gqa", except "fold" for fp32 on CUDA, where no fused SDPA backend takes grouped
+      queries with a mask (cuDNN's is fp16/bf16 only, the memory-efficient one has no grouped queries) and
+      SDPA would fall back to its unfused math path.
+    With a device and dtype, returns the layout "auto" resolves to."""
+    layout = os.environ.get("FASTMEDUSA_ATTENTION", "auto")
     if layout not in ATTENTION_LAYOUTS:
-        raise ValueError(f"FASTMEDUSA_ATTENTION={layout!r}: use 'gqa' (the default) or 'fold'")
-    return layout
+        raise ValueError(f"FASTMEDUSA_ATTENTION={layout!r}: use 'auto' (the default), 'gqa' or 'fold'")
+    if layout != "auto" or device is None:
+        return layout
+    return "fold" if device.type == "cuda" and dtype == torch.float32 else "gqa"
 
 
 def regional_compile() -> bool:
@@ -243,7 +249,7 @@ class DecodeEngine(nn.Module):
             w.register_buffer("v_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False)
         self.compiled: dict[object, object] = {}  # step functions, compiled once per shape/tree
         self.regional = regional_compile()  # read once, when the engine is built (`get_engine` keeps it)
-        self.attention = attention_layout()
+        self.attention = attention_layout(self.device, self.dtype)
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:
