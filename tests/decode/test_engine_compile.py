@@ -118,13 +118,17 @@ def test_unknown_attention_layout(monkeypatch):
 
 
 def test_auto_attention_layout(monkeypatch):
-    """Grouped-query SDPA wherever a fused backend takes it; folded queries for fp32 on CUDA."""
+    """Grouped-query SDPA wherever a fused backend takes it; folded queries for fp32 on CUDA and on torch < 2.8."""
     from fastmedusa.decode.engine import attention_layout
 
     monkeypatch.delenv("FASTMEDUSA_ATTENTION", raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert attention_layout(cpu, torch.float32) == "gqa" and attention_layout(cuda, torch.bfloat16) == "gqa"
     assert attention_layout(cuda, torch.float32) == "fold"
+    version = torch.__version__
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cu126")  # cuDNN's attention took grouped queries from 2.8
+    assert attention_layout(cuda, torch.bfloat16) == "fold" and attention_layout(cpu, torch.bfloat16) == "gqa"
+    monkeypatch.setattr(torch, "__version__", version)
     assert get_engine(tiny_llama(3), 64).attention == "gqa"
     monkeypatch.setenv("FASTMEDUSA_ATTENTION", "fold")
     assert attention_layout(cpu, torch.float32) == "fold"

@@ -145,16 +145,23 @@ def attention_layout(device: torch.device | None = None, dtype: torch.dtype | No
     - "fold": the query heads of each KV head folded into the query length, (B, kv_heads, groups*T, hd). With
       T > 1 (a tree verify pass) that costs a permute copy of the attention output per layer, and the mask is
       tiled `groups` times; but any SDPA backend runs it;
-    - "auto" (default): "gqa", except "fold" for fp32 on CUDA, where no fused SDPA backend takes grouped
-      queries with a mask (cuDNN's is fp16/bf16 only, the memory-efficient one has no grouped queries) and
-      SDPA would fall back to its unfused math path.
+    - "auto" (default): "gqa", except "fold" on CUDA where no fused SDPA backend takes grouped queries with a
+      mask and SDPA would fall back to its unfused math path: fp32 (cuDNN's attention is fp16/bf16 only, the
+      memory-efficient one has no grouped queries), and torch before 2.8 (whose cuDNN attention has none).
     With a device and dtype, returns the layout "auto" resolves to."""
     layout = os.environ.get("FASTMEDUSA_ATTENTION", "auto")
     if layout not in ATTENTION_LAYOUTS:
         raise ValueError(f"FASTMEDUSA_ATTENTION={layout!r}: use 'auto' (the default), 'gqa' or 'fold'")
     if layout != "auto" or device is None:
         return layout
-    return "fold" if device.type == "cuda" and dtype == torch.float32 else "gqa"
+    if device.type != "cuda":
+        return "gqa"
+    return "fold" if dtype == torch.float32 or _torch_version() < (2, 8) else "gqa"
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def regional_compile() -> bool:
