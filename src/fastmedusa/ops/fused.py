@@ -11,7 +11,8 @@ Memory math (N rows, hidden H, vocab V, 2-byte compute dtype; Llama-3 V=128256 H
   all logits          N*V*2   = 6.3 GB      never made
   one chunk of logits C*V*2   = 394 MB      the only large temporary, overwritten in place by dlogits;
                                             wgrad="inplace" (the default): C = 2*N*H/V rows (1536 here),
-                                            twice the hidden's bytes at most (see `resolve_chunk_rows`)
+                                            twice the hidden's bytes at most, or 512 rows
+                                            (see `resolve_chunk_rows`)
   dW, "inplace"       0                     summed chunk by chunk into the gradient itself (V*H*2, not
                                             extra): each chunk's GEMM sums its rows in fp32 (cuBLAS, and
                                             the CPU's bf16 GEMM), only the N/C ~ V/(2H) = 16 per-chunk adds
@@ -43,6 +44,7 @@ from fastmedusa.ops.dtypes import acc_dtype
 DEFAULT_CHUNK_ROWS = 1024  # for callers that need a fixed chunk (topk_correct)
 LOGITS_BUDGET_BYTES = 1 << 30  # chunk_rows=0 (auto): the fewest balanced chunks whose logits fit this
 HIDDEN_MULTIPLE = 2  # wgrad="inplace": a chunk's logits hold at most this many times the hidden's elements
+MIN_LEAN_CHUNK_ROWS = 512  # ...or this many rows, whichever is more: below it the dW GEMM is memory-bound
 WGRAD_MODES = ("auto", "inplace", "accumulate", "recompute")
 
 
@@ -50,18 +52,24 @@ def resolve_chunk_rows(
     chunk_rows: int, rows: int, vocab: int, hidden_elems: int | None = None, granule: int = 128
 ) -> int:
     """chunk_rows, or for 0 the fewest balanced chunks (multiples of 128 rows) within LOGITS_BUDGET_BYTES
-    and, given `hidden_elems` (N*H, the hidden's size), within HIDDEN_MULTIPLE * N*H logits elements.
+    and, given `hidden_elems` (N*H, the hidden's size), within HIDDEN_MULTIPLE * N*H logits elements or
+    MIN_LEAN_CHUNK_ROWS rows, whichever is more.
 
     Large chunks matter on the GPU: each dW accumulation GEMM reads and writes the V x H sums (4.2 GB a
     chunk in fp32 for Llama-3, 2.1 GB in bf16), so the fp32 one ran at 406 TFLOP/s at 1024 rows and at 744
     at 4096 (H100). The hidden-size bound keeps the extra memory at or under Liger-Kernel's (module
-    docstring) and fixes the number of chunks near V / (2H) whatever N.
+    docstring) and fixes the number of chunks near V / (2H) whatever N. The row floor: a chunk's dW GEMM does
+    2*C FLOPs per 4 bytes of bf16 sums it reads and writes, so below ~470 rows (an H100's 700 TFLOP/s over
+    3 TB/s) it is memory-bound. Measured on an H100 at the Llama-3.2-1B shape (5 heads, B 6, T 1024, the
+    hidden bound alone gave 128-row chunks, 48 per head): 242 ms at 128 rows, 96 ms at 512 (Liger-Kernel,
+    whose chunks are 128 rows too: 237 ms; torch 127 ms). The floor costs 512 rows of logits (131 MB at
+    V = 128k) where the hidden is small: more than Liger-Kernel's extra memory there (0.14 against 0.06 GB).
     """
     if chunk_rows > 0:
         return chunk_rows
     cap = LOGITS_BUDGET_BYTES // (2 * vocab)
     if hidden_elems is not None:
-        cap = min(cap, HIDDEN_MULTIPLE * hidden_elems // vocab)
+        cap = min(cap, max(MIN_LEAN_CHUNK_ROWS, HIDDEN_MULTIPLE * hidden_elems // vocab))
     if cap < granule:  # few rows: smaller chunks (multiples of 16) rather than more memory
         granule = 16
     cap = max(granule, cap // granule * granule)
