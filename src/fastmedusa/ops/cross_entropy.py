@@ -103,7 +103,8 @@ def linear_cross_entropy(
     shaped like labels (0 where not scored).
 
     Tuning (fused impls): chunk_rows bounds the logits buffer (chunk_rows x V; None: balanced chunks
-    within `fused.LOGITS_BUDGET_BYTES`, 1 GiB, and for the lean modes within twice the hidden's size);
+    within `fused.LOGITS_BUDGET_BYTES`, 1 GiB, and for the lean modes within twice the hidden's size or
+    512 rows, whichever is more);
     wgrad picks how the weight gradient is formed: "inplace" (3 GEMM passes, summed chunk by chunk in the
     weight's dtype, no extra V x H memory), "accumulate" (3 passes + an fp32 V x H buffer: exact sums),
     "recompute" (4 passes, no buffer), "auto" ("inplace"; "accumulate" for fp16: `fused.resolve_wgrad`).

@@ -23,7 +23,9 @@ Memory math (N rows, hidden H, vocab V, 2-byte compute dtype; Llama-3 V=128256 H
   dH                  N*H*2                 the hidden's gradient itself (not extra)
 Against Liger-Kernel (bf16 dW sums too): its chunk is next_pow2(N / ceil(V/H)) >= N*H/V rows, i.e. at least
 the hidden's bytes, and a shifted head's hidden is a slice it must copy (N*H*2 more), so its extra memory is
-at least 2*N*H*2 bytes, the most our chunk may take. Its bf16 sums round once per chunk as ours do, over as
+at least 2*N*H*2 bytes, the most our chunk may take, except where that would be fewer than 512 rows (a small
+N*H): there the chunk holds 512 rows, whose dW GEMM is no longer memory-bound, and the extra memory (512*V*2
+bytes, 131 MB for Llama-3) can exceed Liger-Kernel's. Its bf16 sums round once per chunk as ours do, over as
 many or more chunks (`tests/ops/test_wgrad_precision.py` measures both against float64).
 Rows whose target is ignored are skipped (no GEMM work): SFT masks often ignore a third of the tokens.
 
