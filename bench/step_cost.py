@@ -52,8 +52,7 @@ def measure(model: MedusaModel, batch: int, medusa: bool) -> dict:
     )  # fmt: skip
     row = dict(batch=batch, mode="medusa" if medusa else "plain", temperature=TEMPERATURE,
                layers=model.base.config.num_hidden_layers, cuda_graphs=cuda_graphs_mode(),
-               regional_compile=regional_compile(),
-               attention=attention_layout(ids.device, model.base.dtype))  # fmt: skip
+               regional_compile=regional_compile(), attention=attention_layout())  # fmt: skip
     skips = counters["inductor"]["cudagraph_skips"]
     start = time.perf_counter()
     try:
@@ -70,6 +69,8 @@ def measure(model: MedusaModel, batch: int, medusa: bool) -> dict:
     for _ in range(3):
         out, few = generate(model, ids, **kw), generate(model, ids, **short)
         times.append((out.seconds - few.seconds) / max(out.steps - few.steps, 1))
+    engine = model.base.__dict__.get("_fastmedusa_engine")
+    row["attention"] = engine.attention if engine is not None else row["attention"]  # what "auto" resolved to
     return dict(row, first_call_s=round(first, 1), step_ms=round(1000 * sorted(times)[1], 3), steps=out.steps,
                 tree_nodes=out.tree_nodes, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips,
                 uncaptured_step_runners=uncaptured_runners(model))  # fmt: skip

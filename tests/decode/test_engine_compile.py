@@ -118,20 +118,23 @@ def test_unknown_attention_layout(monkeypatch):
 
 
 def test_auto_attention_layout(monkeypatch):
-    """Grouped-query SDPA wherever a fused backend takes it; folded queries for fp32 on CUDA and on torch < 2.8."""
+    """Grouped-query SDPA wherever SDPA runs it on a fused kernel; folded queries where it would fall back to
+    its math path (asked of SDPA itself on CUDA; on the CPU its flash kernel takes grouped queries)."""
+    import fastmedusa.decode.engine as engine_module
     from fastmedusa.decode.engine import attention_layout
 
     monkeypatch.delenv("FASTMEDUSA_ATTENTION", raising=False)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert attention_layout(cpu, torch.float32) == "gqa" and attention_layout(cuda, torch.bfloat16) == "gqa"
-    assert attention_layout(cuda, torch.float32) == "fold"
-    version = torch.__version__
-    monkeypatch.setattr(torch, "__version__", "2.7.1+cu126")  # cuDNN's attention took grouped queries from 2.8
-    assert attention_layout(cuda, torch.bfloat16) == "fold" and attention_layout(cpu, torch.bfloat16) == "gqa"
-    monkeypatch.setattr(torch, "__version__", version)
+    cpu, cuda, shape = torch.device("cpu"), torch.device("cuda"), (9, 3, 64, 256)
+    assert attention_layout(cpu, torch.float32, shape) == "gqa"
+    assert engine_module._fused_gqa_backend(cpu, torch.float32, *shape)  # what the probe sees here
+    monkeypatch.setattr(engine_module, "_fused_gqa_backend", lambda *a: False)  # e.g. fp32 or an older GPU
+    assert attention_layout(cuda, torch.bfloat16, shape) == "fold"
+    assert attention_layout(cuda, torch.bfloat16, (4, 4, 64, 256)) == "gqa"  # no grouped queries: any backend
+    monkeypatch.setattr(engine_module, "_fused_gqa_backend", lambda *a: True)
+    assert attention_layout(cuda, torch.bfloat16, shape) == "gqa"
     assert get_engine(tiny_llama(3), 64).attention == "gqa"
     monkeypatch.setenv("FASTMEDUSA_ATTENTION", "fold")
-    assert attention_layout(cpu, torch.float32) == "fold"
+    assert attention_layout(cpu, torch.float32, shape) == "fold"
 
 
 @pytest.mark.gpu

@@ -52,13 +52,15 @@ def _explicit_logits(heads, hidden: torch.Tensor, depth: int) -> torch.Tensor:
 def test_packed_equals_heads(shared, draft, num_layers):
     heads = _heads(shared, draft, num_layers).medusa_heads
     hidden = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(7))
+    packed = PackedHeads(heads)
     for depth in (1, 3, 4):
-        packed = PackedHeads(heads, depth)
-        logits = packed.head_logits(hidden)
+        logits = packed.depth_view(depth).head_logits(hidden)
         assert logits.shape == (depth, 3, 5, DRAFT if draft else VOCAB)
         torch.testing.assert_close(logits, _explicit_logits(heads, hidden, depth), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits, heads.head_logits(hidden)[:depth], rtol=1e-5, atol=1e-5)
-        assert torch.equal(packed.draft_topk(hidden, 3), heads.draft_topk(hidden, 3)[:depth])
+        assert torch.equal(
+            packed.depth_view(depth).draft_topk(hidden, 3), heads.draft_topk(hidden, 3)[:depth]
+        )
     expected = {
         (False, False): "stacked",
         (False, True): "stacked",
@@ -71,33 +73,83 @@ def test_packed_equals_heads(shared, draft, num_layers):
 def test_large_projections_stay_per_head(monkeypatch):
     monkeypatch.setattr(packing, "PACK_MAX_BYTES", 1024)
     heads = _heads(False, False, 1).medusa_heads
-    packed = PackedHeads(heads, 4)
+    packed = PackedHeads(heads)
     assert packed.layout == "per_head" and packed.projection.numel() == 0
     hidden = torch.randn(2, 64)
     torch.testing.assert_close(packed.head_logits(hidden), heads.head_logits(hidden), rtol=1e-5, atol=1e-5)
 
 
-def test_refresh_follows_weight_changes_in_place():
+def _set_all(heads, value_of) -> None:
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(value_of(p))
+
+
+@pytest.mark.parametrize(
+    "update",
+    ["in-place", "data", "fused-adamw", "load_state_dict"],
+)
+def test_every_call_drafts_with_the_current_weights(update):
+    """However the heads change (fused optimizers and `.data` writes leave version counters alone), the next
+    call's stacks hold the new weights, at the same addresses (captured graphs keep reading them)."""
     model = _heads(False, True, 1)
     heads = model.medusa_heads
     cache: dict = {}
-    packed = packed_heads(cache, heads, 4)
-    addresses = [t.data_ptr() for t in packed.static_tensors()]
+    drafter = packed_heads(cache, heads, 4)
+    addresses = [t.data_ptr() for t in drafter.static_tensors()]
     hidden = torch.randn(2, 64)
-    with torch.no_grad():
+    before = drafter.head_logits(hidden)
+    if update == "in-place":
+        _set_all(heads, lambda p: p * -1.5)
+    elif update == "data":
         for p in heads.parameters():
-            p.mul_(-1.5)  # an in-place update, as an optimizer step makes
-    stale = packed.head_logits(hidden)
-    assert packed_heads(cache, heads, 4) is packed  # one object per heads and depth, refreshed
-    assert [t.data_ptr() for t in packed.static_tensors()] == addresses  # captured graphs keep reading them
-    fresh = packed.head_logits(hidden)
-    assert not torch.allclose(stale, fresh)
-    torch.testing.assert_close(fresh, heads.head_logits(hidden), rtol=1e-5, atol=1e-5)
-    model.medusa_heads.load_state_dict(
-        {k: v * 0 for k, v in heads.state_dict().items() if k != "token_map"}, strict=False
+            p.data.mul_(-1.5)
+    elif update == "fused-adamw":
+        opt = torch.optim.AdamW(heads.parameters(), lr=0.1, fused=True)
+        for p in heads.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    else:
+        heads.load_state_dict(
+            {k: v * -1.5 for k, v in heads.state_dict().items() if k != "token_map"}, strict=False
+        )
+    assert torch.allclose(drafter.head_logits(hidden), before)  # between calls the stacks are the old weights
+    again = packed_heads(cache, heads, 4)
+    assert again is drafter and [t.data_ptr() for t in again.static_tensors()] == addresses
+    after = again.head_logits(hidden)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, heads.head_logits(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_one_copy_per_heads_whatever_the_depth():
+    heads = _heads(False, False, 1).medusa_heads
+    cache: dict = {}
+    views = [packed_heads(cache, heads, d) for d in (1, 2, 4, 2)]
+    assert len([k for k in cache if k[0] == "packed_heads"]) == 1
+    assert views[1] is views[3] and views[0].packed is views[2].packed
+    hidden = torch.randn(3, 64)
+    torch.testing.assert_close(
+        views[1].head_logits(hidden), heads.head_logits(hidden)[:2], rtol=1e-5, atol=1e-5
     )
-    packed_heads(cache, heads, 4)
-    torch.testing.assert_close(packed.head_logits(hidden), heads.head_logits(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_heads_made_under_inference_mode():
+    with torch.inference_mode():
+        model = _heads(False, False, 1)
+        drafter = packed_heads({}, model.medusa_heads, 3)
+        hidden = torch.randn(2, 64)
+        torch.testing.assert_close(drafter.head_logits(hidden), model.medusa_heads.head_logits(hidden)[:3])
+
+
+def test_heads_moved_alone_fail_clearly():
+    heads = _heads(False, False, 1).medusa_heads
+    cache: dict = {}
+    packed_heads(cache, heads, 2)
+    heads.double()
+    with pytest.raises(
+        ValueError, match="heads are now torch.float64 .* move the heads and the base model together"
+    ):
+        packed_heads(cache, heads, 2)
 
 
 def test_other_head_modules_are_used_as_they_are():

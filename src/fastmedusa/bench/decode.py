@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--batch-sizes and --new-tokens must be >= 1")
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     args.device_obj = device
-    args.attention = attention_layout(device, dtype)  # SDPA's grouped-query attention or folded queries
+    args.attention = attention_layout()  # as set; the layout the engine used replaces it below
     payload = {"env": environment(device), "args": {k: v for k, v in vars(args).items() if k != "device_obj"}}
     payload.update(
         model=args.model or "embedded SmolLM2-135M-Instruct",
@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
             if kind in ("medusa", "hf-static"):
                 row.update(agreement(row, reference))
             rows.append(row)
+            engine = model.base.__dict__.get("_fastmedusa_engine")
+            if engine is not None:  # what "auto" resolved to on this device
+                payload["args"]["attention"] = engine.attention
             add_ratios(rows, batch_size)
             print_row(row)
             write_json(args.out, strip_outputs(payload))

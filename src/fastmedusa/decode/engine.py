@@ -138,30 +138,48 @@ _layer_region = _layer if _nested_region is None else _nested_region(_layer)
 ATTENTION_LAYOUTS = ("auto", "gqa", "fold")
 
 
-def attention_layout(device: torch.device | None = None, dtype: torch.dtype | None = None) -> str:
+def attention_layout(
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    shape: tuple[int, int, int, int] | None = None,
+) -> str:
     """How the engine runs grouped-query attention (`FASTMEDUSA_ATTENTION`), read when an engine is built:
     - "gqa": SDPA's own grouped-query attention (`enable_gqa`) on the queries as a (B, heads, T, hd) view of
-      the projection's rows; the output comes back in the row layout, so nothing is copied;
+      the projection's rows; with a fused backend the output comes back in the row layout, so nothing is
+      copied;
     - "fold": the query heads of each KV head folded into the query length, (B, kv_heads, groups*T, hd). With
       T > 1 (a tree verify pass) that costs a permute copy of the attention output per layer, and the mask is
-      tiled `groups` times; but any SDPA backend runs it;
-    - "auto" (default): "gqa", except "fold" on CUDA where no fused SDPA backend takes grouped queries with a
-      mask and SDPA would fall back to its unfused math path: fp32 (cuDNN's attention is fp16/bf16 only, the
-      memory-efficient one has no grouped queries), and torch before 2.8 (whose cuDNN attention has none).
-    With a device and dtype, returns the layout "auto" resolves to."""
+      tiled `groups` times; but every SDPA backend runs it;
+    - "auto" (default): "gqa" where SDPA picks a fused kernel for grouped queries with a mask (on CUDA that is
+      cuDNN's attention, and only where SDPA ranks it before its math path: bf16/fp16, torch >= 2.8, recent
+      GPUs and cuDNN), else "fold": SDPA's unfused math path would copy every layer's whole KV cache.
+    With a device, dtype and shape (heads, kv_heads, head_dim, max_len), returns the layout "auto" resolves
+    to, asking SDPA which backend it would pick for such a call."""
     layout = os.environ.get("FASTMEDUSA_ATTENTION", "auto")
     if layout not in ATTENTION_LAYOUTS:
         raise ValueError(f"FASTMEDUSA_ATTENTION={layout!r}: use 'auto' (the default), 'gqa' or 'fold'")
     if layout != "auto" or device is None:
         return layout
-    if device.type != "cuda":
+    if device.type != "cuda" or shape is None or shape[0] == shape[1]:  # no grouped queries: any backend
         return "gqa"
-    return "fold" if dtype == torch.float32 or _torch_version() < (2, 8) else "gqa"
+    return "gqa" if _fused_gqa_backend(device, dtype, *shape) else "fold"
 
 
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
+def _fused_gqa_backend(
+    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, max_len: int
+) -> bool:
+    """Whether SDPA would run a verify-pass-shaped call (queries as a transposed view, grouped, with an additive
+    mask) on a fused kernel rather than its math path (`torch._fused_sdp_choice`; False if it cannot tell)."""
+    from torch.nn.attention import SDPBackend
+
+    try:
+        q = torch.zeros(1, 2, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+        kv = torch.zeros(1, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        mask = torch.zeros(1, 1, 2, max_len, device=device, dtype=dtype)
+        choice = torch._fused_sdp_choice(q, kv, kv, mask, 0.0, False, scale=None, enable_gqa=True)
+    except (RuntimeError, TypeError, AttributeError):
+        return False
+    return int(choice) not in (int(SDPBackend.MATH), int(SDPBackend.ERROR))
 
 
 def regional_compile() -> bool:
@@ -256,7 +274,8 @@ class DecodeEngine(nn.Module):
             w.register_buffer("v_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False)
         self.compiled: dict[object, object] = {}  # step functions, compiled once per shape/tree
         self.regional = regional_compile()  # read once, when the engine is built (`get_engine` keeps it)
-        self.attention = attention_layout(self.device, self.dtype)
+        attention_shape = (self.num_heads, self.num_kv_heads, self.head_dim, self.max_len)
+        self.attention = attention_layout(self.device, self.dtype, attention_shape)  # read once, like `regional`
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:

@@ -3,13 +3,15 @@
 A decode step runs the heads on one hidden state per row. `MedusaHeads` does that head by head: per head one
 small ResBlock GEMM per layer and one vocabulary projection, each a kernel of a few microseconds, or (the
 projection) a read of a vocabulary x hidden matrix. Stacked, every ResBlock layer of all the heads is one
-batched GEMM and the projections one more, so a step launches 2 GEMMs for the heads instead of 2K, and the
+batched GEMM and the projections one more: L + 1 GEMMs for L ResBlock layers instead of K (L + 1), and the
 projection matrices stream through one kernel.
 
-The stacks are copies (decode keeps the heads' weights twice), refreshed whenever the heads' parameters
-change (an optimizer step, `load_state_dict`), in place, so captured CUDA graphs keep reading them. Large
-projections are not copied (`PACK_MAX_BYTES`): for a model whose heads weigh gigabytes the step is long
-enough that the saved launches do not matter, and the memory does.
+The stacks are copies (decode keeps the heads' weights twice, once per heads object whatever the tree),
+written again at the start of every `generate` call, in place, so captured CUDA graphs keep reading them and
+each call drafts with the heads' current weights however they were changed (an optimizer step, fused or not,
+`load_state_dict`, writes through `.data`). The copy is a device-to-device copy of the heads' size, small next
+to a call's decoding. Large projections are not copied (`PACK_MAX_BYTES`): for a model whose heads weigh
+gigabytes the step is long enough that the saved launches do not matter, and the memory does.
 """
 
 from __future__ import annotations
@@ -32,51 +34,53 @@ def can_pack(heads: nn.Module) -> bool:
 
 
 class PackedHeads(nn.Module):
-    """The first `depth` heads of a `MedusaHeads`, their weights stacked by head. `draft_topk` returns what
-    `heads.draft_topk(hidden, k)[:depth]` returns, up to the rounding of batched against single GEMMs.
+    """All heads of a `MedusaHeads`, their weights stacked by head; `head_logits(hidden, depth)` and
+    `draft_topk(hidden, k, depth)` run the first `depth` of them (views of the same stacks) and return what
+    `MedusaHeads.head_logits(hidden)[:depth]` / `draft_topk(hidden, k)[:depth]` return, up to the rounding
+    of batched against single GEMMs. The stacks take the heads' own dtype and device.
 
-    Projections: per-head ones are stacked (`projection` (depth, N, H)) unless larger than `PACK_MAX_BYTES`
+    Projections: per-head ones are stacked (`projection` (K, N, H)) unless larger than `PACK_MAX_BYTES`
     (then one GEMM per head, on the heads' own weights); a shared LM head is used in place, or under a draft
     vocabulary its token_map rows are gathered once per refresh (`projection` (N, H)) instead of every step."""
 
-    def __init__(self, heads: nn.Module, depth: int) -> None:
+    def __init__(self, heads: nn.Module) -> None:
         super().__init__()
         config = heads.config
-        if not 1 <= depth <= config.num_heads:
-            raise ValueError(f"depth {depth} must be within the heads' 1..{config.num_heads}")
         self.__dict__["source"] = heads  # a reference, not a submodule: its weights are not ours
-        self.depth, self.num_layers, self.shared = depth, config.num_layers, config.shared_lm_head
+        self.num_heads, self.num_layers, self.shared = (
+            config.num_heads,
+            config.num_layers,
+            config.shared_lm_head,
+        )
         self.vocab_rows, hidden = config.head_vocab_size, config.hidden_size
-        weight = heads.base_lm_head.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
-        self.register_buffer("block_weight", torch.empty(self.num_layers, depth, hidden, hidden, **factory))
-        self.register_buffer("block_bias", torch.empty(self.num_layers, depth, 1, hidden, **factory))
+        like = next(heads.medusa_head.parameters(), heads.base_lm_head.weight)
+        factory = {"device": like.device, "dtype": like.dtype}
+        k, layers = self.num_heads, self.num_layers
+        self.register_buffer("block_weight", torch.empty(layers, k, hidden, hidden, **factory))
+        self.register_buffer("block_bias", torch.empty(layers, k, 1, hidden, **factory))
         if self.shared:
             self.layout = "shared" if heads.token_map is None else "shared_rows"
         else:
-            stack_bytes = depth * self.vocab_rows * hidden * weight.element_size()
+            stack_bytes = k * self.vocab_rows * hidden * like.element_size()
             self.layout = "stacked" if stack_bytes <= PACK_MAX_BYTES else "per_head"
-        shape = {"stacked": (depth, self.vocab_rows, hidden), "shared_rows": (self.vocab_rows, hidden)}
+        shape = {"stacked": (k, self.vocab_rows, hidden), "shared_rows": (self.vocab_rows, hidden)}
         self.register_buffer("projection", torch.empty(shape.get(self.layout, (0,)), **factory))
         self.register_buffer("token_map", None if heads.token_map is None else heads.token_map.clone())
-        self._seen: tuple | None = None
+        self.views: dict[int, PackedDepth] = {}
         self.refresh()
-
-    def _sources(self) -> list[torch.Tensor]:
-        heads = self.source
-        tensors = [t for head in heads.medusa_head[: self.depth] for t in head.parameters()]
-        tensors.append(heads.base_lm_head.weight)
-        return tensors if heads.token_map is None else [*tensors, heads.token_map]
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Copy the heads' weights in if they changed since the last copy (each tensor's version counter,
-        which every in-place update bumps, and its address), into the same buffers."""
-        seen = tuple((t.data_ptr(), t._version) for t in self._sources())
-        if seen == self._seen:
-            return
+        """Copy the heads' current weights into the stacks, in place (their addresses never change)."""
         heads = self.source
-        for d, head in enumerate(heads.medusa_head[: self.depth]):
+        like = next(heads.medusa_head.parameters(), heads.base_lm_head.weight)
+        if (like.dtype, like.device) != (self.block_weight.dtype, self.block_weight.device):
+            raise ValueError(
+                f"the Medusa heads are now {like.dtype} on {like.device}, but they were {self.block_weight.dtype} "
+                f"on {self.block_weight.device} when decoding first used them: move the heads and the base model "
+                "together (MedusaModel.to), or pass a new heads object"
+            )
+        for d, head in enumerate(heads.medusa_head):
             for layer in range(self.num_layers):
                 self.block_weight[layer, d].copy_(head[layer].linear.weight)
                 self.block_bias[layer, d, 0].copy_(head[layer].linear.bias)
@@ -86,33 +90,34 @@ class PackedHeads(nn.Module):
             self.token_map.copy_(heads.token_map)
         if self.layout == "shared_rows":
             self.projection.copy_(heads.base_lm_head.weight.index_select(0, heads.token_map))
-        self._seen = seen
 
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(depth, ..., N) logits over the heads' vocabulary rows for hidden (..., H)."""
+    def head_logits(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """(depth, ..., N) logits of the first `depth` heads (all by default) over their vocabulary rows."""
+        depth = self.num_heads if depth is None else depth
         lead = hidden.shape[:-1]
-        x = hidden.reshape(1, -1, hidden.shape[-1]).expand(self.depth, -1, -1)  # (D, R, H)
+        x = hidden.reshape(1, -1, hidden.shape[-1]).expand(depth, -1, -1)  # (D, R, H)
         for layer in range(self.num_layers):
-            x = x + F.silu(torch.baddbmm(self.block_bias[layer], x, self.block_weight[layer].transpose(1, 2)))
+            weight, bias = self.block_weight[layer, :depth], self.block_bias[layer, :depth]
+            x = x + F.silu(torch.baddbmm(bias, x, weight.transpose(1, 2)))
         if self.layout == "stacked":
-            logits = torch.bmm(x, self.projection.transpose(1, 2))
+            logits = torch.bmm(x, self.projection[:depth].transpose(1, 2))
         elif self.layout == "shared":  # one matrix for every head: one GEMM over the stacked towers
             logits = F.linear(x, self.source.base_lm_head.weight)
         elif self.layout == "shared_rows":
             logits = F.linear(x, self.projection)
         else:
             weights = self.source.projection_weights()
-            logits = torch.stack([F.linear(x[d], weights[d]) for d in range(self.depth)])
-        return logits.reshape(self.depth, *lead, logits.shape[-1])
+            logits = torch.stack([F.linear(x[d], weights[d]) for d in range(depth)])
+        return logits.reshape(depth, *lead, logits.shape[-1])
 
-    def draft_topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
-        """Each head's k best tokens as vocabulary ids, best first: (depth, ..., k)."""
+    def draft_topk(self, hidden: torch.Tensor, k: int, depth: int | None = None) -> torch.Tensor:
+        """The first `depth` heads' k best tokens as vocabulary ids, best first: (depth, ..., k)."""
         if not 1 <= k <= self.vocab_rows:
             raise ValueError(
                 f"the tree drafts the top {k} tokens of each head, but the heads score {self.vocab_rows} tokens: "
                 "pick a tree with a smaller top-k or heads with a larger draft vocabulary"
             )
-        top = self.head_logits(hidden).topk(k, dim=-1).indices
+        top = self.head_logits(hidden, depth).topk(k, dim=-1).indices
         return top if self.token_map is None else self.token_map[top]
 
     def static_tensors(self) -> list[torch.Tensor]:
@@ -123,18 +128,46 @@ class PackedHeads(nn.Module):
         if self.layout == "shared":
             own.append(self.source.base_lm_head.weight)
         if self.layout == "per_head":
-            own += self.source.projection_weights()[: self.depth]
+            own += self.source.projection_weights()
         return own
+
+    def depth_view(self, depth: int) -> PackedDepth:
+        """The first `depth` heads, as a drafter for a tree of that depth (one per depth, sharing the stacks)."""
+        if not 1 <= depth <= self.num_heads:
+            raise ValueError(f"depth {depth} must be within the heads' 1..{self.num_heads}")
+        if depth not in self.views:
+            self.views[depth] = PackedDepth(self, depth)
+        return self.views[depth]
+
+
+class PackedDepth(nn.Module):
+    """A drafter for a tree of `depth` levels: the first `depth` heads of a `PackedHeads`."""
+
+    def __init__(self, packed: PackedHeads, depth: int) -> None:
+        super().__init__()
+        self.__dict__["packed"] = packed  # not a submodule: the views share its stacks
+        self.depth = depth
+        self.num_heads = depth
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.packed.head_logits(hidden, self.depth)
+
+    def draft_topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        return self.packed.draft_topk(hidden, k, self.depth)
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        return self.packed.static_tensors()
 
 
 def packed_heads(cache: dict, heads: nn.Module, depth: int) -> nn.Module:
-    """The packed first `depth` heads, kept in `cache` (the engine's) per heads object and depth and refreshed
-    from the heads' current weights; `heads` itself when it cannot be packed."""
+    """The first `depth` heads, stacked: one `PackedHeads` per heads object, kept in `cache` (the engine's)
+    and refreshed from the heads' current weights at every call; `heads` itself when it cannot be packed."""
     if not can_pack(heads):
         return heads
-    key = ("packed_heads", id(heads), depth)
+    key = ("packed_heads", id(heads))
     packed = cache.get(key)
     if packed is None or packed.source is not heads:
-        packed = cache[key] = PackedHeads(heads, depth)
-    packed.refresh()
-    return packed
+        packed = cache[key] = PackedHeads(heads)
+    else:
+        packed.refresh()
+    return packed.depth_view(depth)
