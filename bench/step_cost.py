@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastmedusa.decode import generate
-from fastmedusa.decode.engine import attention_layout, regional_compile
+from fastmedusa.decode.engine import attention_layout, cached_engine, regional_compile
 from fastmedusa.decode.generate import cuda_graphs_mode
 from fastmedusa.model import MedusaConfig, MedusaModel
 
@@ -69,7 +69,7 @@ def measure(model: MedusaModel, batch: int, medusa: bool) -> dict:
     for _ in range(3):
         out, few = generate(model, ids, **kw), generate(model, ids, **short)
         times.append((out.seconds - few.seconds) / max(out.steps - few.steps, 1))
-    engine = model.base.__dict__.get("_fastmedusa_engine")
+    engine = cached_engine(model.base)
     row["attention"] = engine.attention if engine is not None else row["attention"]  # what "auto" resolved to
     return dict(row, first_call_s=round(first, 1), step_ms=round(1000 * sorted(times)[1], 3), steps=out.steps,
                 tree_nodes=out.tree_nodes, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips,
@@ -78,7 +78,7 @@ def measure(model: MedusaModel, batch: int, medusa: bool) -> dict:
 
 def uncaptured_runners(model: MedusaModel) -> int:
     """Step runners of the engine that hold no captured graph ("step" mode on CUDA: a failed capture)."""
-    engine = model.base.__dict__.get("_fastmedusa_engine")
+    engine = cached_engine(model.base)
     if engine is None or DEV != "cuda" or cuda_graphs_mode() != "step":
         return 0
     return sum(1 for key, runner in engine.compiled.items() if key[0] == "runner" and not runner.graphs)

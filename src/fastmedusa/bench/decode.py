@@ -29,7 +29,7 @@ from fastmedusa.bench.common import environment, is_oom, write_json
 from fastmedusa.bench.heads import add_model_arguments, held_out_prompts, save_figure
 from fastmedusa.decode import generate
 from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
-from fastmedusa.decode.engine import attention_layout, regional_compile
+from fastmedusa.decode.engine import attention_layout, cached_engine, regional_compile
 from fastmedusa.decode.generate import CUDA_GRAPHS_MODES, cuda_graphs_mode
 from fastmedusa.progress import Progress
 
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind in ("medusa", "hf-static"):
                 row.update(agreement(row, reference))
             rows.append(row)
-            engine = model.base.__dict__.get("_fastmedusa_engine")
+            engine = cached_engine(model.base)
             if engine is not None:  # what "auto" resolved to on this device
                 payload["args"]["attention"] = engine.attention
             add_ratios(rows, batch_size)

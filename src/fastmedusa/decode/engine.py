@@ -341,6 +341,11 @@ class DecodeEngine(nn.Module):
             w.v_cache[rows, :, dst] = w.v_cache[rows, :, src]
 
 
+def cached_engine(hf_model: nn.Module) -> DecodeEngine | None:
+    """The engine `get_engine` keeps on `hf_model`, if one was built."""
+    return hf_model.__dict__.get("_fastmedusa_engine")
+
+
 def get_engine(
     hf_model: nn.Module,
     min_len: int,
@@ -360,7 +365,7 @@ def get_engine(
             "raise max_batch_size or split the batch"
         )
     embed = _decoder(hf_model).embed_tokens.weight
-    engine = hf_model.__dict__.get("_fastmedusa_engine")
+    engine = cached_engine(hf_model)
     if max_len is not None and max_len < min_len:
         raise ValueError(
             f"max_len {max_len} is shorter than prompt + new tokens + tree ({min_len}): raise max_len or "

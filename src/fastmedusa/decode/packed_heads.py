@@ -20,17 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmedusa.model.heads import MedusaHeads, check_draft_k, topk_token_ids
+
 PACK_MAX_BYTES = 1 << 30  # projections above this many bytes (all stacked heads) stay per-head GEMMs
 
 
 def can_pack(heads: nn.Module) -> bool:
     """Only fastmedusa's own `MedusaHeads` (plain tensors, not sharded) are packed; any other module with
     `draft_topk` is called as it is."""
-    from fastmedusa.model.heads import MedusaHeads
-
     if not isinstance(heads, MedusaHeads):
         return False
     return all(type(p) is torch.nn.Parameter or type(p) is torch.Tensor for p in heads.parameters())
+
+
+def _weight_like(heads: nn.Module) -> torch.Tensor:
+    """A tensor with the heads' own dtype and device (the LM head's when the heads hold no weights)."""
+    return next(heads.medusa_head.parameters(), heads.base_lm_head.weight)
 
 
 class PackedHeads(nn.Module):
@@ -53,7 +58,7 @@ class PackedHeads(nn.Module):
             config.shared_lm_head,
         )
         self.vocab_rows, hidden = config.head_vocab_size, config.hidden_size
-        like = next(heads.medusa_head.parameters(), heads.base_lm_head.weight)
+        like = _weight_like(heads)
         factory = {"device": like.device, "dtype": like.dtype}
         k, layers = self.num_heads, self.num_layers
         self.register_buffer("block_weight", torch.empty(layers, k, hidden, hidden, **factory))
@@ -73,7 +78,7 @@ class PackedHeads(nn.Module):
     def refresh(self) -> None:
         """Copy the heads' current weights into the stacks, in place (their addresses never change)."""
         heads = self.source
-        like = next(heads.medusa_head.parameters(), heads.base_lm_head.weight)
+        like = _weight_like(heads)
         if (like.dtype, like.device) != (self.block_weight.dtype, self.block_weight.device):
             raise ValueError(
                 f"the Medusa heads are now {like.dtype} on {like.device}, but they were {self.block_weight.dtype} "
@@ -112,13 +117,8 @@ class PackedHeads(nn.Module):
 
     def draft_topk(self, hidden: torch.Tensor, k: int, depth: int | None = None) -> torch.Tensor:
         """The first `depth` heads' k best tokens as vocabulary ids, best first: (depth, ..., k)."""
-        if not 1 <= k <= self.vocab_rows:
-            raise ValueError(
-                f"the tree drafts the top {k} tokens of each head, but the heads score {self.vocab_rows} tokens: "
-                "pick a tree with a smaller top-k or heads with a larger draft vocabulary"
-            )
-        top = self.head_logits(hidden, depth).topk(k, dim=-1).indices
-        return top if self.token_map is None else self.token_map[top]
+        check_draft_k(k, self.vocab_rows)
+        return topk_token_ids(self.head_logits(hidden, depth), k, self.token_map)
 
     def static_tensors(self) -> list[torch.Tensor]:
         """Every tensor a compiled step reads from here (they keep their addresses)."""

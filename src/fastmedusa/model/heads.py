@@ -76,6 +76,21 @@ def draft_labels(labels: torch.Tensor, draft_index: torch.Tensor) -> torch.Tenso
     return torch.where(valid, mapped, IGNORE_INDEX)
 
 
+def check_draft_k(k: int, rows: int) -> None:
+    """A tree's top-k must fit the heads' vocabulary rows."""
+    if not 1 <= k <= rows:
+        raise ValueError(
+            f"the tree drafts the top {k} tokens of each head, but the heads score {rows} tokens: "
+            "pick a tree with a smaller top-k or heads with a larger draft vocabulary"
+        )
+
+
+def topk_token_ids(logits: torch.Tensor, k: int, token_map: torch.Tensor | None) -> torch.Tensor:
+    """The k best rows of head logits (..., N), best first, as vocabulary ids (through a draft token_map)."""
+    top = logits.topk(k, dim=-1).indices
+    return top if token_map is None else token_map[top]
+
+
 class MedusaHeads(nn.Module):
     """The K Medusa heads, stored under FasterDecoding/Medusa's names (`medusa_head.{i}.{j}.linear.weight`,
     `medusa_head.{i}.{num_layers}.weight`) so heads move between the two projects.
@@ -177,14 +192,8 @@ class MedusaHeads(nn.Module):
         """Each head's k best tokens as vocabulary ids, best first: (K, ..., k) int64.
 
         What decoding drafts: the top-k of the (draft-sized) head logits, mapped back through token_map."""
-        rows = self.config.head_vocab_size
-        if not 1 <= k <= rows:
-            raise ValueError(
-                f"the tree drafts the top {k} tokens of each head, but the heads score {rows} tokens: "
-                "pick a tree with a smaller top-k or heads with a larger draft vocabulary"
-            )
-        top = self.head_logits(hidden).topk(k, dim=-1).indices
-        return top if self.token_map is None else self.token_map[top]
+        check_draft_k(k, self.config.head_vocab_size)
+        return topk_token_ids(self.head_logits(hidden), k, self.token_map)
 
     def head_hidden_states(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """Each head's ResBlock tower applied to `hidden` (..., H): K tensors (..., H)."""
