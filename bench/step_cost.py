@@ -71,6 +71,7 @@ def measure(model: MedusaModel, batch: int, medusa: bool) -> dict:
         times.append((out.seconds - few.seconds) / max(out.steps - few.steps, 1))
     engine = cached_engine(model.base)
     row["attention"] = engine.attention if engine is not None else row["attention"]  # what "auto" resolved to
+    row["sdpa_attention"] = engine.sdpa_attention if engine is not None else None  # the prefill's under "triton"
     return dict(row, first_call_s=round(first, 1), step_ms=round(1000 * sorted(times)[1], 3), steps=out.steps,
                 tree_nodes=out.tree_nodes, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips,
                 uncaptured_step_runners=uncaptured_runners(model))  # fmt: skip

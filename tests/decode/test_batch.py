@@ -94,6 +94,21 @@ def test_medusa_batch_oracle_heads_accept_long_paths_per_row(llama):
     assert out.tokens_per_step == out.new_tokens / sum(out.steps_per_row)
 
 
+def test_triton_attention_batch_equals_hf_greedy(monkeypatch):
+    """The engine on fastmedusa's attention kernel (interpreted here; the default on CUDA): a left-padded batch
+    whose rows accept long tree paths gives every row HF's own greedy tokens (prefill and steps alike)."""
+    monkeypatch.setenv("FASTMEDUSA_ATTENTION", "triton")
+    model = tiny_llama(4, num_key_value_heads=2)  # a fresh model: engines are cached on the model
+    prompts = ragged_prompts([5, 1, 8], seed=6)
+    references = [hf_greedy(model, p, 24) for p in prompts]
+    heads = BatchOracleHeads([OracleHeads(model, r, num_heads=3, p_top1=0.9, p_top2=0.05) for r in references])
+    ids, mask = left_pad(prompts)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=24, heads=heads, tree="mc_sim_7b_31")
+    check_rows(out, prompts, [r[0, p.shape[1] :] for p, r in zip(prompts, references)], pad_id=0)
+    assert model.__dict__["_fastmedusa_engine"].attention == "triton"
+    assert out.tokens_per_step > 2
+
+
 def test_sampling_is_reproducible_per_row(llama):
     prompts = ragged_prompts([4, 6, 2], seed=4)
     ids, mask = left_pad(prompts)

@@ -84,8 +84,10 @@ def test_profile_summary_subtracts_the_short_run():
     from collections import Counter
 
     def run(steps, kernels, eager, graphs):
+        by_name = Counter({"gemm": kernels - 500 - 2 * steps, "memset": 500, "topk": 2 * steps})
+        us = Counter({"gemm": 10.0 * by_name["gemm"], "memset": 10.0 * 500, "topk": 10.0 * by_name["topk"]})
         counts = {"kernels": kernels, "kernel_us": 10.0 * kernels, "eager": Counter(eager),
-                  "graph_launches": graphs, "kernel_launches": 3}  # fmt: skip
+                  "graph_launches": graphs, "kernel_launches": 3, "by_name": by_name, "us_by_name": us}  # fmt: skip
         return {"counts": counts, "steps": steps, "wall_ms": 0.1 * steps + 5.0}
 
     short = run(10, 1000 + 10 * 40, {"aten::copy_": 200 + 10 * 3, "aten::mm": 120}, 10)
@@ -95,6 +97,10 @@ def test_profile_summary_subtracts_the_short_run():
     assert abs(summary["kernel_ms_per_step"] - 0.4) < 1e-12 and abs(summary["profiled_step_ms"] - 0.1) < 1e-12
     assert summary["graph_launches_per_step"] == 1 and summary["host_kernel_launches_per_step"] == 0
     assert summary["eager_aten_ops_per_step"] == 3 and summary["top_eager_ops_per_step"] == {"aten::copy_": 3.0}
+    assert summary["kernels_by_name_per_step"] == [  # the memsets ran in the prefill only
+        {"kernel": "gemm", "per_step": 38.0, "us_per_step": 380.0},
+        {"kernel": "topk", "per_step": 2.0, "us_per_step": 20.0},
+    ]
 
 
 def test_make_batches_pads_left_to_a_common_width():

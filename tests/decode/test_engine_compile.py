@@ -85,10 +85,10 @@ def _tree_like_inputs(engine, bsz: int, length: int, prefix: int):
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])  # groups of 4, 2 and plain multi-head attention
 def test_attention_layouts_agree(monkeypatch, kv_heads):
-    """SDPA's grouped-query attention (default) and the folded queries compute the same forward and the same
-    cache writes, under a tree-like mask at batch 2."""
+    """fastmedusa's Triton kernel (interpreted here), SDPA's grouped-query attention and the folded queries
+    compute the same forward and the same cache writes, under a tree-like mask at batch 2."""
     outs = {}
-    for layout in ("gqa", "fold"):
+    for layout in ("triton", "gqa", "fold"):
         monkeypatch.setenv("FASTMEDUSA_ATTENTION", layout)
         model = tiny_llama(5, num_key_value_heads=kv_heads)
         engine = get_engine(model, 64, batch_size=2)
@@ -98,10 +98,24 @@ def test_attention_layouts_agree(monkeypatch, kv_heads):
             prefix = engine(*_inputs_batch(engine, 2, 9))
             tree = engine(*_tree_like_inputs(engine, 2, 6, 9))
         outs[layout] = (prefix, tree, [w.k_cache.clone() for w in engine.layers])
-    for a, b in zip(outs["gqa"][:2], outs["fold"][:2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for a, b in zip(outs["gqa"][2], outs["fold"][2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for other in ("triton", "fold"):
+        for a, b in zip(outs["gqa"][:2], outs[other][:2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(outs["gqa"][2], outs[other][2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_layout_sends_long_forwards_to_sdpa(monkeypatch):
+    """Forwards of more than MAX_TREE_TOKENS tokens (a prefill) run SDPA in the layout `sdpa_layout` picks."""
+    from fastmedusa.ops.tree_attention import MAX_TREE_TOKENS
+
+    monkeypatch.setenv("FASTMEDUSA_ATTENTION", "triton")
+    engine = get_engine(tiny_llama(3, num_key_value_heads=2), MAX_TREE_TOKENS + 8)
+    mask = torch.ones(1, 4, engine.max_len, dtype=torch.bool)
+    assert engine._attention_inputs(mask, 4)[0] == "triton"
+    long_mask = torch.ones(1, MAX_TREE_TOKENS + 1, engine.max_len, dtype=torch.bool)
+    layout, bias, kv_end = engine._attention_inputs(long_mask, MAX_TREE_TOKENS + 1)
+    assert (layout, kv_end) == (engine.sdpa_attention, None) and bias.dtype == engine.dtype
 
 
 def _inputs_batch(engine, bsz: int, length: int):
@@ -113,37 +127,52 @@ def _inputs_batch(engine, bsz: int, length: int):
 
 def test_unknown_attention_layout(monkeypatch):
     monkeypatch.setenv("FASTMEDUSA_ATTENTION", "paged")
-    with pytest.raises(ValueError, match="FASTMEDUSA_ATTENTION='paged'.*'auto'.*'gqa'.*'fold'"):
+    with pytest.raises(ValueError, match="FASTMEDUSA_ATTENTION='paged'.*'auto'.*'triton'.*'gqa'.*'fold'"):
         get_engine(tiny_llama(3), 64)
 
 
-def test_auto_attention_layout(monkeypatch):
-    """Grouped-query SDPA wherever SDPA runs it on a fused kernel; folded queries where it would fall back to
-    its math path (asked of SDPA itself on CUDA; on the CPU its flash kernel takes grouped queries)."""
-    import fastmedusa.decode.engine as engine_module
+def test_triton_layout_needs_cuda_or_the_interpreter(monkeypatch):
     from fastmedusa.decode.engine import attention_layout
+
+    monkeypatch.setenv("FASTMEDUSA_ATTENTION", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="triton needs a CUDA device"):
+        attention_layout(torch.device("cpu"))
+
+
+def test_auto_attention_layout(monkeypatch):
+    """"auto": the Triton kernel on CUDA, SDPA's grouped queries elsewhere. The SDPA layout (for prefills, or
+    every forward under gqa/fold) is grouped-query SDPA wherever SDPA runs it on a fused kernel, folded
+    queries where it would fall back to its math path (asked of SDPA itself on CUDA; on the CPU its flash
+    kernel takes grouped queries)."""
+    import fastmedusa.decode.engine as engine_module
+    from fastmedusa.decode.engine import attention_layout, sdpa_layout
 
     monkeypatch.delenv("FASTMEDUSA_ATTENTION", raising=False)
     cpu, cuda, shape = torch.device("cpu"), torch.device("cuda"), (9, 3, 64, 256)
     assert attention_layout(cpu, torch.float32, shape) == "gqa"
+    assert attention_layout(cuda, torch.bfloat16, shape) == "triton"
+    assert sdpa_layout(cpu, torch.float32, shape) == "gqa"
     assert engine_module._fused_gqa_backend(cpu, torch.float32, *shape)  # what the probe sees here
     monkeypatch.setattr(engine_module, "_fused_gqa_backend", lambda *a: False)  # e.g. fp32 or an older GPU
-    assert attention_layout(cuda, torch.bfloat16, shape) == "fold"
-    assert attention_layout(cuda, torch.bfloat16, (4, 4, 64, 256)) == "gqa"  # no grouped queries: any backend
+    assert sdpa_layout(cuda, torch.bfloat16, shape) == "fold"
+    assert sdpa_layout(cuda, torch.bfloat16, (4, 4, 64, 256)) == "gqa"  # no grouped queries: any backend
     monkeypatch.setattr(engine_module, "_fused_gqa_backend", lambda *a: True)
-    assert attention_layout(cuda, torch.bfloat16, shape) == "gqa"
-    assert get_engine(tiny_llama(3), 64).attention == "gqa"
+    assert sdpa_layout(cuda, torch.bfloat16, shape) == "gqa"
+    engine = get_engine(tiny_llama(3), 64)
+    assert (engine.attention, engine.sdpa_attention) == ("gqa", "gqa")
     monkeypatch.setenv("FASTMEDUSA_ATTENTION", "fold")
     assert attention_layout(cpu, torch.float32, shape) == "fold"
+    assert sdpa_layout(cuda, torch.bfloat16, shape) == "fold"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_attention_layouts_agree_on_gpu(monkeypatch, dtype):
-    """On the GPU the two layouts run different SDPA backends (bf16: cuDNN's grouped-query attention against
+    """On the GPU the layouts run different kernels (bf16: the Triton kernel, cuDNN's grouped-query attention,
     folded queries): the same forward under a tree-like mask, eager and compiled."""
     outs = {}
-    for layout in ("gqa", "fold"):
+    for layout in ("triton", "gqa", "fold"):
         monkeypatch.setenv("FASTMEDUSA_ATTENTION", layout)
         model = tiny_llama(5, num_key_value_heads=1, head_dim=64, hidden_size=256).to("cuda", dtype)
         engine = get_engine(model, 64, batch_size=2)
@@ -155,5 +184,6 @@ def test_attention_layouts_agree_on_gpu(monkeypatch, dtype):
             compiled = torch.compile(engine.forward, fullgraph=True)(*tree)
         outs[layout] = (eager, compiled)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=6e-2, atol=6e-2)
-    for a, b in zip(outs["gqa"], outs["fold"]):
-        torch.testing.assert_close(a.float(), b.float(), **tol)
+    for other in ("triton", "fold"):
+        for a, b in zip(outs["gqa"], outs[other]):
+            torch.testing.assert_close(a.float(), b.float(), **tol)

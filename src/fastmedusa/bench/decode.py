@@ -273,8 +273,13 @@ def event_counts(events) -> dict:
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     host = [e for e in events if e.device_type == DeviceType.CPU]
     eager = Counter(e.name for e in host if e.name.startswith("aten::") and not e.cpu_parent)
+    by_name, us_by_name = Counter(e.name for e in kernels), Counter()
+    for e in kernels:
+        us_by_name[e.name] += e.time_range.end - e.time_range.start
     return {
         "kernels": len(kernels),
+        "by_name": by_name,
+        "us_by_name": us_by_name,
         "kernel_us": sum(e.time_range.end - e.time_range.start for e in kernels),
         "eager": eager,
         "graph_launches": sum(e.name in ("cudaGraphLaunch", "cuGraphLaunch") for e in host),
@@ -300,6 +305,7 @@ def profile_summary(short: dict, long: dict) -> dict:
     eager = {name: (b["eager"][name] - a["eager"].get(name, 0)) / steps for name in b["eager"]}
     top = dict(sorted(((n, round(v, 2)) for n, v in eager.items() if v > 0), key=lambda kv: -kv[1])[:8])
     return {
+        "kernels_by_name_per_step": kernel_breakdown(a, b, steps),
         "profiled_steps": steps,
         "profiled_step_ms": wall_ms / steps,
         "kernels_per_step": (b["kernels"] - a["kernels"]) / steps,
@@ -310,6 +316,17 @@ def profile_summary(short: dict, long: dict) -> dict:
         "eager_aten_ops_per_step": sum(eager.values()),
         "top_eager_ops_per_step": top,
     }
+
+
+def kernel_breakdown(short: dict, long: dict, steps: int, limit: int = 40) -> list[dict]:
+    """Per decode step, each kernel name's launches and summed µs (long run minus short run), most time first."""
+    rows = []
+    for name, count in long.get("by_name", {}).items():
+        n = (count - short.get("by_name", {}).get(name, 0)) / steps
+        us = (long["us_by_name"][name] - short.get("us_by_name", {}).get(name, 0)) / steps
+        if n > 0.5:
+            rows.append({"kernel": name[:120], "per_step": round(n, 2), "us_per_step": round(us, 2)})
+    return sorted(rows, key=lambda r: -r["us_per_step"])[:limit]
 
 
 def profile_steps(model, args, tree, max_len: int, prompt: torch.Tensor) -> dict:
@@ -472,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = cached_engine(model.base)
             if engine is not None:  # what "auto" resolved to on this device
                 payload["args"]["attention"] = engine.attention
+                payload["args"]["sdpa_attention"] = engine.sdpa_attention  # the prefill's, under "triton"
             add_ratios(rows, batch_size)
             print_row(row)
             write_json(args.out, strip_outputs(payload))

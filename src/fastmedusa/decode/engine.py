@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmedusa.ops.kv_move import move_kv as move_kv_slots
+from fastmedusa.ops.tree_attention import MAX_TREE_TOKENS, tree_attention, visible_end
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -84,13 +87,14 @@ def _layer(
     cos: torch.Tensor,
     sin: torch.Tensor,
     attn_mask: torch.Tensor,
+    kv_end: torch.Tensor | None,
     batch_rows: torch.Tensor,
     cache_rows: torch.Tensor,
     nh: int,
     nkv: int,
     hd: int,
     eps: float,
-    fold: bool,
+    attention: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Llama block: writes this layer's K/V at `cache_rows`, attends under `attn_mask`.
 
@@ -99,8 +103,9 @@ def _layer(
     the norm that reads it, so the two still fuse into one kernel as in an unrolled graph. Weights come in as
     arguments, not as a module, so every layer is the same function of same-shaped tensors: under
     `_layer_region` torch.compile traces and compiles it once for every layer after the first (the first,
-    which has no delta, is traced inline). `fold`: grouped-query attention with the query groups folded into
-    the query length (see `attention_layout`), else SDPA's own grouped-query attention."""
+    which has no delta, is traced inline). `attention` (see `attention_layout`): "triton", fastmedusa's
+    kernel on the boolean mask (B, T, slots), reading slots below `kv_end`; "fold", SDPA with the query groups
+    folded into the query length; "gqa", SDPA's own grouped-query attention (both on an additive mask)."""
     x = x if delta is None else x + delta
     bsz, seq = x.shape[:2]
     groups = nh // nkv
@@ -113,7 +118,9 @@ def _layer(
     # advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, nkv, hd)
     k_cache[batch_rows, :, cache_rows] = k
     v_cache[batch_rows, :, cache_rows] = v.view(bsz, seq, nkv, hd)
-    if fold:
+    if attention == "triton":
+        o = tree_attention(q, k_cache, v_cache, attn_mask, kv_end).view(bsz, seq, nh * hd)
+    elif attention == "fold":
         qg = q.view(bsz, seq, nkv, groups, hd).permute(0, 2, 3, 1, 4).reshape(bsz, nkv, groups * seq, hd)
         o = F.scaled_dot_product_attention(qg, k_cache[:bsz], v_cache[:bsz], attn_mask=attn_mask)
         o = o.view(bsz, nkv, groups, seq, hd).permute(0, 3, 1, 2, 4).reshape(bsz, seq, nh * hd)
@@ -135,7 +142,7 @@ _nested_region = getattr(torch.compiler, "nested_compile_region", None)
 _layer_region = _layer if _nested_region is None else _nested_region(_layer)
 
 
-ATTENTION_LAYOUTS = ("auto", "gqa", "fold")
+ATTENTION_LAYOUTS = ("auto", "triton", "gqa", "fold")
 
 
 def attention_layout(
@@ -143,24 +150,52 @@ def attention_layout(
     dtype: torch.dtype | None = None,
     shape: tuple[int, int, int, int] | None = None,
 ) -> str:
-    """How the engine runs grouped-query attention (`FASTMEDUSA_ATTENTION`), read when an engine is built:
+    """How the engine runs attention (`FASTMEDUSA_ATTENTION`), read when an engine is built:
+    - "triton": fastmedusa's kernel (`fastmedusa.ops.tree_attention`) for decode steps and tree verify passes
+      (up to `MAX_TREE_TOKENS` new tokens; a longer prefill goes to SDPA as "auto" would pick for it): one
+      launch per layer, grouped queries read in the projection's row layout, the boolean mask read as is,
+      only the slots in use read; and one launch moves the accepted tree nodes' K/V in every layer
+      (`fastmedusa.ops.kv_move`). CUDA only (or Triton's interpreter, TRITON_INTERPRET=1);
     - "gqa": SDPA's own grouped-query attention (`enable_gqa`) on the queries as a (B, heads, T, hd) view of
       the projection's rows; with a fused backend the output comes back in the row layout, so nothing is
       copied;
     - "fold": the query heads of each KV head folded into the query length, (B, kv_heads, groups*T, hd). With
       T > 1 (a tree verify pass) that costs a permute copy of the attention output per layer, and the mask is
       tiled `groups` times; but every SDPA backend runs it;
-    - "auto" (default): "gqa" where SDPA picks a fused kernel for grouped queries with a mask (on CUDA that is
-      cuDNN's attention, and only where SDPA ranks it before its math path: bf16/fp16, torch >= 2.8, recent
-      GPUs and cuDNN), else "fold": SDPA's unfused math path would copy every layer's whole KV cache.
-    With a device, dtype and shape (heads, kv_heads, head_dim, max_len), returns the layout "auto" resolves
-    to, asking SDPA which backend it would pick for such a call."""
+    - "auto" (default): "triton" on CUDA; elsewhere "gqa".
+    `sdpa_layout` says which SDPA layout serves forwards that the kernel does not take.
+    With a device (and dtype, shape), returns the layout "auto" resolves to there."""
     layout = os.environ.get("FASTMEDUSA_ATTENTION", "auto")
     if layout not in ATTENTION_LAYOUTS:
-        raise ValueError(f"FASTMEDUSA_ATTENTION={layout!r}: use 'auto' (the default), 'gqa' or 'fold'")
+        raise ValueError(
+            f"FASTMEDUSA_ATTENTION={layout!r}: use 'auto' (the default), 'triton', 'gqa' or 'fold'"
+        )
+    if layout == "triton" and device is not None and device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(
+            "FASTMEDUSA_ATTENTION=triton needs a CUDA device (or Triton's interpreter, TRITON_INTERPRET=1): "
+            "use 'auto' or 'gqa' on the CPU"
+        )
     if layout != "auto" or device is None:
         return layout
-    if device.type != "cuda" or shape is None or shape[0] == shape[1]:  # no grouped queries: any backend
+    return "triton" if device.type == "cuda" else "gqa"
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def sdpa_layout(
+    device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int], layout: str | None = None
+) -> str:
+    """The SDPA layout for forwards the Triton kernel does not take (or every forward, under "gqa"/"fold"):
+    "gqa" where SDPA picks a fused kernel for grouped queries with a mask (on CUDA that is cuDNN's attention,
+    and only where SDPA ranks it before its math path: bf16/fp16, torch >= 2.8, recent GPUs and cuDNN), else
+    "fold": SDPA's unfused math path would copy every layer's whole KV cache. Asks SDPA which backend it
+    would pick for a verify-pass-shaped call; shape is (heads, kv_heads, head_dim, max_len)."""
+    layout = attention_layout() if layout is None else layout
+    if layout in ("gqa", "fold"):
+        return layout
+    if device.type != "cuda" or shape[0] == shape[1]:  # no grouped queries: any backend
         return "gqa"
     return "gqa" if _fused_gqa_backend(device, dtype, *shape) else "fold"
 
@@ -276,6 +311,7 @@ class DecodeEngine(nn.Module):
         self.regional = regional_compile()  # read once, when the engine is built (`get_engine` keeps it)
         attention_shape = (self.num_heads, self.num_kv_heads, self.head_dim, self.max_len)
         self.attention = attention_layout(self.device, self.dtype, attention_shape)  # read once, like `regional`
+        self.sdpa_attention = sdpa_layout(self.device, self.dtype, attention_shape, self.attention)
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:
@@ -298,28 +334,35 @@ class DecodeEngine(nn.Module):
         """
         bsz, seq = tokens.shape
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        groups = nh // nkv
         x = F.embedding(tokens, self.embed)  # (B, T, H)
         cos = self.rope_cos[rope_pos][:, :, None, :]  # (B, T, 1, hd)
         sin = self.rope_sin[rope_pos][:, :, None, :]
-        # GQA without copying the cache (`attention_layout`): SDPA's grouped-query attention, or the `groups`
-        # query heads of one KV head folded into the query length, the mask tiled to match.
-        # An additive mask, built once per forward: SDPA turns a boolean mask into one on every call, which
-        # would be one more kernel per layer. The dtype's minimum, not -inf: exp underflows to 0 all the same.
-        bias = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device)
-        bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)
-        fold = self.attention == "fold" and groups > 1
-        attn_mask = (bias.repeat(1, groups, 1) if fold else bias)[:, None]  # (B, 1, [groups*]T, max_len)
+        layout, attn_mask, kv_end = self._attention_inputs(mask, seq)
         batch_rows = torch.arange(bsz, device=tokens.device)[:, None]  # (B, 1)
         delta = None
         for w in self.layers:
             layer = _layer_region if self.regional and delta is not None else _layer
             x, delta = layer(
                 x, delta, w.input_norm, w.wqkv, w.bqkv, w.wo, w.bo, w.post_norm, w.wgate_up, w.bgate_up, w.wdown,
-                w.bdown, w.k_cache, w.v_cache, cos, sin, attn_mask, batch_rows, cache_rows,
-                nh, nkv, hd, self.eps, fold,
+                w.bdown, w.k_cache, w.v_cache, cos, sin, attn_mask, kv_end, batch_rows, cache_rows,
+                nh, nkv, hd, self.eps, layout,
             )  # fmt: skip
         return rms_norm(x + delta, self.final_norm, self.eps)
+
+    def _attention_inputs(self, mask: torch.Tensor, seq: int) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        """(layout, mask, kv_end) for this forward's layers, built once per forward, not per layer.
+
+        The Triton kernel reads the boolean mask and each row's end of visible slots. SDPA gets an additive
+        mask (it would turn a boolean one into an additive one on every call: one more kernel per layer; the
+        dtype's minimum, not -inf: exp underflows to 0 all the same); for "fold", tiled per query group."""
+        if self.attention == "triton" and seq <= MAX_TREE_TOKENS:
+            return "triton", mask, visible_end(mask)
+        bias = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device)
+        bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)
+        groups = self.num_heads // self.num_kv_heads
+        fold = self.sdpa_attention == "fold" and groups > 1
+        attn_mask = (bias.repeat(1, groups, 1) if fold else bias)[:, None]  # (B, 1, [groups*]T, max_len)
+        return ("fold" if fold else "gqa"), attn_mask, None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head, self.lm_head_bias)
@@ -334,7 +377,11 @@ class DecodeEngine(nn.Module):
     def move_kv(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy cache slots src[b] -> dst[b] of row b in every layer (accepted tree nodes into place).
 
-        src, dst (B, D). The indexed view is (B, D, nkv, hd)."""
+        src, dst (B, D). Under the "triton" layout one kernel launch for every layer's K and V
+        (`fastmedusa.ops.kv_move`), else two indexed copies per layer (the indexed view is (B, D, nkv, hd))."""
+        if self.attention == "triton":
+            move_kv_slots([w.k_cache for w in self.layers] + [w.v_cache for w in self.layers], src, dst)
+            return
         rows = torch.arange(src.shape[0], device=src.device)[:, None]
         for w in self.layers:
             w.k_cache[rows, :, dst] = w.k_cache[rows, :, src]

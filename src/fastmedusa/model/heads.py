@@ -86,8 +86,12 @@ def check_draft_k(k: int, rows: int) -> None:
 
 
 def topk_token_ids(logits: torch.Tensor, k: int, token_map: torch.Tensor | None) -> torch.Tensor:
-    """The k best rows of head logits (..., N), best first, as vocabulary ids (through a draft token_map)."""
-    top = logits.topk(k, dim=-1).indices
+    """The k best rows of head logits (..., N), best first, as vocabulary ids (through a draft token_map).
+
+    On CUDA (k <= 32) the fused Triton top-k (two kernels, ties to the lowest row), else torch.topk."""
+    from fastmedusa.ops import topk_indices
+
+    top = topk_indices(logits, k)
     return top if token_map is None else token_map[top]
 
 

@@ -1,5 +1,5 @@
 """Fused multi-head linear cross-entropy and KL divergence (Triton kernels, chunked PyTorch, references,
-peers) and metrics."""
+peers), metrics, and the fused top-k of decoding."""
 
 from fastmedusa.ops.cross_entropy import (
     IMPLS,
@@ -9,6 +9,7 @@ from fastmedusa.ops.cross_entropy import (
     topk_correct,
 )
 from fastmedusa.ops.kl_divergence import KL_IMPLS, medusa_kl_divergence
+from fastmedusa.ops.triton_topk import topk_indices
 
 __all__ = [
     "IMPLS",
@@ -18,4 +19,5 @@ __all__ = [
     "medusa_kl_divergence",
     "resolve_impl",
     "topk_correct",
+    "topk_indices",
 ]
