@@ -35,7 +35,7 @@ SHAPES = [  # (B, T, heads, kv_heads, slots, head_dim)
     (1, 1, 9, 3, 70, 64),  # a greedy step, SmolLM2's heads
     (1, 65, 9, 3, 150, 64),  # a 65-node tree: 195 query rows over four blocks
     (3, 7, 4, 4, 33, 16),  # plain multi-head, odd sizes
-    (2, 5, 8, 1, 100, 24),  # one KV head, a head_dim that is not a power of two
+    (2, 5, 8, 1, 100, 32),  # one KV head for eight query heads
 ]
 
 
@@ -106,6 +106,7 @@ def test_reference_is_plain_attention():
     [
         (lambda q, k, v, m, e: (q, k[:, :1].repeat(1, 4, 1, 1), v[:, :1].repeat(1, 4, 1, 1), m, e), "divide evenly"),
         (lambda q, k, v, m, e: (q, k[:1], v[:1], m, e), "cache hold the batch"),
+        (lambda q, k, v, m, e: (q[..., :12], k[..., :12], v[..., :12], m, e), "power-of-two head_dim"),
         (lambda q, k, v, m, e: (q, k, v, m.float(), e), "bool mask"),
         (lambda q, k, v, m, e: (q, k, v, m[:, :, :-1], e), "bool mask"),
         (lambda q, k, v, m, e: (q, k, v, m, e[:1]), "kv_end"),

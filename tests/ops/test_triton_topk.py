@@ -161,7 +161,8 @@ def test_compiles_without_graph_break(mode, monkeypatch, gen):
 def test_gpu_matches_reference(rows, vocab, dtype):
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(rows, vocab, device="cuda", generator=gen).to(dtype)
-    x[:, ::7] = x[:, 3:4]  # exact ties across chunks
+    if vocab > 3:
+        x[:, ::7] = x[:, 3:4]  # exact ties across chunks
     assert fused_topk_supported(x, min(10, vocab))
     for k in (1, 10, MAX_FUSED_TOPK):
         if k <= vocab:

@@ -154,17 +154,19 @@ def attention_layout(
     - "triton": fastmedusa's kernel (`fastmedusa.ops.tree_attention`) for decode steps and tree verify passes
       (up to `MAX_TREE_TOKENS` new tokens; a longer prefill goes to SDPA as "auto" would pick for it): one
       launch per layer, grouped queries read in the projection's row layout, the boolean mask read as is,
-      only the slots in use read; and one launch moves the accepted tree nodes' K/V in every layer
-      (`fastmedusa.ops.kv_move`). CUDA only (or Triton's interpreter, TRITON_INTERPRET=1);
+      only the slots in use read. Opt-in: on an H100 it made SmolLM2's greedy step 14% and its Medusa step
+      7.5% faster, but its GPU tests have not all passed yet (bench/results/decode_triton_kernels_h100).
+      CUDA only (or Triton's interpreter, TRITON_INTERPRET=1);
     - "gqa": SDPA's own grouped-query attention (`enable_gqa`) on the queries as a (B, heads, T, hd) view of
       the projection's rows; with a fused backend the output comes back in the row layout, so nothing is
       copied;
     - "fold": the query heads of each KV head folded into the query length, (B, kv_heads, groups*T, hd). With
       T > 1 (a tree verify pass) that costs a permute copy of the attention output per layer, and the mask is
       tiled `groups` times; but every SDPA backend runs it;
-    - "auto" (default): "triton" on CUDA; elsewhere "gqa".
+    - "auto" (default): on CUDA the SDPA layout `sdpa_layout` picks, "gqa" elsewhere.
     `sdpa_layout` says which SDPA layout serves forwards that the kernel does not take.
-    With a device (and dtype, shape), returns the layout "auto" resolves to there."""
+    With a device (and dtype, shape (heads, kv_heads, head_dim, max_len)), returns the layout "auto"
+    resolves to there."""
     layout = os.environ.get("FASTMEDUSA_ATTENTION", "auto")
     if layout not in ATTENTION_LAYOUTS:
         raise ValueError(
@@ -175,9 +177,17 @@ def attention_layout(
             "FASTMEDUSA_ATTENTION=triton needs a CUDA device (or Triton's interpreter, TRITON_INTERPRET=1): "
             "use 'auto' or 'gqa' on the CPU"
         )
+    head_dim = None if shape is None else shape[2]
+    if layout == "triton" and head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1)):
+        raise ValueError(
+            f"FASTMEDUSA_ATTENTION=triton needs a power-of-two head_dim of at least 16, the model has {head_dim}: "
+            "use 'auto' or 'gqa'"
+        )
     if layout != "auto" or device is None:
         return layout
-    return "triton" if device.type == "cuda" else "gqa"
+    if device.type != "cuda" or shape is None:
+        return "gqa"
+    return sdpa_layout(device, dtype, shape, "auto")
 
 
 def _triton_interpreted() -> bool:
@@ -312,6 +322,9 @@ class DecodeEngine(nn.Module):
         attention_shape = (self.num_heads, self.num_kv_heads, self.head_dim, self.max_len)
         self.attention = attention_layout(self.device, self.dtype, attention_shape)  # read once, like `regional`
         self.sdpa_attention = sdpa_layout(self.device, self.dtype, attention_shape, self.attention)
+        # accepted K/V moved by one kernel for all layers (`fastmedusa.ops.kv_move`): on CUDA, and on the CPU
+        # under Triton's interpreter with the "triton" layout (tests); else indexed copies per layer
+        self.fused_move = self.device.type == "cuda" or self.attention == "triton"
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:
@@ -377,9 +390,9 @@ class DecodeEngine(nn.Module):
     def move_kv(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy cache slots src[b] -> dst[b] of row b in every layer (accepted tree nodes into place).
 
-        src, dst (B, D). Under the "triton" layout one kernel launch for every layer's K and V
+        src, dst (B, D). With `fused_move` one kernel launch for every layer's K and V
         (`fastmedusa.ops.kv_move`), else two indexed copies per layer (the indexed view is (B, D, nkv, hd))."""
-        if self.attention == "triton":
+        if self.fused_move:
             move_kv_slots([w.k_cache for w in self.layers] + [w.v_cache for w in self.layers], src, dst)
             return
         rows = torch.arange(src.shape[0], device=src.device)[:, None]

@@ -105,8 +105,17 @@ def _tree_attention_kernel(
     tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _block_m(rows: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(rows)))
+BLOCK_M = 16  # query rows per program: more programs, each a shorter serial loop over the slots
+SMALL_GRID = 132  # programs: below this, 128-slot tiles (fewer loop trips), else 64-slot tiles and 2 warps
+
+
+def _tiles(programs_at_16: int) -> tuple[int, int, int]:
+    """(slots per tile, warps, pipeline stages), from a sweep on an H100 (bf16, 9/3 heads, hd 64, 400 of 512
+    slots visible; kernel alone, CUDA graphs): 65 tree tokens at batch 1 took 8.7 us with 16 x 128 tiles,
+    12.8 us with 64 x 64 (SDPA/cuDNN: 12.5 us); at batch 16, 17.2 us with 16 x 64 tiles and 2 warps (SDPA:
+    21.6 us); one token, 8.4 us (cuDNN 7.0 us: at 400 visible slots the serial loop is longer than its split
+    kernel; in decode steps of 60-350 visible slots ours took 4.1 us per layer against 7.0)."""
+    return (128, 4, 3) if programs_at_16 < SMALL_GRID else (64, 2, 2)
 
 
 def launch_tree_attention(
@@ -118,8 +127,8 @@ def launch_tree_attention(
     kv_heads = k_cache.shape[1]
     groups = heads // kv_heads
     rows = seq * groups
-    block_m = _block_m(rows)
-    grid = (triton.cdiv(rows, block_m), bsz * kv_heads)
+    grid = (triton.cdiv(rows, BLOCK_M), bsz * kv_heads)
+    block_n, warps, stages = _tiles(grid[0] * grid[1])
     _tree_attention_kernel[grid](
         q, k_cache, v_cache, mask, kv_end, out,
         q.stride(0), q.stride(1), q.stride(2),
@@ -130,10 +139,11 @@ def launch_tree_attention(
         seq, kv_heads, hd, LOG2E / math.sqrt(hd),
         GROUPS=groups,
         D_PAD=max(16, triton.next_power_of_2(hd)),
-        BLOCK_M=block_m,
-        BLOCK_N=64,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     return out
 
@@ -147,6 +157,8 @@ def check_tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tens
         )
     bsz, seq, heads, hd = q.shape
     rows, kv_heads, slots, cache_hd = k_cache.shape
+    if hd < 16 or hd & (hd - 1):
+        raise ValueError(f"tree attention needs a power-of-two head_dim of at least 16, got {hd}: use SDPA")
     if cache_hd != hd or heads % kv_heads or rows < bsz:
         raise ValueError(
             f"tree attention: {heads} query heads of dim {hd} for {kv_heads} KV heads of dim {cache_hd}, "
