@@ -154,16 +154,16 @@ def attention_layout(
     - "triton": fastmedusa's kernel (`fastmedusa.ops.tree_attention`) for decode steps and tree verify passes
       (up to `MAX_TREE_TOKENS` new tokens; a longer prefill goes to SDPA as "auto" would pick for it): one
       launch per layer, grouped queries read in the projection's row layout, the boolean mask read as is,
-      only the slots in use read. Opt-in: on an H100 it made SmolLM2's greedy step 14% and its Medusa step
-      7.5% faster, but its GPU tests have not all passed yet (bench/results/decode_triton_kernels_h100).
-      CUDA only (or Triton's interpreter, TRITON_INTERPRET=1);
+      only the slots in use read. On an H100 it made SmolLM2's greedy step 14% and its Medusa step 7.5%
+      faster (bench/results/decode_triton_kernels_h100). CUDA only (or Triton's interpreter,
+      TRITON_INTERPRET=1);
     - "gqa": SDPA's own grouped-query attention (`enable_gqa`) on the queries as a (B, heads, T, hd) view of
       the projection's rows; with a fused backend the output comes back in the row layout, so nothing is
       copied;
     - "fold": the query heads of each KV head folded into the query length, (B, kv_heads, groups*T, hd). With
       T > 1 (a tree verify pass) that costs a permute copy of the attention output per layer, and the mask is
       tiled `groups` times; but every SDPA backend runs it;
-    - "auto" (default): on CUDA the SDPA layout `sdpa_layout` picks, "gqa" elsewhere.
+    - "auto" (default): "triton" on CUDA, "gqa" elsewhere.
     `sdpa_layout` says which SDPA layout serves forwards that the kernel does not take.
     With a device (and dtype, shape (heads, kv_heads, head_dim, max_len)), returns the layout "auto"
     resolves to there."""
@@ -177,17 +177,9 @@ def attention_layout(
             "FASTMEDUSA_ATTENTION=triton needs a CUDA device (or Triton's interpreter, TRITON_INTERPRET=1): "
             "use 'auto' or 'gqa' on the CPU"
         )
-    head_dim = None if shape is None else shape[2]
-    if layout == "triton" and head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1)):
-        raise ValueError(
-            f"FASTMEDUSA_ATTENTION=triton needs a power-of-two head_dim of at least 16, the model has {head_dim}: "
-            "use 'auto' or 'gqa'"
-        )
     if layout != "auto" or device is None:
         return layout
-    if device.type != "cuda" or shape is None:
-        return "gqa"
-    return sdpa_layout(device, dtype, shape, "auto")
+    return "triton" if device.type == "cuda" else "gqa"
 
 
 def _triton_interpreted() -> bool:

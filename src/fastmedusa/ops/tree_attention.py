@@ -157,8 +157,6 @@ def check_tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tens
         )
     bsz, seq, heads, hd = q.shape
     rows, kv_heads, slots, cache_hd = k_cache.shape
-    if hd < 16 or hd & (hd - 1):
-        raise ValueError(f"tree attention needs a power-of-two head_dim of at least 16, got {hd}: use SDPA")
     if cache_hd != hd or heads % kv_heads or rows < bsz:
         raise ValueError(
             f"tree attention: {heads} query heads of dim {hd} for {kv_heads} KV heads of dim {cache_hd}, "
