@@ -75,6 +75,8 @@ def test_bench_decode_records_the_cuda_graphs_mode(setup, monkeypatch):
     payload = json.loads(out.read_text())
     assert payload["args"]["cuda_graphs"] == "step" and payload["args"]["regional_compile"] is True
     assert payload["args"]["attention"] == "gqa"
+    assert payload["args"]["sdpa_attention"] == "gqa" and payload["args"]["fused_kv_move"] is False
+    assert payload["args"]["fused_topk"] in ("auto", "on", "off")
     assert all("error" not in row for row in payload["rows"])
     with pytest.raises(SystemExit):
         main([*argv[:-2], "--cuda-graphs", "always"])

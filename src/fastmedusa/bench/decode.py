@@ -31,6 +31,7 @@ from fastmedusa.decode import generate
 from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
 from fastmedusa.decode.engine import attention_layout, cached_engine, regional_compile
 from fastmedusa.decode.generate import CUDA_GRAPHS_MODES, cuda_graphs_mode
+from fastmedusa.ops import triton_topk
 from fastmedusa.progress import Progress
 
 ROWS = ("hf-static", "greedy", "medusa", "typical")
@@ -490,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             if engine is not None:  # what "auto" resolved to on this device
                 payload["args"]["attention"] = engine.attention
                 payload["args"]["sdpa_attention"] = engine.sdpa_attention  # the prefill's, under "triton"
+                payload["args"]["fused_kv_move"] = engine.fused_move
+                payload["args"]["fused_topk"] = triton_topk.FUSED_TOPK  # mode; "auto" = on CUDA
             add_ratios(rows, batch_size)
             print_row(row)
             write_json(args.out, strip_outputs(payload))
