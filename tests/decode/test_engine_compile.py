@@ -155,6 +155,7 @@ def test_auto_attention_layout(monkeypatch):
     assert engine_module._fused_gqa_backend(cpu, torch.float32, *shape)  # what the probe sees here
     monkeypatch.setattr(engine_module, "_fused_gqa_backend", lambda *a: False)  # e.g. fp32 or an older GPU
     assert sdpa_layout(cuda, torch.bfloat16, shape) == "fold"
+    assert attention_layout(cuda, torch.float64, shape) == "fold"  # no Triton kernels for float64: SDPA's layout
     assert attention_layout(cuda, torch.bfloat16, shape) == "triton"
     assert sdpa_layout(cuda, torch.bfloat16, (4, 4, 64, 256)) == "gqa"  # no grouped queries: any backend
     monkeypatch.setattr(engine_module, "_fused_gqa_backend", lambda *a: True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastmedusa.ops.kv_move import move_kv, move_kv_reference
+from fastmedusa.ops.kv_move import cache_table, move_kv, move_kv_reference
 
 
 def _caches(n, rows, kv_heads, slots, hd, dtype, seed=0, device="cpu"):
@@ -67,6 +67,13 @@ def test_compiled_call_writes_the_buffers_in_place():
         assert torch.equal(got, want) and got.data_ptr() == address
 
 
+def test_address_table_is_built_once_per_set_of_buffers():
+    caches = _caches(3, 1, 1, 8, 4, torch.float32)
+    table = cache_table(caches)
+    assert cache_table(caches) is table and table.tolist() == [c.data_ptr() for c in caches]
+    assert cache_table(caches[:2]) is not table
+
+
 def test_bad_inputs():
     caches = _caches(2, 2, 1, 8, 4, torch.float32)
     with pytest.raises(ValueError, match="one shape"):
@@ -75,6 +82,8 @@ def test_bad_inputs():
         move_kv(caches, torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="share shape"):
         move_kv([caches[0], caches[1][:, :, :4]], torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="supports"):
+        move_kv([c.double() for c in caches], torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))
 
 
 @pytest.mark.gpu

@@ -143,6 +143,7 @@ _layer_region = _layer if _nested_region is None else _nested_region(_layer)
 
 
 ATTENTION_LAYOUTS = ("auto", "triton", "gqa", "fold")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton decode kernels take
 
 
 def attention_layout(
@@ -163,7 +164,7 @@ def attention_layout(
     - "fold": the query heads of each KV head folded into the query length, (B, kv_heads, groups*T, hd). With
       T > 1 (a tree verify pass) that costs a permute copy of the attention output per layer, and the mask is
       tiled `groups` times; but every SDPA backend runs it;
-    - "auto" (default): "triton" on CUDA, "gqa" elsewhere.
+    - "auto" (default): "triton" on CUDA (fp32/fp16/bf16; SDPA's layout for other dtypes), "gqa" elsewhere.
     `sdpa_layout` says which SDPA layout serves forwards that the kernel does not take.
     With a device (and dtype, shape (heads, kv_heads, head_dim, max_len)), returns the layout "auto"
     resolves to there."""
@@ -179,7 +180,11 @@ def attention_layout(
         )
     if layout != "auto" or device is None:
         return layout
-    return "triton" if device.type == "cuda" else "gqa"
+    if device.type != "cuda":
+        return "gqa"
+    if dtype in KERNEL_DTYPES:
+        return "triton"
+    return sdpa_layout(device, dtype, shape, "auto") if shape is not None else "gqa"
 
 
 def _triton_interpreted() -> bool:
@@ -316,7 +321,8 @@ class DecodeEngine(nn.Module):
         self.sdpa_attention = sdpa_layout(self.device, self.dtype, attention_shape, self.attention)
         # accepted K/V moved by one kernel for all layers (`fastmedusa.ops.kv_move`): on CUDA, and on the CPU
         # under Triton's interpreter with the "triton" layout (tests); else indexed copies per layer
-        self.fused_move = self.device.type == "cuda" or self.attention == "triton"
+        on_cuda = self.device.type == "cuda" and self.dtype in KERNEL_DTYPES
+        self.fused_move = on_cuda or self.attention == "triton"
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:

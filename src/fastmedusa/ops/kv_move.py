@@ -51,33 +51,36 @@ def _move_kv_kernel(
     tl.store(base + dst[:, None] * stride_s + d[None, :], rows, mask=ok)
 
 
-class CacheTable:
-    """The device table of a fixed list of same-shaped cache buffers' addresses, kept with the list."""
-
-    def __init__(self, caches: list[Tensor]) -> None:
-        first = caches[0]
-        for c in caches:
-            if c.shape != first.shape or c.stride() != first.stride() or c.dtype != first.dtype:
-                raise ValueError("the KV cache buffers must share shape, strides and dtype to be moved together")
-            if c.device != first.device or c.stride(-1) != 1:
-                raise ValueError("the KV cache buffers must sit on one device with a unit last stride")
-        self.addresses = tuple(c.data_ptr() for c in caches)
-        self.table = torch.tensor(self.addresses, dtype=torch.int64, device=first.device)
+def check_caches(caches: list[Tensor]) -> None:
+    """One kernel serves every buffer with the first one's strides and dtype: they must all agree."""
+    first = caches[0]
+    for c in caches:
+        if c.shape != first.shape or c.stride() != first.stride() or c.dtype != first.dtype:
+            raise ValueError("the KV cache buffers must share shape, strides and dtype to be moved together")
+        if c.device != first.device or c.stride(-1) != 1:
+            raise ValueError("the KV cache buffers must sit on one device with a unit last stride")
+    if first.dtype not in _TL_DTYPES:
+        raise ValueError(f"move_kv supports {list(_TL_DTYPES)} caches, not {first.dtype}")
 
 
-_tables: dict[tuple[int, ...], CacheTable] = {}
+_tables: dict[tuple[int, ...], Tensor] = {}
 
 
 def cache_table(caches: list[Tensor]) -> Tensor:
-    """The address table of these buffers, built at first use (outside CUDA-graph capture: a host copy) and
-    looked up afterwards by their addresses."""
+    """The address table of these buffers, looked up by their current addresses (so never stale), built at
+    first use. Building copies from the host, which CUDA-graph capture forbids: the first call for a set of
+    buffers must run outside capture (decoding runs real steps before it captures). Tables are a few hundred
+    bytes each and are kept."""
     key = tuple(c.data_ptr() for c in caches)
     entry = _tables.get(key)
     if entry is None:
-        if len(_tables) > 64:  # engines come and go: drop tables of freed caches rather than grow
-            _tables.clear()
-        entry = _tables[key] = CacheTable(caches)
-    return entry.table
+        if caches[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "move_kv: the first call for these cache buffers runs under CUDA-graph capture, which cannot "
+                "copy their address table to the GPU: run one call outside capture first"
+            )
+        entry = _tables[key] = torch.tensor(key, dtype=torch.int64, device=caches[0].device)
+    return entry
 
 
 def launch_move_kv(caches: list[Tensor], src: Tensor, dst: Tensor) -> None:
@@ -108,6 +111,7 @@ def move_kv(caches: list[Tensor], src: Tensor, dst: Tensor) -> None:
             f"move_kv needs src and dst of one shape (B, D) with B <= {caches[0].shape[0]} cache rows, "
             f"got {tuple(src.shape)} and {tuple(dst.shape)}"
         )
+    check_caches(caches)
     launch_move_kv(caches, src, dst)
 
 
