@@ -189,3 +189,37 @@ def test_attention_layouts_agree_on_gpu(monkeypatch, dtype):
     for other in ("triton", "fold"):
         for a, b in zip(outs["gqa"], outs[other]):
             torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_decoding_works_without_triton():
+    """Triton is an optional dependency: without it the engine imports, takes SDPA and indexed K/V moves, and
+    decodes (a fresh interpreter in which `import triton` fails)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import sys
+sys.modules["triton"] = None
+import torch
+from conftest import random_medusa, tiny_llama
+from fastmedusa.decode import generate, get_engine
+model = tiny_llama(0)
+out = generate(random_medusa(model, 2), torch.tensor([[5, 6, 7]]), max_new_tokens=6, tree="chain_2")
+engine = get_engine(model, 16)
+assert out.new_tokens == 6 and engine.attention == "gqa" and not engine.fused_move
+print("decoded")
+"""
+    here = Path(__file__).parent
+    env = {"PYTHONPATH": f"{here}:{here.parents[1] / 'src'}", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "decoded" in done.stdout, done.stderr[-2000:]
+
+
+def test_triton_layout_without_triton_is_a_clear_error(monkeypatch):
+    import fastmedusa.decode.engine as engine_module
+
+    monkeypatch.setenv("FASTMEDUSA_ATTENTION", "triton")
+    monkeypatch.setattr(engine_module, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match=r"needs Triton: pip install 'fastmedusa\[triton\]'"):
+        engine_module.attention_layout(torch.device("cpu"))

@@ -8,14 +8,14 @@ explicit boolean mask. Shapes therefore depend only on the number of new tokens,
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmedusa.ops.kv_move import move_kv as move_kv_slots
-from fastmedusa.ops.tree_attention import MAX_TREE_TOKENS, tree_attention, visible_end
+from fastmedusa.ops.dtypes import KERNEL_DTYPES
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -119,6 +119,8 @@ def _layer(
     k_cache[batch_rows, :, cache_rows] = k
     v_cache[batch_rows, :, cache_rows] = v.view(bsz, seq, nkv, hd)
     if attention == "triton":
+        from fastmedusa.ops.tree_attention import tree_attention  # Triton is optional: imported when used
+
         o = tree_attention(q, k_cache, v_cache, attn_mask, kv_end).view(bsz, seq, nh * hd)
     elif attention == "fold":
         qg = q.view(bsz, seq, nkv, groups, hd).permute(0, 2, 3, 1, 4).reshape(bsz, nkv, groups * seq, hd)
@@ -143,7 +145,6 @@ _layer_region = _layer if _nested_region is None else _nested_region(_layer)
 
 
 ATTENTION_LAYOUTS = ("auto", "triton", "gqa", "fold")
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton decode kernels take
 
 
 def attention_layout(
@@ -178,13 +179,20 @@ def attention_layout(
             "FASTMEDUSA_ATTENTION=triton needs a CUDA device (or Triton's interpreter, TRITON_INTERPRET=1): "
             "use 'auto' or 'gqa' on the CPU"
         )
+    if layout == "triton" and not triton_available():
+        raise ValueError("FASTMEDUSA_ATTENTION=triton needs Triton: pip install 'fastmedusa[triton]', or use 'auto'")
     if layout != "auto" or device is None:
         return layout
     if device.type != "cuda":
         return "gqa"
-    if dtype in KERNEL_DTYPES:
+    if dtype in KERNEL_DTYPES and triton_available():
         return "triton"
     return sdpa_layout(device, dtype, shape, "auto") if shape is not None else "gqa"
+
+
+def triton_available() -> bool:
+    """Triton is an optional dependency (CUDA builds of torch bring it): the decode kernels need it."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _triton_interpreted() -> bool:
@@ -321,7 +329,7 @@ class DecodeEngine(nn.Module):
         self.sdpa_attention = sdpa_layout(self.device, self.dtype, attention_shape, self.attention)
         # accepted K/V moved by one kernel for all layers (`fastmedusa.ops.kv_move`): on CUDA, and on the CPU
         # under Triton's interpreter with the "triton" layout (tests); else indexed copies per layer
-        on_cuda = self.device.type == "cuda" and self.dtype in KERNEL_DTYPES
+        on_cuda = self.device.type == "cuda" and self.dtype in KERNEL_DTYPES and triton_available()
         self.fused_move = on_cuda or self.attention == "triton"
 
     @torch.no_grad()
@@ -366,8 +374,11 @@ class DecodeEngine(nn.Module):
         The Triton kernel reads the boolean mask and each row's end of visible slots. SDPA gets an additive
         mask (it would turn a boolean one into an additive one on every call: one more kernel per layer; the
         dtype's minimum, not -inf: exp underflows to 0 all the same); for "fold", tiled per query group."""
-        if self.attention == "triton" and seq <= MAX_TREE_TOKENS:
-            return "triton", mask, visible_end(mask)
+        if self.attention == "triton":
+            from fastmedusa.ops.tree_attention import MAX_TREE_TOKENS, visible_end
+
+            if seq <= MAX_TREE_TOKENS:
+                return "triton", mask, visible_end(mask)
         bias = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device)
         bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)
         groups = self.num_heads // self.num_kv_heads
@@ -391,6 +402,8 @@ class DecodeEngine(nn.Module):
         src, dst (B, D). With `fused_move` one kernel launch for every layer's K and V
         (`fastmedusa.ops.kv_move`), else two indexed copies per layer (the indexed view is (B, D, nkv, hd))."""
         if self.fused_move:
+            from fastmedusa.ops.kv_move import move_kv as move_kv_slots
+
             move_kv_slots([w.k_cache for w in self.layers] + [w.v_cache for w in self.layers], src, dst)
             return
         rows = torch.arange(src.shape[0], device=src.device)[:, None]

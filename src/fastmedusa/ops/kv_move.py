@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+from fastmedusa.ops.dtypes import KERNEL_DTYPES
+
+_TL_DTYPES = dict(zip(KERNEL_DTYPES, (tl.float32, tl.float16, tl.bfloat16)))
 
 
 @triton.jit
@@ -59,8 +61,8 @@ def check_caches(caches: list[Tensor]) -> None:
             raise ValueError("the KV cache buffers must share shape, strides and dtype to be moved together")
         if c.device != first.device or c.stride(-1) != 1:
             raise ValueError("the KV cache buffers must sit on one device with a unit last stride")
-    if first.dtype not in _TL_DTYPES:
-        raise ValueError(f"move_kv supports {list(_TL_DTYPES)} caches, not {first.dtype}")
+    if first.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"move_kv supports {list(KERNEL_DTYPES)} caches, not {first.dtype}")
 
 
 _tables: dict[tuple[int, ...], Tensor] = {}

@@ -30,6 +30,8 @@ import os
 import torch
 from torch import Tensor
 
+from fastmedusa.ops.dtypes import KERNEL_DTYPES
+
 try:
     import triton
     import triton.language as tl
@@ -41,7 +43,7 @@ FUSED_TOPK_MODES = ("auto", "on", "off")
 FUSED_TOPK = os.environ.get("FASTMEDUSA_FUSED_TOPK", "auto")
 if FUSED_TOPK not in FUSED_TOPK_MODES:
     raise ValueError(f"FASTMEDUSA_FUSED_TOPK={FUSED_TOPK!r}: use one of {FUSED_TOPK_MODES}")
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # read exactly in fp32 (not float64)
+FUSED_DTYPES = KERNEL_DTYPES  # read exactly in fp32 (not float64)
 NO_INDEX = 2**31 - 1  # sentinel index of removed and out-of-range lanes: loses every tie
 CUDA_CHUNK = 2048  # stage-1 slice on the GPU: V=49152 gives 24 splits
 INTERPRET_CHUNK = 4096  # under the interpreter fewer, larger programs run faster
