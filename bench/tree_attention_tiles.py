@@ -10,13 +10,11 @@ Run on a GPU: PYTHONPATH=src python bench/tree_attention_tiles.py
 
 import functools
 import itertools
-import math
 
 import torch
-import triton
 from triton.testing import do_bench_cudagraph
 
-from fastmedusa.ops.tree_attention import LOG2E, _tree_attention_kernel, tree_attention_reference, visible_end
+from fastmedusa.ops.tree_attention import launch_tree_attention, tree_attention_reference, visible_end
 
 
 def case(T, S=512, used=400, B=1, H=9, KV=3, hd=64, dt=torch.bfloat16):
@@ -31,17 +29,7 @@ def case(T, S=512, used=400, B=1, H=9, KV=3, hd=64, dt=torch.bfloat16):
 
 
 def run(q, k, v, m, e, o, BM, BN, W, S):
-    B, T, H, hd = q.shape
-    KV = k.shape[1]
-    G = H // KV
-    rows = T * G
-    grid = (triton.cdiv(rows, BM), B * KV)
-    _tree_attention_kernel[grid](
-        q, k, v, m, e, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), m.stride(0), m.stride(1), m.stride(2), o.stride(0), o.stride(1),
-        o.stride(2), T, KV, hd, LOG2E / math.sqrt(hd), GROUPS=G, D_PAD=max(16, triton.next_power_of_2(hd)),
-        BLOCK_M=BM, BLOCK_N=BN, PRECISION="tf32", num_warps=W, num_stages=S,
-    )  # fmt: skip
+    launch_tree_attention(q, k, v, m, e, o, tiles=(BM, BN, W, S))
 
 
 def main() -> None:

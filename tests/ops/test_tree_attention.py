@@ -7,6 +7,7 @@ import torch
 
 from fastmedusa.ops.tree_attention import (
     check_tree_attention,
+    launch_tree_attention,
     tree_attention,
     tree_attention_reference,
     visible_end,
@@ -48,6 +49,14 @@ def test_matches_float64_reference(shape, dtype):
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     tol = 2e-5 if dtype == torch.float32 else 4e-3
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("tiles", [(16, 128, 4, 3), (64, 64, 2, 2), (32, 32, 4, 1)])
+def test_any_tiling_matches_the_reference(tiles):
+    """The tile sweep's overrides compute the same attention as the default rule."""
+    q, k, v, mask = _case(1, 65, 9, 3, 150, 64, torch.float32, seed=11)
+    out = launch_tree_attention(q, k, v, mask, visible_end(mask), torch.empty_like(q), tiles=tiles)
+    torch.testing.assert_close(out.double(), tree_attention_reference(q, k, v, mask), rtol=2e-5, atol=2e-5)
 
 
 def test_slots_past_kv_end_are_never_read():

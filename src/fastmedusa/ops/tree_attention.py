@@ -119,16 +119,24 @@ def _tiles(programs_at_16: int) -> tuple[int, int, int]:
 
 
 def launch_tree_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, kv_end: Tensor, out: Tensor
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    mask: Tensor,
+    kv_end: Tensor,
+    out: Tensor,
+    tiles: tuple[int, int, int, int] | None = None,
 ) -> Tensor:
     """Run the kernel: q (B, T, heads, hd), caches (>= B, kv_heads, slots, hd) with unit last stride, mask
-    (B, T, slots) bool with any strides, kv_end (B,) int (slots read per row), out like q. Returns out."""
+    (B, T, slots) bool with any strides, kv_end (B,) int (slots read per row), out like q. Returns out.
+    `tiles` (query rows, slots, warps, stages) overrides the tiling rule (`bench/tree_attention_tiles.py`)."""
     bsz, seq, heads, hd = q.shape
     kv_heads = k_cache.shape[1]
     groups = heads // kv_heads
     rows = seq * groups
-    grid = (triton.cdiv(rows, BLOCK_M), bsz * kv_heads)
-    block_n, warps, stages = _tiles(grid[0] * grid[1])
+    block_m = BLOCK_M if tiles is None else tiles[0]
+    grid = (triton.cdiv(rows, block_m), bsz * kv_heads)
+    block_n, warps, stages = _tiles(grid[0] * grid[1]) if tiles is None else tiles[1:]
     _tree_attention_kernel[grid](
         q, k_cache, v_cache, mask, kv_end, out,
         q.stride(0), q.stride(1), q.stride(2),
@@ -139,7 +147,7 @@ def launch_tree_attention(
         seq, kv_heads, hd, LOG2E / math.sqrt(hd),
         GROUPS=groups,
         D_PAD=max(16, triton.next_power_of_2(hd)),
-        BLOCK_M=BLOCK_M,
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=warps,
