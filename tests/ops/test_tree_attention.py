@@ -133,7 +133,8 @@ def test_bad_inputs(change, message):
 def test_matches_float64_reference_on_gpu(shape, dtype):
     torch._dynamo.reset()  # one lambda code object for every case: past dynamo's recompile limit fullgraph fails
     q, k, v, mask = _case(*shape, dtype, seed=sum(shape), device="cuda")
-    assert q.stride(2) == shape[-1] and not q.is_contiguous()
+    # the engine's strided view of its QKV projection (one token of one row counts as contiguous)
+    assert q.stride(2) == shape[-1] and (q.shape[0] * q.shape[1] == 1 or not q.is_contiguous())
     out = tree_attention(q, k, v, mask, visible_end(mask))
     ref = tree_attention_reference(q, k, v, mask)
     tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]

@@ -37,13 +37,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastmedusa.decode.accuracy import choose_tree_size, read_tree_json
 from fastmedusa.decode.engine import DecodeEngine, get_engine
-from fastmedusa.decode.loop import StepRunner, medusa_body, plain_body, run_loop
+from fastmedusa.decode.loop import StepRunner, medusa_body, plain_body, prefill_body, run_loop
 from fastmedusa.decode.packed_heads import packed_heads
-from fastmedusa.decode.trees import TreeBuffers, build_tree_buffers, resolve_tree
+from fastmedusa.decode.trees import TreeBuffers, cached_tree_buffers, resolve_tree
 
 TreeSpec = str | os.PathLike | Sequence[Sequence[int]] | None
 SeedSpec = int | Sequence[int] | torch.Tensor | None
@@ -542,7 +543,8 @@ def generate(
         if isinstance(tree, str) and tree == "auto":
             prompt = ids[0, int(offsets[0]) :]
             tree = f"auto:{_auto_tree_size(model, heads, tree_info, prompt, ids.shape[0], compile)}"
-        tree_buffers = build_tree_buffers(resolve_tree(tree, heads.num_heads, tree_info), heads.num_heads)
+        paths = tuple(resolve_tree(tree, heads.num_heads, tree_info))  # validated (depth, path)-sorted tuples
+        tree_buffers = cached_tree_buffers(paths, heads.num_heads, "cpu")
     slack = tree_buffers.num_nodes if tree_buffers is not None else 0
     needed = ids.shape[1] + max_new_tokens + slack
     if max_len is not None and needed > max_len:
@@ -560,12 +562,16 @@ def generate(
     eos_key = None if eos_ids is None else tuple(eos_ids.tolist())
     if tree_buffers is not None:
         _check_heads(heads, engine)
-        tree_buffers = tree_buffers.to(engine.device)
+        tree_buffers = cached_tree_buffers(paths, heads.num_heads, str(engine.device))
     _sync(engine.device)
     start = time.perf_counter()
     if compact is None:
         compact = eos_ids is not None and ids.shape[0] >= 4
-    state = _prefill(engine, ids, offsets, seeds, max_new_tokens, temperature, eos_ids)
+    chunk = prefill_chunk()
+    run_ids, run_offsets, chunked = pad_to_chunks(ids, offsets, chunk, engine.max_len - needed)
+    state = _prefill(
+        engine, run_ids, run_offsets, seeds, max_new_tokens, temperature, eos_ids, chunk if chunked else 0, compile
+    )
     if tree_buffers is None:
         step = _compiled(
             engine,
@@ -608,19 +614,92 @@ def generate(
     )
 
 
-def _prefill(engine, ids, offsets, seeds, max_new_tokens, temperature, eos_ids) -> dict[str, torch.Tensor]:
-    """Run the prompts through the cache (eager: their length varies) and sample each row's first token.
+PREFILL_CHUNK = 64  # prompt tokens per prefill step (FASTMEDUSA_PREFILL_CHUNK)
 
-    Pad slots attend to themselves only (a query that sees nothing would give NaNs, and NaN values of a
-    masked slot would still poison a softmax-weighted sum); real tokens never see pad slots."""
-    bsz, length = ids.shape
-    pos = torch.arange(length, device=engine.device)
-    keys = torch.arange(engine.max_len, device=engine.device)
-    causal = keys[None, None, :] <= pos[None, :, None]  # (1, P, max_len)
+
+def prefill_chunk() -> int:
+    """Prompt tokens per prefill step: `FASTMEDUSA_PREFILL_CHUNK` (default 64; 0: the whole prompt in one
+    eager forward). The prompt is left-padded to a multiple of it and run chunk by chunk through one step of
+    static shape, compiled and captured like the decode steps, so a prompt of any length costs a few graph
+    replays instead of thousands of eager kernel launches (on an H100 the eager prefill of SmolLM2's 30 layers
+    cost ~25 ms per call, as much as 25 greedy steps)."""
+    raw = os.environ.get("FASTMEDUSA_PREFILL_CHUNK", str(PREFILL_CHUNK))
+    try:
+        chunk = int(raw)
+    except ValueError:
+        chunk = -1
+    if chunk < 0:
+        raise ValueError(f"FASTMEDUSA_PREFILL_CHUNK={raw!r}: use a token count >= 1, or 0 for no chunks")
+    return chunk
+
+
+def pad_to_chunks(ids: torch.Tensor, offsets: torch.Tensor, chunk: int, room: int):
+    """Left-pad (B, P) prompts to a multiple of `chunk` tokens (more pad per row: the mask hides it), or leave
+    them as they are (chunk 0, or the padding would not fit the `room` cache slots left). Returns
+    (ids, offsets, chunked)."""
+    pad = (-ids.shape[1]) % chunk if chunk > 0 else 0
+    if chunk <= 0 or pad > room:
+        return ids, offsets, False
+    return F.pad(ids, (pad, 0), value=0), offsets + pad, True
+
+
+def prompt_mask(keys: torch.Tensor, pos: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(B, T, max_len) mask of prompt tokens at slots `pos` (T,): each sees the earlier slots of its row but
+    not the row's pad. Pad slots attend to themselves only (a query that sees nothing would give NaNs, and NaN
+    values of a masked slot would still poison a softmax-weighted sum); real tokens never see pad slots."""
+    causal = keys[None, None, :] <= pos[None, :, None]
     visible = (keys[None, None, :] >= offsets[:, None, None]) | (keys[None, None, :] == pos[None, :, None])
-    rope = (pos[None, :] - offsets[:, None]).clamp(min=0)  # (B, P)
-    hidden = engine(ids, pos.expand(bsz, length), rope, causal & visible)  # (B, P, H)
-    last = hidden[:, -1].clone(memory_format=torch.contiguous_format)  # a stride set by P would recompile
+    return causal & visible
+
+
+def make_prefill_step(engine: DecodeEngine, chunk: int) -> Callable:
+    """(tokens (B, chunk), start (), offset (B,)) -> the chunk's last hidden state (B, H): prompt slots
+    start..start+chunk-1 written to the cache. Static shapes: one compile and graph per batch size."""
+    keys = torch.arange(engine.max_len, device=engine.device)
+    columns = torch.arange(chunk, device=engine.device)
+
+    def step(tokens, start, offset):
+        pos = start + columns  # (chunk,)
+        rope = (pos[None, :] - offset[:, None]).clamp(min=0)  # (B, chunk)
+        hidden = engine(tokens, pos.expand(tokens.shape[0], chunk), rope, prompt_mask(keys, pos, offset))
+        return hidden[:, -1]
+
+    step.static_tensors = [keys, columns]
+    return step
+
+
+def _prompt_through_cache(engine, ids, offsets, chunk: int, compile: bool) -> torch.Tensor:
+    """Write the prompts' KV into the cache; returns each row's last hidden state (B, H).
+
+    With `chunk` (> 0; ids already padded to a multiple of it): chunk by chunk through the compiled, captured
+    prefill step; else one eager forward over the whole prompt (its length varies)."""
+    bsz, length = ids.shape
+    if chunk <= 0:
+        pos = torch.arange(length, device=engine.device)
+        keys = torch.arange(engine.max_len, device=engine.device)
+        rope = (pos[None, :] - offsets[:, None]).clamp(min=0)  # (B, P)
+        hidden = engine(ids, pos.expand(bsz, length), rope, prompt_mask(keys, pos, offsets))  # (B, P, H)
+        return hidden[:, -1].clone(memory_format=torch.contiguous_format)  # a stride set by P would recompile
+    step = _compiled(engine, ("prefill", chunk), lambda: make_prefill_step(engine, chunk), compile)
+    runner = _runner(engine, step, prefill_body, 1, compile)
+    start = torch.zeros((), dtype=torch.long, device=engine.device)
+    hidden = torch.empty(bsz, engine.hidden_size, dtype=engine.dtype, device=engine.device)
+    values = dict(tokens=ids[:, :chunk], start=start, offset=offsets, hidden=hidden)
+    state = runner.load(values, torch.arange(bsz, device=engine.device))
+    for begin in range(0, length, chunk):
+        if begin:
+            state["tokens"].copy_(ids[:, begin : begin + chunk])
+            state["start"].fill_(begin)
+        runner.run(bsz)
+    return state["hidden"].clone()
+
+
+def _prefill(
+    engine, ids, offsets, seeds, max_new_tokens, temperature, eos_ids, chunk: int = 0, compile: bool = False
+) -> dict[str, torch.Tensor]:
+    """Run the prompts through the cache (`_prompt_through_cache`) and sample each row's first token."""
+    bsz, length = ids.shape
+    last = _prompt_through_cache(engine, ids, offsets, chunk, compile)
     real_len = length - offsets
     token = sample_token(engine.logits(last), temperature, seeds, real_len)  # (B,)
     n = torch.ones(bsz, dtype=torch.long, device=engine.device)

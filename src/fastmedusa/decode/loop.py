@@ -59,6 +59,11 @@ def medusa_body(step: Callable, state: dict, shared: SimpleNamespace) -> None:
     _finish_body(state, shared, MEDUSA_OUT, new)
 
 
+def prefill_body(step: Callable, state: dict, shared: SimpleNamespace) -> None:
+    """One prompt chunk through the cache: the chunk's last hidden state goes to `state["hidden"]`."""
+    state["hidden"].copy_(step(state["tokens"], state["start"], state["offset"]))
+
+
 def _finish_body(state: dict, shared: SimpleNamespace, names: tuple[str, ...], new: list) -> None:
     for name, value in zip(names, new):
         state[name].copy_(value)

@@ -8,6 +8,7 @@ the token the base LM head already chose. Every prefix of a path must itself be 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import os
@@ -183,6 +184,16 @@ def build_tree_buffers(
             retrieve[row, d] = index[leaf[:d]]
     buffers = TreeBuffers(nodes, mask, tree_indices, depths, parents, retrieve, valid, topk, depth)
     return buffers.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def cached_tree_buffers(paths: tuple[tuple[int, ...], ...], num_heads: int | None, device: str) -> TreeBuffers:
+    """`build_tree_buffers`, built and moved once per tree and device: `generate` asks for them at every call
+    (building a 64-node tree took ~2 ms of Python, and moving it ten small host-to-device copies). Callers
+    must not write into the returned tensors."""
+    if device != "cpu":
+        return cached_tree_buffers(paths, num_heads, "cpu").to(device)
+    return build_tree_buffers(paths, num_heads)
 
 
 # -- trees from measured accuracies ---------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""The prompt goes through the cache in chunks of a static shape (left-padded to a multiple of the chunk):
+every chunk size, every prompt length and every attention layout gives HF's own greedy tokens (fp32)."""
+
+import pytest
+import torch
+from conftest import VOCAB, BatchOracleHeads, OracleHeads, hf_greedy, left_pad, tiny_llama
+
+from fastmedusa.decode import generate
+from fastmedusa.decode.generate import pad_to_chunks, prefill_chunk
+
+
+def prompts_of(lengths, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (1, n), generator=gen) for n in lengths]
+
+
+def new_tokens(out, row: int) -> list[int]:
+    return out.row_new_token_ids(row).tolist()
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 7, 16, 64])
+def test_plain_batch_equals_hf_for_every_chunk_size(monkeypatch, chunk):
+    """Rows of 1..40 tokens: one chunk, several chunks, a last chunk mostly pad, chunks that are all pad for
+    the short rows; chunk 0 is the single eager forward."""
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", str(chunk))
+    model = tiny_llama(11)
+    prompts = prompts_of([40, 1, 17, 33], seed=chunk)
+    ids, mask = left_pad(prompts, pad_id=5)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=12, medusa=False)
+    assert torch.equal(out.sequences[:, : ids.shape[1]], ids)  # the caller's prompt, not the padded one
+    assert out.prompt_length == ids.shape[1]
+    for row, p in enumerate(prompts):
+        assert new_tokens(out, row) == hf_greedy(model, p, 12)[0, p.shape[1] :].tolist(), f"row {row}"
+
+
+@pytest.mark.parametrize("layout", ["triton", "gqa", "fold"])
+def test_medusa_long_prompt_in_chunks_equals_hf(monkeypatch, layout):
+    """A 150-token prompt in 10 chunks of 16 (Medusa, long accepted paths), on each attention layout."""
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", "16")
+    monkeypatch.setenv("FASTMEDUSA_ATTENTION", layout)
+    model = tiny_llama(12, num_attention_heads=4, num_key_value_heads=2)  # fresh: engines are cached per model
+    prompts = prompts_of([150, 23], seed=3)
+    references = [hf_greedy(model, p, 24) for p in prompts]
+    heads = BatchOracleHeads([OracleHeads(model, r, num_heads=3, p_top1=0.9, p_top2=0.05) for r in references])
+    ids, mask = left_pad(prompts)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=24, heads=heads, tree="mc_sim_7b_31")
+    assert model.__dict__["_fastmedusa_engine"].attention == layout
+    for row, (p, r) in enumerate(zip(prompts, references)):
+        assert new_tokens(out, row) == r[0, p.shape[1] :].tolist(), f"row {row}"
+    assert out.tokens_per_step > 2
+
+
+def test_repeated_calls_reuse_the_prefill_step(monkeypatch):
+    """Prompts of other lengths reuse the one compiled prefill step of their batch size."""
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", "8")
+    model = tiny_llama(13)
+    for n in (3, 8, 21, 30):
+        p = prompts_of([n], seed=n)[0]
+        out = generate(model, p, max_new_tokens=6, medusa=False, max_len=256)
+        assert new_tokens(out, 0) == hf_greedy(model, p, 6)[0, n:].tolist()
+    engine = model.__dict__["_fastmedusa_engine"]
+    assert [k for k in engine.compiled if isinstance(k, tuple) and k[0] == "prefill"] == [
+        ("prefill", 8, False, "step")
+    ]
+
+
+def test_no_room_for_the_padding_falls_back_to_one_forward(monkeypatch):
+    """A cache exactly as long as prompt + new tokens has no slot for the pad: the prompt runs in one forward,
+    with the same tokens."""
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", "64")
+    model = tiny_llama(14)
+    p = prompts_of([10], seed=1)[0]
+    out = generate(model, p, max_new_tokens=6, medusa=False, max_len=16)
+    assert new_tokens(out, 0) == hf_greedy(model, p, 6)[0, 10:].tolist()
+    assert not any(isinstance(k, tuple) and k[0] == "prefill" for k in model.__dict__["_fastmedusa_engine"].compiled)
+
+
+def test_pad_to_chunks():
+    ids = torch.arange(1, 11)[None].repeat(2, 1)  # (2, 10)
+    offsets = torch.tensor([0, 4])
+    padded, off, chunked = pad_to_chunks(ids, offsets, 4, room=2)
+    assert chunked and padded.shape == (2, 12) and off.tolist() == [2, 6]
+    assert torch.equal(padded[:, 2:], ids) and (padded[:, :2] == 0).all()
+    assert pad_to_chunks(ids, offsets, 4, room=1)[2] is False  # 2 pad slots do not fit 1
+    assert pad_to_chunks(ids, offsets, 5, room=0)[2] is True  # already a multiple: nothing to pad
+    assert pad_to_chunks(ids, offsets, 0, room=100)[2] is False
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "1.5"])
+def test_bad_chunk_setting_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", value)
+    with pytest.raises(ValueError, match="FASTMEDUSA_PREFILL_CHUNK"):
+        prefill_chunk()
