@@ -137,3 +137,20 @@ def test_model_drift_compares_a_tuned_model_with_its_base(tmp_path, capsys):
     assert nll["base model on base answers"] < nll["base model on tuned answers"]
     assert nll["tuned model on tuned answers"] < nll["tuned model on base answers"]
     assert "identical answers" in printed
+
+
+def test_prefill_overhead_times_every_chunk_setting_and_prompt_length(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FASTMEDUSA_PREFILL_CHUNK", raising=False)
+    shape = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2"
+    out = tmp_path / "prefill.json"
+    text = run_script("prefill_overhead.py", ["--device", "cpu", "--dtype", "float32", "--shape",
+                      shape + ",vocab_size=128", "--prompt-lens", "5", "40", "--chunks", "0", "16",
+                      "--new-tokens", "3", "--max-len", "128", "--warmup", "1", "--repeats", "1",
+                      "--out", str(out)], capsys)  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["prefill_chunk"], r["prompt_tokens"]) for r in rows] == [(0, 5), (0, 40), (16, 5), (16, 40)]
+    assert all(r["one_token_call_ms"] > 0 and r["call_ms"] > 0 for r in rows)
+    assert out.with_suffix(".png").stat().st_size > 0 and "chunk   16  prompt    40" in text
+    import os
+
+    assert "FASTMEDUSA_PREFILL_CHUNK" not in os.environ  # the setting it changed is put back
