@@ -57,7 +57,17 @@ def test_generate_cli_uses_the_stage2_backbone(stage2_run, capsys):
             "--device", "cpu", "--compile", "off"]  # fmt: skip
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert f"base model: {(stage2_run / 'model').resolve()}" in err
+    assert f"base model: {(stage2_run / 'model').resolve()}" in err and "warning" not in err
+
+
+def test_another_backbone_for_stage2_heads_is_warned_about(stage2_run, tiny_model_dir, capsys):
+    from fastmedusa.decode.cli import base_model_arg
+
+    assert base_model_arg(str(tiny_model_dir), str(stage2_run / "heads")) == str(tiny_model_dir)
+    err = capsys.readouterr().err
+    assert "trained together with the backbone" in err and "leave out --model" in err
+    assert base_model_arg(str(stage2_run / "model"), str(stage2_run / "heads")) == str(stage2_run / "model")
+    assert "warning" not in capsys.readouterr().err  # their own backbone, named: no warning
 
 
 def test_heads_without_their_backbone_fail_with_one_clear_line(stage2_run, tmp_path):
