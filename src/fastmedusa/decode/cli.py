@@ -140,9 +140,7 @@ def read_heads_arg(path: str):
 
 def base_model_arg(model: str | None, heads: str | None) -> str | None:
     """--model, or else the backbone that a stage-2 run saved beside --heads (said on stderr)."""
-    from fastmedusa.model.export import base_model_for_heads
-
-    from fastmedusa.model.export import trained_backbone
+    from fastmedusa.model.export import base_model_for_heads, trained_backbone
 
     resolved = base_model_for_heads(model, heads)
     if model is None and resolved is not None:
