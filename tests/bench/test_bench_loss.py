@@ -90,3 +90,23 @@ def test_a_peer_whose_api_changed_is_an_error_row(tmp_path, monkeypatch):
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["chunked"]["status"] == "ok"
     assert rows["liger-chunked"]["status"] == "error" and "TypeError" in rows["liger-chunked"]["note"]
+
+
+def test_a_peer_that_fails_at_run_time_is_an_error_row_not_a_missing_one(tmp_path, monkeypatch):
+    """quack-kernels raised a ValueError of its own on the H100 ('m == n makes row/col inference ambiguous'):
+    that is the peer failing, not the peer being absent."""
+    real = bench_loss.loss_fn
+
+    def failing(impl, chunk_rows):
+        if impl == "quack":
+            return lambda *args: (_ for _ in ()).throw(ValueError("m == n makes row/col inference ambiguous"))
+        return real(impl, chunk_rows)
+
+    monkeypatch.setattr(bench_loss, "loss_fn", failing)
+    out = tmp_path / "loss.json"
+    assert bench_loss.main(_argv(out, "--impls", "torch", "quack", "liger")) == 0
+    rows = json.loads(out.read_text())["rows"]
+    quack = [r for r in rows if r["impl"] == "quack"]
+    assert quack and all(r["status"] == "error" and "ambiguous" in r["note"] for r in quack)
+    assert all(r["status"] == "missing" for r in rows if r["impl"] == "liger")  # CUDA only: absent here
+    assert all(r["status"] == "ok" for r in rows if r["impl"] == "torch")

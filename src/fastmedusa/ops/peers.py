@@ -17,6 +17,12 @@ import inspect
 import torch
 from torch import Tensor
 
+
+class PeerUnavailable(ValueError):
+    """A peer that cannot run here (its package is not installed, or it needs CUDA): benchmarks record a row
+    saying so, where any other error of a peer is recorded as that peer's failure."""
+
+
 CE_PEERS = {"liger": "liger-kernel", "cce": "cut-cross-entropy", "quack": "quack-kernels"}
 
 
@@ -35,7 +41,7 @@ def _import_peer(impl: str):
         return linear_cross_entropy
     except ImportError as err:
         package = CE_PEERS[impl]
-        raise ValueError(f"impl={impl!r} needs the {package} package: pip install {package}") from err
+        raise PeerUnavailable(f"impl={impl!r} needs the {package} package: pip install {package}") from err
 
 
 @functools.cache
@@ -57,7 +63,7 @@ def peer_linear_cross_entropy(
     if reduction == "none":
         raise ValueError(f"impl={impl!r} is wired for reduction 'mean' or 'sum' only: use impl='chunked'")
     if not hidden.is_cuda:
-        raise ValueError(f"impl={impl!r} runs on CUDA only, but hidden is on {hidden.device}")
+        raise PeerUnavailable(f"impl={impl!r} runs on CUDA only, but hidden is on {hidden.device}")
     fn = _import_peer(impl)
     if impl == "quack":
         target = shifted_targets(labels, shift, ignore_index)
@@ -96,7 +102,7 @@ def _import_kl_peer(impl: str, ignore_index: int):
         )
         return lambda s, w, t, tw, y: loss(s, w, t, tw, y, None, None)  # no biases
     except ImportError as err:
-        raise ValueError(f"impl={impl!r} needs the liger-kernel package: pip install liger-kernel") from err
+        raise PeerUnavailable(f"impl={impl!r} needs the liger-kernel package: pip install liger-kernel") from err
 
 
 def peer_kl_divergence(
@@ -115,7 +121,7 @@ def peer_kl_divergence(
     if impl not in KL_PEERS:
         raise ValueError(f"impl={impl!r} is not a KL peer: pick one of {KL_PEERS}")
     if not teacher_hidden.is_cuda:
-        raise ValueError(f"impl={impl!r} runs on CUDA only, but the inputs are on {teacher_hidden.device}")
+        raise PeerUnavailable(f"impl={impl!r} runs on CUDA only, but the inputs are on {teacher_hidden.device}")
     fn = _import_kl_peer(impl, ignore_index)
     seq, width = teacher_hidden.shape[-2], teacher_hidden.shape[-1]
     losses = []
