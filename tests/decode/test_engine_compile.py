@@ -3,9 +3,10 @@ after the first (the first, with no previous block's output to add, is traced in
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import random_medusa, tiny_llama
 
 from fastmedusa.decode import get_engine
+from fastmedusa.decode.engine import DecodeEngine
 
 
 def _inputs(engine, length: int):
@@ -223,3 +224,22 @@ def test_triton_layout_without_triton_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(engine_module, "triton_available", lambda: False)
     with pytest.raises(ValueError, match=r"needs Triton: pip install 'fastmedusa\[triton\]'"):
         engine_module.attention_layout(torch.device("cpu"))
+
+
+def test_medusa_step_builds_the_move_table_before_any_step_runs(monkeypatch):
+    """The fused K/V move's address table is built when the Medusa step is built, eagerly: built at the step's
+    first call, torch.compile's CUDA graphs would allocate it from their pool during warm-up and reject it
+    (seen on an H100 with FASTMEDUSA_CUDA_GRAPHS=compile)."""
+    from fastmedusa.decode.generate import make_medusa_step
+    from fastmedusa.decode.trees import PRESETS, build_tree_buffers
+    from fastmedusa.ops import kv_move
+
+    monkeypatch.setenv("FASTMEDUSA_ATTENTION", "triton")
+    model = tiny_llama(21)
+    engine = DecodeEngine(model, max_len=64)
+    assert engine.fused_move
+    key = tuple(t.data_ptr() for t in engine.kv_buffers())
+    assert key not in kv_move._tables
+    heads = random_medusa(model, num_heads=3).medusa_heads
+    make_medusa_step(engine, heads, build_tree_buffers(PRESETS["mc_sim_7b_7"], 3), 0.0, 0.09, 0.3, None)
+    assert kv_move._tables[key].tolist() == list(key)

@@ -396,6 +396,19 @@ class DecodeEngine(nn.Module):
             w.k_cache[:size] = w.k_cache[rows]
             w.v_cache[:size] = w.v_cache[rows]
 
+    def kv_buffers(self) -> list[torch.Tensor]:
+        """Every layer's K buffer, then every layer's V buffer (the order of the fused move's table)."""
+        return [w.k_cache for w in self.layers] + [w.v_cache for w in self.layers]
+
+    def prepare_move_kv(self) -> None:
+        """Build the fused move's address table now, eagerly. Built at a step's first call instead, it would be
+        allocated from the CUDA-graph pool when torch.compile's CUDA graphs (FASTMEDUSA_CUDA_GRAPHS=compile) warm
+        that step up, and they reject a live tensor in their pool that no graph output owns."""
+        if self.fused_move:
+            from fastmedusa.ops.kv_move import cache_table
+
+            cache_table(self.kv_buffers())
+
     def move_kv(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy cache slots src[b] -> dst[b] of row b in every layer (accepted tree nodes into place).
 
@@ -404,7 +417,7 @@ class DecodeEngine(nn.Module):
         if self.fused_move:
             from fastmedusa.ops.kv_move import move_kv as move_kv_slots
 
-            move_kv_slots([w.k_cache for w in self.layers] + [w.v_cache for w in self.layers], src, dst)
+            move_kv_slots(self.kv_buffers(), src, dst)
             return
         rows = torch.arange(src.shape[0], device=src.device)[:, None]
         for w in self.layers:

@@ -247,6 +247,7 @@ def make_medusa_step(
     scratch column) for the rest, so the host writes the step's tokens with one indexed copy. accepted is -1
     for a frozen row.
     """
+    engine.prepare_move_kv()
     positions = torch.arange(engine.max_len, device=engine.device)
     n_nodes, depth = tree.num_nodes, tree.depth
     steps_ar = torch.arange(depth + 1, device=engine.device)
