@@ -119,8 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (the step time comes from the difference of two calls)")
-    if max(args.prompt_lens) + args.new_tokens + 64 > args.max_len:
-        parser.error(f"--max-len {args.max_len} is too small for prompts of {max(args.prompt_lens)} tokens")
+    for chunk in args.chunks:  # room for each chunk's padding, or generate would quietly run one forward
+        padded = -(-max(args.prompt_lens) // chunk) * chunk if chunk > 0 else max(args.prompt_lens)
+        if padded + args.new_tokens > args.max_len:
+            parser.error(f"--max-len {args.max_len} is too small for prompts of {max(args.prompt_lens)} tokens "
+                         f"in chunks of {chunk} plus {args.new_tokens} new tokens")  # fmt: skip
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.model:
         from transformers import AutoModelForCausalLM

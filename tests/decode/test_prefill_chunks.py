@@ -91,3 +91,50 @@ def test_bad_chunk_setting_is_a_clear_error(monkeypatch, value):
     monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", value)
     with pytest.raises(ValueError, match="FASTMEDUSA_PREFILL_CHUNK"):
         prefill_chunk()
+
+
+def _finishing_rows(model, lengths, new_tokens, accuracy=(1.0, 0.2)):
+    """Two rows whose heads are right with probability 1.0 and 0.2: row 0 accepts whole paths up to the end,
+    so its last step accepts more tokens than max_new_tokens leaves."""
+    prompts = prompts_of(lengths, seed=3)
+    refs = [hf_greedy(model, p, new_tokens + 8) for p in prompts]
+    heads = BatchOracleHeads(
+        [OracleHeads(model, r, num_heads=3, p_top1=a, p_top2=0.0) for r, a in zip(refs, accuracy)]
+    )
+    return prompts, refs, heads
+
+
+@pytest.mark.parametrize("chunk", ["0", "16"])
+def test_rows_that_end_mid_path_stay_inside_a_cache_of_exactly_the_needed_length(monkeypatch, chunk):
+    """A row whose last step accepts past max_new_tokens used to move its cache position past the end anyway,
+    and its frozen steps then wrote the tree beyond the slots reserved: an out-of-bounds index with the cache
+    exactly as long as prompt + new tokens + tree."""
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", chunk)
+    model = tiny_llama(12)
+    prompts, refs, heads = _finishing_rows(model, [20, 9], 23)
+    ids, mask = left_pad(prompts)
+    needed = ids.shape[1] + 23 + 32  # mc_sim_7b_31: 31 paths + the root
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=23, heads=heads, tree="mc_sim_7b_31",
+                   max_len=needed)  # fmt: skip
+    for row, (p, r) in enumerate(zip(prompts, refs)):
+        assert new_tokens(out, row) == r[0, p.shape[1] : p.shape[1] + 23].tolist(), f"row {row}"
+
+
+def test_sampling_is_the_same_in_chunks_and_in_one_forward(monkeypatch):
+    """Temperature > 0: the padding moves slots, not positions, so a seeded batch samples the same tokens."""
+    model = tiny_llama(15)
+    prompts = prompts_of([37, 5, 20], seed=4)
+    ids, mask = left_pad(prompts)
+    outs = []
+    for chunk in ("0", "8"):
+        monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", chunk)
+        out = generate(model, ids, attention_mask=mask, max_new_tokens=10, medusa=False, temperature=0.8, seed=7)
+        outs.append(out.sequences)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_default_chunks_only_where_the_step_is_captured(monkeypatch):
+    monkeypatch.delenv("FASTMEDUSA_PREFILL_CHUNK", raising=False)
+    assert prefill_chunk(captured=True) == 64 and prefill_chunk(captured=False) == 0
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", "16")
+    assert prefill_chunk(captured=False) == 16  # set explicitly: chunks everywhere
