@@ -79,6 +79,45 @@ def test_measure_heads_tree_with_oracle_heads(tmp_path):
 def test_choose_tree_size_maximises_expected_tokens_per_s(llama):
     model = random_medusa(llama, num_heads=3)
     best, rows = choose_tree_size(model, ACC, torch.tensor([1, 2, 3]), candidates=(2, 8), steps=6)
-    assert [r["nodes"] for r in rows] == [2, 8]
+    assert [r["nodes"] for r in rows] == [0, 2, 8]  # plain decoding competes
     assert best == max(rows, key=lambda r: r["expected_tokens_per_s"])["nodes"]
-    assert all(r["step_ms"] > 0 and r["expected_tokens_per_step"] > 1 for r in rows)
+    assert all(r["step_ms"] > 0 for r in rows) and rows[0]["expected_tokens_per_step"] == 1.0
+    assert all(r["expected_tokens_per_step"] > 1 for r in rows[1:])
+    _, trees_only = choose_tree_size(model, ACC, torch.tensor([1, 2, 3]), candidates=(2,), steps=6,
+                                     include_plain=False)  # fmt: skip
+    assert [r["nodes"] for r in trees_only] == [2]
+
+
+def test_auto_tree_decodes_plainly_where_plain_decoding_wins(llama, tmp_path, monkeypatch):
+    """tree="auto" where the measurement finds no tree faster than plain decoding (as at batch 64 on an H100):
+    the call decodes without the heads, and gives plain greedy's tokens."""
+    import sys
+
+    model = random_medusa(llama, num_heads=3)
+    write_tree_json(tmp_path, ACC, [10, 9, 8], num_nodes=12)
+    model.heads_dir = tmp_path
+    calls = []
+
+    def plain_wins(*args, **kwargs):
+        calls.append(kwargs.get("batch_size"))
+        return 0, [{"nodes": 0}]
+
+    monkeypatch.setattr(sys.modules["fastmedusa.decode.generate"], "choose_tree_size", plain_wins)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = generate(model, ids, max_new_tokens=8, tree="auto")
+    plain = generate(model, ids, max_new_tokens=8, medusa=False)
+    assert calls == [1] and torch.equal(out.sequences, plain.sequences)
+    assert out.steps == 8 and out.accept_lengths == [[]] and out.tree_nodes == 0
+
+
+def test_auto_tree_uses_the_measured_size(llama, tmp_path, monkeypatch):
+    import sys
+
+    model = random_medusa(llama, num_heads=3)
+    write_tree_json(tmp_path, ACC, [10, 9, 8], num_nodes=12)
+    model.heads_dir = tmp_path
+    monkeypatch.setattr(sys.modules["fastmedusa.decode.generate"], "choose_tree_size", lambda *a, **k: (6, []))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = generate(model, ids, max_new_tokens=8, tree="auto")
+    plain = generate(model, ids, max_new_tokens=8, medusa=False)
+    assert out.tree_nodes == 7 and torch.equal(out.sequences, plain.sequences)  # 6 paths + the root; lossless

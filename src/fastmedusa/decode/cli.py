@@ -52,8 +52,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="Medusa tree. Default: the tree measured for the heads (HEADS/tree.json, written at the end of "
         "`fastmedusa train` or by `fastmedusa bench heads --write-tree`), else mc_sim_7b_63 pruned to the "
         "number of heads. auto:N builds an N-node tree from the heads' measured per-rank accuracies; auto "
-        "picks N for this device by timing verify steps of trees of 4-128 nodes and keeping the one with "
-        "the most expected tokens/s (expected tokens per step / step time; costs a compile per size). Also: "
+        "picks N for this device and batch size by timing verify steps of trees of 4-128 nodes and plain "
+        "decoding, and keeping the one with the most expected tokens/s (expected tokens per step / step time; "
+        "costs a compile per size); where plain decoding wins (large batches), it decodes without the heads. "
+        "Also: "
         "a preset (mc_sim_7b_63, mc_sim_7b_31, mc_sim_7b_15, mc_sim_7b_7, chain_<depth>) or a JSON file",
     )
     parser.add_argument(

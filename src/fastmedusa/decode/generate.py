@@ -443,7 +443,8 @@ def heads_tree_info(model: nn.Module, heads: nn.Module) -> dict | None:
 
 
 def _auto_tree_size(model, heads, tree_info, prompt, batch_size, compile) -> int:
-    """tree="auto": the node count that maximises tokens/s here (measured once per heads and batch size)."""
+    """tree="auto": the node count that maximises tokens/s here, 0 where plain decoding is faster (measured once
+    per heads, batch size and device)."""
     if tree_info is None or not tree_info.get("rank_accuracies"):
         raise ValueError(
             "tree='auto' picks a size for the heads' measured accuracies, and these heads have no tree.json: "
@@ -527,7 +528,9 @@ def generate(
     argmax near-ties within rounding in bf16/fp16: see the module docstring); above 0, tokens are sampled
     (reproducibly from `seed`: an int, one per row, or None for torch's RNG) and speculated tokens pass
     typical acceptance (`typical_epsilon`, `typical_delta`). `tree`: a preset name, "auto:N", a JSON file,
-    a list of paths, or None (the heads' tree.json, else mc_sim_7b_63 pruned to the number of heads).
+    a list of paths, or None (the heads' tree.json, else mc_sim_7b_63 pruned to the number of heads); "auto"
+    measures which size gives the most tokens/s for this batch size on this device (`choose_tree_size`), plain
+    decoding included: where no tree pays (large batches), the call decodes without the heads.
     `pad_token_id` fills rows after their end (default: the first EOS id, else 0). `compile`: torch.compile
     the steps, default on CUDA only (CUDA graphs: `cuda_graphs_mode`, each step captured whether compiled or
     not); `max_len`/`max_batch_size`: KV cache slots per row / rows (default: enough
@@ -545,7 +548,10 @@ def generate(
         tree_info = heads_tree_info(model, heads)
         if isinstance(tree, str) and tree == "auto":
             prompt = ids[0, int(offsets[0]) :]
-            tree = f"auto:{_auto_tree_size(model, heads, tree_info, prompt, ids.shape[0], compile)}"
+            size = _auto_tree_size(model, heads, tree_info, prompt, ids.shape[0], compile)
+            tree = f"auto:{size}" if size else None  # 0: no tree pays at this batch size, decode plainly
+            medusa = size > 0
+    if medusa:
         paths = tuple(resolve_tree(tree, heads.num_heads, tree_info))  # validated (depth, path)-sorted tuples
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, "cpu")
     slack = tree_buffers.num_nodes if tree_buffers is not None else 0
