@@ -3,7 +3,7 @@ every chunk size, every prompt length and every attention layout gives HF's own 
 
 import pytest
 import torch
-from conftest import VOCAB, BatchOracleHeads, OracleHeads, hf_greedy, left_pad, tiny_llama
+from conftest import VOCAB, BatchOracleHeads, OracleHeads, hf_greedy, left_pad, random_medusa, tiny_llama
 
 from fastmedusa.decode import generate
 from fastmedusa.decode.generate import pad_to_chunks, prefill_chunk
@@ -138,3 +138,25 @@ def test_default_chunks_only_where_the_step_is_captured(monkeypatch):
     assert prefill_chunk(captured=True) == 64 and prefill_chunk(captured=False) == 0
     monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", "16")
     assert prefill_chunk(captured=False) == 16  # set explicitly: chunks everywhere
+
+
+def test_small_input_forms():
+    """Seeds past 64 bits' product range, and an EOS id given as a 0-d tensor."""
+    from fastmedusa.decode.generate import row_seeds
+
+    assert row_seeds(2**62, 2, "cpu").tolist() == row_seeds(2**62 & 0xFFFFFFFF, 2, "cpu").tolist()
+    model = tiny_llama(16)
+    p = prompts_of([6], seed=2)[0]
+    ref = hf_greedy(model, p, 8)[0, 6:].tolist()
+    out = generate(model, p, max_new_tokens=8, medusa=False, eos_token_id=torch.tensor(ref[3]))
+    assert new_tokens(out, 0) == ref[: ref.index(ref[3]) + 1]
+
+
+def test_a_tree_past_the_position_limit_is_a_clear_error():
+    model = tiny_llama(17, max_position_embeddings=64)
+    heads = random_medusa(model, num_heads=3).medusa_heads
+    p = prompts_of([10], seed=1)[0]
+    with pytest.raises(ValueError, match="max_position_embeddings 64.*smaller tree"):
+        generate(model, p, max_new_tokens=40, heads=heads)  # mc_sim_7b_63 pruned to 3 heads
+    out = generate(model, p, max_new_tokens=40, heads=heads, tree="chain_3")  # 3 tree slots fit
+    assert new_tokens(out, 0) == hf_greedy(model, p, 40)[0, 10:].tolist()

@@ -468,7 +468,13 @@ def get_engine(
     if max_len is None:
         max_len = -(-min_len // 256) * 256
         limit = getattr(hf_model.config, "max_position_embeddings", None)
-        if limit is not None and min_len <= limit:
+        if limit is not None and min_len > limit:
+            raise ValueError(
+                f"decoding needs {min_len} KV cache slots (prompt + max_new_tokens + the tree's nodes), more than "
+                f"the model's max_position_embeddings {limit}: shorten the prompt or max_new_tokens, or use a "
+                "smaller tree (e.g. tree='chain_4' or 'auto:8')"
+            )
+        if limit is not None:
             max_len = min(max_len, limit)
     if max_batch_size is None:
         max_batch_size = 1 << (batch_size - 1).bit_length()

@@ -244,8 +244,9 @@ def make_medusa_step(
     emitted[b, :accepted] are row b's accepted speculated tokens and emitted[b, accepted] the next root (the
     base model's own token after them); the first count[b] of them are kept (fewer at EOS or the limit, 0 for
     a frozen row) and go to output columns n[b], n[b] + 1, ...: `columns` holds those, and -1 (the caller's
-    scratch column) for the rest, so the host writes the step's tokens with one indexed copy. accepted is -1
-    for a frozen row.
+    scratch column) for the rest, so the host writes the step's tokens with one indexed copy. accepted is what
+    the verify pass accepted (the heads' measure; at EOS or max_new_tokens fewer may be kept), -1 for a frozen
+    row.
     """
     engine.prepare_move_kv()
     positions = torch.arange(engine.max_len, device=engine.device)
@@ -473,7 +474,7 @@ def _check_heads(heads: nn.Module, engine: DecodeEngine) -> None:
 def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
     if eos_token_id is None:
         return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    ids = torch.as_tensor(eos_token_id).reshape(-1).tolist()  # an int, a sequence, or a tensor of any shape
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
@@ -483,7 +484,7 @@ def row_seeds(seed: SeedSpec, batch_size: int, device: torch.device) -> torch.Te
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     if isinstance(seed, int):
-        return (seed * 1_000_003 + torch.arange(batch_size, device=device)) & _MASK32
+        return ((seed & _MASK32) * 1_000_003 + torch.arange(batch_size, device=device)) & _MASK32
     seeds = torch.as_tensor(seed, dtype=torch.long).reshape(-1).to(device)
     if seeds.numel() != batch_size:
         raise ValueError(
