@@ -16,14 +16,14 @@ Default model: a random Llama of SmolLM2-135M-Instruct's shape (30 layers, hidde
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from fastmedusa.bench.common import environment, write_json
+from fastmedusa.bench.common import environment, median, write_json
+from fastmedusa.bench.decode import synced_seconds
 from fastmedusa.bench.heads import save_figure
 from fastmedusa.decode import generate
 
@@ -42,16 +42,10 @@ def random_model(shape: dict, device: torch.device, dtype: torch.dtype) -> torch
 
 def call_ms(model, prompt: torch.Tensor, new_tokens: int, max_len: int, repeats: int) -> list[float]:
     """Wall milliseconds of each of `repeats` generate calls (the device drained before and after each)."""
-    times = []
-    for _ in range(repeats):
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        generate(model, prompt, max_new_tokens=new_tokens, medusa=False, max_len=max_len, max_batch_size=1)
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    return times
+    run = functools.partial(
+        generate, model, prompt, max_new_tokens=new_tokens, medusa=False, max_len=max_len, max_batch_size=1
+    )
+    return [1e3 * synced_seconds(run, prompt.device)[1] for _ in range(repeats)]
 
 
 def measure(model, args, device) -> list[dict]:
@@ -68,8 +62,8 @@ def measure(model, args, device) -> list[dict]:
             row = {
                 "prefill_chunk": chunk,
                 "prompt_tokens": n,
-                "one_token_call_ms": statistics.median(first),
-                "call_ms": statistics.median(full),
+                "one_token_call_ms": median(first),
+                "call_ms": median(full),
                 "new_tokens": args.new_tokens,
             }
             # a step's time from the two calls: what the longer call adds per token after the first

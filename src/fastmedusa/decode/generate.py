@@ -691,15 +691,12 @@ def _prompt_through_cache(engine, ids, offsets, chunk: int, compile: bool) -> to
     With `chunk` (> 0; ids already padded to a multiple of it): chunk by chunk through the compiled, captured
     prefill step; else one eager forward over the whole prompt (its length varies)."""
     bsz, length = ids.shape
-    if chunk <= 0:
-        pos = torch.arange(length, device=engine.device)
-        keys = torch.arange(engine.max_len, device=engine.device)
-        rope = (pos[None, :] - offsets[:, None]).clamp(min=0)  # (B, P)
-        hidden = engine(ids, pos.expand(bsz, length), rope, prompt_mask(keys, pos, offsets))  # (B, P, H)
-        return hidden[:, -1].clone(memory_format=torch.contiguous_format)  # a stride set by P would recompile
+    start = torch.zeros((), dtype=torch.long, device=engine.device)
+    if chunk <= 0:  # the whole prompt as one chunk, eagerly
+        last = make_prefill_step(engine, length)(ids, start, offsets)
+        return last.clone(memory_format=torch.contiguous_format)  # a stride set by P would recompile
     step = _compiled(engine, ("prefill", chunk), lambda: make_prefill_step(engine, chunk), compile)
     runner = _runner(engine, step, prefill_body, 1, compile)
-    start = torch.zeros((), dtype=torch.long, device=engine.device)
     hidden = torch.empty(bsz, engine.hidden_size, dtype=engine.dtype, device=engine.device)
     values = dict(tokens=ids[:, :chunk], start=start, offset=offsets, hidden=hidden)
     state = runner.load(values, torch.arange(bsz, device=engine.device))
