@@ -31,6 +31,7 @@ OUT=${OUT:-bench/results/recipe}
 HEADS=${HEADS:-4}
 STEPS=${STEPS:-600}
 DISTILL_SECONDS=${DISTILL_SECONDS:-300}
+DRAFT_VOCAB=${DRAFT_VOCAB:-0}  # >0: the train and stage2 phases' heads score only the N most frequent label tokens (--draft-vocab)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$WORK" "$OUT"
 
@@ -59,7 +60,14 @@ stage2() {  # stage2 SETTING: Medusa-2, the backbone learns too (lr), heads at l
     anchored) flags=(--lr 2e-4 --heads-lr-multiplier 5 --heads-decay 0.8 --lm-loss kl) ;;
     *) echo "unknown stage-2 setting $1 (conservative, strong, warm, anchored)" >&2; exit 2 ;;
     esac
-    TRAIN_SECONDS=${STAGE2_SECONDS:-0} train "kl2-$1-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS" --stage 2 "${flags[@]}"
+    TRAIN_SECONDS=${STAGE2_SECONDS:-0} train "$(stage2_name "$1")" kl "$WORK/distilled.jsonl" "$HEADS" --stage 2 \
+        "${flags[@]}" --draft-vocab "$DRAFT_VOCAB"
+}
+
+stage2_name() {  # kl2-SETTING-HEADS, with -draftN for a draft vocabulary
+    local name="kl2-$1-$HEADS"
+    ((DRAFT_VOCAB > 0)) && name+="-draft$DRAFT_VOCAB"
+    echo "$name"
 }
 
 heads_dir() {  # the heads the decode phases measure: $WORK/best (train, pick), else the stage-1 KL run
@@ -83,7 +91,8 @@ for phase in "$@"; do
     train)
         stage2 strong
         # a link by the bare run name: it resolves inside $WORK, relative or not
-        [[ -f $WORK/kl2-strong-$HEADS/heads/tree.json ]] && ln -sfn "kl2-strong-$HEADS" "$WORK/best"
+        run=$(stage2_name strong)
+        [[ -f $WORK/$run/heads/tree.json ]] && ln -sfn "$run" "$WORK/best"
         ;;
     stage1)
         train "kl-distilled-$HEADS" kl "$WORK/distilled.jsonl" "$HEADS"

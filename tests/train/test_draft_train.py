@@ -60,3 +60,26 @@ def test_bad_draft_vocab_is_one_clear_line(capsys):
     assert main(["train", "--draft-vocab", "5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --draft-vocab 5: pass at least 10") and len(err.splitlines()) == 1
+
+
+def test_draft_vocab_stage2_kl_run_saves_backbone_and_a_mapped_tree(tiny_model_dir, sharegpt_file, tmp_path):
+    """The recipe's draft run: stage 2 with KL heads under a draft vocabulary writes the heads (with their map),
+    the trained backbone beside them and a tree measured through the map; decoding loads them together."""
+    from fastmedusa.model import MedusaModel
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(sharegpt_file), "--output-dir", str(out),
+            "--stage", "2", "--loss", "kl", "--num-heads", "2", "--seq-len", "64", "--batch-size", "4",
+            "--max-steps", "3", "--lr", "1e-3", "--eval-size", "8", "--eval-every", "0", "--save-every", "0",
+            "--tree-prompts", "2", "--no-progress", "--device", "cpu", "--draft-vocab", "48", "--no-plot"]  # fmt: skip
+    assert main(argv) == 0
+    heads = out / "heads"
+    tree = json.loads((heads / "tree.json").read_text())
+    assert tree["paths"] and all(len(p) <= 2 for p in tree["paths"])
+    assert (out / "model" / "config.json").exists()
+    model = MedusaModel.from_pretrained(out / "model", heads=heads)
+    assert model.medusa_heads.token_map.shape == (48,)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    plain = model.generate(ids, max_new_tokens=6, medusa=False).sequences
+    medusa = model.generate(ids, max_new_tokens=6, medusa=True).sequences
+    assert torch.equal(plain, medusa)
