@@ -21,6 +21,7 @@
 #
 #   MODEL=model.gguf DATA=sharegpt.json PROMPTS=question.jsonl WORK=runs OUT=results \
 #       bash bench/recipe_smollm2.sh distill train decode
+#   DRAFT_VOCAB=16384 ... bash bench/recipe_smollm2.sh train    # the same heads over a 16k draft vocabulary
 # Every phase reuses what an earlier one wrote under $WORK. Logs and JSON go to $OUT.
 set -uo pipefail
 MODEL=${MODEL:-/root/stage/model.gguf}
