@@ -1,5 +1,6 @@
 """Several sets of heads on one prompt set, side by side: Medusa's tokens/step, its speed-up over the same
-call's own greedy row, and the profiled Medusa step / greedy step, from `fastmedusa bench decode` JSON files.
+call's own greedy row, and the Medusa step / greedy step at batch 1 (profiled, and timed where the file has
+it), from `fastmedusa bench decode --profile` JSON files.
 
     python bench/compare_heads_decode.py --run full=b1_full.json --run "draft 16k=b1_draft16384.json" \
         --run full=b1_full_again.json --out heads_decode.json
@@ -32,24 +33,32 @@ def heads_rows(label: str, name: str, payload: dict) -> list[dict]:
         if r["row"] == "greedy" or r["batch_size"] not in greedy:
             continue
         base = greedy[r["batch_size"]]
-        profiled = profile.get("step_ratio") if r["row"] == "medusa" and r["batch_size"] == 1 else None
+        profiled = timed = None
+        if (
+            r["row"] == "medusa" and r["batch_size"] == 1
+        ):  # the profile is of batch 1's Medusa and greedy steps
+            profiled, timed = profile.get("step_ratio"), profile.get("timed_step_ratio")
         rows.append({"heads": label, "source": name, "row": r["row"], "batch_size": r["batch_size"],
                      "tokens_per_s": r["tokens_per_s"], "greedy_tokens_per_s": base["tokens_per_s"],
                      "speedup_vs_greedy": r["tokens_per_s"] / base["tokens_per_s"],
                      "tokens_per_step": r["tokens_per_step"], "tree_nodes": r.get("tree_nodes"),
                      "wall_step_ratio": r["step_ms"] / base["step_ms"], "profiled_step_ratio": profiled,
-                     "matches_greedy": r.get("matches_greedy")})  # fmt: skip
+                     "timed_step_ratio": timed, "matches_greedy": r.get("matches_greedy")})  # fmt: skip
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| heads | batch | row | tokens/step | tokens/s | own greedy tokens/s | speed-up | step ratio, wall | "
-             "step ratio, profiled | same as greedy | file |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "step ratio, profiled | step ratio, timed | same as greedy | file |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        profiled = "" if r["profiled_step_ratio"] is None else f"{r['profiled_step_ratio']:.2f}x"
+        profiled, timed = (
+            "" if r[k] is None else f"{r[k]:.2f}x" for k in ("profiled_step_ratio", "timed_step_ratio")
+        )
         lines.append(f"| {r['heads']} | {r['batch_size']} | {r['row']} | {r['tokens_per_step']:.2f} | "
                      f"{r['tokens_per_s']:,.0f} | {r['greedy_tokens_per_s']:,.0f} | {r['speedup_vs_greedy']:.2f}x | "
-                     f"{r['wall_step_ratio']:.2f}x | {profiled} | {r['matches_greedy'] or ''} | {r['source']} |")  # fmt: skip
+                     f"{r['wall_step_ratio']:.2f}x | {profiled} | {timed} | {r['matches_greedy'] or ''} | "
+                     f"{r['source']} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -62,16 +71,22 @@ def plot(rows: list[dict], env: dict, title: str, path: Path) -> None:
     from fastmedusa.bench.heads import save_figure
 
     labels = list(dict.fromkeys(r["heads"] for r in rows))
-    panels = (("tokens_per_step", "Medusa tokens / step"), ("speedup_vs_greedy", "speed-up over own greedy"),
-              ("profiled_step_ratio", "Medusa step / greedy step (profiled)"))  # fmt: skip
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    # (panel, key, legend) per series: batch sizes in the first two panels, the two step ratios in the third
     medusa = [r for r in rows if r["row"] == "medusa"]
-    for ax, (key, name) in zip(axes, panels):
-        for batch, marker in zip(sorted({r["batch_size"] for r in medusa}), "osD^v"):
-            pts = [r for r in medusa if r["batch_size"] == batch and r[key] is not None]
-            if pts:
-                ax.plot([labels.index(r["heads"]) for r in pts], [r[key] for r in pts], marker, ls="none",
-                        alpha=0.75, label=f"batch {batch}")  # fmt: skip
+    batches = sorted({r["batch_size"] for r in medusa})
+    series = [(0, "tokens_per_step", b) for b in batches] + [(1, "speedup_vs_greedy", b) for b in batches]
+    series += [(2, "profiled_step_ratio", "profiled"), (2, "timed_step_ratio", "timed, median of calls")]
+    names = ("Medusa tokens / step", "speed-up over own greedy", "Medusa step / greedy step, batch 1")
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2))
+    for panel, key, legend in series:
+        pts = [r for r in medusa if r[key] is not None and (panel == 2 or r["batch_size"] == legend)]
+        marker = (
+            "osD^v"[batches.index(legend) % 5] if panel < 2 else "o" if key == "profiled_step_ratio" else "x"
+        )
+        if pts:
+            axes[panel].plot([labels.index(r["heads"]) for r in pts], [r[key] for r in pts], marker, ls="none",
+                             alpha=0.75, label=f"batch {legend}" if panel < 2 else legend)  # fmt: skip
+    for ax, name in zip(axes, names):
         ax.set_xticks(range(len(labels)), labels)
         ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_ylabel(name)

@@ -98,7 +98,7 @@ def test_decode_by_batch_compares_only_rows_of_the_same_call(tmp_path, capsys):
 
 def test_compare_heads_decode_keeps_each_call_and_its_own_greedy_baseline(tmp_path, capsys):
     full = _decode_payload([_decode_row("greedy", 1, 1000.0), _decode_row("medusa", 1, 3000.0, 4.0, 65)])
-    full["profile"] = {"step_ratio": 1.3}
+    full["profile"] = {"step_ratio": 1.3, "timed_step_ratio": 1.25}
     again = _decode_payload([_decode_row("greedy", 1, 800.0), _decode_row("medusa", 1, 2000.0, 3.8, 65)])
     draft = _decode_payload([_decode_row("greedy", 16, 15000.0), _decode_row("medusa", 16, 24000.0, 3.5, 17),
                              _decode_row("medusa", 64, 30000.0, 3.4, 17)])  # no greedy row at 64  # fmt: skip
@@ -117,10 +117,12 @@ def test_compare_heads_decode_keeps_each_call_and_its_own_greedy_baseline(tmp_pa
     ]
     assert [r["speedup_vs_greedy"] for r in rows] == pytest.approx([3.0, 2.5, 1.6])
     assert rows[0]["profiled_step_ratio"] == 1.3 and rows[1]["profiled_step_ratio"] is None
+    assert rows[0]["timed_step_ratio"] == 1.25 and rows[2]["timed_step_ratio"] is None  # batch 16: not profiled
     # step_ms = 1e3 * batch * tokens_per_step / tokens_per_s: 4/3 ms against 1 ms
     assert rows[0]["wall_step_ratio"] == pytest.approx(4.0 / 3.0)
     assert out.with_suffix(".png").is_file()
     assert "| draft 8k | 16 | medusa | 3.50 | 24,000 | 15,000 | 1.60x |" in printed
+    assert "| 1.30x | 1.25x |  | full.json |" in printed
     with pytest.raises(SystemExit):
         run_script("compare_heads_decode.py", ["--run", "no-equals-sign", "--out", str(out)], capsys)
     assert "--run wants LABEL=FILE" in capsys.readouterr().err

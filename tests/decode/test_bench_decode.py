@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import random_medusa, tiny_llama
 
-from fastmedusa.bench.decode import PROFILE_TOKENS, main, make_batches, profile_summary
+from fastmedusa.bench.decode import PROFILE_TOKENS, TIMED_REPEATS, main, make_batches, profile_summary
 from fastmedusa.data.mtbench import mtbench_first_turns, read_mtbench
 from fastmedusa.model import default_model_path, load_tokenizer
 
@@ -62,6 +62,13 @@ def test_bench_decode_rows_and_files(setup):
         assert summary["first_call_s"] > 0  # the profile's first call (where a GPU run compiles) is recorded
     # greedy emits one token per step: the long and the short profiled runs differ by exactly that many steps
     assert payload["profile"]["greedy"]["profiled_steps"] == PROFILE_TOKENS[1] - PROFILE_TOKENS[0]
+    # the quoted step times: the median of TIMED_REPEATS unprofiled pairs, each pair kept
+    for kind in ("greedy", "medusa"):
+        summary = payload["profile"][kind]
+        assert len(summary["timed_step_ms_runs"]) == TIMED_REPEATS and summary["timed_tokens"] == [32, 96]
+        assert summary["timed_step_ms"] == sorted(summary["timed_step_ms_runs"])[TIMED_REPEATS // 2] > 0
+    timed = payload["profile"]["medusa"]["timed_step_ms"] / payload["profile"]["greedy"]["timed_step_ms"]
+    assert payload["profile"]["timed_step_ratio"] == pytest.approx(timed)
 
 
 def test_bench_decode_records_the_cuda_graphs_mode(setup, monkeypatch):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fastmedusa.bench.common import environment, is_oom, write_json
+from fastmedusa.bench.common import environment, is_oom, median, write_json
 from fastmedusa.bench.heads import add_model_arguments, held_out_prompts, save_figure
 from fastmedusa.decode import generate
 from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
@@ -262,6 +262,22 @@ def add_ratios(rows: list[dict], batch_size: int) -> None:
 
 
 PROFILE_TOKENS = (32, 96)  # a short and a long run: their difference is decode steps only
+TIMED_REPEATS = 5  # unprofiled short/long pairs per kind; the median of their per-step times is the one quoted
+
+
+def timed_step_ms(run_short, run_long, device: torch.device, repeats: int = TIMED_REPEATS) -> list[float]:
+    """Per-step ms of `repeats` unprofiled pairs of calls, (long - short) / (their step difference) each.
+
+    One profiled pair over a few dozen steps moved by ±10% from call to call on an H100 (a 1.11x step
+    ratio that repeated as 1.24x), so the time quoted is the median of several pairs, without the profiler
+    attached, and every pair is kept in the JSON."""
+    per_step = []
+    for _ in range(repeats):
+        short, short_s = synced_seconds(run_short, device)
+        long, long_s = synced_seconds(run_long, device)
+        if long.steps > short.steps:
+            per_step.append(1e3 * (long_s - short_s) / (long.steps - short.steps))
+    return per_step
 
 
 def event_counts(events) -> dict:
@@ -339,10 +355,12 @@ def profile_steps(model, args, tree, max_len: int, prompt: torch.Tensor) -> dict
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prompt = prompt.to(args.device_obj)
     result = {}
+    timed_tokens = (PROFILE_TOKENS[0], max(PROFILE_TOKENS[-1], args.new_tokens))  # the longer, the less noise
     for kind, kw in (("greedy", {"medusa": False}), ("medusa", {"tree": tree})):
         runs, first_call_s = {}, None
+        call = functools.partial(generate, model, prompt, max_len=max_len, **kw)
         for tokens in PROFILE_TOKENS:
-            run = functools.partial(generate, model, prompt, max_new_tokens=tokens, max_len=max_len, **kw)
+            run = functools.partial(call, max_new_tokens=tokens)
             _, warm_s = synced_seconds(run, args.device_obj)  # warm-up: the first one compiles
             first_call_s = warm_s if first_call_s is None else first_call_s
             with profile(activities=activities) as prof:
@@ -357,7 +375,12 @@ def profile_steps(model, args, tree, max_len: int, prompt: torch.Tensor) -> dict
             **profile_summary(runs[PROFILE_TOKENS[0]], long),
             "table": prof.key_averages().table(sort_by=sort, row_limit=25),
         }
+        timed = timed_step_ms(*(functools.partial(call, max_new_tokens=t) for t in timed_tokens), args.device_obj)
+        result[kind].update(timed_step_ms=median(timed) if timed else None, timed_step_ms_runs=timed,
+                            timed_tokens=list(timed_tokens))  # fmt: skip
     result["step_ratio"] = result["medusa"]["profiled_step_ms"] / result["greedy"]["profiled_step_ms"]
+    timed = [result[kind]["timed_step_ms"] for kind in ("medusa", "greedy")]
+    result["timed_step_ratio"] = timed[0] / timed[1] if all(timed) else None
     return result
 
 
@@ -447,12 +470,18 @@ def main(argv: list[str] | None = None) -> int:
     payload["rows"] = rows = []
     if args.profile:
         payload["profile"] = profile_steps(model, args, args.tree, max_len, prompts[0])
-        print(f"profile: Medusa step / greedy step = {payload['profile']['step_ratio']:.2f}")
+        prof = payload["profile"]
+        timed = "" if prof["timed_step_ratio"] is None else (
+            f", {prof['timed_step_ratio']:.2f} timed (median of {TIMED_REPEATS} unprofiled pairs of calls of "
+            f"{prof['greedy']['timed_tokens'][0]} and {prof['greedy']['timed_tokens'][1]} tokens)")  # fmt: skip
+        print(f"profile: Medusa step / greedy step = {prof['step_ratio']:.2f} profiled{timed}")
         for kind in ("greedy", "medusa"):
             p = payload["profile"][kind]
             busy = "n/a" if p["gpu_busy_fraction"] is None else f"{100 * p['gpu_busy_fraction']:.0f}%"
             print(f"profile {kind}: first call {p['first_call_s']:.1f} s, "
-                  f"{p['profiled_step_ms']:.2f} ms/step (steps only), {p['kernels_per_step']:.0f} "
+                  f"{p['profiled_step_ms']:.2f} ms/step (steps only; timed "
+                  f"{'n/a' if p['timed_step_ms'] is None else format(p['timed_step_ms'], '.2f')}), "
+                  f"{p['kernels_per_step']:.0f} "
                   f"kernels ({p['kernel_ms_per_step']:.2f} ms) per step, GPU busy {busy}, "
                   f"{p['graph_launches_per_step']:.2f} graph replays and {p['host_kernel_launches_per_step']:.1f} "
                   f"host kernel launches per step, {p['eager_aten_ops_per_step']:.1f} eager aten ops per step: "
