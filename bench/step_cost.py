@@ -2,7 +2,8 @@
 
 A SmolLM2-135M-shaped Llama with random weights and 4 fresh heads, bf16, CUDA graphs. Environment:
 $BATCHES batch sizes (default "1"), $LAYERS decoder layers (default 30), $TEMPERATURE (default 0: greedy;
-above 0: sampling and typical acceptance). Step time does not depend on weight values, and acceptance here is
+above 0: sampling and typical acceptance), $DRAFT_VOCABS the heads' vocabularies (default "0": the full 49,152;
+"0 16384 8192" measures each), $TREES tree presets (default "mc_sim_7b_63"; e.g. "mc_sim_7b_63 mc_sim_7b_31"). Step time does not depend on weight values, and acceptance here is
 meaningless, so the result is the step time (the difference of a long and a short call divided by their
 difference in steps, which leaves out the prefill and the call's fixed cost), the first call's time (it
 compiles), and how many steps ran without CUDA graphs: under FASTMEDUSA_CUDA_GRAPHS=compile torch.compile's
@@ -11,14 +12,22 @@ failed (a warning says why). A step that fails to compile is recorded with its e
 $OUT/step_cost_L{layers}_T{temperature}.json (or ./...), so runs with other settings do not overwrite it. Without CUDA it runs a 2-layer fp32 model as a smoke test.
 
     PYTHONPATH=src BATCHES="1 16" python3 bench/step_cost.py
+    PYTHONPATH=src DRAFT_VOCABS="0 16384 8192" TREES="mc_sim_7b_63 mc_sim_7b_31" python3 bench/step_cost.py
+    PYTHONPATH=src python3 bench/step_cost.py --plot step_cost_L30_T0_heads_trees.json   # the chart again
+
+Each run writes a PNG beside its JSON: Medusa step / plain step per tree size, one line per heads' vocabulary
+and batch size.
 """
 
 import json
 import os
+import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
+import transformers
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,29 +37,41 @@ from fastmedusa.decode.generate import cuda_graphs_mode
 from fastmedusa.model import MedusaConfig, MedusaModel
 
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1").split()]
+DRAFT_VOCABS = [int(v) for v in os.environ.get("DRAFT_VOCABS", "0").split()]  # 0: the full vocabulary
+TREES = os.environ.get("TREES", "mc_sim_7b_63").split()
+REPEATS = 5  # long/short pairs per row; the median is reported
 TEMPERATURE = float(os.environ.get("TEMPERATURE", 0))
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = DEV == "cpu"
 
 
-def build_model() -> MedusaModel:
+def build_base() -> LlamaForCausalLM:
     torch.manual_seed(0)
     layers = 2 if SMALL else int(os.environ.get("LAYERS", 30))
     cfg = LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
     )  # fmt: skip
-    base = LlamaForCausalLM(cfg).to(torch.float32 if SMALL else torch.bfloat16)
-    return MedusaModel.from_base(base, MedusaConfig(num_heads=4)).to(DEV).eval()
+    return LlamaForCausalLM(cfg).to(torch.float32 if SMALL else torch.bfloat16).to(DEV).eval()
 
 
-def measure(model: MedusaModel, batch: int, medusa: bool) -> dict:
+def with_heads(base: LlamaForCausalLM, draft_vocab: int) -> MedusaModel:
+    """4 fresh heads on `base`, over the full vocabulary (0) or a draft vocabulary of that many tokens."""
+    config = MedusaConfig(num_heads=4, draft_vocab_size=draft_vocab or None)
+    model = MedusaModel.from_base(base, config)
+    return model.to(device=DEV, dtype=next(base.parameters()).dtype).eval()
+
+
+def measure(model: MedusaModel, batch: int, medusa: bool, tree: str | None = None) -> dict:
     ids = torch.randint(1, 49152, (batch, 128), device=DEV)
     kw = dict(
         attention_mask=torch.ones_like(ids), max_new_tokens=8 if SMALL else 128, medusa=medusa, max_len=1024,
         max_batch_size=batch, temperature=TEMPERATURE, seed=0,
     )  # fmt: skip
-    row = dict(batch=batch, mode="medusa" if medusa else "plain", temperature=TEMPERATURE,
+    if medusa:
+        kw["tree"] = tree
+    row = dict(batch=batch, mode="medusa" if medusa else "plain", temperature=TEMPERATURE, tree=tree,
+               draft_vocab=model.medusa_config.draft_vocab_size,
                layers=model.base.config.num_hidden_layers, cuda_graphs=cuda_graphs_mode(),
                regional_compile=regional_compile(), attention=attention_layout())  # fmt: skip
     skips = counters["inductor"]["cudagraph_skips"]
@@ -66,13 +87,14 @@ def measure(model: MedusaModel, batch: int, medusa: bool) -> dict:
     first = time.perf_counter() - start
     short = dict(kw, max_new_tokens=kw["max_new_tokens"] // 4)
     times = []
-    for _ in range(3):
+    for _ in range(REPEATS):
         out, few = generate(model, ids, **kw), generate(model, ids, **short)
         times.append((out.seconds - few.seconds) / max(out.steps - few.steps, 1))
     engine = cached_engine(model.base)
     row["attention"] = engine.attention if engine is not None else row["attention"]  # what "auto" resolved to
     row["sdpa_attention"] = engine.sdpa_attention if engine is not None else None  # the prefill's under "triton"
-    return dict(row, first_call_s=round(first, 1), step_ms=round(1000 * sorted(times)[1], 3), steps=out.steps,
+    return dict(row, first_call_s=round(first, 1), step_ms=round(1000 * sorted(times)[REPEATS // 2], 3),
+                step_ms_runs=[round(1000 * t, 3) for t in times], steps=out.steps,
                 tree_nodes=out.tree_nodes, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips,
                 uncaptured_step_runners=uncaptured_runners(model))  # fmt: skip
 
@@ -85,21 +107,68 @@ def uncaptured_runners(model: MedusaModel) -> int:
     return sum(1 for key, runner in engine.compiled.items() if key[0] == "runner" and not runner.graphs)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Medusa step / plain step (same batch size) against the tree's node count, a line per heads' vocabulary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastmedusa.bench.heads import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    plain = {r["batch"]: r["step_ms"] for r in result["rows"] if r["mode"] == "plain" and r.get("step_ms")}
+    lines: dict[tuple, list] = {}
+    for r in result["rows"]:
+        if r["mode"] == "medusa" and r.get("step_ms") and r["batch"] in plain:
+            lines.setdefault((r["batch"], r.get("draft_vocab")), []).append(r)
+    for i, ((batch, vocab), rows) in enumerate(sorted(lines.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1 << 30)))):
+        rows.sort(key=lambda r: r["tree_nodes"])
+        ratios = [r["step_ms"] / plain[batch] for r in rows]
+        ax.plot([r["tree_nodes"] for r in rows], ratios, "o-", label=f"batch {batch}, heads over "
+                + (f"{vocab:,} tokens" if vocab else "the full vocabulary"))  # fmt: skip
+        for r, ratio in zip(rows, ratios):
+            ax.annotate(f"{ratio:.2f}x", (r["tree_nodes"], ratio), fontsize=7, xytext=((5, 6), (5, -12), (-30, 6))[i % 3],
+                        textcoords="offset points")  # fmt: skip
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    nodes = sorted({r["tree_nodes"] for rows in lines.values() for r in rows})
+    ax.set_xticks(nodes, [str(n) for n in nodes])
+    ax.set_xlabel("tree nodes (verify pass: nodes + 1 tokens per row)")
+    ax.set_ylabel("Medusa step / plain step (median of calls)")
+    ax.legend(fontsize=8)
+    ms = ", ".join(f"batch {b}: {v:.3f} ms" for b, v in sorted(plain.items()))
+    env = {"device": result["device"], "date": result["date"],
+           "versions": {"torch": result["torch"], "transformers": result.get("transformers")}}  # fmt: skip
+    save_figure(fig, path, env, title=f"decode step cost, SmolLM2-135M shape, bf16; plain step {ms}")
+
+
 def main() -> None:
-    model = build_model()
+    if sys.argv[1:2] == ["--plot"] and len(sys.argv) == 3:
+        plot(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[2]).with_suffix(".png"))
+        return
+    base = build_base()
     rows = []
     for batch in BATCHES:
-        for medusa in (False, True):
-            rows.append(measure(model, batch, medusa))
-            print(rows[-1], flush=True)
-        plain, tree = (r.get("step_ms") for r in rows[-2:])
-        if plain and tree:
-            print(f"batch {batch}: medusa step / plain step = {tree / plain:.2f}x", flush=True)
+        plain = measure(with_heads(base, 0), batch, medusa=False)
+        rows.append(plain)
+        print(plain, flush=True)
+        for draft_vocab in DRAFT_VOCABS:
+            model = with_heads(base, draft_vocab)
+            for tree in TREES:
+                rows.append(measure(model, batch, True, tree))
+                print(rows[-1], flush=True)
+                if plain.get("step_ms") and rows[-1].get("step_ms"):
+                    print(f"batch {batch}, heads' vocabulary {draft_vocab or 'full'}, {tree}: medusa step / plain "
+                          f"step = {rows[-1]['step_ms'] / plain['step_ms']:.2f}x", flush=True)  # fmt: skip
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
-    result = dict(device=device, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=rows)
-    name = f"step_cost_L{model.base.config.num_hidden_layers}_T{TEMPERATURE:g}.json"
-    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
-        json.dump(result, f, indent=1)
+    result = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
+                  date=time.strftime("%Y-%m-%d"), rows=rows)  # fmt: skip
+    suffix = "" if DRAFT_VOCABS == [0] and TREES == ["mc_sim_7b_63"] else "_heads_trees"
+    name = f"step_cost_L{base.config.num_hidden_layers}_T{TEMPERATURE:g}{suffix}.json"
+    path = Path(os.environ.get("OUT", ".")) / name
+    path.write_text(json.dumps(result, indent=1))
+    plot(result, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

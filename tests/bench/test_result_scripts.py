@@ -128,6 +128,17 @@ def test_compare_heads_decode_keeps_each_call_and_its_own_greedy_baseline(tmp_pa
     assert "--run wants LABEL=FILE" in capsys.readouterr().err
 
 
+def test_step_cost_plot_draws_the_ratio_to_the_plain_step_of_the_same_batch(tmp_path, capsys):
+    rows = [{"mode": "plain", "batch": 1, "step_ms": 1.0, "tree_nodes": 0, "draft_vocab": None}]
+    rows += [{"mode": "medusa", "batch": 1, "step_ms": ms, "tree_nodes": n, "draft_vocab": v}
+             for v, n, ms in ((None, 16, 1.1), (None, 64, 1.3), (8192, 16, 1.05), (8192, 64, 1.2))]  # fmt: skip
+    rows.append({"mode": "medusa", "batch": 4, "step_ms": 2.0, "tree_nodes": 16, "draft_vocab": None})  # no plain row
+    path = tmp_path / "step_cost.json"
+    path.write_text(json.dumps({"device": "test", "torch": "2.13", "date": "2026-12-06", "rows": rows}))
+    run_script("step_cost.py", ["--plot", str(path)], capsys)
+    assert path.with_suffix(".png").stat().st_size > 10_000
+
+
 def test_model_drift_compares_a_tuned_model_with_its_base(tmp_path, capsys):
     """Two tiny random Llamas with a chat tokenizer: a model against itself is identical, against another not."""
     import torch

@@ -127,7 +127,7 @@ def save_figure(fig, path: Path, env: dict, title: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
     versions = env.get("versions", {})
-    stamp = f"torch {versions.get('torch')} · transformers {versions.get('transformers')}"
+    stamp = " · ".join(f"{name} {versions[name]}" for name in ("torch", "transformers") if versions.get(name))
     head = f"{title}\n" if title else ""
     fig.suptitle(f"{head}{env.get('device', '')} · {str(env.get('date', ''))[:10]} · {stamp}", fontsize=10 if title else 8)
     fig.tight_layout()
