@@ -3,13 +3,15 @@
 A SmolLM2-135M-shaped Llama with random weights and 4 fresh heads, bf16, CUDA graphs. Environment:
 $BATCHES batch sizes (default "1"), $LAYERS decoder layers (default 30), $TEMPERATURE (default 0: greedy;
 above 0: sampling and typical acceptance), $DRAFT_VOCABS the heads' vocabularies (default "0": the full 49,152;
-"0 16384 8192" measures each), $TREES tree presets (default "mc_sim_7b_63"; e.g. "mc_sim_7b_63 mc_sim_7b_31"). Step time does not depend on weight values, and acceptance here is
-meaningless, so the result is the step time (the difference of a long and a short call divided by their
-difference in steps, which leaves out the prefill and the call's fixed cost), the first call's time (it
+"0 16384 8192" measures each), $TREES tree presets (default "mc_sim_7b_63"; e.g. "mc_sim_7b_63 mc_sim_7b_31").
+Step time does not depend on weight values, and acceptance here is meaningless, so the result is the step
+time (the difference of a long and a short call divided by their difference in steps, which leaves out the
+prefill and the call's fixed cost; the median of REPEATS such pairs, all kept), the first call's time (it
 compiles), and how many steps ran without CUDA graphs: under FASTMEDUSA_CUDA_GRAPHS=compile torch.compile's
 `cudagraph_skips` (TORCH_LOGS=cudagraphs says why), under the default "step" the step runners whose capture
 failed (a warning says why). A step that fails to compile is recorded with its error. Writes
-$OUT/step_cost_L{layers}_T{temperature}.json (or ./...), so runs with other settings do not overwrite it. Without CUDA it runs a 2-layer fp32 model as a smoke test.
+$OUT/step_cost_L{layers}_T{temperature}[_heads_trees].json (or ./...), so runs with other settings do not
+overwrite it. Without CUDA it runs a 2-layer fp32 model as a smoke test.
 
     PYTHONPATH=src BATCHES="1 16" python3 bench/step_cost.py
     PYTHONPATH=src DRAFT_VOCABS="0 16384 8192" TREES="mc_sim_7b_63 mc_sim_7b_31" python3 bench/step_cost.py
@@ -122,14 +124,15 @@ def plot(result: dict, path: Path) -> None:
     for r in result["rows"]:
         if r["mode"] == "medusa" and r.get("step_ms") and r["batch"] in plain:
             lines.setdefault((r["batch"], r.get("draft_vocab")), []).append(r)
-    for i, ((batch, vocab), rows) in enumerate(sorted(lines.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1 << 30)))):
+    by_batch_then_vocab = sorted(lines.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1 << 30)))  # full first
+    for i, ((batch, vocab), rows) in enumerate(by_batch_then_vocab):
         rows.sort(key=lambda r: r["tree_nodes"])
         ratios = [r["step_ms"] / plain[batch] for r in rows]
         ax.plot([r["tree_nodes"] for r in rows], ratios, "o-", label=f"batch {batch}, heads over "
                 + (f"{vocab:,} tokens" if vocab else "the full vocabulary"))  # fmt: skip
         for r, ratio in zip(rows, ratios):
-            ax.annotate(f"{ratio:.2f}x", (r["tree_nodes"], ratio), fontsize=7, xytext=((5, 6), (5, -12), (-30, 6))[i % 3],
-                        textcoords="offset points")  # fmt: skip
+            offset = ((5, 6), (5, -12), (-30, 6))[i % 3]  # lines close together: labels above, below, left
+            ax.annotate(f"{ratio:.2f}x", (r["tree_nodes"], ratio), fontsize=7, xytext=offset, textcoords="offset points")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     nodes = sorted({r["tree_nodes"] for rows in lines.values() for r in rows})
