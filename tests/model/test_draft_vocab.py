@@ -205,3 +205,38 @@ def test_bad_draft_sizes_are_clear_errors(make_llama, tmp_path):
     save_file(state, str(tmp_path / HEADS_WEIGHTS_NAME))
     with pytest.raises(ValueError, match="more than once"):
         _draft_model(make_llama, dtype=torch.float32).load_heads(tmp_path)
+
+
+def test_misused_token_maps_fail_before_any_work(make_llama, tmp_path):
+    """Three misuses that used to fail late or with a misleading message, each now one clear ValueError."""
+    from fastmedusa.decode import generate
+
+    full = MedusaModel.from_base(make_llama(vocab_size=VOCAB), MedusaConfig(num_heads=2))
+    with pytest.raises(ValueError, match="score the full vocabulary"):  # was an IndexError in the next generate
+        full.medusa_heads.set_token_map(torch.arange(16))
+    # a tree drafting more tokens than the draft vocabulary holds: refused before the step compiles
+    model = _draft_model(make_llama, dtype=torch.float32)
+    for compile in (False, True):
+        with pytest.raises(ValueError, match="top 41 tokens of each head, but the heads score 40"):
+            generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=4, tree=[[0], [DRAFT]], compile=compile)
+    # a draft vocabulary of every token: the vLLM layout cannot mark it (truncated_vocab_size == vocab_size)
+    config = MedusaConfig(num_heads=2, shared_lm_head=True, draft_vocab_size=VOCAB)
+    everything = MedusaModel.from_base(make_llama(vocab_size=VOCAB), config, torch.randperm(VOCAB))
+    with pytest.raises(ValueError, match=f"draft vocabulary holds all {VOCAB} tokens"):
+        everything.save_heads(tmp_path / "vllm", layout="vllm")
+    everything.save_heads(tmp_path / "medusa")  # FasterDecoding's layout keeps draft_vocab_size: it round-trips
+    again = MedusaModel.from_base(make_llama(vocab_size=VOCAB), config)
+    again.load_heads(tmp_path / "medusa")
+    assert torch.equal(again.medusa_heads.token_map, everything.medusa_heads.token_map)
+
+
+def test_a_saved_map_that_disagrees_with_its_config_says_so(make_llama, tmp_path):
+    model = _draft_model(make_llama, dtype=torch.float32)
+    model.save_heads(tmp_path)
+    state = load_file(str(tmp_path / HEADS_WEIGHTS_NAME))
+    state["token_map"] = state["token_map"][:-1]
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / HEADS_WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="token_map holds 39 ids but the config's draft_vocab_size is 40"):
+        _draft_model(make_llama, dtype=torch.float32).load_heads(tmp_path)

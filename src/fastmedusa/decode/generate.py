@@ -45,6 +45,7 @@ from fastmedusa.decode.engine import DecodeEngine, get_engine
 from fastmedusa.decode.loop import StepRunner, medusa_body, plain_body, prefill_body, run_loop
 from fastmedusa.decode.packed_heads import packed_heads
 from fastmedusa.decode.trees import TreeBuffers, cached_tree_buffers, resolve_tree
+from fastmedusa.model.heads import check_draft_k
 
 TreeSpec = str | os.PathLike | Sequence[Sequence[int]] | None
 SeedSpec = int | Sequence[int] | torch.Tensor | None
@@ -459,9 +460,13 @@ def _auto_tree_size(model, heads, tree_info, prompt, batch_size, compile) -> int
     return cache[key]
 
 
-def _check_heads(heads: nn.Module, engine: DecodeEngine) -> None:
-    """Heads trained for another base model fail loudly here, not with a shape error mid-step."""
+def _check_heads(heads: nn.Module, engine: DecodeEngine, tree_topk: int) -> None:
+    """Heads trained for another base model, or a tree drafting more tokens per head than a draft vocabulary
+    holds, fail loudly here: not with a shape error mid-step, nor wrapped in a compiler error."""
     config = getattr(heads, "config", None)
+    rows = getattr(config, "head_vocab_size", None)
+    if isinstance(rows, int):
+        check_draft_k(tree_topk, rows)
     for name, mine in (("hidden_size", engine.hidden_size), ("vocab_size", engine.vocab_size)):
         theirs = getattr(config, name, None)
         if theirs is not None and theirs != mine:
@@ -571,8 +576,8 @@ def generate(
     seeds = row_seeds(seed, ids.shape[0], engine.device)
     eos_key = None if eos_ids is None else tuple(eos_ids.tolist())
     if tree_buffers is not None:
-        _check_heads(heads, engine)
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, str(engine.device))
+        _check_heads(heads, engine, tree_buffers.topk)
     _sync(engine.device)
     start = time.perf_counter()
     if compact is None:

@@ -136,6 +136,13 @@ def write_heads(directory: str | os.PathLike, checkpoint: HeadsCheckpoint, layou
                 "have their own draft-vocabulary projections; export them with --format medusa, or train "
                 "with --shared-lm-head for vLLM"
             )
+        if checkpoint.token_map is not None and checkpoint.token_map.numel() == checkpoint.config.vocab_size:
+            # truncated_vocab_size == vocab_size reads as "no draft vocabulary" (vLLM and our loader alike)
+            raise ValueError(
+                f"these heads' draft vocabulary holds all {checkpoint.config.vocab_size} tokens: the vLLM layout "
+                "marks a draft vocabulary only by a truncated_vocab_size below vocab_size, so its token_map "
+                "would be ignored; export them with --format medusa, or train with a smaller --draft-vocab"
+            )
         tensors, name = _vllm_tensors(checkpoint), VLLM_WEIGHTS_NAME
     with atomic_output(directory / name) as tmp:
         # safetensors refuses tensors that share memory: the shared-head copies are cloned on the way out

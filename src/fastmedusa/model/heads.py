@@ -163,6 +163,11 @@ class MedusaHeads(nn.Module):
     def set_token_map(self, token_map: torch.Tensor) -> None:
         """Install a draft vocabulary's token map (checked) and its inverse. The projections are not
         re-gathered: pass the map to the constructor to initialise them from the LM head's rows."""
+        if self.config.draft_vocab_size is None:
+            raise ValueError(
+                "these heads score the full vocabulary (draft_vocab_size is None): a token map applies only to "
+                "heads built with MedusaConfig(draft_vocab_size=N) and N projection rows"
+            )
         token_map = check_token_map(token_map, self.config.vocab_size, self.config.draft_vocab_size)
         device = self.token_map.device if self.token_map is not None else self.base_lm_head.weight.device
         self.token_map = token_map.to(device)
