@@ -1,4 +1,5 @@
-"""One dtype vocabulary for every command: `bf16`, `fp16`, `fp32` (the long torch names are accepted too)."""
+"""One dtype vocabulary for every command: `bf16`, `fp16`, `fp32` (the long torch names are accepted too),
+and one reading of `--device`."""
 
 from __future__ import annotations
 
@@ -34,3 +35,14 @@ def dtype_arg(text: str) -> str:
         return dtype_name(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def parse_device(text: str) -> torch.device:
+    """`--device TEXT` as a torch.device; a malformed name or an absent CUDA is a one-line error."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise ValueError(f"--device {text}: not a device name; pass cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available here; pass --device cpu")
+    return device

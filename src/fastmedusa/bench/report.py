@@ -70,5 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.results:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such results file (run `fastmedusa bench train` first)")
-        print(markdown(json.loads(path.read_text())), end="\n\n")
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not JSON ({err}): pass a file written by `fastmedusa bench train`") from err
+        if not isinstance(result, dict) or not {"environment", "settings", "shape", "rows"} <= set(result):
+            raise ValueError(f"{path} is not a `fastmedusa bench train` results file (no environment/settings/rows)")
+        print(markdown(result), end="\n\n")
     return 0

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from fastmedusa.bench.common import environment, write_json
+from fastmedusa.bench.common import environment, positive_int, write_json
+from fastmedusa.dtypes import parse_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastmedusa bench wgrad", description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, nargs="+", default=[4096, 16384], help="N values (rows = B*T)")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size H")
-    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size V (V/H sets the chunk count)")
+    p.add_argument("--rows", type=positive_int, nargs="+", default=[4096, 16384], help="N values (rows = B*T)")
+    p.add_argument("--hidden", type=positive_int, default=128, help="hidden size H")
+    p.add_argument("--vocab", type=positive_int, default=4096, help="vocabulary size V (V/H sets the chunk count)")
     p.add_argument("--logit-std", type=float, default=3.0, help="standard deviation of the logits")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -97,7 +98,7 @@ def wgrad_errors(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     rows = []
     for n in args.rows:
         h, w, labels = make_inputs(n, args.hidden, args.vocab, args.logit_std, device, args.seed)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg, parse_dtype
+from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg, parse_device, parse_dtype
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,9 +91,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """Default to CUDA + bf16 when a GPU exists, else CPU + fp32; refuse a CUDA device that is not there."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; pass --device cpu")
+    dev = parse_device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return dev, parse_dtype(dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 

@@ -419,6 +419,11 @@ def export_heads(heads_dir: str | os.PathLike, output: str | os.PathLike, layout
         raise NotADirectoryError(f"--output {output} is a file: pass a directory")
     if output.resolve() == source.resolve():
         raise ValueError(f"--output {output} is the heads directory itself: pass another directory")
+    if output.resolve() in source.resolve().parents or (output / "train_config.json").exists():
+        # a run's root: the copy's config.json would make the run read as a bare heads directory
+        raise ValueError(
+            f"--output {output} holds the heads being exported (a training run's directory): pass a new directory"
+        )
     checkpoint = read_heads(source)
     write_heads(output, checkpoint, layout)
     for item in sorted(

@@ -103,6 +103,10 @@ def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, d
 
 
 def _from_pretrained(loader, name_or_path, what: str, **kwargs):
+    import struct
+
+    from safetensors import SafetensorError
+
     source, extra = resolve_model_source(name_or_path)
     try:
         with _loading_output():
@@ -111,6 +115,18 @@ def _from_pretrained(loader, name_or_path, what: str, **kwargs):
         raise FileNotFoundError(
             f"could not load the {what} of {name_or_path!r}: {err}. Offline, pass a local directory "
             "or a .gguf file, or leave --model unset for the embedded SmolLM2."
+        ) from err
+    except SafetensorError as err:
+        raise ValueError(
+            f"--model {name_or_path}: a .safetensors file there cannot be read ({err}): it is truncated or "
+            "corrupt; save or download the model again"
+        ) from err
+    except (struct.error, ValueError) as err:
+        if "gguf_file" not in extra:
+            raise
+        raise ValueError(
+            f"--model {name_or_path}: the GGUF file {extra['gguf_file']} cannot be read ({err}): it may be "
+            "truncated or not a GGUF file; download it again"
         ) from err
 
 

@@ -9,6 +9,7 @@ each GEMM's sums are fp32 (fp64 for fp64 inputs); by default dW sums its row chu
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +40,11 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}: pick one of those")
     if impl == "auto":
         return "triton" if triton_available(device) else "chunked"
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"impl='triton' (--impl triton) runs its kernels on CUDA, not on {device.type} (the CPU only under "
+            "TRITON_INTERPRET=1, for tests): pass 'chunked' or 'auto' here"
+        )
     return impl
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fastmedusa.dtypes import DTYPES
+from fastmedusa.dtypes import DTYPES, parse_device
 
 HEADS_SCHEDULES = ("constant", "linear", "sine")
 LR_SCHEDULES = ("cosine", "constant")
@@ -206,13 +206,7 @@ class TrainConfig:
         """`device` with "auto" resolved; a CUDA device that is absent is a clear error."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as err:
-            raise ValueError(f"--device {self.device}: {err}; pass cpu, cuda or cuda:N") from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device}: CUDA is not available here; pass --device cpu")
-        return device
+        return parse_device(self.device)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         """The autocast dtype, or None for none: bf16 on CUDA by default, plain fp32 on the CPU."""

@@ -1,0 +1,34 @@
+"""A base model that cannot be read is one clear error naming the file, not a parser's traceback."""
+
+import pytest
+import torch
+
+from fastmedusa.model.loading import load_base_model
+
+
+def test_a_corrupt_safetensors_file_is_named(make_llama, tmp_path):
+    make_llama().save_pretrained(tmp_path)
+    weights = next(tmp_path.glob("*.safetensors"))
+    weights.write_bytes(b"\xff" * 64)  # a header length no file can have
+    with pytest.raises(ValueError, match=r"a \.safetensors file there cannot be read .*truncated or corrupt"):
+        load_base_model(tmp_path)
+
+
+@pytest.mark.parametrize("tail", [b"\x03\x00\x00\x00", b"\x03\x00\x00\x00" + b"\x01" * 11])
+def test_a_truncated_gguf_file_is_named(tmp_path, tail):
+    pytest.importorskip("gguf")
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(b"GGUF" + tail)  # the magic and a version, then the file ends inside its header
+    with pytest.raises(ValueError, match=r"the GGUF file cut\.gguf cannot be read .*truncated or not a GGUF file"):
+        load_base_model(path)
+
+
+def test_triton_loss_on_the_cpu_without_the_interpreter_says_what_to_pass(monkeypatch):
+    from fastmedusa.ops.cross_entropy import resolve_impl
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="runs its kernels on CUDA, not on cpu.*pass 'chunked' or 'auto'"):
+        resolve_impl("triton", torch.device("cpu"))
+    assert resolve_impl("auto", torch.device("cpu")) == "chunked"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the tests' way to run the kernels on the CPU
+    assert resolve_impl("triton", torch.device("cpu")) == "triton"
