@@ -190,3 +190,20 @@ def test_distill_progress_is_a_line_per_group_off_a_terminal(capsys):
     assert len(lines) == 1 and "\r" not in lines[0]
     assert lines[0].startswith("distill: 2/4 conv (50%)")
     assert "100 tokens (" in lines[0] and lines[0].endswith("2 records in the file")
+
+
+def test_outputs_that_cannot_be_written_name_what_is_in_the_way(tmp_path):
+    """A file where a folder is needed, or a folder where a file is: the error names the path in the way, and
+    nothing is left behind."""
+    import pytest
+
+    from fastmedusa.bench.common import write_json
+    from fastmedusa.files import write_text_atomic
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(NotADirectoryError, match=f"cannot write {blocker}/sub/out.json: {blocker} is a file"):
+        write_json(blocker / "sub" / "out.json", {"a": 1})
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory: pass a file path"):
+        write_text_atomic(tmp_path, "text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no temporary file left

@@ -21,6 +21,16 @@ def default_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def make_parent_directory(path: Path) -> None:
+    """mkdir -p of `path`'s parent; a file in the way is named (not an errno about some ancestor)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        blocker = next((p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir()), None)
+        where = f"{blocker} is a file, not a directory" if blocker else str(err)
+        raise NotADirectoryError(f"cannot write {path}: {where}; pass another path") from err
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; once the block succeeds it becomes `path` in one rename.
@@ -29,7 +39,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     mode 0600; the file gets the usual mode before the rename, so others can read published weights.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: pass a file path, e.g. {path / 'out.json'}")
+    make_parent_directory(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
@@ -63,7 +75,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     import shutil
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_directory(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp

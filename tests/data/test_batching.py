@@ -113,3 +113,12 @@ def test_train_eval_split():
     for bad in (0, 100, 1.5, 0.0):
         with pytest.raises(ValueError, match="n_eval"):
             train_eval_split(items, bad)
+
+
+def test_no_conversation_left_points_at_the_sequence_length():
+    import pytest
+
+    from fastmedusa.data.batching import ConversationBatches
+
+    with pytest.raises(ValueError, match="no conversation is left to train on.*raise --seq-len"):
+        ConversationBatches([], batch_size=2, seq_len=32)

@@ -84,6 +84,18 @@ def test_validation_errors():
         resolve_tree("no_such_tree", 4)
 
 
+def test_bad_tree_files_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tree file .*missing.json: no such file"):
+        resolve_tree(str(tmp_path / "missing.json"), 4)
+    (tmp_path / "text.json").write_text("not json")
+    with pytest.raises(ValueError, match="tree file .*text.json is not JSON"):
+        resolve_tree(str(tmp_path / "text.json"), 4)
+    for bad in ('[["a"]]', '{"paths": [[0], 1]}', '{"paths": [[true]]}', '{"nodes": []}'):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(ValueError, match="tree file .*bad.json holds no list of paths of integer ranks"):
+            resolve_tree(str(tmp_path / "bad.json"), 4)
+
+
 def test_resolve_tree_forms(tmp_path):
     assert len(resolve_tree(None, 4)) == 63
     assert all(len(p) <= 3 for p in resolve_tree(None, 3))

@@ -32,3 +32,22 @@ def test_triton_loss_on_the_cpu_without_the_interpreter_says_what_to_pass(monkey
     assert resolve_impl("auto", torch.device("cpu")) == "chunked"
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the tests' way to run the kernels on the CPU
     assert resolve_impl("triton", torch.device("cpu")) == "triton"
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [("medusa_num_heads", 0, "num_heads must be an integer >= 1"), ("draft_vocab_size", 5, "draft_vocab_size=5")],
+)
+def test_a_bad_value_in_a_heads_config_names_the_file(make_llama, tmp_path, field, value, match):
+    import json
+
+    from fastmedusa.model import MedusaConfig, MedusaModel
+    from fastmedusa.model.export import read_heads
+
+    MedusaModel.from_base(make_llama(), MedusaConfig(num_heads=2)).save_heads(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for read in (read_heads, MedusaConfig.from_pretrained):
+        with pytest.raises(ValueError, match=f"config.json: {match}.*fix it or re-export the heads"):
+            read(tmp_path)

@@ -60,7 +60,6 @@ def is_oom(err: BaseException) -> bool:
 
 def write_json(path: str | Path, payload: dict) -> Path:
     """Write payload as indented JSON, creating the folder; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return path
+    from fastmedusa.files import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")

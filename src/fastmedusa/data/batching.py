@@ -126,6 +126,11 @@ class ConversationBatches:
         self.epoch = 0
         self.index = 0  # batches of `epoch` already yielded
         self._plan_cache: tuple[int, list[list[list[int]]]] | None = None
+        if len(encoded) == 0:
+            raise ValueError(
+                "no conversation is left to train on: each was dropped while encoding (cut off before its first "
+                "assistant token, or rejected by the chat template): raise --seq-len, or check the data"
+            )
         if len(self._plan(0)) == 0:
             raise ValueError(
                 f"{len(encoded)} encoded conversations give no batch of {batch_size}"

@@ -37,6 +37,7 @@ import torch
 from fastmedusa.data.chat import generation_prompt
 from fastmedusa.data.sharegpt import ROLES, Conversation, ReadStats, iter_sharegpt, resolve_data_path
 from fastmedusa.dtypes import dtype_or_auto_arg
+from fastmedusa.files import make_parent_directory
 from fastmedusa.progress import Progress
 
 DEFAULT_PROMPT_TOKENS = 1024
@@ -398,7 +399,7 @@ def prepare_output(config: DistillConfig, settings: dict) -> _Start:
     config.validate()  # the output is a file; records in it need --resume or --overwrite
     has_records = out.is_file() and out.stat().st_size > 0
     if not config.resume or not has_records:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent_directory(out)
         out.write_bytes(b"")
         state_path.unlink(missing_ok=True)
         return _Start(0, 0, 0)

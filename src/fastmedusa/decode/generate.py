@@ -460,6 +460,15 @@ def _auto_tree_size(model, heads, tree_info, prompt, batch_size, compile) -> int
     return cache[key]
 
 
+def check_sampling(temperature: float, typical_epsilon: float, typical_delta: float) -> None:
+    """temperature 0 (greedy) or more, typical acceptance's thresholds non-negative; NaN is none of these."""
+    for name, value in (("temperature", temperature), ("typical_epsilon", typical_epsilon),
+                        ("typical_delta", typical_delta)):  # fmt: skip
+        if not float(value) >= 0:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{name}={value} ({flag}): pass 0 or more (temperature 0 is greedy decoding)")
+
+
 def _check_heads(heads: nn.Module, engine: DecodeEngine, tree_topk: int) -> None:
     """Heads trained for another base model, or a tree drafting more tokens per head than a draft vocabulary
     holds, fail loudly here: not with a shape error mid-step, nor wrapped in a compiler error."""
@@ -547,6 +556,7 @@ def generate(
     """
     base, heads = _split_model(model, heads)
     ids, offsets = check_batch(input_ids, attention_mask, max_new_tokens)
+    check_sampling(temperature, typical_epsilon, typical_delta)
     tree_buffers = None
     if medusa:
         if heads is None:

@@ -52,7 +52,9 @@ def preset_names() -> list[str]:
 def validate_paths(paths: Sequence[Sequence[int]], num_heads: int | None = None) -> list[Path_]:
     """Check a path list and return it sorted by (depth, path), the node order of the buffers."""
     if len(paths) == 0:
-        raise ValueError("the tree has no paths: give at least [[0]], or decode with medusa=False")
+        raise ValueError(
+            "the tree has no paths: give at least [[0]], or decode without the heads (medusa=False, --no-medusa)"
+        )
     seen: set[Path_] = set()
     for p in paths:
         path = tuple(int(r) for r in p)
@@ -117,6 +119,8 @@ def resolve_tree(
             return validate_paths(build_tree(tree_info["rank_accuracies"], int(size)), num_heads)
         if Path(name).is_file():
             return validate_paths(load_tree(name, num_heads), num_heads)
+        if name.endswith(".json") or os.sep in name:
+            raise FileNotFoundError(f"tree file {name}: no such file")
         raise ValueError(
             f"unknown tree {name!r}: use one of {preset_names()}, auto:<nodes>, or a JSON file of paths"
         )
@@ -265,10 +269,18 @@ def load_tree(path: str | os.PathLike, num_heads: int | None = None) -> list[lis
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tree file at {path}: write one with `fastmedusa bench heads`")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"tree file {path} is not JSON ({err.msg}): expected {{'paths': [[0], [0, 0], ...]}}") from None
     paths = data.get("paths") if isinstance(data, dict) else data
-    if not isinstance(paths, list):
-        raise ValueError(f"{path} holds no list of paths: expected {{'paths': [[0], [0, 0], ...]}}")
+    valid = isinstance(paths, list) and all(
+        isinstance(p, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in p) for p in paths
+    )
+    if not valid:
+        raise ValueError(
+            f"tree file {path} holds no list of paths of integer ranks: expected {{'paths': [[0], [0, 0], ...]}}"
+        )
     theirs = data.get("num_heads") if isinstance(data, dict) else None
     if num_heads is not None and theirs is not None and theirs != num_heads:
         raise ValueError(

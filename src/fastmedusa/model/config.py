@@ -102,5 +102,14 @@ class MedusaConfig:
                 f"no Medusa heads config at {path}: pass the directory written by `save_heads` "
                 "or `fastmedusa train --output-dir`"
             )
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err.msg}): re-export the heads") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds no JSON object: re-export the heads")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:  # a field of the wrong type or out of range
+            raise ValueError(f"{path}: {err} (a value in this file; fix it or re-export the heads)") from err

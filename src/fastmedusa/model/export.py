@@ -314,7 +314,10 @@ def read_heads(directory: str | os.PathLike) -> HeadsCheckpoint:
         raise ValueError(f"{config_path} is not valid JSON ({err}): re-export the heads") from err
     if not isinstance(raw_config, dict):
         raise ValueError(f"{config_path} holds no JSON object: re-export the heads")
-    config = MedusaConfig.from_dict(raw_config)
+    try:
+        config = MedusaConfig.from_dict(raw_config)
+    except (TypeError, ValueError) as err:  # a field of the wrong type or out of range
+        raise ValueError(f"{config_path}: {err} (a value in this file; fix it or re-export the heads)") from err
     raw_state, file = _read_weights(directory)
     state, layout = canonical_state(raw_state, config, file)
     known = set(config.to_dict()) | _LAYOUT_FIELDS
