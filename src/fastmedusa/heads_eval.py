@@ -107,6 +107,10 @@ def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
         settings[name] = given if given is not None else run.get(name, getattr(defaults, name))
     if not settings["eval_size"]:
         raise ValueError("--eval-size 0: evaluation needs held-out conversations; pass --eval-size 32")
+    if settings["seq_len"] < 2:
+        raise ValueError(f"--seq-len {settings['seq_len']}: pass at least 2 (a token and the one it predicts)")
+    if settings["max_conversations"] is not None and settings["max_conversations"] < 2:
+        raise ValueError(f"--max-conversations {settings['max_conversations']}: pass 2 or more (or omit it for all)")
     settings["run_config"] = str(run_file) if run else None
     return settings
 

@@ -87,6 +87,8 @@ def test_export_of_an_evaluated_run_has_a_full_model_card(run_dir, tmp_path, cap
         (["export", "RUN", "--format", "vllm", "--output", "RUN/heads"], "is the heads directory itself"),
         (["export", "RUN", "--output", "RUN"], "holds the heads being exported (a training run's directory)"),
         (["eval", "RUN", "--device", "foo"], "--device foo: not a device name; pass cpu, cuda or cuda:N"),
+        (["eval", "RUN", "--seq-len", "0"], "--seq-len 0: pass at least 2"),
+        (["eval", "RUN", "--max-conversations", "0"], "--max-conversations 0: pass 2 or more"),
     ],
 )
 def test_bad_input_is_one_clear_line(run_dir, argv, message, capsys):

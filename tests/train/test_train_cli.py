@@ -45,6 +45,8 @@ def test_flags_set_their_fields():
         (["--data", "/nonexistent/sharegpt.json"], "--data /nonexistent/sharegpt.json: no such file"),
         (["--output-dir", "/proc/version/out"], "--output-dir /proc/version/out is not writable"),
         (["--eval-size", "10", "--max-conversations", "10"], "leaves no training conversation"),
+        (["--tree-prompts", "-1"], "--tree-prompts -1: pass 0 (no tree.json) or more"),
+        (["--device", "foo"], "--device foo: not a device name; pass cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):

@@ -129,6 +129,7 @@ class TrainConfig:
         _check_int(self.batch_size, 1, "--batch-size", "pass 1 or more rows")
         _check_int(self.grad_accum, 1, "--grad-accum", "pass 1 or more micro-batches per step")
         _check_int(self.eval_size, 0, "--eval-size", "pass 0 (no eval) or more held-out conversations")
+        _check_int(self.tree_prompts, 0, "--tree-prompts", "pass 0 (no tree.json) or more held-out prompts")
         if self.max_conversations is not None:
             _check_int(
                 self.max_conversations, 2, "--max-conversations", "pass 2 or more (or omit it for all)"
