@@ -26,6 +26,7 @@ import os
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +34,8 @@ import transformers
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fastmedusa.bench.common import median
+from fastmedusa.bench.decode import timed_step_ms
 from fastmedusa.decode import generate
 from fastmedusa.decode.engine import attention_layout, cached_engine, regional_compile
 from fastmedusa.decode.generate import cuda_graphs_mode
@@ -79,7 +82,7 @@ def measure(model: MedusaModel, batch: int, medusa: bool, tree: str | None = Non
     skips = counters["inductor"]["cudagraph_skips"]
     start = time.perf_counter()
     try:
-        generate(model, ids, **kw)
+        out = generate(model, ids, **kw)
     except Exception as e:  # a compile failure is a result: record it and go on
         print(f"batch {batch} {row['mode']}: FAILED {type(e).__name__}", flush=True)
         traceback.print_exc(limit=-3)
@@ -88,15 +91,13 @@ def measure(model: MedusaModel, batch: int, medusa: bool, tree: str | None = Non
         torch.cuda.synchronize()
     first = time.perf_counter() - start
     short = dict(kw, max_new_tokens=kw["max_new_tokens"] // 4)
-    times = []
-    for _ in range(REPEATS):
-        out, few = generate(model, ids, **kw), generate(model, ids, **short)
-        times.append((out.seconds - few.seconds) / max(out.steps - few.steps, 1))
+    times = timed_step_ms(partial(generate, model, ids, **short), partial(generate, model, ids, **kw),
+                          torch.device(DEV), REPEATS)  # fmt: skip
     engine = cached_engine(model.base)
     row["attention"] = engine.attention if engine is not None else row["attention"]  # what "auto" resolved to
     row["sdpa_attention"] = engine.sdpa_attention if engine is not None else None  # the prefill's under "triton"
-    return dict(row, first_call_s=round(first, 1), step_ms=round(1000 * sorted(times)[REPEATS // 2], 3),
-                step_ms_runs=[round(1000 * t, 3) for t in times], steps=out.steps,
+    return dict(row, first_call_s=round(first, 1), step_ms=round(median(times), 3),
+                step_ms_runs=[round(t, 3) for t in times], steps=out.steps,
                 tree_nodes=out.tree_nodes, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips,
                 uncaptured_step_runners=uncaptured_runners(model))  # fmt: skip
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 CONFIG_NAME = "config.json"
 # The default tree (mc_sim_7b_63) drafts each head's top 10 tokens: a smaller draft vocabulary could not fill it.
@@ -102,14 +103,23 @@ class MedusaConfig:
                 f"no Medusa heads config at {path}: pass the directory written by `save_heads` "
                 "or `fastmedusa train --output-dir`"
             )
+        return cls.read_file(path)[0]
+
+    @classmethod
+    def read_file(cls, path: str | os.PathLike) -> tuple[MedusaConfig, dict]:
+        """A heads config.json: (the config, every field as written). Each flaw names the file."""
         try:
-            with open(path) as f:
-                data = json.load(f)
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): pass a heads directory "
+                "written by `fastmedusa train` or `fastmedusa export`"
+            ) from err
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err.msg}): re-export the heads") from None
-        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not valid JSON ({err}): re-export the heads") from err
+        if not isinstance(raw, dict):
             raise ValueError(f"{path} holds no JSON object: re-export the heads")
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(raw), raw
         except (TypeError, ValueError) as err:  # a field of the wrong type or out of range
             raise ValueError(f"{path}: {err} (a value in this file; fix it or re-export the heads)") from err

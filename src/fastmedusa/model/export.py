@@ -303,26 +303,17 @@ def read_heads(directory: str | os.PathLike) -> HeadsCheckpoint:
             f"no Medusa heads config at {config_path}: pass the directory written by `save_heads`, "
             "`fastmedusa train --output-dir` or `fastmedusa export`"
         )
-    try:
-        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{config_path} is not UTF-8 text ({err.reason} at byte {err.start}): pass a heads directory "
-            "written by `fastmedusa train` or `fastmedusa export`"
-        ) from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}): re-export the heads") from err
-    if not isinstance(raw_config, dict):
-        raise ValueError(f"{config_path} holds no JSON object: re-export the heads")
-    try:
-        config = MedusaConfig.from_dict(raw_config)
-    except (TypeError, ValueError) as err:  # a field of the wrong type or out of range
-        raise ValueError(f"{config_path}: {err} (a value in this file; fix it or re-export the heads)") from err
+    config, raw_config = MedusaConfig.read_file(config_path)
     raw_state, file = _read_weights(directory)
     state, layout = canonical_state(raw_state, config, file)
     known = set(config.to_dict()) | _LAYOUT_FIELDS
     metadata = {k: v for k, v in raw_config.items() if k not in known}
     checkpoint = HeadsCheckpoint(config, state, metadata, layout)
+    if checkpoint.token_map is not None and checkpoint.token_map.numel() != config.draft_vocab_size:
+        raise ValueError(
+            f"heads in {directory}: token_map holds {checkpoint.token_map.numel()} ids but the config's "
+            f"draft_vocab_size is {config.draft_vocab_size}: the heads directory disagrees with itself; re-export it"
+        )
     if config.hidden_size is None and checkpoint.projection(0) is not None:
         config.vocab_size, config.hidden_size = checkpoint.projection(0).shape
     return checkpoint

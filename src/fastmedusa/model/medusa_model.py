@@ -121,11 +121,6 @@ class MedusaModel(nn.Module):
         state = module_state(checkpoint)
         head = self.medusa_heads.state_dict()
         for key, value in state.items():
-            if key == "token_map" and head.get(key) is not None and head[key].shape != value.shape:
-                raise ValueError(
-                    f"heads in {directory}: token_map holds {value.numel()} ids but the config's draft_vocab_size "
-                    f"is {saved.draft_vocab_size}: the heads directory disagrees with itself; re-export the heads"
-                )
             if key in head and head[key].shape != value.shape:
                 raise ValueError(
                     f"heads in {directory}: {key} has shape {tuple(value.shape)}, the base model needs "
