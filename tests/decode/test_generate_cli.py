@@ -92,3 +92,24 @@ def test_generate_several_prompts_as_one_batch(saved, capsys):
     )
     assert rc == 0 and "batch 2" in stats
     assert text.rstrip("\n") == "\n\n".join(singles)
+
+
+@pytest.mark.parametrize(("flag", "compiled"), [(None, False), ("auto", False), ("on", True), ("off", False)])
+def test_generate_compiles_only_when_asked(saved, capsys, monkeypatch, flag, compiled):
+    """One call per process: compiling its steps costs more than it saves, so --compile auto leaves them eager
+    (captured in CUDA graphs on a GPU); --compile on compiles."""
+    import importlib
+
+    generate_module = importlib.import_module("fastmedusa.decode.generate")  # the package exports the function
+
+    seen = []
+    real = generate_module.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["compile"])
+        return real(*args, **{**kwargs, "compile": False})  # the CPU run itself stays eager
+
+    monkeypatch.setattr(generate_module, "generate", spy)
+    extra = [] if flag is None else ["--compile", flag]
+    rc, _, _ = run(capsys, "--model", saved / "model", "--prompt", "Hi", "--no-medusa", "--max-new-tokens", 3, *extra)
+    assert rc == 0 and seen == [compiled]

@@ -59,8 +59,8 @@ def test_repeated_calls_reuse_the_prefill_step(monkeypatch):
         out = generate(model, p, max_new_tokens=6, medusa=False, max_len=256)
         assert new_tokens(out, 0) == hf_greedy(model, p, 6)[0, n:].tolist()
     engine = model.__dict__["_fastmedusa_engine"]
-    assert [k for k in engine.compiled if isinstance(k, tuple) and k[0] == "prefill"] == [
-        ("prefill", 8, False, "step")
+    assert [k for k in engine.compiled if isinstance(k, tuple) and k[1:2] == ("prefill",)] == [
+        ("runner", "prefill", 8, False, "step")
     ]
 
 
@@ -72,7 +72,8 @@ def test_no_room_for_the_padding_falls_back_to_one_forward(monkeypatch):
     p = prompts_of([10], seed=1)[0]
     out = generate(model, p, max_new_tokens=6, medusa=False, max_len=16)
     assert new_tokens(out, 0) == hf_greedy(model, p, 6)[0, 10:].tolist()
-    assert not any(isinstance(k, tuple) and k[0] == "prefill" for k in model.__dict__["_fastmedusa_engine"].compiled)
+    engine = model.__dict__["_fastmedusa_engine"]
+    assert not any(isinstance(k, tuple) and k[1:2] == ("prefill",) for k in engine.compiled)
 
 
 def test_pad_to_chunks():
@@ -160,3 +161,29 @@ def test_a_tree_past_the_position_limit_is_a_clear_error():
         generate(model, p, max_new_tokens=40, heads=heads)  # mc_sim_7b_63 pruned to 3 heads
     out = generate(model, p, max_new_tokens=40, heads=heads, tree="chain_3")  # 3 tree slots fit
     assert new_tokens(out, 0) == hf_greedy(model, p, 40)[0, 10:].tolist()
+
+
+def test_prefill_compile_setting(monkeypatch):
+    """FASTMEDUSA_PREFILL_COMPILE is 1 by default; 0 keeps the chunk step eager; anything else is refused."""
+    from fastmedusa.decode.generate import prefill_compiled
+
+    monkeypatch.delenv("FASTMEDUSA_PREFILL_COMPILE", raising=False)
+    assert prefill_compiled()
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_COMPILE", "0")
+    assert not prefill_compiled()
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_COMPILE", "yes")
+    with pytest.raises(ValueError, match="FASTMEDUSA_PREFILL_COMPILE='yes': use 1"):
+        prefill_compiled()
+
+
+def test_uncompiled_prefill_under_compiled_steps_gives_the_same_tokens(monkeypatch):
+    """With FASTMEDUSA_PREFILL_COMPILE=0 the chunk step runs eagerly while the decode steps compile: same tokens,
+    and the prefill runner is keyed as uncompiled."""
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", "8")
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_COMPILE", "0")
+    model = tiny_llama(15)
+    p = prompts_of([11], seed=2)[0]
+    out = generate(model, p, max_new_tokens=6, medusa=False, max_len=64, compile=True)
+    assert new_tokens(out, 0) == hf_greedy(model, p, 6)[0, 11:].tolist()
+    engine = model.__dict__["_fastmedusa_engine"]
+    assert ("runner", "prefill", 8, False, "step") in engine.compiled

@@ -35,6 +35,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -349,36 +350,40 @@ def _allow_recompiles(limit: int = 64) -> None:
             setattr(config, name, limit)
 
 
-def _compiled(engine: DecodeEngine, key: tuple, build: Callable[[], Callable], compile: bool) -> Callable:
-    """Build (and compile) a step once per engine and key, so repeated calls reuse CUDA graphs.
+def _step_runner(
+    engine: DecodeEngine,
+    key: tuple,
+    build: Callable[[], Callable],
+    body: Callable,
+    out_width: int,
+    compile: bool,
+) -> StepRunner:
+    """The runner of a step, built (and compiled) once per engine and key, so repeated calls reuse its buffers
+    and CUDA graphs. `body(step, state, shared)` is the loop's work around the step (fastmedusa.decode.loop).
 
-    dynamic=False: every shape in a step is fixed by (batch size, tree, max_len), never by the prompt or
-    max_new_tokens, so automatic dynamic shapes would only add a second, slower compile."""
+    Compiled, the step and its body are one compiled function: the body's bookkeeping (output tokens, the
+    accepted-length log, the new state written into the state buffers) fuses into a few kernels instead of a
+    dozen copies and indexed writes per step. Under torch.compile's own CUDA graphs
+    (FASTMEDUSA_CUDA_GRAPHS=compile) only the step is compiled, since those graphs are skipped for functions
+    that write their inputs in place. dynamic=False: every shape in a step is fixed by (batch size, tree,
+    max_len), never by the prompt or max_new_tokens, so automatic dynamic shapes would only add a second,
+    slower compile."""
     cuda, graphs = engine.device.type == "cuda", cuda_graphs_mode()
-    key = (*key, compile, graphs)
+    key = ("runner", *key, compile, graphs)
     if key not in engine.compiled:
-        fn = build()
+        step = build()
+        compile_graphs = compile and cuda and graphs == "compile"
+        run_body = partial(body, step)
         if compile:
             _allow_recompiles()
-            compile_graphs = cuda and graphs == "compile"
-            if compile_graphs:
-                _mark_static([*engine.buffers(), *getattr(fn, "static_tensors", [])])
-            mode = "reduce-overhead" if compile_graphs else "default"
-            fn = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
-        engine.compiled[key] = fn
-    return engine.compiled[key]
-
-
-def _runner(engine: DecodeEngine, step: Callable, body: Callable, out_width: int, compile: bool) -> StepRunner:
-    """The step's buffers (and in "step" mode its CUDA graphs), built once per compiled step (`_compiled` keys
-    those by compile and CUDA-graph mode already)."""
-    key = ("runner", step)
-    if key not in engine.compiled:
-        cuda, graphs = engine.device.type == "cuda", cuda_graphs_mode()
+        if compile_graphs:
+            _mark_static([*engine.buffers(), *getattr(step, "static_tensors", [])])
+            run_body = partial(body, torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False))
+        elif compile:
+            run_body = torch.compile(run_body, fullgraph=True, dynamic=False)
         engine.compiled[key] = StepRunner(
-            engine, step, body, out_width, graphs=cuda and graphs == "step",
-            mark_steps=cuda and compile and graphs == "compile",
-        )  # fmt: skip
+            engine, run_body, out_width, graphs=cuda and graphs == "step", mark_steps=compile_graphs
+        )
     return engine.compiled[key]
 
 
@@ -600,13 +605,14 @@ def generate(
         engine, run_ids, run_offsets, seeds, max_new_tokens, temperature, eos_ids, chunk if chunked else 0, compile
     )
     if tree_buffers is None:
-        step = _compiled(
+        runner = _step_runner(
             engine,
             ("plain", temperature, eos_key, pad_token_id),
             lambda: make_plain_step(engine, temperature, eos_ids, pad_token_id),
+            plain_body,
+            engine.max_len + 1,
             compile,
         )
-        runner = _runner(engine, step, plain_body, engine.max_len + 1, compile)
         runner.start(ids.shape[0], pad_token_id, first_column=1)
         n, _ = run_loop(runner, state, max_new_tokens - 1, eos_ids is not None, compact)
         steps = n.tolist()
@@ -614,16 +620,16 @@ def generate(
     else:
         key = ("medusa", tuple(tree_buffers.paths), id(heads), temperature, typical_epsilon, typical_delta)
         drafter = packed_heads(engine.compiled, heads, tree_buffers.depth)  # refreshed if the weights changed
-        step = _compiled(
+        runner = _step_runner(
             engine,
             (*key, eos_key),
             lambda: make_medusa_step(
                 engine, drafter, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids
             ),
+            medusa_body,
+            engine.max_len + tree_buffers.depth + 2,
             compile,
         )
-        out_width = engine.max_len + tree_buffers.depth + 2
-        runner = _runner(engine, step, medusa_body, out_width, compile)
         runner.start(ids.shape[0], pad_token_id, first_column=0)
         n, count = run_loop(runner, state, None, True, compact)
         accepts = _accept_lengths(runner, count, ids.shape[0])
@@ -663,6 +669,17 @@ def prefill_chunk(captured: bool = True) -> int:
     if chunk < 0:
         raise ValueError(f"FASTMEDUSA_PREFILL_CHUNK={raw!r}: use a token count >= 1, or 0 for no chunks")
     return chunk
+
+
+def prefill_compiled() -> bool:
+    """Whether steps that compile also compile the prefill chunk step (`FASTMEDUSA_PREFILL_COMPILE`, "1" or
+    "0"; default "1"). Not compiled, the chunk step is the eager forward captured in a CUDA graph, like a
+    compiled one (under FASTMEDUSA_CUDA_GRAPHS=compile, only a compiled step is captured: it stays compiled).
+    The trade: one compile less on a call's first use against a slower pass over the prompt."""
+    raw = os.environ.get("FASTMEDUSA_PREFILL_COMPILE", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"FASTMEDUSA_PREFILL_COMPILE={raw!r}: use 1 (compile the prefill step) or 0 (capture it eagerly)")
+    return raw == "1"
 
 
 def pad_to_chunks(ids: torch.Tensor, offsets: torch.Tensor, chunk: int, room: int):
@@ -710,8 +727,10 @@ def _prompt_through_cache(engine, ids, offsets, chunk: int, compile: bool) -> to
     if chunk <= 0:  # the whole prompt as one chunk, eagerly
         last = make_prefill_step(engine, length)(ids, start, offsets)
         return last.clone(memory_format=torch.contiguous_format)  # a stride set by P would recompile
-    step = _compiled(engine, ("prefill", chunk), lambda: make_prefill_step(engine, chunk), compile)
-    runner = _runner(engine, step, prefill_body, 1, compile)
+    compile = compile and (cuda_graphs_mode() == "compile" or prefill_compiled())
+    runner = _step_runner(
+        engine, ("prefill", chunk), lambda: make_prefill_step(engine, chunk), prefill_body, 1, compile
+    )
     hidden = torch.empty(bsz, engine.hidden_size, dtype=engine.dtype, device=engine.device)
     values = dict(tokens=ids[:, :chunk], start=start, offset=offsets, hidden=hidden)
     state = runner.load(values, torch.arange(bsz, device=engine.device))

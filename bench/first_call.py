@@ -1,0 +1,190 @@
+"""What a first call costs: each decode mode's first `generate` call on a cold machine, and the prompt's pass.
+
+A SmolLM2-135M-shaped Llama with random weights and 4 fresh heads, bf16, CUDA graphs (step time and compile time
+do not depend on weight values). Each variant runs in a fresh Python process with empty TorchInductor and Triton
+caches, as on a machine that never ran fastmedusa: its first greedy call compiles the prompt's chunk step and
+the greedy step and builds every Triton kernel; the first Medusa and typical calls then compile their own steps.
+After that, warm calls time the prompt's pass alone (`max_new_tokens=1`, median of 9 calls) for prompts of
+16-1024 tokens, and a 64-token generation from a 100-token prompt, greedy and Medusa (random heads: Medusa
+accepts next to nothing here, so its time is about 64 verify steps).
+
+Variants (`--variants`, default all): `compiled`, the prompt's chunk step compiled like the decode steps
+(FASTMEDUSA_PREFILL_COMPILE=1); `captured`, the same step eager, captured in a CUDA graph (=0); `eager`,
+`generate(compile=False)`: no step compiled, each one eager and captured in a CUDA graph. `--baseline-src DIR`
+adds a variant that imports fastmedusa from DIR (an earlier checkout's src/) for a before/after.
+
+    PYTHONPATH=src python3 bench/first_call.py --out first_call_h100.json
+    PYTHONPATH=src python3 bench/first_call.py --plot first_call_h100.json     # the chart again
+
+Writes the JSON and a PNG beside it. Without CUDA it runs a 2-layer fp32 model as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+VARIANTS = {
+    "compiled": {"FASTMEDUSA_PREFILL_COMPILE": "1"},
+    "captured": {"FASTMEDUSA_PREFILL_COMPILE": "0"},
+    "eager": {"FIRST_CALL_COMPILE": "0"},
+}
+PROMPT_LENGTHS = (16, 64, 128, 256, 512, 1024)
+MAX_LEN = 2048  # one engine for every call: no call rebuilds the cache or recompiles for a longer prompt
+
+
+def child() -> dict:
+    """Run in a fresh process: the first calls of each mode, then warm timings. Prints one JSON line."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastmedusa.decode import generate
+    from fastmedusa.model import MedusaConfig, MedusaModel
+
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30 if cuda else 2,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
+    )  # fmt: skip
+    base = LlamaForCausalLM(cfg).to(dtype).to(dev).eval()
+    model = MedusaModel.from_base(base, MedusaConfig(num_heads=4)).to(device=dev, dtype=dtype).eval()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    ids = torch.randint(1, 49152, (1, 100), device=dev)
+    compile = None if os.environ.get("FIRST_CALL_COMPILE", "1") == "1" else False
+    kw = dict(max_new_tokens=64, max_len=MAX_LEN, seed=0, compile=compile)
+    result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    result["first_greedy_s"] = timed(lambda: generate(model, ids, medusa=False, **kw))
+    result["second_greedy_s"] = timed(lambda: generate(model, ids, medusa=False, **kw))
+    result["first_medusa_s"] = timed(lambda: generate(model, ids, tree="mc_sim_7b_63", **kw))
+    result["first_typical_s"] = timed(
+        lambda: generate(model, ids, tree="mc_sim_7b_63", temperature=0.7, **kw)
+    )
+    prefill = {}
+    for length in PROMPT_LENGTHS:
+        prompt = torch.randint(1, 49152, (1, length), device=dev)
+        one = dict(medusa=False, max_new_tokens=1, max_len=MAX_LEN, compile=compile)
+        generate(model, prompt, **one)  # warm
+        times = sorted(timed(partial(generate, model, prompt, **one)) for _ in range(9))
+        prefill[str(length)] = round(times[len(times) // 2] * 1e3, 3)
+    result["prefill_ms"] = prefill
+    for name, extra in (("greedy", dict(medusa=False)), ("medusa", dict(tree="mc_sim_7b_63"))):
+        gen = sorted(timed(partial(generate, model, ids, **extra, **kw)) for _ in range(9))
+        result[f"{name}_64_tokens_ms"] = round(gen[len(gen) // 2] * 1e3, 3)
+    for key in ("first_greedy_s", "second_greedy_s", "first_medusa_s", "first_typical_s"):
+        result[key] = round(result[key], 2)
+    return result
+
+
+def run_variant(name: str, env_extra: dict, src: str | None) -> dict:
+    """One variant in a fresh process with empty compile caches (TorchInductor's and Triton's)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(
+            os.environ,
+            **env_extra,
+            TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor",
+            TRITON_CACHE_DIR=f"{tmp}/triton",
+        )
+        if src is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                [src, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+            )
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {
+            "variant": name,
+            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed",
+        }
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"variant": name, **env_extra, "src": src, "process_s": round(wall, 1), **row}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Left: each mode's first call per variant; right: the prompt's pass against prompt length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastmedusa.bench.heads import save_figure
+
+    rows = [r for r in result["rows"] if "error" not in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    modes = [("first_greedy_s", "greedy"), ("first_medusa_s", "Medusa"), ("first_typical_s", "typical")]
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        xs = [j + i * width for j in range(len(modes))]
+        bars = left.bar(xs, [r[k] for k, _ in modes], width, label=r["variant"])
+        left.bar_label(bars, fmt="%.1f", fontsize=7)
+        lengths = sorted(int(k) for k in r["prefill_ms"])
+        right.plot(lengths, [r["prefill_ms"][str(n)] for n in lengths], "o-", label=r["variant"])
+    left.axhline(30, color="gray", lw=0.8, ls="--")
+    left.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(modes))], [m for _, m in modes])
+    left.set_ylabel("first call, cold caches (s)")
+    left.legend(fontsize=8)
+    right.set_xscale("log", base=2)
+    right.set_xlabel("prompt tokens")
+    right.set_ylabel("prompt's pass + first token (ms, median of 9)")
+    right.legend(fontsize=8)
+    env = {"device": result["device"], "date": result["date"], "versions": {"torch": result["torch"]}}
+    save_figure(fig, path, env, title="first calls and the prompt's pass, SmolLM2-135M shape, bf16, batch 1")
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--child"]:
+        print(json.dumps(child()), flush=True)
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument(
+        "--baseline-src", default=None, help="also run fastmedusa imported from this src/ directory"
+    )
+    p.add_argument("--out", type=Path, default=Path("first_call.json"))
+    p.add_argument("--plot", type=Path, default=None, help="only redraw the chart of this JSON file")
+    args = p.parse_args()
+    if args.plot is not None:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
+    rows = []
+    if args.baseline_src:
+        rows.append(run_variant("previous code", {}, args.baseline_src))
+        print(rows[-1], flush=True)
+    for name in args.variants:
+        rows.append(run_variant(name, VARIANTS[name], None))
+        print(rows[-1], flush=True)
+    good = [r for r in rows if "error" not in r]
+    result = dict(
+        device=good[0]["device"] if good else "unknown", torch=good[0]["torch"] if good else None,
+        date=time.strftime("%Y-%m-%d"), prompt_lengths=list(PROMPT_LENGTHS), rows=rows,
+    )  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    if good:
+        plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
