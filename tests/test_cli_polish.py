@@ -207,3 +207,36 @@ def test_outputs_that_cannot_be_written_name_what_is_in_the_way(tmp_path):
     with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory: pass a file path"):
         write_text_atomic(tmp_path, "text")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["decode", "--tree", "auto:0"], "node count after 'auto:' must be an integer >= 1"),
+        (["decode", "--batch-sizes", "4", "0"], "'0': pass an integer of 1 or more"),
+        (["decode", "--new-tokens", "-3"], "'-3': pass an integer of 1 or more"),
+        (["loss", "--warmup", "-1"], "'-1': pass an integer of 0 or more"),
+        (["loss", "--prompt-frac", "1.5"], "'1.5': pass a fraction in [0, 1)"),
+        (["train", "--masked-frac", "half"], "'half': pass a fraction in [0, 1)"),
+        (["train", "--steps", "0"], "'0': pass an integer of 1 or more"),
+        (["train", "--warmup", "x"], "'x': pass an integer of 0 or more"),
+    ],
+)
+def test_bench_flags_out_of_range_are_usage_errors(capsys, argv, message):
+    """A bad benchmark flag stops before any work, with argparse's one line naming the flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {next(a for a in argv if a.startswith('--'))}" in err and message in err
+
+
+def test_a_model_directory_without_a_tokenizer_says_so(tmp_path):
+    """A directory holding config.json and weights but no tokenizer file: one error naming what to save."""
+    from conftest import tiny_llama
+
+    from fastmedusa.model import load_tokenizer
+
+    tiny_llama(0).save_pretrained(tmp_path / "model")
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer .*tokenizer.save_pretrained\(DIR\)"):
+        load_tokenizer(tmp_path / "model")

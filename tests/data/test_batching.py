@@ -111,7 +111,7 @@ def test_train_eval_split():
     assert train_eval_split(items, 10, seed=2)[1] != held_out
     assert len(train_eval_split(items, 0.25, seed=1)[1]) == 25
     for bad in (0, 100, 1.5, 0.0):
-        with pytest.raises(ValueError, match="n_eval"):
+        with pytest.raises(ValueError, match="--eval-size"):
             train_eval_split(items, bad)
 
 

@@ -40,6 +40,32 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse `type=` for counts that may be 0 (warm-up calls): an integer of 0 or more."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass an integer of 0 or more")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse `type=` for a share of tokens: a number in [0, 1) (1 would leave nothing to score)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a fraction in [0, 1), e.g. 0.3")
+    return value
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -31,10 +31,19 @@ from fastmedusa.decode import generate
 from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
 from fastmedusa.decode.engine import attention_layout, cached_engine, regional_compile
 from fastmedusa.decode.generate import CUDA_GRAPHS_MODES, cuda_graphs_mode
+from fastmedusa.decode.trees import check_tree_name
 from fastmedusa.ops import triton_topk
 from fastmedusa.progress import Progress
 
 ROWS = ("hf-static", "greedy", "medusa", "typical")
+
+
+def tree_arg(text: str) -> str:
+    """argparse `type=` for --tree: a malformed auto:N is a usage error, not a failed row of the report."""
+    try:
+        return check_tree_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,10 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "MT-Bench question.jsonl, or sharegpt (first turns of the held-out conversations)",
     )
     p.add_argument("--num-prompts", type=positive_int, default=80, help="use at most this many prompts")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes to run")
-    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4, 16, 64], help="batch sizes to run")
+    p.add_argument("--new-tokens", type=positive_int, default=256, help="tokens generated per prompt")
     p.add_argument(
         "--tree",
+        type=tree_arg,
         default=None,
         help="Medusa tree (default: the heads' tree.json, else mc_sim_7b_63 pruned): auto:N, preset, JSON file",
     )

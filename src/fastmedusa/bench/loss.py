@@ -30,9 +30,11 @@ import torch
 from fastmedusa.bench.common import (
     cuda_times_ms,
     environment,
+    fraction,
     is_oom,
     matmul_tflops,
     median,
+    nonnegative_int,
     positive_int,
     write_json,
 )
@@ -104,12 +106,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--chunk-rows", type=int, default=None, help="fastmedusa chunk size (default: the library's)"
     )
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per row")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls per row")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed calls per row (the median is reported)")
     p.add_argument("--logit-std", type=float, default=3.0, help="standard deviation of the logits")
     p.add_argument(
         "--prompt-frac",
-        type=float,
+        type=fraction,
         default=0.0,
         help="fraction of each sequence masked as a prompt (-100), as SFT labels are; 0 = every token scored",
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fastmedusa.bench.common import environment, write_json
+from fastmedusa.bench.common import environment, fraction, nonnegative_int, positive_int, write_json
 from fastmedusa.model import MedusaConfig, MedusaModel
 from fastmedusa.train.config import DTYPES
 from fastmedusa.train.metrics import PEAK_BF16_TFLOPS, peak_tflops, synchronize, train_flops_per_token
@@ -242,10 +242,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of the harness)"
     )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="parameter and autocast dtype")
-    p.add_argument("--masked-frac", type=float, default=0.0,
+    p.add_argument("--masked-frac", type=fraction, default=0.0,
                    help="fraction of each row labelled -100 (a prompt); 0 = every token trained, as the seed")  # fmt: skip
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per point")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per point (median reported)")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed steps per point")
+    p.add_argument("--steps", type=positive_int, default=3, help="timed steps per point (median reported)")
     p.add_argument("--profile", action="store_true", help="also time the heads' loss and optimizer alone")
     p.add_argument(
         "--out",

@@ -28,10 +28,10 @@ def train_eval_split(items: Sequence[T], n_eval: int | float, seed: int = 0) -> 
     """
     count = round(n_eval * len(items)) if isinstance(n_eval, float) else n_eval
     if isinstance(n_eval, float) and not 0.0 < n_eval < 1.0:
-        raise ValueError(f"n_eval={n_eval}: a fraction must lie in (0, 1); pass an int for a count")
+        raise ValueError(f"eval size {n_eval} (--eval-size): a fraction must lie in (0, 1); pass an int for a count")
     if not isinstance(count, int) or not 1 <= count < len(items):
         raise ValueError(
-            f"n_eval={n_eval} gives {count} eval items out of {len(items)}: "
+            f"eval size {n_eval} (--eval-size) gives {count} held-out items out of {len(items)}: "
             "leave at least one item on each side (pass fewer eval items or more data)"
         )
     order = list(range(len(items)))

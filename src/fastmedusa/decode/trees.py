@@ -84,6 +84,15 @@ def prune_tree(paths: Sequence[Sequence[int]], max_depth: int) -> list[list[int]
     return [list(p) for p in paths if len(p) <= max_depth]
 
 
+def check_tree_name(name: str) -> str:
+    """The node count of an "auto:N" tree name is an integer >= 1 (checked before any work is done)."""
+    if name.startswith("auto:"):
+        size = name[len("auto:") :]
+        if not size.isdigit() or int(size) < 1:
+            raise ValueError(f"tree {name!r}: the node count after 'auto:' must be an integer >= 1, e.g. auto:64")
+    return name
+
+
 def resolve_tree(
     tree: str | os.PathLike | Sequence[Sequence[int]] | None,
     num_heads: int,
@@ -105,11 +114,8 @@ def resolve_tree(
         if name.startswith("chain_") and name[len("chain_") :].isdigit():
             return validate_paths(chain_tree(int(name[len("chain_") :])), num_heads)
         if name.startswith("auto:"):
+            check_tree_name(name)
             size = name[len("auto:") :]
-            if not size.isdigit() or int(size) < 1:
-                raise ValueError(
-                    f"tree {name!r}: the node count after 'auto:' must be an integer >= 1, e.g. auto:64"
-                )
             if tree_info is None or not tree_info.get("rank_accuracies"):
                 raise ValueError(
                     f"tree {name!r} is built from the heads' measured accuracies, and these heads have no "

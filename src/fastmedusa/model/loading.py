@@ -130,10 +130,28 @@ def _from_pretrained(loader, name_or_path, what: str, **kwargs):
         ) from err
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_tokenizer_files(name_or_path: str | os.PathLike | None) -> None:
+    """A local model directory without any tokenizer file: say so (transformers would go on to blame a missing
+    sentencepiece or tiktoken install). A GGUF carries its tokenizer; hub ids are left to transformers."""
+    source, extra = resolve_model_source(name_or_path)
+    directory = Path(source)
+    if "gguf_file" in extra or not directory.is_dir():
+        return
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"--model {name_or_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside the "
+            "model with tokenizer.save_pretrained(DIR), or pass the directory or hub id the model came from"
+        )
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None, **kwargs):
     """The tokenizer of a base model (the embedded SmolLM2 when `name_or_path` is None)."""
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(name_or_path)
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
