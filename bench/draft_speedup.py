@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 PEERS = ("torch", "liger", "cce", "triton")
+SHAPE_NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B"}  # `fastmedusa bench train --shape`
 
 
 def _ok(row: dict | None) -> bool:
@@ -94,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     env = draft.get("environment", {})
     payload = {"environment": env, "full": args.full.name, "draft": args.draft.name, "points": points}
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
-    shape = draft.get("settings", {}).get("shape", "")
-    title = f"Llama-3.2-{shape.upper()} shape, stage 1: draft-vocabulary heads vs full-vocabulary peers"
+    settings = draft.get("settings", {})
+    shape = SHAPE_NAMES.get(settings.get("shape", ""), settings.get("shape", "?"))
+    stages = "/".join(str(s) for s in settings.get("stages", sorted({p["stage"] for p in points})))
+    title = f"{shape} shape, stage {stages}: draft-vocabulary heads vs full-vocabulary peers"
     plot(points, args.out.with_suffix(".png"), env, title)
     print(markdown(points))
 

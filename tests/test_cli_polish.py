@@ -233,10 +233,12 @@ def test_bench_flags_out_of_range_are_usage_errors(capsys, argv, message):
 
 def test_a_model_directory_without_a_tokenizer_says_so(tmp_path):
     """A directory holding config.json and weights but no tokenizer file: one error naming what to save."""
-    from conftest import tiny_llama
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastmedusa.model import load_tokenizer
 
-    tiny_llama(0).save_pretrained(tmp_path / "model")
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     with pytest.raises(FileNotFoundError, match=r"has no tokenizer .*tokenizer.save_pretrained\(DIR\)"):
         load_tokenizer(tmp_path / "model")
