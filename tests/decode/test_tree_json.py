@@ -121,3 +121,16 @@ def test_auto_tree_uses_the_measured_size(llama, tmp_path, monkeypatch):
     out = generate(model, ids, max_new_tokens=8, tree="auto")
     plain = generate(model, ids, max_new_tokens=8, medusa=False)
     assert out.tree_nodes == 7 and torch.equal(out.sequences, plain.sequences)  # 6 paths + the root; lossless
+
+
+def test_default_tree_sizes_fill_whole_tiles():
+    """A verify pass is the tree's nodes plus the root: the default size and auto's candidates make it a power of
+    two (64 tokens, not 65, which would start a new GEMM and attention tile)."""
+    import inspect
+
+    from fastmedusa.decode.accuracy import DEFAULT_TREE_NODES
+
+    candidates = inspect.signature(choose_tree_size).parameters["candidates"].default
+    for nodes in (DEFAULT_TREE_NODES, *candidates[:-2]):
+        assert (nodes + 1) & nodes == 0, nodes
+    assert all((n + 1) % 32 == 0 for n in candidates[-2:])

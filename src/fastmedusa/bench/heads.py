@@ -14,7 +14,12 @@ import torch
 
 from fastmedusa.bench.common import environment, positive_int, write_json
 from fastmedusa.decode import build_tree, expected_accept_length, prune_tree, save_tree
-from fastmedusa.decode.accuracy import first_user_prompts, measure_rank_accuracies, write_tree_json
+from fastmedusa.decode.accuracy import (
+    DEFAULT_TREE_NODES,
+    first_user_prompts,
+    measure_rank_accuracies,
+    write_tree_json,
+)
 from fastmedusa.decode.trees import PRESETS
 from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
 
@@ -24,10 +29,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_model_arguments(p)
     p.add_argument("--heads", required=True, help="Medusa heads directory (written by `fastmedusa train`)")
     p.add_argument("--prompts", type=positive_int, default=32, help="held-out prompts to continue and score")
-    p.add_argument("--new-tokens", type=positive_int, default=128, help="greedy continuation length per prompt")
-    p.add_argument("--ranks", type=positive_int, default=10, help="ranks r scored per head (top-k of the tree)")
     p.add_argument(
-        "--tree-nodes", type=positive_int, nargs="+", default=[16, 32, 64], help="node budgets of built trees"
+        "--new-tokens", type=positive_int, default=128, help="greedy continuation length per prompt"
+    )
+    p.add_argument(
+        "--ranks", type=positive_int, default=10, help="ranks r scored per head (top-k of the tree)"
+    )
+    p.add_argument(
+        "--tree-nodes", type=positive_int, nargs="+", default=[15, 31, 63], help="node budgets of built trees"
     )
     p.add_argument(
         "--out", type=Path, default=Path("bench/results/heads.json"), help="JSON path (PNG beside)"
@@ -39,10 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--write-tree",
         type=int,
         nargs="?",
-        const=64,
+        const=DEFAULT_TREE_NODES,
         default=None,
         metavar="NODES",
-        help="also write HEADS/tree.json (accuracies + a NODES-node tree, default 64): what `generate` then "
+        help=f"also write HEADS/tree.json (accuracies + a NODES-node tree, default {DEFAULT_TREE_NODES}): what `generate` then "
         "uses by default and builds `--tree auto:N` from",
     )
     return p.parse_args(argv)
@@ -129,7 +138,10 @@ def save_figure(fig, path: Path, env: dict, title: str | None = None) -> None:
     versions = env.get("versions", {})
     stamp = " · ".join(f"{name} {versions[name]}" for name in ("torch", "transformers") if versions.get(name))
     head = f"{title}\n" if title else ""
-    fig.suptitle(f"{head}{env.get('device', '')} · {str(env.get('date', ''))[:10]} · {stamp}", fontsize=10 if title else 8)
+    fig.suptitle(
+        f"{head}{env.get('device', '')} · {str(env.get('date', ''))[:10]} · {stamp}",
+        fontsize=10 if title else 8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -24,7 +24,11 @@ from fastmedusa.decode.trees import build_tree, expected_accept_length
 from fastmedusa.progress import Progress
 
 TREE_FILE = "tree.json"
-DEFAULT_TREE_NODES = 64
+# A verify pass runs the tree's nodes plus the root: 63 nodes make 64 tokens, a whole number of the GEMM and
+# attention tiles. One node more starts a new tile: on an H100 (SmolLM2, 16k draft heads) a 64-node step took
+# 1.125 ms against 1.104 ms for 63 nodes, and 32 nodes 1.059 ms against 1.030 ms for 31
+# (bench/results/step_cost_tree_width_h100). So sizes are 2^k - 1.
+DEFAULT_TREE_NODES = 63
 
 
 def first_user_turns(conversations: Sequence[Sequence[dict]]) -> list[str]:
@@ -214,7 +218,9 @@ def measure_heads_tree(
 
 
 @torch.no_grad()
-def expected_by_heads(rank_accuracies: Sequence[Sequence[float]], nodes: int = 64) -> list[dict]:
+def expected_by_heads(
+    rank_accuracies: Sequence[Sequence[float]], nodes: int = DEFAULT_TREE_NODES
+) -> list[dict]:
     """Expected tokens/step when only the first k heads are used (k = 1..K), each on the `nodes`-node tree
     built from their rank accuracies. In stage 1 the heads are independent models on a frozen backbone, so
     the first k heads of a K-head run stand for a k-head run."""
@@ -230,7 +236,7 @@ def choose_tree_size(
     model: nn.Module,
     rank_accuracies: torch.Tensor,
     prompt: torch.Tensor,
-    candidates: Sequence[int] = (4, 8, 16, 32, 64, 96, 128),
+    candidates: Sequence[int] = (3, 7, 15, 31, 63, 95, 127),
     *,
     batch_size: int = 1,
     steps: int = 24,
