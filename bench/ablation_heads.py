@@ -11,7 +11,7 @@ on the same held-out split and the same MT-Bench prompts.
 Fewer heads: in stage 1 the heads are independent models on a frozen backbone (the loss is a sum over
 heads, coupled only by the global gradient-norm clip), so the first k heads of a K-head run stand for a
 k-head run; their expected tokens/step comes from the first k rows of the measured rank accuracies, on the
-64-node tree built from them (as `train` builds tree.json). Measured tokens/step is for all K heads.
+default-size tree built from them (as `train` builds tree.json). Measured tokens/step is for all K heads.
 
 Writes OUT_DIR/ablation.json (environment, settings, every command, every result) and ablation.png.
 Runs already finished in OUT_DIR are reused (delete a run's folder to redo it).

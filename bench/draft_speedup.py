@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
     settings = draft.get("settings", {})
     shape = SHAPE_NAMES.get(settings.get("shape", ""), settings.get("shape", "?"))
-    stages = "/".join(str(s) for s in settings.get("stages", sorted({p["stage"] for p in points})))
+    stages = "/".join(str(s) for s in sorted({p["stage"] for p in points}))  # the stages that have rows
     title = f"{shape} shape, stage {stages}: draft-vocabulary heads vs full-vocabulary peers"
     plot(points, args.out.with_suffix(".png"), env, title)
     print(markdown(points))

@@ -5,8 +5,9 @@ do not depend on weight values). Each variant runs in a fresh Python process wit
 caches, as on a machine that never ran fastmedusa: its first greedy call compiles the prompt's chunk step and
 the greedy step and builds every Triton kernel; the first Medusa and typical calls then compile their own steps.
 After that, warm calls time the prompt's pass alone (`max_new_tokens=1`, median of 9 calls) for prompts of
-16-1024 tokens, and a 64-token generation from a 100-token prompt, greedy and Medusa (random heads: Medusa
-accepts next to nothing here, so its time is about 64 verify steps).
+16-1024 tokens, and a 64-token generation from a 100-token prompt, greedy and Medusa. Fresh heads start as
+copies of the LM head and the random model's output repeats, so Medusa accepts several tokens per step here:
+its row times the machinery, not a speed-up heads would give on real text.
 
 Variants (`--variants`, default all): `compiled`, the prompt's chunk step compiled like the decode steps
 (FASTMEDUSA_PREFILL_COMPILE=1); `captured`, the same step eager, captured in a CUDA graph (=0); `eager`,

@@ -4,7 +4,8 @@ scored against the base model's own greedy tokens, and the measured MT-Bench dec
 For each run, `train` measured each head's per-rank accuracy on held-out first turns against the model's
 own greedy continuation and wrote tree.json (copied here as tree_RUN.json). In stage 1 the heads are
 independent models on a frozen backbone, so the first k heads of a run stand for a k-head run: their
-expected tokens/step is that of the 64-node tree built from the first k heads' accuracies.
+expected tokens/step is that of the default-size tree (`train`'s tree.json size) built from the first k heads'
+accuracies.
 
     python bench/recipe_report.py bench/results/recipe_smollm2_h100
 writes ablation.json and ablation.png there and prints markdown tables.
@@ -76,7 +77,8 @@ def plot(runs: list[dict], decode: list[dict], path: Path, title: str) -> None:
         mid.plot([p["heads"] for p in r["prefixes"]], [p["expected_tokens_per_step"] for p in r["prefixes"]],
                  marker="o", label=label)  # fmt: skip
     left.set(xlabel="head (predicts t+k+1)", ylabel="held-out top-1 vs own greedy (%)")
-    mid.set(xlabel="heads used", ylabel="expected tokens/step (64-node tree)")
+    nodes = max((p["tree_nodes"] for r in runs for p in r["prefixes"]), default=0)  # the size these rows used
+    mid.set(xlabel="heads used", ylabel=f"expected tokens/step ({nodes}-node tree)")
     labels = [f"b{d['batch_size']} {d['row']}" for d in decode]
     bars = right.bar(labels, [d["tokens_per_s"] for d in decode], color="tab:gray")
     for bar, d in zip(bars, decode):

@@ -1,4 +1,4 @@
-"""What a decode step costs: a plain step against a Medusa verify step (default 64-node tree).
+"""What a decode step costs: a plain step against a Medusa verify step (default tree mc_sim_7b_63: 64 tokens).
 
 A SmolLM2-135M-shaped Llama with random weights and 4 fresh heads, bf16, CUDA graphs. Environment:
 $BATCHES batch sizes (default "1"), $LAYERS decoder layers (default 30), $TEMPERATURE (default 0: greedy;
@@ -111,7 +111,8 @@ def uncaptured_runners(model: MedusaModel) -> int:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Medusa step / plain step (same batch size) against the tree's node count, a line per heads' vocabulary."""
+    """Medusa step / plain step (same batch size) against the tokens per verify pass (the tree's nodes + the
+    root), a line per heads' vocabulary and batch size."""
     import matplotlib
 
     matplotlib.use("Agg")

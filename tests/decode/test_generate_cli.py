@@ -71,9 +71,9 @@ def test_generate_auto_tree(saved, capsys, tmp_path):
     assert rc == 2 and "no tree.json" in err
     write_tree_json(heads, [[0.5, 0.2], [0.3, 0.1]], num_nodes=5)
     rc, text, stats = run(capsys, *common, "--tree", "auto:6")
-    assert rc == 0 and "7-node tree" in stats
+    assert rc == 0 and "6-node tree, 7 tokens per verify pass" in stats
     rc, text2, stats = run(capsys, *common)
-    assert rc == 0 and "6-node tree" in stats and text2 == text
+    assert rc == 0 and "5-node tree" in stats and text2 == text
     write_tree_json(heads, [[0.5, 0.2]] * 3, num_nodes=5)
     rc, _, err = run(capsys, *common)
     assert rc == 2 and "measured for 3 Medusa heads but these heads have 2" in err

@@ -187,3 +187,4 @@ def test_uncompiled_prefill_under_compiled_steps_gives_the_same_tokens(monkeypat
     assert new_tokens(out, 0) == hf_greedy(model, p, 6)[0, 11:].tolist()
     engine = model.__dict__["_fastmedusa_engine"]
     assert ("runner", "prefill", 8, False, "step") in engine.compiled
+    assert any(k[:2] == ("runner", "plain") and k[-2:] == (True, "step") for k in engine.compiled)  # compiled

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--write-tree",
-        type=int,
+        type=positive_int,
         nargs="?",
         const=DEFAULT_TREE_NODES,
         default=None,

@@ -25,9 +25,10 @@ from fastmedusa.progress import Progress
 
 TREE_FILE = "tree.json"
 # A verify pass runs the tree's nodes plus the root: 63 nodes make 64 tokens, a whole number of the GEMM and
-# attention tiles. One node more starts a new tile: on an H100 (SmolLM2, 16k draft heads) a 64-node step took
-# 1.125 ms against 1.104 ms for 63 nodes, and 32 nodes 1.059 ms against 1.030 ms for 31
-# (bench/results/step_cost_tree_width_h100). So sizes are 2^k - 1.
+# attention tiles. One token past a power of two starts new tiles: on an H100 (SmolLM2, 16k draft heads) a
+# 32-node step took 1.059 ms against 1.030 ms for 31 nodes (five runs each, all within 7 us), and a 64-node
+# step 1.125 ms against 1.104 ms for 63 (noisier runs; bench/results/step_cost_tree_width_h100). So the
+# default and auto's candidates make N + 1 a power of two, or a multiple of 32 for the largest trees.
 DEFAULT_TREE_NODES = 63
 
 

@@ -53,9 +53,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "`fastmedusa train` or by `fastmedusa bench heads --write-tree`), else mc_sim_7b_63 pruned to the "
         "number of heads. auto:N builds an N-node tree from the heads' measured per-rank accuracies; auto "
         "picks N for this device and batch size by timing verify steps of trees of 3-127 nodes (a verify pass is N + 1 "
-        "tokens with the root; N = 2^k - 1 fills whole GPU tiles) and plain "
+        "tokens with the root; N + 1 a power of two fills whole GPU tiles) and plain "
         "decoding, and keeping the one with the most expected tokens/s (expected tokens per step / step time; "
-        "costs a compile per size); where plain decoding wins (large batches), it decodes without the heads. "
+        "costs a compile per size with --compile on, a CUDA-graph capture per size otherwise); where plain decoding wins (large batches), it decodes without the heads. "
         "Also: "
         "a preset (mc_sim_7b_63, mc_sim_7b_31, mc_sim_7b_15, mc_sim_7b_7, chain_<depth>) or a JSON file",
     )
@@ -86,7 +86,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "on", "off"),
         default="auto",
         help="torch.compile the decode steps. auto (the default) is off: this command makes one call, and on an "
-        "H100 compiling took 15-30 s on first use to save about 1.7 ms per step (SmolLM2), so it pays only in a "
+        "H100 compiling added 12-33 s to first calls to save about 1.7 ms per step (SmolLM2), so it pays only in a "
         "long-running process (the Python API compiles by default on CUDA). On CUDA each step, compiled or not, "
         "is replayed from one captured CUDA graph; FASTMEDUSA_CUDA_GRAPHS=off turns graphs off",
     )

@@ -67,7 +67,7 @@ class GenerationOutput:
     steps: int  # forwards the batch ran (the longest row's steps)
     seconds: float
     accept_lengths: list[list[int]] = field(default_factory=list)  # per row: accepted per Medusa step
-    tree_nodes: int = 0  # nodes per verify pass (0 = plain decoding)
+    tree_nodes: int = 0  # tokens per verify pass: the tree's nodes + the root (0 = plain decoding)
     new_tokens_per_row: list[int] = field(default_factory=list)
     steps_per_row: list[int] = field(default_factory=list)
 
@@ -101,7 +101,7 @@ class GenerationOutput:
         return self.sequences[row, self.prompt_length : self.prompt_length + count]
 
     def summary(self) -> str:
-        mode = f"medusa ({self.tree_nodes}-node tree)" if self.tree_nodes else "plain"
+        mode = f"medusa ({self.tree_nodes - 1}-node tree, {self.tree_nodes} tokens per verify pass)" if self.tree_nodes else "plain"
         batch = f", batch {self.batch_size}" if self.batch_size > 1 else ""
         return (
             f"{mode}{batch}: {self.new_tokens} tokens in {self.steps} steps, "
@@ -678,7 +678,7 @@ def prefill_compiled() -> bool:
     The trade: one compile less on a call's first use against a slower pass over the prompt."""
     raw = os.environ.get("FASTMEDUSA_PREFILL_COMPILE", "1")
     if raw not in ("0", "1"):
-        raise ValueError(f"FASTMEDUSA_PREFILL_COMPILE={raw!r}: use 1 (compile the prefill step) or 0 (capture it eagerly)")
+        raise ValueError(f"FASTMEDUSA_PREFILL_COMPILE={raw!r}: use 1 (compile the prefill step) or 0 (run it eagerly)")
     return raw == "1"
 
 
@@ -727,7 +727,7 @@ def _prompt_through_cache(engine, ids, offsets, chunk: int, compile: bool) -> to
     if chunk <= 0:  # the whole prompt as one chunk, eagerly
         last = make_prefill_step(engine, length)(ids, start, offsets)
         return last.clone(memory_format=torch.contiguous_format)  # a stride set by P would recompile
-    compile = compile and (cuda_graphs_mode() == "compile" or prefill_compiled())
+    compile = (prefill_compiled() or cuda_graphs_mode() == "compile") and compile  # the setting is checked always
     runner = _step_runner(
         engine, ("prefill", chunk), lambda: make_prefill_step(engine, chunk), prefill_body, 1, compile
     )

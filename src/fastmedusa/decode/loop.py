@@ -5,8 +5,8 @@ accepted lengths, a step counter and the number of unfinished rows. Compiled, st
 so those writes fuse into the step's last kernels (on an H100, SmolLM2: 18 us less per greedy step, 12 us per
 Medusa step, bench/results/step_cost_fused_body_h100). Nothing in the loop allocates per step, so the same
 body serves every way of running steps under CUDA graphs (`cuda_graphs_mode` in fastmedusa.decode.generate):
-- "step" (default): the body is compiled without graphs of its own, run for real as warm-up, then captured
-  with `torch.cuda.graph` and replayed: one host call per step, whatever the model's size.
+- "step" (default): the body (compiled with `compile=True`) is run for real as warm-up, then captured with
+  `torch.cuda.graph` and replayed: one host call per step, whatever the model's size.
   A capture that fails falls back to uncaptured steps with a warning.
 - "compile" (FASTMEDUSA_CUDA_GRAPHS=compile): the step is compiled with mode="reduce-overhead",
   torch.compile's own CUDA graphs. Its replay is driven from Python on every call: dynamo's guards and the

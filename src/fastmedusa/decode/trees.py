@@ -89,7 +89,7 @@ def check_tree_name(name: str) -> str:
     if name.startswith("auto:"):
         size = name[len("auto:") :]
         if not size.isdigit() or int(size) < 1:
-            raise ValueError(f"tree {name!r}: the node count after 'auto:' must be an integer >= 1, e.g. auto:64")
+            raise ValueError(f"tree {name!r}: the node count after 'auto:' must be an integer >= 1, e.g. auto:63")
     return name
 
 

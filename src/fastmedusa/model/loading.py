@@ -130,7 +130,10 @@ def _from_pretrained(loader, name_or_path, what: str, **kwargs):
         ) from err
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+    "tekken.json",
+)  # fmt: skip
 
 
 def check_tokenizer_files(name_or_path: str | os.PathLike | None) -> None:
@@ -140,10 +143,11 @@ def check_tokenizer_files(name_or_path: str | os.PathLike | None) -> None:
     directory = Path(source)
     if "gguf_file" in extra or not directory.is_dir():
         return
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES) and not any(directory.glob("*.tiktoken")):
         raise FileNotFoundError(
-            f"--model {name_or_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside the "
-            "model with tokenizer.save_pretrained(DIR), or pass the directory or hub id the model came from"
+            f"the model directory {name_or_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save "
+            "it beside the model with tokenizer.save_pretrained(DIR), or load the model from the directory or "
+            "hub id it came from"
         )
 
 
