@@ -197,3 +197,19 @@ def test_prefill_overhead_times_every_chunk_setting_and_prompt_length(tmp_path, 
     import os
 
     assert "FASTMEDUSA_PREFILL_CHUNK" not in os.environ  # the setting it changed is put back
+
+
+def test_first_call_records_a_failing_variant_and_plots_the_others(tmp_path, capsys):
+    """A variant whose process fails is a row with its error line (here a bad setting, refused even where no step
+    compiles); the chart is drawn from the rows that ran."""
+    module = runpy.run_path(str(BENCH / "first_call.py"))
+    row = module["run_variant"]("bad setting", {"FASTMEDUSA_PREFILL_COMPILE": "maybe"}, None)
+    assert row["variant"] == "bad setting" and "FASTMEDUSA_PREFILL_COMPILE='maybe'" in row["error"]
+    capsys.readouterr()
+    good = {"variant": "compiled", "first_greedy_s": 20.0, "first_medusa_s": 12.0, "first_typical_s": 13.0,
+            "prefill_ms": {"16": 1.4, "1024": 17.7}}  # fmt: skip
+    result = {"device": "test", "date": "2026-12-06", "torch": "x", "rows": [good, row]}
+    path = tmp_path / "first_call.json"
+    path.write_text(json.dumps(result))
+    run_script("first_call.py", ["--plot", str(path)], capsys)
+    assert path.with_suffix(".png").stat().st_size > 0

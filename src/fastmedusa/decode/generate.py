@@ -598,6 +598,7 @@ def generate(
     if compact is None:
         compact = eos_ids is not None and ids.shape[0] >= 4
     graphs = cuda_graphs_mode()
+    prefill_compiled()  # a bad FASTMEDUSA_PREFILL_COMPILE fails every call, not only those that compile chunks
     on_cuda = engine.device.type == "cuda"
     chunk = prefill_chunk(captured=on_cuda and (graphs == "step" or (graphs == "compile" and compile)))
     run_ids, run_offsets, chunked = pad_to_chunks(ids, offsets, chunk, engine.max_len - needed)
@@ -727,7 +728,7 @@ def _prompt_through_cache(engine, ids, offsets, chunk: int, compile: bool) -> to
     if chunk <= 0:  # the whole prompt as one chunk, eagerly
         last = make_prefill_step(engine, length)(ids, start, offsets)
         return last.clone(memory_format=torch.contiguous_format)  # a stride set by P would recompile
-    compile = (prefill_compiled() or cuda_graphs_mode() == "compile") and compile  # the setting is checked always
+    compile = compile and (cuda_graphs_mode() == "compile" or prefill_compiled())
     runner = _step_runner(
         engine, ("prefill", chunk), lambda: make_prefill_step(engine, chunk), prefill_body, 1, compile
     )
