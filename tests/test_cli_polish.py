@@ -220,6 +220,12 @@ def test_outputs_that_cannot_be_written_name_what_is_in_the_way(tmp_path):
         (["train", "--masked-frac", "half"], "'half': pass a fraction in [0, 1)"),
         (["train", "--steps", "0"], "'0': pass an integer of 1 or more"),
         (["train", "--warmup", "x"], "'x': pass an integer of 0 or more"),
+        (["train", "--seq-lens", "1024", "1"], "'1': pass a sequence length of 2 or more"),
+        (["train", "--heads", "0"], "'0': pass an integer of 1 or more"),
+        (["train", "--draft-vocab", "-1"], "'-1': pass an integer of 0 or more"),
+        (["loss", "--chunk-rows", "0"], "'0': pass an integer of 1 or more"),
+        (["loss", "--logit-std", "nan"], "'nan': pass a finite number above 0"),
+        (["heads", "--write-tree", "0"], "'0': pass an integer of 1 or more"),
     ],
 )
 def test_bench_flags_out_of_range_are_usage_errors(capsys, argv, message):

@@ -43,6 +43,8 @@ def parse_device(text: str) -> torch.device:
         device = torch.device(text)
     except RuntimeError as err:
         raise ValueError(f"--device {text}: not a device name; pass cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text}: fastmedusa runs on cpu or cuda; pass cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {text}: CUDA is not available here; pass --device cpu")
     return device

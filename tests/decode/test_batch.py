@@ -218,8 +218,9 @@ def test_batch_bad_input(llama):
     with pytest.raises(ValueError, match="one per row"):
         generate(llama, ids, attention_mask=mask, max_new_tokens=4, medusa=False, temperature=1.0, seed=[1])
     for kw, name in (({"temperature": -1.0}, "temperature=-1.0"), ({"temperature": float("nan")}, "temperature=nan"),
+                     ({"temperature": float("inf")}, "temperature=inf"),
                      ({"typical_epsilon": -0.1}, "typical_epsilon=-0.1")):  # fmt: skip
-        with pytest.raises(ValueError, match=f"{name} .*pass 0 or more"):
+        with pytest.raises(ValueError, match=f"{name} .*pass a finite number, 0 or more"):
             generate(llama, ids, attention_mask=mask, max_new_tokens=4, medusa=False, **kw)
 
 

@@ -144,3 +144,23 @@ def test_chart_titles_name_a_model_path_by_its_last_two_parts():
     assert short_path("/root/stage/work/kl2-strong-4/model") == "kl2-strong-4/model"
     assert short_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert short_path("embedded SmolLM2-135M-Instruct") == "embedded SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tree", "chain_0"], "the tree has no paths"),
+        (["--tree", "mc_sim_7b_63"], "4 deep but the model has 2 Medusa heads"),
+        (["--tree", "auto:3"], "no tree.json"),
+        (["--rows", "typical", "--temperature", "-1"], r"temperature=-1.0 \(--temperature\)"),
+    ],
+)
+def test_bad_tree_or_temperature_fails_before_any_row(setup, flags, message):
+    """A tree the heads cannot use, or a bad temperature, is one error up front: no report of failed rows."""
+    out = setup / "bad" / "decode.json"
+    argv = ["--model", str(setup / "model"), "--heads", str(setup / "heads"), "--prompts",
+            str(setup / "question.jsonl"), "--batch-sizes", "1", "--new-tokens", "3", "--device", "cpu",
+            "--out", str(out), *flags]  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        main(argv)
+    assert not out.exists()

@@ -113,3 +113,20 @@ def test_generate_compiles_only_when_asked(saved, capsys, monkeypatch, flag, com
     extra = [] if flag is None else ["--compile", flag]
     rc, _, _ = run(capsys, "--model", saved / "model", "--prompt", "Hi", "--no-medusa", "--max-new-tokens", 3, *extra)
     assert rc == 0 and seen == [compiled]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--prompt", ""], {}, "--prompt is empty"),
+        (["--prompt", "Hi", "--temperature", "inf"], {}, "temperature=inf (--temperature): pass a finite number"),
+        (["--prompt", "Hi", "--typical-epsilon", "-1"], {}, "(--typical-epsilon): pass a finite number, 0 or more\n"),
+        (["--prompt", "Hi", "--device", "mps"], {}, "--device mps: fastmedusa runs on cpu or cuda"),
+        (["--prompt", "Hi"], {"FASTMEDUSA_REGIONAL_COMPILE": "off"}, "FASTMEDUSA_REGIONAL_COMPILE='off': use 1"),
+    ],
+)
+def test_bad_generate_input_is_one_line(saved, capsys, monkeypatch, argv, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    rc, _, err = run(capsys, "--model", saved / "model", "--heads", saved / "heads", "--max-new-tokens", 3, *argv)
+    assert rc == 2 and message in err and "Traceback" not in err

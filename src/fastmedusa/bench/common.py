@@ -53,6 +53,20 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse `type=` for a scale: a finite number above 0."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a finite number above 0, e.g. 3.0")
+    return value
+
+
 def fraction(text: str) -> float:
     """argparse `type=` for a share of tokens: a number in [0, 1) (1 would leave nothing to score)."""
     import argparse

@@ -38,6 +38,17 @@ from fastmedusa.progress import Progress
 ROWS = ("hf-static", "greedy", "medusa", "typical")
 
 
+def check_row_settings(model, args: argparse.Namespace) -> None:
+    """The tree and the typical rows' temperature, checked once before any row runs (a row's own failure, an OOM
+    or a compile error, is a result; a bad flag is not)."""
+    from fastmedusa.decode.generate import check_sampling, heads_tree_info
+    from fastmedusa.decode.trees import resolve_tree
+
+    if args.tree != "auto":
+        resolve_tree(args.tree, model.medusa_heads.num_heads, heads_tree_info(model, model.medusa_heads))
+    check_sampling(args.temperature, 0.0, 0.0)
+
+
 def tree_arg(text: str) -> str:
     """argparse `type=` for --tree: a malformed auto:N is a usage error, not a failed row of the report."""
     try:
@@ -47,7 +58,7 @@ def tree_arg(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fastmedusa bench decode", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="fastmedusa bench decode", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("--heads", default=None, help="trained heads directory (default: train them in this run)")
     p.add_argument("--num-heads", type=int, default=3, help="heads to train when --heads is not given")
@@ -471,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
     model = MedusaModel.from_pretrained(args.model, heads=heads_dir, dtype=dtype, device=device).eval()
+    check_row_settings(model, args)  # a bad --tree or --temperature fails here, not as failed rows of a report
     eos = eos_token_ids(tokenizer, model.base) if args.stop_at_eos else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(p.shape[1] for p in prompts)

@@ -25,7 +25,7 @@ from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fastmedusa bench heads", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="fastmedusa bench heads", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("--heads", required=True, help="Medusa heads directory (written by `fastmedusa train`)")
     p.add_argument("--prompts", type=positive_int, default=32, help="held-out prompts to continue and score")

@@ -35,6 +35,7 @@ from fastmedusa.bench.common import (
     matmul_tflops,
     median,
     nonnegative_int,
+    positive_float,
     positive_int,
     write_json,
 )
@@ -70,7 +71,7 @@ BENCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fastmedusa bench loss", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="fastmedusa bench loss", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--loss", choices=("ce", "kl"), default="ce", help="ce: cross-entropy; kl: KL divergence to a teacher"
     )
@@ -104,11 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--dtype", choices=tuple(BENCH_DTYPES), default="bf16", help="dtype of inputs and weights")
     p.add_argument(
-        "--chunk-rows", type=int, default=None, help="fastmedusa chunk size (default: the library's)"
+        "--chunk-rows", type=positive_int, default=None, help="fastmedusa chunk size (default: the library's)"
     )
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls per row")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed calls per row (the median is reported)")
-    p.add_argument("--logit-std", type=float, default=3.0, help="standard deviation of the logits")
+    p.add_argument("--logit-std", type=positive_float, default=3.0, help="standard deviation of the logits")
     p.add_argument(
         "--prompt-frac",
         type=fraction,

@@ -64,7 +64,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fastmedusa bench report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="fastmedusa bench report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, nargs="+", help="JSON files written by `fastmedusa bench train`")
     args = p.parse_args(argv)
     for path in args.results:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from fastmedusa.bench.common import environment, fraction, nonnegative_int, positive_int, write_json
+from fastmedusa.dtypes import parse_device
 from fastmedusa.model import MedusaConfig, MedusaModel
 from fastmedusa.train.config import DTYPES
 from fastmedusa.train.metrics import PEAK_BF16_TFLOPS, peak_tflops, synchronize, train_flops_per_token
@@ -226,14 +227,14 @@ def run_point(base, shape: str, stage: int, heads: int, seq_len: int, impl: str,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fastmedusa bench train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="fastmedusa bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="Llama-3.2-1B or Llama-3-8B shape")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2])
-    p.add_argument("--heads", type=int, nargs="+", default=[3, 5], help="numbers of Medusa heads")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--heads", type=positive_int, nargs="+", default=[3, 5], help="numbers of Medusa heads")
+    p.add_argument("--seq-lens", type=sequence_length, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--impls", nargs="+", default=["torch", "compile", "liger", "cce", "quack", "triton"],
                    choices=IMPLS, help="heads' loss implementations")  # fmt: skip
-    p.add_argument("--draft-vocab", type=int, default=0,
+    p.add_argument("--draft-vocab", type=nonnegative_int, default=0,
                    help="heads over a draft vocabulary of N tokens (token map: the first N ids); 0 = full")  # fmt: skip
     p.add_argument("--draft-coverage", type=float, default=0.98,
                    help="with --draft-vocab: probability that a token is inside the draft vocabulary")  # fmt: skip
@@ -260,13 +261,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def sequence_length(text: str) -> int:
+    """argparse `type=` for --seq-lens: 2 tokens at least (a head needs a position and a later target)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a sequence length of 2 or more")
+    return value
+
+
 def device_tag(name: str) -> str:
     return next((k.lower() for k in PEAK_BF16_TFLOPS if k in name), "cpu" if "cuda" not in name else "gpu")
 
 
 def run_grid(args) -> dict:
     """Every (stage, heads, T, impl) point on one model, written to JSON after each point."""
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     env = environment(device)
     out = args.out or Path(f"bench/results/train_{args.shape}_{device_tag(env['device'])}.json")
     base = build_random_llama(args.shape, device, DTYPES[args.dtype])
@@ -356,5 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(
             "fastmedusa bench train needs a CUDA GPU; --device cpu --shape tiny runs a smoke test"
         )
+    parse_device(args.device)  # a malformed or unsupported device: one line, before the model is built
+    if not 0.0 <= args.draft_coverage <= 1.0:
+        raise ValueError(f"--draft-coverage {args.draft_coverage}: pass a fraction in [0, 1]")
     run_grid(args)
     return 0

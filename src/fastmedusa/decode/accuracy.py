@@ -182,15 +182,22 @@ def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dic
         info = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(
-            f"{path} is not valid JSON ({err.msg}): delete it or rewrite it with write_tree_json"
+            f"{path} is not valid JSON ({err.msg}): delete it, or measure it again with `fastmedusa bench heads "
+            "--heads DIR --write-tree`"
         ) from None
     if not isinstance(info, dict) or not isinstance(info.get("paths"), list):
         raise ValueError(f"{path} holds no tree: expected {{'paths': [...], 'rank_accuracies': [...]}}")
+    accuracies = info.get("rank_accuracies")
+    if accuracies is not None and not (
+        isinstance(accuracies, list)
+        and all(isinstance(row, list) and all(isinstance(a, int | float) for a in row) for row in accuracies)
+    ):
+        raise ValueError(f"{path}: rank_accuracies must be a list of per-head lists of numbers; measure it again")
     theirs = info.get("num_heads") or (len(info["rank_accuracies"]) if info.get("rank_accuracies") else None)
     if num_heads is not None and theirs is not None and theirs != num_heads:
         raise ValueError(
             f"{path} was measured for {theirs} Medusa heads but these heads have {num_heads}: re-measure it "
-            "(measure_heads_tree / `fastmedusa bench heads --heads DIR --write-tree`) or delete it"
+            "(`fastmedusa bench heads --heads DIR --write-tree`) or delete it"
         )
     return info
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from fastmedusa.bench.common import positive_int
 from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg, parse_device, parse_dtype
 
 
@@ -34,7 +35,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat", action="store_true", help="wrap the prompt as a user turn in the chat template"
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=128, help="most tokens to generate (default: %(default)s)"
+        "--max-new-tokens", type=positive_int, default=128, help="most tokens to generate (default: %(default)s)"
     )
     parser.add_argument(
         "--no-medusa", action="store_true", help="plain decoding on the same engine (no heads)"
@@ -78,7 +79,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights dtype; bfloat16/float16/float32 also work (default: bf16 on CUDA, fp32 on the CPU)",
     )
     parser.add_argument(
-        "--max-len", type=int, default=None, help="KV cache rows (default: what the call needs)"
+        "--max-len", type=positive_int, default=None, help="KV cache slots per row (default: what the call needs)"
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (temperature > 0)")
     parser.add_argument(
@@ -189,6 +190,8 @@ def run_generate(args: argparse.Namespace) -> int:
     model, base = load_for_generation(args, device, dtype)
     from fastmedusa.decode.accuracy import left_pad_batch
 
+    if any(not prompt for prompt in args.prompt):
+        raise ValueError("--prompt is empty: give the text to continue (or to answer, with --chat)")
     encoded = [encode_prompt(tokenizer, prompt, args.chat) for prompt in args.prompt]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = left_pad_batch(encoded, pad_id)

@@ -235,7 +235,12 @@ def _fused_gqa_backend(
 def regional_compile() -> bool:
     """Whether compiled steps trace the decoder block once for all layers (default) or the unrolled stack
     (`FASTMEDUSA_REGIONAL_COMPILE=0`). Read when an engine is built."""
-    return os.environ.get("FASTMEDUSA_REGIONAL_COMPILE", "1") != "0" and _nested_region is not None
+    raw = os.environ.get("FASTMEDUSA_REGIONAL_COMPILE", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(
+            f"FASTMEDUSA_REGIONAL_COMPILE={raw!r}: use 1 (the block compiled once, the default) or 0 (unrolled)"
+        )
+    return raw == "1" and _nested_region is not None
 
 
 class LayerWeights(nn.Module):

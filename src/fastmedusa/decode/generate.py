@@ -31,6 +31,7 @@ would add the LM head's fp32 read to every step, so the engine keeps the model d
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -466,12 +467,14 @@ def _auto_tree_size(model, heads, tree_info, prompt, batch_size, compile) -> int
 
 
 def check_sampling(temperature: float, typical_epsilon: float, typical_delta: float) -> None:
-    """temperature 0 (greedy) or more, typical acceptance's thresholds non-negative; NaN is none of these."""
+    """temperature 0 (greedy) or more, typical acceptance's thresholds non-negative, all finite (NaN and inf
+    are none of these)."""
     for name, value in (("temperature", temperature), ("typical_epsilon", typical_epsilon),
                         ("typical_delta", typical_delta)):  # fmt: skip
-        if not float(value) >= 0:
+        if not (float(value) >= 0 and math.isfinite(float(value))):
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{name}={value} ({flag}): pass 0 or more (temperature 0 is greedy decoding)")
+            hint = " (temperature 0 is greedy decoding)" if name == "temperature" else ""
+            raise ValueError(f"{name}={value} ({flag}): pass a finite number, 0 or more{hint}")
 
 
 def _check_heads(heads: nn.Module, engine: DecodeEngine, tree_topk: int) -> None:

@@ -53,7 +53,8 @@ def validate_paths(paths: Sequence[Sequence[int]], num_heads: int | None = None)
     """Check a path list and return it sorted by (depth, path), the node order of the buffers."""
     if len(paths) == 0:
         raise ValueError(
-            "the tree has no paths: give at least [[0]], or decode without the heads (medusa=False, --no-medusa)"
+            "the tree has no paths: give at least one (e.g. --tree chain_1, [[0]] in Python), or decode without the "
+            "heads (--no-medusa; medusa=False in Python)"
         )
     seen: set[Path_] = set()
     for p in paths:
@@ -73,8 +74,9 @@ def validate_paths(paths: Sequence[Sequence[int]], num_heads: int | None = None)
     depth = max(len(p) for p in seen)
     if num_heads is not None and depth > num_heads:
         raise ValueError(
-            f"the tree is {depth} deep but the model has {num_heads} Medusa heads: use a tree of depth <= "
-            f"{num_heads} (e.g. --tree chain_{num_heads} or prune_tree(paths, {num_heads})) or heads with more heads"
+            f"the tree is {depth} deep but the model has {num_heads} Medusa heads: leave out --tree (the heads' "
+            f"tree.json, else mc_sim_7b_63 pruned to {num_heads} heads), pass a tree of depth <= {num_heads} "
+            f"(e.g. --tree chain_{num_heads}; prune_tree(paths, {num_heads}) in Python), or use more heads"
         )
     return sorted(seen, key=lambda p: (len(p), p))
 
@@ -116,11 +118,17 @@ def resolve_tree(
         if name.startswith("auto:"):
             check_tree_name(name)
             size = name[len("auto:") :]
-            if tree_info is None or not tree_info.get("rank_accuracies"):
+            if tree_info is not None and not tree_info.get("rank_accuracies"):
+                raise ValueError(
+                    f"tree {name!r} is built from the heads' measured accuracies, and their tree.json holds none "
+                    "(no rank_accuracies): measure them again (`fastmedusa bench heads --heads DIR --write-tree`), "
+                    "or leave out --tree"
+                )
+            if tree_info is None:
                 raise ValueError(
                     f"tree {name!r} is built from the heads' measured accuracies, and these heads have no "
-                    "tree.json: measure them (`fastmedusa bench heads --heads DIR --write-tree`, or "
-                    "fastmedusa.decode.measure_heads_tree), or pass a preset such as mc_sim_7b_63"
+                    "tree.json with them: measure them (`fastmedusa bench heads --heads DIR --write-tree`), or "
+                    "leave out --tree (mc_sim_7b_63 pruned to the heads)"
                 )
             return validate_paths(build_tree(tree_info["rank_accuracies"], int(size)), num_heads)
         if Path(name).is_file():
