@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,57 +29,31 @@ def cuda_times_ms(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5
     return times
 
 
-def positive_int(text: str) -> int:
-    """argparse `type=` for sizes and counts: an integer of 1 or more, else a usage error naming the value."""
-    import argparse
+def checked(convert: Callable[[str], object], accept: Callable, requirement: str, name: str) -> Callable:
+    """An argparse `type=`: `convert(text)`, refused unless `accept(value)`; the usage error names the value and
+    the `requirement` ("an integer of 1 or more")."""
 
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: pass an integer of 1 or more")
-    return value
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: pass {requirement}")
+        return value
 
-
-def nonnegative_int(text: str) -> int:
-    """argparse `type=` for counts that may be 0 (warm-up calls): an integer of 0 or more."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: pass an integer of 0 or more")
-    return value
+    parse.__name__ = name
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse `type=` for a scale: a finite number above 0."""
-    import argparse
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text!r}: pass a finite number above 0, e.g. 3.0")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse `type=` for a share of tokens: a number in [0, 1) (1 would leave nothing to score)."""
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r}: pass a fraction in [0, 1), e.g. 0.3")
-    return value
+positive_int = checked(int, lambda v: v >= 1, "an integer of 1 or more", "positive_int")  # sizes and counts
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer of 0 or more", "nonnegative_int")  # warm-up calls
+positive_float = checked(  # a scale: NaN and inf refused
+    float, lambda v: v > 0 and math.isfinite(v), "a finite number above 0, e.g. 3.0", "positive_float"
+)
+fraction = checked(  # a share of tokens: 1 would leave nothing to score
+    float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1), e.g. 0.3", "fraction"
+)
 
 
 def median(values: Sequence[float]) -> float:

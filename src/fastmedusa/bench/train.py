@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fastmedusa.bench.common import environment, fraction, nonnegative_int, positive_int, write_json
+from fastmedusa.bench.common import checked, environment, fraction, nonnegative_int, positive_int, write_json
 from fastmedusa.dtypes import parse_device
 from fastmedusa.model import MedusaConfig, MedusaModel
 from fastmedusa.train.config import DTYPES
@@ -261,15 +261,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sequence_length(text: str) -> int:
-    """argparse `type=` for --seq-lens: 2 tokens at least (a head needs a position and a later target)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"{text!r}: pass a sequence length of 2 or more")
-    return value
+sequence_length = checked(  # --seq-lens: a head needs a position and a later target
+    int, lambda v: v >= 2, "a sequence length of 2 or more", "sequence_length"
+)
 
 
 def device_tag(name: str) -> str:
