@@ -583,7 +583,8 @@ def generate(
     if max_len is not None and needed > max_len:
         raise ValueError(
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) + tree ({slack} nodes) = "
-            f"{needed} does not fit the KV cache of {max_len} rows: shorten the prompt or raise max_len"
+            f"{needed} does not fit the KV cache of {max_len} slots per row: raise max_len (--max-len), or "
+            "shorten the prompt, max_new_tokens (--max-new-tokens) or the tree"
         )
     engine = get_engine(base, needed, max_len, ids.shape[0], max_batch_size)
     ids, offsets = ids.to(engine.device), offsets.to(engine.device)
