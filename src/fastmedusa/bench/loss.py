@@ -37,6 +37,7 @@ from fastmedusa.bench.common import (
     nonnegative_int,
     positive_float,
     positive_int,
+    probability,
     write_json,
 )
 from fastmedusa.dtypes import parse_device
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--draft-coverage",
-        type=float,
+        type=probability,
         default=0.98,
         help="with --draft-vocab: fraction of labels inside the draft vocabulary (the rest are not scored)",
     )
@@ -131,8 +132,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ValueError(
             f"--draft-vocab {args.draft_vocab}: pass 10..{args.vocab} (--vocab), or 0 for the full"
         )
-    if not 0.0 <= args.draft_coverage <= 1.0:
-        raise ValueError(f"--draft-coverage {args.draft_coverage}: pass a fraction in [0, 1]")
     allowed = CE_IMPLS if args.loss == "ce" else KL_IMPLS
     args.impls = args.impls or list(allowed)
     wrong = [i for i in args.impls if i not in allowed]

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import torch
 
-from fastmedusa.bench.common import checked, environment, fraction, nonnegative_int, positive_int, write_json
+from fastmedusa.bench.common import (
+    checked,
+    environment,
+    fraction,
+    nonnegative_int,
+    positive_int,
+    probability,
+    write_json,
+)
 from fastmedusa.dtypes import parse_device
 from fastmedusa.model import MedusaConfig, MedusaModel
 from fastmedusa.train.config import DTYPES
@@ -236,7 +244,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    choices=IMPLS, help="heads' loss implementations")  # fmt: skip
     p.add_argument("--draft-vocab", type=nonnegative_int, default=0,
                    help="heads over a draft vocabulary of N tokens (token map: the first N ids); 0 = full")  # fmt: skip
-    p.add_argument("--draft-coverage", type=float, default=0.98,
+    p.add_argument("--draft-coverage", type=probability, default=0.98,
                    help="with --draft-vocab: probability that a token is inside the draft vocabulary")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=6, help="rows per step (no accumulation)")
     p.add_argument(
@@ -362,8 +370,5 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(
             "fastmedusa bench train needs a CUDA GPU; --device cpu --shape tiny runs a smoke test"
         )
-    parse_device(args.device)  # a malformed or unsupported device: one line, before the model is built
-    if not 0.0 <= args.draft_coverage <= 1.0:
-        raise ValueError(f"--draft-coverage {args.draft_coverage}: pass a fraction in [0, 1]")
     run_grid(args)
     return 0

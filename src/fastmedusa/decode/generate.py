@@ -602,12 +602,14 @@ def generate(
     if compact is None:
         compact = eos_ids is not None and ids.shape[0] >= 4
     graphs = cuda_graphs_mode()
-    prefill_compiled()  # a bad FASTMEDUSA_PREFILL_COMPILE fails every call, not only those that compile chunks
+    compile_prompt = prefill_compiled()  # read, and checked, on every call, not only where chunks compile
+    compile_prompt = compile and (compile_prompt or graphs == "compile")
     on_cuda = engine.device.type == "cuda"
     chunk = prefill_chunk(captured=on_cuda and (graphs == "step" or (graphs == "compile" and compile)))
     run_ids, run_offsets, chunked = pad_to_chunks(ids, offsets, chunk, engine.max_len - needed)
     state = _prefill(
-        engine, run_ids, run_offsets, seeds, max_new_tokens, temperature, eos_ids, chunk if chunked else 0, compile
+        engine, run_ids, run_offsets, seeds, max_new_tokens, temperature, eos_ids, chunk if chunked else 0,
+        compile_prompt,
     )
     if tree_buffers is None:
         runner = _step_runner(
@@ -725,14 +727,14 @@ def make_prefill_step(engine: DecodeEngine, chunk: int) -> Callable:
 def _prompt_through_cache(engine, ids, offsets, chunk: int, compile: bool) -> torch.Tensor:
     """Write the prompts' KV into the cache; returns each row's last hidden state (B, H).
 
-    With `chunk` (> 0; ids already padded to a multiple of it): chunk by chunk through the compiled, captured
-    prefill step; else one eager forward over the whole prompt (its length varies)."""
+    With `chunk` (> 0; ids already padded to a multiple of it): chunk by chunk through the captured prefill step
+    (compiled with `compile`: generate passes it the FASTMEDUSA_PREFILL_COMPILE choice); else one eager forward
+    over the whole prompt (its length varies)."""
     bsz, length = ids.shape
     start = torch.zeros((), dtype=torch.long, device=engine.device)
     if chunk <= 0:  # the whole prompt as one chunk, eagerly
         last = make_prefill_step(engine, length)(ids, start, offsets)
         return last.clone(memory_format=torch.contiguous_format)  # a stride set by P would recompile
-    compile = compile and (cuda_graphs_mode() == "compile" or prefill_compiled())
     runner = _step_runner(
         engine, ("prefill", chunk), lambda: make_prefill_step(engine, chunk), prefill_body, 1, compile
     )
