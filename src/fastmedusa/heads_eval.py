@@ -159,8 +159,9 @@ def greedy_accuracy(model, tokenizer, conversations: list, args: argparse.Namesp
     decoding step of the tree `generate` would use (--tree, else the heads' tree.json, else mc_sim_7b_63)
     under those accuracies. `auto:N` builds an N-node tree from the accuracies measured here."""
     from fastmedusa.decode import expected_accept_length, resolve_tree
-    from fastmedusa.decode.accuracy import first_user_prompts, measure_rank_accuracies, read_tree_json
+    from fastmedusa.decode.accuracy import first_user_prompts, measure_head_acceptance, read_tree_json
     from fastmedusa.decode.cli import eos_token_ids
+    from fastmedusa.decode.trees import chains_to_json
 
     num_heads = model.medusa_config.num_heads
     prompts = first_user_prompts(tokenizer, conversations, args.max_prompt_tokens)[: args.prompts]
@@ -173,9 +174,11 @@ def greedy_accuracy(model, tokenizer, conversations: list, args: argparse.Namesp
     paths = None if built_here else resolve_tree(args.tree, num_heads, tree_info)
     ranks = max(10, 1 + max(max(p) for p in paths)) if paths else 10
     eos = eos_token_ids(tokenizer, model.base)
-    rank_acc, counts = measure_rank_accuracies(model, prompts, args.new_tokens, ranks, eos, progress=False)
+    measured = measure_head_acceptance(model, prompts, args.new_tokens, ranks, eos, progress=False)
+    rank_acc, counts, chains = measured.rank_accuracies, measured.positions_scored, measured.chains
     if built_here:
-        paths = resolve_tree(args.tree, num_heads, {"rank_accuracies": rank_acc.tolist(), "paths": []})
+        info = {"rank_accuracies": rank_acc.tolist(), "accepted_chains": chains_to_json(chains), "paths": []}
+        paths = resolve_tree(args.tree, num_heads, info)
     name = args.tree or ("tree.json" if tree_info is not None else "mc_sim_7b_63")
     topk = rank_acc.cumsum(1)
     return {
@@ -186,11 +189,14 @@ def greedy_accuracy(model, tokenizer, conversations: list, args: argparse.Namesp
             "new_tokens": args.new_tokens,
             "positions": counts.tolist(),
             "rank_accuracies": rank_acc.tolist(),
+            "chain_positions": measured.chain_positions,
+            "accepted_chains": chains_to_json(chains),
         },
         "tree": {
             "name": name,
             "nodes": len(paths),
-            "expected_tokens_per_step": expected_accept_length(paths, rank_acc),
+            "expected_tokens_per_step": expected_accept_length(paths, rank_acc, chains),
+            "expected_tokens_per_step_independent": expected_accept_length(paths, rank_acc),
         },
     }
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import OracleHeads, Wrapped, hf_greedy, random_medusa, tiny_llama
 
-from fastmedusa.bench.heads import measure_rank_accuracies, tree_report
-from fastmedusa.decode import load_tree
+from fastmedusa.bench.heads import tree_report
+from fastmedusa.decode import load_tree, measure_rank_accuracies
 
 
 @pytest.mark.parametrize("p_top1,p_top2,rank", [(1.0, 0.0, 0), (0.0, 1.0, 1)])

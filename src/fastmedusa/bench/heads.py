@@ -1,8 +1,11 @@
 """`fastmedusa bench heads`: per-head, per-rank accuracy of Medusa heads on held-out prompts, and the trees it implies.
 
 The accuracies are measured against the base model's own greedy continuation of each held-out prompt
-(`fastmedusa.decode.accuracy`). They feed `build_tree` (greedy node additions maximising the expected accepted length),
-whose trees are written as JSON for `--tree FILE`. Writes JSON (+ PNG) under bench/results/.
+(`fastmedusa.decode.accuracy`), per head and jointly (which ranks the heads held together at each position).
+They feed `build_tree` (greedy node additions maximising the expected accepted length), whose trees are written
+as JSON for `--tree FILE`. A cross-check builds trees on one half of the prompts and scores them on the other
+half's positions, for the joint estimate and for Medusa's independent one. Writes JSON (+ PNG) under
+bench/results/.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from fastmedusa.bench.common import environment, positive_int, write_json
 from fastmedusa.decode import build_tree, expected_accept_length, prune_tree, save_tree
 from fastmedusa.decode.accuracy import (
     DEFAULT_TREE_NODES,
+    HeadAcceptance,
     first_user_prompts,
-    measure_rank_accuracies,
+    measure_head_acceptance,
     write_tree_json,
 )
-from fastmedusa.decode.trees import PRESETS
+from fastmedusa.decode.trees import PRESETS, Chains, chains_to_json, measured_accept_length
 from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
 
 
@@ -93,22 +97,42 @@ def held_out_prompts(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
     return prompts
 
 
-def tree_report(rank_acc: torch.Tensor, budgets: list[int], tree_dir: Path, meta: dict) -> list[dict]:
-    """Build a tree per budget, write it, and compare its expected tokens/step with the presets'."""
+def tree_report(
+    rank_acc: torch.Tensor, budgets: list[int], tree_dir: Path, meta: dict, chains: Chains | None = None
+) -> list[dict]:
+    """Build a tree per budget (joint where `chains` were measured), write it, and compare its expected
+    tokens/step with the presets'. Each row also gives the independent estimate of the same tree."""
     num_heads = rank_acc.shape[0]
     rows = []
     for n in budgets:
-        paths = build_tree(rank_acc, n)
-        eal = expected_accept_length(paths, rank_acc)
+        paths = build_tree(rank_acc, n, chains=chains)
+        eal = expected_accept_length(paths, rank_acc, chains)
         file = save_tree(tree_dir / f"tree_{n}.json", paths, expected_accept_length=eal, **meta)
-        rows.append(
-            {"tree": f"built_{n}", "nodes": len(paths), "expected_tokens_per_step": eal, "file": str(file)}
-        )
+        rows.append({"tree": f"built_{n}", "nodes": len(paths), "expected_tokens_per_step": eal,
+                     "expected_independent": expected_accept_length(paths, rank_acc), "file": str(file)})  # fmt: skip
     for name, preset in PRESETS.items():
         paths = prune_tree(preset, num_heads)
         if max(max(p) for p in paths) < rank_acc.shape[1]:
-            eal = expected_accept_length(paths, rank_acc)
-            rows.append({"tree": name, "nodes": len(paths), "expected_tokens_per_step": eal})
+            eal = expected_accept_length(paths, rank_acc, chains)
+            rows.append({"tree": name, "nodes": len(paths), "expected_tokens_per_step": eal,
+                         "expected_independent": expected_accept_length(paths, rank_acc)})  # fmt: skip
+    return rows
+
+
+def cross_check(halves: list[HeadAcceptance], budgets: list[int]) -> list[dict]:
+    """Trees built on one half of the prompts, scored on the other half's positions (`measured_accept_length`),
+    both ways: what the joint estimate gains over the independent one on prompts it was not built from."""
+    rows = []
+    for n in budgets:
+        scores: dict[str, list[float]] = {"independent": [], "joint": []}
+        for built_on, scored_on in ((0, 1), (1, 0)):
+            acc, chains = halves[built_on].rank_accuracies, halves[built_on].chains
+            for name, used in (("independent", None), ("joint", chains)):
+                paths = build_tree(acc, n, chains=used)
+                scores[name].append(measured_accept_length(paths, halves[scored_on].chains))
+        row = {"nodes": n, **{f"{name}_tokens_per_step": sum(v) / len(v) for name, v in scores.items()}}
+        row["joint_gain"] = row["joint_tokens_per_step"] / row["independent_tokens_per_step"] - 1
+        rows.append(row)
     return rows
 
 
@@ -124,9 +148,22 @@ def plot(payload: dict, path: Path) -> None:
         a.plot(range(1, len(row) + 1), row.cumsum(0).tolist(), marker="o", label=f"head {k + 1} (t+{k + 2})")
     a.set(xlabel="k", ylabel="top-k accuracy vs base greedy", title="Medusa heads on held-out prompts")
     a.legend()
+    built = [r for r in payload["trees"] if r["tree"].startswith("built_")]
+    nodes = [r["nodes"] for r in built]
+    b.plot(nodes, [r["expected_tokens_per_step"] for r in built], "o-", label="built trees: expected")
+    if any("expected_independent" in r for r in built):
+        b.plot(nodes, [r["expected_independent"] for r in built], "o--", mfc="none",
+               label="same trees, heads taken as independent")  # fmt: skip
+    for row in payload.get("cross_check") or []:
+        b.scatter(row["nodes"], row["joint_tokens_per_step"], marker="x", color="k", zorder=3)
+        b.scatter(row["nodes"], row["independent_tokens_per_step"], marker="+", color="r", zorder=3)
+    if payload.get("cross_check"):
+        b.scatter([], [], marker="x", color="k", label="built on half the prompts, measured on the rest")
+        b.scatter([], [], marker="+", color="r", label="the same, independent trees")
     for row in payload["trees"]:
-        b.scatter(row["nodes"], row["expected_tokens_per_step"], label=row["tree"])
-    b.set(xlabel="tree nodes", ylabel="expected tokens / step", title="trees under the measured accuracies")
+        if not row["tree"].startswith("built_"):
+            b.scatter(row["nodes"], row["expected_tokens_per_step"], marker="s", s=18, label=row["tree"])
+    b.set(xlabel="tree nodes", ylabel="tokens / step", title="trees under the measured accuracies")
     b.legend(fontsize=7)
     save_figure(fig, path, payload["env"])
 
@@ -158,12 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     model = MedusaModel.from_pretrained(args.model, heads=args.heads, dtype=dtype, device=device).eval()
     prompts = held_out_prompts(args, tokenizer)[: args.prompts]
     eos = eos_token_ids(tokenizer, model.base)
-    rank_acc, counts = measure_rank_accuracies(model, prompts, args.new_tokens, args.ranks, eos)
+    half = len(prompts) // 2
+    measure = lambda part: measure_head_acceptance(model, part, args.new_tokens, args.ranks, eos)  # noqa: E731
+    halves = [measure(prompts[:half]), measure(prompts[half:])] if half else [measure(prompts)]
+    measured = halves[0].merged(halves[1]) if len(halves) == 2 else halves[0]
+    rank_acc, counts, chains = measured.rank_accuracies, measured.positions_scored, measured.chains
+    checked = len(halves) == 2 and all(h.chain_positions for h in halves)
     meta = {"rank_accuracies": rank_acc.tolist(), "heads": str(args.heads), "model": args.model or "embedded"}
-    trees = tree_report(rank_acc, args.tree_nodes, args.tree_dir or args.out.parent, meta)
+    trees = tree_report(rank_acc, args.tree_nodes, args.tree_dir or args.out.parent, meta, chains)
     if args.write_tree:
-        written = write_tree_json(args.heads, rank_acc, counts, args.write_tree, prompts=len(prompts),
-                                  new_tokens=args.new_tokens)  # fmt: skip
+        written = write_tree_json(args.heads, rank_acc, counts, args.write_tree, chains=chains,
+                                  prompts=len(prompts), new_tokens=args.new_tokens)  # fmt: skip
         print(f"wrote {written}")
     payload = {
         "env": environment(device),
@@ -172,14 +214,28 @@ def main(argv: list[str] | None = None) -> int:
         "positions_scored": counts.tolist(),
         "rank_accuracies": rank_acc.tolist(),
         "topk_accuracies": rank_acc.cumsum(1).tolist(),
+        "chain_positions": measured.chain_positions,
+        "accepted_chains": chains_to_json(chains),
         "trees": trees,
-    }
+        "cross_check": cross_check(halves, args.tree_nodes) if checked else None,
+        "halves": [
+            {"rank_accuracies": h.rank_accuracies.tolist(), "positions_scored": h.positions_scored.tolist(),
+             "accepted_chains": chains_to_json(h.chains)}
+            for h in halves
+        ] if checked else None,
+    }  # fmt: skip
     write_json(args.out, payload)
     plot(payload, args.out.with_suffix(".png"))
     for k, row in enumerate(rank_acc.cumsum(1)):
         print(f"head {k + 1}: top-1 {row[0]:.3f}, top-{args.ranks} {row[-1]:.3f}")
     for row in trees:
         print(
-            f"{row['tree']:>14}: {row['nodes']:3d} nodes, expected {row['expected_tokens_per_step']:.2f} tokens/step"
+            f"{row['tree']:>14}: {row['nodes']:3d} nodes, expected {row['expected_tokens_per_step']:.2f} tokens/step "
+            f"(heads taken as independent: {row['expected_independent']:.2f})"
+        )
+    for row in payload["cross_check"] or []:
+        print(
+            f"built on one half, scored on the other: {row['nodes']:3d} nodes, joint "
+            f"{row['joint_tokens_per_step']:.3f} vs independent {row['independent_tokens_per_step']:.3f} tokens/step"
         )
     return 0

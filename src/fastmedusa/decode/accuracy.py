@@ -3,24 +3,34 @@
 What greedy Medusa decoding needs from a head is agreement with the base model's own greedy tokens (not
 with a dataset's). So held-out prompts are continued by plain greedy decoding (batched), the backbone runs
 once over prompt + continuation, and head k's rank-r token at position t counts as right when it equals the
-continuation's token at t+k+2. These rank accuracies give `build_tree` its input; `tree.json` in a heads
-directory keeps them with the tree built from them, which `generate` then uses by default and from which
-`tree="auto:N"` builds an N-node tree. `choose_tree_size` picks N for a device: the expected tokens per
+continuation's token at t+k+2. These rank accuracies, and the joint outcomes (at each position, the ranks at
+which heads 1, 2, ... were right together: `AcceptanceModel` in trees.py), give `build_tree` its input;
+`tree.json` in a heads directory keeps them with the tree built from them, which `generate` then uses by
+default and from which `tree="auto:N"` builds an N-node tree. `choose_tree_size` picks N for a device: the expected tokens per
 step of each tree divided by its measured step time, the best tokens/s wins.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fastmedusa.decode.trees import build_tree, expected_accept_length
+from fastmedusa.decode.trees import (
+    Chains,
+    build_tree,
+    chains_from_json,
+    chains_to_json,
+    check_chains,
+    expected_accept_length,
+)
 from fastmedusa.progress import Progress
 
 TREE_FILE = "tree.json"
@@ -30,6 +40,11 @@ TREE_FILE = "tree.json"
 # step 1.125 ms against 1.104 ms for 63 (noisier runs; bench/results/step_cost_tree_width_h100). So the
 # default and auto's candidates make N + 1 a power of two, or a multiple of 32 for the largest trees.
 DEFAULT_TREE_NODES = 63
+# Greedy tokens per held-out prompt that `measure_heads_tree` scores. Heads are right more often past an answer's
+# first tokens, so short continuations undersell them: trained SmolLM2 heads expected 3.22 tokens/step from 48
+# tokens and 3.91 from 128 (the same 63-node tree size), and gave 3.98 on MT-Bench's 256-token answers (H100,
+# bench/results/tree_joint_h100).
+TREE_NEW_TOKENS = 128
 
 
 def first_user_turns(conversations: Sequence[Sequence[dict]]) -> list[str]:
@@ -99,7 +114,89 @@ def greedy_continuations(
     return sequences
 
 
+@dataclass
+class HeadAcceptance:
+    """What `measure_head_acceptance` measured: per-head rank accuracies (K, ranks), the positions each head
+    was scored at (K,), and the joint outcomes: `chains` maps the ranks at which heads 1, 2, ... held the base
+    model's tokens, cut at the first head that missed, to the number of positions that ended so (only positions
+    where every head has a target; `chain_positions` of them)."""
+
+    rank_accuracies: torch.Tensor
+    positions_scored: torch.Tensor
+    chains: dict[tuple[int, ...], int] = field(default_factory=dict)
+
+    @property
+    def chain_positions(self) -> int:
+        return sum(self.chains.values())
+
+    def merged(self, other: HeadAcceptance) -> HeadAcceptance:
+        """Both measurements as one (the accuracies weighted by the positions behind them)."""
+        counts = self.positions_scored + other.positions_scored
+        hits = self.rank_accuracies * self.positions_scored[:, None] + other.rank_accuracies * other.positions_scored[:, None]
+        chains = dict(self.chains)
+        for chain, n in other.chains.items():
+            chains[chain] = chains.get(chain, 0) + n
+        return HeadAcceptance(hits / counts.clamp(min=1)[:, None].double(), counts, chains)
+
+
+def _rank_of_target(top: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(T,) rank of each target among its top-k list (T, ranks), `ranks` where it is not in the list."""
+    match = top == target[:, None]
+    rank = match.int().argmax(1)
+    return torch.where(match.any(1), rank, top.shape[1])
+
+
 @torch.no_grad()
+def measure_head_acceptance(
+    model: nn.Module,
+    prompts: Sequence[torch.Tensor],
+    new_tokens: int,
+    ranks: int = 10,
+    eos_token_id=None,
+    progress: bool = True,
+    batch_size: int = 8,
+) -> HeadAcceptance:
+    """How often head k's rank-r token is the base model's own greedy token, per head and jointly.
+
+    `model` is a MedusaModel (or anything with `.base`, `.medusa_heads` and `backbone_hidden_states`); the
+    greedy continuations are generated `batch_size` prompts at a time (eager: a few prompts do not repay a
+    compile). The joint chains (`HeadAcceptance`) let `build_tree` see that heads are right together."""
+    heads = model.medusa_heads
+    num_heads = heads.num_heads
+    hits = torch.zeros(num_heads, ranks, dtype=torch.long)
+    counts = torch.zeros(num_heads, dtype=torch.long)
+    chains: dict[tuple[int, ...], int] = {}
+    device = next(model.base.parameters()).device
+    sequences = greedy_continuations(model, prompts, new_tokens, eos_token_id, batch_size)
+    pairs = list(zip(prompts, sequences))
+    for ids, seq in Progress(pairs, desc="scoring heads", unit="prompt", enabled=progress):
+        hidden = model.backbone_hidden_states(seq.to(device))[0]  # (L, H)
+        start, length = ids.shape[1] - 1, seq.shape[1]  # heads act on the last accepted token: t >= P - 1
+        if length - 2 <= start:
+            continue
+        top = heads.draft_topk(hidden[start : length - 2], ranks).cpu()  # (K, T, ranks) token ids
+        tokens = seq[0]
+        for k in range(num_heads):
+            scored = length - k - 2 - start  # positions t whose target t+k+2 exists
+            if scored <= 0:
+                continue
+            target = tokens[start + k + 2 : start + k + 2 + scored]
+            hits[k] += (top[k, :scored] == target[:, None]).sum(0)
+            counts[k] += scored
+        every = length - num_heads - 1 - start  # positions where every head has its target
+        if every > 0:
+            rank_rows = torch.stack(
+                [_rank_of_target(top[k, :every], tokens[start + k + 2 : start + k + 2 + every]) for k in range(num_heads)],
+                dim=1,
+            ).tolist()  # (every, K)
+            for row in rank_rows:
+                chain = tuple(itertools.takewhile(lambda r: r < ranks, row))
+                chains[chain] = chains.get(chain, 0) + 1
+    if (counts == 0).any():
+        raise ValueError("some heads were never scored: give more or longer prompts (or more new tokens)")
+    return HeadAcceptance(hits.double() / counts[:, None].double(), counts, chains)
+
+
 def measure_rank_accuracies(
     model: nn.Module,
     prompts: Sequence[torch.Tensor],
@@ -111,32 +208,10 @@ def measure_rank_accuracies(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, ranks) P(head k's rank-r token = the base model's greedy token), and the (K,) positions scored.
 
-    The cumulative sum over ranks is the top-k accuracy against the model's own greedy tokens. `model` is a
-    MedusaModel (or anything with `.base`, `.medusa_heads` and `backbone_hidden_states`); the greedy
-    continuations are generated `batch_size` prompts at a time (eager: a few prompts do not repay a compile)."""
-    heads = model.medusa_heads
-    hits = torch.zeros(heads.num_heads, ranks, dtype=torch.long)
-    counts = torch.zeros(heads.num_heads, dtype=torch.long)
-    device = next(model.base.parameters()).device
-    sequences = greedy_continuations(model, prompts, new_tokens, eos_token_id, batch_size)
-    pairs = list(zip(prompts, sequences))
-    for ids, seq in Progress(pairs, desc="scoring heads", unit="prompt", enabled=progress):
-        hidden = model.backbone_hidden_states(seq.to(device))[0]  # (L, H)
-        start, length = ids.shape[1] - 1, seq.shape[1]  # heads act on the last accepted token: t >= P - 1
-        if length - 2 <= start:
-            continue
-        top = heads.draft_topk(hidden[start : length - 2], ranks).cpu()  # (K, T, ranks) token ids
-        tokens = seq[0]
-        for k in range(heads.num_heads):
-            scored = length - k - 2 - start  # positions t whose target t+k+2 exists
-            if scored <= 0:
-                continue
-            target = tokens[start + k + 2 : start + k + 2 + scored]
-            hits[k] += (top[k, :scored] == target[:, None]).sum(0)
-            counts[k] += scored
-    if (counts == 0).any():
-        raise ValueError("some heads were never scored: give more or longer prompts (or more new tokens)")
-    return hits.double() / counts[:, None].double(), counts
+    The cumulative sum over ranks is the top-k accuracy against the model's own greedy tokens. The per-head
+    part of `measure_head_acceptance`, which also measures how the heads are right together."""
+    measured = measure_head_acceptance(model, prompts, new_tokens, ranks, eos_token_id, progress, batch_size)
+    return measured.rank_accuracies, measured.positions_scored
 
 
 def write_tree_json(
@@ -144,24 +219,32 @@ def write_tree_json(
     rank_accuracies: torch.Tensor,
     positions_scored: torch.Tensor | Sequence[int] | None = None,
     num_nodes: int = DEFAULT_TREE_NODES,
+    chains: Chains | None = None,
     **extra: object,
 ) -> Path:
-    """Write tree.json (into `path` if it is a directory): the N-node tree built from the accuracies, the
-    accuracies themselves (what `auto:N` builds other trees from) and the expected tokens per step."""
+    """Write tree.json (into `path` if it is a directory): the N-node tree built from the accuracies (joint,
+    with measured `chains`: `AcceptanceModel`), the measurements themselves (what `auto:N` builds other trees
+    from) and the expected tokens per step."""
     path = Path(path)
     if path.is_dir():
         path = path / TREE_FILE
     acc = torch.as_tensor(rank_accuracies, dtype=torch.float64)
-    paths = build_tree(acc, num_nodes)
+    chains = chains or None
+    paths = build_tree(acc, num_nodes, chains=chains)
     payload = {
         "paths": paths,
         "num_heads": acc.shape[0],
         "tree_nodes": len(paths),
-        "expected_tokens_per_step": expected_accept_length(paths, acc),
+        "expected_tokens_per_step": expected_accept_length(paths, acc, chains),
+        "tree_model": "joint" if chains else "independent",
         "rank_accuracies": acc.tolist(),
         "positions_scored": None if positions_scored is None else torch.as_tensor(positions_scored).tolist(),
         **extra,
     }
+    if chains:
+        payload["expected_tokens_per_step_independent"] = expected_accept_length(paths, acc)
+        payload["chain_positions"] = sum(chains.values())
+        payload["accepted_chains"] = chains_to_json(chains)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
@@ -193,6 +276,13 @@ def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dic
         and all(isinstance(row, list) and all(isinstance(a, int | float) for a in row) for row in accuracies)
     ):
         raise ValueError(f"{path}: rank_accuracies must be a list of per-head lists of numbers; measure it again")
+    if info.get("accepted_chains") is not None:
+        if not accuracies:
+            raise ValueError(f"{path}: accepted_chains without rank_accuracies; measure it again")
+        try:
+            check_chains(chains_from_json(info["accepted_chains"]), len(accuracies), len(accuracies[0]))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     theirs = info.get("num_heads") or (len(info["rank_accuracies"]) if info.get("rank_accuracies") else None)
     if num_heads is not None and theirs is not None and theirs != num_heads:
         raise ValueError(
@@ -207,7 +297,7 @@ def measure_heads_tree(
     prompts: Sequence[torch.Tensor],
     heads_dir: str | os.PathLike,
     *,
-    new_tokens: int = 48,
+    new_tokens: int = TREE_NEW_TOKENS,
     ranks: int = 10,
     num_nodes: int = DEFAULT_TREE_NODES,
     eos_token_id=None,
@@ -217,25 +307,26 @@ def measure_heads_tree(
     """Measure the heads' rank accuracies on `prompts` against the model's own greedy tokens and write
     heads_dir/tree.json. The engine built for the measurement is dropped afterwards (it holds a KV cache)."""
     started = time.perf_counter()
-    acc, counts = measure_rank_accuracies(model, prompts, new_tokens, ranks, eos_token_id, progress)
+    measured = measure_head_acceptance(model, prompts, new_tokens, ranks, eos_token_id, progress)
     model.base.__dict__.pop("_fastmedusa_engine", None)
     return write_tree_json(
-        heads_dir, acc, counts, num_nodes, prompts=len(prompts), new_tokens=new_tokens,
-        seconds=round(time.perf_counter() - started, 2), **extra,
+        heads_dir, measured.rank_accuracies, measured.positions_scored, num_nodes, chains=measured.chains,
+        prompts=len(prompts), new_tokens=new_tokens, seconds=round(time.perf_counter() - started, 2), **extra,
     )  # fmt: skip
 
 
 @torch.no_grad()
 def expected_by_heads(
-    rank_accuracies: Sequence[Sequence[float]], nodes: int = DEFAULT_TREE_NODES
+    rank_accuracies: Sequence[Sequence[float]], nodes: int = DEFAULT_TREE_NODES, chains: Chains | None = None
 ) -> list[dict]:
     """Expected tokens/step when only the first k heads are used (k = 1..K), each on the `nodes`-node tree
     built from their rank accuracies. In stage 1 the heads are independent models on a frozen backbone, so
     the first k heads of a K-head run stand for a k-head run."""
     rows = []
     for k in range(1, len(rank_accuracies) + 1):
-        paths = build_tree(rank_accuracies[:k], nodes)
-        expected = expected_accept_length(paths, rank_accuracies[:k])
+        cut = None if not chains else _cut_chains(chains, k)
+        paths = build_tree(rank_accuracies[:k], nodes, chains=cut)
+        expected = expected_accept_length(paths, rank_accuracies[:k], cut)
         rows.append({"heads": k, "tree_nodes": len(paths), "expected_tokens_per_step": round(expected, 3)})
     return rows
 
@@ -250,6 +341,7 @@ def choose_tree_size(
     steps: int = 24,
     compile: bool | None = None,
     include_plain: bool = True,
+    chains: Chains | None = None,
 ) -> tuple[int, list[dict]]:
     """The tree size that maximises expected tokens/s on this device: for each candidate N, time Medusa steps
     of the N-node tree built from `rank_accuracies` and divide its expected tokens per step by the step time.
@@ -280,10 +372,18 @@ def choose_tree_size(
         rows.append({"nodes": 0, "expected_tokens_per_step": 1.0, "step_ms": 1e3 * step_s,
                      "expected_tokens_per_s": batch_size / step_s})  # fmt: skip
     for n in candidates:
-        paths = build_tree(acc, n)
+        paths = build_tree(acc, n, chains=chains)
         step_s = step_seconds(tree=paths)
-        expected = expected_accept_length(paths, acc)
+        expected = expected_accept_length(paths, acc, chains)
         rows.append({"nodes": len(paths), "expected_tokens_per_step": expected, "step_ms": 1e3 * step_s,
                      "expected_tokens_per_s": batch_size * expected / step_s})  # fmt: skip
     best = max(rows, key=lambda r: r["expected_tokens_per_s"])
     return best["nodes"], rows
+
+
+def _cut_chains(chains: Chains, heads: int) -> dict[tuple[int, ...], int]:
+    """The chains as the first `heads` heads alone would have made them."""
+    cut: dict[tuple[int, ...], int] = {}
+    for chain, count in chains.items():
+        cut[tuple(chain[:heads])] = cut.get(tuple(chain[:heads]), 0) + count
+    return cut

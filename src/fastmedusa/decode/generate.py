@@ -46,7 +46,7 @@ from fastmedusa.decode.accuracy import choose_tree_size, read_tree_json
 from fastmedusa.decode.engine import DecodeEngine, get_engine
 from fastmedusa.decode.loop import StepRunner, medusa_body, plain_body, prefill_body, run_loop
 from fastmedusa.decode.packed_heads import packed_heads
-from fastmedusa.decode.trees import TreeBuffers, cached_tree_buffers, resolve_tree
+from fastmedusa.decode.trees import TreeBuffers, cached_tree_buffers, info_chains, resolve_tree
 from fastmedusa.model.heads import check_draft_k
 
 TreeSpec = str | os.PathLike | Sequence[Sequence[int]] | None
@@ -462,7 +462,8 @@ def _auto_tree_size(model, heads, tree_info, prompt, batch_size, compile) -> int
     key = (batch_size, str(next(model.parameters()).device))
     if key not in cache:
         acc = torch.tensor(tree_info["rank_accuracies"])
-        cache[key], _ = choose_tree_size(model, acc, prompt, batch_size=batch_size, compile=compile)
+        chains = info_chains(tree_info)
+        cache[key], _ = choose_tree_size(model, acc, prompt, batch_size=batch_size, compile=compile, chains=chains)
     return cache[key]
 
 

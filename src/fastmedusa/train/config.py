@@ -78,8 +78,8 @@ class TrainConfig:
     tree_prompts: int = field(
         default=8,
         metadata={
-            "help": "at the end, continue this many held-out first turns greedily (48 tokens) and measure each "
-            "head's per-rank accuracy against the model's own tokens; writes HEADS/tree.json, the tree "
+            "help": "at the end, continue this many held-out first turns greedily (128 tokens) and measure how often each "
+            "head's rank-r token is the model's own, alone and together with the other heads; writes HEADS/tree.json, the tree "
             "`fastmedusa generate` then uses by default and builds --tree auto:N from (0: skip)"
         },
     )

@@ -1,0 +1,245 @@
+"""Trees from joint head outcomes: the acceptance model, its measurement, tree.json, and the cross-check."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from conftest import OracleHeads, Wrapped, hf_greedy, random_medusa, tiny_llama
+
+from fastmedusa.decode import (
+    build_tree,
+    expected_accept_length,
+    read_tree_json,
+    resolve_tree,
+    write_tree_json,
+)
+from fastmedusa.decode.accuracy import HeadAcceptance, expected_by_heads, measure_head_acceptance
+from fastmedusa.decode.trees import (
+    AcceptanceModel,
+    chains_from_json,
+    chains_to_json,
+    measured_accept_length,
+    path_probability,
+)
+
+
+def correlated_positions(n: int, heads: int, ranks: int, seed: int) -> list[list[int]]:
+    """Per position, the rank at which each head held the right token (`ranks` = missed). A latent
+    "easy context" makes the heads right together, as real heads are."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        easy = rng.random() < 0.5
+        row = []
+        for _ in range(heads):
+            u = rng.random()
+            if u < (0.8 if easy else 0.15):
+                row.append(0)
+            elif u < (0.9 if easy else 0.35):
+                row.append(rng.randrange(1, ranks))
+            else:
+                row.append(ranks)
+        rows.append(row)
+    return rows
+
+
+def chains_and_accuracies(rows: list[list[int]], ranks: int) -> tuple[dict, list[list[float]]]:
+    """What the measurement stores, computed here by counting: chains cut at the first miss, and marginals."""
+    chains: dict = {}
+    for row in rows:
+        cut = []
+        for r in row:
+            if r == ranks:
+                break
+            cut.append(r)
+        chains[tuple(cut)] = chains.get(tuple(cut), 0) + 1
+    heads = len(rows[0])
+    acc = [[sum(row[k] == r for row in rows) / len(rows) for r in range(ranks)] for k in range(heads)]
+    return chains, acc
+
+
+def simulated_tokens_per_step(tree, rows: list[list[int]]) -> float:
+    """Greedy acceptance walked position by position: the deepest node whose every rank matches."""
+    nodes = {tuple(p) for p in tree}
+    total = 0
+    for row in rows:
+        depth = 0
+        while depth < len(row) and tuple(row[: depth + 1]) in nodes:
+            depth += 1
+        total += 1 + depth
+    return total / len(rows)
+
+
+def test_without_chains_the_model_is_the_independent_product():
+    acc = [[0.6, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.1, 0.05]]
+    model = AcceptanceModel(acc)
+    for path in ([0], [2], [0, 1], [1, 0, 2]):
+        assert model(path) == pytest.approx(path_probability(path, acc), rel=1e-15)
+    assert not model.joint
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unshrunk_joint_estimate_is_the_measured_acceptance(seed):
+    rows = correlated_positions(500, heads=4, ranks=3, seed=seed)
+    chains, acc = chains_and_accuracies(rows, 3)
+    model = AcceptanceModel(acc, chains, prior_weight=0.0)
+    trees = [build_tree(acc, n, chains=chains) for n in (1, 5, 17, 40)] + [build_tree(acc, 17)]
+    for tree in trees:
+        expected = 1.0 + sum(model(p) for p in tree)
+        assert expected == pytest.approx(simulated_tokens_per_step(tree, rows), rel=1e-12)
+        assert measured_accept_length(tree, chains) == pytest.approx(simulated_tokens_per_step(tree, rows), rel=1e-12)
+
+
+def test_shrinkage_follows_its_formula():
+    acc = [[0.3, 0.1], [0.5, 0.2]]
+    chains = {(0,): 3, (): 7}  # 10 positions: head 1 right at rank 0 three times, head 2 never right
+    model = AcceptanceModel(acc, chains, prior_weight=8.0)
+    p0 = (3 + 8 * 0.3) / (10 + 8)
+    assert model([0]) == pytest.approx(p0)
+    assert model([1]) == pytest.approx((0 + 8 * 0.1) / (10 + 8))
+    assert model([0, 0]) == pytest.approx(p0 * (0 + 8 * 0.5) / (3 + 8))
+    assert model([1, 1]) == pytest.approx(model([1]) * (8 * 0.2) / (0 + 8))  # never reached: the marginal
+
+
+def test_joint_trees_go_deeper_and_win_on_fresh_positions():
+    ranks, heads = 4, 4
+    fit = correlated_positions(3000, heads, ranks, seed=10)
+    fresh = correlated_positions(3000, heads, ranks, seed=11)
+    chains, acc = chains_and_accuracies(fit, ranks)
+    joint, independent = build_tree(acc, 4, chains=chains), build_tree(acc, 4)
+    assert simulated_tokens_per_step(joint, fresh) > simulated_tokens_per_step(independent, fresh) + 0.1
+    for n in (8, 15, 31, 63):  # larger trees hold most of the same nodes: never worse beyond sampling noise
+        joint, independent = build_tree(acc, n, chains=chains), build_tree(acc, n)
+        assert simulated_tokens_per_step(joint, fresh) > simulated_tokens_per_step(independent, fresh) - 0.01
+    assert [0, 0, 0, 0] in build_tree(acc, 4, chains=chains)  # the correlated chain, not the wide fan
+    assert [0, 0, 0, 0] not in build_tree(acc, 4)
+    # the independent product underrates such heads; the joint estimate does not
+    tree = build_tree(acc, 31, chains=chains)
+    measured = simulated_tokens_per_step(tree, fresh)
+    assert expected_accept_length(tree, acc) < measured - 0.2
+    assert abs(expected_accept_length(tree, acc, chains) - measured) < 0.1
+
+
+def test_every_leading_slice_of_a_joint_tree_is_a_tree():
+    rows = correlated_positions(400, heads=3, ranks=5, seed=3)
+    chains, acc = chains_and_accuracies(rows, 5)
+    tree = build_tree(acc, 60, chains=chains)
+    for n in range(1, len(tree) + 1):
+        nodes = {tuple(p) for p in tree[:n]}
+        assert all(len(p) == 1 or p[:-1] in nodes for p in nodes)
+    probs = [AcceptanceModel(acc, chains)(p) for p in tree]
+    assert probs == sorted(probs, reverse=True)
+
+
+@pytest.mark.parametrize("p_top1,p_top2", [(1.0, 0.0), (0.0, 1.0), (0.6, 0.25)])
+def test_measured_chains_match_the_oracle(p_top1, p_top2):
+    base = tiny_llama(0)
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+    sequence = hf_greedy(base, ids, 24)
+    heads = OracleHeads(base, sequence, num_heads=3, p_top1=p_top1, p_top2=p_top2)
+    measured = measure_head_acceptance(Wrapped(base, heads), [ids], 24, ranks=4, progress=False)
+    # the reference: each position's ranks read from the oracle's own logits
+    start, length, expected = ids.shape[1] - 1, sequence.shape[1], {}
+    for t in range(start, length - 3 - 1):
+        chain = []
+        for k in range(3):
+            top = heads._logits(t, k).topk(4).indices.tolist()
+            target = int(sequence[0, t + k + 2])
+            if target not in top:
+                break
+            chain.append(top.index(target))
+        expected[tuple(chain)] = expected.get(tuple(chain), 0) + 1
+    assert measured.chains == expected
+    assert measured.chain_positions == int(measured.positions_scored[-1]) == 21
+    if p_top1 == 1.0:
+        assert measured.chains == {(0, 0, 0): 21}
+
+
+def test_measurements_merge():
+    base = tiny_llama(1)
+    model = random_medusa(base, num_heads=2)
+    a_ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(1))
+    b_ids = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(2))
+    a = measure_head_acceptance(model, [a_ids], 12, ranks=5, progress=False)
+    b = measure_head_acceptance(model, [b_ids], 16, ranks=5, progress=False)
+    both = a.merged(b)
+    hits = a.rank_accuracies * a.positions_scored[:, None] + b.rank_accuracies * b.positions_scored[:, None]
+    assert torch.allclose(both.rank_accuracies * both.positions_scored[:, None], hits)
+    assert both.chain_positions == a.chain_positions + b.chain_positions
+    assert isinstance(both, HeadAcceptance)
+
+
+def test_tree_json_keeps_the_chains(tmp_path):
+    rows = correlated_positions(600, heads=3, ranks=4, seed=5)
+    chains, acc = chains_and_accuracies(rows, 4)
+    write_tree_json(tmp_path, acc, [600] * 3, num_nodes=15, chains=chains)
+    info = read_tree_json(tmp_path, 3)
+    assert info["tree_model"] == "joint" and info["chain_positions"] == 600
+    assert chains_from_json(info["accepted_chains"]) == chains
+    assert resolve_tree(None, 3, info) == resolve_tree(build_tree(acc, 15, chains=chains), 3)
+    assert resolve_tree("auto:9", 3, info) == resolve_tree(build_tree(acc, 9, chains=chains), 3)
+    assert info["expected_tokens_per_step"] == pytest.approx(
+        expected_accept_length(build_tree(acc, 15, chains=chains), acc, chains)
+    )
+    assert info["expected_tokens_per_step_independent"] < info["expected_tokens_per_step"]
+    # an older tree.json (no chains) still reads, and builds independent trees
+    write_tree_json(tmp_path, acc, num_nodes=15)
+    old = read_tree_json(tmp_path, 3)
+    assert old["tree_model"] == "independent" and "accepted_chains" not in old
+    assert resolve_tree("auto:9", 3, old) == resolve_tree(build_tree(acc, 9), 3)
+
+
+@pytest.mark.parametrize(
+    "chains,message",
+    [
+        ([[[0, 4], 3]], "does not fit 3 heads and ranks 0..3"),
+        ([[[0, 0, 0, 0], 3]], "does not fit 3 heads"),
+        ([[[0], -1]], "counts are integers >= 0"),
+        ([[[0], 1.5]], "list of \\[ranks, count\\] pairs"),
+        ({"0": 3}, "list of \\[ranks, count\\] pairs"),
+    ],
+)
+def test_bad_chains_in_tree_json(tmp_path, chains, message):
+    acc = [[0.5, 0.2, 0.1, 0.05]] * 3
+    write_tree_json(tmp_path, acc, num_nodes=6)
+    info = json.loads((tmp_path / "tree.json").read_text())
+    info["accepted_chains"] = chains
+    (tmp_path / "tree.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=message):
+        read_tree_json(tmp_path, 3)
+
+
+def test_chains_json_round_trip_and_prior_check():
+    chains = {(0, 1): 4, (): 9, (2,): 4}
+    rows = chains_to_json(chains)
+    assert rows[0] == [[], 9] and chains_from_json(rows) == chains
+    with pytest.raises(ValueError, match="prior_weight"):
+        AcceptanceModel([[0.5]], chains={(0,): 1}, prior_weight=-1.0)
+    with pytest.raises(ValueError, match="rank 3"):
+        expected_accept_length([[3]], [[0.5, 0.2]])
+
+
+def test_expected_by_heads_cuts_the_chains():
+    rows = correlated_positions(800, heads=3, ranks=3, seed=7)
+    chains, acc = chains_and_accuracies(rows, 3)
+    by_heads = expected_by_heads(acc, nodes=10, chains=chains)
+    for k, row in enumerate(by_heads, start=1):
+        cut = [r[:k] for r in rows]
+        tree = build_tree([a for a in acc[:k]], 10, chains=chains_and_accuracies(cut, 3)[0])
+        assert row["tree_nodes"] == len(tree)
+        assert row["expected_tokens_per_step"] == pytest.approx(
+            expected_accept_length(tree, acc[:k], chains_and_accuracies(cut, 3)[0]), abs=1e-3
+        )
+    assert [r["expected_tokens_per_step"] for r in by_heads] == sorted(r["expected_tokens_per_step"] for r in by_heads)
+
+
+def test_all_paths_probabilities_sum_within_one():
+    rows = correlated_positions(300, heads=2, ranks=3, seed=8)
+    chains, acc = chains_and_accuracies(rows, 3)
+    model = AcceptanceModel(acc, chains)
+    for parent in [()] + [(r,) for r in range(3)]:
+        children = sum(model((*parent, r)) for r in range(3))
+        assert children <= model(parent) + 1e-12
+    assert sum(model(p) for p in itertools.product(range(3), repeat=1)) <= 1.0
