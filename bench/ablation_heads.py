@@ -165,6 +165,7 @@ def plot(results: list[dict], env: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     from fastmedusa.bench.common import environment, write_json
     from fastmedusa.decode import expected_by_heads
+    from fastmedusa.decode.trees import info_chains
 
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         out = out_dir / (f"{loss}-{dataset}" + (f"-draft{draft}" if draft else ""))
         record = train_run(args, dataset, loss, draft, out)
         record["eval"] = evaluate(args, out)
-        record["prefixes"] = expected_by_heads(record["eval"]["greedy"]["rank_accuracies"])
+        greedy = record["eval"]["greedy"]
+        record["prefixes"] = expected_by_heads(greedy["rank_accuracies"], chains=info_chains(greedy))
         record["decode"] = bench_decode(args, out)
         results.append(record)
         top1 = " ".join(f"{100 * a:.1f}" for a in record["eval"]["greedy"]["top1"])

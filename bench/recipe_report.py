@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from fastmedusa.decode import expected_by_heads
+from fastmedusa.decode.trees import info_chains
 
 
 def read_runs(directory: Path) -> list[dict]:
@@ -32,7 +33,7 @@ def read_runs(directory: Path) -> list[dict]:
             "top1_vs_own_greedy": [round(a[0], 4) for a in acc],
             "top5_vs_own_greedy": [round(sum(a[:5]), 4) for a in acc],
             "positions_scored": tree.get("positions_scored"), "prompts": tree.get("prompts"),
-            "prefixes": expected_by_heads(acc),
+            "prefixes": expected_by_heads(acc, chains=info_chains(tree)),
         })  # fmt: skip
     return runs
 

@@ -69,7 +69,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="held-out prompts continued greedily for the greedy-token accuracy; 0 skips it (default: %(default)s)",
     )
     parser.add_argument(
-        "--new-tokens", type=int, default=64, help="greedy tokens per prompt (default: %(default)s)"
+        "--new-tokens", type=int, default=128, help="greedy tokens per prompt (default: %(default)s)"
     )
     parser.add_argument(
         "--max-prompt-tokens", type=int, default=384, help="skip longer prompts (default: %(default)s)"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import OracleHeads, Wrapped, hf_greedy, random_medusa, tiny_llama
 
+from fastmedusa.bench.heads import cross_check, measure_halves
 from fastmedusa.decode import (
     build_tree,
     expected_accept_length,
@@ -165,10 +166,17 @@ def test_measurements_merge():
     a = measure_head_acceptance(model, [a_ids], 12, ranks=5, progress=False)
     b = measure_head_acceptance(model, [b_ids], 16, ranks=5, progress=False)
     both = a.merged(b)
-    hits = a.rank_accuracies * a.positions_scored[:, None] + b.rank_accuracies * b.positions_scored[:, None]
-    assert torch.allclose(both.rank_accuracies * both.positions_scored[:, None], hits)
-    assert both.chain_positions == a.chain_positions + b.chain_positions
+    together = measure_head_acceptance(model, [a_ids], 12, ranks=5, progress=False)
     assert isinstance(both, HeadAcceptance)
+    assert both.positions_scored.tolist() == [x + y for x, y in zip(a.positions_scored.tolist(), b.positions_scored.tolist())]
+    for chain in set(a.chains) | set(b.chains):
+        assert both.chains[chain] == a.chains.get(chain, 0) + b.chains.get(chain, 0)
+    # hit counts add up: accuracy x positions of the merge is the sum of the parts'
+    for k in range(2):
+        for r in range(5):
+            hits = round(float(a.rank_accuracies[k, r] * a.positions_scored[k] + b.rank_accuracies[k, r] * b.positions_scored[k]))
+            assert round(float(both.rank_accuracies[k, r] * both.positions_scored[k])) == hits
+    assert a.merged(HeadAcceptance(torch.zeros(2, 5, dtype=torch.float64), torch.zeros(2, dtype=torch.long))).chains == together.chains
 
 
 def test_tree_json_keeps_the_chains(tmp_path):
@@ -215,6 +223,7 @@ def test_chains_json_round_trip_and_prior_check():
     chains = {(0, 1): 4, (): 9, (2,): 4}
     rows = chains_to_json(chains)
     assert rows[0] == [[], 9] and chains_from_json(rows) == chains
+    assert chains_from_json([[[0], 3], [[0], 4]]) == {(0,): 7}  # a chain listed twice counts twice
     with pytest.raises(ValueError, match="prior_weight"):
         AcceptanceModel([[0.5]], chains={(0,): 1}, prior_weight=-1.0)
     with pytest.raises(ValueError, match="rank 3"):
@@ -239,7 +248,44 @@ def test_all_paths_probabilities_sum_within_one():
     rows = correlated_positions(300, heads=2, ranks=3, seed=8)
     chains, acc = chains_and_accuracies(rows, 3)
     model = AcceptanceModel(acc, chains)
-    for parent in [()] + [(r,) for r in range(3)]:
-        children = sum(model((*parent, r)) for r in range(3))
-        assert children <= model(parent) + 1e-12
-    assert sum(model(p) for p in itertools.product(range(3), repeat=1)) <= 1.0
+    for depth in (0, 1):
+        for parent in itertools.product(range(3), repeat=depth):
+            children = sum(model((*parent, r)) for r in range(3))
+            assert children <= model(parent) + 1e-12
+
+
+def _acceptance(rows: list[list[int]], ranks: int) -> HeadAcceptance:
+    chains, acc = chains_and_accuracies(rows, ranks)
+    heads = len(rows[0])
+    return HeadAcceptance(torch.tensor(acc, dtype=torch.float64), torch.full((heads,), len(rows)), chains)
+
+
+def test_cross_check_scores_each_half_with_the_other():
+    halves = [_acceptance(correlated_positions(1500, 4, 4, seed=s), 4) for s in (20, 21)]
+    rows = cross_check(halves, [4, 15])
+    for row in rows:
+        n = row["nodes"]
+        for name, chains_used in (("joint", True), ("independent", False)):
+            scores = [
+                simulated_tokens_per_step(
+                    build_tree(halves[a].rank_accuracies, n, chains=halves[a].chains if chains_used else None),
+                    [list(c) + [4] * (4 - len(c)) for c, m in halves[b].chains.items() for _ in range(m)],
+                )
+                for a, b in ((0, 1), (1, 0))
+            ]
+            assert row[f"{name}_tokens_per_step"] == pytest.approx(sum(scores) / 2)
+    assert rows[0]["joint_gain"] > 0.03  # 4 nodes: the correlated chain pays on the other half
+
+
+def test_bench_heads_halves_fall_back_to_one_measurement():
+    calls = []
+
+    def measure(part):
+        calls.append(len(part))
+        if len(part) < 3:
+            raise ValueError("some heads were never scored")
+        return len(part)
+
+    assert measure_halves(measure, [1, 2, 3, 4, 5, 6]) == [3, 3]
+    assert measure_halves(measure, [1, 2, 3, 4]) == [4] and calls[-1] == 4  # a half too short: all at once
+    assert measure_halves(measure, [1, 2, 3]) == [3]

@@ -6,8 +6,8 @@ once over prompt + continuation, and head k's rank-r token at position t counts 
 continuation's token at t+k+2. These rank accuracies, and the joint outcomes (at each position, the ranks at
 which heads 1, 2, ... were right together: `AcceptanceModel` in trees.py), give `build_tree` its input;
 `tree.json` in a heads directory keeps them with the tree built from them, which `generate` then uses by
-default and from which `tree="auto:N"` builds an N-node tree. `choose_tree_size` picks N for a device: the expected tokens per
-step of each tree divided by its measured step time, the best tokens/s wins.
+default and from which `tree="auto:N"` builds an N-node tree. `choose_tree_size` picks N for a device: the
+expected tokens per step of each tree divided by its measured step time, the best tokens/s wins.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class HeadAcceptance:
     def merged(self, other: HeadAcceptance) -> HeadAcceptance:
         """Both measurements as one (the accuracies weighted by the positions behind them)."""
         counts = self.positions_scored + other.positions_scored
-        hits = self.rank_accuracies * self.positions_scored[:, None] + other.rank_accuracies * other.positions_scored[:, None]
+        hits = sum(m.rank_accuracies * m.positions_scored[:, None] for m in (self, other))
         chains = dict(self.chains)
         for chain, n in other.chains.items():
             chains[chain] = chains.get(chain, 0) + n
@@ -185,10 +185,9 @@ def measure_head_acceptance(
             counts[k] += scored
         every = length - num_heads - 1 - start  # positions where every head has its target
         if every > 0:
-            rank_rows = torch.stack(
-                [_rank_of_target(top[k, :every], tokens[start + k + 2 : start + k + 2 + every]) for k in range(num_heads)],
-                dim=1,
-            ).tolist()  # (every, K)
+            targets = [tokens[start + k + 2 : start + k + 2 + every] for k in range(num_heads)]
+            ranks_by_head = [_rank_of_target(top[k, :every], targets[k]) for k in range(num_heads)]
+            rank_rows = torch.stack(ranks_by_head, dim=1).tolist()  # (every, K)
             for row in rank_rows:
                 chain = tuple(itertools.takewhile(lambda r: r < ranks, row))
                 chains[chain] = chains.get(chain, 0) + 1

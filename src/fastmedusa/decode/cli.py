@@ -52,7 +52,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Medusa tree. Default: the tree measured for the heads (HEADS/tree.json, written at the end of "
         "`fastmedusa train` or by `fastmedusa bench heads --write-tree`), else mc_sim_7b_63 pruned to the "
-        "number of heads. auto:N builds an N-node tree from the heads' measured per-rank accuracies; auto "
+        "number of heads. auto:N builds an N-node tree from the heads' measured accuracies (per rank, and how the heads were right "
+        "together); auto "
         "picks N for this device and batch size by timing verify steps of trees of 3-127 nodes (a verify pass is N + 1 "
         "tokens with the root; N + 1 a power of two fills whole GPU tiles) and plain "
         "decoding, and keeping the one with the most expected tokens/s (expected tokens per step / step time; "

@@ -256,7 +256,8 @@ class AcceptanceModel:
     positions ended that way. Then P(node) = P(parent) * q, where q, the rate at which the node's head holds
     its rank where the parent was accepted, is (positions through the node + w * marginal) / (positions
     through the parent + w): the measured conditional rate where the parent was reached often, the head's
-    marginal (the independent estimate) where it was reached rarely; w = `prior_weight`. Without chains it is
+    marginal (the independent estimate) where it was reached rarely; w = `prior_weight`. (The marginals count
+    every position a head was scored at, the chains only those where every head was.) Without chains it is
     the independent product. A child is never likelier than its parent, so the likeliest N nodes form a tree.
     """
 
@@ -347,7 +348,10 @@ def chains_from_json(rows: object) -> dict[Path_, int]:
     )  # fmt: skip
     if not ok:
         raise ValueError("accepted_chains must be a list of [ranks, count] pairs, e.g. [[[0, 0], 12], [[], 30]]")
-    return {tuple(ranks): count for ranks, count in rows}
+    chains: dict[Path_, int] = {}
+    for ranks, count in rows:  # a chain listed twice counts twice, as `check_chains` adds them
+        chains[tuple(ranks)] = chains.get(tuple(ranks), 0) + count
+    return chains
 
 
 def expected_accept_length(
