@@ -552,7 +552,9 @@ def generate(
     argmax near-ties within rounding in bf16/fp16: see the module docstring); above 0, tokens are sampled
     (reproducibly from `seed`: an int, one per row, or None for torch's RNG) and speculated tokens pass
     typical acceptance (`typical_epsilon`, `typical_delta`). `tree`: a preset name, "auto:N", a JSON file,
-    a list of paths, or None (the heads' tree.json, else mc_sim_7b_63 pruned to the number of heads); "auto"
+    a list of paths, or None (the heads' tree.json, else mc_sim_7b_63 pruned to the number of heads; for a
+    batch, at most `default_tree_nodes(B)` of its nodes, so that a verify pass holds at most 256 tokens: 63 up
+    to B=4, 15 at 16, 3 at 64, plain decoding above 128 rows); "auto"
     measures which size gives the most tokens/s for this batch size on this device (`choose_tree_size`), plain
     decoding included: where no tree pays (large batches), the call decodes without the heads.
     `pad_token_id` fills rows after their end (default: the first EOS id, else 0). `compile`: torch.compile
@@ -576,8 +578,10 @@ def generate(
             size = _auto_tree_size(model, heads, tree_info, prompt, ids.shape[0], compile)
             tree = f"auto:{size}" if size else None  # 0: no tree pays at this batch size, decode plainly
             medusa = size > 0
+    if medusa:  # validated (depth, path)-sorted tuples; the default tree shrinks with the batch
+        paths = tuple(resolve_tree(tree, heads.num_heads, tree_info, batch_size=ids.shape[0]))
+        medusa = len(paths) > 0  # a batch too large for any default tree: plain decoding
     if medusa:
-        paths = tuple(resolve_tree(tree, heads.num_heads, tree_info))  # validated (depth, path)-sorted tuples
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, "cpu")
     slack = tree_buffers.num_nodes if tree_buffers is not None else 0
     needed = ids.shape[1] + max_new_tokens + slack

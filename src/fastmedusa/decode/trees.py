@@ -87,6 +87,38 @@ def prune_tree(paths: Sequence[Sequence[int]], max_depth: int) -> list[list[int]
     return [list(p) for p in paths if len(p) <= max_depth]
 
 
+# Tokens a verify pass may hold, all rows together, for the default tree: B x (nodes + 1) <= this. A weight GEMM
+# is memory-bound below about (peak FLOP/s) / (bytes/s) tokens, ~295 for bf16 on an H100, so up to there a
+# pass costs little more than a plain step's, whatever the model's size; past it every token costs compute.
+# On an H100 (SmolLM2, batch 16), a 64-node tree (1,040 tokens a pass) decoded at 0.81x plain greedy and a
+# 16-node one (272 tokens) at 1.71x (bench/results/decode_trained_heads_h100).
+VERIFY_TOKEN_BUDGET = 256
+
+
+def default_tree_nodes(batch_size: int, budget: int = VERIFY_TOKEN_BUDGET) -> int:
+    """Nodes of the default tree at this batch size: the largest 2^k - 1 with batch_size * 2^k <= budget
+    (whole GPU tiles per row), 0 where not even one node fits (then plain decoding is the default)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    per_row = budget // batch_size
+    return 0 if per_row < 2 else (1 << (per_row.bit_length() - 1)) - 1
+
+
+def leading_subtree(paths: Sequence[Sequence[int]], num_nodes: int) -> list[list[int]]:
+    """The first `num_nodes` nodes of `paths` in their listed order whose parent came before them: for a tree
+    listed in the order its nodes were added (presets, `build_tree`, tree.json), its best smaller tree."""
+    taken: set[Path_] = set()
+    out: list[list[int]] = []
+    for p in paths:
+        if len(out) == num_nodes:
+            break
+        node = tuple(int(r) for r in p)
+        if node not in taken and (len(node) == 1 or node[:-1] in taken):
+            taken.add(node)
+            out.append(list(node))
+    return out
+
+
 def check_tree_name(name: str) -> str:
     """The node count of an "auto:N" tree name is an integer >= 1 (checked before any work is done)."""
     if name.startswith("auto:"):
@@ -100,16 +132,24 @@ def resolve_tree(
     tree: str | os.PathLike | Sequence[Sequence[int]] | None,
     num_heads: int,
     tree_info: dict | None = None,
+    batch_size: int = 1,
 ) -> list[Path_]:
     """A tree given as None, a preset name, "auto:N", a JSON file, or a list of paths.
 
     `tree_info` is the heads' measured tree.json (see `fastmedusa.decode.accuracy`): None then means its
-    tree, and "auto:N" an N-node tree built from its rank accuracies. Without it, None means mc_sim_7b_63
-    pruned to `num_heads`, and "auto:N" is an error (there is nothing to build from)."""
+    tree, and "auto:N" an N-node tree built from its measurements. Without it, None means mc_sim_7b_63
+    pruned to `num_heads`, and "auto:N" is an error (there is nothing to build from). For a batch, None keeps
+    `default_tree_nodes(batch_size)` nodes of that tree at most (its best subtree; [] where none fits)."""
     if tree is None:
-        if tree_info is not None:
-            return validate_paths(tree_info["paths"], num_heads)
-        return validate_paths(prune_tree(MC_SIM_7B_63, num_heads), num_heads)
+        cap = default_tree_nodes(batch_size)
+        full = tree_info["paths"] if tree_info is not None else prune_tree(MC_SIM_7B_63, num_heads)
+        if cap >= len(full):
+            return validate_paths(full, num_heads)
+        if cap == 0:
+            return []
+        if tree_info is not None and tree_info.get("rank_accuracies"):
+            full = build_tree(tree_info["rank_accuracies"], cap, chains=info_chains(tree_info))
+        return validate_paths(leading_subtree(full, cap), num_heads)
     if isinstance(tree, str | os.PathLike):
         name = str(tree)
         if name in PRESETS:
