@@ -52,7 +52,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Medusa tree. Default: the tree measured for the heads (HEADS/tree.json, written at the end of "
         "`fastmedusa train` or by `fastmedusa bench heads --write-tree`), else mc_sim_7b_63 pruned to the "
-        "number of heads. auto:N builds an N-node tree from the heads' measured accuracies (per rank, and how the heads were right "
+        "number of heads; for several prompts at once, its best subtree of at most 256/B - 1 nodes (a verify "
+        "pass of at most 256 tokens; plain decoding past 128 prompts). auto:N builds an N-node tree from the heads' measured accuracies (per rank, and how the heads were right "
         "together); auto "
         "picks N for this device and batch size by timing verify steps of trees of 3-127 nodes (a verify pass is N + 1 "
         "tokens with the root; N + 1 a power of two fills whole GPU tiles) and plain "
