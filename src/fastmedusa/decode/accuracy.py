@@ -176,18 +176,16 @@ def measure_head_acceptance(
             continue
         top = heads.draft_topk(hidden[start : length - 2], ranks).cpu()  # (K, T, ranks) token ids
         tokens = seq[0]
+        ranks_by_head = []  # per head, the rank of its target at each position it is scored at (ranks: missed)
         for k in range(num_heads):
-            scored = length - k - 2 - start  # positions t whose target t+k+2 exists
-            if scored <= 0:
-                continue
-            target = tokens[start + k + 2 : start + k + 2 + scored]
-            hits[k] += (top[k, :scored] == target[:, None]).sum(0)
+            scored = max(0, length - k - 2 - start)  # positions t whose target t+k+2 exists
+            rank = _rank_of_target(top[k, :scored], tokens[start + k + 2 : start + k + 2 + scored])
+            hits[k] += torch.bincount(rank, minlength=ranks + 1)[:ranks]
             counts[k] += scored
+            ranks_by_head.append(rank)
         every = length - num_heads - 1 - start  # positions where every head has its target
         if every > 0:
-            targets = [tokens[start + k + 2 : start + k + 2 + every] for k in range(num_heads)]
-            ranks_by_head = [_rank_of_target(top[k, :every], targets[k]) for k in range(num_heads)]
-            rank_rows = torch.stack(ranks_by_head, dim=1).tolist()  # (every, K)
+            rank_rows = torch.stack([r[:every] for r in ranks_by_head], dim=1).tolist()  # (every, K)
             for row in rank_rows:
                 chain = tuple(itertools.takewhile(lambda r: r < ranks, row))
                 chains[chain] = chains.get(chain, 0) + 1

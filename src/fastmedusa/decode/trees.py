@@ -147,8 +147,8 @@ def resolve_tree(
             return validate_paths(full, num_heads)
         if cap == 0:
             return []
-        if tree_info is not None and tree_info.get("rank_accuracies"):
-            full = build_tree(tree_info["rank_accuracies"], cap, chains=info_chains(tree_info))
+        if tree_info is not None and tree_info.get("rank_accuracies"):  # the best tree of that size
+            return validate_paths(build_tree(tree_info["rank_accuracies"], cap, chains=info_chains(tree_info)), num_heads)
         return validate_paths(leading_subtree(full, cap), num_heads)
     if isinstance(tree, str | os.PathLike):
         name = str(tree)
