@@ -75,8 +75,10 @@ def plot(rows: list[dict], env: dict, title: str, path: Path) -> None:
     medusa = [r for r in rows if r["row"] == "medusa"]
     batches = sorted({r["batch_size"] for r in medusa})
     series = [(0, "tokens_per_step", b) for b in batches] + [(1, "speedup_vs_greedy", b) for b in batches]
-    series += [(2, "profiled_step_ratio", "profiled"), (2, "timed_step_ratio", "timed, median of calls")]
-    names = ("Medusa tokens / step", "speed-up over own greedy", "Medusa step / greedy step, batch 1")
+    names: tuple[str, ...] = ("Medusa tokens / step", "speed-up over own greedy")
+    if any(r[k] is not None for r in medusa for k in ("profiled_step_ratio", "timed_step_ratio")):
+        series += [(2, "profiled_step_ratio", "profiled"), (2, "timed_step_ratio", "timed, median of calls")]
+        names += ("Medusa step / greedy step, batch 1",)  # only files with a batch-1 profile have this panel
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2))
     for panel, key, legend in series:
         pts = [r for r in medusa if r[key] is not None and (panel == 2 or r["batch_size"] == legend)]
@@ -93,7 +95,7 @@ def plot(rows: list[dict], env: dict, title: str, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    axes[2].axhline(1.0, color="gray", lw=0.8, ls="--")
+    axes[-1].axhline(1.0, color="gray", lw=0.8, ls="--")
     save_figure(fig, path, env, title=title)
 
 

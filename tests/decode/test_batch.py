@@ -319,25 +319,61 @@ def test_step_graphs_equal_compile_graphs_on_gpu(monkeypatch, medusa):
     assert any(r.captured for r in runners)
 
 
+def test_medusa_batch_compacts_without_eos(llama, monkeypatch):
+    """Without EOS, Medusa rows still reach max_new_tokens at different steps (each accepts its own lengths):
+    by default the batch shrinks as they finish (down to 2 rows), and every row keeps its greedy output."""
+    from fastmedusa.decode.engine import DecodeEngine
+
+    prompts = ragged_prompts([6, 2, 9, 4, 7, 3, 5, 8], seed=3)
+    references = [hf_greedy(llama, p, 48) for p in prompts]
+    accuracy = [0.95, 0.0, 0.9, 0.0, 0.95, 0.1, 0.9, 0.0]  # half the rows accept long paths, half next to none
+    heads = BatchOracleHeads([OracleHeads(llama, r, num_heads=3, p_top1=a, p_top2=0.0)
+                              for r, a in zip(references, accuracy)])  # fmt: skip
+    sizes = []
+    forward = DecodeEngine.forward
+    monkeypatch.setattr(
+        DecodeEngine, "forward", lambda self, t, *a: sizes.append(t.shape[0]) or forward(self, t, *a)
+    )
+    ids, mask = left_pad(prompts)
+    out = generate(llama, ids, attention_mask=mask, max_new_tokens=30, heads=heads, tree="mc_sim_7b_15")
+    check_rows(out, prompts, [r[0, p.shape[1] : p.shape[1] + 30] for p, r in zip(prompts, references)], pad_id=0)
+    steps = out.steps_per_row
+    assert max(steps) > 2 * min(steps), steps
+    assert sizes[0] == 8 and min(sizes) in (2, 4), "the step shrank to the unfinished rows, not below 2"
+    sizes.clear()
+    fixed = generate(llama, ids, attention_mask=mask, max_new_tokens=30, heads=heads, tree="mc_sim_7b_15",
+                     compact=False)  # fmt: skip
+    assert set(sizes) == {8} and torch.equal(fixed.sequences, out.sequences)
+
+
 @pytest.mark.slow
 def test_compiled_compaction_equals_eager():
-    """Compiled steps (the decoder block as one nested compile region, a step per power-of-two batch size as
-    rows finish) give the eager path's tokens and accepted lengths."""
+    """Compiled steps (the decoder block as one nested compile region; the full batch's step, then one step
+    with a dynamic batch dimension for every compacted size) give the eager path's tokens and accepted
+    lengths."""
     from torch._dynamo.utils import counters
 
     def fresh_model():  # its own engine and KV cache: the compiled run cannot lean on the eager run's writes
         return random_medusa(tiny_llama(4, num_hidden_layers=3), num_heads=2)
 
     model = fresh_model()
-    prompts = ragged_prompts([3, 6, 2, 5], seed=11)
+    prompts = ragged_prompts([3, 6, 2, 5, 4, 7, 1, 3], seed=12)  # rows end after 6-24 steps
     ids, mask = left_pad(prompts)
     plain = generate(model, ids, attention_mask=mask, max_new_tokens=24, medusa=False)
     eos = int(torch.bincount(plain.sequences[:, ids.shape[1] :].reshape(-1)).argmax())
-    kw = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=eos, tree="chain_2", compact=True)
+    kw = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=eos, tree="chain_2")
     eager = generate(model, ids, **kw)
-    graphs = counters["stats"]["unique_graphs"]
-    compiled = generate(fresh_model(), ids, compile=True, **kw)
     assert len(set(eager.new_tokens_per_row)) > 1, "rows end at different steps, so the batch shrinks"
-    assert counters["stats"]["unique_graphs"] - graphs >= 2, "a compiled step per batch size"
+
+    graphs = counters["stats"]["unique_graphs"]
+    compiled_model = fresh_model()
+    compiled = generate(compiled_model, ids, compile=True, **kw)
+    new_graphs = counters["stats"]["unique_graphs"] - graphs
+    engine = compiled_model.base.__dict__["_fastmedusa_engine"]
+    runner = next(v for k, v in engine.compiled.items() if k[0] == "runner" and k[1] == "medusa")
+    compacted = sorted(size for size in runner.states if size < 8)
+    assert len(compacted) >= 2, f"the batch should shrink at least twice here (sizes {sorted(runner.states)})"
+    assert min(compacted) >= 2, "compaction stops at two rows"
     assert torch.equal(compiled.sequences, eager.sequences)
     assert compiled.accept_lengths == eager.accept_lengths
+    assert new_graphs == 2, f"one compile for the full batch, one for all {len(compacted)} smaller sizes"

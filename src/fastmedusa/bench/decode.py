@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="which kinds of rows to run")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (rows then do unequal work)")
     p.add_argument(
+        "--compact", choices=("auto", "on", "off"), default="auto",
+        help="move unfinished rows together as rows finish (generate's compact=): auto (the default: Medusa "
+        "batches of 4 or more, and batches stopping at EOS), on, or off (every step at the full batch width)",
+    )  # fmt: skip
+    p.add_argument(
         "--profile", action="store_true", help="also profile plain vs Medusa steps at batch 1 (kernel tables)"
     )
     p.add_argument(
@@ -164,7 +169,7 @@ def own_row(model, args, kind: str, tree, eos, max_len: int):
         out = generate(
             model, ids.to(args.device_obj), attention_mask=mask.to(args.device_obj), max_new_tokens=args.new_tokens,
             medusa=medusa, tree=tree if medusa else None, temperature=temperature, eos_token_id=eos,
-            max_len=max_len, seed=[int(i) for i in idx],
+            max_len=max_len, seed=[int(i) for i in idx], compact={"auto": None, "on": True, "off": False}[args.compact],
         )  # fmt: skip
         rows = [out.row_new_token_ids(r).cpu() for r in range(ids.shape[0])]
         return rows, out.steps, out.steps_per_row, out.tree_nodes

@@ -561,9 +561,10 @@ def generate(
     the steps, default on CUDA only (CUDA graphs: `cuda_graphs_mode`, each step captured whether compiled or
     not); `max_len`/`max_batch_size`: KV cache slots per row / rows (default: enough
     for this call, rounded up so that similar calls reuse the engine and its compiled steps). `compact`
-    (default: with EOS ids and B >= 4): once half the rows have finished, move the others together and run
-    the step at the next power of two of their count, so finished rows stop costing work (one compile per
-    such batch size on first use).
+    (default: B >= 4, for Medusa or with EOS ids, the cases where rows finish at different steps): once half
+    the rows have finished, move the others together and run the step at the next power of two of their
+    count (at least 2), so finished rows stop costing work and a batch's slowest row no longer keeps it at
+    full width (compiled: one more compile on first use, shared by every smaller size).
     """
     base, heads = _split_model(model, heads)
     ids, offsets = check_batch(input_ids, attention_mask, max_new_tokens)
@@ -605,7 +606,7 @@ def generate(
     _sync(engine.device)
     start = time.perf_counter()
     if compact is None:
-        compact = eos_ids is not None and ids.shape[0] >= 4
+        compact = ids.shape[0] >= 4 and (eos_ids is not None or tree_buffers is not None)
     graphs = cuda_graphs_mode()
     compile_prompt = prefill_compiled()  # read, and checked, on every call, not only where chunks compile
     compile_prompt = compile and (compile_prompt or graphs == "compile")

@@ -19,8 +19,11 @@ On the CPU the body runs directly.
 
 Batches. The host reads "how many rows are unfinished" one step late (a pinned copy and an event), so the GPU
 always has the next step queued. With `compact`, once at most half the rows are unfinished, those rows' caches
-and states move into the first slots and steps run at the next power of two of their count (a compile, and
-in "step" mode a graph, per such size on first use), so finished rows stop costing work.
+and states move into the first slots and steps run at the next power of two of their count (at least
+MIN_COMPACT_ROWS), so finished rows stop costing work. Medusa rows finish apart even without EOS (each accepts
+its own lengths), and a batch otherwise runs as many steps as its slowest row at full width. The compacted
+sizes' state buffers have a dynamic batch dimension: compiled, one more compile serves every smaller size
+(not one per size), and in "step" mode each size gets its own graph on first use.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ PLAIN_OUT = ("token", "cur", "n", "done")
 MEDUSA_IN = ("token", "hidden", "cur", "offset", "seeds", "n", "limit", "done")
 MEDUSA_OUT = ("token", "hidden", "cur", "n", "done")
 WARMUP_STEPS = 2  # real steps run before a batch size's graph is captured (the first one compiles)
+MIN_COMPACT_ROWS = 2  # compaction stops here: a 1-row step costs about a 2-row one, and would compile again
 
 
 def plain_body(step: Callable, state: dict, shared: SimpleNamespace) -> None:
@@ -107,13 +111,20 @@ class StepRunner:
         self.shared.log[:, :batch].fill_(-1)
         self.shared.counter.fill_(first_column)
 
-    def load(self, values: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Copy a state (each (b, ...)) and its slot -> batch row map into the buffers of batch size b."""
+    def load(
+        self, values: dict[str, torch.Tensor], rows: torch.Tensor, dynamic_batch: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Copy a state (each (b, ...)) and its slot -> batch row map into the buffers of batch size b.
+        `dynamic_batch` (compacted sizes): new buffers get a dynamic batch dimension, so a compiled body
+        compiles once for all of them instead of once per size."""
         size = rows.shape[0]
         if size not in self.states:
             self.states[size] = {k: torch.empty_like(v) for k, v in values.items()} | {
                 "rows": torch.empty_like(rows)
             }
+            if dynamic_batch:
+                for buffer in self.states[size].values():
+                    torch._dynamo.mark_dynamic(buffer, 0)
         state = self.states[size]
         for name, value in values.items():
             state[name].copy_(value)
@@ -192,16 +203,16 @@ def compact_rows(
     runner: StepRunner, state: dict[str, torch.Tensor], n_all: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """Move the unfinished rows' caches and states into slots 0..b-1, b the next power of two of their count
-    (finished rows fill the rest, frozen); returns the state buffers of size b. Reads the current state (one
-    sync, at most log2(B) times per call)."""
+    and at least MIN_COMPACT_ROWS (finished rows fill the rest, frozen); returns the state buffers of size b.
+    Reads the current state (one sync, at most log2(B) times per call)."""
     done = state["done"]
     keep = (~done).nonzero()[:, 0]
-    size = 1 << max(int(keep.numel()) - 1, 0).bit_length()
+    size = max(MIN_COMPACT_ROWS, 1 << max(int(keep.numel()) - 1, 0).bit_length())
     slots = torch.cat([keep, done.nonzero()[:, 0][: size - keep.numel()]])
     n_all[state["rows"]] = state["n"]
     runner.engine.gather_rows(slots)
     values = {k: v[slots] for k, v in state.items() if k != "rows"}
-    return runner.load(values, state["rows"][slots])
+    return runner.load(values, state["rows"][slots], dynamic_batch=True)
 
 
 def run_loop(
@@ -225,7 +236,7 @@ def run_loop(
         unfinished = active.poll()
         if unfinished == 0:
             break
-        if compact and unfinished is not None and size > 1 and unfinished <= size // 2:
+        if compact and unfinished is not None and size > MIN_COMPACT_ROWS and unfinished <= size // 2:
             state = compact_rows(runner, state, n_all)
             if not bool((~state["done"]).any()):
                 break
