@@ -48,6 +48,9 @@ def test_bench_decode_rows_and_files(setup):
         assert row["tokens"] == 5 * (3 if batch == 1 else 2)  # whole batches only: 3 prompts, 1 batch of 2
         assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["first_call_s"] > 0
         assert row["graphs_compiled_after"] == 0
+        assert row["steps_per_batch"] >= row["mean_row_steps"] > 0  # a batch steps until its slowest row is done
+    for kind in ("greedy", "hf-static"):  # one token per step: every row needs as many steps as the batch
+        assert rows[(kind, 2)]["steps_per_batch"] == pytest.approx(rows[(kind, 2)]["mean_row_steps"])
     # fp32: Medusa greedy and HF reproduce own greedy on every prompt
     assert rows[("medusa", 1)]["matches_greedy"] == "3/3" and rows[("medusa", 2)]["matches_greedy"] == "2/2"
     assert rows[("hf-static", 2)]["matches_greedy"] == "2/2"

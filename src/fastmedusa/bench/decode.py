@@ -231,11 +231,12 @@ def run_row(name: str, fn, batches, device: torch.device) -> dict:
     graphs = compiled_graphs()
     (_, first_forwards, _, _), first_s = synced_seconds(fn, device, *batches[0][1:], batches[0][0])
     graphs_first = compiled_graphs() - graphs
-    tokens, forwards, row_steps, seconds, outputs, nodes = 0, 0, 0, 0.0, {}, 0
+    tokens, forwards, row_steps, seconds, outputs, nodes, row_count = 0, 0, 0, 0.0, {}, 0, 0
     for idx, ids, mask in Progress(batches, desc=name, unit="batch", leave=False):
         (rows, n_forwards, steps_per_row, nodes), secs = synced_seconds(fn, device, ids, mask, idx)
         tokens += sum(len(r) for r in rows)
         forwards, row_steps, seconds = forwards + n_forwards, row_steps + sum(steps_per_row), seconds + secs
+        row_count += len(steps_per_row)
         for i, r in zip(idx, rows):
             outputs.setdefault(i, r)
     steady = seconds / len(batches)
@@ -247,6 +248,9 @@ def run_row(name: str, fn, batches, device: torch.device) -> dict:
         "tokens_per_s": tokens / seconds,
         "tokens_per_step": tokens / max(row_steps, 1),
         "step_ms": 1e3 * seconds / max(forwards, 1),
+        # a batch steps until its slowest row is done: steps per batch against the steps of the average row
+        "steps_per_batch": forwards / len(batches),
+        "mean_row_steps": row_steps / max(row_count, 1),
         "first_call_s": first_s,
         "compile_s": max(first_s - steady, 0.0),
         "graphs_compiled_first_call": graphs_first,
@@ -569,8 +573,11 @@ def print_row(row: dict) -> None:
         if k in row
     )
     match = f", matches greedy {row['matches_greedy']}" if "matches_greedy" in row else ""
+    slowest = ""
+    if row.get("batch_size", 1) > 1 and "steps_per_batch" in row:
+        slowest = f" ({row['steps_per_batch']:.0f} steps/batch, the mean row {row['mean_row_steps']:.0f})"
     print(
         f"batch {row['batch_size']:>3} {row['row']:>10}: {row['tokens_per_s']:9.1f} tok/s, "
-        f"{row['tokens_per_step']:.2f} tok/step, {row['step_ms']:.2f} ms/step, first call "
+        f"{row['tokens_per_step']:.2f} tok/step{slowest}, {row['step_ms']:.2f} ms/step, first call "
         f"{row['first_call_s']:.1f} s{extra}{match}"
     )
