@@ -88,8 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (rows then do unequal work)")
     p.add_argument(
         "--compact", choices=("auto", "on", "off"), default="auto",
-        help="move unfinished rows together as rows finish (generate's compact=): auto (the default: Medusa "
-        "batches of 4 or more, and batches stopping at EOS), on, or off (every step at the full batch width)",
+        help="move unfinished rows together as rows finish (generate's compact=): auto (the default: batches of "
+        "4 or more, with Medusa or stopping at EOS), on, or off (every step at the full batch width)",
     )  # fmt: skip
     p.add_argument(
         "--profile", action="store_true", help="also profile plain vs Medusa steps at batch 1 (kernel tables)"

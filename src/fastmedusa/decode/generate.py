@@ -368,24 +368,42 @@ def _step_runner(
     (FASTMEDUSA_CUDA_GRAPHS=compile) only the step is compiled, since those graphs are skipped for functions
     that write their inputs in place. dynamic=False: every shape in a step is fixed by (batch size, tree,
     max_len), never by the prompt or max_new_tokens, so automatic dynamic shapes would only add a second,
-    slower compile."""
+    slower compile. The batches that compaction shrinks (fastmedusa.decode.loop) get a body compiled apart,
+    whose state buffers have a dynamic batch dimension: one compile for all their sizes. (Under
+    FASTMEDUSA_CUDA_GRAPHS=compile the one compiled step serves both, so there a full batch may run the
+    dynamic graph once compaction has compiled it.)"""
     cuda, graphs = engine.device.type == "cuda", cuda_graphs_mode()
     key = ("runner", *key, compile, graphs)
     if key not in engine.compiled:
         step = build()
         compile_graphs = compile and cuda and graphs == "compile"
-        run_body = partial(body, step)
+        run_body = compacted_body = partial(body, step)
         if compile:
             _allow_recompiles()
-        if compile_graphs:
+        if compile_graphs:  # one compiled step for every size, as run on a GPU with its tests
             _mark_static([*engine.buffers(), *getattr(step, "static_tensors", [])])
-            run_body = partial(body, torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False))
+            run_body = compacted_body = partial(
+                body, torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            )
         elif compile:
             run_body = torch.compile(run_body, fullgraph=True, dynamic=False)
+            compacted_body = torch.compile(_own_code(compacted_body), fullgraph=True, dynamic=False)
         engine.compiled[key] = StepRunner(
-            engine, run_body, out_width, graphs=cuda and graphs == "step", mark_steps=compile_graphs
-        )
+            engine, run_body, out_width, graphs=cuda and graphs == "step", mark_steps=compile_graphs,
+            compacted_body=compacted_body,
+        )  # fmt: skip
     return engine.compiled[key]
+
+
+def _own_code(fn: Callable) -> Callable:
+    """fn behind a function of its own code object: dynamo keeps compiled graphs per code object, so graphs
+    compiled through this wrapper (the dynamic-batch steps of compacted batches) never serve calls of fn
+    itself (full batches, compiled static)."""
+
+    def compacted_step(*args):
+        return fn(*args)
+
+    return compacted_step
 
 
 def _accept_lengths(runner: StepRunner, steps: int, batch: int) -> list[list[int]]:
@@ -747,7 +765,7 @@ def _prompt_through_cache(engine, ids, offsets, chunk: int, compile: bool) -> to
     hidden = torch.empty(bsz, engine.hidden_size, dtype=engine.dtype, device=engine.device)
     values = dict(tokens=ids[:, :chunk], start=start, offset=offsets, hidden=hidden)
     state = runner.load(values, torch.arange(bsz, device=engine.device))
-    while runner.graphs and bsz not in runner.captured:  # warm up and capture now, so every call replays:
+    while runner.graphs and (bsz, False) not in runner.captured:  # warm up and capture now, so every call replays:
         runner.run(bsz)  # the first chunk again writes the same slots with the same values
     for begin in range(0, length, chunk):
         if begin:

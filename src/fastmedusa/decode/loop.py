@@ -22,8 +22,9 @@ always has the next step queued. With `compact`, once at most half the rows are 
 and states move into the first slots and steps run at the next power of two of their count (at least
 MIN_COMPACT_ROWS), so finished rows stop costing work. Medusa rows finish apart even without EOS (each accepts
 its own lengths), and a batch otherwise runs as many steps as its slowest row at full width. The compacted
-sizes' state buffers have a dynamic batch dimension: compiled, one more compile serves every smaller size
-(not one per size), and in "step" mode each size gets its own graph on first use.
+sizes have state buffers of their own, with a dynamic batch dimension, and (in "step" mode) a body compiled
+apart from the full batch's: one more compile serves every smaller size (not one per size), a full batch
+always runs its own static step, and each size gets its own graph on first use.
 """
 
 from __future__ import annotations
@@ -91,9 +92,12 @@ class StepRunner:
         out_width: int,
         graphs: bool,
         mark_steps: bool,
+        compacted_body: Callable | None = None,
     ) -> None:
-        self.engine, self.body = engine, body
-        self.graphs, self.mark_steps = graphs, mark_steps
+        self.engine, self.graphs, self.mark_steps = engine, graphs, mark_steps
+        # compacted batches have a body of their own (compiled apart, with a dynamic batch dimension), so a
+        # full batch always runs its own static step, whatever ran on this engine before
+        self.bodies = {False: body, True: compacted_body or body}
         device, rows = engine.device, engine.max_batch_size
         self.shared = SimpleNamespace(
             out=torch.zeros(rows, out_width, dtype=torch.long, device=device),
@@ -101,9 +105,10 @@ class StepRunner:
             counter=torch.zeros((), dtype=torch.long, device=device),
             active=torch.zeros((), dtype=torch.long, device=device),
         )
-        self.states: dict[int, dict[str, torch.Tensor]] = {}
-        self.captured: dict[int, torch.cuda.CUDAGraph] = {}
-        self.warm: dict[int, int] = {}
+        # by (batch size, compacted)
+        self.states: dict[tuple[int, bool], dict[str, torch.Tensor]] = {}
+        self.captured: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.warm: dict[tuple[int, bool], int] = {}
         self.side: torch.cuda.Stream | None = None  # warm-up steps run here
 
     def start(self, batch: int, pad_id: int, first_column: int) -> None:
@@ -112,55 +117,55 @@ class StepRunner:
         self.shared.counter.fill_(first_column)
 
     def load(
-        self, values: dict[str, torch.Tensor], rows: torch.Tensor, dynamic_batch: bool = False
+        self, values: dict[str, torch.Tensor], rows: torch.Tensor, compacted: bool = False
     ) -> dict[str, torch.Tensor]:
         """Copy a state (each (b, ...)) and its slot -> batch row map into the buffers of batch size b.
-        `dynamic_batch` (compacted sizes): new buffers get a dynamic batch dimension, so a compiled body
-        compiles once for all of them instead of once per size."""
-        size = rows.shape[0]
-        if size not in self.states:
-            self.states[size] = {k: torch.empty_like(v) for k, v in values.items()} | {
-                "rows": torch.empty_like(rows)
-            }
-            if dynamic_batch:
-                for buffer in self.states[size].values():
+        `compacted`: the buffers of compacted batches, with a dynamic batch dimension, so their compiled
+        body compiles once for all such sizes instead of once per size."""
+        key = (rows.shape[0], compacted)
+        if key not in self.states:
+            self.states[key] = {k: torch.empty_like(v) for k, v in values.items()} | {"rows": torch.empty_like(rows)}
+            if compacted:
+                for buffer in self.states[key].values():
                     torch._dynamo.mark_dynamic(buffer, 0)
-        state = self.states[size]
+        state = self.states[key]
         for name, value in values.items():
             state[name].copy_(value)
         state["rows"].copy_(rows)
         return state
 
-    def run(self, size: int) -> None:
-        """One step of the state of batch size `size`: a graph replay once captured."""
-        graph = self.captured.get(size)
+    def run(self, size: int, compacted: bool = False) -> None:
+        """One step of the state of batch size `size` (a compacted batch's with `compacted`): a graph replay
+        once captured."""
+        key = (size, compacted)
+        graph = self.captured.get(key)
         if graph is not None:
             graph.replay()
             return
-        state = self.states[size]
+        state, body = self.states[key], self.bodies[compacted]
         if not self.graphs:
             if self.mark_steps:  # torch.compile's CUDA graphs (reduce-overhead): a new step, outputs consumed
                 torch.compiler.cudagraph_mark_step_begin()
-            self.body(state, self.shared)
+            body(state, self.shared)
             return
-        if self.warm.get(size, 0) < WARMUP_STEPS:  # real steps, on a side stream as CUDA-graph capture wants
-            self.warm[size] = self.warm.get(size, 0) + 1
+        if self.warm.get(key, 0) < WARMUP_STEPS:  # real steps, on a side stream as CUDA-graph capture wants
+            self.warm[key] = self.warm.get(key, 0) + 1
             side = self.side = self.side or torch.cuda.Stream(self.engine.device)
             side.wait_stream(torch.cuda.current_stream(self.engine.device))
             with torch.cuda.stream(side):
-                self.body(state, self.shared)
+                body(state, self.shared)
             torch.cuda.current_stream(self.engine.device).wait_stream(side)
             return
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=_graph_pool(self.engine)):
-                self.body(state, self.shared)
+                body(state, self.shared)
         except RuntimeError as e:  # nothing ran during the failed capture: go on without graphs
             warnings.warn(f"decode steps run without CUDA graphs (slower): capture failed: {e}", stacklevel=3)
             self.graphs = False
-            self.body(state, self.shared)
+            body(state, self.shared)
             return
-        self.captured[size] = graph
+        self.captured[key] = graph
         graph.replay()
 
 
@@ -212,7 +217,7 @@ def compact_rows(
     n_all[state["rows"]] = state["n"]
     runner.engine.gather_rows(slots)
     values = {k: v[slots] for k, v in state.items() if k != "rows"}
-    return runner.load(values, state["rows"][slots], dynamic_batch=True)
+    return runner.load(values, state["rows"][slots], compacted=True)
 
 
 def run_loop(
@@ -226,10 +231,10 @@ def run_loop(
     if check and not bool((~prefill["done"]).any()):  # every row ended at its first token (one sync per call)
         return n_all, 0
     active = ActiveRows(runner)
-    steps = 0
+    steps, compacted = 0, False
     while max_steps is None or steps < max_steps:
         size = state["rows"].shape[0]
-        runner.run(size)
+        runner.run(size, compacted)
         steps += 1
         if not check:
             continue
@@ -237,7 +242,7 @@ def run_loop(
         if unfinished == 0:
             break
         if compact and unfinished is not None and size > MIN_COMPACT_ROWS and unfinished <= size // 2:
-            state = compact_rows(runner, state, n_all)
+            state, compacted = compact_rows(runner, state, n_all), True
             if not bool((~state["done"]).any()):
                 break
             active = ActiveRows(runner)
