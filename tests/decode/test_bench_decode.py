@@ -74,6 +74,24 @@ def test_bench_decode_rows_and_files(setup):
     assert payload["profile"]["timed_step_ratio"] == pytest.approx(timed)
 
 
+def test_bench_decode_refill_rows(setup):
+    """--refill: the same prompts once more through generate_many's refilled slots, compared with the batches'
+    own greedy row (fp32: the same tokens)."""
+    out = setup / "out" / "refill.json"
+    argv = ["--model", str(setup / "model"), "--heads", str(setup / "heads"), "--prompts",
+            str(setup / "question.jsonl"), "--batch-sizes", "1", "2", "--new-tokens", "5", "--device", "cpu",
+            "--tree", "chain_2", "--rows", "greedy", "medusa", "--refill", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = {(r["row"], r["batch_size"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(k, b) for k in ("greedy", "medusa", "greedy-refill", "medusa-refill") for b in (1, 2)}
+    for batch in (1, 2):
+        refill, fixed = rows[("medusa-refill", batch)], rows[("medusa", batch)]
+        assert "error" not in refill and refill["tokens"] == fixed["tokens"]
+        assert refill["matches_greedy"] == fixed["matches_greedy"] and "speedup_vs_greedy" in refill
+        assert rows[("greedy-refill", batch)]["matches_greedy"].split("/")[0] == fixed["matches_greedy"].split("/")[1]
+        assert refill["batches"] == 1  # one run over every prompt
+
+
 def test_bench_decode_records_the_cuda_graphs_mode(setup, monkeypatch):
     monkeypatch.setenv("FASTMEDUSA_CUDA_GRAPHS", "compile")  # not the default; restored after the test
     out = setup / "out" / "graphs.json"

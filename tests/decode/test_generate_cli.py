@@ -94,6 +94,23 @@ def test_generate_several_prompts_as_one_batch(saved, capsys):
     assert text.rstrip("\n") == "\n\n".join(singles)
 
 
+def test_generate_prompts_through_refilled_slots(saved, capsys):
+    """--batch-size below the number of prompts: the prompts go through that many slots (generate_many) and
+    each answer is the one it gets alone, printed in order."""
+    common = ["--model", saved / "model", "--heads", saved / "heads", "--chat", "--max-new-tokens", 8,
+              "--tree", "chain_2", "--device", "cpu"]  # fmt: skip
+    prompts = ("Hello there", "Tell me a long story about a cat", "Why?", "Name a colour")
+    singles = []
+    for prompt in prompts:
+        rc, text, _ = run(capsys, *common, "--prompt", prompt)
+        assert rc == 0
+        singles.append(text.rstrip("\n"))
+    argv = [a for p in prompts for a in ("--prompt", p)]
+    rc, text, stats = run(capsys, *common, *argv, "--batch-size", 2)
+    assert rc == 0 and "4 prompts in 2 slots" in stats
+    assert text.rstrip("\n") == "\n\n".join(singles)
+
+
 @pytest.mark.parametrize(("flag", "compiled"), [(None, False), ("auto", False), ("on", True), ("off", False)])
 def test_generate_compiles_only_when_asked(saved, capsys, monkeypatch, flag, compiled):
     """One call per process: compiling its steps costs more than it saves, so --compile auto leaves them eager

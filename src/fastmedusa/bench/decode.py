@@ -87,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="which kinds of rows to run")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (rows then do unequal work)")
     p.add_argument(
+        "--refill", action="store_true",
+        help="also run each of greedy / medusa / typical through generate_many (rows '<kind>-refill'): the same "
+        "prompts through batch-size slots, each slot refilled with the next prompt as rows end, instead of "
+        "batch after batch",
+    )  # fmt: skip
+    p.add_argument(
         "--compact", choices=("auto", "on", "off"), default="auto",
         help="move unfinished rows together as rows finish (generate's compact=): auto (the default: batches of "
         "4 or more, with Medusa or stopping at EOS), on, or off (every step at the full batch width)",
@@ -173,6 +179,25 @@ def own_row(model, args, kind: str, tree, eos, max_len: int):
         )  # fmt: skip
         rows = [out.row_new_token_ids(r).cpu() for r in range(ids.shape[0])]
         return rows, out.steps, out.steps_per_row, out.tree_nodes
+
+    return fn
+
+
+def refill_row(model, args, kind: str, tree, eos, max_len: int, prompts: list[torch.Tensor], batch_size: int):
+    """fn(ids, mask, idx) for `generate_many`: prompts `idx` through `batch_size` refilled slots (ids and mask,
+    the batch layout of the other rows, are not used)."""
+    from fastmedusa.decode import generate_many
+
+    medusa = kind != "greedy"
+    temperature = args.temperature if kind == "typical" else 0.0
+
+    def fn(ids, mask, idx):
+        out = generate_many(
+            model, [prompts[i][0] for i in idx], args.new_tokens, batch_size=batch_size, medusa=medusa,
+            tree=tree if medusa else None, temperature=temperature, eos_token_id=eos, max_len=max_len,
+            seed=[int(i) for i in idx],
+        )  # fmt: skip
+        return [t.cpu() for t in out.new_token_ids], out.steps, out.steps_per_prompt, out.tree_nodes
 
     return fn
 
@@ -287,7 +312,7 @@ def add_ratios(rows: list[dict], batch_size: int) -> None:
         for ref in ("greedy", "hf-static"):
             if ref in mine:
                 r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / mine[ref]["tokens_per_s"]
-        if "greedy" in mine and r["row"].split(" ")[0] in ("medusa", "typical"):
+        if "greedy" in mine and r["row"].split(" ")[0] in ("medusa", "typical", "medusa-refill", "typical-refill"):
             r["step_ratio_vs_greedy"] = r["step_ms"] / mine["greedy"]["step_ms"]
 
 
@@ -425,7 +450,8 @@ def plot(payload: dict, path: Path) -> None:
     kinds = list(dict.fromkeys(r["row"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(sizes)), 4.5))
     width = 0.8 / max(len(kinds), 1)
-    colors = {"hf-static": "tab:gray", "greedy": "tab:blue", "medusa": "tab:green", "typical": "tab:orange"}
+    colors = {"hf-static": "tab:gray", "greedy": "tab:blue", "medusa": "tab:green", "typical": "tab:orange",
+              "greedy-refill": "tab:cyan", "medusa-refill": "tab:olive", "typical-refill": "tab:red"}  # fmt: skip
     for k, kind in enumerate(kinds):
         xs, ys, labels = [], [], []
         for j, size in enumerate(sizes):
@@ -520,8 +546,15 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in args.batch_sizes:
         own_batches = make_batches(prompts, batch_size, pad_id)
         reference = None
-        for kind in sorted(args.rows, key=lambda k: k != "greedy"):  # greedy first: the others compare to it
-            if kind == "hf-static":
+        kinds = sorted(args.rows, key=lambda k: k != "greedy")  # greedy first: the others compare to it
+        if args.refill:  # the same prompts as the batches above, as one run through refilled slots
+            kinds += [f"{k}-refill" for k in kinds if k != "hf-static"]
+        every = [i for idx, _, _ in own_batches for i in idx]
+        for kind in kinds:
+            if kind.endswith("-refill"):
+                fn = refill_row(model, args, kind.removesuffix("-refill"), args.tree, eos, max_len, prompts, batch_size)
+                batches = [(every, None, None)]
+            elif kind == "hf-static":
                 fn, batches = (
                     hf_row(model.base, args, eos, pad_id),
                     make_batches(prompts, batch_size, pad_id, width),
@@ -544,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["compile_config"] = getattr(fn, "compile_config", None) or "not compiled (CPU)"
             if kind == "greedy":
                 reference = row
-            if kind in ("medusa", "hf-static"):
+            if kind in ("medusa", "hf-static", "medusa-refill", "greedy-refill"):
                 row.update(agreement(row, reference))
             rows.append(row)
             engine = cached_engine(model.base)

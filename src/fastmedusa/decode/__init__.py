@@ -10,6 +10,7 @@ from fastmedusa.decode.accuracy import (
 )
 from fastmedusa.decode.engine import DecodeEngine, get_engine
 from fastmedusa.decode.generate import GenerationOutput, generate
+from fastmedusa.decode.many import ManyOutput, generate_many
 from fastmedusa.decode.trees import (
     MC_SIM_7B_63,
     PRESETS,
@@ -30,6 +31,7 @@ __all__ = [
     "PRESETS",
     "DecodeEngine",
     "GenerationOutput",
+    "ManyOutput",
     "TreeBuffers",
     "build_tree",
     "build_tree_buffers",
@@ -37,6 +39,7 @@ __all__ = [
     "choose_tree_size",
     "expected_accept_length",
     "generate",
+    "generate_many",
     "get_engine",
     "load_tree",
     "measure_heads_tree",

@@ -85,6 +85,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (temperature > 0)")
     parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="with more prompts than this, decode them through this many batch slots, each slot refilled with "
+        "the next prompt as its row ends (generate_many) instead of all prompts as one batch (the default). "
+        "\"auto\" trees are not taken then",
+    )
+    parser.add_argument(
         "--compile",
         choices=("auto", "on", "off"),
         default="auto",
@@ -195,6 +203,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if any(not prompt for prompt in args.prompt):
         raise ValueError("--prompt is empty: give the text to continue (or to answer, with --chat)")
     encoded = [encode_prompt(tokenizer, prompt, args.chat) for prompt in args.prompt]
+    if args.batch_size is not None and args.batch_size < len(encoded):
+        return _generate_in_slots(args, tokenizer, model, base, encoded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = left_pad_batch(encoded, pad_id)
     out = generate(
@@ -217,5 +227,20 @@ def run_generate(args: argparse.Namespace) -> int:
         for r in range(len(encoded))
     ]
     print("\n\n".join(texts))
+    print(out.summary(), file=sys.stderr)
+    return 0
+
+
+def _generate_in_slots(args, tokenizer, model, base, encoded: list[torch.Tensor]) -> int:
+    """--batch-size below the number of prompts: every prompt through that many refilled slots."""
+    from fastmedusa.decode.many import generate_many
+
+    out = generate_many(
+        model, [e[0] for e in encoded], args.max_new_tokens, batch_size=args.batch_size,
+        medusa=not args.no_medusa, temperature=args.temperature, tree=args.tree,
+        eos_token_id=eos_token_ids(tokenizer, base), typical_epsilon=args.typical_epsilon,
+        typical_delta=args.typical_delta, compile=args.compile == "on", max_len=args.max_len, seed=args.seed,
+    )  # fmt: skip
+    print("\n\n".join(tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in out.new_token_ids))
     print(out.summary(), file=sys.stderr)
     return 0

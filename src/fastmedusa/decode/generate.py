@@ -617,7 +617,6 @@ def generate(
     if pad_token_id is None:
         pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
     seeds = row_seeds(seed, ids.shape[0], engine.device)
-    eos_key = None if eos_ids is None else tuple(eos_ids.tolist())
     if tree_buffers is not None:
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, str(engine.device))
         _check_heads(heads, engine, tree_buffers.topk)
@@ -635,33 +634,15 @@ def generate(
         engine, run_ids, run_offsets, seeds, max_new_tokens, temperature, eos_ids, chunk if chunked else 0,
         compile_prompt,
     )
+    runner = decode_runner(
+        engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, pad_token_id, compile
+    )
+    runner.start(ids.shape[0], pad_token_id, first_column=1 if tree_buffers is None else 0)
     if tree_buffers is None:
-        runner = _step_runner(
-            engine,
-            ("plain", temperature, eos_key, pad_token_id),
-            lambda: make_plain_step(engine, temperature, eos_ids, pad_token_id),
-            plain_body,
-            engine.max_len + 1,
-            compile,
-        )
-        runner.start(ids.shape[0], pad_token_id, first_column=1)
         n, _ = run_loop(runner, state, max_new_tokens - 1, eos_ids is not None, compact)
         steps = n.tolist()
         accepts: list[list[int]] = [[] for _ in range(ids.shape[0])]
     else:
-        key = ("medusa", tuple(tree_buffers.paths), id(heads), temperature, typical_epsilon, typical_delta)
-        drafter = packed_heads(engine.compiled, heads, tree_buffers.depth)  # refreshed if the weights changed
-        runner = _step_runner(
-            engine,
-            (*key, eos_key),
-            lambda: make_medusa_step(
-                engine, drafter, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids
-            ),
-            medusa_body,
-            engine.max_len + tree_buffers.depth + 2,
-            compile,
-        )
-        runner.start(ids.shape[0], pad_token_id, first_column=0)
         n, count = run_loop(runner, state, None, True, compact)
         accepts = _accept_lengths(runner, count, ids.shape[0])
         steps = [1 + len(a) for a in accepts]
@@ -675,6 +656,41 @@ def generate(
     nodes = tree_buffers.num_nodes if tree_buffers is not None else 0
     return GenerationOutput(
         sequences, ids.shape[1], sum(counts), max(steps), seconds, accepts, nodes, counts, steps
+    )
+
+
+def decode_runner(
+    engine: DecodeEngine,
+    heads: nn.Module | None,
+    tree_buffers: TreeBuffers | None,
+    temperature: float,
+    typical_epsilon: float,
+    typical_delta: float,
+    eos_ids: torch.Tensor | None,
+    pad_token_id: int,
+    compile: bool,
+) -> StepRunner:
+    """The engine's runner of plain steps (`tree_buffers` None) or Medusa steps over that tree, built once per
+    setting and kept on the engine (its compiled steps and graphs are reused by later calls)."""
+    eos_key = None if eos_ids is None else tuple(eos_ids.tolist())
+    if tree_buffers is None:
+        return _step_runner(
+            engine,
+            ("plain", temperature, eos_key, pad_token_id),
+            lambda: make_plain_step(engine, temperature, eos_ids, pad_token_id),
+            plain_body,
+            engine.max_len + 1,
+            compile,
+        )
+    key = ("medusa", tuple(tree_buffers.paths), id(heads), temperature, typical_epsilon, typical_delta)
+    drafter = packed_heads(engine.compiled, heads, tree_buffers.depth)  # refreshed if the weights changed
+    return _step_runner(
+        engine,
+        (*key, eos_key),
+        lambda: make_medusa_step(engine, drafter, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids),
+        medusa_body,
+        engine.max_len + tree_buffers.depth + 2,
+        compile,
     )
 
 

@@ -46,10 +46,11 @@ MIN_COMPACT_ROWS = 2  # compaction stops here: a 1-row step costs about a 2-row 
 
 
 def plain_body(step: Callable, state: dict, shared: SimpleNamespace) -> None:
-    """One plain step in place: token column `counter` of each row's output, then the state moves on."""
+    """One plain step in place: the token goes to column n (the row's tokens so far) of its output row, then
+    the state moves on. (By row count, not by step: a row refilled mid-run starts at its own column 1.)"""
     emitted, *new = step(*(state[k] for k in PLAIN_IN))
     rows = state["rows"]
-    column = shared.counter.clamp(max=shared.out.shape[1] - 1).expand(rows.shape)
+    column = state["n"].clamp(max=shared.out.shape[1] - 1)
     shared.out.index_put_((rows, column), emitted)
     _finish_body(state, shared, PLAIN_OUT, new)
 

@@ -1,0 +1,298 @@
+"""Many prompts through a fixed number of batch slots, each slot refilled with the next prompt as its row ends.
+
+A batch of `generate` runs as many steps as its slowest row. With Medusa rows accept their own lengths, so
+even without EOS they end at different steps: on an H100 at batch 64 (SmolLM2, MT-Bench) the average row
+needed 96 steps for 256 tokens and the slowest 201 (bench/results/decode_batch_compaction_h100). Compaction
+makes those late steps narrower; refilling keeps them full instead. Here, once a quarter of the slots hold
+finished rows, their outputs are read out, the unfinished rows' caches move behind them, the next prompts run
+through the cache in those slots, and decoding goes on at full width. When no prompt is left, the last rows
+finish as in `generate` (compacted as they end).
+
+Every prompt gets what it would get alone: its own cache row, positions and sampling seed (greedy is lossless
+per prompt, as in `generate`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastmedusa.decode.engine import get_engine
+from fastmedusa.decode.generate import (
+    SeedSpec,
+    TreeSpec,
+    _check_heads,
+    _eos_tensor,
+    _prefill,
+    _split_model,
+    _sync,
+    check_sampling,
+    cuda_graphs_mode,
+    decode_runner,
+    heads_tree_info,
+    pad_to_chunks,
+    prefill_chunk,
+    prefill_compiled,
+    row_seeds,
+)
+from fastmedusa.decode.loop import ActiveRows, StepRunner, compact_rows
+from fastmedusa.decode.trees import cached_tree_buffers, resolve_tree
+
+REFILL_SHARE = 4  # refill once 1/REFILL_SHARE of the slots have finished (that many prompts per refill)
+
+
+@dataclass
+class ManyOutput:
+    """What `generate_many` returns: per prompt, in the order given, its new tokens (up to and including its
+    EOS) and, with Medusa, the tokens accepted at each of its steps. A step is one model forward of the slots
+    (a refill's pass over its prompts counts as one)."""
+
+    new_token_ids: list[torch.Tensor]
+    accept_lengths: list[list[int]]
+    steps: int
+    seconds: float
+    batch_size: int
+    tree_nodes: int = 0  # tokens per verify pass (0: plain decoding)
+    steps_per_prompt: list[int] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(int(t.numel()) for t in self.new_token_ids)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """New tokens per forward of a prompt's row (idle slots do not count)."""
+        return self.new_tokens / max(sum(self.steps_per_prompt), 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        mode = f"medusa ({self.tree_nodes - 1}-node tree)" if self.tree_nodes else "plain"
+        return (
+            f"{mode}, {len(self.new_token_ids)} prompts in {self.batch_size} slots: {self.new_tokens} tokens in "
+            f"{self.steps} steps, {self.tokens_per_step:.2f} tokens/step, {self.tokens_per_s:.1f} tokens/s "
+            f"({self.seconds:.2f} s)"
+        )
+
+
+def _prompt_tensors(prompts: Sequence) -> list[torch.Tensor]:
+    """Each prompt as a 1-D long tensor of token ids, or a clear error."""
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(
+            "prompts must be a non-empty list of token-id sequences (lists or 1-D tensors), one per prompt"
+        )
+    out = []
+    for i, p in enumerate(prompts):
+        t = p if isinstance(p, torch.Tensor) else torch.as_tensor(p)
+        if t.dtype not in (torch.long, torch.int32, torch.int64) or t.ndim != 1 or t.numel() == 0:
+            raise ValueError(
+                f"prompt {i} must be a non-empty 1-D sequence of integer token ids, got "
+                f"{t.dtype} of shape {tuple(t.shape)}"
+            )
+        out.append(t.long())
+    return out
+
+
+def _left_pad(prompts: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (k, P), left pad per row (k,)) of prompts of any lengths."""
+    width = max(int(p.numel()) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.numel() :] = p
+    pads = torch.tensor([width - p.numel() for p in prompts], dtype=torch.long)
+    return ids.to(device), pads.to(device)
+
+
+class _Slots:
+    """The prompts in flight: which prompt each output row holds, and what has been read out so far."""
+
+    def __init__(self, runner: StepRunner, count: int, medusa: bool) -> None:
+        self.runner, self.medusa = runner, medusa
+        self.prompt_of_row: dict[int, int] = {}
+        self.first_token: dict[int, int] = {}
+        self.tokens: list[torch.Tensor | None] = [None] * count
+        self.accepts: list[list[int]] = [[] for _ in range(count)]
+
+    def assign(self, rows: list[int], prompts: list[int | None], first_tokens: list[int], pad_id: int) -> None:
+        out = self.runner.shared.out
+        for row, prompt, token in zip(rows, prompts, first_tokens):
+            out[row].fill_(pad_id)
+            if prompt is None:
+                self.prompt_of_row.pop(row, None)
+            else:
+                self.prompt_of_row[row] = prompt
+                self.first_token[prompt] = token
+
+    def read_accepts(self) -> None:
+        """Move the step log (accepted lengths by step and row) into each prompt's list, then clear it, so the
+        log never outgrows its rows however many prompts pass through."""
+        if not self.medusa:
+            return
+        shared = self.runner.shared
+        steps = min(int(shared.counter), shared.log.shape[0])
+        log = shared.log[:steps].t().tolist()  # by output row
+        for row, prompt in self.prompt_of_row.items():
+            if self.tokens[prompt] is None:
+                self.accepts[prompt] += [a for a in log[row] if a >= 0]
+        shared.log.fill_(-1)
+        shared.counter.zero_()
+
+    def read_tokens(self, rows: list[int], counts: list[int]) -> None:
+        """The finished prompts of output rows `rows`, with `counts` new tokens each (the first from the
+        prompt's pass, the rest from the output row's columns 1..count-1)."""
+        out = self.runner.shared.out
+        for row, count in zip(rows, counts):
+            prompt = self.prompt_of_row.pop(row, None)
+            if prompt is None or self.tokens[prompt] is not None:
+                continue
+            rest = out[row, 1:count].cpu()
+            self.tokens[prompt] = torch.cat([torch.tensor([self.first_token[prompt]]), rest])
+
+
+@torch.no_grad()
+def generate_many(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int] | torch.Tensor],
+    max_new_tokens: int,
+    *,
+    batch_size: int = 16,
+    medusa: bool = True,
+    temperature: float = 0.0,
+    tree: TreeSpec = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: SeedSpec = None,
+    typical_epsilon: float = 0.09,
+    typical_delta: float = 0.3,
+    heads: nn.Module | None = None,
+    compile: bool | None = None,
+    max_len: int | None = None,
+) -> ManyOutput:
+    """Generate up to `max_new_tokens` after each of `prompts` (token-id lists or 1-D tensors, any lengths)
+    through `batch_size` slots, a slot refilled with the next prompt as soon as a quarter of the slots have
+    finished. Returns the prompts' new tokens in the order given (see `ManyOutput`).
+
+    The other arguments are `generate`'s. `tree` None is the default tree for `batch_size` rows; "auto" is not
+    taken here (pass "auto:N" or a tree). `seed`: an int (prompt i gets the seed `generate` would give row i of
+    one batch of all the prompts), one per prompt, or None."""
+    ids_list = _prompt_tensors(prompts)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_sampling(temperature, typical_epsilon, typical_delta)
+    base, heads = _split_model(model, heads)
+    slots = min(batch_size, len(ids_list))
+    tree_buffers, paths = None, ()
+    if medusa:
+        if heads is None:
+            raise ValueError("medusa=True needs Medusa heads: pass a MedusaModel, heads=..., or medusa=False")
+        if isinstance(tree, str) and tree == "auto":
+            raise ValueError('generate_many takes no tree="auto": pass "auto:N", a preset, a file or None')
+        paths = tuple(resolve_tree(tree, heads.num_heads, heads_tree_info(model, heads), batch_size=slots))
+        medusa = len(paths) > 0
+    slack = len(paths) + 1 if medusa else 0
+    graphs = cuda_graphs_mode()
+    on_cuda = next(base.parameters()).device.type == "cuda"
+    compile = on_cuda if compile is None else compile
+    chunk = prefill_chunk(captured=on_cuda and (graphs == "step" or (graphs == "compile" and compile)))
+    longest = max(int(p.numel()) for p in ids_list)
+    needed = (-(-longest // chunk) * chunk if chunk > 0 else longest) + max_new_tokens + slack
+    if max_len is not None and needed > max_len:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens, padded to {needed - max_new_tokens - slack}) + max_new_tokens "
+            f"({max_new_tokens}) + tree ({slack} nodes) = {needed} does not fit the KV cache of {max_len} slots per "
+            "row: raise max_len (--max-len), or shorten the prompts, max_new_tokens or the tree"
+        )
+    engine = get_engine(base, needed, max_len, slots, None)
+    if medusa:
+        tree_buffers = cached_tree_buffers(paths, heads.num_heads, str(engine.device))
+        _check_heads(heads, engine, tree_buffers.topk)
+    eos_ids = _eos_tensor(eos_token_id, engine.device)
+    pad_id = pad_token_id if pad_token_id is not None else (int(eos_ids[0]) if eos_ids is not None else 0)
+    seeds = row_seeds(seed, len(ids_list), engine.device)
+    compile_prompt = compile and (prefill_compiled() or graphs == "compile")
+    runner = decode_runner(
+        engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, pad_id, compile
+    )
+
+    def prefill(batch: list[int | None]) -> dict[str, torch.Tensor]:
+        """Prompts `batch` (None: an idle slot, run as a 1-token prompt and marked done) into cache rows
+        0..len(batch)-1; their first tokens and states."""
+        chosen = [ids_list[p] if p is not None else ids_list[0][:1] for p in batch]
+        ids, pads = _left_pad(chosen, engine.device)
+        run_ids, run_pads, chunked = pad_to_chunks(ids, pads, chunk, engine.max_len - ids.shape[1] - max_new_tokens - slack)
+        row_seed = seeds[torch.tensor([p if p is not None else 0 for p in batch], device=engine.device)]
+        values = _prefill(engine, run_ids, run_pads, row_seed, max_new_tokens, temperature, eos_ids,
+                          chunk if chunked else 0, compile_prompt)  # fmt: skip
+        idle = torch.tensor([p is None for p in batch], device=engine.device)
+        values["done"] = values["done"] | idle
+        return values
+
+    _sync(engine.device)
+    start = time.perf_counter()
+    queue = deque(range(len(ids_list)))
+    first = [queue.popleft() for _ in range(slots)]
+    values = prefill(first)
+    book = _Slots(runner, len(ids_list), medusa)
+    runner.start(slots, pad_id, first_column=0 if medusa else 1)
+    book.assign(list(range(slots)), first, values["token"].tolist(), pad_id)
+    state = runner.load(values, torch.arange(slots, device=engine.device))
+    refill_rows = max(1, slots // REFILL_SHARE)
+    active, steps, compacted = ActiveRows(runner), 1, False
+    n_all = torch.zeros(slots, dtype=torch.long, device=engine.device)
+    stepping = bool(queue) or not bool(state["done"].all())  # (rows all ended at their first token: no step)
+    while stepping:
+        runner.run(state["rows"].shape[0], compacted)
+        steps += 1
+        unfinished = active.poll()
+        if unfinished is None:
+            continue
+        size = state["rows"].shape[0]
+        if queue and size - unfinished >= refill_rows:
+            state, added = _refill(engine, runner, book, state, queue, refill_rows, prefill, pad_id, medusa)
+            steps += added
+            active = ActiveRows(runner)
+        elif not queue and unfinished == 0:
+            break
+        elif not queue and size > 2 and unfinished <= size // 2:  # the last rows: compacted as in `generate`
+            state, compacted = compact_rows(runner, state, n_all), True
+            stepping = bool((~state["done"]).any())
+            active = ActiveRows(runner)
+    _sync(engine.device)
+    book.read_accepts()
+    n_all[state["rows"]] = state["n"]
+    rows = sorted(book.prompt_of_row)
+    book.read_tokens(rows, [int(n_all[r]) for r in rows])
+    seconds = time.perf_counter() - start
+    accepts = book.accepts if medusa else [[] for _ in ids_list]
+    per_prompt = [1 + len(a) for a in accepts] if medusa else [int(t.numel()) for t in book.tokens]
+    return ManyOutput(book.tokens, accepts, steps, seconds, slots, len(paths) + 1 if medusa else 0, per_prompt)
+
+
+def _refill(engine, runner: StepRunner, book: _Slots, state, queue: deque, count: int, prefill, pad_id, medusa):
+    """Read out the finished rows, move the unfinished ones behind `count` free slots, run the next prompts
+    through those slots and load the new full state. Returns (state, forwards run)."""
+    done = state["done"]
+    free = done.nonzero()[:, 0]
+    keep = torch.cat([(~done).nonzero()[:, 0], free[count:]])
+    take = free[:count]
+    rows = state["rows"]
+    finished_rows = rows[free].tolist()
+    book.read_accepts()
+    book.read_tokens(finished_rows, state["n"][free].tolist())
+    batch = [queue.popleft() if queue else None for _ in range(count)]
+    kept = {name: value[keep] for name, value in state.items() if name != "rows"}
+    new_rows = torch.cat([rows[take], rows[keep]])
+    engine.gather_rows(torch.cat([take, keep]))  # the prompts' pass below overwrites rows 0..count-1
+    values = prefill(batch)  # (with "hidden", which plain steps ignore: the runner's buffers are shared with `generate`)
+    book.assign(rows[take].tolist(), batch, values["token"].tolist(), pad_id)
+    merged = {name: torch.cat([values[name], kept[name]]) for name in kept}
+    return runner.load(merged, new_rows), 1

@@ -1,0 +1,117 @@
+"""generate_many: prompts through a fixed number of slots, refilled as rows end; each prompt gets its own output."""
+
+import pytest
+import torch
+from conftest import VOCAB, BatchOracleHeads, OracleHeads, hf_greedy, random_medusa, tiny_llama
+from test_batch import ragged_prompts
+
+from fastmedusa.decode import generate, generate_many
+from fastmedusa.decode.generate import row_seeds
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama(4)
+
+
+def fixed_batch_steps(counts: list[int], batch: int) -> int:
+    """Forwards of plain decoding in consecutive batches: each batch runs until its longest row is done."""
+    return sum(max(counts[i : i + batch]) for i in range(0, len(counts), batch))
+
+
+def test_plain_refill_gives_each_prompt_its_own_output(llama):
+    prompts = ragged_prompts([3, 5, 2, 7, 4, 6, 1, 8, 5, 2, 6], seed=7)
+    alone = [generate(llama, p, max_new_tokens=30, medusa=False).new_token_ids for p in prompts]
+    eos = int(torch.bincount(torch.cat(alone), minlength=VOCAB).argmax())  # rows end at different steps
+    refs = []
+    for a in alone:
+        hits = (a == eos).nonzero()
+        refs.append(a[: int(hits[0]) + 1] if hits.numel() else a)
+    assert len({len(r) for r in refs}) >= 4
+    out = generate_many(llama, [p[0] for p in prompts], 30, batch_size=4, medusa=False, eos_token_id=eos)
+    assert [t.tolist() for t in out.new_token_ids] == [r.tolist() for r in refs]
+    assert out.steps_per_prompt == [len(r) for r in refs] and out.accept_lengths == [[]] * len(prompts)
+    assert out.steps < fixed_batch_steps([len(r) for r in refs], 4), "refilled slots: fewer forwards"
+    assert out.batch_size == 4 and out.new_tokens == sum(len(r) for r in refs) and "11 prompts" in out.summary()
+
+
+def test_medusa_refill_is_lossless_per_prompt(llama):
+    """Oracle heads of mixed accuracy: rows end at very different steps without EOS; every prompt still gets
+    its own greedy continuation, and refilling needs fewer forwards than fixed batches of the same prompts."""
+    prompts = ragged_prompts([6, 2, 9, 4, 7, 3, 5, 8, 2, 6], seed=3)
+    references = [hf_greedy(llama, p, 40) for p in prompts]
+    accuracy = [0.95, 0.0, 0.9, 0.95, 0.0, 0.9, 0.95, 0.1, 0.95, 0.9]
+    heads = BatchOracleHeads([OracleHeads(llama, r, num_heads=3, p_top1=a, p_top2=0.0)
+                              for r, a in zip(references, accuracy)])  # fmt: skip
+    out = generate_many(llama, [p[0] for p in prompts], 24, batch_size=4, heads=heads, tree="mc_sim_7b_15")
+    for p, r, got in zip(prompts, references, out.new_token_ids):
+        assert got.tolist() == r[0, p.shape[1] : p.shape[1] + 24].tolist()
+    assert out.tree_nodes == 16
+    assert [1 + len(a) for a in out.accept_lengths] == out.steps_per_prompt
+    assert all(sum(min(a + 1, 24) for a in acc) + 1 >= 24 for acc in out.accept_lengths)
+    assert out.tokens_per_step > 1.5
+    per_batch = []
+    for i in range(0, len(prompts), 4):
+        chunk = prompts[i : i + 4]
+        width = max(q.shape[1] for q in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, q in enumerate(chunk):
+            ids[row, width - q.shape[1] :], mask[row, width - q.shape[1] :] = q[0], 1
+        per_batch.append(generate(llama, ids, attention_mask=mask, max_new_tokens=24, heads=heads,
+                                  tree="mc_sim_7b_15", compact=False).steps)  # fmt: skip
+    assert out.steps < sum(per_batch), (out.steps, per_batch)
+
+
+def test_sampled_prompts_draw_what_they_draw_alone(llama):
+    prompts = ragged_prompts([4, 6, 2, 5, 3], seed=4)
+    out = generate_many(llama, [p[0] for p in prompts], 12, batch_size=2, medusa=False, temperature=1.0, seed=9)
+    seeds = row_seeds(9, len(prompts), torch.device("cpu")).tolist()
+    for p, s, got in zip(prompts, seeds, out.new_token_ids):
+        alone = generate(llama, p, max_new_tokens=12, medusa=False, temperature=1.0, seed=[s])
+        assert got.tolist() == alone.new_token_ids.tolist()
+
+
+def test_fewer_prompts_than_slots_and_one_token(llama):
+    model = random_medusa(llama, num_heads=2)
+    prompts = [[1, 2, 3], [4, 5]]
+    out = generate_many(model, prompts, 1, batch_size=8, tree="chain_2")
+    assert out.batch_size == 2 and [t.numel() for t in out.new_token_ids] == [1, 1] and out.steps == 1
+    for p, got in zip(prompts, out.new_token_ids):
+        assert got.tolist() == generate(model, torch.tensor([p]), max_new_tokens=1, medusa=False).new_token_ids.tolist()
+
+
+@pytest.mark.parametrize(
+    ("prompts", "kwargs", "message"),
+    [
+        ([], {}, "non-empty list of token-id sequences"),
+        ([[1, 2], []], {}, "prompt 1 must be a non-empty 1-D sequence"),
+        ([[1.5, 2.0]], {}, "prompt 0 must be a non-empty 1-D sequence of integer"),
+        ([[1, 2]], {"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ([[1, 2]], {"tree": "auto"}, 'no tree="auto"'),
+        ([[1, 2]], {"temperature": -1.0}, "temperature=-1.0"),
+        ([[1, 2, 3, 4, 5, 6]], {"max_len": 8}, "does not fit the KV cache of 8 slots"),
+    ],
+)
+def test_generate_many_bad_input(llama, prompts, kwargs, message):
+    model = random_medusa(llama, num_heads=2)
+    with pytest.raises(ValueError, match=message):
+        generate_many(model, prompts, 4, **kwargs)
+
+
+@pytest.mark.slow
+def test_compiled_refill_equals_eager():
+    """Compiled steps (the full width's, then the last rows' compacted step) give the eager tokens and
+    accepted lengths while slots are refilled."""
+    model = random_medusa(tiny_llama(5, num_hidden_layers=2), num_heads=2)
+    prompts = [p[0] for p in ragged_prompts([3, 6, 2, 5, 4, 7, 1, 3, 5], seed=12)]
+    plain = generate_many(model, prompts, 20, batch_size=4, medusa=False)
+    eos = int(torch.bincount(torch.cat(plain.new_token_ids), minlength=VOCAB).argmax())
+    for medusa in (False, True):
+        kw = dict(batch_size=4, medusa=medusa, eos_token_id=eos, tree="chain_2" if medusa else None)
+        eager = generate_many(model, prompts, 20, **kw)
+        compiled = generate_many(random_medusa(tiny_llama(5, num_hidden_layers=2), num_heads=2), prompts, 20,
+                                 compile=True, **kw)  # fmt: skip
+        assert len({t.numel() for t in eager.new_token_ids}) > 2, "rows end at different steps"
+        assert [t.tolist() for t in compiled.new_token_ids] == [t.tolist() for t in eager.new_token_ids]
+        assert compiled.accept_lengths == eager.accept_lengths and compiled.steps == eager.steps
