@@ -174,6 +174,7 @@ def test_chart_titles_name_a_model_path_by_its_last_two_parts():
         (["--tree", "mc_sim_7b_63"], "4 deep but the model has 2 Medusa heads"),
         (["--tree", "auto:3"], "no tree.json"),
         (["--rows", "typical", "--temperature", "-1"], r"temperature=-1.0 \(--temperature\)"),
+        (["--tree", "auto", "--refill"], "--refill runs generate_many, which takes no --tree auto"),
     ],
 )
 def test_bad_tree_or_temperature_fails_before_any_row(setup, flags, message):

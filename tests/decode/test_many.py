@@ -72,6 +72,38 @@ def test_sampled_prompts_draw_what_they_draw_alone(llama):
         assert got.tolist() == alone.new_token_ids.tolist()
 
 
+def test_refill_edge_cases_match_each_prompt_alone(llama):
+    """Idle slots (9 prompts, 8 slots, 2 a refill), one slot, a refill batch wider than the first, EOS inside
+    accepted Medusa paths, and `generate` on the same model afterwards."""
+    prompts = ragged_prompts([3, 5, 2, 4, 3, 6, 2, 5, 30], seed=5)
+    references = [hf_greedy(llama, p, 40) for p in prompts]
+    heads = BatchOracleHeads([OracleHeads(llama, r, num_heads=3, p_top1=0.9, p_top2=0.05) for r in references])
+    news = [r[0, p.shape[1] : p.shape[1] + 20] for p, r in zip(prompts, references)]
+    eos = int(torch.bincount(torch.cat(news), minlength=VOCAB).argmax())
+    refs = []
+    for new in news:
+        hits = (new == eos).nonzero()
+        refs.append((new[: int(hits[0]) + 1] if hits.numel() else new).tolist())
+    assert len({len(r) for r in refs}) >= 3
+    flat = [p[0] for p in prompts]
+    for batch in (8, 1, 3):
+        out = generate_many(llama, flat, 20, batch_size=batch, heads=heads, tree="mc_sim_7b_15", eos_token_id=eos)
+        assert [t.tolist() for t in out.new_token_ids] == refs, batch
+        assert out.tokens_per_step > 1.5 and out.batch_size == batch
+    alone = generate(llama, prompts[0], max_new_tokens=20, heads=heads, tree="mc_sim_7b_15", eos_token_id=eos)
+    assert alone.new_token_ids.tolist() == refs[0]
+
+
+def test_equal_rows_refill_all_slots_at_once(llama):
+    """Plain decoding without EOS: every row ends at the same step, all slots refill in one pass, and the
+    forwards are those of fixed batches; rows that end at their first token cost no step."""
+    prompts = [p[0] for p in ragged_prompts([4] * 12, seed=8)]
+    out = generate_many(llama, prompts, 10, batch_size=4, medusa=False)
+    assert out.steps == fixed_batch_steps([10] * 12, 4)
+    one = generate_many(llama, prompts, 1, batch_size=4, medusa=False)
+    assert one.steps == 3 and [t.numel() for t in one.new_token_ids] == [1] * 12
+
+
 def test_fewer_prompts_than_slots_and_one_token(llama):
     model = random_medusa(llama, num_heads=2)
     prompts = [[1, 2, 3], [4, 5]]
@@ -89,6 +121,7 @@ def test_fewer_prompts_than_slots_and_one_token(llama):
         ([[1.5, 2.0]], {}, "prompt 0 must be a non-empty 1-D sequence of integer"),
         ([[1, 2]], {"batch_size": 0}, "batch_size must be an integer >= 1"),
         ([[1, 2]], {"tree": "auto"}, 'no tree="auto"'),
+        (["some text"], {}, "prompt 0 is text: give token ids"),
         ([[1, 2]], {"temperature": -1.0}, "temperature=-1.0"),
         ([[1, 2, 3, 4, 5, 6]], {"max_len": 8}, "does not fit the KV cache of 8 slots"),
     ],

@@ -44,6 +44,8 @@ def check_row_settings(model, args: argparse.Namespace) -> None:
     from fastmedusa.decode.generate import check_sampling, heads_tree_info
     from fastmedusa.decode.trees import resolve_tree
 
+    if args.tree == "auto" and args.refill:
+        raise ValueError("--refill runs generate_many, which takes no --tree auto: pass auto:N, a preset or a file")
     if args.tree != "auto":
         resolve_tree(args.tree, model.medusa_heads.num_heads, heads_tree_info(model, model.medusa_heads))
     check_sampling(args.temperature, 0.0, 0.0)
@@ -90,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--refill", action="store_true",
         help="also run each of greedy / medusa / typical through generate_many (rows '<kind>-refill'): the same "
         "prompts through batch-size slots, each slot refilled with the next prompt as rows end, instead of "
-        "batch after batch",
+        "batch after batch (the last rows compact as they end, whatever --compact says)",
     )  # fmt: skip
     p.add_argument(
         "--compact", choices=("auto", "on", "off"), default="auto",

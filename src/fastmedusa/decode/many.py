@@ -43,7 +43,7 @@ from fastmedusa.decode.generate import (
 from fastmedusa.decode.loop import ActiveRows, StepRunner, compact_rows
 from fastmedusa.decode.trees import cached_tree_buffers, resolve_tree
 
-REFILL_SHARE = 4  # refill once 1/REFILL_SHARE of the slots have finished (that many prompts per refill)
+REFILL_SHARE = 4  # refill once 1/REFILL_SHARE of the slots have finished, that many prompts a pass (all: all slots)
 
 
 @dataclass
@@ -84,12 +84,14 @@ class ManyOutput:
 
 def _prompt_tensors(prompts: Sequence) -> list[torch.Tensor]:
     """Each prompt as a 1-D long tensor of token ids, or a clear error."""
-    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or not prompts:
+    if isinstance(prompts, torch.Tensor | str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(
             "prompts must be a non-empty list of token-id sequences (lists or 1-D tensors), one per prompt"
         )
     out = []
     for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            raise ValueError(f"prompt {i} is text: give token ids (tokenizer(text).input_ids)")
         t = p if isinstance(p, torch.Tensor) else torch.as_tensor(p)
         if t.dtype not in (torch.long, torch.int32, torch.int64) or t.ndim != 1 or t.numel() == 0:
             raise ValueError(
@@ -179,7 +181,8 @@ def generate_many(
     through `batch_size` slots, a slot refilled with the next prompt as soon as a quarter of the slots have
     finished. Returns the prompts' new tokens in the order given (see `ManyOutput`).
 
-    The other arguments are `generate`'s. `tree` None is the default tree for `batch_size` rows; "auto" is not
+    The other arguments are `generate`'s. `tree` None is the default tree for the slots' rows (`batch_size`, or
+    fewer where fewer prompts are given); "auto" is not
     taken here (pass "auto:N" or a tree). `seed`: an int (prompt i gets the seed `generate` would give row i of
     one batch of all the prompts), one per prompt, or None."""
     ids_list = _prompt_tensors(prompts)
@@ -204,12 +207,12 @@ def generate_many(
     compile = on_cuda if compile is None else compile
     chunk = prefill_chunk(captured=on_cuda and (graphs == "step" or (graphs == "compile" and compile)))
     longest = max(int(p.numel()) for p in ids_list)
-    needed = (-(-longest // chunk) * chunk if chunk > 0 else longest) + max_new_tokens + slack
+    needed = longest + max_new_tokens + slack  # as in `generate`: prompts are cut in chunks where room allows
     if max_len is not None and needed > max_len:
         raise ValueError(
-            f"the longest prompt ({longest} tokens, padded to {needed - max_new_tokens - slack}) + max_new_tokens "
-            f"({max_new_tokens}) + tree ({slack} nodes) = {needed} does not fit the KV cache of {max_len} slots per "
-            "row: raise max_len (--max-len), or shorten the prompts, max_new_tokens or the tree"
+            f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) + tree ({slack} nodes) = "
+            f"{needed} does not fit the KV cache of {max_len} slots per row: raise max_len (--max-len), or "
+            "shorten the prompts, max_new_tokens or the tree"
         )
     engine = get_engine(base, needed, max_len, slots, None)
     if medusa:
@@ -246,10 +249,20 @@ def generate_many(
     book.assign(list(range(slots)), first, values["token"].tolist(), pad_id)
     state = runner.load(values, torch.arange(slots, device=engine.device))
     refill_rows = max(1, slots // REFILL_SHARE)
-    active, steps, compacted = ActiveRows(runner), 1, False
+    steps, compacted, refill_now = 1, False, True
     n_all = torch.zeros(slots, dtype=torch.long, device=engine.device)
-    stepping = bool(queue) or not bool(state["done"].all())  # (rows all ended at their first token: no step)
-    while stepping:
+    while True:
+        if refill_now:  # after a (re)fill, or once enough rows ended: fill free slots, then step again
+            while queue:
+                free = int(state["done"].sum())  # (a sync, once per refill)
+                count = slots if free == slots else refill_rows if free >= refill_rows else 0
+                if not count:
+                    break
+                state = _refill(engine, runner, book, state, queue, count, prefill, pad_id)
+                steps += 1
+            if not queue and bool(state["done"].all()):
+                break
+            active, refill_now = ActiveRows(runner), False
         runner.run(state["rows"].shape[0], compacted)
         steps += 1
         unfinished = active.poll()
@@ -257,14 +270,13 @@ def generate_many(
             continue
         size = state["rows"].shape[0]
         if queue and size - unfinished >= refill_rows:
-            state, added = _refill(engine, runner, book, state, queue, refill_rows, prefill, pad_id, medusa)
-            steps += added
-            active = ActiveRows(runner)
+            refill_now = True
         elif not queue and unfinished == 0:
             break
         elif not queue and size > 2 and unfinished <= size // 2:  # the last rows: compacted as in `generate`
             state, compacted = compact_rows(runner, state, n_all), True
-            stepping = bool((~state["done"]).any())
+            if not bool((~state["done"]).any()):
+                break
             active = ActiveRows(runner)
     _sync(engine.device)
     book.read_accepts()
@@ -277,9 +289,11 @@ def generate_many(
     return ManyOutput(book.tokens, accepts, steps, seconds, slots, len(paths) + 1 if medusa else 0, per_prompt)
 
 
-def _refill(engine, runner: StepRunner, book: _Slots, state, queue: deque, count: int, prefill, pad_id, medusa):
+def _refill(engine, runner: StepRunner, book: _Slots, state, queue: deque, count: int, prefill, pad_id: int):
     """Read out the finished rows, move the unfinished ones behind `count` free slots, run the next prompts
-    through those slots and load the new full state. Returns (state, forwards run)."""
+    through those slots (idle slots where none is left) and load the new full state. The prompts' pass runs
+    at `count` rows: the caller keeps that to two sizes (a quarter of the slots, or all of them), so a
+    compiled, captured prefill step exists for few batch sizes."""
     done = state["done"]
     free = done.nonzero()[:, 0]
     keep = torch.cat([(~done).nonzero()[:, 0], free[count:]])
@@ -295,4 +309,4 @@ def _refill(engine, runner: StepRunner, book: _Slots, state, queue: deque, count
     values = prefill(batch)  # (with "hidden", which plain steps ignore: the runner's buffers are shared with `generate`)
     book.assign(rows[take].tolist(), batch, values["token"].tolist(), pad_id)
     merged = {name: torch.cat([values[name], kept[name]]) for name in kept}
-    return runner.load(merged, new_rows), 1
+    return runner.load(merged, new_rows)
