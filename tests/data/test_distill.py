@@ -16,7 +16,13 @@ import torch
 
 from fastmedusa.cli import main
 from fastmedusa.data import distill as distill_module
-from fastmedusa.data.distill import BatchGenerator, DistillConfig, distill_conversations, progress_path
+from fastmedusa.data.distill import (
+    REFILL_BATCHES,
+    BatchGenerator,
+    DistillConfig,
+    distill_conversations,
+    progress_path,
+)
 from fastmedusa.data.sharegpt import read_sharegpt
 from fastmedusa.decode import generate as engine_generate
 
@@ -102,13 +108,20 @@ def _hf_answer(model, tokenizer, messages: list[dict]) -> str:
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_first_answers_equal_hf_greedy_and_records_keep_the_source(tiny, data_file, tmp_path, batch_size):
+def test_first_answers_equal_hf_greedy_and_records_keep_the_source(tiny, data_file, tmp_path, batch_size, monkeypatch):
+    """More prompts than --batch-size go through refilled slots (generate_many): each answer is still HF's."""
+    import fastmedusa.decode.many as many
+
+    calls = []
+    real = many.generate_many
+    monkeypatch.setattr(many, "generate_many", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     model, tokenizer = tiny
     out = tmp_path / "out.jsonl"
     config = DistillConfig(
         output=str(out), data=str(data_file), max_new_tokens=MAX_NEW, batch_size=batch_size, progress=False
     )
     stats = distill_conversations(model, tokenizer, config)
+    assert calls and max(calls) == min(6, REFILL_BATCHES * batch_size), "a round's prompts, a few batches a call"
     records, source = _read_jsonl(out), _read_jsonl(data_file)
     assert [r["id"] for r in records] == [s["id"] for s in source]
     assert stats.n_written == 6 and stats.n_answers == 1 + 2 + 1 + 1 + 2 + 3  # conv-2 became one turn

@@ -7,7 +7,9 @@ with the tokenizer's chat template. The result is ShareGPT JSONL that `fastmedus
 
 Batching: conversations are taken in groups of `GROUP_BATCHES x batch_size`. Within a group, each round
 collects the next pending prompt of every unfinished conversation, sorts them by length (less padding)
-and generates them `batch_size` at a time as left-padded rows. A group's records are appended in source
+and generates them through `batch_size` slots, `REFILL_BATCHES x batch_size` prompts a call, each slot taking
+the next prompt as soon as its answer ends (`fastmedusa.decode.generate_many`): a batch no longer waits for its
+longest answer. A group's records are appended in source
 order with one write + fsync, then a small `OUT.progress` file records how far the source was consumed.
 
 Resume: a killed run leaves at most a torn last line (dropped) and possibly a group written but not yet
@@ -46,6 +48,8 @@ DEFAULT_PROMPT_TOKENS = 1024
 # embedded data the share of rows doing work is 52/64/76/86% for groups of 4/8/16/32 batches. Larger
 # groups also write less often (a group's records are written when all of them are done).
 GROUP_BATCHES = 16
+REFILL_BATCHES = 4  # prompts per engine call, in batches, where slots are refilled as answers end (progress
+# is reported per call)
 PROGRESS_SUFFIX = ".progress"  # no .json suffix: `train --data DIR` must still see a single data file
 DEFAULT_ROLE_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -249,6 +253,9 @@ class BatchGenerator:
     def __init__(self, model, tokenizer, config: DistillConfig, generate_fn: Callable | None = None) -> None:
         from fastmedusa.decode.cli import eos_token_ids
 
+        # the library's own engine refills slots across several batches' prompts (generate_many); a
+        # generate_fn given by the caller is called batch by batch
+        self.refills = generate_fn is None
         if generate_fn is None:
             from fastmedusa.decode.generate import generate as generate_fn
         self.model, self.generate_fn = model, generate_fn
@@ -266,12 +273,15 @@ class BatchGenerator:
         """The new tokens of each row, up to and including its end token (if it reached one).
 
         `seeds` (one per row) make sampling a function of the row alone, not of the batch it landed in.
-        Compiled (the default on CUDA), every batch is filled up to --batch-size with copies of its last
+        More rows than --batch-size go through that many refilled slots (`_through_slots`). Otherwise,
+        compiled (the default on CUDA), the batch is filled up to --batch-size with copies of its last
         row, whose answers are dropped, and finished rows are not compacted: the decode step is compiled
-        and captured as CUDA graphs for one batch shape only, once per run. Eager steps (the CPU, or
-        --no-compile) take any shape, so there the filler would only cost work and compaction helps."""
+        and captured as CUDA graphs for one batch shape. Eager steps (the CPU, or --no-compile) take any
+        shape, so there the filler would only cost work and compaction helps."""
         n = len(rows)
         compiled = self.config.compile and self.runs_on_cuda()
+        if self.refills and n > self.config.batch_size:
+            return self._through_slots(rows, seeds, compiled)
         width = self.config.batch_size if compiled else n
         rows, seeds = rows + [rows[-1]] * (width - n), seeds + [seeds[-1]] * (width - n)
         ids, mask = left_pad(rows, self.pad_id)
@@ -292,6 +302,18 @@ class BatchGenerator:
         )
         new = out.sequences[:n, ids.shape[1] :].tolist()
         return [row[:count] for row, count in zip(new, out.new_tokens_per_row)]
+
+    def _through_slots(self, rows: list[list[int]], seeds: list[int], compiled: bool) -> list[list[int]]:
+        """More rows than --batch-size: through that many slots, each refilled with the next row as one ends
+        (`generate_many`), instead of batch after batch, each as long as its longest answer."""
+        from fastmedusa.decode.many import generate_many
+
+        out = generate_many(
+            self.model, rows, self.config.max_new_tokens, batch_size=self.config.batch_size, medusa=False,
+            temperature=self.config.temperature, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            seed=seeds, compile=compiled, max_len=self.max_len,
+        )  # fmt: skip
+        return [t.tolist() for t in out.new_token_ids]
 
 
 def answer_seed(seed: int, index: int, turn: int) -> int:
@@ -319,8 +341,9 @@ def run_group(
         if not ready:
             return
         ready.sort(key=lambda pair: len(pair[1]))  # stable: equal lengths keep the source order
-        for start in range(0, len(ready), config.batch_size):
-            chunk = ready[start : start + config.batch_size]
+        step = config.batch_size * (REFILL_BATCHES if getattr(generate_batch, "refills", False) else 1)
+        for start in range(0, len(ready), step):
+            chunk = ready[start : start + step]
             finished, tokens = 0, 0
             seeds = [answer_seed(config.seed, job.index, len(job.answers)) for job, _ in chunk]
             for (job, _), new in zip(chunk, generate_batch([ids for _, ids in chunk], seeds)):
