@@ -214,7 +214,8 @@ def generate_many(
             f"{needed} does not fit the KV cache of {max_len} slots per row: raise max_len (--max-len), or "
             "shorten the prompts, max_new_tokens or the tree"
         )
-    engine = get_engine(base, needed, max_len, slots, None)
+    engine = get_engine(base, needed, max_len, slots, batch_size)  # `batch_size` rows: callers that mix this
+    # with `generate(max_batch_size=batch_size)` (distill) keep one engine and its compiled steps
     if medusa:
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, str(engine.device))
         _check_heads(heads, engine, tree_buffers.topk)
