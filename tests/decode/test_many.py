@@ -148,3 +148,23 @@ def test_compiled_refill_equals_eager():
         assert len({t.numel() for t in eager.new_token_ids}) > 2, "rows end at different steps"
         assert [t.tolist() for t in compiled.new_token_ids] == [t.tolist() for t in eager.new_token_ids]
         assert compiled.accept_lengths == eager.accept_lengths and compiled.steps == eager.steps
+
+
+def test_engine_is_shared_with_generate():
+    """A cached engine with rows enough is kept (its compiled steps too); a new one gets batch_size rows,
+    which distill's fixed batches (`generate(max_batch_size=batch_size)`) then reuse."""
+    from fastmedusa.decode.engine import cached_engine
+
+    model = tiny_llama(6)
+    ids = torch.randint(1, VOCAB, (8, 5))
+    generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, medusa=False)
+    first = cached_engine(model)
+    generate_many(model, [[1, 2, 3]] * 9, 3, batch_size=4, medusa=False)
+    assert cached_engine(model) is first
+    fresh = tiny_llama(6)
+    generate_many(fresh, [[1, 2, 3]] * 9, 3, batch_size=6, medusa=False)
+    built = cached_engine(fresh)
+    assert built.max_batch_size == 6
+    rows = torch.randint(1, VOCAB, (6, 5))
+    generate(fresh, rows, attention_mask=torch.ones_like(rows), max_new_tokens=3, medusa=False, max_batch_size=6)
+    assert cached_engine(fresh) is built
