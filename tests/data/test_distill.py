@@ -266,6 +266,19 @@ def test_sampled_answers_do_not_depend_on_the_batch(tiny, data_file, tmp_path, m
     assert greedy.read_bytes() != files[0].read_bytes()  # it did sample
 
 
+def test_sampled_answers_through_refilled_slots_do_not_depend_on_the_batch(tiny, data_file, tmp_path):
+    """The library's own engine (refilled slots where a round holds more prompts than --batch-size): sampled
+    answers are the same file at batch sizes 1, 2 and 4, as they are batch by batch."""
+    model, tokenizer = tiny
+    files = []
+    for batch_size in (1, 2, 4):
+        files.append(tmp_path / f"slots{batch_size}.jsonl")
+        config = DistillConfig(output=str(files[-1]), data=str(data_file), max_new_tokens=MAX_NEW,
+                               batch_size=batch_size, temperature=1.0, seed=7, progress=False)  # fmt: skip
+        distill_conversations(model, tokenizer, config)
+    assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
+
+
 def test_resume_refuses_other_settings_and_overwrite_restarts(tiny, data_file, tmp_path):
     model, tokenizer = tiny
     out = tmp_path / "out.jsonl"

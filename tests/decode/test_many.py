@@ -168,3 +168,6 @@ def test_engine_is_shared_with_generate():
     rows = torch.randint(1, VOCAB, (6, 5))
     generate(fresh, rows, attention_mask=torch.ones_like(rows), max_new_tokens=3, medusa=False, max_batch_size=6)
     assert cached_engine(fresh) is built
+    # a cached engine that cannot serve (here: too few KV slots) is replaced by one of batch_size rows too
+    generate_many(fresh, [[1 + i % (VOCAB - 1) for i in range(300)]] * 7, 3, batch_size=6, medusa=False)
+    assert cached_engine(fresh) is not built and cached_engine(fresh).max_batch_size == 6

@@ -634,7 +634,8 @@ HELP = {
     "max_turns": "regenerate at most this many answers per conversation; the record ends after its last one "
     "(later turns are dropped and counted). Long chats make many rounds of small batches, so this bounds "
     "the run's time (default: every answer)",
-    "batch_size": "prompts generated together (left-padded); larger is faster until the GPU is full",
+    "batch_size": "rows decoded together (slots, each refilled with the next prompt as its answer ends); larger "
+    "is faster until the GPU is full",
     "temperature": "0: greedy; above 0: sampling, reproducible from --seed (also across --resume)",
     "seed": "seed of the sampling: each answer draws from its own seed derived from this, so the output does "
     "not depend on --batch-size and a resumed run samples the same",
@@ -644,8 +645,9 @@ HELP = {
     "chat_template": "a Jinja chat template (file or string) for a tokenizer that has none or to replace its own",
     "dtype": "weights dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16, fp32",
     "device": "cpu, cuda or cuda:N (auto: cuda when available)",
-    "compile": "on CUDA, compile the decode step with CUDA graphs for one batch shape (short batches are "
-    "filled up to --batch-size; the compile takes about a minute once per run); --no-compile runs it eager, "
+    "compile": "on CUDA, compile the decode step with CUDA graphs for the --batch-size slots (short batches are "
+    "filled up to --batch-size; with the refills' prompt pass and the compacted last rows, a few compiles once "
+    "per run); --no-compile runs it eager, "
     "which launches every kernel from Python on each step. Ignored on the CPU, which always runs eager",
     "progress": "show a progress bar (on a terminal) or one line per group of conversations (otherwise)",
 }

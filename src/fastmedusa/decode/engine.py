@@ -435,6 +435,24 @@ def cached_engine(hf_model: nn.Module) -> DecodeEngine | None:
     return hf_model.__dict__.get("_fastmedusa_engine")
 
 
+def engine_fits(
+    hf_model: nn.Module, min_len: int, max_len: int | None, batch_size: int, max_batch_size: int | None = None
+) -> bool:
+    """Whether `get_engine` with these arguments returns the engine already cached on `hf_model` (and its
+    compiled steps) instead of building a new one."""
+    engine = cached_engine(hf_model)
+    embed = _decoder(hf_model).embed_tokens.weight
+    return (
+        engine is not None
+        and engine.device == embed.device
+        and engine.dtype == embed.dtype
+        and engine.max_len >= min_len
+        and (max_len is None or engine.max_len == max_len)
+        and engine.max_batch_size >= batch_size
+        and (max_batch_size is None or engine.max_batch_size == max_batch_size)
+    )
+
+
 def get_engine(
     hf_model: nn.Module,
     min_len: int,
@@ -460,15 +478,7 @@ def get_engine(
             f"max_len {max_len} is shorter than prompt + new tokens + tree ({min_len}): raise max_len or "
             "shorten the prompt / max_new_tokens"
         )
-    if (
-        engine is not None
-        and engine.device == embed.device
-        and engine.dtype == embed.dtype
-        and engine.max_len >= min_len
-        and (max_len is None or engine.max_len == max_len)
-        and engine.max_batch_size >= batch_size
-        and (max_batch_size is None or engine.max_batch_size == max_batch_size)
-    ):
+    if engine_fits(hf_model, min_len, max_len, batch_size, max_batch_size):
         return engine
     if max_len is None:
         max_len = -(-min_len // 256) * 256

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastmedusa.decode.engine import cached_engine, get_engine
+from fastmedusa.decode.engine import engine_fits, get_engine
 from fastmedusa.decode.generate import (
     SeedSpec,
     TreeSpec,
@@ -214,10 +214,9 @@ def generate_many(
             f"{needed} does not fit the KV cache of {max_len} slots per row: raise max_len (--max-len), or "
             "shorten the prompts, max_new_tokens or the tree"
         )
-    # an engine with rows enough is kept (with its compiled steps); a new one gets `batch_size` rows, as
+    # a cached engine that fits is kept (with its compiled steps); a new one gets `batch_size` rows, as
     # `generate(max_batch_size=batch_size)` in distill's fixed batches asks, so the two share it
-    cached = cached_engine(base)
-    rows = None if cached is not None and cached.max_batch_size >= slots else batch_size
+    rows = None if engine_fits(base, needed, max_len, slots) else batch_size
     engine = get_engine(base, needed, max_len, slots, rows)
     if medusa:
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, str(engine.device))
