@@ -637,7 +637,7 @@ def generate(
     runner = decode_runner(
         engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, pad_token_id, compile
     )
-    runner.start(ids.shape[0], pad_token_id, first_column=1 if tree_buffers is None else 0)
+    runner.start(ids.shape[0], pad_token_id)
     if tree_buffers is None:
         n, _ = run_loop(runner, state, max_new_tokens - 1, eos_ids is not None, compact)
         steps = n.tolist()

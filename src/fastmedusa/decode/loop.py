@@ -112,10 +112,11 @@ class StepRunner:
         self.warm: dict[tuple[int, bool], int] = {}
         self.side: torch.cuda.Stream | None = None  # warm-up steps run here
 
-    def start(self, batch: int, pad_id: int, first_column: int) -> None:
+    def start(self, batch: int, pad_id: int) -> None:
+        """A new call's rows: outputs all pad, the step log empty, the step counter (the log's row) at 0."""
         self.shared.out[:batch].fill_(pad_id)
         self.shared.log[:, :batch].fill_(-1)
-        self.shared.counter.fill_(first_column)
+        self.shared.counter.zero_()
 
     def load(
         self, values: dict[str, torch.Tensor], rows: torch.Tensor, compacted: bool = False

@@ -248,7 +248,7 @@ def generate_many(
     first = [queue.popleft() for _ in range(slots)]
     values = prefill(first)
     book = _Slots(runner, len(ids_list), medusa)
-    runner.start(slots, pad_id, first_column=0 if medusa else 1)
+    runner.start(slots, pad_id)
     book.assign(list(range(slots)), first, values["token"].tolist(), pad_id)
     state = runner.load(values, torch.arange(slots, device=engine.device))
     refill_rows = max(1, slots // REFILL_SHARE)
