@@ -109,6 +109,21 @@ def test_triton_attention_batch_equals_hf_greedy(monkeypatch):
     assert out.tokens_per_step > 2
 
 
+def test_triton_attention_split_context_equals_hf_greedy(monkeypatch):
+    """A context past one split of the cache (256 slots): each decode step's attention is cut into splits,
+    merged by the kernel's last split; rows of different lengths give HF's greedy tokens all the same."""
+    monkeypatch.setenv("FASTMEDUSA_ATTENTION", "triton")
+    model = tiny_llama(5, num_key_value_heads=2)  # a fresh model: engines are cached on the model
+    prompts = ragged_prompts([300, 130], seed=7)
+    references = [hf_greedy(model, p, 16) for p in prompts]
+    heads = BatchOracleHeads([OracleHeads(model, r, num_heads=3, p_top1=0.9, p_top2=0.05) for r in references])
+    ids, mask = left_pad(prompts)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=16, heads=heads, tree="mc_sim_7b_31")
+    check_rows(out, prompts, [r[0, p.shape[1] :] for p, r in zip(prompts, references)], pad_id=0)
+    engine = model.__dict__["_fastmedusa_engine"]
+    assert engine.attention == "triton" and engine.max_len > 256
+
+
 def test_sampling_is_reproducible_per_row(llama):
     prompts = ragged_prompts([4, 6, 2], seed=4)
     ids, mask = left_pad(prompts)

@@ -332,6 +332,10 @@ class DecodeEngine(nn.Module):
         attention_shape = (self.num_heads, self.num_kv_heads, self.head_dim, self.max_len)
         self.attention = attention_layout(self.device, self.dtype, attention_shape)  # read once, like `regional`
         self.sdpa_attention = sdpa_layout(self.device, self.dtype, attention_shape, self.attention)
+        if self.attention == "triton":  # split counters now, not from a CUDA-graph pool in a step
+            from fastmedusa.ops.tree_attention import reserve_split_counters
+
+            reserve_split_counters(self.device, self.max_batch_size, self.num_heads, self.num_kv_heads)
         # accepted K/V moved by one kernel for all layers (`fastmedusa.ops.kv_move`): on CUDA, and on the CPU
         # under Triton's interpreter with the "triton" layout (tests); else indexed copies per layer
         on_cuda = self.device.type == "cuda" and self.dtype in KERNEL_DTYPES and triton_available()
