@@ -122,8 +122,11 @@ def _tree_attention_kernel(
             m_i = m_new
 
         o_rows = o_ptr + b * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-        if n_live == 1:  # the whole row in this program (always, without splits): straight to the output
+        if not SPLIT:  # compile-time: without splits the workspace and atomics below are not even compiled
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row with no visible slot returns zeros
+            tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        elif n_live == 1:  # the whole row in this program: straight to the output
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         else:
             # this split's partial (acc, max, sum) to the workspace, whole tiles: (parts, BLOCK_M, D_PAD)
@@ -255,7 +258,7 @@ def launch_tree_attention(
         parts = grid[0] * grid[1] * n_splits
         work = torch.empty(parts * block_m * (d_pad + 2), dtype=torch.float32, device=q.device)
         counters = split_counters(q.device, grid[0] * grid[1])
-    else:  # never read
+    else:  # not compiled into the kernel (SPLIT is off)
         work = counters = out
     _tree_attention_kernel[grid + (n_splits,)](
         q, k_cache, v_cache, mask, kv_end, out, work, counters,
