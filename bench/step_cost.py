@@ -1,7 +1,9 @@
 """What a decode step costs: a plain step against a Medusa verify step (default tree mc_sim_7b_63: 64 tokens).
 
 A SmolLM2-135M-shaped Llama with random weights and 4 fresh heads, bf16, CUDA graphs. Environment:
-$BATCHES batch sizes (default "1"), $LAYERS decoder layers (default 30), $TEMPERATURE (default 0: greedy;
+$BATCHES batch sizes (default "1"), $LAYERS decoder layers (default 30), $PROMPT_TOKENS the prompt's length
+(default 128) and $MAX_LEN the KV cache's slots per row (default 1024): a long prompt shows what attention over
+a long context costs a step; $TEMPERATURE (default 0: greedy;
 above 0: sampling and typical acceptance), $DRAFT_VOCABS the heads' vocabularies (default "0": the full 49,152;
 "0 16384 8192" measures each), $TREES tree presets (default "mc_sim_7b_63"; e.g. "mc_sim_7b_63 mc_sim_7b_31").
 Step time does not depend on weight values, and acceptance here is meaningless, so the result is the step
@@ -10,7 +12,7 @@ prefill and the call's fixed cost; the median of REPEATS such pairs, all kept), 
 compiles), and how many steps ran without CUDA graphs: under FASTMEDUSA_CUDA_GRAPHS=compile torch.compile's
 `cudagraph_skips` (TORCH_LOGS=cudagraphs says why), under the default "step" the step runners whose capture
 failed (a warning says why). A step that fails to compile is recorded with its error. Writes
-$OUT/step_cost_L{layers}_T{temperature}[_heads_trees].json (or ./...), so runs with other settings do not
+$OUT/step_cost_L{layers}_T{temperature}[_heads_trees][_P{prompt}_S{slots}].json (or ./...), so runs with other settings do not
 overwrite it. Without CUDA it runs a 2-layer fp32 model as a smoke test.
 
     PYTHONPATH=src BATCHES="1 16" python3 bench/step_cost.py
@@ -46,6 +48,8 @@ DRAFT_VOCABS = [int(v) for v in os.environ.get("DRAFT_VOCABS", "0").split()]  # 
 TREES = os.environ.get("TREES", "mc_sim_7b_63").split()
 REPEATS = 5  # long/short pairs per row; the median is reported
 TEMPERATURE = float(os.environ.get("TEMPERATURE", 0))
+PROMPT_TOKENS = int(os.environ.get("PROMPT_TOKENS", 128))
+MAX_LEN = int(os.environ.get("MAX_LEN", 1024))
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = DEV == "cpu"
 
@@ -68,14 +72,15 @@ def with_heads(base: LlamaForCausalLM, draft_vocab: int) -> MedusaModel:
 
 
 def measure(model: MedusaModel, batch: int, medusa: bool, tree: str | None = None) -> dict:
-    ids = torch.randint(1, 49152, (batch, 128), device=DEV)
+    ids = torch.randint(1, 49152, (batch, PROMPT_TOKENS), device=DEV)
     kw = dict(
-        attention_mask=torch.ones_like(ids), max_new_tokens=8 if SMALL else 128, medusa=medusa, max_len=1024,
+        attention_mask=torch.ones_like(ids), max_new_tokens=8 if SMALL else 128, medusa=medusa, max_len=MAX_LEN,
         max_batch_size=batch, temperature=TEMPERATURE, seed=0,
     )  # fmt: skip
     if medusa:
         kw["tree"] = tree
     row = dict(batch=batch, mode="medusa" if medusa else "plain", temperature=TEMPERATURE, tree=tree,
+               prompt_tokens=PROMPT_TOKENS, max_len=MAX_LEN,
                draft_vocab=model.medusa_config.draft_vocab_size,
                layers=model.base.config.num_hidden_layers, cuda_graphs=cuda_graphs_mode(),
                regional_compile=regional_compile(), attention=attention_layout())  # fmt: skip
@@ -171,6 +176,8 @@ def main() -> None:
     result = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
                   date=time.strftime("%Y-%m-%d"), rows=rows)  # fmt: skip
     suffix = "" if DRAFT_VOCABS == [0] and TREES == ["mc_sim_7b_63"] else "_heads_trees"
+    if PROMPT_TOKENS != 128 or MAX_LEN != 1024:
+        suffix += f"_P{PROMPT_TOKENS}_S{MAX_LEN}"
     name = f"step_cost_L{base.config.num_hidden_layers}_T{TEMPERATURE:g}{suffix}.json"
     path = Path(os.environ.get("OUT", ".")) / name
     path.write_text(json.dumps(result, indent=1))
