@@ -221,56 +221,6 @@ def test_default_split_rule():
     assert _splits(150, 128, splits=1) == (1, 256)
 
 
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.bool: "i1",
-                 torch.int32: "i32", torch.int64: "i64"}  # fmt: skip
-
-
-class _RecordedLaunch:
-    """Stands in for the kernel: keeps the arguments `launch_tree_attention` passes instead of running."""
-
-    def __getitem__(self, grid):
-        def record(*args, **kwargs):
-            self.args, self.kwargs = args, kwargs
-
-        return record
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("slots", [70, 600], ids=["one split", "splits"])
-def test_kernel_compiles_for_hopper(monkeypatch, dtype, slots):
-    """The interpreter runs the kernel's Python, not its compile: a branch that cannot compile for a dtype
-    (an atomic on the fp16 output) passed every CPU test and failed on the GPU. Compile it here for sm_90 with
-    Triton's own ptxas, with exactly the arguments the launcher passes, without and with splits."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    kernel = tree_attention_module._tree_attention_kernel
-    recorded = _RecordedLaunch()
-    monkeypatch.setattr(tree_attention_module, "_tree_attention_kernel", recorded)
-    q, k, v, mask = (t.to(dtype) if t.dtype != torch.bool else t for t in _case(1, 65, 9, 3, slots, 64, dtype, 2))
-    launch_tree_attention(q, k, v, mask, visible_end(mask), torch.empty_like(q))
-    assert recorded.kwargs["SPLIT"] == (slots > 256)
-    fn = JITFunction(kernel.fn) if not isinstance(kernel, JITFunction) else kernel  # the interpreter's wraps it
-    launch = {k: recorded.kwargs.pop(k) for k in ("num_warps", "num_stages")}
-    signature, constants = {}, {}
-    for name, value in zip(fn.arg_names, list(recorded.args) + list(recorded.kwargs.values())):
-        if name in recorded.kwargs:
-            signature[name], constants[(fn.arg_names.index(name),)] = "constexpr", recorded.kwargs[name]
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TRITON_TYPES[value.dtype]
-        else:
-            signature[name] = "fp32" if isinstance(value, float) else "i32"
-    try:
-        compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=launch)
-    except (RuntimeError, FileNotFoundError) as e:  # no ptxas in this Triton build
-        if "ptxas" not in str(e).lower():
-            raise
-        pytest.skip(f"Triton cannot assemble for sm_90 here: {e}")
-    assert len(compiled.asm["cubin"]) > 0
-
-
 def test_visible_end():
     mask = torch.zeros(3, 2, 10, dtype=torch.bool)
     mask[0, 0, 3] = True
