@@ -461,7 +461,8 @@ def plot(payload: dict, path: Path) -> None:
             if match:
                 xs.append(j + (k - (len(kinds) - 1) / 2) * width)
                 ys.append(match[0]["tokens_per_s"])
-                labels.append(f"{match[0]['tokens_per_step']:.2f}")
+                speedup = match[0].get("speedup_vs_greedy")
+                labels.append(f"{match[0]['tokens_per_step']:.2f}" + (f"\n{speedup:.2f}x" if speedup else ""))
         bars = ax.bar(xs, ys, width, label=kind, color=colors.get(kind.split(" ")[0]))
         for bar, label in zip(bars, labels):
             ax.text(
@@ -473,14 +474,18 @@ def plot(payload: dict, path: Path) -> None:
                 fontsize=6,
             )
     ax.set_xticks(range(len(sizes)), [f"batch {s}" for s in sizes])
-    ax.set_yscale("log")
-    ax.set_ylabel("new tokens / s (labels: tokens/step)")
+    speeds = [r["tokens_per_s"] for r in rows]
+    if speeds and max(speeds) > 10 * min(speeds):  # batch sizes far apart: a log axis keeps batch 1 visible
+        ax.set_yscale("log")
+    else:  # bars from zero, so their heights compare as the numbers do
+        ax.set_ylim(0, max(speeds, default=1) * 1.45)  # room for the legend above the bars
+    ax.set_ylabel("new tokens / s")
     ax.set_title(
         f"decode: {short_path(payload['model'])}, {payload['prompt_set'].split(' (')[0]}, "
         f"{payload['args']['new_tokens']} new tokens, {payload['dtype']}",
         fontsize=10,
     )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="labels: tokens/step,\nspeed-up over own greedy", title_fontsize=7, loc="upper left", ncols=2)
     save_figure(fig, path, payload["env"])
 
 
