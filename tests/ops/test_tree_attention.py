@@ -219,6 +219,9 @@ def test_default_split_rule():
     assert (splits - 1) * split_slots < 100_000 <= splits * split_slots
     assert _splits(150, 16, splits=5) == (5, 32) and _splits(150, 128, splits=5) == (2, 128)
     assert _splits(150, 128, splits=1) == (1, 256)
+    # a wide launch (a batch of rows, a tree) gets fewer splits: programs x splits within MAX_SPLIT_PROGRAMS
+    assert _splits(4096, 64, programs=192) == (2, 2048) and _splits(4096, 128, programs=39) == (11, 384)
+    assert _splits(4096, 64, programs=10_000) == (1, 4096) and _splits(4096, 128, programs=3)[0] == 16
 
 
 def test_visible_end():

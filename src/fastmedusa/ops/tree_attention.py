@@ -181,18 +181,22 @@ def _tiles(programs_at_16: int) -> tuple[int, int, int]:
 
 SPLIT_TILES = 2  # slot tiles per split of the cache: each program's serial loop is at most this long...
 MAX_SPLITS = 32  # ...until the cache has more splits than this; then the splits grow instead
+MAX_SPLIT_PROGRAMS = 512  # a launch already this wide (a batch, a tree) is cut into fewer splits: its programs
+# keep the SMs busy already, and past a row's end each split's program still starts and exits
 
 
-def _splits(slots: int, block_n: int, splits: int | None = None) -> tuple[int, int]:
+def _splits(slots: int, block_n: int, splits: int | None = None, programs: int = 1) -> tuple[int, int]:
     """(splits, slots per split) of a cache of `slots` slots read in `block_n`-slot tiles. In a decode step
     of a small model only a few programs run (3 for one token at batch 1), each looping over its rows' whole
     context: cut the cache into splits of SPLIT_TILES tiles, one program each, so a long context is read by
     many SMs at once, and merge the splits' partial softmaxes. Chosen from the cache's size, not from kv_end
     (the host never knows it: the kernel is captured in CUDA graphs); splits past a row's kv_end exit at once,
     so a short context costs one split, as without them. At most MAX_SPLITS (then each split spans more tiles,
-    a whole number of them); 1 where the cache fits in one split. `splits` overrides the count (tests)."""
+    a whole number of them), and no more than keep the launch's `programs` x splits within MAX_SPLIT_PROGRAMS;
+    1 where the cache fits in one split. `splits` overrides the count (tests)."""
     if splits is None:
-        splits = min(triton.cdiv(slots, SPLIT_TILES * block_n), MAX_SPLITS)
+        wide = max(MAX_SPLIT_PROGRAMS // max(programs, 1), 1)
+        splits = min(triton.cdiv(slots, SPLIT_TILES * block_n), MAX_SPLITS, wide)
     split_slots = triton.cdiv(triton.cdiv(slots, max(splits, 1)), block_n) * block_n
     return max(triton.cdiv(slots, split_slots), 1), split_slots
 
@@ -253,7 +257,7 @@ def launch_tree_attention(
     d_pad = max(16, triton.next_power_of_2(hd))
     grid = (triton.cdiv(rows, block_m), bsz * kv_heads)
     block_n, warps, stages = _tiles(grid[0] * grid[1]) if tiles is None else tiles[1:]
-    n_splits, split_slots = _splits(k_cache.shape[2], block_n, splits)
+    n_splits, split_slots = _splits(k_cache.shape[2], block_n, splits, programs=grid[0] * grid[1])
     if n_splits > 1:  # partials: (tiles x splits) accumulators (BLOCK_M, D_PAD), then their maxima and sums
         parts = grid[0] * grid[1] * n_splits
         work = torch.empty(parts * block_m * (d_pad + 2), dtype=torch.float32, device=q.device)
