@@ -15,9 +15,10 @@ This kernel:
 - splits a long context ("flash-decoding") inside the same launch: a decode step runs only a few programs (3
   for one token at batch 1 with 3 KV heads), each looping over its whole context, so a long prompt made every
   step slow. The grid's third axis cuts the cache into splits of a few tiles (`_splits`, from the cache's
-  size); each split with visible slots writes its partial softmax to a workspace and counts itself in on an
-  atomic counter, and the tile's last one merges the partials into the output and resets the counter. A
-  context within one split writes the output directly, as without splits (no workspace, no atomics).
+  size and the launch's width); each split with visible slots writes its partial softmax to a workspace and
+  counts itself in on an atomic counter, and the tile's last one merges the partials into the output and
+  resets the counter. A context within one split writes the output directly, as without splits (no
+  workspace, no atomics).
 One launch per layer, nothing to zero per launch. Softmax in fp32 (base 2, online), products in the input
 dtype as flash attention does (fp32 inputs: exact fp32 products, no TF32).
 
@@ -168,15 +169,28 @@ def _tree_attention_kernel(
 
 BLOCK_M = 16  # query rows per program: more programs, each a shorter serial loop over the slots
 SMALL_GRID = 132  # programs: below this, 128-slot tiles (fewer loop trips), else 64-slot tiles and 2 warps
+SHARED_BUDGET = 192 * 1024  # bytes of K/V tiles per block: an H100 allows 227 KB, the rest is the kernel's own
 
 
-def _tiles(programs_at_16: int) -> tuple[int, int, int]:
+def _tiles(programs_at_16: int, row_bytes: int = 128) -> tuple[int, int, int]:
     """(slots per tile, warps, pipeline stages), from a sweep on an H100 (bf16, 9/3 heads, hd 64, 400 of 512
     slots visible; kernel alone, CUDA graphs): 65 tree tokens at batch 1 took 8.7 us with 16 x 128 tiles,
     12.8 us with 64 x 64 (SDPA/cuDNN: 12.5 us); at batch 16, 17.2 us with 16 x 64 tiles and 2 warps (SDPA:
     21.6 us); one token, 8.4 us (cuDNN 7.0 us: at 400 visible slots the serial loop is longer than its split
-    kernel; in decode steps of 60-350 visible slots ours took 4.1 us per layer against 7.0)."""
-    return (128, 4, 3) if programs_at_16 < SMALL_GRID else (64, 2, 2)
+    kernel; in decode steps of 60-350 visible slots ours took 4.1 us per layer against 7.0).
+    `row_bytes` (one key's padded head_dim in bytes) scales the tiles down where their pipeline would not fit
+    an H100's 227 KB of shared memory per block: fp32 with head_dim 128 needed 279 KB at 128 x 3 (compile check
+    of `tests/ops/test_compile_hopper.py`)."""
+    block_n, warps, stages = (128, 4, 3) if programs_at_16 < SMALL_GRID else (64, 2, 2)
+
+    def shared(block_n: int, stages: int) -> int:  # K and V tiles in flight, about as Triton buffers them
+        return 2 * max(stages - 1, 1) * block_n * row_bytes
+
+    while shared(block_n, stages) > SHARED_BUDGET and stages > 1:
+        stages -= 1
+    while shared(block_n, stages) > SHARED_BUDGET and block_n > 16:
+        block_n //= 2
+    return block_n, warps, stages
 
 
 SPLIT_TILES = 2  # slot tiles per split of the cache: each program's serial loop is at most this long...
@@ -189,8 +203,9 @@ def _splits(slots: int, block_n: int, splits: int | None = None, programs: int =
     """(splits, slots per split) of a cache of `slots` slots read in `block_n`-slot tiles. In a decode step
     of a small model only a few programs run (3 for one token at batch 1), each looping over its rows' whole
     context: cut the cache into splits of SPLIT_TILES tiles, one program each, so a long context is read by
-    many SMs at once, and merge the splits' partial softmaxes. Chosen from the cache's size, not from kv_end
-    (the host never knows it: the kernel is captured in CUDA graphs); splits past a row's kv_end exit at once,
+    many SMs at once, and merge the splits' partial softmaxes. Chosen from the cache's size (and the grid's
+    width, below), not from kv_end (the host never knows it: the kernel is captured in CUDA graphs); splits
+    past a row's kv_end exit at once,
     so a short context costs one split, as without them. At most MAX_SPLITS (then each split spans more tiles,
     a whole number of them), and no more than keep the launch's `programs` x splits within MAX_SPLIT_PROGRAMS;
     1 where the cache fits in one split. `splits` overrides the count (tests)."""
@@ -256,7 +271,8 @@ def launch_tree_attention(
     block_m = BLOCK_M if tiles is None else tiles[0]
     d_pad = max(16, triton.next_power_of_2(hd))
     grid = (triton.cdiv(rows, block_m), bsz * kv_heads)
-    block_n, warps, stages = _tiles(grid[0] * grid[1]) if tiles is None else tiles[1:]
+    row_bytes = d_pad * q.element_size()
+    block_n, warps, stages = _tiles(grid[0] * grid[1], row_bytes) if tiles is None else tiles[1:]
     n_splits, split_slots = _splits(k_cache.shape[2], block_n, splits, programs=grid[0] * grid[1])
     if n_splits > 1:  # partials: (tiles x splits) accumulators (BLOCK_M, D_PAD), then their maxima and sums
         parts = grid[0] * grid[1] * n_splits
