@@ -219,9 +219,25 @@ def test_default_split_rule():
     assert (splits - 1) * split_slots < 100_000 <= splits * split_slots
     assert _splits(150, 16, splits=5) == (5, 32) and _splits(150, 128, splits=5) == (2, 128)
     assert _splits(150, 128, splits=1) == (1, 256)
-    # a wide launch (a batch of rows, a tree) gets fewer splits: programs x splits within MAX_SPLIT_PROGRAMS
-    assert _splits(4096, 64, programs=192) == (2, 2048) and _splits(4096, 128, programs=39) == (11, 384)
-    assert _splits(4096, 64, programs=10_000) == (1, 4096) and _splits(4096, 128, programs=3)[0] == 16
+    # a launch of SMALL_GRID programs or more (a batch of rows, a wide tree) is not split
+    assert _splits(4096, 64, programs=192) == (1, 4096) and _splits(4096, 128, programs=131) == (16, 256)
+    assert _splits(4096, 128, programs=39) == (16, 256) and _splits(600, 128, programs=39) == (3, 256)
+
+
+@pytest.mark.parametrize("bsz", [1, 4], ids=["split", "wide launch"])
+def test_result_does_not_depend_on_the_cache_size(bsz):
+    """An engine's cache is sized by its first call, so the same context may sit in caches of any size: the
+    splits start at the same slots in all of them (or there are none), and the output is bit for bit the same."""
+    q, k, v, mask = _case(bsz, 65, 9, 3, 600, 16, torch.float32, seed=21)
+    assert int(visible_end(mask).max()) > 256  # past one split of 256 slots (three at batch 1)
+    outs = []
+    for slots in (600, 1000, 2100):
+        grow = slots - 600
+        kk, vv = (torch.cat([t, torch.full((*t.shape[:2], grow, 16), float("nan"))], dim=2) for t in (k, v))
+        mm = torch.cat([mask, torch.zeros(bsz, 65, grow, dtype=torch.bool)], dim=2)
+        outs.append(launch_tree_attention(q, kk, vv, mm, visible_end(mm), torch.empty_like(q)))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    torch.testing.assert_close(outs[0].double(), tree_attention_reference(q, k, v, mask), rtol=2e-5, atol=2e-5)
 
 
 def test_visible_end():

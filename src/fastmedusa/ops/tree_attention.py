@@ -195,23 +195,21 @@ def _tiles(programs_at_16: int, row_bytes: int = 128) -> tuple[int, int, int]:
 
 SPLIT_TILES = 2  # slot tiles per split of the cache: each program's serial loop is at most this long...
 MAX_SPLITS = 32  # ...until the cache has more splits than this; then the splits grow instead
-MAX_SPLIT_PROGRAMS = 512  # a launch already this wide (a batch, a tree) is cut into fewer splits: its programs
-# keep the SMs busy already, and past a row's end each split's program still starts and exits
 
 
 def _splits(slots: int, block_n: int, splits: int | None = None, programs: int = 1) -> tuple[int, int]:
     """(splits, slots per split) of a cache of `slots` slots read in `block_n`-slot tiles. In a decode step
     of a small model only a few programs run (3 for one token at batch 1), each looping over its rows' whole
     context: cut the cache into splits of SPLIT_TILES tiles, one program each, so a long context is read by
-    many SMs at once, and merge the splits' partial softmaxes. Chosen from the cache's size (and the grid's
-    width, below), not from kv_end (the host never knows it: the kernel is captured in CUDA graphs); splits
-    past a row's kv_end exit at once,
-    so a short context costs one split, as without them. At most MAX_SPLITS (then each split spans more tiles,
-    a whole number of them), and no more than keep the launch's `programs` x splits within MAX_SPLIT_PROGRAMS;
-    1 where the cache fits in one split. `splits` overrides the count (tests)."""
+    many SMs at once, and merge the splits' partial softmaxes. Chosen from the cache's size, not from kv_end
+    (the host never knows it: the kernel is captured in CUDA graphs); splits past a row's kv_end exit at once,
+    so a short context costs one split, as without them. 1 where the cache fits in one split, and for a launch
+    of SMALL_GRID `programs` or more (a batch, a wide tree), which keep the SMs busy already. Up to MAX_SPLITS
+    splits each spans SPLIT_TILES tiles, so where the splits start, and with it the rounding, does not depend
+    on the cache's size (an engine's cache is sized by its first call); past that the splits grow, a whole
+    number of tiles each. `splits` overrides the count (tests)."""
     if splits is None:
-        wide = max(MAX_SPLIT_PROGRAMS // max(programs, 1), 1)
-        splits = min(triton.cdiv(slots, SPLIT_TILES * block_n), MAX_SPLITS, wide)
+        splits = 1 if programs >= SMALL_GRID else min(triton.cdiv(slots, SPLIT_TILES * block_n), MAX_SPLITS)
     split_slots = triton.cdiv(triton.cdiv(slots, max(splits, 1)), block_n) * block_n
     return max(triton.cdiv(slots, split_slots), 1), split_slots
 
