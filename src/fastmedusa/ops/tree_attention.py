@@ -227,6 +227,8 @@ def split_counters(device: torch.device, tiles: int) -> Tensor:
     """At least `tiles` zeroed counters on `device`, allocated at first need and kept. Zeroing runs a kernel,
     which CUDA-graph capture would only record: grow them outside capture (`reserve_split_counters`; decoding
     runs real steps before it captures)."""
+    if device.type == "cuda" and device.index is None:  # one key per card: "cuda" is the current one
+        device = torch.device("cuda", torch.cuda.current_device())
     have = _counters.get(device)
     if have is None or have.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
