@@ -39,8 +39,6 @@ from fastmedusa.ops.triton_softmax import softmax_grad_triton  # noqa: E402
 from fastmedusa.ops.triton_topk import CUDA_CHUNK, topk_indices_triton  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.bool: "i1",
-                torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}  # fmt: skip
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 H100_SHARED_BYTES = 232_448  # the most shared memory one block may opt in to on sm_90
 
@@ -201,15 +199,22 @@ LAUNCHERS = {"tree_attention": _attention, "move_kv": _move_kv, "topk": _topk, "
 LOOKS_LIKE_CUDA = {"softmax_grad", "kl"}  # launchers that pick their block size by `tensor.is_cuda`
 
 
+def record(monkeypatch, launchers, dtypes) -> LaunchRecorder:
+    """The launches of `launchers` in `dtypes`, recorded, never run (so `is_cuda` may say True: only the
+    launchers' choice of block size sees it)."""
+    recorder = LaunchRecorder(monkeypatch)
+    for name in launchers:
+        with pytest.MonkeyPatch.context() as cuda:
+            if name in LOOKS_LIKE_CUDA:
+                cuda.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+            for dtype in dtypes:
+                LAUNCHERS[name](dtype)
+    return recorder
+
+
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_kernels_compile_for_hopper(monkeypatch, launcher):
-    recorder = LaunchRecorder(monkeypatch)
-    if launcher in LOOKS_LIKE_CUDA:  # recorded, never run: only the launcher's choice of block sees this
-        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    for dtype in DTYPES:
-        LAUNCHERS[launcher](dtype)
-    monkeypatch.undo()
-    launches = recorder.signatures()
+    launches = record(monkeypatch, [launcher], DTYPES).signatures()
     assert len(launches) >= len(DTYPES), f"{launcher} launched no Triton kernel in some dtype"
     results = compile_for_hopper(launches)
     failed = [r for r in results if "error" in r or not r["cubin_bytes"]]
@@ -220,21 +225,20 @@ def test_kernels_compile_for_hopper(monkeypatch, launcher):
 
 
 def test_every_kernel_is_covered():
-    """Each Triton kernel of the library has a launcher above (a new kernel must be added here)."""
+    """Each Triton kernel of the library has a launcher above (a new kernel must be added here); jit functions
+    that kernels call (device functions) compile with them."""
     import fastmedusa.ops as ops
 
-    kernels = set()
+    jitted = set()
     for path in sorted(Path(ops.__file__).parent.glob("*.py")):
         module = importlib.import_module(f"fastmedusa.ops.{path.stem}")
-        kernels |= {v.fn for v in vars(module).values() if isinstance(getattr(v, "fn", None), types.FunctionType)
-                    and hasattr(v, "arg_names")}  # fmt: skip
+        jitted |= {v.fn for v in vars(module).values() if isinstance(getattr(v, "fn", None), types.FunctionType)
+                   and hasattr(v, "arg_names")}  # fmt: skip
+    sources = {fn: inspect.getsource(fn) for fn in jitted}
+    called = {fn for fn in jitted if any(f"{fn.__name__}(" in src for other, src in sources.items() if other is not fn)}
+    kernels = jitted - called
     with pytest.MonkeyPatch.context() as monkeypatch:
-        recorder = LaunchRecorder(monkeypatch)
-        for name, launcher in LAUNCHERS.items():
-            with pytest.MonkeyPatch.context() as cuda:
-                if name in LOOKS_LIKE_CUDA:
-                    cuda.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-                launcher(torch.float32)
+        recorder = record(monkeypatch, LAUNCHERS, [torch.float32])
     assert kernels and kernels == {fn for fn, *_ in recorder.launches}
 
 

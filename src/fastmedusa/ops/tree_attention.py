@@ -39,6 +39,13 @@ MAX_TREE_TOKENS = 256  # longer query blocks (a prefill) go to SDPA, which skips
 
 
 @triton.jit
+def _store_normalized(o_rows, acc, total, ok):
+    """The output rows: the accumulated values over their softmax sum (a row with no visible slot: zeros)."""
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(o_rows, out.to(o_rows.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _tree_attention_kernel(
     q_ptr,
     k_ptr,
@@ -124,11 +131,9 @@ def _tree_attention_kernel(
 
         o_rows = o_ptr + b * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         if not SPLIT:  # compile-time: without splits the workspace and atomics below are not even compiled
-            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row with no visible slot returns zeros
-            tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+            _store_normalized(o_rows, acc, l_i, row_ok[:, None] & d_ok[None, :])
         elif n_live == 1:  # the whole row in this program: straight to the output
-            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+            _store_normalized(o_rows, acc, l_i, row_ok[:, None] & d_ok[None, :])
         else:
             # this split's partial (acc, max, sum) to the workspace, whole tiles: (parts, BLOCK_M, D_PAD)
             # accumulators, then (parts, 2, BLOCK_M) maxima and sums, a part per (tile, split)
@@ -162,8 +167,7 @@ def _tree_attention_kernel(
                     l_c = l_c * alpha + l_s * beta
                     acc_c = acc_c * alpha[:, None] + acc_s * beta[:, None]
                     m_c = m_new
-                out = acc_c / tl.where(l_c == 0.0, 1.0, l_c)[:, None]
-                tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                _store_normalized(o_rows, acc_c, l_c, row_ok[:, None] & d_ok[None, :])
                 tl.atomic_xchg(counter_ptr + tile, 0)  # zeros for the next launch
 
 
