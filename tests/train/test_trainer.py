@@ -44,6 +44,41 @@ def test_grad_accumulation_equals_one_big_batch(tiny_medusa, tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["ce", "kl"])
+def test_loss_chunk_rows_reach_every_fused_loss_and_keep_the_step(tiny_medusa, tmp_path, monkeypatch, loss):
+    """--loss-chunk-rows sizes the chunks of the heads' loss and the stage-2 LM loss (16-row chunks here, of
+    32 rows); the update equals the automatic chunking's, which takes all 32 rows at once (a 128-row chunk)."""
+    from fastmedusa.ops import fused, kl_divergence
+
+    seen = []
+    for module, name in ((fused, "resolve_chunk_rows"), (kl_divergence, "kl_chunk_rows")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda rows, *a, _real=real: seen.append(_real(rows, *a)) or seen[-1])
+    [batch] = _batches(1)
+    runs = {}
+    for chunk in (0, 16):
+        seen.clear()
+        trainer = Trainer(tiny_medusa(), _config(tmp_path, stage=2, loss=loss, loss_chunk_rows=chunk))
+        runs[chunk] = trainer.train_step(batch), trainer.model
+        assert len(seen) >= 2 and all(size == 16 if chunk else size >= 32 for size in seen), seen
+    (auto, auto_model), (small, small_model) = runs[0], runs[16]
+    assert small["loss"] == pytest.approx(auto["loss"], rel=1e-5) and small["lm_loss"] is not None
+    for p, q in zip(auto_model.parameters(), small_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"loss_chunk_rows": -1}, r"--loss-chunk-rows -1: pass 0 \(automatic\) or a number of rows"),
+        ({"loss_chunk_rows": 128, "impl": "liger"}, "--loss-chunk-rows sizes fastmedusa's fused losses; --impl liger"),
+    ],
+)
+def test_bad_loss_chunk_rows(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **kw)
+
+
 def test_stage_2_gives_the_heads_a_multiplied_lr(tiny_medusa, tmp_path):
     trainer = Trainer(
         tiny_medusa(), _config(tmp_path, stage=2, lr=1e-3, heads_lr_multiplier=4.0, weight_decay=0.1)

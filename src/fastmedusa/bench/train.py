@@ -76,6 +76,7 @@ SHAPES = {
 
 
 IMPLS = ["torch", "compile", "chunked", "liger", "cce", "quack", "triton"]
+FUSED_IMPLS = ("chunked", "triton")  # fastmedusa's own losses: --loss-chunk-rows applies to these
 EXTERNAL = ("liger", "cce", "quack")  # peers from other packages: a failure is recorded, not raised
 
 
@@ -135,6 +136,7 @@ def make_trainer(model: MedusaModel, stage: int, impl: str, args) -> object:
         batch_size=args.batch_size, seq_len=max(args.seq_lens), max_steps=1000, lr=1e-5,
         param_dtype=args.dtype, dtype=args.dtype, gradient_checkpointing=stage == 2, impl=impl, device=args.device,
         progress=False, plot=False, output_dir=str(args.scratch), log_every=10**9, save_every=0, eval_every=0,
+        loss_chunk_rows=args.loss_chunk_rows if impl in FUSED_IMPLS else 0,
     )  # fmt: skip
     return Trainer(model, config, total_steps=1000)
 
@@ -196,7 +198,8 @@ def run_point(base, shape: str, stage: int, heads: int, seq_len: int, impl: str,
     from fastmedusa.bench.common import is_oom
 
     row = {"shape": shape, "stage": stage, "heads": heads, "seq_len": seq_len, "impl": impl,
-           "batch_size": args.batch_size, "masked_frac": args.masked_frac, "draft_vocab": args.draft_vocab or None}  # fmt: skip
+           "batch_size": args.batch_size, "masked_frac": args.masked_frac, "draft_vocab": args.draft_vocab or None,
+           "loss_chunk_rows": (args.loss_chunk_rows or None) if impl in FUSED_IMPLS else None}  # fmt: skip
     model = trainer = batch = None
     try:
         config = MedusaConfig(num_heads=heads, num_layers=1, draft_vocab_size=args.draft_vocab or None)
@@ -246,6 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="heads over a draft vocabulary of N tokens (token map: the first N ids); 0 = full")  # fmt: skip
     p.add_argument("--draft-coverage", type=probability, default=0.98,
                    help="with --draft-vocab: probability that a token is inside the draft vocabulary")  # fmt: skip
+    p.add_argument("--loss-chunk-rows", type=nonnegative_int, default=0,
+                   help="rows of logits per chunk of fastmedusa's loss (0: the library's automatic size)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=6, help="rows per step (no accumulation)")
     p.add_argument(
         "--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of the harness)"
@@ -300,7 +305,7 @@ def run_grid(args) -> dict:
 
 
 def format_row(row: dict) -> str:
-    head = f"{row['shape']} stage {row['stage']} K{row['heads']} T{row['seq_len']:5d} {row['impl']:>7}"
+    head = f"{row['shape']} stage {row['stage']} K{row['heads']} T{row['seq_len']:5d} {_variant_label(*_variant(row)):>7}"
     if row.get("oom"):
         return f"{head}: OOM"
     if row.get("failed"):
@@ -308,6 +313,16 @@ def format_row(row: dict) -> str:
     return (f"{head}: {row['tokens_per_s']:9.0f} tok/s  {row['peak_memory_gb'] or 0:6.1f} GB  MFU {row['mfu']:.2f}"
             + (f"  heads-loss {row['profile']['heads_loss_s']*1e3:.0f} ms opt {row['profile']['optimizer_s']*1e3:.0f} ms"
                f" step {row['step_s']*1e3:.0f} ms" if "profile" in row else ""))  # fmt: skip
+
+
+def _variant(row: dict) -> tuple[str, int | None]:
+    """A row's bar: its impl and, for fastmedusa's losses, a chunk size other than the automatic one."""
+    return row["impl"], row.get("loss_chunk_rows")
+
+
+def _variant_label(impl: str, chunk_rows: int | None) -> str:
+    name = "fastmedusa (triton)" if impl == "triton" else impl
+    return f"{name}, {chunk_rows}-row chunks" if chunk_rows else name
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -319,7 +334,7 @@ def plot(result: dict, path: Path) -> Path:
 
     rows = result["rows"]
     panels = sorted({(r["stage"], r["heads"]) for r in rows})
-    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    impls = sorted({_variant(r) for r in rows}, key=lambda v: (IMPLS.index(v[0]), v[1] or 0))
     seqs = sorted({r["seq_len"] for r in rows})
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
     width = 0.8 / max(1, len(impls))
@@ -328,7 +343,7 @@ def plot(result: dict, path: Path) -> Path:
             for i, impl in enumerate(impls):
                 xs, ys, ooms = [], [], []
                 for j, t in enumerate(seqs):
-                    r = next((r for r in rows if (r["stage"], r["heads"], r["seq_len"], r["impl"]) == (stage, heads, t, impl)), None)  # fmt: skip
+                    r = next((r for r in rows if (r["stage"], r["heads"], r["seq_len"], _variant(r)) == (stage, heads, t, impl)), None)  # fmt: skip
                     if r is None:
                         continue
                     x = j + (i - (len(impls) - 1) / 2) * width
@@ -336,7 +351,7 @@ def plot(result: dict, path: Path) -> Path:
                     (ooms if missing else xs).append(x)
                     if not missing:
                         ys.append(r[metric] or 0.0)  # no peak memory on the CPU
-                label = "fastmedusa (triton)" if impl == "triton" else impl
+                label = _variant_label(*impl)
                 ax.bar(xs, ys, width, label=label)
                 ax.scatter(ooms, [0] * len(ooms), marker="x", color="red", zorder=3)
             ax.set_xticks(range(len(seqs)), [str(t) for t in seqs])

@@ -241,6 +241,7 @@ class MedusaHeads(nn.Module):
         impl: str = "auto",
         loss: str = "ce",
         lm_teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+        chunk_rows: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Each head's mean loss, without materialising tokens x vocab logits.
 
@@ -250,7 +251,8 @@ class MedusaHeads(nn.Module):
         CE scores draft rows (labels outside it are not scored). The LM loss (stage 2) is over the full
         vocabulary: the base LM head's cross-entropy on the labels, or with `lm_teacher` = (hidden states
         (B, T, H), LM head weight (V, H)) of a frozen reference model, KL(reference || model) for each
-        labelled next token (`lm_distillation_loss`).
+        labelled next token (`lm_distillation_loss`). `chunk_rows`: rows of logits per chunk of the fused
+        losses (None: automatic; fewer rows, less memory).
         """
         from fastmedusa.ops import linear_cross_entropy, medusa_cross_entropy
 
@@ -260,7 +262,7 @@ class MedusaHeads(nn.Module):
             )
         towers = self.head_hidden_states(hidden)
         if loss == "kl":
-            losses = self.kl_divergence(hidden, labels, impl=impl, towers=towers)
+            losses = self.kl_divergence(hidden, labels, impl=impl, towers=towers, chunk_rows=chunk_rows)
         else:
             losses = medusa_cross_entropy(
                 towers,
@@ -268,13 +270,16 @@ class MedusaHeads(nn.Module):
                 self.head_labels(labels),
                 shifts=head_shifts(self.num_heads),
                 impl=impl,
+                chunk_rows=chunk_rows,
             )
         if not with_lm_loss:
             return None, losses
         if lm_teacher is not None:
-            lm_loss = self.lm_distillation_loss(hidden, labels, *lm_teacher, impl=impl)
+            lm_loss = self.lm_distillation_loss(hidden, labels, *lm_teacher, impl=impl, chunk_rows=chunk_rows)
         else:
-            lm_loss = linear_cross_entropy(hidden, self.base_lm_head.weight, labels, shift=1, impl=impl)
+            lm_loss = linear_cross_entropy(
+                hidden, self.base_lm_head.weight, labels, shift=1, impl=impl, chunk_rows=chunk_rows
+            )
         return lm_loss.clone(), losses  # a clone: FSDP2 cannot track a view returned by a sharded module
 
     def lm_distillation_loss(
@@ -285,6 +290,7 @@ class MedusaHeads(nn.Module):
         teacher_weight: torch.Tensor,
         *,
         impl: str = "auto",
+        chunk_rows: int | None = None,
     ) -> torch.Tensor:
         """Mean KL(reference || model) of the next-token distribution at each position whose next label is
         scored: the Medusa paper's LM loss for stage 2 on self-distilled data. The model's LM head at t
@@ -295,7 +301,7 @@ class MedusaHeads(nn.Module):
 
         return medusa_kl_divergence(
             [hidden], [self.base_lm_head.weight], teacher_hidden.detach(), teacher_weight.detach(), labels,
-            shifts=[1], impl=impl,
+            shifts=[1], impl=impl, chunk_rows=chunk_rows,
         )[0]  # fmt: skip
 
     def kl_divergence(
@@ -305,6 +311,7 @@ class MedusaHeads(nn.Module):
         *,
         impl: str = "auto",
         towers: list[torch.Tensor] | None = None,
+        chunk_rows: int | None = None,
     ) -> torch.Tensor:
         """Per-head mean KL(base model || head) at each head's labelled positions: (K,).
 
@@ -331,6 +338,7 @@ class MedusaHeads(nn.Module):
             labels,
             shifts=head_shifts(self.num_heads),
             impl=impl,
+            chunk_rows=chunk_rows,
         )
 
     @torch.no_grad()

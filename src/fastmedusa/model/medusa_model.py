@@ -161,6 +161,7 @@ class MedusaModel(nn.Module):
         impl: str = "auto",
         loss: str = "ce",
         lm_teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+        chunk_rows: int | None = None,
     ) -> MedusaOutput:
         """`loss = lm_loss_weight * lm_loss + sum_k head_weights[k] * L_k`, L_k the head's CE (loss="ce")
         or its KL to the base model's distribution (loss="kl", see `MedusaHeads.kl_divergence`).
@@ -169,6 +170,7 @@ class MedusaModel(nn.Module):
         itself. Defaults: every head weight 1; the LM loss counts only when the backbone trains (stage 2).
         `lm_teacher`: (hidden states, LM head weight) of a frozen reference model; the LM loss is then
         KL(reference || model) instead of cross-entropy on the labels (`MedusaHeads.lm_distillation_loss`).
+        `chunk_rows`: rows of logits per chunk of the fused losses (None: automatic; fewer, less memory).
         """
         hidden = self.backbone_hidden_states(input_ids, attention_mask)
         if labels is None:
@@ -180,8 +182,9 @@ class MedusaModel(nn.Module):
         if lm_loss_weight is None:
             lm_loss_weight = 0.0 if self.backbone_frozen else 1.0
         lm_loss, head_losses = self.medusa_heads(
-            hidden, labels, with_lm_loss=lm_loss_weight != 0.0, impl=impl, loss=loss, lm_teacher=lm_teacher
-        )
+            hidden, labels, with_lm_loss=lm_loss_weight != 0.0, impl=impl, loss=loss, lm_teacher=lm_teacher,
+            chunk_rows=chunk_rows,
+        )  # fmt: skip
         weights = (
             torch.ones_like(head_losses)
             if head_weights is None

@@ -102,6 +102,7 @@ class TrainConfig:
     param_dtype: str = "fp32"  # fp32 params (+ autocast) or bf16 params (pure bf16, as the seed's benchmark)
     gradient_checkpointing: bool = False  # recompute backbone activations in backward (stage 2)
     impl: str = "auto"  # heads' loss: auto, chunked, triton, torch, compile, liger, cce, quack
+    loss_chunk_rows: int = 0  # rows per logits chunk of the fused losses (0: automatic, see fused.resolve_chunk_rows)
     compile: bool = False  # torch.compile the backbone's decoder
     peak_tflops: float | None = None  # device peak for MFU; None = look it up (H100/H200 bf16: 989)
     fsdp: bool = False  # shard with FSDP2 even in one process (torchrun/accelerate turn it on by themselves)
@@ -172,6 +173,12 @@ class TrainConfig:
             self.loss == "ce" or self.impl not in ("liger", "cce", "quack", "compile"),
             f"--impl {self.impl} is a cross-entropy peer with no KL divergence: with --loss kl pass --impl "
             "auto, triton, chunked or torch",
+        )
+        _check_int(self.loss_chunk_rows, 0, "--loss-chunk-rows", "pass 0 (automatic) or a number of rows, e.g. 128")
+        _check(
+            self.loss_chunk_rows == 0 or self.impl in ("auto", "triton", "chunked"),
+            f"--loss-chunk-rows sizes fastmedusa's fused losses; --impl {self.impl} chunks its own way: drop "
+            "--loss-chunk-rows or pass --impl auto, triton or chunked",
         )
         _choice(self.lm_loss, LM_LOSSES, "--lm-loss")
         _check(

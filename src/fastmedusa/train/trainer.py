@@ -224,7 +224,7 @@ class Trainer:
                 out = self.model(
                     mb["input_ids"], mb.get("attention_mask"), mb["labels"],
                     head_weights=weights, lm_loss_weight=lm_weight, impl=self.config.impl, loss=self.config.loss,
-                    lm_teacher=self._lm_teacher(mb),
+                    lm_teacher=self._lm_teacher(mb), chunk_rows=self.config.loss_chunk_rows or None,
                 )  # fmt: skip
                 if with_metrics and i == len(micro) - 1:
                     topk = self.model.medusa_heads.topk_correct(out.hidden_states.detach(), mb["labels"])
