@@ -57,6 +57,14 @@ fraction = checked(  # a share of tokens: 1 would leave nothing to score
 )
 
 
+def wrapped_title(fig, text: str, fontsize: int = 10) -> None:
+    """fig.suptitle broken into lines that fit the figure's width (a one-panel chart cut long titles off)."""
+    import textwrap
+
+    chars = max(40, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))  # ~0.6 em per character
+    fig.suptitle("\n".join(textwrap.wrap(text, chars)), fontsize=fontsize)
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

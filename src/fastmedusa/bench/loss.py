@@ -38,6 +38,7 @@ from fastmedusa.bench.common import (
     positive_float,
     positive_int,
     probability,
+    wrapped_title,
     write_json,
 )
 from fastmedusa.dtypes import parse_device
@@ -58,6 +59,7 @@ CE_IMPLS = (
 KL_IMPLS = ("torch", "chunked", "liger", "liger-chunked", "triton", "triton-fp32acc")
 IMPL_CHOICES = tuple(dict.fromkeys(CE_IMPLS + KL_IMPLS))
 PEERS = {"ce": ("torch", "compile", "liger", "cce", "quack"), "kl": ("torch", "liger", "liger-chunked")}
+OWN = ("chunked", "triton", "triton-fp32acc", "triton-recompute")  # fastmedusa's losses: --chunk-rows sizes them
 EXTERNAL = (
     "liger",
     "liger-chunked",
@@ -358,7 +360,7 @@ def run_grid(args) -> dict:
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                row.update(shape)
+                row.update(shape, chunk_rows=args.chunk_rows if impl in OWN else None)
                 if row["status"] == "oom":
                     oom_at[(impl, heads)] = seq
                 if row["status"] == "ok":
@@ -379,7 +381,7 @@ def _jsonable(args) -> dict:
 
 
 def _format_row(row: dict) -> str:
-    head = f"K={row['heads']} T={row['seq_len']:5d} {row['impl']:18s}"
+    head = f"K={row['heads']} T={row['seq_len']:5d} {variant(row):18s}"
     if row["status"] != "ok":
         return f"{head} {row['status']} {row.get('note', '')}"
     memory = "" if row["peak_gb_extra"] is None else f"{row['peak_gb_extra']:6.2f} GB  "
@@ -387,24 +389,34 @@ def _format_row(row: dict) -> str:
     return f"{head} {row['ms']:9.1f} ms  {memory}{bound}loss {row['loss_sum']:.4f}"
 
 
+def variant(row: dict) -> str:
+    """A row's name in the chart and the summary: its impl, with its chunk size where one was given."""
+    return f"{row['impl']} ({row['chunk_rows']}-row chunks)" if row.get("chunk_rows") else row["impl"]
+
+
+def _variant_order(name: str) -> tuple[int, int]:
+    impl, _, chunk = name.partition(" (")
+    return IMPL_CHOICES.index(impl), int(chunk.split("-")[0]) if chunk else 0
+
+
 def summary(rows: list[dict], loss: str = "ce") -> list[str]:
-    """Per shape: fastmedusa triton vs the fastest peer that fits (ce: liger, cce, torch, compile; kl: torch,
-    liger, liger-chunked)."""
+    """Per shape and fastmedusa triton row (each chunk size apart): against the fastest peer that fits (ce:
+    liger, cce, torch, compile; kl: torch, liger, liger-chunked)."""
     lines = []
     shapes = sorted({(r["heads"], r["seq_len"]) for r in rows})
+    gb = lambda r: "" if r["peak_gb_extra"] is None else f" / {r['peak_gb_extra']:.2f} GB"  # noqa: E731
     for heads, seq in shapes:
-        ok = {
-            r["impl"]: r for r in rows if (r["heads"], r["seq_len"]) == (heads, seq) and r["status"] == "ok"
-        }
-        peers = {k: v for k, v in ok.items() if k in PEERS[loss]}
-        if "triton" not in ok or not peers:
+        ok = {variant(r): r for r in rows if (r["heads"], r["seq_len"]) == (heads, seq) and r["status"] == "ok"}
+        peers = [r for r in ok.values() if r["impl"] in PEERS[loss]]
+        if not peers:
             continue
-        best = min(peers.values(), key=lambda r: r["ms"])
-        gb = lambda r: "" if r["peak_gb_extra"] is None else f" / {r['peak_gb_extra']:.2f} GB"  # noqa: E731
-        lines.append(
-            f"K={heads} T={seq}: triton {ok['triton']['ms']:.1f} ms{gb(ok['triton'])}, "
-            f"fastest peer {best['impl']} {best['ms']:.1f} ms{gb(best)}: {best['ms'] / ok['triton']['ms']:.2f}x"
-        )
+        best = min(peers, key=lambda r: r["ms"])
+        for name in sorted((n for n, r in ok.items() if r["impl"] == "triton"), key=_variant_order):
+            ours = ok[name]
+            lines.append(
+                f"K={heads} T={seq}: {name} {ours['ms']:.1f} ms{gb(ours)}, "
+                f"fastest peer {best['impl']} {best['ms']:.1f} ms{gb(best)}: {best['ms'] / ours['ms']:.2f}x"
+            )
     return lines
 
 
@@ -418,7 +430,7 @@ def plot(result: dict, path: Path) -> Path:
     rows = result["rows"]
     heads = sorted({r["heads"] for r in rows})
     seqs = sorted({r["seq_len"] for r in rows})
-    impls = [i for i in IMPL_CHOICES if any(r["impl"] == i for r in rows)]
+    impls = sorted({variant(r) for r in rows}, key=_variant_order)
     fig, axes = plt.subplots(2, len(heads), figsize=(5.5 * len(heads), 8), squeeze=False)
     width = 0.8 / max(len(impls), 1)
     for col, k in enumerate(heads):
@@ -427,7 +439,7 @@ def plot(result: dict, path: Path) -> Path:
                 ax = axes[row_i][col]
                 for x, seq in enumerate(seqs):
                     r = next(
-                        (r for r in rows if (r["heads"], r["seq_len"], r["impl"]) == (k, seq, impl)), None
+                        (r for r in rows if (r["heads"], r["seq_len"], variant(r)) == (k, seq, impl)), None
                     )
                     pos = x - 0.4 + width * (j + 0.5)
                     if r is None:
@@ -450,10 +462,12 @@ def plot(result: dict, path: Path) -> Path:
     env = result["env"]
     what = "linear KL divergence to a teacher" if result.get("loss") == "kl" else "linear cross-entropy"
     matmul = f", matmul {result['matmul_tflops']:.0f} TFLOP/s" if result.get("matmul_tflops") else ""
-    fig.suptitle(
+    wrapped_title(
+        fig,
         f"{what}, H={result['args']['hidden']} V={result['args']['vocab']}{_draft_note(result['args'])} "
         f"{result['args'].get('dtype', 'bf16')}, {env['device']}, "
-        f"{env['date'][:10]}, torch {env['versions'].get('torch')}{matmul}"
+        f"{env['date'][:10]}, torch {env['versions'].get('torch')}{matmul}",
+        fontsize=12,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -469,6 +483,9 @@ def _draft_note(args: dict) -> str:
 def merge(paths: list[Path]) -> dict:
     """One result from several runs of the grid (e.g. split across device calls): rows concatenated."""
     results = [json.loads(p.read_text()) for p in paths]
+    for res in results:  # files from before rows recorded their chunk size: the run's --chunk-rows
+        for row in res["rows"]:
+            row.setdefault("chunk_rows", res["args"].get("chunk_rows") if row["impl"] in OWN else None)
     merged = dict(results[0])
     merged["rows"] = [r for res in results for r in res["rows"]]
     merged["runs"] = [

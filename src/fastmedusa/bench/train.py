@@ -29,6 +29,7 @@ from fastmedusa.bench.common import (
     nonnegative_int,
     positive_int,
     probability,
+    wrapped_title,
     write_json,
 )
 from fastmedusa.dtypes import parse_device
@@ -365,8 +366,8 @@ def plot(result: dict, path: Path) -> Path:
     draft = result["settings"].get("draft_vocab")
     if draft:
         labels += f", heads over a {draft}-token draft vocabulary (first {draft} ids)"
-    fig.suptitle(f"fastmedusa bench train: batch {result['settings']['batch_size']}, bf16, AdamW, grad ckpt, {labels}; "
-                 f"{env['device']}, {env['date'][:10]}, torch {env['versions']['torch']}", fontsize=10)  # fmt: skip
+    wrapped_title(fig, f"fastmedusa bench train: batch {result['settings']['batch_size']}, bf16, AdamW, grad ckpt, "
+                  f"{labels}; {env['device']}, {env['date'][:10]}, torch {env['versions']['torch']}")  # fmt: skip
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
