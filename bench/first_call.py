@@ -16,6 +16,11 @@ adds a variant that imports fastmedusa from DIR (an earlier checkout's src/) for
 
     PYTHONPATH=src python3 bench/first_call.py --out first_call_h100.json
     PYTHONPATH=src python3 bench/first_call.py --plot first_call_h100.json     # the chart again
+    PYTHONPATH=src python3 bench/first_call.py --batch 16 --variants compiled shared --out first_call_b16.json
+
+`--batch B` (B > 1): each mode's first call at batch B with 256 new tokens (Medusa rows end apart, so the batch
+compacts), then warm calls of the same size; variant `shared` compiles one dynamic-batch step for the full batch
+and its compacted sizes (FASTMEDUSA_BATCH_COMPILE=shared) instead of a static one plus a dynamic one.
 
 Writes the JSON and a PNG beside it. Without CUDA it runs a 2-layer fp32 model as a smoke test.
 """
@@ -36,6 +41,7 @@ VARIANTS = {
     "compiled": {"FASTMEDUSA_PREFILL_COMPILE": "1"},
     "captured": {"FASTMEDUSA_PREFILL_COMPILE": "0"},
     "eager": {"FIRST_CALL_COMPILE": "0"},
+    "shared": {"FASTMEDUSA_BATCH_COMPILE": "shared"},  # with --batch: one dynamic-batch compile for every size
 }
 PROMPT_LENGTHS = (16, 64, 128, 256, 512, 1024)
 MAX_LEN = 2048  # one engine for every call: no call rebuilds the cache or recompiles for a longer prompt
@@ -70,8 +76,12 @@ def child() -> dict:
         sync()
         return time.perf_counter() - start
 
-    ids = torch.randint(1, 49152, (1, 100), device=dev)
     compile = None if os.environ.get("FIRST_CALL_COMPILE", "1") == "1" else False
+    batch = int(os.environ.get("FIRST_CALL_BATCH", "1"))
+    if batch > 1:
+        return {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                **batch_calls(model, batch, dev, compile, timed)}  # fmt: skip
+    ids = torch.randint(1, 49152, (1, 100), device=dev)
     kw = dict(max_new_tokens=64, max_len=MAX_LEN, seed=0, compile=compile)
     result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     result["first_greedy_s"] = timed(lambda: generate(model, ids, medusa=False, **kw))
@@ -94,6 +104,33 @@ def child() -> dict:
     for key in ("first_greedy_s", "second_greedy_s", "first_medusa_s", "first_typical_s"):
         result[key] = round(result[key], 2)
     return result
+
+
+def batch_calls(model, batch: int, dev: str, compile, timed) -> dict:
+    """At batch > 1: each mode's first call (256 new tokens, so that Medusa rows end apart and the batch
+    compacts), then warm calls of the same size (median of 3), and which step shapes ran."""
+    import torch
+
+    from fastmedusa.decode import generate
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 49152, (batch, 100), generator=gen).to(dev)
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, max_new_tokens=256, max_len=MAX_LEN, seed=0, compile=compile)
+    modes = {"greedy": dict(medusa=False), "medusa": dict(tree="mc_sim_7b_63")}
+    out: dict = {"batch": batch}
+    for name, extra in modes.items():
+        out[f"first_{name}_s"] = round(timed(partial(generate, model, ids, **extra, **kw)), 2)
+    for name, extra in modes.items():
+        calls = sorted(timed(partial(generate, model, ids, **extra, **kw)) for _ in range(3))
+        out[f"{name}_256_tokens_ms"] = round(calls[1] * 1e3, 2)
+    result = generate(model, ids, **modes["medusa"], **kw)
+    out["medusa_tokens_per_step"] = round(float(result.tokens_per_step), 3)
+    from fastmedusa.decode.engine import cached_engine
+
+    runners = [r for r in cached_engine(model.base).compiled.values() if hasattr(r, "states")]
+    out["step_shapes"] = sorted({f"{size}{' dynamic' if dyn else ''}" for r in runners for size, dyn in r.states})
+    return out
 
 
 def run_variant(name: str, env_extra: dict, src: str | None) -> dict:
@@ -133,6 +170,12 @@ def plot(result: dict, path: Path) -> None:
 
     rows = [r for r in result["rows"] if "error" not in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    batch = result.get("batch", 1)
+    if batch > 1:
+        _plot_batch(rows, left, right)
+        env = {"device": result["device"], "date": result["date"], "versions": {"torch": result["torch"]}}
+        save_figure(fig, path, env, title=f"first calls and warm calls, SmolLM2-135M shape, bf16, batch {batch}")
+        return
     modes = [("first_greedy_s", "greedy"), ("first_medusa_s", "Medusa"), ("first_typical_s", "typical")]
     width = 0.8 / max(len(rows), 1)
     for i, r in enumerate(rows):
@@ -153,6 +196,22 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path, env, title="first calls and the prompt's pass, SmolLM2-135M shape, bf16, batch 1")
 
 
+def _plot_batch(rows: list[dict], left, right) -> None:
+    """Left: first calls per mode and variant; right: warm 256-token calls of the same batch."""
+    width = 0.8 / max(len(rows), 1)
+    for axis, keys, label in (
+        (left, ("first_greedy_s", "first_medusa_s"), "first call, cold caches (s)"),
+        (right, ("greedy_256_tokens_ms", "medusa_256_tokens_ms"), "warm call, 256 new tokens (ms, median of 3)"),
+    ):
+        for i, r in enumerate(rows):
+            bars = axis.bar([j + i * width for j in range(len(keys))], [r[k] for k in keys], width, label=r["variant"])
+            axis.bar_label(bars, fmt="%.1f", fontsize=7)
+        axis.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(keys))], ["greedy", "Medusa"])
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+    left.axhline(30, color="gray", lw=0.8, ls="--")
+
+
 def main() -> None:
     if sys.argv[1:] == ["--child"]:
         print(json.dumps(child()), flush=True)
@@ -162,6 +221,7 @@ def main() -> None:
     p.add_argument(
         "--baseline-src", default=None, help="also run fastmedusa imported from this src/ directory"
     )
+    p.add_argument("--batch", type=int, default=1, help="rows per call (above 1: first and warm batch calls)")
     p.add_argument("--out", type=Path, default=Path("first_call.json"))
     p.add_argument("--plot", type=Path, default=None, help="only redraw the chart of this JSON file")
     args = p.parse_args()
@@ -169,6 +229,7 @@ def main() -> None:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return
     rows = []
+    os.environ["FIRST_CALL_BATCH"] = str(args.batch)
     if args.baseline_src:
         rows.append(run_variant("previous code", {}, args.baseline_src))
         print(rows[-1], flush=True)
@@ -178,7 +239,7 @@ def main() -> None:
     good = [r for r in rows if "error" not in r]
     result = dict(
         device=good[0]["device"] if good else "unknown", torch=good[0]["torch"] if good else None,
-        date=time.strftime("%Y-%m-%d"), prompt_lengths=list(PROMPT_LENGTHS), rows=rows,
+        date=time.strftime("%Y-%m-%d"), prompt_lengths=list(PROMPT_LENGTHS), batch=args.batch, rows=rows,
     )  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -29,6 +29,7 @@ always runs its own static step, and each size gets its own graph on first use.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -43,6 +44,17 @@ MEDUSA_IN = ("token", "hidden", "cur", "offset", "seeds", "n", "limit", "done")
 MEDUSA_OUT = ("token", "hidden", "cur", "n", "done")
 WARMUP_STEPS = 2  # real steps run before a batch size's graph is captured (the first one compiles)
 MIN_COMPACT_ROWS = 2  # compaction stops here: a 1-row step costs about a 2-row one, and would compile again
+BATCH_COMPILES = ("apart", "shared")
+
+
+def batch_compile() -> str:
+    """How batches that may compact compile their step (`FASTMEDUSA_BATCH_COMPILE`): "apart", the full batch
+    static and the compacted sizes one dynamic-batch compile (two compiles on a first call); "shared", the
+    full batch too runs the dynamic-batch step (one compile, the full batch's steps as dynamic kernels)."""
+    mode = os.environ.get("FASTMEDUSA_BATCH_COMPILE", "apart")
+    if mode not in BATCH_COMPILES:
+        raise ValueError(f"FASTMEDUSA_BATCH_COMPILE={mode!r}: use 'apart' (the default) or 'shared'")
+    return mode
 
 
 def plain_body(step: Callable, state: dict, shared: SimpleNamespace) -> None:
@@ -228,12 +240,13 @@ def run_loop(
     """Step until every row is done (or `max_steps` steps); returns (new tokens per batch row (B,), steps)."""
     bsz = prefill["token"].shape[0]
     rows = torch.arange(bsz, device=runner.engine.device)
-    state = runner.load(prefill, rows)
+    shared = compact and batch_compile() == "shared"  # the full batch runs the compacted sizes' step too
+    state = runner.load(prefill, rows, compacted=shared)
     n_all = prefill["n"].clone()
     if check and not bool((~prefill["done"]).any()):  # every row ended at its first token (one sync per call)
         return n_all, 0
     active = ActiveRows(runner)
-    steps, compacted = 0, False
+    steps, compacted = 0, shared
     while max_steps is None or steps < max_steps:
         size = state["rows"].shape[0]
         runner.run(size, compacted)

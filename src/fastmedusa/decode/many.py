@@ -40,7 +40,7 @@ from fastmedusa.decode.generate import (
     prefill_compiled,
     row_seeds,
 )
-from fastmedusa.decode.loop import ActiveRows, StepRunner, compact_rows
+from fastmedusa.decode.loop import ActiveRows, StepRunner, batch_compile, compact_rows
 from fastmedusa.decode.trees import cached_tree_buffers, resolve_tree
 
 REFILL_SHARE = 4  # refill once 1/REFILL_SHARE of the slots have finished, that many prompts a pass (all: all slots)
@@ -250,9 +250,10 @@ def generate_many(
     book = _Slots(runner, len(ids_list), medusa)
     runner.start(slots, pad_id)
     book.assign(list(range(slots)), first, values["token"].tolist(), pad_id)
-    state = runner.load(values, torch.arange(slots, device=engine.device))
+    shared = slots > 2 and batch_compile() == "shared"  # full slots run the compacted sizes' step too
+    state = runner.load(values, torch.arange(slots, device=engine.device), compacted=shared)
     refill_rows = max(1, slots // REFILL_SHARE)
-    steps, compacted, refill_now = 1, False, True
+    steps, compacted, refill_now = 1, shared, True
     n_all = torch.zeros(slots, dtype=torch.long, device=engine.device)
     while True:
         if refill_now:  # after a (re)fill, or once enough rows ended: fill free slots, then step again
@@ -261,7 +262,7 @@ def generate_many(
                 count = slots if free == slots else refill_rows if free >= refill_rows else 0
                 if not count:
                     break
-                state = _refill(engine, runner, book, state, queue, count, prefill, pad_id)
+                state = _refill(engine, runner, book, state, queue, count, prefill, pad_id, shared)
                 steps += 1
             if not queue and bool(state["done"].all()):
                 break
@@ -292,7 +293,9 @@ def generate_many(
     return ManyOutput(book.tokens, accepts, steps, seconds, slots, len(paths) + 1 if medusa else 0, per_prompt)
 
 
-def _refill(engine, runner: StepRunner, book: _Slots, state, queue: deque, count: int, prefill, pad_id: int):
+def _refill(
+    engine, runner: StepRunner, book: _Slots, state, queue: deque, count: int, prefill, pad_id: int, shared: bool
+):
     """Read out the finished rows, move the unfinished ones behind `count` free slots, run the next prompts
     through those slots (idle slots where none is left) and load the new full state. The prompts' pass runs
     at `count` rows: the caller keeps that to two sizes (a quarter of the slots, or all of them), so a
@@ -312,4 +315,4 @@ def _refill(engine, runner: StepRunner, book: _Slots, state, queue: deque, count
     values = prefill(batch)  # (with "hidden", which plain steps ignore: the runner's buffers are shared with `generate`)
     book.assign(rows[take].tolist(), batch, values["token"].tolist(), pad_id)
     merged = {name: torch.cat([values[name], kept[name]]) for name in kept}
-    return runner.load(merged, new_rows)
+    return runner.load(merged, new_rows, compacted=shared)
