@@ -359,7 +359,9 @@ def plot(result: dict, path: Path) -> Path:
             ax.set_title(f"{result['shape'].upper()} stage {stage}, {heads} heads", fontsize=10)
             ax.set_ylabel("peak memory (GB)" if metric == "peak_memory_gb" else "tokens/s")
             ax.set_xlabel("sequence length (x = OOM or failed)")
-    axes[0, 0].legend(fontsize=8)
+    handles, names = axes[0, 0].get_legend_handles_labels()  # below the panels: bars fill the axes' tops
+    ncol = max(1, min(len(names), int(fig.get_figwidth() / 3)))  # ~3 inches a label
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8)
     env = result["environment"]
     masked = result["settings"].get("masked_frac", 0.0)
     labels = f"first {masked:.0%} of each row unlabelled (SFT-like)" if masked else "every token labelled"
@@ -368,7 +370,7 @@ def plot(result: dict, path: Path) -> Path:
         labels += f", heads over a {draft}-token draft vocabulary (first {draft} ids)"
     wrapped_title(fig, f"fastmedusa bench train: batch {result['settings']['batch_size']}, bf16, AdamW, grad ckpt, "
                   f"{labels}; {env['device']}, {env['date'][:10]}, torch {env['versions']['torch']}")  # fmt: skip
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 * -(-len(names) // ncol) + 0.01, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
