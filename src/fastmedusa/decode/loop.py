@@ -240,13 +240,13 @@ def run_loop(
     """Step until every row is done (or `max_steps` steps); returns (new tokens per batch row (B,), steps)."""
     bsz = prefill["token"].shape[0]
     rows = torch.arange(bsz, device=runner.engine.device)
-    shared = compact and batch_compile() == "shared"  # the full batch runs the compacted sizes' step too
-    state = runner.load(prefill, rows, compacted=shared)
+    one_compile = compact and batch_compile() == "shared"  # the full batch runs the compacted sizes' step too
+    state = runner.load(prefill, rows, compacted=one_compile)
     n_all = prefill["n"].clone()
     if check and not bool((~prefill["done"]).any()):  # every row ended at its first token (one sync per call)
         return n_all, 0
     active = ActiveRows(runner)
-    steps, compacted = 0, shared
+    steps, compacted = 0, one_compile
     while max_steps is None or steps < max_steps:
         size = state["rows"].shape[0]
         runner.run(size, compacted)

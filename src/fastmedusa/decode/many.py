@@ -250,10 +250,10 @@ def generate_many(
     book = _Slots(runner, len(ids_list), medusa)
     runner.start(slots, pad_id)
     book.assign(list(range(slots)), first, values["token"].tolist(), pad_id)
-    shared = slots > 2 and batch_compile() == "shared"  # full slots run the compacted sizes' step too
-    state = runner.load(values, torch.arange(slots, device=engine.device), compacted=shared)
+    one_compile = slots > 2 and batch_compile() == "shared"  # full slots run the compacted sizes' step too
+    state = runner.load(values, torch.arange(slots, device=engine.device), compacted=one_compile)
     refill_rows = max(1, slots // REFILL_SHARE)
-    steps, compacted, refill_now = 1, shared, True
+    steps, compacted, refill_now = 1, one_compile, True
     n_all = torch.zeros(slots, dtype=torch.long, device=engine.device)
     while True:
         if refill_now:  # after a (re)fill, or once enough rows ended: fill free slots, then step again
@@ -262,7 +262,7 @@ def generate_many(
                 count = slots if free == slots else refill_rows if free >= refill_rows else 0
                 if not count:
                     break
-                state = _refill(engine, runner, book, state, queue, count, prefill, pad_id, shared)
+                state = _refill(engine, runner, book, state, queue, count, prefill, pad_id, one_compile)
                 steps += 1
             if not queue and bool(state["done"].all()):
                 break
@@ -294,7 +294,7 @@ def generate_many(
 
 
 def _refill(
-    engine, runner: StepRunner, book: _Slots, state, queue: deque, count: int, prefill, pad_id: int, shared: bool
+    engine, runner: StepRunner, book: _Slots, state, queue: deque, count: int, prefill, pad_id: int, one_compile: bool
 ):
     """Read out the finished rows, move the unfinished ones behind `count` free slots, run the next prompts
     through those slots (idle slots where none is left) and load the new full state. The prompts' pass runs
@@ -315,4 +315,4 @@ def _refill(
     values = prefill(batch)  # (with "hidden", which plain steps ignore: the runner's buffers are shared with `generate`)
     book.assign(rows[take].tolist(), batch, values["token"].tolist(), pad_id)
     merged = {name: torch.cat([values[name], kept[name]]) for name in kept}
-    return runner.load(merged, new_rows, compacted=shared)
+    return runner.load(merged, new_rows, compacted=one_compile)
