@@ -363,11 +363,15 @@ def test_medusa_batch_compacts_without_eos(llama, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_compaction_equals_eager():
-    """Compiled steps (the decoder block as one nested compile region; the full batch's step, then one step
-    with a dynamic batch dimension for every compacted size) give the eager path's tokens and accepted
-    lengths."""
+@pytest.mark.parametrize("mode", ["apart", "shared"])
+def test_compiled_compaction_equals_eager(mode, monkeypatch):
+    """Compiled steps (the decoder block as one nested compile region; "apart": the full batch's step, then
+    one step with a dynamic batch dimension for every compacted size; "shared": that one dynamic step for
+    the full batch too) give the eager path's tokens and accepted lengths."""
     from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("FASTMEDUSA_BATCH_COMPILE", mode)
+    torch._dynamo.reset()  # count this mode's compiles: graphs of the same shapes serve any model's weights
 
     def fresh_model():  # its own engine and KV cache: the compiled run cannot lean on the eager run's writes
         return random_medusa(tiny_llama(4, num_hidden_layers=3), num_heads=2)
@@ -393,11 +397,22 @@ def test_compiled_compaction_equals_eager():
     assert all(hasattr(t, "_dynamo_dynamic_indices") for t in runner.states[(compacted[0], True)].values())
     assert torch.equal(compiled.sequences, eager.sequences)
     assert compiled.accept_lengths == eager.accept_lengths
-    assert new_graphs == 2, f"one compile for the full batch, one for all {len(compacted)} smaller sizes"
-
-    # a later full batch of a size compaction used runs its own static step, not the compacted one
     graphs = counters["stats"]["unique_graphs"]
     half = generate(compiled_model, ids[:4], compile=True, **(kw | {"attention_mask": mask[:4]}))
+    assert torch.equal(half.sequences, generate(model, ids[:4], **(kw | {"attention_mask": mask[:4]})).sequences)
+    if mode == "shared":  # one compile: the full batch of 8 ran the dynamic step, and so does a batch of 4
+        assert new_graphs == 1 and (8, True) in runner.states and (8, False) not in runner.states
+        assert counters["stats"]["unique_graphs"] == graphs and (4, False) not in runner.states
+        return
+    assert new_graphs == 2, f"one compile for the full batch, one for all {len(compacted)} smaller sizes"
+    # a later full batch of a size compaction used runs its own static step, not the compacted one
     assert counters["stats"]["unique_graphs"] - graphs == 1 and (4, False) in runner.states
     assert not any(hasattr(t, "_dynamo_dynamic_indices") for t in runner.states[(4, False)].values())
-    assert torch.equal(half.sequences, generate(model, ids[:4], **(kw | {"attention_mask": mask[:4]})).sequences)
+
+
+def test_bad_batch_compile_mode(monkeypatch):
+    from fastmedusa.decode.loop import batch_compile
+
+    monkeypatch.setenv("FASTMEDUSA_BATCH_COMPILE", "dynamic")
+    with pytest.raises(ValueError, match="FASTMEDUSA_BATCH_COMPILE='dynamic': use 'apart'"):
+        batch_compile()
