@@ -66,9 +66,9 @@ HELP = {
     "impl": "heads' loss implementation: auto (Triton on CUDA, chunked PyTorch on the CPU), chunked, triton, "
     "torch (materialised logits), compile (torch under torch.compile), liger, cce, quack (the last four: "
     "--loss ce only)",
-    "loss_chunk_rows": "rows of logits per chunk in fastmedusa's fused losses (0: automatic, at least 512 rows, "
-    "which is faster; 128 keeps the loss's extra memory at or under Liger-Kernel's for short rows of large "
-    "vocabularies, at Liger-Kernel's speed there)",
+    "loss_chunk_rows": "rows of logits per chunk in fastmedusa's fused losses, heads' and LM's (0: automatic; for "
+    "cross-entropy at least 512 rows, which is faster; 128 keeps the loss's extra memory at or under "
+    "Liger-Kernel's for short rows of large vocabularies, at Liger-Kernel's speed there)",
     "compile": "torch.compile the backbone's decoder",
     "peak_tflops": "device peak TFLOP/s for MFU (default: looked up, H100/H200 bf16 dense = 989)",
     "fsdp": "shard with FSDP2 even without a launcher (one process; torchrun/accelerate launch use it anyway)",
