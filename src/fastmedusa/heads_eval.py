@@ -252,6 +252,18 @@ def report_lines(result: dict) -> list[str]:
     return lines
 
 
+def check_eval_output(output: Path, heads: Path, data: str | None) -> None:
+    """The results may replace an earlier eval.json, never the data read or a file the heads need."""
+    target = output.resolve()
+    if data is not None and Path(data).expanduser().exists() and target == Path(data).expanduser().resolve():
+        raise ValueError(f"--output {output} is the --data file: pass another path for the results")
+    if target.parent == heads.resolve() and target.name != "eval.json" and target.exists():
+        raise ValueError(
+            f"--output {output} is a file of the heads directory ({target.name}): pass another path, or leave "
+            "--output out to write the heads' eval.json"
+        )
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from fastmedusa.files import write_json_atomic
     from fastmedusa.model.export import find_heads_dir
@@ -261,7 +273,9 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: pass 1 or more")
     if args.prompts < 0:
         raise ValueError(f"--prompts {args.prompts}: pass 0 (skip the greedy measure) or more")
-    output = Path(args.output) if args.output else find_heads_dir(args.heads_dir) / "eval.json"
+    heads = find_heads_dir(args.heads_dir)
+    output = Path(args.output).expanduser() if args.output else heads / "eval.json"
+    check_eval_output(output, heads, args.data)
     result = evaluate_heads(args)
     write_json_atomic(output, result)
     for line in report_lines(result):

@@ -334,6 +334,17 @@ def test_bad_input_is_one_error_line(tiny_dir, data_file, tmp_path, smollm2_toke
     _one_error_line(_cli(*base, "--data", str(data_file), "--output", out), "--resume", "--overwrite")
 
 
+def test_output_that_is_the_data_is_refused_before_anything_is_written(data_file, tmp_path):
+    """--overwrite would empty the file being read: refused, the conversations untouched."""
+    before = data_file.read_bytes()
+    for output, where in ((data_file, "is the --data file"), (data_file.parent / "new.jsonl", "inside the --data")):
+        data = data_file if output == data_file else data_file.parent
+        with pytest.raises(ValueError, match=where):
+            DistillConfig(output=str(output), data=str(data), overwrite=True).validate()
+    assert data_file.read_bytes() == before
+    DistillConfig(output=str(tmp_path / "elsewhere" / "out.jsonl"), data=str(data_file)).validate()
+
+
 def test_cli_output_trains_and_chat_template_flag(tiny_dir, data_file, tmp_path):
     out = tmp_path / "out.jsonl"
     template = tmp_path / "template.jinja"

@@ -245,6 +245,22 @@ def test_export_errors_name_the_fix(make_llama, tmp_path):
         read_heads(tmp_path / "h")
 
 
+def test_export_never_writes_over_a_model_directory(make_llama, tmp_path):
+    """A base model's directory (or any non-empty one without heads) is refused, every file kept; an earlier
+    export is replaced, in either layout."""
+    model = _model(make_llama)
+    model.save_heads(tmp_path / "h")
+    base_dir = tmp_path / "base"
+    model.base.save_pretrained(base_dir)
+    before = {p.name: p.read_bytes() for p in base_dir.iterdir()}
+    with pytest.raises(ValueError, match="already holds files that are not exported heads .*config.json"):
+        export_heads(tmp_path / "h", base_dir, "vllm")
+    assert {p.name: p.read_bytes() for p in base_dir.iterdir()} == before
+    export_heads(tmp_path / "h", tmp_path / "o", "vllm")
+    export_heads(tmp_path / "h", tmp_path / "o", "medusa")  # a re-export replaces the earlier one
+    assert read_heads(tmp_path / "o").layout == "medusa" and not (tmp_path / "o" / VLLM_WEIGHTS_NAME).exists()
+
+
 def test_broken_files_are_errors_naming_the_file(make_llama, tmp_path):
     _model(make_llama).save_heads(tmp_path)
     weights = tmp_path / HEADS_WEIGHTS_NAME

@@ -89,6 +89,8 @@ def test_export_of_an_evaluated_run_has_a_full_model_card(run_dir, tmp_path, cap
         (["eval", "RUN", "--device", "foo"], "--device foo: not a device name; pass cpu, cuda or cuda:N"),
         (["eval", "RUN", "--seq-len", "0"], "--seq-len 0: pass at least 2"),
         (["eval", "RUN", "--max-conversations", "0"], "--max-conversations 0: pass 2 or more"),
+        (["eval", "RUN", "--output", "RUN/heads/config.json"], "is a file of the heads directory (config.json)"),
+        (["export", "RUN/heads", "--output", "RUN/heads/.."], "holds the heads being exported"),
     ],
 )
 def test_bad_input_is_one_clear_line(run_dir, argv, message, capsys):
@@ -96,3 +98,18 @@ def test_bad_input_is_one_clear_line(run_dir, argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message.replace("RUN", str(run_dir)) in err[0]
+
+
+def test_eval_results_never_replace_the_data_or_the_heads_files(tmp_path):
+    from fastmedusa.heads_eval import check_eval_output
+
+    heads, data = tmp_path / "heads", tmp_path / "data.json"
+    heads.mkdir()
+    (heads / "config.json").write_text("{}")
+    data.write_text("[]")
+    with pytest.raises(ValueError, match="is the --data file"):
+        check_eval_output(data, heads, str(data))
+    with pytest.raises(ValueError, match=r"a file of the heads directory \(config.json\)"):
+        check_eval_output(heads / "config.json", heads, None)
+    check_eval_output(heads / "eval.json", heads, str(data))  # the default, replaced on every eval
+    check_eval_output(tmp_path / "results.json", heads, str(data))

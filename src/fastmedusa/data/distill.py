@@ -98,6 +98,7 @@ class DistillConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pass one of them")
         out = Path(self.output).expanduser()
+        self._check_output_is_not_data(out)
         if out.is_dir():
             raise IsADirectoryError(
                 f"--output {self.output} is a directory: pass a file path, e.g. {out / 'distilled.jsonl'}"
@@ -106,6 +107,21 @@ class DistillConfig:
             raise ValueError(
                 f"--output {self.output} already holds records: pass --resume to continue it, "
                 "or --overwrite to start again"
+            )
+
+    def _check_output_is_not_data(self, out: Path) -> None:
+        """Starting the output empties it: it must not be the conversations being read (or lie among them)."""
+        if self.data is None:
+            return
+        data = Path(self.data).expanduser()
+        if not data.exists():
+            return  # a hub id, or a path the loader will report
+        out_path, data_path = out.resolve(), data.resolve()
+        if out_path == data_path or (data.is_dir() and data_path in out_path.parents):
+            where = "the --data file" if out_path == data_path else "inside the --data directory"
+            raise ValueError(
+                f"--output {self.output} is {where}: writing it would replace the conversations being read; "
+                "pass another --output"
             )
 
 

@@ -252,6 +252,24 @@ def find_heads_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _check_output_replaceable(output: Path) -> None:
+    """An export replaces config.json, README.md and every weights file of `output`: only an empty directory
+    or an earlier export of heads may be written over (a model's directory would lose its weights)."""
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    try:
+        read_heads(output)
+        return  # an earlier export: replaced
+    except (OSError, ValueError):
+        pass
+    names = sorted(item.name for item in output.iterdir())
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    raise ValueError(
+        f"--output {output} already holds files that are not exported heads ({shown}): the export would "
+        "replace its config.json and weights; pass a new or empty directory"
+    )
+
+
 def detect_layout(directory: str | os.PathLike) -> str:
     """Which layout a heads directory holds: "medusa", "vllm", "fastmedusa-prefixed" or "medusa-pt"."""
     return read_heads(directory).layout
@@ -418,6 +436,7 @@ def export_heads(heads_dir: str | os.PathLike, output: str | os.PathLike, layout
         raise ValueError(
             f"--output {output} holds the heads being exported (a training run's directory): pass a new directory"
         )
+    _check_output_replaceable(output)
     checkpoint = read_heads(source)
     write_heads(output, checkpoint, layout)
     for item in sorted(
