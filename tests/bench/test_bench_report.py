@@ -42,6 +42,14 @@ def test_bad_bench_inputs_are_one_clear_error(tmp_path, capsys):
         assert "is not a `fastmedusa bench train` results file" in capsys.readouterr().err
     assert main(["bench", "report", str(tmp_path / "text.json")]) == 2
     assert "text.json is not JSON" in capsys.readouterr().err
+    (tmp_path / "rows.json").write_text(json.dumps({"environment": {}, "settings": {}, "shape": "1b", "rows": [1]}))
+    for command in ("loss", "train"):  # redrawing a chart from files of another kind
+        for name, message in (("strings.json", "is not a `fastmedusa bench"), ("other.json", "(no "),
+                              ("rows.json", "is not a `fastmedusa bench"), ("text.json", "is not JSON"),
+                              ("missing.json", "no such results file")):  # fmt: skip
+            assert main(["bench", command, "--plot", str(tmp_path / name)]) == 2, (command, name)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (command, name, err)
     common = ["--device", "cpu", "--impls", "torch", "--seq-lens", "8", "--out", str(tmp_path / "x.json")]
     for flag, value in (("--vocab", "0"), ("--hidden", "-4"), ("--heads", "0"), ("--batch", "0")):
         try:

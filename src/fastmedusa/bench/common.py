@@ -65,6 +65,28 @@ def wrapped_title(fig, text: str, fontsize: int = 10) -> None:
     fig.suptitle("\n".join(textwrap.wrap(text, chars)), fontsize=fontsize)
 
 
+def read_results(path: Path, command: str, keys: Sequence[str], row_keys: Sequence[str] = ()) -> dict:
+    """A results JSON written by `fastmedusa bench <command>`, or one error line saying what the file is not
+    (charts and reports are redrawn from these files: `--plot`, `bench report`)."""
+    path = Path(path)
+    what = f"a file written by `fastmedusa bench {command}`"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results file: pass {what}")
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not JSON ({err}): pass {what}") from err
+    rows = result.get("rows") if isinstance(result, dict) else None
+    missing = [k for k in keys if k not in result] if isinstance(result, dict) else list(keys)
+    bad_rows = not isinstance(rows, list) or any(
+        not isinstance(r, dict) or any(k not in r for k in row_keys) for r in rows
+    )
+    if missing or bad_rows:
+        lacks = ", ".join(missing) or f"rows with {'/'.join(row_keys)}"
+        raise ValueError(f"{path} is not a `fastmedusa bench {command}` results file (no {lacks}): pass {what}")
+    return result
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

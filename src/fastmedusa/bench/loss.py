@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from fastmedusa.bench.common import (
     positive_float,
     positive_int,
     probability,
+    read_results,
     wrapped_title,
     write_json,
 )
@@ -482,7 +482,7 @@ def _draft_note(args: dict) -> str:
 
 def merge(paths: list[Path]) -> dict:
     """One result from several runs of the grid (e.g. split across device calls): rows concatenated."""
-    results = [json.loads(p.read_text()) for p in paths]
+    results = [read_results(p, "loss", ("env", "args", "rows"), ("heads", "seq_len", "impl", "status")) for p in paths]
     for res in results:  # files from before rows recorded their chunk size: the run's --chunk-rows
         for row in res["rows"]:
             row.setdefault("chunk_rows", res["args"].get("chunk_rows") if row["impl"] in OWN else None)

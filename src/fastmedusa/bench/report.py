@@ -7,10 +7,13 @@ peak memory against Liger's, so the README's tables come from the measured rows,
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from fastmedusa.bench.common import read_results
+
 PEERS = ("torch", "liger", "cce")
+TRAIN_KEYS = ("environment", "settings", "shape", "rows")  # a `bench train` results file
+TRAIN_ROW_KEYS = ("stage", "heads", "seq_len", "impl")
 
 
 def _fits(row: dict | None) -> bool:
@@ -68,13 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", type=Path, nargs="+", help="JSON files written by `fastmedusa bench train`")
     args = p.parse_args(argv)
     for path in args.results:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such results file (run `fastmedusa bench train` first)")
-        try:
-            result = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not JSON ({err}): pass a file written by `fastmedusa bench train`") from err
-        if not isinstance(result, dict) or not {"environment", "settings", "shape", "rows"} <= set(result):
-            raise ValueError(f"{path} is not a `fastmedusa bench train` results file (no environment/settings/rows)")
+        result = read_results(path, "train", TRAIN_KEYS, TRAIN_ROW_KEYS)
         print(markdown(result), end="\n\n")
     return 0

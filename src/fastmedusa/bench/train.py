@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from fastmedusa.bench.common import (
     nonnegative_int,
     positive_int,
     probability,
+    read_results,
     wrapped_title,
     write_json,
 )
@@ -380,7 +380,9 @@ def plot(result: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot:
-        results = [json.loads(p.read_text()) for p in args.plot]
+        from fastmedusa.bench.report import TRAIN_KEYS, TRAIN_ROW_KEYS
+
+        results = [read_results(p, "train", TRAIN_KEYS, TRAIN_ROW_KEYS) for p in args.plot]
         merged = dict(results[0], rows=[r for res in results for r in res["rows"]])
         print(plot(merged, args.plot[0].with_suffix(".png")))
         return 0
