@@ -72,9 +72,11 @@ def test_loss_chunk_rows_reach_every_fused_loss_and_keep_the_step(tiny_medusa, t
     [
         ({"loss_chunk_rows": -1}, r"--loss-chunk-rows -1: pass 0 \(automatic\) or a number of rows"),
         ({"loss_chunk_rows": 128, "impl": "liger"}, "--loss-chunk-rows sizes fastmedusa's fused losses; --impl liger"),
+        ({"impl": "bogus"}, "--impl 'bogus': pass one of auto, triton"),
+        ({"impl": "cce"}, "--impl cce runs on CUDA only and this run is on the CPU"),
     ],
 )
-def test_bad_loss_chunk_rows(tmp_path, kw, message):
+def test_bad_loss_chunk_rows_and_impl_before_anything_loads(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         _config(tmp_path, **kw)
 

@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 from fastmedusa.dtypes import DTYPES, parse_device
+from fastmedusa.ops.cross_entropy import IMPLS as LOSS_IMPLS
+
+CUDA_ONLY_IMPLS = ("liger", "cce", "quack")  # the peers' kernels
 
 HEADS_SCHEDULES = ("constant", "linear", "sine")
 LR_SCHEDULES = ("cosine", "constant")
@@ -169,6 +172,7 @@ class TrainConfig:
         _choice(self.heads_schedule, HEADS_SCHEDULES, "--heads-schedule")
         _choice(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
         _choice(self.loss, LOSSES, "--loss")
+        _choice(self.impl, LOSS_IMPLS, "--impl")
         _check(
             self.loss == "ce" or self.impl not in ("liger", "cce", "quack", "compile"),
             f"--impl {self.impl} is a cross-entropy peer with no KL divergence: with --loss kl pass --impl "
@@ -194,6 +198,11 @@ class TrainConfig:
             self.lm_loss == "ce" or not (self.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1),
             "--lm-loss kl keeps a frozen copy of the model, which is not sharded under FSDP yet: run it in one "
             "process, or use --lm-loss ce",
+        )
+        cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        _check(
+            cuda or self.impl not in CUDA_ONLY_IMPLS,
+            f"--impl {self.impl} runs on CUDA only and this run is on the CPU: pass --impl auto (or chunked)",
         )
         _choice(self.dtype, ("auto", *DTYPES), "--dtype")
         _choice(self.param_dtype, ("fp32", "bf16"), "--param-dtype")
