@@ -52,6 +52,23 @@ def test_generate_errors(saved, capsys):
     assert rc == 2 and "3 deep but the model has 2 Medusa heads" in err
 
 
+def test_heads_decode_on_the_base_model_they_record(saved, capsys, tmp_path):
+    """Without --model, heads trained on another model load it from their config.json (said on stderr); a
+    recorded path that is gone is one error line asking for --model."""
+    import json
+
+    model = MedusaModel.from_pretrained(str(saved / "model"), config=MedusaConfig(num_heads=2))
+    model.save_heads(tmp_path / "heads")
+    argv = ["--prompt", "hi", "--max-new-tokens", 4, "--device", "cpu", "--tree", "chain_2"]
+    rc, _, err = run(capsys, *argv, "--heads", tmp_path / "heads")
+    assert rc == 0 and f"base model: {saved / 'model'} (recorded with these heads" in err, err
+    config = json.loads((tmp_path / "heads" / "config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "moved-away")
+    (tmp_path / "heads" / "config.json").write_text(json.dumps(config))
+    rc, _, err = run(capsys, *argv, "--heads", tmp_path / "heads")
+    assert rc == 2 and err.count("\n") == 1 and "which is not there any more: pass that model with --model" in err
+
+
 def test_sampling_with_seed_is_reproducible(saved, capsys):
     args = ["--model", saved / "model", "--heads", saved / "heads", "--prompt", "Hi", "--max-new-tokens", 10]
     args += ["--temperature", 0.8, "--seed", 3]

@@ -152,6 +152,27 @@ def read_heads_arg(path: str):
         ) from err
 
 
+def recorded_base_model(heads: str) -> str | None:
+    """The base model the heads' config.json names (`base_model_name_or_path`), when it is not the embedded
+    default: heads trained on another model are decoded on it without --model (said on stderr)."""
+    from fastmedusa.model.config import MedusaConfig
+    from fastmedusa.model.export import CONFIG_NAME, find_heads_dir
+
+    try:
+        config, _ = MedusaConfig.read_file(find_heads_dir(heads) / CONFIG_NAME)
+    except (OSError, ValueError):  # heads that cannot be read: loading them reports it with its own message
+        return None
+    name = config.base_model_name_or_path
+    if name in (None, "", "embedded", "default"):
+        return None
+    if Path(name).is_absolute() and not Path(name).exists():
+        raise FileNotFoundError(
+            f"--heads {heads} were trained on {name}, which is not there any more: pass that model with --model"
+        )
+    print(f"base model: {name} (recorded with these heads; --model picks another)", file=sys.stderr)
+    return name
+
+
 def base_model_arg(model: str | None, heads: str | None) -> str | None:
     """--model, or else the backbone that a stage-2 run saved beside --heads (said on stderr)."""
     from fastmedusa.model.export import base_model_for_heads, trained_backbone
@@ -159,6 +180,8 @@ def base_model_arg(model: str | None, heads: str | None) -> str | None:
     resolved = base_model_for_heads(model, heads)
     if model is None and resolved is not None:
         print(f"base model: {resolved} (trained together with these heads, stage 2)", file=sys.stderr)
+    elif model is None and heads is not None:
+        resolved = recorded_base_model(heads)
     try:
         backbone = trained_backbone(heads) if model is not None and heads is not None else None
     except (OSError, ValueError):  # heads that cannot be read: loading them reports it with its own message
