@@ -58,3 +58,20 @@ def test_bad_bench_inputs_are_one_clear_error(tmp_path, capsys):
             code = exit_.code
         assert code == 2
         assert f"argument {flag}: '{value}': pass an integer of 1 or more" in capsys.readouterr().err
+
+
+def test_bench_decode_and_heads_path_flags_are_one_clear_error(tmp_path, capsys):
+    import argparse
+
+    import pytest
+
+    from fastmedusa.bench.decode import load_prompts
+    from fastmedusa.cli import main
+
+    args = argparse.Namespace(prompts="mtbnech", max_prompt_tokens=512, num_prompts=1)
+    with pytest.raises(FileNotFoundError, match="pass 'mt-bench', 'sharegpt' or a question.jsonl"):
+        load_prompts(args, tokenizer=None)
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["bench", "heads", "--heads", str(tmp_path), "--tree-dir", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tree-dir" in err[0] and "is a file: pass a directory" in err[0]

@@ -274,3 +274,12 @@ def test_broken_files_are_errors_naming_the_file(make_llama, tmp_path):
     config.write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds no JSON object"):
         read_heads(tmp_path)
+
+
+def test_an_unfinished_run_says_how_to_finish_it(tmp_path):
+    from fastmedusa.model.export import find_heads_dir
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "train_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"has not written its heads/ yet .*train --resume --output-dir"):
+        find_heads_dir(tmp_path / "run")

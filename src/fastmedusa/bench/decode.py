@@ -145,6 +145,11 @@ def load_prompts(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
     else:
         from fastmedusa.data.mtbench import mtbench_first_turns
 
+        if args.prompts != "mt-bench" and not Path(args.prompts).is_file():
+            raise FileNotFoundError(
+                f"--prompts {args.prompts}: no such question file: pass 'mt-bench', 'sharegpt' or a question.jsonl"
+            )
+
         prompts = chat_prompts(tokenizer, mtbench_first_turns(args.prompts), args.max_prompt_tokens)
     if not prompts:
         raise ValueError(f"no prompt of <= {args.max_prompt_tokens} tokens: raise --max-prompt-tokens")

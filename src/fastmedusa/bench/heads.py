@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     from fastmedusa.model import MedusaModel, load_tokenizer
 
     args = parse_args(argv)
+    if args.tree_dir is not None and args.tree_dir.exists() and not args.tree_dir.is_dir():
+        raise NotADirectoryError(f"--tree-dir {args.tree_dir} is a file: pass a directory for the tree_<n>.json files")
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     args.model = base_model_arg(args.model, args.heads)
     tokenizer = load_tokenizer(args.model)

@@ -300,8 +300,8 @@ class DecodeEngine(nn.Module):
         max_positions = getattr(config, "max_position_embeddings", None)
         if max_positions is not None and self.max_len > max_positions:
             raise ValueError(
-                f"max_len {self.max_len} exceeds the model's max_position_embeddings {max_positions}: "
-                "shorten the prompt or max_new_tokens"
+                f"max_len {self.max_len} exceeds the model's max_position_embeddings {max_positions}: pass "
+                f"max_len (--max-len) {max_positions} or less, or shorten the prompt or max_new_tokens"
             )
         for layer in decoder.layers:
             window = getattr(layer.self_attn, "sliding_window", None)

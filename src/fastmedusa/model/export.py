@@ -249,6 +249,11 @@ def find_heads_dir(path: str | os.PathLike) -> Path:
         raise NotADirectoryError(f"{path} is a file: pass the heads directory (config.json + weights)")
     if not (path / CONFIG_NAME).is_file() and (path / "heads" / CONFIG_NAME).is_file():
         return path / "heads"
+    if not (path / CONFIG_NAME).is_file() and (path / "train_config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is a training run that has not written its heads/ yet (it stopped before its end): finish it "
+            f"with `fastmedusa train --resume --output-dir {path}`, or pass another heads directory"
+        )
     return path
 
 
