@@ -97,3 +97,28 @@ def test_tiny_run_learns_and_exports_loadable_heads(tiny_model_dir, sharegpt_fil
     )
     out_gen = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
     assert out_gen.tree_nodes == tree["tree_nodes"] + 1
+
+
+def test_a_tokenizer_without_chat_template_is_refused_before_training(tiny_model_dir, sharegpt_file, tmp_path, capsys):
+    """tree.json is measured on held-out prompts in chat form: without a template the run would train, then
+    fail; it is refused first, and --tree-prompts 0 trains."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain)
+    tokenizer = AutoTokenizer.from_pretrained(plain)
+    tokenizer.chat_template = None
+    for name in plain.iterdir():
+        if name.name.startswith("chat_template"):
+            name.unlink()
+    tokenizer.save_pretrained(plain)
+    argv = ["train", "--model", str(plain), "--data", str(sharegpt_file), "--num-heads", "1", "--seq-len", "32",
+            "--batch-size", "2", "--max-steps", "1", "--eval-size", "4", "--no-progress", "--no-plot",
+            "--device", "cpu"]  # fmt: skip
+    assert main([*argv, "--output-dir", str(tmp_path / "a"), "--tree-prompts", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no chat template" in err[0] and "--tree-prompts 0" in err[0]
+    assert not (tmp_path / "a" / "heads").exists()
+    assert main([*argv, "--output-dir", str(tmp_path / "b"), "--tree-prompts", "0"]) == 0

@@ -273,6 +273,12 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
     if config.resume:
         check_resume_inputs(config, backend.world_size, inputs)
     tokenizer = load_tokenizer(config.model)
+    measures_tree = config.tree_prompts and config.eval_size and isinstance(backend, SingleProcess)
+    if measures_tree and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of {config.model or 'the embedded model'} has no chat template, which the tree.json "
+            "measure needs (held-out prompts in chat form): pass --tree-prompts 0, or use a chat model"
+        )
     train_batches, eval_batches = build_data(config, tokenizer, backend.world_size)
     model = build_model(config, getattr(train_batches, "encoded", None))
     remove_earlier_run(config)
