@@ -75,3 +75,17 @@ def test_bench_decode_and_heads_path_flags_are_one_clear_error(tmp_path, capsys)
     assert main(["bench", "heads", "--heads", str(tmp_path), "--tree-dir", str(tmp_path / "notes.txt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tree-dir" in err[0] and "is a file: pass a directory" in err[0]
+
+
+def test_bench_decode_does_not_train_into_an_earlier_run(tmp_path):
+    import argparse
+
+    import pytest
+
+    from fastmedusa.bench.decode import train_heads
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    args = argparse.Namespace(train_dir=str(tmp_path / "run"))
+    with pytest.raises(FileExistsError, match=r"holds an earlier run: pass its heads with --heads .*run/heads"):
+        train_heads(args)

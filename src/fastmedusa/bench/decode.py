@@ -117,6 +117,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def train_heads(args: argparse.Namespace) -> tuple[str, dict]:
     """Stage-1 heads on the same data split the sharegpt prompts are held out from."""
     from fastmedusa.train import TrainConfig, train
+    from fastmedusa.train.checkpoint import earlier_run_files
+
+    train_dir = Path(args.train_dir)
+    if train_dir.is_dir() and earlier_run_files(train_dir):
+        raise FileExistsError(
+            f"--train-dir {train_dir} holds an earlier run: pass its heads with --heads {train_dir / 'heads'}, "
+            "or another --train-dir"
+        )
 
     config = TrainConfig(
         model=args.model,
