@@ -111,6 +111,12 @@ def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
         raise ValueError(f"--seq-len {settings['seq_len']}: pass at least 2 (a token and the one it predicts)")
     if settings["max_conversations"] is not None and settings["max_conversations"] < 2:
         raise ValueError(f"--max-conversations {settings['max_conversations']}: pass 2 or more (or omit it for all)")
+    recorded = settings["data"] if args.data is None else None
+    if recorded and Path(recorded).is_absolute() and not Path(recorded).exists():
+        raise FileNotFoundError(
+            f"the run's data {recorded} (from {run_file}) is not there any more: pass --data, the same "
+            "conversations, so that the held-out split is the one training never saw"
+        )
     settings["run_config"] = str(run_file) if run else None
     return settings
 

@@ -113,3 +113,18 @@ def test_eval_results_never_replace_the_data_or_the_heads_files(tmp_path):
         check_eval_output(heads / "config.json", heads, None)
     check_eval_output(heads / "eval.json", heads, str(data))  # the default, replaced on every eval
     check_eval_output(tmp_path / "results.json", heads, str(data))
+
+
+def test_eval_says_when_the_runs_data_is_gone(tmp_path):
+    import argparse
+
+    from fastmedusa.heads_eval import SPLIT_FIELDS, split_settings
+
+    (tmp_path / "run" / "heads").mkdir(parents=True)
+    gone = tmp_path / "moved.json"
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps({"data": str(gone), "eval_size": 8}))
+    args = argparse.Namespace(**dict.fromkeys(SPLIT_FIELDS))
+    with pytest.raises(FileNotFoundError, match=r"the run's data .*moved.json \(from .*train_config.json\) is not there"):
+        split_settings(args, tmp_path / "run" / "heads")
+    args.data = str(tmp_path / "other.json")  # --data given: the loader reports a missing one itself
+    assert split_settings(args, tmp_path / "run" / "heads")["data"] == args.data
