@@ -30,7 +30,7 @@ MALFORMED = [
     ({"id": "no turns"}, "no conversations/messages key"),
     ({"conversations": []}, "conversations is empty or not a list"),
     (record(("human", "hi"), ("gpt", "   ")), "empty turn"),
-    (record(("human", "hi"), ("wizard", "abracadabra")), "unknown role"),
+    (record(("human", "hi"), ("wizard", "abracadabra")), "unknown role 'wizard'"),
     (record(("human", "hi"), ("gpt", 42)), "non-string value"),
     (
         {"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]},

@@ -500,8 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         result = merge(args.plot)
     else:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit(
-                "fastmedusa bench loss needs a CUDA GPU (none is visible); --device cpu is a smoke test"
+            raise ValueError(
+                f"--device {args.device}: no CUDA GPU is visible; fastmedusa bench loss measures on a GPU "
+                "(--device cpu runs a smoke test)"
             )
         result = run_grid(args)
     result["summary"] = summary(result["rows"], result.get("loss", "ce"))

@@ -369,7 +369,7 @@ def _normalize_turn(turn: object) -> tuple[dict[str, str] | None, str | None]:
     if role is None or text is None:
         return None, "turn without from/role or value/content"
     if not isinstance(role, str) or role.lower() not in ROLES:
-        return None, "unknown role"
+        return None, f"unknown role {str(role)[:20]!r}"  # named: a whole file of another schema shows which
     if not isinstance(text, str):
         return None, "non-string value"
     if not text.strip():
