@@ -89,3 +89,14 @@ def test_bench_decode_does_not_train_into_an_earlier_run(tmp_path):
     args = argparse.Namespace(train_dir=str(tmp_path / "run"))
     with pytest.raises(FileExistsError, match=r"holds an earlier run: pass its heads with --heads .*run/heads"):
         train_heads(args)
+
+
+def test_bench_loss_where_nothing_runs_is_an_error(tmp_path, capsys):
+    from fastmedusa.cli import main
+
+    argv = ["bench", "loss", "--device", "cpu", "--impls", "liger", "--seq-lens", "8", "--heads", "1",
+            "--batch", "1", "--hidden", "8", "--vocab", "16", "--out", str(tmp_path / "x.json")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no row of the grid ran" in err[0] and "pick --impls" in err[0]
+    assert (tmp_path / "x.json").is_file()  # the rows saying why are kept

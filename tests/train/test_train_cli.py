@@ -122,3 +122,14 @@ def test_a_tokenizer_without_chat_template_is_refused_before_training(tiny_model
     assert len(err) == 1 and "has no chat template" in err[0] and "--tree-prompts 0" in err[0]
     assert not (tmp_path / "a" / "heads").exists()
     assert main([*argv, "--output-dir", str(tmp_path / "b"), "--tree-prompts", "0"]) == 0
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left(tiny_model_dir, sharegpt_file, tmp_path, capsys):
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(sharegpt_file), "--output-dir", str(tmp_path / "run"),
+            "--num-heads", "1", "--seq-len", "64", "--batch-size", "2", "--eval-size", "4", "--tree-prompts", "0",
+            "--no-progress", "--no-plot", "--device", "cpu"]  # fmt: skip
+    assert main([*argv, "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--max-steps", "1", "--resume"]) == 0
+    printed = capsys.readouterr()
+    assert "already at step 2 of 1: nothing left to train (raise --max-steps" in printed.out + printed.err

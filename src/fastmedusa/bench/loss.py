@@ -507,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
         result = run_grid(args)
     result["summary"] = summary(result["rows"], result.get("loss", "ce"))
     path = write_json(args.out, result)
+    if not any(r["status"] == "ok" for r in result["rows"]):
+        first = result["rows"][0] if result["rows"] else {}
+        raise ValueError(
+            f"no row of the grid ran (rows in {path}; e.g. {first.get('impl')}: {first.get('status')} "
+            f"{first.get('note', '')[:120]}): pick --impls that run on this device"
+        )
     png = plot(result, path.with_suffix(".png"))
     print("\n".join(result["summary"]))
     print(f"wrote {path} and {png}")

@@ -287,6 +287,11 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
     if config.resume:
         resumed = trainer.resume(report=say)
         say(f"resumed from {resumed} at step {trainer.step}/{trainer.total_steps}")
+        if trainer.step >= trainer.total_steps:
+            say(
+                f"the run is already at step {trainer.step} of {trainer.total_steps}: nothing left to train "
+                "(raise --max-steps or --epochs to continue it); its heads are written again"
+            )
     if backend.is_main_process():
         config.save(out / "train_config.json")
     trainer.log.write(environment_record(trainer))
