@@ -264,14 +264,24 @@ def _single_process_group_env() -> None:
 
 def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
     from fastmedusa.data import resolve_data_path
-    from fastmedusa.model import load_tokenizer
 
     started = time.perf_counter()
     data_path = resolve_data_path(config.data)  # a missing --data file fails before the model loads
+    created = not Path(config.output_dir).expanduser().exists()
     out = prepare_output_dir(config)
-    inputs = input_fingerprints(config, data_path)
-    if config.resume:
-        check_resume_inputs(config, backend.world_size, inputs)
+    try:
+        return _run(config, backend, out, data_path, started)
+    except Exception:
+        if created and backend.is_main_process() and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no empty directory behind
+        raise
+
+
+def _load_checked_tokenizer(config: TrainConfig, backend: SingleProcess | FSDPBackend):
+    """The tokenizer, refused without a chat template where tree.json is measured on chat prompts (before
+    training, not after it)."""
+    from fastmedusa.model import load_tokenizer
+
     tokenizer = load_tokenizer(config.model)
     measures_tree = config.tree_prompts and config.eval_size and isinstance(backend, SingleProcess)
     if measures_tree and not getattr(tokenizer, "chat_template", None):
@@ -279,6 +289,15 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
             f"the tokenizer of {config.model or 'the embedded model'} has no chat template, which the tree.json "
             "measure needs (held-out prompts in chat form): pass --tree-prompts 0, or use a chat model"
         )
+    return tokenizer
+
+
+def _run(config: TrainConfig, backend: SingleProcess | FSDPBackend, out: Path, data_path, started: float) -> dict:
+    """Load the tokenizer, data and model, then train, export the heads and measure their tree."""
+    inputs = input_fingerprints(config, data_path)
+    if config.resume:
+        check_resume_inputs(config, backend.world_size, inputs)
+    tokenizer = _load_checked_tokenizer(config, backend)
     train_batches, eval_batches = build_data(config, tokenizer, backend.world_size)
     model = build_model(config, getattr(train_batches, "encoded", None))
     remove_earlier_run(config)
