@@ -332,6 +332,8 @@ def test_bad_input_is_one_error_line(tiny_dir, data_file, tmp_path, smollm2_toke
     _one_error_line(_cli(*args), "--chat-template", "chat model")
     Path(out).write_text('{"id": "x"}\n')
     _one_error_line(_cli(*base, "--data", str(data_file), "--output", out), "--resume", "--overwrite")
+    short = ["--data", str(data_file), "--output", str(tmp_path / "none.jsonl"), "--max-prompt-tokens", "1"]
+    _one_error_line(_cli(*base, *short), "no conversation was distilled: all 6 were skipped", "--max-prompt-tokens")
 
 
 def test_output_that_is_the_data_is_refused_before_anything_is_written(data_file, tmp_path):

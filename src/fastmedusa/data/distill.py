@@ -702,4 +702,10 @@ def run_distill(args: argparse.Namespace) -> int:
     config = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
     stats = distill(config)
     print(stats.summary())
+    if stats.n_read and not stats.n_written:
+        reasons = ", ".join(f"{why}: {n}" for why, n in stats.skipped.most_common())
+        raise ValueError(
+            f"no conversation was distilled: all {stats.n_read} were skipped ({reasons}); "
+            "see --max-prompt-tokens and --max-turns"
+        )
     return 0
