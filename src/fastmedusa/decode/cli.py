@@ -174,7 +174,8 @@ def recorded_base_model(heads: str) -> str | None:
 
 
 def base_model_arg(model: str | None, heads: str | None) -> str | None:
-    """--model, or else the backbone that a stage-2 run saved beside --heads (said on stderr)."""
+    """--model, or else the backbone that a stage-2 run saved beside --heads, or else the base model the heads
+    record (said on stderr; None: the embedded SmolLM2)."""
     from fastmedusa.model.export import base_model_for_heads, trained_backbone
 
     resolved = base_model_for_heads(model, heads)
