@@ -123,8 +123,9 @@ def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
 
 def base_model_name(settings: dict, heads_config) -> str | None:
     """The base model to load: --model, the run's, else what the heads record ("embedded" = the default)."""
-    name = settings["model"] or heads_config.base_model_name_or_path
-    return None if name in (None, "", "embedded", "default") else name
+    from fastmedusa.model.export import recorded_base_model_name
+
+    return recorded_base_model_name(settings["model"] or heads_config.base_model_name_or_path)
 
 
 def held_out_conversations(settings: dict) -> list:

@@ -156,14 +156,14 @@ def recorded_base_model(heads: str) -> str | None:
     """The base model the heads' config.json names (`base_model_name_or_path`), when it is not the embedded
     default: heads trained on another model are decoded on it without --model (said on stderr)."""
     from fastmedusa.model.config import MedusaConfig
-    from fastmedusa.model.export import CONFIG_NAME, find_heads_dir
+    from fastmedusa.model.export import CONFIG_NAME, find_heads_dir, recorded_base_model_name
 
     try:
         config, _ = MedusaConfig.read_file(find_heads_dir(heads) / CONFIG_NAME)
     except (OSError, ValueError):  # heads that cannot be read: loading them reports it with its own message
         return None
-    name = config.base_model_name_or_path
-    if name in (None, "", "embedded", "default"):
+    name = recorded_base_model_name(config.base_model_name_or_path)
+    if name is None:
         return None
     if Path(name).is_absolute() and not Path(name).exists():
         raise FileNotFoundError(

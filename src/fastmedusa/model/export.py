@@ -308,6 +308,14 @@ def trained_backbone(heads: str | os.PathLike) -> Path | None:
     return path
 
 
+EMBEDDED_NAMES = ("embedded", "default")  # what a heads config records for the SmolLM2 fastmedusa ships
+
+
+def recorded_base_model_name(name: str | None) -> str | None:
+    """A heads config's `base_model_name_or_path` as a model to load: None for the embedded default."""
+    return None if not name or name in EMBEDDED_NAMES else name
+
+
 def base_model_for_heads(model: str | os.PathLike | None, heads: str | os.PathLike | None) -> str | None:
     """The base model to load: `model` when given, else the stage-2 backbone saved with the heads, else None
     (the embedded SmolLM2)."""
@@ -470,7 +478,7 @@ def model_card(directory: str | os.PathLike, layout: str = "medusa") -> str:
     tree = _read_json(directory / "tree.json")
     base = cfg.base_model_name_or_path or "unknown"
     hub_base = base if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists() else None
-    if base in ("embedded", "default"):  # `fastmedusa train` without --model: the SmolLM2 GGUF it ships
+    if base in EMBEDDED_NAMES:  # `fastmedusa train` without --model: the SmolLM2 GGUF it ships
         base, hub_base = EMBEDDED_BASE_TEXT, EMBEDDED_HUB_ID
     lines = ["---"]
     if hub_base:
