@@ -5,7 +5,9 @@ $BATCHES batch sizes (default "1"), $LAYERS decoder layers (default 30), $PROMPT
 (default 128) and $MAX_LEN the KV cache's slots per row (default 1024): a long prompt shows what attention over
 a long context costs a step; $TEMPERATURE (default 0: greedy;
 above 0: sampling and typical acceptance), $DRAFT_VOCABS the heads' vocabularies (default "0": the full 49,152;
-"0 16384 8192" measures each), $TREES tree presets (default "mc_sim_7b_63"; e.g. "mc_sim_7b_63 mc_sim_7b_31").
+"0 16384 8192" measures each), $TREES tree presets (default "mc_sim_7b_63"; e.g. "mc_sim_7b_63 mc_sim_7b_31"),
+$PROFILE=1 adds each row's kernels per step (`profile`: a profiled short call subtracted from a profiled long
+one, as `bench decode --profile` does; the timed pairs run without the profiler).
 Step time does not depend on weight values, and acceptance here is meaningless, so the result is the step
 time (the difference of a long and a short call divided by their difference in steps, which leaves out the
 prefill and the call's fixed cost; the median of REPEATS such pairs, all kept), the first call's time (it
@@ -37,7 +39,7 @@ from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastmedusa.bench.common import median
-from fastmedusa.bench.decode import timed_step_ms
+from fastmedusa.bench.decode import event_counts, profile_summary, synced_seconds, timed_step_ms
 from fastmedusa.decode import generate
 from fastmedusa.decode.engine import attention_layout, cached_engine, regional_compile
 from fastmedusa.decode.generate import cuda_graphs_mode
@@ -50,6 +52,7 @@ REPEATS = 5  # long/short pairs per row; the median is reported
 TEMPERATURE = float(os.environ.get("TEMPERATURE", 0))
 PROMPT_TOKENS = int(os.environ.get("PROMPT_TOKENS", 128))
 MAX_LEN = int(os.environ.get("MAX_LEN", 1024))
+PROFILE = os.environ.get("PROFILE", "0") == "1"
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = DEV == "cpu"
 
@@ -98,6 +101,8 @@ def measure(model: MedusaModel, batch: int, medusa: bool, tree: str | None = Non
     short = dict(kw, max_new_tokens=kw["max_new_tokens"] // 4)
     times = timed_step_ms(partial(generate, model, ids, **short), partial(generate, model, ids, **kw),
                           torch.device(DEV), REPEATS)  # fmt: skip
+    if PROFILE:
+        row["profile"] = profile_pair(partial(generate, model, ids, **short), partial(generate, model, ids, **kw))
     engine = cached_engine(model.base)
     row["attention"] = engine.attention if engine is not None else row["attention"]  # what "auto" resolved to
     row["sdpa_attention"] = engine.sdpa_attention if engine is not None else None  # the prefill's under "triton"
@@ -105,6 +110,19 @@ def measure(model: MedusaModel, batch: int, medusa: bool, tree: str | None = Non
                 step_ms_runs=[round(t, 3) for t in times], steps=out.steps,
                 tree_nodes=out.tree_nodes, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips,
                 uncaptured_step_runners=uncaptured_runners(model))  # fmt: skip
+
+
+def profile_pair(run_short, run_long) -> dict:
+    """Kernels per step under the profiler: a long call minus a short one (`profile_summary`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    runs = {}
+    for name, run in (("short", run_short), ("long", run_long)):
+        with profile(activities=activities) as prof:
+            out, seconds = synced_seconds(run, torch.device(DEV))
+        runs[name] = {"counts": event_counts(prof.events()), "steps": out.steps, "wall_ms": 1e3 * seconds}
+    return profile_summary(runs["short"], runs["long"])
 
 
 def uncaptured_runners(model: MedusaModel) -> int:

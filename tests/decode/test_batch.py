@@ -109,6 +109,27 @@ def test_triton_attention_batch_equals_hf_greedy(monkeypatch):
     assert out.tokens_per_step > 2
 
 
+def test_fused_argmax_batch_equals_hf_greedy(monkeypatch):
+    """Greedy tokens from the fused LM head + argmax kernel (interpreted here; the default on CUDA), in the
+    prefill, the plain steps and the verify passes: every row of a left-padded batch gets HF's greedy tokens,
+    with and without the tree."""
+    from fastmedusa.ops import linear_argmax
+
+    monkeypatch.setattr(linear_argmax, "FUSED_ARGMAX", "on")
+    model = tiny_llama(6, num_key_value_heads=2)  # a fresh model: engines are cached on the model
+    prompts = ragged_prompts([4, 7], seed=8)
+    references = [hf_greedy(model, p, 20) for p in prompts]
+    new = [r[0, p.shape[1] :] for p, r in zip(prompts, references)]
+    heads = BatchOracleHeads([OracleHeads(model, r, num_heads=3, p_top1=0.9, p_top2=0.05) for r in references])
+    ids, mask = left_pad(prompts)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=20, heads=heads, tree="mc_sim_7b_31")
+    check_rows(out, prompts, new, pad_id=0)
+    assert out.tokens_per_step > 2
+    plain = generate(model, ids, attention_mask=mask, max_new_tokens=20, medusa=False)
+    check_rows(plain, prompts, new, pad_id=0)
+    assert model.__dict__["_fastmedusa_engine"].fused_argmax
+
+
 def test_triton_attention_split_context_equals_hf_greedy(monkeypatch):
     """A context past one split of the cache (256 slots): each decode step's attention is cut into splits,
     merged by the kernel's last split; rows of different lengths give HF's greedy tokens all the same."""

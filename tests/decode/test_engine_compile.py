@@ -208,7 +208,7 @@ from fastmedusa.decode import generate, get_engine
 model = tiny_llama(0)
 out = generate(random_medusa(model, 2), torch.tensor([[5, 6, 7]]), max_new_tokens=6, tree="chain_2")
 engine = get_engine(model, 16)
-assert out.new_tokens == 6 and engine.attention == "gqa" and not engine.fused_move
+assert out.new_tokens == 6 and engine.attention == "gqa" and not engine.fused_move and not engine.fused_argmax
 print("decoded")
 """
     here = Path(__file__).parent

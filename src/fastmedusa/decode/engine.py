@@ -340,6 +340,7 @@ class DecodeEngine(nn.Module):
         # under Triton's interpreter with the "triton" layout (tests); else indexed copies per layer
         on_cuda = self.device.type == "cuda" and self.dtype in KERNEL_DTYPES and triton_available()
         self.fused_move = on_cuda or self.attention == "triton"
+        self.fused_argmax = fused_argmax_available(self.lm_head)
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:
@@ -398,6 +399,17 @@ class DecodeEngine(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head, self.lm_head_bias)
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """argmax of the logits of hidden (..., H): (...,) int64. Where `fused_argmax` (CUDA), one kernel that
+        keeps each row's best logit and never writes the logits (`fastmedusa.ops.linear_argmax`): on an H100
+        cuBLAS re-reads the LM head for a 64-node verify pass and the argmax is one more launch
+        (bench/results/linear_argmax_h100)."""
+        if self.fused_argmax:
+            from fastmedusa.ops.linear_argmax import linear_argmax_op
+
+            return linear_argmax_op(hidden, self.lm_head, self.lm_head_bias)
+        return self.logits(hidden).argmax(-1)
+
     def gather_rows(self, rows: torch.Tensor) -> None:
         """Move the cache of batch rows `rows` (R,) to rows 0..R-1 (compaction when rows finish)."""
         size = rows.shape[0]
@@ -432,6 +444,16 @@ class DecodeEngine(nn.Module):
         for w in self.layers:
             w.k_cache[rows, :, dst] = w.k_cache[rows, :, src]
             w.v_cache[rows, :, dst] = w.v_cache[rows, :, src]
+
+
+def fused_argmax_available(lm_head: torch.Tensor) -> bool:
+    """Whether greedy tokens come from the fused linear + argmax kernel (FASTMEDUSA_FUSED_ARGMAX, read at
+    import of `fastmedusa.ops.linear_argmax`: "auto" = CUDA with Triton, "on", "off")."""
+    if not triton_available():
+        return False
+    from fastmedusa.ops.linear_argmax import fused_argmax_supported
+
+    return fused_argmax_supported(lm_head, lm_head)
 
 
 def cached_engine(hf_model: nn.Module) -> DecodeEngine | None:

@@ -163,7 +163,7 @@ def sample_token(
 
 
 def node_acceptance(
-    logits: torch.Tensor,
+    logits: torch.Tensor | None,
     tokens: torch.Tensor,
     parents: torch.Tensor,
     temperature: float,
@@ -174,7 +174,8 @@ def node_acceptance(
     """(..., N) bool: would the base model, at node i's parent, accept node i's token?
 
     logits (..., N, V), tokens (..., N), parents (N,). Greedy (temperature 0): the token is the parent's
-    argmax (`argmax`, (..., N), when the caller has taken it already), which makes Medusa lossless. Typical
+    argmax (`argmax`, (..., N), when the caller has taken it already; logits may then be None), which makes
+    Medusa lossless. Typical
     acceptance: p(token) > min(epsilon, delta * exp(-H(p))), p = softmax(parent logits / temperature);
     computed from per-node log-sum-exp and entropy so that no (N, V) probability tensor is kept.
     """
@@ -222,7 +223,10 @@ def make_plain_step(engine: DecodeEngine, temperature: float, eos_ids: torch.Ten
         mask = (positions[None, :] <= cur[:, None]) & (positions[None, :] >= offset[:, None])  # (B, max_len)
         rope = cur - offset
         hidden = engine(token[:, None], cur[:, None], rope[:, None], mask[:, None, :])  # (B, 1, H)
-        nxt = sample_token(engine.logits(hidden[:, 0]), temperature, seeds, rope + 1, keys)  # (B,)
+        if temperature <= 0:
+            nxt = engine.greedy_tokens(hidden[:, 0])  # (B,)
+        else:
+            nxt = sample_token(engine.logits(hidden[:, 0]), temperature, seeds, rope + 1, keys)
         n = n + (~done).long()
         emitted = torch.where(done, pad_id, nxt)
         done = done | _is_eos(nxt, eos_ids) | (n >= limit)
@@ -274,8 +278,9 @@ def make_medusa_step(
         mask = prefix[:, None, :] | tree_part
         rope0 = cur - offset
         hidden = engine(tokens, cur[:, None] + node_rows, rope0[:, None] + tree.depths, mask)  # (B, N, H)
-        logits = engine.logits(hidden)  # (B, N, V)
-        node_argmax = logits.argmax(-1) if temperature <= 0 else None  # (B, N): greedy's token after each node
+        # greedy needs only each node's argmax (B, N), the base model's token after it: no logits written
+        node_argmax = engine.greedy_tokens(hidden) if temperature <= 0 else None
+        logits = engine.logits(hidden) if node_argmax is None else None  # (B, N, V)
         node_ok = node_acceptance(logits, tokens, tree.parents, temperature, epsilon, delta, node_argmax)
         best, accepted = longest_accepted_path(node_ok, tree)
         path = tree.retrieve_indices[best]  # (B, depth+1)
@@ -798,7 +803,10 @@ def _prefill(
     bsz, length = ids.shape
     last = _prompt_through_cache(engine, ids, offsets, chunk, compile)
     real_len = length - offsets
-    token = sample_token(engine.logits(last), temperature, seeds, real_len)  # (B,)
+    if temperature <= 0:  # the same kernel as the greedy steps
+        token = engine.greedy_tokens(last)  # (B,)
+    else:
+        token = sample_token(engine.logits(last), temperature, seeds, real_len)
     n = torch.ones(bsz, dtype=torch.long, device=engine.device)
     limit = torch.full_like(n, max_new_tokens)
     done = _is_eos(token, eos_ids) | (n >= limit)
