@@ -354,10 +354,17 @@ class DecodeEngine(nn.Module):
         self.register_buffer("rope_sin", (emb.sin() * scale).to(self.dtype), persistent=False)
 
     def forward(
-        self, tokens: torch.Tensor, cache_rows: torch.Tensor, rope_pos: torch.Tensor, mask: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        cache_rows: torch.Tensor,
+        rope_pos: torch.Tensor,
+        mask: torch.Tensor,
+        kv_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run tokens (B, T) of cache rows 0..B-1, writing token t of row b into cache slot cache_rows[b, t]
-        with RoPE position rope_pos[b, t]; mask (B, T, max_len) bool, True = may attend.
+        with RoPE position rope_pos[b, t]; mask (B, T, max_len) bool, True = may attend. `kv_end` (B,): one
+        past the last slot the row's mask allows, where the caller knows it (a decode step: the newest token's
+        slot + 1), so that it is not reduced out of the mask; the Triton attention reads only slots below it.
 
         Returns the final-normed hidden states (B, T, H).
         """
@@ -366,7 +373,7 @@ class DecodeEngine(nn.Module):
         x = F.embedding(tokens, self.embed)  # (B, T, H)
         cos = self.rope_cos[rope_pos][:, :, None, :]  # (B, T, 1, hd)
         sin = self.rope_sin[rope_pos][:, :, None, :]
-        layout, attn_mask, kv_end = self._attention_inputs(mask, seq)
+        layout, attn_mask, kv_end = self._attention_inputs(mask, seq, kv_end)
         batch_rows = torch.arange(bsz, device=tokens.device)[:, None]  # (B, 1)
         delta = None
         for w in self.layers:
@@ -378,7 +385,9 @@ class DecodeEngine(nn.Module):
             )  # fmt: skip
         return rms_norm(x + delta, self.final_norm, self.eps)
 
-    def _attention_inputs(self, mask: torch.Tensor, seq: int) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    def _attention_inputs(
+        self, mask: torch.Tensor, seq: int, kv_end: torch.Tensor | None = None
+    ) -> tuple[str, torch.Tensor, torch.Tensor | None]:
         """(layout, mask, kv_end) for this forward's layers, built once per forward, not per layer.
 
         The Triton kernel reads the boolean mask and each row's end of visible slots. SDPA gets an additive
@@ -388,7 +397,7 @@ class DecodeEngine(nn.Module):
             from fastmedusa.ops.tree_attention import MAX_TREE_TOKENS, visible_end
 
             if seq <= MAX_TREE_TOKENS:
-                return "triton", mask, visible_end(mask)
+                return "triton", mask, visible_end(mask) if kv_end is None else kv_end
         bias = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device)
         bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)
         groups = self.num_heads // self.num_kv_heads

@@ -222,7 +222,8 @@ def make_plain_step(engine: DecodeEngine, temperature: float, eos_ids: torch.Ten
     def step(token, cur, offset, seeds, n, limit, done):
         mask = (positions[None, :] <= cur[:, None]) & (positions[None, :] >= offset[:, None])  # (B, max_len)
         rope = cur - offset
-        hidden = engine(token[:, None], cur[:, None], rope[:, None], mask[:, None, :])  # (B, 1, H)
+        kv_end = (cur + 1).clamp(max=engine.max_len)  # the mask's last slot + 1, not reduced out of it
+        hidden = engine(token[:, None], cur[:, None], rope[:, None], mask[:, None, :], kv_end)  # (B, 1, H)
         if temperature <= 0:
             nxt = engine.greedy_tokens(hidden[:, 0])  # (B,)
         else:
@@ -277,7 +278,8 @@ def make_medusa_step(
         tree_part = tree_mask_t[rel.clamp(0, n_nodes - 1)].transpose(1, 2) & in_tree[:, None, :]  # (B, N, L)
         mask = prefix[:, None, :] | tree_part
         rope0 = cur - offset
-        hidden = engine(tokens, cur[:, None] + node_rows, rope0[:, None] + tree.depths, mask)  # (B, N, H)
+        kv_end = (cur + n_nodes).clamp(max=engine.max_len)  # the last node's slot + 1 (within the cache)
+        hidden = engine(tokens, cur[:, None] + node_rows, rope0[:, None] + tree.depths, mask, kv_end)  # (B, N, H)
         # greedy needs only each node's argmax (B, N), the base model's token after it: no logits written
         node_argmax = engine.greedy_tokens(hidden) if temperature <= 0 else None
         logits = engine.logits(hidden) if node_argmax is None else None  # (B, N, V)
