@@ -28,6 +28,13 @@ SHAPES = [(1, 576, 777), (3, 37, 1000), (17, 64, 5000), (65, 96, 3001)]
 SMALL = (16, 64, 32, 4, 1)  # many vocab tiles and K chunks for small shapes
 
 
+@pytest.fixture(autouse=True)
+def _fused_on_cuda(request, monkeypatch):
+    """GPU tests run the fused path on CUDA whatever the default mode ("auto")."""
+    if request.node.get_closest_marker("gpu"):
+        monkeypatch.setattr(la, "FUSED_ARGMAX", "auto")
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
@@ -231,6 +238,8 @@ def test_custom_op_passes_opcheck(gen):
 
 def test_dispatch_rule(monkeypatch):
     x, w = torch.randn(2, 8), torch.randn(50, 8)
+    assert not fused_argmax_supported(x, w)  # the default ("off"), and "auto" on the CPU
+    monkeypatch.setattr(la, "FUSED_ARGMAX", "auto")
     assert not fused_argmax_supported(x, w)  # "auto": CUDA only
     monkeypatch.setattr(la, "FUSED_ARGMAX", "on")
     assert fused_argmax_supported(x, w)

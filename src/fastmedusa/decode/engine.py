@@ -409,10 +409,11 @@ class DecodeEngine(nn.Module):
         return F.linear(hidden, self.lm_head, self.lm_head_bias)
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
-        """argmax of the logits of hidden (..., H): (...,) int64. Where `fused_argmax` (CUDA), one kernel that
-        keeps each row's best logit and never writes the logits (`fastmedusa.ops.linear_argmax`): on an H100
-        cuBLAS re-reads the LM head for a 64-node verify pass and the argmax is one more launch
-        (bench/results/linear_argmax_h100)."""
+        """argmax of the logits of hidden (..., H): (...,) int64. Where `fused_argmax` (opt-in on CUDA,
+        FASTMEDUSA_FUSED_ARGMAX=auto), one kernel that keeps each row's best logit and never writes the logits
+        (`fastmedusa.ops.linear_argmax`); else F.linear then argmax. Why: in a profiled 64-node verify pass on
+        an H100, cuBLAS's GEMM over the LM head took 32 us against 22 us for one row, and the argmax over the
+        written logits another 10 us (bench/results/decode_draft_heads_h100)."""
         if self.fused_argmax:
             from fastmedusa.ops.linear_argmax import linear_argmax_op
 
@@ -457,7 +458,7 @@ class DecodeEngine(nn.Module):
 
 def fused_argmax_available(lm_head: torch.Tensor) -> bool:
     """Whether greedy tokens come from the fused linear + argmax kernel (FASTMEDUSA_FUSED_ARGMAX, read at
-    import of `fastmedusa.ops.linear_argmax`: "auto" = CUDA with Triton, "on", "off")."""
+    import of `fastmedusa.ops.linear_argmax`: "off" by default, "auto" = CUDA with Triton, "on")."""
     if not triton_available():
         return False
     from fastmedusa.ops.linear_argmax import fused_argmax_supported
