@@ -33,6 +33,7 @@ nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
 from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
 from fastmedusa.ops.kv_move import launch_move_kv  # noqa: E402
+from fastmedusa.ops.linear_argmax import _default_block, linear_argmax_triton  # noqa: E402
 from fastmedusa.ops.tree_attention import launch_tree_attention, visible_end  # noqa: E402
 from fastmedusa.ops.triton_kl import kl_step_triton, teacher_lse_triton  # noqa: E402
 from fastmedusa.ops.triton_softmax import softmax_grad_triton  # noqa: E402
@@ -194,8 +195,20 @@ def _kl(dtype: torch.dtype) -> None:
     kl_step_triton(student.clone(), teacher, torch.tensor([0, 1, 1, 3, 4]), lse, None)
 
 
+def _linear_argmax(dtype: torch.dtype) -> None:
+    """The GPU's tiles by row count (a plain step, a 63-node tree, a batch of trees), with and without a bias,
+    and larger tiles that fit an H100's shared memory (the GPU tests' overrides)."""
+    weight, bias = torch.randn(49152, 576).to(dtype), torch.randn(49152).to(dtype)
+    for rows in (1, 64, 1024):
+        x = torch.randn(rows, 576).to(dtype)
+        linear_argmax_triton(x, weight, bias, _default_block(rows, torch.device("cuda")))
+        linear_argmax_triton(x, weight, None, _default_block(rows, torch.device("cuda")))
+    for block in ((128, 128, 64, 8, 3), (64, 256, 64, 8, 3)):
+        linear_argmax_triton(torch.randn(300, 576).to(dtype), weight, None, block)
+
+
 LAUNCHERS = {"tree_attention": _attention, "move_kv": _move_kv, "topk": _topk, "softmax_grad": _softmax_grad,
-             "kl": _kl}  # fmt: skip
+             "kl": _kl, "linear_argmax": _linear_argmax}  # fmt: skip
 LOOKS_LIKE_CUDA = {"softmax_grad", "kl"}  # launchers that pick their block size by `tensor.is_cuda`
 
 

@@ -26,7 +26,8 @@ Dispatch: `linear_argmax` runs the custom op `fastmedusa::linear_argmax` (opaque
 sync, output and scratch from torch.empty: safe under CUDA graph capture) when `fused_argmax_supported`, else
 F.linear(...).argmax(-1). FASTMEDUSA_FUSED_ARGMAX (read at import): "off" (the default: always F.linear +
 argmax), "auto" (CUDA only) or "on" (any device: the CPU needs TRITON_INTERPRET=1, for tests). Off by default
-until it has run on a GPU: so far it is tested under Triton's interpreter (fp32/fp16) only; its GPU tests
+until it has run on a GPU: so far it is tested under Triton's interpreter (fp32/fp16) and compiled for an H100
+(sm_90, every dtype, within its shared memory: tests/ops/test_compile_hopper.py); its GPU tests
 (`pytest -m gpu tests/ops/test_linear_argmax.py`, bf16 included) and `bench/linear_argmax.py` have not run.
 """
 
