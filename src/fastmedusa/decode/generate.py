@@ -175,9 +175,9 @@ def node_acceptance(
 
     logits (..., N, V), tokens (..., N), parents (N,). Greedy (temperature 0): the token is the parent's
     argmax (`argmax`, (..., N), when the caller has taken it already; logits may then be None), which makes
-    Medusa lossless. Typical
-    acceptance: p(token) > min(epsilon, delta * exp(-H(p))), p = softmax(parent logits / temperature);
-    computed from per-node log-sum-exp and entropy so that no (N, V) probability tensor is kept.
+    Medusa lossless. Typical acceptance: p(token) > min(epsilon, delta * exp(-H(p))), p = softmax(parent
+    logits / temperature); computed from per-node log-sum-exp and entropy so that no (N, V) probability
+    tensor is kept.
     """
     parent_idx = parents.expand(tokens.shape)
     if temperature <= 0:
