@@ -44,6 +44,7 @@ from fastmedusa.decode import generate
 from fastmedusa.decode.engine import attention_layout, cached_engine, regional_compile
 from fastmedusa.decode.generate import cuda_graphs_mode
 from fastmedusa.model import MedusaConfig, MedusaModel
+from fastmedusa.ops.linear_argmax import FUSED_ARGMAX
 
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1").split()]
 DRAFT_VOCABS = [int(v) for v in os.environ.get("DRAFT_VOCABS", "0").split()]  # 0: the full vocabulary
@@ -106,6 +107,7 @@ def measure(model: MedusaModel, batch: int, medusa: bool, tree: str | None = Non
     engine = cached_engine(model.base)
     row["attention"] = engine.attention if engine is not None else row["attention"]  # what "auto" resolved to
     row["sdpa_attention"] = engine.sdpa_attention if engine is not None else None  # the prefill's under "triton"
+    row["fused_argmax"] = engine.fused_argmax if engine is not None else None  # greedy tokens without logits
     return dict(row, first_call_s=round(first, 1), step_ms=round(median(times), 3),
                 step_ms_runs=[round(t, 3) for t in times], steps=out.steps,
                 tree_nodes=out.tree_nodes, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips,
@@ -192,7 +194,7 @@ def main() -> None:
                           f"step = {rows[-1]['step_ms'] / plain['step_ms']:.2f}x", flush=True)  # fmt: skip
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     result = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
-                  date=time.strftime("%Y-%m-%d"), rows=rows)  # fmt: skip
+                  date=time.strftime("%Y-%m-%d"), fused_argmax_mode=FUSED_ARGMAX, rows=rows)  # fmt: skip
     suffix = "" if DRAFT_VOCABS == [0] and TREES == ["mc_sim_7b_63"] else "_heads_trees"
     if PROMPT_TOKENS != 128 or MAX_LEN != 1024:
         suffix += f"_P{PROMPT_TOKENS}_S{MAX_LEN}"
