@@ -215,6 +215,7 @@ def test_outputs_that_cannot_be_written_name_what_is_in_the_way(tmp_path):
         (["decode", "--tree", "auto:0"], "node count after 'auto:' must be an integer >= 1"),
         (["decode", "--batch-sizes", "4", "0"], "'0': pass an integer of 1 or more"),
         (["decode", "--new-tokens", "-3"], "'-3': pass an integer of 1 or more"),
+        (["decode", "--train-steps", "-1"], "'-1': pass an integer of 1 or more"),
         (["loss", "--warmup", "-1"], "'-1': pass an integer of 0 or more"),
         (["loss", "--prompt-frac", "1.5"], "'1.5': pass a fraction in [0, 1)"),
         (["train", "--masked-frac", "half"], "'half': pass a fraction in [0, 1)"),
@@ -237,6 +238,22 @@ def test_bench_flags_out_of_range_are_usage_errors(capsys, argv, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {next(a for a in argv if a.startswith('--'))}" in err and message in err
+
+
+def test_outputs_in_the_way_stop_a_command_before_its_work(tmp_path, capsys):
+    """bench decode / bench heads --out and export --output are checked before any model loads: a benchmark
+    that ran for minutes must not fail at its last write."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [
+        (["bench", "decode", "--out", str(tmp_path)], f"--out {tmp_path} is a directory: pass a file path"),
+        (["bench", "heads", "--heads", str(tmp_path), "--out", str(blocker / "h.json")], f"{blocker} is a file, not a directory"),
+        (["export", str(tmp_path), "--output", str(blocker / "sub")], f"{blocker} is a file, not a directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_model_directory_without_a_tokenizer_says_so(tmp_path):

@@ -31,6 +31,25 @@ def make_parent_directory(path: Path) -> None:
         raise NotADirectoryError(f"cannot write {path}: {where}; pass another path") from err
 
 
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Fail before any work when `path` cannot become a file: it is a directory, or a file stands where one of
+    its folders would go (found at the end of a long run, that would cost the run)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a directory: pass a file path, e.g. {path / 'out.json'}")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"{flag} {path}: {blocker} is a file, not a directory; pass another path")
+
+
+def check_output_directory(path: str | os.PathLike, flag: str = "--output") -> None:
+    """Fail before any work when `path` cannot become a directory: a file stands there or above it."""
+    path = Path(path)
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"{flag} {path}: {blocker} is a file, not a directory; pass another path")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; once the block succeeds it becomes `path` in one rename.

@@ -54,7 +54,7 @@ def test_epochs_reshuffle_and_drop_last():
     second = [rows_of(b) for b in loader]
     assert loader.epoch == 2 and len(first) == len(second) == 2
     assert first != second
-    with pytest.raises(ValueError, match="no batch of 20"):
+    with pytest.raises(ValueError, match="only 10 training conversation.*too few for one batch of 20.*--eval-size"):
         ConversationBatches(data, batch_size=20, drop_last=True)
 
 

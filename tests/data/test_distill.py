@@ -294,6 +294,40 @@ def test_resume_refuses_other_settings_and_overwrite_restarts(tiny, data_file, t
     assert stats.n_written == 6 and len(_read_jsonl(out)) == 6
 
 
+@pytest.mark.parametrize(
+    "progress, message",
+    [
+        ('{"consumed": 2, "records": 2}', "not a progress file"),  # no settings
+        ("[1, 2]", "not a progress file"),
+        ("garbage{", "not valid JSON"),
+        ('{"consumed": "2", "records": 2, "settings": {}}', "not a progress file"),
+    ],
+)
+def test_resume_refuses_a_file_that_is_not_a_progress_file(tiny, data_file, tmp_path, progress, message):
+    model, tokenizer = tiny
+    out = tmp_path / "out.jsonl"
+    config = DistillConfig(output=str(out), data=str(data_file), max_new_tokens=MAX_NEW, batch_size=1)
+    distill_conversations(model, tokenizer, config)
+    before = out.read_bytes()
+    progress_path(out).write_text(progress)
+    with pytest.raises(ValueError, match=f"{message}.*--overwrite"):
+        distill_conversations(model, tokenizer, DistillConfig(**{**vars(config), "resume": True}))
+    assert out.read_bytes() == before
+
+
+def test_resume_refuses_lost_records_and_leaves_the_file_as_is(tiny, data_file, tmp_path):
+    model, tokenizer = tiny
+    out = tmp_path / "out.jsonl"
+    config = DistillConfig(output=str(out), data=str(data_file), max_new_tokens=MAX_NEW, batch_size=1)
+    distill_conversations(model, tokenizer, config)
+    first = out.read_bytes().index(b"\n") + 1
+    cut = out.read_bytes()[: first + 10]  # record 1 whole, record 2 torn, the rest gone
+    out.write_bytes(cut)
+    with pytest.raises(ValueError, match="1 complete records but .* expects 6: records after #1 were lost"):
+        distill_conversations(model, tokenizer, DistillConfig(**{**vars(config), "resume": True}))
+    assert out.read_bytes() == cut  # refused before the torn line was cut
+
+
 def _cli(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -153,6 +153,8 @@ def test_generate_compiles_only_when_asked(saved, capsys, monkeypatch, flag, com
     ("argv", "env", "message"),
     [
         (["--prompt", ""], {}, "--prompt is empty"),
+        (["--prompt", "ok \udcff\udcfe bytes"], {}, "is not valid UTF-8 text"),  # argv's non-UTF-8 bytes
+        (["--prompt", "Hi", "--prompt", "Yo", "--batch-size", "1", "--tree", "auto"], {}, "pass --tree auto:N"),
         (["--prompt", "Hi", "--temperature", "inf"], {}, "temperature=inf (--temperature): pass a finite number"),
         (["--prompt", "Hi", "--typical-epsilon", "-1"], {}, "(--typical-epsilon): pass a finite number, 0 or more\n"),
         (["--prompt", "Hi", "--device", "mps"], {}, "--device mps: fastmedusa runs on cpu or cuda"),

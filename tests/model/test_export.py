@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,6 +163,41 @@ def test_reads_earlier_prefixed_layout_and_torch_save(make_llama, tmp_path):
         assert torch.equal(_logits(fresh), _logits(model)), name
         export_heads(tmp_path / name, tmp_path / f"{name}_vllm", "vllm")
         assert read_heads(tmp_path / f"{name}_vllm").layout == "vllm"
+
+
+class _RunsCode:
+    """Unpickling this would call os.system: a weights-only load must refuse it without running it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bad_torch_save_heads_file_is_one_clear_error(tmp_path):
+    marker = tmp_path / "ran"
+    cases = {
+        "code": ({"0.0.linear.weight": _RunsCode(marker)}, "holds Python objects besides tensors.*refused unread"),
+        "list": ([1, 2, 3], "holds a list, not a dict of tensors"),
+        "int": ({"0.0.linear.weight": 5}, "'0.0.linear.weight' is a int, not a tensor"),
+    }
+    for name, (payload, message) in cases.items():
+        (tmp_path / name).mkdir()
+        torch.save(payload, tmp_path / name / LEGACY_WEIGHTS_NAME)
+        (tmp_path / name / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1}))
+        with pytest.raises(ValueError, match=message) as err:
+            read_heads(tmp_path / name)
+        assert "weights_only" not in str(err.value), "torch's advice to load unsafely is not passed on"
+    assert not marker.exists()
+    (tmp_path / "cut").mkdir()
+    data = (tmp_path / "list" / LEGACY_WEIGHTS_NAME).read_bytes()
+    (tmp_path / "cut" / LEGACY_WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut" / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1}))
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        read_heads(tmp_path / "cut")
 
 
 TOKEN_MAP = torch.tensor([5, 0, 17, 200, 3, 9, 255, 64, 12, 100, 42, 7])

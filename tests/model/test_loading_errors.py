@@ -14,6 +14,42 @@ def test_a_corrupt_safetensors_file_is_named(make_llama, tmp_path):
         load_base_model(tmp_path)
 
 
+class _RunsCode:
+    """Unpickling this would call os.system: transformers' weights-only load must refuse it unrun."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_bad_pytorch_checkpoint_is_one_clear_error(make_llama, tmp_path):
+    model = make_llama()
+
+    def save_as_torch_checkpoint(directory):  # config.json + pytorch_model.bin, no safetensors file
+        model.save_pretrained(directory)
+        for weights in directory.glob("*.safetensors"):
+            weights.unlink()
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
+
+    save_as_torch_checkpoint(tmp_path / "whole")
+    assert load_base_model(tmp_path / "whole") is not None  # the format itself loads
+    save_as_torch_checkpoint(tmp_path / "cut")
+    weights = tmp_path / "cut" / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="a PyTorch checkpoint there cannot be read .*truncated or corrupt"):
+        load_base_model(tmp_path / "cut")
+    save_as_torch_checkpoint(tmp_path / "code")
+    marker = tmp_path / "ran"
+    torch.save({"state": _RunsCode(marker)}, tmp_path / "code" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="holds Python objects besides tensors, so it was refused unread") as err:
+        load_base_model(tmp_path / "code")
+    assert "weights_only" not in str(err.value) and not marker.exists()
+
+
 @pytest.mark.parametrize("tail", [b"\x03\x00\x00\x00", b"\x03\x00\x00\x00" + b"\x01" * 11])
 def test_a_truncated_gguf_file_is_named(tmp_path, tail):
     pytest.importorskip("gguf")
@@ -36,7 +72,7 @@ def test_triton_loss_on_the_cpu_without_the_interpreter_says_what_to_pass(monkey
 
 @pytest.mark.parametrize(
     "field, value, match",
-    [("medusa_num_heads", 0, "num_heads must be an integer >= 1"), ("draft_vocab_size", 5, "draft_vocab_size=5")],
+    [("medusa_num_heads", 0, r"num_heads \(medusa_num_heads in a heads config.json.*must be an integer >= 1, got 0"), ("draft_vocab_size", 5, "draft_vocab_size=5")],
 )
 def test_a_bad_value_in_a_heads_config_names_the_file(make_llama, tmp_path, field, value, match):
     import json

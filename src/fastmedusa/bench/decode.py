@@ -32,6 +32,7 @@ from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
 from fastmedusa.decode.engine import attention_layout, cached_engine, regional_compile
 from fastmedusa.decode.generate import CUDA_GRAPHS_MODES, cuda_graphs_mode
 from fastmedusa.decode.trees import check_tree_name
+from fastmedusa.files import check_output_file
 from fastmedusa.ops import triton_topk
 from fastmedusa.progress import Progress
 
@@ -63,10 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastmedusa bench decode", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("--heads", default=None, help="trained heads directory (default: train them in this run)")
-    p.add_argument("--num-heads", type=int, default=3, help="heads to train when --heads is not given")
-    p.add_argument("--train-steps", type=int, default=400, help="stage-1 steps when training in this run")
-    p.add_argument("--train-batch-size", type=int, default=8, help="rows per training step")
-    p.add_argument("--train-seq-len", type=int, default=512, help="tokens per training row")
+    p.add_argument("--num-heads", type=positive_int, default=3, help="heads to train when --heads is not given")
+    p.add_argument("--train-steps", type=positive_int, default=400, help="stage-1 steps when training in this run")
+    p.add_argument("--train-batch-size", type=positive_int, default=8, help="rows per training step")
+    p.add_argument("--train-seq-len", type=positive_int, default=512, help="tokens per training row")
     p.add_argument("--train-dir", default="runs/bench_decode", help="where the run's heads are written")
     p.add_argument(
         "--prompts",
@@ -513,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastmedusa.model import MedusaModel, load_tokenizer
 
     args = parse_args(argv)
+    check_output_file(args.out)
     if args.cuda_graphs is not None:
         os.environ["FASTMEDUSA_CUDA_GRAPHS"] = args.cuda_graphs
     args.cuda_graphs = cuda_graphs_mode()  # checked, and the mode the run used, whoever set it

@@ -133,9 +133,9 @@ class ConversationBatches:
             )
         if len(self._plan(0)) == 0:
             raise ValueError(
-                f"{len(encoded)} encoded conversations give no batch of {batch_size}"
-                + (" with drop_last=True" if drop_last else "")
-                + ": pass more data or a smaller batch_size"
+                f"only {len(encoded)} training conversation(s) left after encoding, too few for one batch of "
+                f"{batch_size}: pass more data (--data, --max-conversations), a smaller --eval-size (held-out "
+                "conversations are not trained on) or a smaller --batch-size"
             )
 
     def _plan(self, epoch: int) -> list[list[list[int]]]:

@@ -390,6 +390,13 @@ def progress_path(output: str | os.PathLike) -> Path:
     return Path(str(Path(output).expanduser()) + PROGRESS_SUFFIX)
 
 
+def complete_lines(path: Path) -> int:
+    """Whole records in the file: the lines up to its last newline (a killed writer may leave half a record
+    after it)."""
+    with open(path, "rb") as f:
+        return f.read().count(b"\n")
+
+
 def drop_torn_line(path: Path) -> int:
     """Cut the file after its last newline (a killed writer may leave half a record); return its lines."""
     with open(path, "r+b") as f:
@@ -400,6 +407,28 @@ def drop_torn_line(path: Path) -> int:
             f.flush()
             os.fsync(f.fileno())
     return data.count(b"\n", 0, keep)
+
+
+def read_progress(path: Path, output: str) -> dict:
+    """The progress record beside `output`, checked: a file that is not one (edited, from another tool, cut
+    short) stops the resume with one line instead of a KeyError mid-way."""
+    restart = "pass --overwrite to start again (or another --output)"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume: {path} is not valid JSON ({e}): it is not a progress file of "
+                         f"`fastmedusa distill`; {restart}") from None  # fmt: skip
+    ok = (
+        isinstance(state, dict)
+        and all(isinstance(state.get(k), int) and state[k] >= 0 for k in ("consumed", "records"))
+        and isinstance(state.get("settings"), dict)
+    )
+    if not ok:
+        raise ValueError(
+            f"--resume: {path} is not a progress file of `fastmedusa distill` (expected an object with "
+            f'"consumed", "records" and "settings"), so where the run of {output} stopped is unknown; {restart}'
+        )
+    return state
 
 
 def append_records(path: Path, records: list[dict]) -> None:
@@ -447,7 +476,7 @@ def prepare_output(config: DistillConfig, settings: dict) -> _Start:
             f"--resume: {config.output} has no {state_path.name} beside it, so where its run stopped is "
             "unknown: pass --overwrite to start again (or another --output)"
         )
-    state = json.loads(state_path.read_text(encoding="utf-8"))
+    state = read_progress(state_path, config.output)
     for key, value in settings.items():
         if state["settings"].get(key) != value:
             flag = "--" + key.replace("_", "-")
@@ -455,13 +484,20 @@ def prepare_output(config: DistillConfig, settings: dict) -> _Start:
                 f"--resume with {flag} {value!r}, but {config.output} was started with "
                 f"{state['settings'].get(key)!r}: pass the same value (or --overwrite to start again)"
             )
-    lines = drop_torn_line(out)
+    lines = complete_lines(out)  # checked before the torn line is cut: a refused resume leaves the file as is
     ahead = lines - state["records"]
-    if ahead < 0 or ahead > GROUP_BATCHES * config.batch_size:
+    if ahead < 0:
+        raise ValueError(
+            f"--resume: {config.output} has {lines} complete records but {state_path.name} expects "
+            f"{state['records']}: records after #{lines} were lost (the file was cut or edited); restore it, "
+            f"or pass --overwrite to start again (this drops its {lines} complete records)"
+        )
+    if ahead > GROUP_BATCHES * config.batch_size:
         raise ValueError(
             f"--resume: {config.output} has {lines} records but {state_path.name} expects "
             f"{state['records']}: the file was changed by hand; pass --overwrite to start again"
         )
+    drop_torn_line(out)
     return _Start(state["consumed"], state["records"], ahead)
 
 

@@ -214,18 +214,36 @@ def load_for_generation(args: argparse.Namespace, device: torch.device, dtype: t
     return base, base
 
 
+def check_prompts(prompts: list[str]) -> None:
+    """Empty or non-UTF-8 prompts fail before the model loads, with one line each."""
+    if any(not prompt for prompt in prompts):
+        raise ValueError("--prompt is empty: give the text to continue (or to answer, with --chat)")
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")  # bytes that are not UTF-8 reach argv as lone surrogates
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"--prompt {prompt[:40]!r} is not valid UTF-8 text: pass text (convert the file or shell "
+                "variable to UTF-8 first)"
+            ) from None
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from fastmedusa.decode.generate import generate
     from fastmedusa.model import load_tokenizer
 
+    check_prompts(args.prompt)
+    if args.batch_size is not None and args.batch_size < len(args.prompt) and args.tree == "auto":
+        raise ValueError(
+            "--tree auto measures one batch size, and --batch-size below the number of prompts refills slots: "
+            "pass --tree auto:N (N nodes from the heads' tree.json) or a preset, or leave out --batch-size"
+        )
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     args.model = base_model_arg(args.model, args.heads)
     tokenizer = load_tokenizer(args.model)
     model, base = load_for_generation(args, device, dtype)
     from fastmedusa.decode.accuracy import left_pad_batch
 
-    if any(not prompt for prompt in args.prompt):
-        raise ValueError("--prompt is empty: give the text to continue (or to answer, with --chat)")
     encoded = [encode_prompt(tokenizer, prompt, args.chat) for prompt in args.prompt]
     if args.batch_size is not None and args.batch_size < len(encoded):
         return _generate_in_slots(args, tokenizer, model, base, encoded)

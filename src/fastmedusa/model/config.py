@@ -44,7 +44,8 @@ class MedusaConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(
-                f"num_heads must be an integer >= 1, got {self.num_heads!r}: pass --num-heads 3 or more"
+                f"num_heads (medusa_num_heads in a heads config.json, --num-heads of `fastmedusa train`) must be "
+                f"an integer >= 1, got {self.num_heads!r}"
             )
         if not isinstance(self.num_layers, int) or self.num_layers < 0:
             raise ValueError(f"num_layers must be an integer >= 0, got {self.num_layers!r}")

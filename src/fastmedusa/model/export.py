@@ -356,6 +356,37 @@ _LAYOUT_FIELDS = {
 }  # fmt: skip
 
 
+def _load_tensor_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """FasterDecoding's torch.save file, read weights-only (no code in it runs): a dict of tensors, or one
+    clear error. torch's own refusal text suggests loading with weights_only=False; that advice is not passed
+    on for a file of unknown origin."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch warns about legacy (non-zip) pickles before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise ValueError(f"{path} is truncated or corrupt ({err}): export or train the heads again") from None
+        raise ValueError(
+            f"{path} holds Python objects besides tensors, so it was refused unread (unpickling them could run "
+            "code): save the heads as safetensors from a copy you trust (`fastmedusa export`)"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{path} holds a {type(state).__name__}, not a dict of tensors: it is not a Medusa heads file; "
+            "export or train the heads again"
+        )
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{path}: {key!r} is a {type(value).__name__}, not a tensor: it is not a Medusa heads file; "
+                "export or train the heads again"
+            )
+    return state
+
+
 def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     from safetensors import SafetensorError
 
@@ -365,9 +396,9 @@ def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
             continue
         try:
             if name == LEGACY_WEIGHTS_NAME:
-                return torch.load(path, map_location="cpu", weights_only=True), path
+                return _load_tensor_pickle(path), path
             return load_file(str(path)), path
-        except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        except (SafetensorError, EOFError, RuntimeError) as err:
             raise ValueError(
                 f"{path} is truncated or corrupt ({err}): export or train the heads again"
             ) from err

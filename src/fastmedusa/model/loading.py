@@ -103,6 +103,7 @@ def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, d
 
 
 def _from_pretrained(loader, name_or_path, what: str, **kwargs):
+    import pickle
     import struct
 
     from safetensors import SafetensorError
@@ -121,6 +122,23 @@ def _from_pretrained(loader, name_or_path, what: str, **kwargs):
             f"--model {name_or_path}: a .safetensors file there cannot be read ({err}): it is truncated or "
             "corrupt; save or download the model again"
         ) from err
+    except pickle.UnpicklingError as err:  # a torch.save checkpoint (pytorch_model.bin), read weights-only
+        if "weights only" not in str(err).lower():
+            raise ValueError(
+                f"--model {name_or_path}: a PyTorch checkpoint there cannot be read ({str(err)[:200]}): it is "
+                "truncated or corrupt; save or download the model again"
+            ) from None
+        raise ValueError(
+            f"--model {name_or_path}: a PyTorch checkpoint there holds Python objects besides tensors, so it was "
+            "refused unread (unpickling them could run code): use a safetensors copy of the model"
+        ) from None
+    except RuntimeError as err:
+        if "PytorchStreamReader" not in str(err) and "zip archive" not in str(err):
+            raise
+        raise ValueError(
+            f"--model {name_or_path}: a PyTorch checkpoint there cannot be read ({str(err)[:200]}): it is "
+            "truncated or corrupt; save or download the model again"
+        ) from None
     except (struct.error, ValueError) as err:
         if "gguf_file" not in extra:
             raise
