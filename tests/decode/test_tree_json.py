@@ -44,6 +44,10 @@ def test_tree_errors(tmp_path):
     (tmp_path / "tree.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_tree_json(tmp_path, 3)
+    for paths in ([[0], [-1]], [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]], [[0, 1]]):  # negative, too deep, orphan
+        (tmp_path / "tree.json").write_text(json.dumps({"paths": paths}))
+        with pytest.raises(ValueError, match=r"tree\.json: .* -- delete it, or measure it again"):
+            read_tree_json(tmp_path, 3)
 
 
 def test_generate_uses_the_heads_tree_json(llama, tmp_path):

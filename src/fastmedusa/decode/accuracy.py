@@ -30,6 +30,7 @@ from fastmedusa.decode.trees import (
     chains_to_json,
     check_chains,
     expected_accept_length,
+    validate_paths,
 )
 from fastmedusa.progress import Progress
 
@@ -286,6 +287,13 @@ def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dic
             f"{path} was measured for {theirs} Medusa heads but these heads have {num_heads}: re-measure it "
             "(`fastmedusa bench heads --heads DIR --write-tree`) or delete it"
         )
+    if num_heads is not None and info["paths"]:  # a bad path names this file, not a --tree flag never given
+        try:
+            validate_paths(info["paths"], num_heads)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"{path}: {err} -- delete it, or measure it again (`fastmedusa bench heads --heads DIR --write-tree`)"
+            ) from None
     return info
 
 
