@@ -124,3 +124,10 @@ def stale_directory_temporaries(path: str | os.PathLike) -> list[Path]:
     """What killed `atomic_directory` writes of `path` left beside it: `.NAME.*.tmp` and `.NAME.old`."""
     path = Path(path)
     return sorted([*path.parent.glob(f".{path.name}.*.tmp"), *path.parent.glob(f".{path.name}.old")])
+
+
+def refused_by_weights_only(err: BaseException) -> bool:
+    """Whether torch.load(weights_only=True) refused a pickle for holding objects other than tensors (rather
+    than finding it truncated). Its message then advises weights_only=False, advice not to pass on for a file
+    of unknown origin."""
+    return "weights only" in str(err).lower()

@@ -328,6 +328,19 @@ def test_resume_refuses_lost_records_and_leaves_the_file_as_is(tiny, data_file, 
     assert out.read_bytes() == cut  # refused before the torn line was cut
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
+def test_whole_records_counts_across_read_chunks(tmp_path, chunk):
+    from fastmedusa.data.distill import cut_after, whole_records
+
+    path = tmp_path / "out.jsonl"
+    for data, expected in ((b"", (0, 0)), (b"torn", (0, 0)), (b'{"a":1}\n{"b":22}\n', (2, 17)),
+                           (b'{"a":1}\n{"b":22}\n{"c"', (2, 17))):  # fmt: skip
+        path.write_bytes(data)
+        assert whole_records(path, chunk) == expected, data
+        cut_after(path, expected[1])
+        assert path.read_bytes() == data[: expected[1]]
+
+
 def _cli(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -1,5 +1,7 @@
 """A tiny random Llama for the model tests: real HF code paths in milliseconds."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,3 +26,22 @@ def make_llama():
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+class _RunsCode:
+    """Unpickling this would call os.system: a weights-only load must refuse it without running it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def code_pickle(tmp_path):
+    """(an object whose unpickling runs a command, the file that command would create)."""
+    marker = tmp_path / "code_ran"
+    return _RunsCode(marker), marker

@@ -3,7 +3,6 @@
 import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
 import torch
@@ -165,22 +164,10 @@ def test_reads_earlier_prefixed_layout_and_torch_save(make_llama, tmp_path):
         assert read_heads(tmp_path / f"{name}_vllm").layout == "vllm"
 
 
-class _RunsCode:
-    """Unpickling this would call os.system: a weights-only load must refuse it without running it."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_bad_torch_save_heads_file_is_one_clear_error(tmp_path):
-    marker = tmp_path / "ran"
+def test_bad_torch_save_heads_file_is_one_clear_error(tmp_path, code_pickle):
+    runs_code, marker = code_pickle
     cases = {
-        "code": ({"0.0.linear.weight": _RunsCode(marker)}, "holds Python objects besides tensors.*refused unread"),
+        "code": ({"0.0.linear.weight": runs_code}, "holds Python objects besides tensors.*refused unread"),
         "list": ([1, 2, 3], "holds a list, not a dict of tensors"),
         "int": ({"0.0.linear.weight": 5}, "'0.0.linear.weight' is a int, not a tensor"),
     }

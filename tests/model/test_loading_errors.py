@@ -14,19 +14,7 @@ def test_a_corrupt_safetensors_file_is_named(make_llama, tmp_path):
         load_base_model(tmp_path)
 
 
-class _RunsCode:
-    """Unpickling this would call os.system: transformers' weights-only load must refuse it unrun."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_a_bad_pytorch_checkpoint_is_one_clear_error(make_llama, tmp_path):
+def test_a_bad_pytorch_checkpoint_is_one_clear_error(make_llama, tmp_path, code_pickle):
     model = make_llama()
 
     def save_as_torch_checkpoint(directory):  # config.json + pytorch_model.bin, no safetensors file
@@ -43,8 +31,8 @@ def test_a_bad_pytorch_checkpoint_is_one_clear_error(make_llama, tmp_path):
     with pytest.raises(ValueError, match="a PyTorch checkpoint there cannot be read .*truncated or corrupt"):
         load_base_model(tmp_path / "cut")
     save_as_torch_checkpoint(tmp_path / "code")
-    marker = tmp_path / "ran"
-    torch.save({"state": _RunsCode(marker)}, tmp_path / "code" / "pytorch_model.bin")
+    runs_code, marker = code_pickle
+    torch.save({"state": runs_code}, tmp_path / "code" / "pytorch_model.bin")
     with pytest.raises(ValueError, match="holds Python objects besides tensors, so it was refused unread") as err:
         load_base_model(tmp_path / "code")
     assert "weights_only" not in str(err.value) and not marker.exists()

@@ -390,23 +390,27 @@ def progress_path(output: str | os.PathLike) -> Path:
     return Path(str(Path(output).expanduser()) + PROGRESS_SUFFIX)
 
 
-def complete_lines(path: Path) -> int:
-    """Whole records in the file: the lines up to its last newline (a killed writer may leave half a record
-    after it)."""
+def whole_records(path: Path, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(records, bytes) up to the file's last newline, read in chunks: a killed writer may leave half a record
+    after it."""
+    lines = end = offset = 0
     with open(path, "rb") as f:
-        return f.read().count(b"\n")
+        while block := f.read(chunk):
+            found = block.count(b"\n")
+            if found:
+                lines += found
+                end = offset + block.rfind(b"\n") + 1
+            offset += len(block)
+    return lines, end
 
 
-def drop_torn_line(path: Path) -> int:
-    """Cut the file after its last newline (a killed writer may leave half a record); return its lines."""
-    with open(path, "r+b") as f:
-        data = f.read()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            f.truncate(keep)
+def cut_after(path: Path, end: int) -> None:
+    """Drop what follows byte `end` (a torn last record), durably."""
+    if path.stat().st_size > end:
+        with open(path, "r+b") as f:
+            f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
-    return data.count(b"\n", 0, keep)
 
 
 def read_progress(path: Path, output: str) -> dict:
@@ -484,7 +488,7 @@ def prepare_output(config: DistillConfig, settings: dict) -> _Start:
                 f"--resume with {flag} {value!r}, but {config.output} was started with "
                 f"{state['settings'].get(key)!r}: pass the same value (or --overwrite to start again)"
             )
-    lines = complete_lines(out)  # checked before the torn line is cut: a refused resume leaves the file as is
+    lines, end = whole_records(out)  # checked before the torn line is cut: a refused resume leaves the file as is
     ahead = lines - state["records"]
     if ahead < 0:
         raise ValueError(
@@ -497,7 +501,7 @@ def prepare_output(config: DistillConfig, settings: dict) -> _Start:
             f"--resume: {config.output} has {lines} records but {state_path.name} expects "
             f"{state['records']}: the file was changed by hand; pass --overwrite to start again"
         )
-    drop_torn_line(out)
+    cut_after(out, end)
     return _Start(state["consumed"], state["records"], ahead)
 
 

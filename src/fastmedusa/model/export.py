@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastmedusa.files import atomic_output, write_json_atomic, write_text_atomic
+from fastmedusa.files import atomic_output, refused_by_weights_only, write_json_atomic, write_text_atomic
 from fastmedusa.model.config import CONFIG_NAME, MedusaConfig
 
 LAYOUTS = ("medusa", "vllm")
@@ -367,7 +367,7 @@ def _load_tensor_pickle(path: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" not in str(err).lower():
+        if not refused_by_weights_only(err):
             raise ValueError(f"{path} is truncated or corrupt ({err}): export or train the heads again") from None
         raise ValueError(
             f"{path} holds Python objects besides tensors, so it was refused unread (unpickling them could run "

@@ -108,6 +108,8 @@ def _from_pretrained(loader, name_or_path, what: str, **kwargs):
 
     from safetensors import SafetensorError
 
+    from fastmedusa.files import refused_by_weights_only
+
     source, extra = resolve_model_source(name_or_path)
     try:
         with _loading_output():
@@ -122,18 +124,13 @@ def _from_pretrained(loader, name_or_path, what: str, **kwargs):
             f"--model {name_or_path}: a .safetensors file there cannot be read ({err}): it is truncated or "
             "corrupt; save or download the model again"
         ) from err
-    except pickle.UnpicklingError as err:  # a torch.save checkpoint (pytorch_model.bin), read weights-only
-        if "weights only" not in str(err).lower():
+    except (pickle.UnpicklingError, RuntimeError) as err:  # a torch.save checkpoint (pytorch_model.bin)
+        if isinstance(err, pickle.UnpicklingError) and refused_by_weights_only(err):
             raise ValueError(
-                f"--model {name_or_path}: a PyTorch checkpoint there cannot be read ({str(err)[:200]}): it is "
-                "truncated or corrupt; save or download the model again"
+                f"--model {name_or_path}: a PyTorch checkpoint there holds Python objects besides tensors, so it "
+                "was refused unread (unpickling them could run code): use a safetensors copy of the model"
             ) from None
-        raise ValueError(
-            f"--model {name_or_path}: a PyTorch checkpoint there holds Python objects besides tensors, so it was "
-            "refused unread (unpickling them could run code): use a safetensors copy of the model"
-        ) from None
-    except RuntimeError as err:
-        if "PytorchStreamReader" not in str(err) and "zip archive" not in str(err):
+        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err) and "zip archive" not in str(err):
             raise
         raise ValueError(
             f"--model {name_or_path}: a PyTorch checkpoint there cannot be read ({str(err)[:200]}): it is "
