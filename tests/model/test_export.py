@@ -299,6 +299,34 @@ def test_broken_files_are_errors_naming_the_file(make_llama, tmp_path):
         read_heads(tmp_path)
 
 
+@pytest.mark.parametrize("layout", ["medusa", "vllm"])
+@pytest.mark.parametrize(
+    "field, value, says",
+    [("medusa_num_heads", 5, "medusa_num_heads=5 but .* holds 2 heads"),
+     ("medusa_num_heads", 1, "medusa_num_heads=1 but .* holds 2 heads"),
+     ("medusa_num_layers", 2, r"medusa_num_layers=2 but .* holds 1 ResBlock layer\(s\) per head"),
+     ("hidden_size", 64, "hidden_size=64 but .* holds heads of hidden size 32")],
+)  # fmt: skip
+def test_a_config_that_disagrees_with_its_weights_names_the_field(make_llama, tmp_path, layout, field, value, says):
+    """A hand-edited config.json is found when the heads are read, for export and for loading alike."""
+    model = _model(make_llama)
+    export_heads(model.save_heads(tmp_path / "src"), tmp_path / "h", layout)
+    config = tmp_path / "h" / "config.json"
+    edited = json.loads(config.read_text())
+    if layout == "vllm":  # vLLM's names for the same fields
+        field = {"medusa_num_heads": "num_heads", "medusa_num_layers": "num_hidden_layers"}.get(field, field)
+        says = says.replace("medusa_num_heads", "num_heads").replace("medusa_num_layers", "num_hidden_layers")
+    edited[field] = value
+    config.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=f"{config} says {says}: set it in {config} to what the weights hold"):
+        read_heads(tmp_path / "h")
+    with pytest.raises(ValueError, match=says):
+        export_heads(tmp_path / "h", tmp_path / "o", "medusa")
+    fresh = _model(make_llama)
+    with pytest.raises(ValueError, match=says):
+        fresh.load_heads(tmp_path / "h")
+
+
 def test_an_unfinished_run_says_how_to_finish_it(tmp_path):
     from fastmedusa.model.export import find_heads_dir
 

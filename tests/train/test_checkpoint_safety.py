@@ -141,11 +141,12 @@ def test_a_crafted_metadata_pickle_runs_no_code(run, tiny_model_dir, tmp_path, c
     older = _snapshot(out)
     older = {k: v for k, v in older.items() if k.startswith("checkpoint-0000002")}
     assert main(_argv(tiny_model_dir, data, out, "--resume")) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert not marker.exists()
-    assert (
-        f"cannot resume from {newest}" in printed and "is not allowed in a checkpoint's .metadata" in printed
-    )
+    warned = captured.err
+    assert f"warning: cannot resume from {newest}" in warned
+    assert "is not allowed in a checkpoint's .metadata" in warned
     assert f"resumed from {out / 'checkpoint-0000002'} at step 2/{STEPS}" in printed
     assert {k: v for k, v in _snapshot(out).items() if k.startswith("checkpoint-0000002")} == older
 
@@ -168,8 +169,9 @@ def test_flipped_bytes_in_a_shard_fall_back_to_the_older_checkpoint(run, tiny_mo
     shard.write_bytes(bytes(raw))
     older = {k: v for k, v in _snapshot(out).items() if k.startswith("checkpoint-0000002")}
     assert main(_argv(tiny_model_dir, data, out, "--resume")) == 0
-    printed = capsys.readouterr().out
-    assert f"cannot resume from {shard.parent}" in printed and f"{shard} does not match its sha256" in printed
+    captured = capsys.readouterr()
+    printed, warned = captured.out, captured.err
+    assert f"cannot resume from {shard.parent}" in warned and f"{shard} does not match its sha256" in warned
     assert f"resumed from {out / 'checkpoint-0000002'} at step 2/{STEPS}" in printed
     assert {k: v for k, v in _snapshot(out).items() if k.startswith("checkpoint-0000002")} == older
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -187,9 +189,26 @@ def test_truncated_files_in_every_checkpoint_give_rc_2_and_touch_nothing(run, ti
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     for _, path in list_checkpoints(out):
-        assert f"cannot resume from {path}: " in captured.out and str(next(path.glob(victim))) in captured.out
+        assert f"warning: cannot resume from {path}: " in captured.err
+        assert str(next(path.glob(victim))) in captured.err
     assert "error: --resume: no usable checkpoint in" in captured.err and "--overwrite" in captured.err
     assert _snapshot(out) == before
+
+
+def test_a_truncated_metadata_with_a_matching_manifest_is_one_line_each(run, tiny_model_dir, capfd):
+    """A .metadata cut short and re-listed in the manifest reaches DCP's reader: still one line per checkpoint,
+    none of the tracebacks DCP logs while falling back from global to per-rank metadata."""
+    data, out = run
+    for _, path in list_checkpoints(out):
+        metadata = path / ".metadata"
+        metadata.write_bytes(metadata.read_bytes()[: metadata.stat().st_size // 2])
+        write_manifest(path)
+    assert main(_argv(tiny_model_dir, data, out, "--resume")) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Global metadata is not found" not in err
+    for _, path in list_checkpoints(out):
+        assert f"warning: cannot resume from {path}: UnpicklingError: {path / '.metadata'} cannot be read" in err
+    assert "error: --resume: no usable checkpoint in" in err
 
 
 def test_truncated_manifest_readable_files_still_verified(run, tiny_model_dir, capsys):
@@ -200,7 +219,7 @@ def test_truncated_manifest_readable_files_still_verified(run, tiny_model_dir, c
     entries["files"].pop("extra_rank0.json")
     manifest.write_text(json.dumps(entries))
     assert main(_argv(tiny_model_dir, data, out, "--resume")) == 0
-    assert "extra_rank0.json is not listed in manifest.json" in capsys.readouterr().out
+    assert "extra_rank0.json is not listed in manifest.json" in capsys.readouterr().err
 
 
 # -- interrupted and failed saves ----------------------------------------------------------------------

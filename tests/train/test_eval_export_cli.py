@@ -81,7 +81,7 @@ def test_export_of_an_evaluated_run_has_a_full_model_card(run_dir, tmp_path, cap
     "argv, message",
     [
         (["eval", "/nonexistent/run"], "no heads directory at /nonexistent/run"),
-        (["export", "/nonexistent/run", "--output", "/tmp/x"], "no heads directory at /nonexistent/run"),
+        (["export", "/nonexistent/run", "--output", "RUN/new-export"], "no heads directory at /nonexistent/run"),
         (["eval", "RUN", "--eval-size", "0"], "--eval-size 0: evaluation needs held-out conversations"),
         (["eval", "RUN", "--batch-size", "0"], "--batch-size 0: pass 1 or more"),
         (["export", "RUN", "--format", "vllm", "--output", "RUN/heads"], "is the heads directory itself"),

@@ -340,6 +340,7 @@ def read_heads(directory: str | os.PathLike) -> HeadsCheckpoint:
     known = set(config.to_dict()) | _LAYOUT_FIELDS
     metadata = {k: v for k, v in raw_config.items() if k not in known}
     checkpoint = HeadsCheckpoint(config, state, metadata, layout)
+    _check_weights_match_config(checkpoint, config_path, raw_config, file)
     if checkpoint.token_map is not None and checkpoint.token_map.numel() != config.draft_vocab_size:
         raise ValueError(
             f"heads in {directory}: token_map holds {checkpoint.token_map.numel()} ids but the config's "
@@ -348,6 +349,36 @@ def read_heads(directory: str | os.PathLike) -> HeadsCheckpoint:
     if config.hidden_size is None and checkpoint.projection(0) is not None:
         config.vocab_size, config.hidden_size = checkpoint.projection(0).shape
     return checkpoint
+
+
+def _check_weights_match_config(
+    checkpoint: HeadsCheckpoint, config_path: Path, raw_config: dict, file: Path | str
+) -> None:
+    """The head count, layer count and hidden size that config.json states are those the weights hold: a
+    hand-edited or mixed-up directory is named here, with the value to set, instead of failing later as
+    missing state-dict keys or a shape error."""
+    cfg = checkpoint.config
+    names = [key.split(".") for key in checkpoint.state if key != TOKEN_MAP]
+    heads = {int(parts[0]) for parts in names}
+    layers = {int(parts[1]) for parts in names if parts[2:3] == ["linear"]}
+    fix = f"set it in {config_path} to what the weights hold, or export the heads again from their training run"
+    heads_key = "num_heads" if "num_heads" in raw_config else "medusa_num_heads"  # vLLM's name, or Medusa's
+    layers_key = "num_hidden_layers" if "num_hidden_layers" in raw_config else "medusa_num_layers"
+    if heads and len(heads) != cfg.num_heads:
+        raise ValueError(
+            f"{config_path} says {heads_key}={cfg.num_heads} but {file} holds {len(heads)} heads: {fix}"
+        )
+    if heads and len(layers) != cfg.num_layers:
+        raise ValueError(
+            f"{config_path} says {layers_key}={cfg.num_layers} but {file} holds {len(layers)} ResBlock "
+            f"layer(s) per head: {fix}"
+        )
+    block = checkpoint.state.get("0.0.linear.weight")
+    if block is not None and cfg.hidden_size is not None and block.shape[-1] != cfg.hidden_size:
+        raise ValueError(
+            f"{config_path} says hidden_size={cfg.hidden_size} but {file} holds heads of hidden size "
+            f"{block.shape[-1]}: {fix}"
+        )
 
 
 _LAYOUT_FIELDS = {

@@ -260,10 +260,11 @@ def verify_manifest(directory: Path, part: int = 0, parts: int = 1) -> None:
         )
     for name, entry in sorted(files.items())[part::parts]:
         path = directory / name
-        if not isinstance(entry, dict) or path.stat().st_size != entry.get("size"):
-            raise CheckpointError(
-                f"{path} has {path.stat().st_size} bytes, {MANIFEST} says {entry}: truncated"
-            )
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
+            raise CheckpointError(f"{manifest} has no size for {name}: the manifest is corrupt")
+        if (size := path.stat().st_size) != entry["size"]:
+            change = "truncated" if size < entry["size"] else "grown: the file was altered"
+            raise CheckpointError(f"{path} has {size} bytes, {MANIFEST} says {entry['size']}: {change}")
         if sha256_file(path) != entry.get("sha256"):
             raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST}: the file is corrupt")
 

@@ -327,6 +327,25 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata")
 
 
+def read_dcp_metadata(directory: Path):
+    """DCP's `.metadata` of a checkpoint, read without running code. A truncated, corrupt or crafted file
+    is one `UnpicklingError` naming it, raised here rather than inside DCP, which would log two tracebacks
+    while falling back from the global to the per-rank metadata."""
+    path = Path(directory) / ".metadata"
+    with open(path, "rb") as f:
+        try:
+            metadata = _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as err:
+            raise pickle.UnpicklingError(f"{path} cannot be read: {err}") from None
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as err:
+            raise pickle.UnpicklingError(
+                f"{path} cannot be read ({type(err).__name__}: {err}): the file is corrupt"
+            ) from None
+    if type(metadata).__name__ != "Metadata":
+        raise pickle.UnpicklingError(f"{path} holds no DCP Metadata")
+    return metadata
+
+
 def _safe_reader(directory: Path):
     """A DCP FileSystemReader whose metadata read runs no code (see `_MetadataUnpickler`)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -334,10 +353,7 @@ def _safe_reader(directory: Path):
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            with open(directory / ".metadata", "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-            if type(metadata).__name__ != "Metadata":
-                raise pickle.UnpicklingError(f"{directory / '.metadata'} holds no DCP Metadata")
+            metadata = read_dcp_metadata(directory)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -433,6 +449,7 @@ def load_sharded(
         raise FileNotFoundError(
             f"{directory} is not a sharded checkpoint (no .metadata): pass one written by save_sharded"
         )
+    read_dcp_metadata(directory)  # a bad file fails here in one line, before DCP logs its fallbacks
     # strict=False: the frozen parameters are not in the checkpoint. Every trainable one is: DCP raises
     # when a key asked for is missing from the checkpoint (e.g. a stage-1 checkpoint resumed in stage 2).
     opts = _state_options(strict=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -304,7 +305,7 @@ def _run(config: TrainConfig, backend: SingleProcess | FSDPBackend, out: Path, d
     trainer = Trainer(model, config, train_batches, eval_batches, backend=backend)
     trainer.inputs = inputs
     if config.resume:
-        resumed = trainer.resume(report=say)
+        resumed = trainer.resume(report=warn)
         say(f"resumed from {resumed} at step {trainer.step}/{trainer.total_steps}")
         if trainer.step >= trainer.total_steps:
             say(
@@ -318,7 +319,7 @@ def _run(config: TrainConfig, backend: SingleProcess | FSDPBackend, out: Path, d
         f" x {backend.world_size} processes (FSDP2)" if getattr(backend, "shards_model", False) else ""
     )
     if (warning := stage2_lr_warning(config)) is not None:
-        say(warning)
+        warn(warning)
     say(
         f"training {config.num_heads} heads, stage {config.stage}, {trainer.total_steps} steps of "
         f"{config.batch_size}x{config.grad_accum} rows{processes} <= {config.seq_len} tokens on {trainer.device}"
@@ -438,3 +439,10 @@ def say(line: str) -> None:
     """A progress line that does not break a tqdm bar; printed by the main process only."""
     if is_main_process():
         tqdm.write(line)
+
+
+def warn(line: str) -> None:
+    """A line about something wrong that the run works around, on stderr beside the `error:` line that may
+    follow it (a redirected stdout does not hide why a resume fell back or failed)."""
+    if is_main_process():
+        tqdm.write(line if line.startswith("warning: ") else f"warning: {line}", file=sys.stderr)
