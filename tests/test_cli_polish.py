@@ -240,6 +240,22 @@ def test_bench_flags_out_of_range_are_usage_errors(capsys, argv, message):
     assert f"argument {next(a for a in argv if a.startswith('--'))}" in err and message in err
 
 
+@pytest.mark.parametrize(
+    "argv, line",
+    [(["train", "--num-heads", "x"], "error: fastmedusa train: argument --num-heads: invalid int value: 'x'"),
+     (["generate", "--prompt", "hi", "--nope"], "error: fastmedusa generate: unrecognized arguments: --nope"),
+     (["bench", "heads", "--ranks", "0"], "error: fastmedusa bench heads: argument --ranks: '0': pass an integer"),
+     (["nope"], "error: fastmedusa: argument COMMAND: invalid choice: 'nope'")],
+)  # fmt: skip
+def test_usage_errors_are_one_line(capsys, argv, line):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1 and "usage:" not in err
+    assert err.rstrip().endswith("--help`)")
+
+
 def test_outputs_in_the_way_stop_a_command_before_its_work(tmp_path, capsys):
     """bench decode / bench heads --out and export --output are checked before any model loads: a benchmark
     that ran for minutes must not fail at its last write."""

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fastmedusa.errors import UserError
+from fastmedusa.errors import CommandParser, UserError
 
 # subcommand -> (module, function adding arguments, function running; help)
 COMMANDS = {
@@ -79,12 +79,12 @@ USER_ERRORS = (
 def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     from fastmedusa import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="fastmedusa",
         description="Train Medusa decoding heads cheaply and decode faster with them.",
     )
     parser.add_argument("--version", action="version", version=f"fastmedusa {__version__}")
-    common = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
+    common = CommandParser(add_help=False)  # accepted before or after the command
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -114,7 +114,9 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
 def run(argv: Sequence[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named with the command whose --help lists what it takes
+        CommandParser(prog=f"fastmedusa {args.command}").error(f"unrecognized arguments: {' '.join(unknown)}")
     from fastmedusa.model.loading import show_loading_output
 
     show_loading_output(bool(getattr(args, "verbose", False)))

@@ -1,5 +1,18 @@
 """Errors a user can fix (a bad file, a full disk): the CLI prints them as one `error:` line, rc 2."""
 
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
 
 class UserError(Exception):
     """Base of errors whose message names the bad input and the fix; no traceback needed."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, like every other bad input: `error: PROG: MESSAGE`, then
+    where the flags are listed, exit code 2 (argparse's own prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")

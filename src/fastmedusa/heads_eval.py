@@ -280,6 +280,11 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: pass 1 or more")
     if args.prompts < 0:
         raise ValueError(f"--prompts {args.prompts}: pass 0 (skip the greedy measure) or more")
+    if args.prompts == 0 and args.tree is not None:
+        raise ValueError(
+            f"--tree {args.tree} with --prompts 0: a tree's expected tokens/step comes from the greedy measure "
+            "that --prompts 0 skips; drop one of them"
+        )
     heads = find_heads_dir(args.heads_dir)
     output = Path(args.output).expanduser() if args.output else heads / "eval.json"
     check_eval_output(output, heads, args.data)

@@ -381,6 +381,23 @@ def test_bad_input_is_one_error_line(tiny_dir, data_file, tmp_path, smollm2_toke
     _one_error_line(_cli(*base, "--data", str(data_file), "--output", out), "--resume", "--overwrite")
     short = ["--data", str(data_file), "--output", str(tmp_path / "none.jsonl"), "--max-prompt-tokens", "1"]
     _one_error_line(_cli(*base, *short), "no conversation was distilled: all 6 were skipped", "--max-prompt-tokens")
+    assert not (tmp_path / "none.jsonl").exists()  # a run that wrote nothing leaves no empty file
+    hot = ["--data", str(data_file), "--output", str(tmp_path / "hot.jsonl"), "--temperature", "inf"]
+    _one_error_line(_cli(*base, *hot), "--temperature inf: pass 0 (greedy) or a finite positive temperature")
+    assert not (tmp_path / "hot.jsonl").exists()
+
+
+def test_a_run_that_fails_before_its_first_record_leaves_no_file(tiny, data_file, tmp_path):
+    model, tokenizer = tiny
+
+    def failing_generate(m, input_ids, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    out = tmp_path / "out.jsonl"
+    config = DistillConfig(output=str(out), data=str(data_file), max_new_tokens=MAX_NEW, batch_size=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        distill_conversations(model, tokenizer, config, generate_fn=failing_generate)
+    assert not out.exists() and not progress_path(out).exists()
 
 
 def test_output_that_is_the_data_is_refused_before_anything_is_written(data_file, tmp_path):

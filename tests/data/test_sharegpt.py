@@ -115,7 +115,7 @@ def test_limit_stops_early(write_json):
 
 def test_no_usable_record_names_the_file(write_json):
     path = write_json("bad.json", json.dumps([{"id": 1}, record(("human", "only a question"))]))
-    with pytest.raises(ValueError, match="bad.json: no usable conversation"):
+    with pytest.raises(ValueError, match="bad.json: 0 conversations kept, 2 skipped .*: no usable conversation"):
         read_sharegpt(path)
     empty = write_json("empty.json", "[]")
     with pytest.raises(ValueError, match="empty.json"):
@@ -125,13 +125,64 @@ def test_no_usable_record_names_the_file(write_json):
         read_sharegpt(other)
 
 
+@pytest.mark.parametrize("name", ["d.json.gz", "d.jsonl.gz"])
+def test_gzip_files_read_like_plain_ones(tmp_path, name):
+    import gzip
+
+    records = [record(("human", f"q{i}"), ("gpt", f"a{i}")) for i in range(6)]
+    text = json.dumps(records) if name.startswith("d.json.") else "\n".join(map(json.dumps, records)) + "\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode("utf-8")))
+    conversations, n_skipped = read_sharegpt(path)
+    assert [c[1]["content"] for c in conversations] == [f"a{i}" for i in range(6)] and n_skipped == 0
+    assert resolve_data_path(tmp_path) == path  # a directory holding one .json.gz
+
+
+def test_a_gzip_file_cut_short_keeps_every_complete_record(tmp_path, monkeypatch):
+    import gzip
+    import random
+
+    monkeypatch.setattr(sharegpt_module, "CHUNK_CHARS", 256)
+    rng = random.Random(0)  # incompressible answers, so that a cut of the bytes is a cut of the records
+    records = [record(("human", f"q{i}"), ("gpt", "".join(rng.choice("abcdefghij") for _ in range(400))))
+               for i in range(40)]  # fmt: skip
+    whole = gzip.compress(json.dumps(records).encode("utf-8"))
+    path = tmp_path / "cut.json.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    conversations, _ = read_sharegpt(path)
+    kept = [c[1]["content"] for c in conversations]
+    assert 5 < len(kept) < 40 and kept == [r["conversations"][1]["value"] for r in records[: len(kept)]]
+    assert conversations.stats.truncated
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [(b"", "is empty: pass a file of conversations"),
+     (b"  \n\n\t\n", r"is blank \(only whitespace\): pass a file of conversations"),
+     (b"BZh91AY&SY" + bytes(20), r"is bzip2-compressed: unpack it first \(`bunzip2 .*`\), or gzip it"),
+     (b"\xfd7zXZ\x00" + bytes(20), r"is xz-compressed: unpack it first \(`unxz .*`\)"),
+     (b"PK\x03\x04" + bytes(20), r"is zip-compressed: unpack it first \(`unzip .*`\)")],
+)  # fmt: skip
+def test_empty_and_compressed_files_say_what_they_are(tmp_path, content, says):
+    path = tmp_path / "d.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"--data {path} {says}"):
+        read_sharegpt(path)
+
+
+def test_records_of_another_schema_list_the_roles_read(write_json):
+    path = write_json("wizards.json", json.dumps([record(("wizard", "hi"), ("gpt", "ok"))]))
+    with pytest.raises(ValueError, match=r"unknown role 'wizard': 1\): no usable conversation; .*; roles are "):
+        read_sharegpt(path)
+
+
 def test_missing_paths_and_directories(tmp_path, write_json):
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_sharegpt(tmp_path / "nope.json")
     path = write_json("only.jsonl", json.dumps(GOOD))
     assert resolve_data_path(tmp_path) == path
     write_json("second.json", "[]")
-    with pytest.raises(FileNotFoundError, match="2 .json/.jsonl files"):
+    with pytest.raises(FileNotFoundError, match=r"2 .json/.jsonl\(.gz\) files"):
         resolve_data_path(tmp_path)
 
 

@@ -50,6 +50,20 @@ def test_tree_errors(tmp_path):
             read_tree_json(tmp_path, 3)
 
 
+def test_empty_trees_name_their_file(tmp_path):
+    write_tree_json(tmp_path, ACC, num_nodes=8)
+    info = json.loads((tmp_path / "tree.json").read_text())
+    (tmp_path / "tree.json").write_text(json.dumps({**info, "paths": []}))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'tree.json'} holds an empty list of paths: delete it"):
+        read_tree_json(tmp_path, 3)
+    bare = tmp_path / "bare.json"
+    bare.write_text("[]")
+    with pytest.raises(ValueError, match=f"tree file {bare} holds no paths"):
+        resolve_tree(str(bare), 3)
+    with pytest.raises(FileNotFoundError, match="no such file; pass an existing JSON list of paths"):
+        resolve_tree(str(tmp_path / "missing.json"), 3)
+
+
 def test_generate_uses_the_heads_tree_json(llama, tmp_path):
     model = random_medusa(llama, num_heads=3)
     ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(0))

@@ -35,6 +35,13 @@ def test_draft_vocab_run_counts_trains_and_saves_the_map(tiny_model_dir, sharegp
     assert heads_config["draft_vocab_size"] == 48
     model = MedusaModel.from_pretrained(tiny_model_dir, heads=out / "heads")
     assert torch.equal(model.medusa_heads.token_map, token_map)
+    capsys.readouterr()
+    bench = ["bench", "heads", "--model", str(tiny_model_dir), "--heads", str(out / "heads"), "--ranks", "49",
+             "--device", "cpu", "--out", str(tmp_path / "h.json")]  # fmt: skip
+    assert main(bench) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --ranks 49: these draft-vocabulary heads choose among 48 tokens; pass at most 48"
+    )
     # the map is the 48 most frequent label tokens of the training split: every id outside has a count
     # no higher than the least frequent id inside
     from fastmedusa.data import encode_dataset, read_sharegpt, train_eval_split

@@ -91,6 +91,7 @@ def test_export_of_an_evaluated_run_has_a_full_model_card(run_dir, tmp_path, cap
         (["eval", "RUN", "--max-conversations", "0"], "--max-conversations 0: pass 2 or more"),
         (["eval", "RUN", "--output", "RUN/heads/config.json"], "is a file of the heads directory (config.json)"),
         (["export", "RUN/heads", "--output", "RUN/heads/.."], "holds the heads being exported"),
+        (["eval", "RUN", "--tree", "auto:0", "--prompts", "0"], "--tree auto:0 with --prompts 0: a tree's"),
     ],
 )
 def test_bad_input_is_one_clear_line(run_dir, argv, message, capsys):

@@ -61,6 +61,13 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, sharegpt_file, capsys
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+def test_resume_into_a_missing_directory_creates_nothing(tmp_path, sharegpt_file, capsys):
+    missing = tmp_path / "typo" / "run"
+    assert main(["train", "--data", str(sharegpt_file), "--output-dir", str(missing), "--resume"]) == 2
+    assert f"--resume: --output-dir {missing} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
 def test_tiny_run_learns_and_exports_loadable_heads(tiny_model_dir, sharegpt_file, tmp_path, capsys):
     from fastmedusa.model import MedusaModel
 

@@ -26,10 +26,11 @@ from fastmedusa.decode.accuracy import (
 )
 from fastmedusa.decode.trees import PRESETS, Chains, chains_to_json, measured_accept_length
 from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
+from fastmedusa.errors import CommandParser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fastmedusa bench heads", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="fastmedusa bench heads", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("--heads", required=True, help="Medusa heads directory (written by `fastmedusa train`)")
     p.add_argument("--prompts", type=positive_int, default=32, help="held-out prompts to continue and score")
@@ -209,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     args.model = base_model_arg(args.model, args.heads)
     tokenizer = load_tokenizer(args.model)
     model = MedusaModel.from_pretrained(args.model, heads=args.heads, dtype=dtype, device=device).eval()
+    choices = model.medusa_config.head_vocab_size
+    if choices is not None and args.ranks > choices:
+        kind = "draft-vocabulary " if model.medusa_config.draft_vocab_size else ""
+        raise ValueError(f"--ranks {args.ranks}: these {kind}heads choose among {choices} tokens; pass at most {choices}")
     prompts = held_out_prompts(args, tokenizer)[: args.prompts]
     eos = eos_token_ids(tokenizer, model.base)
     measure = lambda part: measure_head_acceptance(model, part, args.new_tokens, args.ranks, eos)  # noqa: E731

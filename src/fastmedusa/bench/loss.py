@@ -42,6 +42,7 @@ from fastmedusa.bench.common import (
     write_json,
 )
 from fastmedusa.dtypes import parse_device
+from fastmedusa.errors import CommandParser
 from fastmedusa.ops.peers import PeerUnavailable
 
 CE_IMPLS = (
@@ -74,7 +75,7 @@ BENCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fastmedusa bench loss", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="fastmedusa bench loss", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--loss", choices=("ce", "kl"), default="ce", help="ce: cross-entropy; kl: KL divergence to a teacher"
     )

@@ -6,10 +6,10 @@ peak memory against Liger's, so the README's tables come from the measured rows,
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from fastmedusa.bench.common import read_results
+from fastmedusa.errors import CommandParser
 
 PEERS = ("torch", "liger", "cce")
 TRAIN_KEYS = ("environment", "settings", "shape", "rows")  # a `bench train` results file
@@ -67,7 +67,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fastmedusa bench report", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="fastmedusa bench report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, nargs="+", help="JSON files written by `fastmedusa bench train`")
     args = p.parse_args(argv)
     for path in args.results:

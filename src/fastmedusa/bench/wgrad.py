@@ -21,10 +21,11 @@ import torch
 
 from fastmedusa.bench.common import environment, positive_int, write_json
 from fastmedusa.dtypes import parse_device
+from fastmedusa.errors import CommandParser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fastmedusa bench wgrad", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="fastmedusa bench wgrad", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=positive_int, nargs="+", default=[4096, 16384], help="N values (rows = B*T)")
     p.add_argument("--hidden", type=positive_int, default=128, help="hidden size H")
     p.add_argument("--vocab", type=positive_int, default=4096, help="vocabulary size V (V/H sets the chunk count)")

@@ -37,7 +37,14 @@ from pathlib import Path
 import torch
 
 from fastmedusa.data.chat import generation_prompt
-from fastmedusa.data.sharegpt import ROLES, Conversation, ReadStats, iter_sharegpt, resolve_data_path
+from fastmedusa.data.sharegpt import (
+    ROLES,
+    Conversation,
+    ReadStats,
+    iter_sharegpt,
+    no_usable_conversation,
+    resolve_data_path,
+)
 from fastmedusa.dtypes import dtype_or_auto_arg
 from fastmedusa.files import make_parent_directory
 from fastmedusa.progress import Progress
@@ -91,8 +98,8 @@ class DistillConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {value!r}: pass an integer >= {low}")
         if self.max_conversations is not None and self.max_conversations < 1:
             raise ValueError(f"--max-conversations {self.max_conversations}: pass >= 1, or 'all'")
-        if not self.temperature >= 0:  # also refuses NaN
-            raise ValueError(f"--temperature {self.temperature}: pass 0 (greedy) or a positive temperature")
+        if not 0 <= self.temperature < float("inf"):  # also refuses NaN
+            raise ValueError(f"--temperature {self.temperature}: pass 0 (greedy) or a finite positive temperature")
         if self.dtype not in ("auto", *DTYPE_NAMES):
             raise ValueError(f"--dtype {self.dtype}: pass auto, {', '.join(DTYPE_NAMES)}")
         if self.resume and self.overwrite:
@@ -505,6 +512,13 @@ def prepare_output(config: DistillConfig, settings: dict) -> _Start:
     return _Start(state["consumed"], state["records"], ahead)
 
 
+def remove_empty_output(out: Path) -> None:
+    """A run that ends without a record leaves no empty file (nor progress file) behind: there is nothing
+    in it to resume from, and an empty file looks like a finished run that produced nothing."""
+    out.unlink(missing_ok=True)
+    progress_path(out).unlink(missing_ok=True)
+
+
 def resolve_prompt_budget(config: DistillConfig, model) -> DistillConfig:
     """`config` with `max_prompt_tokens` set: prompt + answer must fit the model's positions."""
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -600,6 +614,7 @@ def distill_conversations(
     progress.records = start.records
     t0 = time.perf_counter()
     consumed, records, ahead = start.consumed, start.records, start.written_ahead
+    fresh = start.records == 0 and start.consumed == 0
     try:
         while group := list(itertools.islice(source, group_size)):
             jobs = [_job_from(i, record, conversation) for i, (record, conversation) in group]
@@ -614,10 +629,16 @@ def distill_conversations(
             )
             stats.n_records_total = records
             progress.group_written(records)
+    except BaseException:
+        if fresh and records == 0:
+            remove_empty_output(out)
+        raise
     finally:
         progress.close()
     if consumed == 0:
-        raise ValueError(f"{read_stats.path}: no usable conversation ({read_stats.summary()})")
+        if fresh:
+            remove_empty_output(out)
+        raise no_usable_conversation(read_stats)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -661,9 +682,7 @@ def distill(config: DistillConfig) -> DistillStats:
     try:  # read the first record before loading the model: bad data fails in a second
         next(iter_sharegpt(config.data, 1, read_stats))
     except StopIteration:
-        raise ValueError(
-            f"--data {read_stats.path}: no usable conversation ({read_stats.summary()})"
-        ) from None
+        raise no_usable_conversation(read_stats) from None
     tokenizer = load_tokenizer(config.model)
     apply_chat_template_option(tokenizer, config.chat_template)
     check_chat_template(tokenizer, config.model)
@@ -680,8 +699,8 @@ HELP = {
     "records how far the run got, for --resume)",
     "model": "base model: a hub id, a local directory or a .gguf file (default: the embedded "
     "SmolLM2-135M-Instruct)",
-    "data": "ShareGPT conversations: a .json/.jsonl file, a directory holding one, or a hub dataset id "
-    "(default: the embedded ShareGPT V3)",
+    "data": "ShareGPT conversations: a .json/.jsonl file (plain or gzip), a directory holding one, or a hub "
+    "dataset id (default: the embedded ShareGPT V3)",
     "max_conversations": "distill at most this many usable conversations ('all' for every one)",
     "max_new_tokens": "most tokens per regenerated answer",
     "max_prompt_tokens": "longest prompt: longer histories lose their oldest turns (the system turn stays); "
@@ -743,6 +762,8 @@ def run_distill(args: argparse.Namespace) -> int:
     stats = distill(config)
     print(stats.summary())
     if stats.n_read and not stats.n_written:
+        if not stats.n_records_total:
+            remove_empty_output(Path(config.output).expanduser())
         reasons = ", ".join(f"{why}: {n}" for why, n in stats.skipped.most_common())
         raise ValueError(
             f"no conversation was distilled: all {stats.n_read} were skipped ({reasons}); "

