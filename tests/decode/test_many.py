@@ -117,7 +117,7 @@ def test_fewer_prompts_than_slots_and_one_token(llama):
     ("prompts", "kwargs", "message"),
     [
         ([], {}, "non-empty list of token-id sequences"),
-        ([[1, 2], []], {}, "prompt 1 must be a non-empty 1-D sequence"),
+        ([[1, 2], []], {}, "prompt 1 is empty: every prompt needs at least one token"),
         ([[1.5, 2.0]], {}, "prompt 0 must be a non-empty 1-D sequence of integer"),
         ([[1, 2]], {"batch_size": 0}, "batch_size must be an integer >= 1"),
         ([[1, 2]], {"tree": "auto"}, 'no tree="auto"'),

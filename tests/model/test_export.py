@@ -185,6 +185,12 @@ def test_bad_torch_save_heads_file_is_one_clear_error(tmp_path, code_pickle):
     (tmp_path / "cut" / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1}))
     with pytest.raises(ValueError, match="truncated or corrupt"):
         read_heads(tmp_path / "cut")
+    (tmp_path / "noise").mkdir()  # bytes that are no pickle at all: corrupt, not "holds Python objects"
+    (tmp_path / "noise" / LEGACY_WEIGHTS_NAME).write_bytes(bytes(range(256)) * 2)
+    (tmp_path / "noise" / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1}))
+    with pytest.raises(ValueError, match="is truncated or corrupt: export or train the heads again") as err:
+        read_heads(tmp_path / "noise")
+    assert "weights_only" not in str(err.value)
 
 
 TOKEN_MAP = torch.tensor([5, 0, 17, 200, 3, 9, 255, 64, 12, 100, 42, 7])
@@ -282,6 +288,34 @@ def test_export_never_writes_over_a_model_directory(make_llama, tmp_path):
     export_heads(tmp_path / "h", tmp_path / "o", "vllm")
     export_heads(tmp_path / "h", tmp_path / "o", "medusa")  # a re-export replaces the earlier one
     assert read_heads(tmp_path / "o").layout == "medusa" and not (tmp_path / "o" / VLLM_WEIGHTS_NAME).exists()
+
+
+def test_save_heads_never_writes_over_a_model_or_a_file(make_llama, tmp_path, monkeypatch):
+    model = _model(make_llama)
+    base_dir = tmp_path / "base"
+    model.base.save_pretrained(base_dir)
+    before = {p.name: p.read_bytes() for p in base_dir.iterdir()}
+    with pytest.raises(ValueError, match="holds a model's config.json .*'llama'.*pass a new or empty directory"):
+        model.save_heads(base_dir)
+    assert {p.name: p.read_bytes() for p in base_dir.iterdir()} == before
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile is a file: pass a directory for the heads"):
+        model.save_heads(tmp_path / "afile")
+    model.save_heads(tmp_path / "h")
+    model.save_heads(tmp_path / "h")  # earlier heads are replaced
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    written = model.save_heads("~/heads")
+    assert written == tmp_path / "home" / "heads" and read_heads("~/heads").config.num_heads == 2
+
+
+def test_a_heads_directory_given_as_the_base_model_is_named(make_llama, tmp_path):
+    from fastmedusa.model import load_base_model
+
+    _model(make_llama).save_heads(tmp_path / "h")
+    with pytest.raises(ValueError, match="is a Medusa heads directory, not a base model: pass it as the heads"):
+        load_base_model(tmp_path / "h")
+    with pytest.raises(ValueError, match="is a Medusa heads directory"):
+        MedusaModel.from_pretrained(tmp_path / "h", heads=tmp_path / "h")
 
 
 def test_broken_files_are_errors_naming_the_file(make_llama, tmp_path):

@@ -98,3 +98,40 @@ def test_stage_2_moves_the_backbone(tiny_llama):
     _train_one_step(model, stage=2)
     moved = [n for n, p in model.base.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) == len(before)  # every backbone tensor got a gradient and an update
+
+
+def test_wrong_kinds_of_arguments_are_named(tiny_llama, tmp_path):
+    with pytest.raises(TypeError, match="config must be a MedusaConfig, got dict"):
+        MedusaModel.from_base(tiny_llama, {"num_heads": 2})
+    with pytest.raises(TypeError, match="from_base takes a loaded Hugging Face causal LM, got str"):
+        MedusaModel.from_base("HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(TypeError, match="shared_lm_head='false': pass True or False"):
+        MedusaConfig(shared_lm_head="false")
+    with pytest.raises(TypeError, match="num_heads=True: pass an integer"):
+        MedusaConfig(num_heads=True)
+    with pytest.raises(TypeError, match="hidden_size=64.0: pass an integer"):
+        MedusaConfig(hidden_size=64.0)
+    assert MedusaConfig(num_heads=torch.tensor(3).item()).num_heads == 3
+    model = MedusaModel.from_base(tiny_llama, MedusaConfig(num_heads=2))
+    model.save_heads(tmp_path / "h")
+    with pytest.raises(ValueError, match="both heads= and config="):
+        MedusaModel.from_pretrained(tmp_path / "base", heads=tmp_path / "h", config=MedusaConfig(num_heads=5))
+    from fastmedusa.model import load_base_model
+
+    with pytest.raises(ValueError, match="dtype='randn': pass a torch dtype or one of bf16, fp16, fp32"):
+        load_base_model(tmp_path / "base", dtype="randn")
+
+
+def test_forward_checks_shapes_and_dtypes(tiny_llama):
+    model = MedusaModel.from_base(tiny_llama, MedusaConfig(num_heads=2))
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq_len\) integer token ids, got torch.int64 of shape \(6,\)"):
+        model(ids[0], labels=ids[0])
+    with pytest.raises(ValueError, match="input_ids must be .* got torch.float32"):
+        model(ids.float(), labels=ids)
+    with pytest.raises(ValueError, match=r"attention_mask shape \(1, 3\) must equal input_ids shape \(1, 6\)"):
+        model(ids, attention_mask=torch.ones(1, 3), labels=ids)
+    with pytest.raises(ValueError, match="labels must be integer token ids"):
+        model(ids, labels=ids.float())
+    with pytest.raises(ValueError, match="labels hold 9999, outside"):
+        model(ids, labels=torch.full_like(ids, 9999))

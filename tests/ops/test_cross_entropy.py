@@ -239,6 +239,36 @@ def test_mismatched_shapes_raise_value_error():
         medusa_cross_entropy(hs, ws, labels, shifts=[1, 2])
 
 
+@pytest.mark.parametrize("impl", ["torch", "chunked", "triton"])
+@pytest.mark.parametrize("bad", [20, 57, -1, -7])
+def test_labels_outside_the_vocabulary_are_named_not_read(impl, bad):
+    """V=20: a label of 20 or more, or a negative one other than ignore_index, would be read past the logits
+    (the fused kernels gave a wrong loss): every impl refuses it before any work."""
+    hs, ws, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.2, seed=0)
+    labels[0, 2] = bad
+    with pytest.raises(ValueError, match=f"labels hold {bad}, outside \\[0, 20\\) that are not ignore_index=-100"):
+        linear_cross_entropy(hs[0], ws[0], labels, impl=impl)
+    with pytest.raises(ValueError, match=f"labels hold {bad}"):
+        medusa_cross_entropy(hs, ws, labels, shifts=[1], impl=impl)
+    labels[0, 2] = 3  # the ignore_index itself, and ids inside, pass
+    linear_cross_entropy(hs[0], ws[0], labels, impl=impl, ignore_index=-100)
+
+
+def test_argument_kinds_are_named():
+    hs, ws, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)
+    with pytest.raises(TypeError, match="shifts=2: pass one shift per head"):
+        medusa_cross_entropy(hs, ws, labels, shifts=2)
+    two, _, two_labels = _inputs(2, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)  # batch 2: not a K=1 stack
+    with pytest.raises(ValueError, match=r"hiddens is one \(2, 4, 8\) tensor: pass a list of per-head tensors"):
+        medusa_cross_entropy(two[0], ws, two_labels, shifts=[2])
+    with pytest.raises(TypeError, match="shift=1.5: pass an integer"):
+        linear_cross_entropy(hs[0], ws[0], labels, shift=1.5)
+    with pytest.raises(TypeError, match="labels must be a tensor"):
+        linear_cross_entropy(hs[0], ws[0], labels.tolist())
+    with pytest.raises(ValueError, match="labels have dtype torch.bool"):
+        linear_cross_entropy(hs[0], ws[0], labels > 3)
+
+
 def test_peers_raise_clear_errors_off_cuda():
     hs, ws, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)
     for impl in ("liger", "cce", "quack"):

@@ -101,6 +101,11 @@ def test_empty_shapes_and_bad_k():
         topk_indices_triton(torch.randn(2, 10), 11)
     with pytest.raises(ValueError, match="power of two"):
         topk_indices_triton(torch.randn(2, 10), 3, chunk=48)
+    for k in (11, -1):  # the torch.topk path (CPU, FASTMEDUSA_FUSED_TOPK auto) says the same
+        with pytest.raises(ValueError, match=f"top-{k} of 10 values: k must be"):
+            topk_indices(torch.randn(2, 10), k)
+    with pytest.raises(TypeError, match="k=1.5: pass an integer"):
+        topk_indices(torch.randn(2, 10), 1.5)
 
 
 def test_custom_op_passes_opcheck(gen):

@@ -61,6 +61,21 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, sharegpt_file, capsys
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+def test_a_tokenizer_with_ids_past_the_models_vocabulary_is_named(tmp_path, sharegpt_file, smollm2_tokenizer, capsys):
+    from conftest import make_tiny_llama
+
+    small = tmp_path / "small-vocab"
+    make_tiny_llama(vocab_size=1000).save_pretrained(small)
+    smollm2_tokenizer.save_pretrained(small)  # 49,152 ids for a 1,000-row embedding
+    argv = ["train", "--model", str(small), "--data", str(sharegpt_file), "--output-dir", str(tmp_path / "out"),
+            "--num-heads", "1", "--seq-len", "64", "--batch-size", "2", "--max-steps", "1", "--eval-size", "2",
+            "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"the tokenizer of {small} gives token id" in err and "but the model's vocabulary has 1000 ids" in err
+    assert "Traceback" not in err
+
+
 def test_resume_into_a_missing_directory_creates_nothing(tmp_path, sharegpt_file, capsys):
     missing = tmp_path / "typo" / "run"
     assert main(["train", "--data", str(sharegpt_file), "--output-dir", str(missing), "--resume"]) == 2

@@ -23,7 +23,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 def _decoder(hf_model: nn.Module) -> nn.Module:
     decoder = hf_model.get_decoder() if hasattr(hf_model, "get_decoder") else None
     if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "embed_tokens"):
-        raise ValueError(f"{type(hf_model).__name__} has no Llama-style decoder (embed_tokens, layers, norm)")
+        raise ValueError(
+            f"{type(hf_model).__name__} has no Llama-style decoder (embed_tokens, layers, norm): the decode engine "
+            f"supports {', '.join(SUPPORTED_MODEL_TYPES)} models; use HF generate for other architectures"
+        )
     return decoder
 
 

@@ -32,6 +32,7 @@ would add the LM head's fp32 read to every step, so the engine keeps the model d
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -448,11 +449,15 @@ def check_batch(
                 "pass the tokenizer's attention_mask (padding_side='left')"
             )
         return ids, torch.zeros(1, dtype=torch.long, device=ids.device)
-    mask = attention_mask.reshape(ids.shape) if attention_mask.numel() == ids.numel() else None
-    if mask is None:
-        raise ValueError(
-            f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids {tuple(ids.shape)}"
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask must be a tensor (the tokenizer's, return_tensors='pt'), got {type(attention_mask).__name__}"
         )
+    if tuple(attention_mask.shape) not in (tuple(input_ids.shape), tuple(ids.shape)):
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    mask = attention_mask.reshape(ids.shape)
     mask = mask.to(ids.device)
     if not ((mask == 0) | (mask == 1)).all():
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
@@ -492,11 +497,59 @@ def _auto_tree_size(model, heads, tree_info, prompt, batch_size, compile) -> int
     return cache[key]
 
 
+def check_models(model: object, heads: object, medusa: object) -> None:
+    """What was passed as the model, the heads and `medusa` is of the kind `generate` takes (a hub id or a
+    heads directory given as the model, or a bool given as a string, fail here, naming the argument)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a MedusaModel or a loaded Hugging Face causal LM, got {type(model).__name__}: load one "
+            "with MedusaModel.from_pretrained(base, heads=DIR)"
+        )
+    if not isinstance(medusa, bool):
+        raise TypeError(f"medusa={medusa!r}: pass True (decode with the heads) or False (plain decoding)")
+    if heads is not None and not (hasattr(heads, "draft_topk") and hasattr(heads, "num_heads")):
+        raise TypeError(
+            f"heads must be Medusa heads (a module with draft_topk and num_heads, e.g. MedusaModel.medusa_heads), "
+            f"got {type(heads).__name__}: a heads directory loads with MedusaModel.from_pretrained(base, heads=DIR)"
+        )
+
+
+def check_token_ids(ids: torch.Tensor, offsets: torch.Tensor, vocab_size: int) -> None:
+    """Every prompt token (left padding aside) is an id of the model's vocabulary: an id from another
+    tokenizer would index past the embedding (a device-side assert on CUDA)."""
+    real = torch.arange(ids.shape[1], device=ids.device) >= offsets.to(ids.device)[:, None]
+    tokens = ids[real]
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"input_ids hold token id {bad}, outside the model's vocabulary [0, {vocab_size}): the tokenizer does "
+            "not match the model"
+        )
+
+
+def check_heads_dtype(heads: nn.Module, dtype: torch.dtype) -> None:
+    """Heads in another floating dtype than the base model would fail mid-step with a GEMM dtype error."""
+    theirs = next((p.dtype for p in heads.parameters() if p.is_floating_point()), dtype)
+    if theirs != dtype:
+        raise ValueError(
+            f"the Medusa heads are {str(theirs).removeprefix('torch.')} but the base model is "
+            f"{str(dtype).removeprefix('torch.')}: move both with model.to({dtype}) on the MedusaModel"
+        )
+
+
 def check_sampling(temperature: float, typical_epsilon: float, typical_delta: float) -> None:
     """temperature 0 (greedy) or more, typical acceptance's thresholds non-negative, all finite (NaN and inf
     are none of these)."""
     for name, value in (("temperature", temperature), ("typical_epsilon", typical_epsilon),
                         ("typical_delta", typical_delta)):  # fmt: skip
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} (--{name.replace('_', '-')}): pass a number")
+        if name != "temperature" and value > 1:
+            raise ValueError(
+                f"{name}={value} (--{name.replace('_', '-')}): typical acceptance's thresholds are probabilities; "
+                "pass a value in [0, 1] (above 1 no drafted token would ever be accepted)"
+            )
         if not (float(value) >= 0 and math.isfinite(float(value))):
             flag = "--" + name.replace("_", "-")
             hint = " (temperature 0 is greedy decoding)" if name == "temperature" else ""
@@ -519,11 +572,46 @@ def _check_heads(heads: nn.Module, engine: DecodeEngine, tree_topk: int) -> None
             )
 
 
-def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_list(value: object, name: str, what: str) -> list[int]:
+    """`value` as a list of ints: an int, a flat sequence of ints, or an integer tensor; else a TypeError naming
+    the argument (a float would be silently cut, a str is a token's text)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers ({what}), got a {value.dtype} tensor")
+        return value.reshape(-1).tolist()
+    items = [value] if not isinstance(value, Sequence) or isinstance(value, str | bytes) else list(value)
+    bad = [v for v in items if not _is_int(v)]
+    if bad:
+        hint = " (a token's text: pass its id, e.g. tokenizer.eos_token_id)" if isinstance(bad[0], str) else ""
+        raise TypeError(f"{name}={value!r:.60} must be {what}{hint}")
+    return [int(v) for v in items]
+
+
+def _eos_tensor(
+    eos_token_id: int | Sequence[int] | None, device: torch.device, vocab_size: int | None = None
+) -> torch.Tensor | None:
     if eos_token_id is None:
         return None
-    ids = torch.as_tensor(eos_token_id).reshape(-1).tolist()  # an int, a sequence, or a tensor of any shape
+    ids = _int_list(eos_token_id, "eos_token_id", "a token id or a list of token ids")
+    if vocab_size is not None and ids and not any(0 <= i < vocab_size for i in ids):
+        raise ValueError(
+            f"eos_token_id={eos_token_id!r} is outside the model's vocabulary [0, {vocab_size}): no token would "
+            "ever end a row; pass the tokenizer's eos_token_id"
+        )
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
+def _pad_id(pad_token_id: object, eos_ids: torch.Tensor | None) -> int:
+    """`pad_token_id` checked, or the first EOS id, else 0."""
+    if pad_token_id is None:
+        return int(eos_ids[0]) if eos_ids is not None else 0
+    if not _is_int(pad_token_id):
+        raise TypeError(f"pad_token_id={pad_token_id!r}: pass a token id (tokenizer.pad_token_id), or None")
+    return int(pad_token_id)
 
 
 def row_seeds(seed: SeedSpec, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -531,9 +619,9 @@ def row_seeds(seed: SeedSpec, batch_size: int, device: torch.device) -> torch.Te
     prompt samples the same tokens in any batch); None draws one from torch's RNG (torch.manual_seed)."""
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    if isinstance(seed, int):
-        return ((seed & _MASK32) * 1_000_003 + torch.arange(batch_size, device=device)) & _MASK32
-    seeds = torch.as_tensor(seed, dtype=torch.long).reshape(-1).to(device)
+    if _is_int(seed):
+        return ((int(seed) & _MASK32) * 1_000_003 + torch.arange(batch_size, device=device)) & _MASK32
+    seeds = torch.tensor(_int_list(seed, "seed", "an int, one int per row, or None"), dtype=torch.long).to(device)
     if seeds.numel() != batch_size:
         raise ValueError(
             f"seed has {seeds.numel()} entries for a batch of {batch_size}: give one per row or an int"
@@ -591,6 +679,7 @@ def generate(
     count (at least 2), so finished rows stop costing work and a batch's slowest row no longer keeps it at
     full width (compiled: one more compile on first use, shared by every smaller size).
     """
+    check_models(model, heads, medusa)
     base, heads = _split_model(model, heads)
     ids, offsets = check_batch(input_ids, attention_mask, max_new_tokens)
     check_sampling(temperature, typical_epsilon, typical_delta)
@@ -618,11 +707,13 @@ def generate(
             "shorten the prompt, max_new_tokens (--max-new-tokens) or the tree"
         )
     engine = get_engine(base, needed, max_len, ids.shape[0], max_batch_size)
+    check_token_ids(ids, offsets, engine.vocab_size)
+    if medusa:
+        check_heads_dtype(heads, engine.dtype)
     ids, offsets = ids.to(engine.device), offsets.to(engine.device)
     compile = engine.device.type == "cuda" if compile is None else compile
-    eos_ids = _eos_tensor(eos_token_id, engine.device)
-    if pad_token_id is None:
-        pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
+    eos_ids = _eos_tensor(eos_token_id, engine.device, engine.vocab_size)
+    pad_token_id = _pad_id(pad_token_id, eos_ids)
     seeds = row_seeds(seed, ids.shape[0], engine.device)
     if tree_buffers is not None:
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, str(engine.device))

@@ -28,10 +28,15 @@ from fastmedusa.decode.generate import (
     TreeSpec,
     _check_heads,
     _eos_tensor,
+    _is_int,
+    _pad_id,
     _prefill,
     _split_model,
     _sync,
+    check_heads_dtype,
+    check_models,
     check_sampling,
+    check_token_ids,
     cuda_graphs_mode,
     decode_runner,
     heads_tree_info,
@@ -84,14 +89,23 @@ class ManyOutput:
 
 def _prompt_tensors(prompts: Sequence) -> list[torch.Tensor]:
     """Each prompt as a 1-D long tensor of token ids, or a clear error."""
+    if isinstance(prompts, torch.Tensor) and prompts.ndim == 2:
+        raise ValueError(
+            "prompts is one 2-D tensor: pass a list of 1-D prompts (list(ids) for a batch without padding, or "
+            "each row's tokens without its padding), or call generate(input_ids, attention_mask=...) for a batch"
+        )
     if isinstance(prompts, torch.Tensor | str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(
             "prompts must be a non-empty list of token-id sequences (lists or 1-D tensors), one per prompt"
         )
+    if all(_is_int(p) for p in prompts):
+        raise ValueError(f"prompts is one flat list of token ids: pass a list of prompts, e.g. [{list(prompts)[:3]}]")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             raise ValueError(f"prompt {i} is text: give token ids (tokenizer(text).input_ids)")
+        if not isinstance(p, torch.Tensor) and len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         t = p if isinstance(p, torch.Tensor) else torch.as_tensor(p)
         if t.dtype not in (torch.long, torch.int32, torch.int64) or t.ndim != 1 or t.numel() == 0:
             raise ValueError(
@@ -191,6 +205,7 @@ def generate_many(
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     check_sampling(temperature, typical_epsilon, typical_delta)
+    check_models(model, heads, medusa)
     base, heads = _split_model(model, heads)
     slots = min(batch_size, len(ids_list))
     tree_buffers, paths = None, ()
@@ -218,11 +233,14 @@ def generate_many(
     # `generate(max_batch_size=batch_size)` in distill's fixed batches asks, so the two share it
     rows = None if engine_fits(base, needed, max_len, slots) else batch_size
     engine = get_engine(base, needed, max_len, slots, rows)
+    for prompt in ids_list:
+        check_token_ids(prompt[None], torch.zeros(1, dtype=torch.long), engine.vocab_size)
     if medusa:
+        check_heads_dtype(heads, engine.dtype)
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, str(engine.device))
         _check_heads(heads, engine, tree_buffers.topk)
-    eos_ids = _eos_tensor(eos_token_id, engine.device)
-    pad_id = pad_token_id if pad_token_id is not None else (int(eos_ids[0]) if eos_ids is not None else 0)
+    eos_ids = _eos_tensor(eos_token_id, engine.device, engine.vocab_size)
+    pad_id = _pad_id(pad_token_id, eos_ids)
     seeds = row_seeds(seed, len(ids_list), engine.device)
     compile_prompt = compile and (prefill_compiled() or graphs == "compile")
     runner = decode_runner(

@@ -12,6 +12,7 @@ import functools
 import heapq
 import json
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ def preset_names() -> list[str]:
 
 def validate_paths(paths: Sequence[Sequence[int]], num_heads: int | None = None) -> list[Path_]:
     """Check a path list and return it sorted by (depth, path), the node order of the buffers."""
+    example = "a list of paths, each a list of 0-based ranks, e.g. [[0], [1], [0, 0]]"
+    if isinstance(paths, str | bytes | dict) or not isinstance(paths, Sequence | torch.Tensor):
+        raise TypeError(f"tree must be {example} (or a preset name, auto:N, a JSON file); got {paths!r:.60}")
     if len(paths) == 0:
         raise ValueError(
             "the tree has no paths: give at least one (e.g. --tree chain_1, [[0]] in Python), or decode without the "
@@ -59,6 +63,10 @@ def validate_paths(paths: Sequence[Sequence[int]], num_heads: int | None = None)
         )
     seen: set[Path_] = set()
     for p in paths:
+        if not isinstance(p, Sequence | torch.Tensor) or isinstance(p, str | bytes):
+            raise TypeError(f"tree path {p!r:.40} is not a list of ranks: the tree must be {example}")
+        if not all(isinstance(r, numbers.Integral | torch.Tensor) and not isinstance(r, bool) for r in p):
+            raise TypeError(f"tree path {list(p)!r:.60} holds something other than integer ranks: the tree must be {example}")
         path = tuple(int(r) for r in p)
         if len(path) == 0 or min(path) < 0:
             raise ValueError(
@@ -175,6 +183,8 @@ def resolve_tree(
             return validate_paths(paths, num_heads)
         if Path(name).is_file():
             return validate_paths(load_tree(name, num_heads), num_heads)
+        if Path(name).is_dir():
+            raise IsADirectoryError(f"tree {name} is a directory: pass its tree.json (a JSON list of paths)")
         if name.endswith(".json") or os.sep in name:
             raise FileNotFoundError(
                 f"tree file {name}: no such file; pass an existing JSON list of paths (a heads directory's "

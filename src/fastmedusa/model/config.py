@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,6 +43,14 @@ class MedusaConfig:
     draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("num_heads", "num_layers", "hidden_size", "vocab_size", "draft_vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
+                setattr(self, name, int(value))  # numpy and torch integers are integers
+            elif isinstance(value, bool) or value is not None and not isinstance(value, int):
+                raise TypeError(f"MedusaConfig {name}={value!r}: pass an integer")
+        if not isinstance(self.shared_lm_head, bool):
+            raise TypeError(f"MedusaConfig shared_lm_head={self.shared_lm_head!r}: pass True or False")
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(
                 f"num_heads (medusa_num_heads in a heads config.json, --num-heads of `fastmedusa train`) must be "

@@ -123,7 +123,8 @@ def write_heads(directory: str | os.PathLike, checkpoint: HeadsCheckpoint, layou
     if layout not in LAYOUTS:
         raise ValueError(f"unknown heads layout {layout!r}: pass one of {', '.join(LAYOUTS)}")
     check_complete(checkpoint)
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
+    _check_heads_target(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if layout == "medusa":
         tensors, name = checkpoint.state, HEADS_WEIGHTS_NAME
@@ -152,6 +153,31 @@ def write_heads(directory: str | os.PathLike, checkpoint: HeadsCheckpoint, layou
             (directory / other).unlink(missing_ok=True)
     write_json_atomic(directory / CONFIG_NAME, _config_json(checkpoint, layout))
     return directory
+
+
+def _check_heads_target(directory: Path) -> None:
+    """Heads replace a directory's config.json and delete its other weight files: a file in the way, or a
+    directory holding a model (its config.json of another model_type, or weights that are not heads), is
+    refused before anything is written."""
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file: pass a directory for the heads")
+    config = directory / CONFIG_NAME
+    if not config.is_file():
+        others = sorted(p.name for p in directory.glob("*.safetensors") if p.name not in WEIGHT_FILES)
+        if others:
+            raise ValueError(
+                f"{directory} holds weights that are not heads ({others[0]}): pass a new or empty directory"
+            )
+        return
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != "medusa":
+        raise ValueError(
+            f"{directory} holds a model's config.json (model_type {model_type!r}): writing heads there would "
+            "replace it and may delete the model's weights; pass a new or empty directory for the heads"
+        )
 
 
 def _config_json(checkpoint: HeadsCheckpoint, layout: str) -> dict:
@@ -399,7 +425,7 @@ def _load_tensor_pickle(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not refused_by_weights_only(err):
-            raise ValueError(f"{path} is truncated or corrupt ({err}): export or train the heads again") from None
+            raise ValueError(f"{path} is truncated or corrupt: export or train the heads again") from None
         raise ValueError(
             f"{path} holds Python objects besides tensors, so it was refused unread (unpickling them could run "
             "code): save the heads as safetensors from a copy you trust (`fastmedusa export`)"

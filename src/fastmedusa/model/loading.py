@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +178,38 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, **kwargs):
     return tokenizer
 
 
+def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    """A dtype, "auto", or one of its names (bf16/bfloat16, fp16/float16/half, fp32/float32/float)."""
+    from fastmedusa.dtypes import parse_dtype
+
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype={dtype!r}: pass a torch dtype (torch.bfloat16) or its name ('bf16', 'fp32')")
+    try:
+        return parse_dtype(dtype)
+    except ValueError:
+        raise ValueError(f"dtype={dtype!r}: pass a torch dtype or one of bf16, fp16, fp32 (or 'auto')") from None
+
+
+def _refuse_heads_directory(name_or_path: str | os.PathLike | None) -> None:
+    """A Medusa heads directory given where the base model goes would fail inside transformers with an
+    unknown model type 'medusa' and advice to upgrade it."""
+    if name_or_path is None:
+        return
+    config = Path(name_or_path).expanduser() / "config.json"
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    if model_type == "medusa":
+        raise ValueError(
+            f"{name_or_path} is a Medusa heads directory, not a base model: pass it as the heads "
+            f"(--heads {name_or_path}; MedusaModel.from_pretrained(base, heads=...) in Python) and the base model "
+            "as --model"
+        )
+
+
 def load_base_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -188,7 +221,8 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        kwargs["dtype"] = _torch_dtype(dtype)
+    _refuse_heads_directory(name_or_path)
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, "model", **kwargs)
     check_has_lm_head(model, name_or_path)
     if device is not None:
@@ -208,8 +242,6 @@ def save_base_model(
     FSDP run passes the gathered full tensors); `marker` is written as TRAINED_BACKBONE_MARKER, which tells a
     later run that it may replace this directory. The saved config has `use_cache` on (training turns it off
     for gradient checkpointing; generation wants it)."""
-    import json
-
     from fastmedusa.files import atomic_directory
 
     config = model.config

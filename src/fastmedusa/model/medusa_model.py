@@ -44,6 +44,37 @@ class MedusaOutput:
     hidden_states: torch.Tensor | None = None  # (B, T, H) last hidden state of the backbone
 
 
+def check_forward_inputs(
+    input_ids: object, attention_mask: torch.Tensor | None, labels: torch.Tensor | None
+) -> None:
+    """Shapes and dtypes of a training batch (no values read: that would sync the GPU every step)."""
+    integer = (torch.int64, torch.int32)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype not in integer:
+        got = (
+            f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
+            if isinstance(input_ids, torch.Tensor)
+            else type(input_ids).__name__
+        )
+        raise ValueError(f"input_ids must be (batch, seq_len) integer token ids, got {got}")
+    for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != input_ids.shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{name} shape {shape} must equal input_ids shape {tuple(input_ids.shape)}")
+    if labels is not None and labels.dtype not in integer:
+        raise ValueError(f"labels must be integer token ids (-100 where not trained on), got {labels.dtype}")
+
+
+def _medusa_config(config: object) -> MedusaConfig | None:
+    if config is None or isinstance(config, MedusaConfig):
+        return config
+    raise TypeError(
+        f"config must be a MedusaConfig, got {type(config).__name__}: build one with MedusaConfig(num_heads=...) "
+        "(MedusaConfig.from_dict(d) for a dict)"
+    )
+
+
 class MedusaModel(nn.Module):
     """Backbone (`self.base`, any HF causal LM) + `self.medusa_heads`.
 
@@ -69,7 +100,12 @@ class MedusaModel(nn.Module):
 
         With `config.draft_vocab_size`, `token_map` lists the draft vocabulary's token ids
         (`fastmedusa.data.vocab.label_token_map` counts them); the projections copy those LM head rows."""
-        config = config or MedusaConfig()
+        if not isinstance(hf_model, nn.Module) or not hasattr(hf_model, "config"):
+            raise TypeError(
+                f"from_base takes a loaded Hugging Face causal LM, got {type(hf_model).__name__}: for a hub id or a "
+                "path use MedusaModel.from_pretrained(name, heads=...)"
+            )
+        config = _medusa_config(config) or MedusaConfig()
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(hf_model.config, "_name_or_path", None) or None
         return cls(hf_model, config, token_map)
@@ -89,6 +125,12 @@ class MedusaModel(nn.Module):
         `heads/`; without it fresh heads are made from `config` (default `MedusaConfig()`). Heads of a
         stage-2 run load on the backbone trained with them when `base_name_or_path` is None.
         """
+        config = _medusa_config(config)
+        if heads is not None and config is not None:
+            raise ValueError(
+                "from_pretrained got both heads= and config=: heads bring their own config (their config.json); "
+                "pass config= only for fresh heads"
+            )
         checkpoint = read_heads(heads) if heads is not None else None
         base_name_or_path = base_model_for_heads(base_name_or_path, heads)  # a stage-2 run's own backbone
         if checkpoint is not None:
@@ -172,13 +214,10 @@ class MedusaModel(nn.Module):
         KL(reference || model) instead of cross-entropy on the labels (`MedusaHeads.lm_distillation_loss`).
         `chunk_rows`: rows of logits per chunk of the fused losses (None: automatic; fewer, less memory).
         """
+        check_forward_inputs(input_ids, attention_mask, labels)
         hidden = self.backbone_hidden_states(input_ids, attention_mask)
         if labels is None:
             return MedusaOutput(hidden_states=hidden)
-        if labels.shape != input_ids.shape:
-            raise ValueError(
-                f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
-            )
         if lm_loss_weight is None:
             lm_loss_weight = 0.0 if self.backbone_frozen else 1.0
         lm_loss, head_losses = self.medusa_heads(

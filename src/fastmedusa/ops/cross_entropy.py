@@ -68,7 +68,30 @@ def shifted_targets(labels: Tensor, shift: int, ignore_index: int) -> Tensor:
     return torch.cat([labels[..., shift:], tail], dim=-1).reshape(-1)
 
 
-def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, shift: int, reduction: str) -> None:
+def _check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label is a class of the weight's V rows or `ignore_index`: another id would be read past the
+    logits (a wrong loss from the fused kernels, an index error elsewhere). On the CPU the check is free and
+    names the value; on a GPU it is an asynchronous device assert, so training keeps no per-step host sync."""
+    bad = ((labels < 0) & (labels != ignore_index)) | (labels >= vocab)
+    message = (
+        f"labels hold ids outside [0, {vocab}) that are not ignore_index={ignore_index}: use {ignore_index} for "
+        "positions not scored, and the labels of the weight's vocabulary"
+    )
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bad.any():
+            raise ValueError(message.replace("ids outside", f"{int(labels[bad][0])}, outside", 1))
+    else:  # traced by torch.compile too: no graph break
+        torch._assert_async(~bad.any(), message)
+
+
+def _check_inputs(
+    hidden: Tensor, weight: Tensor, labels: Tensor, shift: int, reduction: str, ignore_index: int
+) -> None:
+    for name, value in (("shift", shift), ("ignore_index", ignore_index)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name}={value!r}: pass an integer")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden has shape {tuple(hidden.shape)}: expected (B, T, H) or (N, H)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -81,12 +104,13 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, shift: int, re
             f"labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)}: "
             "labels must be token-aligned with hidden's positions, (B, T) or (N,)"
         )
-    if labels.dtype.is_floating_point:
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels have dtype {labels.dtype}: pass integer token ids (torch.long)")
     if shift < 0:
         raise ValueError(f"shift={shift} is negative: a head scores position t against t+shift, shift >= 0")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+    _check_label_values(labels, weight.shape[0], ignore_index)
 
 
 def linear_cross_entropy(
@@ -115,7 +139,7 @@ def linear_cross_entropy(
     weight's dtype, no extra V x H memory), "accumulate" (3 passes + an fp32 V x H buffer: exact sums),
     "recompute" (4 passes, no buffer), "auto" ("inplace"; "accumulate" for fp16: `fused.resolve_wgrad`).
     """
-    _check_inputs(hidden, weight, labels, shift, reduction)
+    _check_inputs(hidden, weight, labels, shift, reduction, ignore_index)
     impl = resolve_impl(impl, hidden.device)
     if impl in ("liger", "cce", "quack"):
         from fastmedusa.ops.peers import peer_linear_cross_entropy
@@ -186,6 +210,14 @@ def medusa_cross_entropy(
     Head k scores position t against labels[..., t + shifts[k]]. Weights or hiddens that do not
     require grad get no gradient GEMM.
     """
+    if isinstance(shifts, int) or not isinstance(shifts, Sequence | Tensor):
+        raise TypeError(f"shifts={shifts!r}: pass one shift per head, e.g. [2, 3] for heads 1 and 2")
+    for name, value, dims in (("hiddens", hiddens, 3), ("weights", weights, 2)):
+        if isinstance(value, Tensor) and value.dim() == dims and len(shifts) != value.shape[0]:
+            raise ValueError(
+                f"{name} is one {tuple(value.shape)} tensor: pass a list of per-head tensors, or a stacked "
+                f"({'K, B, T, H' if dims == 3 else 'K, V, H'}) tensor"
+            )
     hiddens, weights = list(hiddens), list(weights)
     if not (len(hiddens) == len(weights) == len(shifts)) or not hiddens:
         raise ValueError(
@@ -216,7 +248,7 @@ def topk_correct(
 
     Returns (LongTensor (len(ks),) of hits on the hidden's device, number of scored positions).
     """
-    _check_inputs(hidden, weight, labels, shift, "none")
+    _check_inputs(hidden, weight, labels, shift, "none", ignore_index)
     if not ks or min(ks) < 1 or max(ks) > weight.shape[0]:
         raise ValueError(f"ks={tuple(ks)}: each k must be in 1..V={weight.shape[0]}")
     dtype = compute_dtype(hidden, weight)

@@ -116,6 +116,8 @@ def _num_warps(block: int) -> int:
 
 
 def _check_k(k: int, vocab: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"k={k!r}: pass an integer number of top values")
     if not 0 <= k <= vocab:
         raise ValueError(f"top-{k} of {vocab} values: k must be in [0, {vocab}]")
 
@@ -206,6 +208,7 @@ def fused_topk_supported(logits: Tensor, k: int) -> bool:
 def topk_indices(logits: Tensor, k: int) -> Tensor:
     """Indices (..., k) int64 of the k largest logits (..., V), best first: the fused op where
     `fused_topk_supported` (ties to the lowest index), else torch.topk (ties in its own order)."""
+    _check_k(k, logits.shape[-1])
     if fused_topk_supported(logits, k):
         return topk_indices_op(logits, k)
     return logits.topk(k, dim=-1).indices

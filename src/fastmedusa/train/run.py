@@ -283,6 +283,21 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
         raise
 
 
+def check_token_ids_fit(config: TrainConfig, vocab_size: int, train_batches, eval_batches: list[dict]) -> None:
+    """Every encoded token id indexes the model's embedding: a tokenizer with ids past the model's vocabulary
+    (another model's, or added special tokens) is named before training, not met as an index error on a GPU."""
+    encoded = getattr(train_batches, "encoded", None) or ()
+    highest = max((max(example["input_ids"], default=-1) for example in encoded), default=-1)
+    for batch in eval_batches:
+        highest = max(highest, int(batch["input_ids"].max()))
+    if highest >= vocab_size:
+        raise ValueError(
+            f"the tokenizer of {config.model or 'the embedded model'} gives token id {highest}, but the model's "
+            f"vocabulary has {vocab_size} ids: use the model's own tokenizer (--model names a directory or hub id "
+            "holding both)"
+        )
+
+
 def _load_checked_tokenizer(config: TrainConfig, backend: SingleProcess | FSDPBackend):
     """The tokenizer, refused without a chat template where tree.json is measured on chat prompts (before
     training, not after it)."""
@@ -306,6 +321,7 @@ def _run(config: TrainConfig, backend: SingleProcess | FSDPBackend, out: Path, d
     tokenizer = _load_checked_tokenizer(config, backend)
     train_batches, eval_batches = build_data(config, tokenizer, backend.world_size)
     model = build_model(config, getattr(train_batches, "encoded", None))
+    check_token_ids_fit(config, model.base.get_input_embeddings().num_embeddings, train_batches, eval_batches)
     remove_earlier_run(config)
     trainer = Trainer(model, config, train_batches, eval_batches, backend=backend)
     trainer.inputs = inputs

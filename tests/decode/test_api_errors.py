@@ -1,0 +1,79 @@
+"""The Python API's bad input: each call below fails at once with one error naming the argument and the fix,
+never a traceback from inside torch, a silently cut float, or a tree that accepts nothing."""
+
+import pytest
+import torch
+from conftest import VOCAB, random_medusa, tiny_llama
+
+from fastmedusa.decode import generate, generate_many
+
+IDS = torch.tensor([[1, 5, 7, 9]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_medusa(tiny_llama(0), num_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"input_ids": torch.tensor([[1, VOCAB]])}, ValueError, f"token id {VOCAB}, outside the model's vocabulary"),
+        ({"input_ids": torch.tensor([[1, -3]])}, ValueError, "token id -3, outside the model's vocabulary"),
+        ({"eos_token_id": "</s>"}, TypeError, r"eos_token_id='</s>' .*pass its id, e.g. tokenizer.eos_token_id"),
+        ({"eos_token_id": 2.7}, TypeError, "eos_token_id=2.7 must be a token id"),
+        ({"eos_token_id": [2, None]}, TypeError, "eos_token_id=.* must be a token id or a list"),
+        ({"eos_token_id": 500}, ValueError, r"eos_token_id=500 is outside the model's vocabulary \[0, 97\)"),
+        ({"pad_token_id": "x"}, TypeError, "pad_token_id='x': pass a token id"),
+        ({"seed": 1.5}, TypeError, "seed=1.5 must be an int"),
+        ({"temperature": "0.7"}, TypeError, r"temperature='0.7' \(--temperature\): pass a number"),
+        ({"temperature": None}, TypeError, "temperature=None"),
+        ({"temperature": 1.0, "typical_epsilon": 5.0}, ValueError, r"typical_epsilon=5.0 .*pass a value in \[0, 1\]"),
+        ({"medusa": "no"}, TypeError, "medusa='no': pass True"),
+        ({"tree": [0, 1]}, TypeError, "tree path 0 is not a list of ranks"),
+        ({"tree": 5}, TypeError, "tree must be a list of paths"),
+        ({"tree": [["a"]]}, TypeError, "holds something other than integer ranks"),
+        ({"tree": [[0.7]]}, TypeError, "holds something other than integer ranks"),
+        ({"tree": "/"}, IsADirectoryError, "tree / is a directory"),
+        ({"attention_mask": [[1, 1, 1, 1]]}, TypeError, "attention_mask must be a tensor"),
+        ({"attention_mask": torch.ones(2, 2)}, ValueError, r"attention_mask of shape \(2, 2\) does not match"),
+        ({"heads": torch.nn.Linear(2, 2)}, TypeError, "heads must be Medusa heads"),
+    ],
+)
+def test_generate_bad_arguments(model, kwargs, error, message):
+    call = {"input_ids": IDS, "max_new_tokens": 4, **kwargs}
+    with pytest.raises(error, match=message):
+        generate(model, **call)
+
+
+def test_a_hub_id_as_the_model_says_how_to_load_it():
+    with pytest.raises(TypeError, match="model must be a MedusaModel .*got str: load one with"):
+        generate("HuggingFaceTB/SmolLM2-135M", IDS, max_new_tokens=4)
+
+
+def test_heads_in_another_dtype_than_the_base_model():
+    model = random_medusa(tiny_llama(3), num_heads=2)
+    model.base.to(torch.float64)
+    with pytest.raises(ValueError, match="the Medusa heads are float32 but the base model is float64"):
+        generate(model, IDS, max_new_tokens=4)
+    assert generate(model, IDS, max_new_tokens=4, medusa=False).sequences.shape == (1, 8)  # no heads used
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [
+        ([1, 2, 3], r"prompts is one flat list of token ids: pass a list of prompts, e.g. \[\[1, 2, 3\]\]"),
+        (torch.tensor([[1, 2], [3, 4]]), "prompts is one 2-D tensor: pass a list of 1-D prompts"),
+        ([[1, 2], [3, VOCAB + 3]], f"token id {VOCAB + 3}, outside the model's vocabulary"),
+    ],
+)
+def test_generate_many_bad_prompts(model, prompts, message):
+    with pytest.raises(ValueError, match=message):
+        generate_many(model, prompts, 4)
+
+
+def test_valid_integer_kinds_still_pass(model):
+    """numpy-free integer kinds a user may hold: tensors of ids for eos and seeds, 0-d tensors in paths."""
+    out = generate(model, IDS, max_new_tokens=4, eos_token_id=torch.tensor([3, 4]), seed=[7], temperature=0.5,
+                   tree=[[torch.tensor(0)], [0, 0]])  # fmt: skip
+    assert out.sequences.shape[0] == 1
