@@ -15,6 +15,14 @@ import torch
 from fastmedusa.data.chat import IGNORE_INDEX
 
 
+def id_outside(ids: torch.Tensor, vocab_size: int) -> int | None:
+    """An id of the non-empty `ids` outside [0, vocab_size) (the lowest if negative, else the highest), or None."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        return low
+    return high if high >= vocab_size else None
+
+
 def count_label_tokens(
     examples: Iterable[dict | Sequence[int] | torch.Tensor], vocab_size: int
 ) -> torch.Tensor:
@@ -32,9 +40,7 @@ def count_label_tokens(
         labels = labels[labels != IGNORE_INDEX]
         if labels.numel() == 0:
             continue
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
+        if (bad := id_outside(labels, vocab_size)) is not None:
             raise ValueError(
                 f"label id {bad} is outside the vocabulary [0, {vocab_size}): the data was tokenized "
                 "for another model (pass the matching --model)"

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmedusa.data.vocab import id_outside
 from fastmedusa.decode.accuracy import choose_tree_size, read_tree_json
 from fastmedusa.decode.engine import DecodeEngine, get_engine
 from fastmedusa.decode.loop import StepRunner, medusa_body, plain_body, prefill_body, run_loop
@@ -518,10 +519,7 @@ def check_token_ids(ids: torch.Tensor, offsets: torch.Tensor, vocab_size: int) -
     """Every prompt token (left padding aside) is an id of the model's vocabulary: an id from another
     tokenizer would index past the embedding (a device-side assert on CUDA)."""
     real = torch.arange(ids.shape[1], device=ids.device) >= offsets.to(ids.device)[:, None]
-    tokens = ids[real]
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
+    if (bad := id_outside(ids[real], vocab_size)) is not None:
         raise ValueError(
             f"input_ids hold token id {bad}, outside the model's vocabulary [0, {vocab_size}): the tokenizer does "
             "not match the model"
