@@ -263,7 +263,9 @@ def check_eval_output(output: Path, heads: Path, data: str | None) -> None:
     """The results may replace an earlier eval.json, never the data read or a file the heads need."""
     target = output.resolve()
     if data is not None and Path(data).expanduser().exists() and target == Path(data).expanduser().resolve():
-        raise ValueError(f"--output {output} is the --data file: pass another path for the results")
+        raise ValueError(
+            f"--output {output} is the data file being evaluated on ({data}): pass another path for the results"
+        )
     if target.parent == heads.resolve() and target.name != "eval.json" and target.exists():
         raise ValueError(
             f"--output {output} is a file of the heads directory ({target.name}): pass another path, or leave "
@@ -287,7 +289,7 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     heads = find_heads_dir(args.heads_dir)
     output = Path(args.output).expanduser() if args.output else heads / "eval.json"
-    check_eval_output(output, heads, args.data)
+    check_eval_output(output, heads, split_settings(args, heads)["data"])  # the data read, given or the run's
     result = evaluate_heads(args)
     write_json_atomic(output, result)
     for line in report_lines(result):

@@ -92,6 +92,7 @@ def test_export_of_an_evaluated_run_has_a_full_model_card(run_dir, tmp_path, cap
         (["eval", "RUN", "--output", "RUN/heads/config.json"], "is a file of the heads directory (config.json)"),
         (["export", "RUN/heads", "--output", "RUN/heads/.."], "holds the heads being exported"),
         (["eval", "RUN", "--tree", "auto:0", "--prompts", "0"], "--tree auto:0 with --prompts 0: a tree's"),
+        (["eval", "RUN", "--output", "RUN/../sharegpt.json"], "is the data file being evaluated on"),  # the run's
     ],
 )
 def test_bad_input_is_one_clear_line(run_dir, argv, message, capsys):
@@ -108,7 +109,7 @@ def test_eval_results_never_replace_the_data_or_the_heads_files(tmp_path):
     heads.mkdir()
     (heads / "config.json").write_text("{}")
     data.write_text("[]")
-    with pytest.raises(ValueError, match="is the --data file"):
+    with pytest.raises(ValueError, match="is the data file being evaluated on"):
         check_eval_output(data, heads, str(data))
     with pytest.raises(ValueError, match=r"a file of the heads directory \(config.json\)"):
         check_eval_output(heads / "config.json", heads, None)
