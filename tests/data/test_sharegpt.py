@@ -138,20 +138,30 @@ def test_gzip_files_read_like_plain_ones(tmp_path, name):
     assert resolve_data_path(tmp_path) == path  # a directory holding one .json.gz
 
 
-def test_a_gzip_file_cut_short_keeps_every_complete_record(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.999])
+def test_a_gzip_file_cut_short_keeps_every_complete_record(tmp_path, fraction):
+    """A download that stopped early: every record whose text lies wholly before the cut is kept, however far
+    the cut is past the reader's first megabyte."""
     import gzip
     import random
+    import zlib
 
-    monkeypatch.setattr(sharegpt_module, "CHUNK_CHARS", 256)
     rng = random.Random(0)  # incompressible answers, so that a cut of the bytes is a cut of the records
     records = [record(("human", f"q{i}"), ("gpt", "".join(rng.choice("abcdefghij") for _ in range(400))))
-               for i in range(40)]  # fmt: skip
-    whole = gzip.compress(json.dumps(records).encode("utf-8"))
+               for i in range(3000)]  # fmt: skip
+    texts = [json.dumps(r) for r in records]
+    whole = gzip.compress(("[" + ", ".join(texts) + "]").encode("utf-8"))
+    cut = whole[: int(len(whole) * fraction)]
     path = tmp_path / "cut.json.gz"
-    path.write_bytes(whole[: len(whole) // 2])
+    path.write_bytes(cut)
+    readable = len(zlib.decompressobj(wbits=31).decompress(cut))  # what the cut bytes hold, decompressed
+    end, expected = 1, 0  # "[" then records joined by ", ": where each record's text ends
+    for i, text in enumerate(texts):
+        end += len(text) + (2 if i else 0)
+        expected += end <= readable
     conversations, _ = read_sharegpt(path)
-    kept = [c[1]["content"] for c in conversations]
-    assert 5 < len(kept) < 40 and kept == [r["conversations"][1]["value"] for r in records[: len(kept)]]
+    assert len(conversations) == expected > 1000 * fraction
+    assert [c[1]["content"] for c in conversations] == [r["conversations"][1]["value"] for r in records[:expected]]
     assert conversations.stats.truncated
 
 

@@ -28,7 +28,7 @@ def model():
         ({"seed": 1.5}, TypeError, "seed=1.5 must be an int"),
         ({"temperature": "0.7"}, TypeError, r"temperature='0.7' \(--temperature\): pass a number"),
         ({"temperature": None}, TypeError, "temperature=None"),
-        ({"temperature": 1.0, "typical_epsilon": 5.0}, ValueError, r"typical_epsilon=5.0 .*pass a value in \[0, 1\]"),
+        ({"temperature": 1.0, "typical_epsilon": -0.5}, ValueError, r"typical_epsilon=-0.5 .*pass a finite number"),
         ({"medusa": "no"}, TypeError, "medusa='no': pass True"),
         ({"tree": [0, 1]}, TypeError, "tree path 0 is not a list of ranks"),
         ({"tree": 5}, TypeError, "tree must be a list of paths"),
@@ -72,8 +72,18 @@ def test_generate_many_bad_prompts(model, prompts, message):
         generate_many(model, prompts, 4)
 
 
-def test_valid_integer_kinds_still_pass(model):
-    """numpy-free integer kinds a user may hold: tensors of ids for eos and seeds, 0-d tensors in paths."""
+def test_valid_kinds_still_pass(model):
+    """Integer and number kinds a user may hold: tensors and numpy arrays of ids, 0-d tensors, numpy scalars,
+    nested id lists (generation_config), thresholds above 1 (epsilon only caps the threshold)."""
+    import numpy as np
+
     out = generate(model, IDS, max_new_tokens=4, eos_token_id=torch.tensor([3, 4]), seed=[7], temperature=0.5,
                    tree=[[torch.tensor(0)], [0, 0]])  # fmt: skip
     assert out.sequences.shape[0] == 1
+    kinds = dict(eos_token_id=np.array([[3, 4]]), seed=np.array([7]), pad_token_id=torch.tensor(0),
+                 temperature=torch.tensor(0.5), typical_epsilon=1.5, typical_delta=np.float64(2.0),
+                 medusa=np.True_)  # fmt: skip
+    again = generate(model, IDS, max_new_tokens=4, tree=[[0], [0, 0]], **kinds)
+    assert torch.equal(again.sequences, generate(model, IDS, max_new_tokens=4, tree=[[0], [0, 0]], eos_token_id=[3, 4],
+                                                 seed=[7], temperature=0.5, typical_epsilon=1.5,
+                                                 typical_delta=2.0).sequences)  # fmt: skip

@@ -303,6 +303,9 @@ def test_save_heads_never_writes_over_a_model_or_a_file(make_llama, tmp_path, mo
         model.save_heads(tmp_path / "afile")
     model.save_heads(tmp_path / "h")
     model.save_heads(tmp_path / "h")  # earlier heads are replaced
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    (tmp_path / "h" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model_type"}))
+    model.save_heads(tmp_path / "h")  # FasterDecoding's config.json has no model_type: still heads
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     written = model.save_heads("~/heads")
     assert written == tmp_path / "home" / "heads" and read_heads("~/heads").config.num_heads == 2

@@ -114,12 +114,16 @@ def test_wrong_kinds_of_arguments_are_named(tiny_llama, tmp_path):
     assert MedusaConfig(num_heads=torch.tensor(3).item()).num_heads == 3
     model = MedusaModel.from_base(tiny_llama, MedusaConfig(num_heads=2))
     model.save_heads(tmp_path / "h")
-    with pytest.raises(ValueError, match="both heads= and config="):
+    with pytest.raises(ValueError, match="config=num_heads=5 but the heads in .* have 2: heads bring their own"):
         MedusaModel.from_pretrained(tmp_path / "base", heads=tmp_path / "h", config=MedusaConfig(num_heads=5))
     from fastmedusa.model import load_base_model
 
     with pytest.raises(ValueError, match="dtype='randn': pass a torch dtype or one of bf16, fp16, fp32"):
         load_base_model(tmp_path / "base", dtype="randn")
+    tiny_llama.save_pretrained(tmp_path / "base")
+    assert next(load_base_model(tmp_path / "base", dtype="float64").parameters()).dtype == torch.float64
+    same = MedusaModel.from_pretrained(tmp_path / "base", heads=tmp_path / "h", config=MedusaConfig(num_heads=2))
+    assert same.medusa_config.num_heads == 2  # a config that agrees with the heads' own is accepted
 
 
 def test_forward_checks_shapes_and_dtypes(tiny_llama):
@@ -133,5 +137,5 @@ def test_forward_checks_shapes_and_dtypes(tiny_llama):
         model(ids, attention_mask=torch.ones(1, 3), labels=ids)
     with pytest.raises(ValueError, match="labels must be integer token ids"):
         model(ids, labels=ids.float())
-    with pytest.raises(ValueError, match="labels hold 9999, outside"):
+    with pytest.raises(ValueError, match="label 9999 is outside"):
         model(ids, labels=torch.full_like(ids, 9999))

@@ -246,9 +246,9 @@ def test_labels_outside_the_vocabulary_are_named_not_read(impl, bad):
     (the fused kernels gave a wrong loss): every impl refuses it before any work."""
     hs, ws, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.2, seed=0)
     labels[0, 2] = bad
-    with pytest.raises(ValueError, match=f"labels hold {bad}, outside \\[0, 20\\) that are not ignore_index=-100"):
+    with pytest.raises(ValueError, match=f"label {bad} is outside \\[0, 20\\) and is not ignore_index: use -100"):
         linear_cross_entropy(hs[0], ws[0], labels, impl=impl)
-    with pytest.raises(ValueError, match=f"labels hold {bad}"):
+    with pytest.raises(ValueError, match=f"label {bad} is outside"):
         medusa_cross_entropy(hs, ws, labels, shifts=[1], impl=impl)
     labels[0, 2] = 3  # the ignore_index itself, and ids inside, pass
     linear_cross_entropy(hs[0], ws[0], labels, impl=impl, ignore_index=-100)
@@ -261,6 +261,9 @@ def test_argument_kinds_are_named():
     two, _, two_labels = _inputs(2, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)  # batch 2: not a K=1 stack
     with pytest.raises(ValueError, match=r"hiddens is one \(2, 4, 8\) tensor: pass a list of per-head tensors"):
         medusa_cross_entropy(two[0], ws, two_labels, shifts=[2])
+    assert torch.equal(  # integer kinds of shifts: numpy and 0-d tensors
+        medusa_cross_entropy(hs, ws, labels, shifts=torch.tensor([1])), medusa_cross_entropy(hs, ws, labels, shifts=[1])
+    )
     with pytest.raises(TypeError, match="shift=1.5: pass an integer"):
         linear_cross_entropy(hs[0], ws[0], labels, shift=1.5)
     with pytest.raises(TypeError, match="labels must be a tensor"):

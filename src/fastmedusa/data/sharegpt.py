@@ -8,14 +8,15 @@ Every record is normalised to a list of `{"role", "content"}` turns with roles `
 from __future__ import annotations
 
 import codecs
-import gzip
 import hashlib
 import importlib.resources
+import io
 import itertools
 import json
 import logging
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -133,6 +134,8 @@ def resolve_data_path(path: str | os.PathLike | None) -> Path | str:
         return local
     if local.is_dir():
         files = sorted(p for p in local.iterdir() if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+        if len(files) == 2 and files[1].name == files[0].name + ".gz":  # a file beside its gzip copy: the same data
+            files = files[:1]
         if len(files) != 1:
             found = ", ".join(p.name for p in files) or "none"
             raise FileNotFoundError(
@@ -230,34 +233,40 @@ def _without_surrogates(conversation: Conversation, stats: ReadStats) -> Convers
     return out
 
 
-class _CutGzipText:
-    """A gzip file read as text where a stream cut short ends like a plain file cut short: the readers keep
-    every complete record before the cut (and say the file is truncated) instead of raising EOFError."""
+class _CutGzipBytes(io.RawIOBase):
+    """The decompressed bytes of a gzip file, where a stream cut short ends like a plain file cut short: every
+    byte before the cut is returned, then end-of-file, so the readers keep every complete record and say the
+    file is truncated. Decompressed with zlib piece by piece: `gzip` raises EOFError at a cut and drops what
+    that read had decompressed (up to a whole buffer of records)."""
+
+    PIECE = 1 << 16
 
     def __init__(self, path: Path) -> None:
-        self._f = gzip.open(path, "rt", encoding="utf-8-sig", errors="fastmedusa-replace")
+        self._file = open(path, "rb")
+        self._inflate = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
+        self._pending = b""
 
-    def read(self, size: int = -1) -> str:
-        try:
-            return self._f.read(size)
-        except EOFError:
-            return ""
+    def readable(self) -> bool:
+        return True
 
-    def readline(self) -> str:
-        try:
-            return self._f.readline()
-        except EOFError:
-            return ""
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            compressed = self._file.read(self.PIECE)
+            if not compressed:
+                return 0  # the end of the file, cut or not
+            self._pending = self._inflate.decompress(compressed)
+            while self._inflate.eof and self._inflate.unused_data:  # concatenated gzip members
+                rest = self._inflate.unused_data
+                self._inflate = zlib.decompressobj(wbits=31)
+                self._pending += self._inflate.decompress(rest)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
-    def __iter__(self) -> Iterator[str]:
-        while line := self.readline():
-            yield line
-
-    def __enter__(self) -> _CutGzipText:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._f.close()
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _open_text(path: Path):
@@ -266,7 +275,8 @@ def _open_text(path: Path):
     with open(path, "rb") as raw:
         magic = raw.read(6)
     if magic.startswith(b"\x1f\x8b"):
-        return _CutGzipText(path)
+        raw = io.BufferedReader(_CutGzipBytes(path))
+        return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="fastmedusa-replace")
     for signature, (kind, tool) in _COMPRESSED.items():
         if magic.startswith(signature):
             raise ValueError(

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +50,7 @@ from fastmedusa.decode.engine import DecodeEngine, get_engine
 from fastmedusa.decode.loop import StepRunner, medusa_body, plain_body, prefill_body, run_loop
 from fastmedusa.decode.packed_heads import packed_heads
 from fastmedusa.decode.trees import TreeBuffers, cached_tree_buffers, info_chains, resolve_tree
-from fastmedusa.model.heads import check_draft_k
+from fastmedusa.model.heads import MedusaHeads, check_draft_k
 
 TreeSpec = str | os.PathLike | Sequence[Sequence[int]] | None
 SeedSpec = int | Sequence[int] | torch.Tensor | None
@@ -506,7 +507,7 @@ def check_models(model: object, heads: object, medusa: object) -> None:
             f"model must be a MedusaModel or a loaded Hugging Face causal LM, got {type(model).__name__}: load one "
             "with MedusaModel.from_pretrained(base, heads=DIR)"
         )
-    if not isinstance(medusa, bool):
+    if isinstance(medusa, str | bytes) or medusa not in (True, False):  # True/False, 1/0, numpy or 0-d bools
         raise TypeError(f"medusa={medusa!r}: pass True (decode with the heads) or False (plain decoding)")
     if heads is not None and not (hasattr(heads, "draft_topk") and hasattr(heads, "num_heads")):
         raise TypeError(
@@ -527,31 +528,36 @@ def check_token_ids(ids: torch.Tensor, offsets: torch.Tensor, vocab_size: int) -
 
 
 def check_heads_dtype(heads: nn.Module, dtype: torch.dtype) -> None:
-    """Heads in another floating dtype than the base model would fail mid-step with a GEMM dtype error."""
+    """fastmedusa's heads in another floating dtype than the base model would fail mid-step with a GEMM dtype
+    error (other heads modules may cast inside and are left alone)."""
+    if not isinstance(heads, MedusaHeads):
+        return
     theirs = next((p.dtype for p in heads.parameters() if p.is_floating_point()), dtype)
     if theirs != dtype:
         raise ValueError(
             f"the Medusa heads are {str(theirs).removeprefix('torch.')} but the base model is "
-            f"{str(dtype).removeprefix('torch.')}: move both with model.to({dtype}) on the MedusaModel"
+            f"{str(dtype).removeprefix('torch.')}: move them to one dtype (model.to({dtype}) on a MedusaModel, "
+            f"heads.to({dtype}) for heads passed with heads=)"
         )
 
 
-def check_sampling(temperature: float, typical_epsilon: float, typical_delta: float) -> None:
+def check_sampling(temperature: float, typical_epsilon: float, typical_delta: float) -> tuple[float, float, float]:
     """temperature 0 (greedy) or more, typical acceptance's thresholds non-negative, all finite (NaN and inf
-    are none of these)."""
+    are none of these); returned as floats (a numpy or 0-d tensor value becomes a plain number, as the step
+    caches key on it)."""
+    values = []
     for name, value in (("temperature", temperature), ("typical_epsilon", typical_epsilon),
                         ("typical_delta", typical_delta)):  # fmt: skip
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise TypeError(f"{name}={value!r} (--{name.replace('_', '-')}): pass a number")
-        if name != "temperature" and value > 1:
-            raise ValueError(
-                f"{name}={value} (--{name.replace('_', '-')}): typical acceptance's thresholds are probabilities; "
-                "pass a value in [0, 1] (above 1 no drafted token would ever be accepted)"
-            )
-        if not (float(value) >= 0 and math.isfinite(float(value))):
-            flag = "--" + name.replace("_", "-")
+        flag = "--" + name.replace("_", "-")
+        scalar = isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool
+        if not (scalar or isinstance(value, numbers.Real)) or isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} ({flag}): pass a number")
+        number = float(value)
+        if not (number >= 0 and math.isfinite(number)):
             hint = " (temperature 0 is greedy decoding)" if name == "temperature" else ""
             raise ValueError(f"{name}={value} ({flag}): pass a finite number, 0 or more{hint}")
+        values.append(number)
+    return values[0], values[1], values[2]
 
 
 def _check_heads(heads: nn.Module, engine: DecodeEngine, tree_topk: int) -> None:
@@ -571,22 +577,31 @@ def _check_heads(heads: nn.Module, engine: DecodeEngine, tree_topk: int) -> None
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """An integer of any kind (int, numpy integer, 0-d integer tensor), not a bool or a float."""
+    if isinstance(value, bool) or getattr(value, "dtype", None) in (torch.bool, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _int_list(value: object, name: str, what: str) -> list[int]:
-    """`value` as a list of ints: an int, a flat sequence of ints, or an integer tensor; else a TypeError naming
-    the argument (a float would be silently cut, a str is a token's text)."""
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integers ({what}), got a {value.dtype} tensor")
-        return value.reshape(-1).tolist()
+    """`value` as a list of ints: an int, a (nested) sequence of ints, or an integer tensor or numpy array; else
+    a TypeError naming the argument (a float would be silently cut, a str is a token's text)."""
+    if hasattr(value, "tolist") and hasattr(value, "dtype") and not _is_int(value):  # tensor or numpy array
+        if str(value.dtype).removeprefix("torch.").startswith(("float", "bfloat", "bool", "complex")):
+            raise TypeError(f"{name} must hold integers ({what}), got {value.dtype} values")
+        value = value.tolist()
     items = [value] if not isinstance(value, Sequence) or isinstance(value, str | bytes) else list(value)
+    while any(isinstance(v, list | tuple) for v in items):  # nested lists (a tensor's tolist) flatten
+        items = [w for v in items for w in (v if isinstance(v, list | tuple) else [v])]
     bad = [v for v in items if not _is_int(v)]
     if bad:
         hint = " (a token's text: pass its id, e.g. tokenizer.eos_token_id)" if isinstance(bad[0], str) else ""
         raise TypeError(f"{name}={value!r:.60} must be {what}{hint}")
-    return [int(v) for v in items]
+    return [operator.index(v) for v in items]
 
 
 def _eos_tensor(
@@ -609,7 +624,7 @@ def _pad_id(pad_token_id: object, eos_ids: torch.Tensor | None) -> int:
         return int(eos_ids[0]) if eos_ids is not None else 0
     if not _is_int(pad_token_id):
         raise TypeError(f"pad_token_id={pad_token_id!r}: pass a token id (tokenizer.pad_token_id), or None")
-    return int(pad_token_id)
+    return operator.index(pad_token_id)
 
 
 def row_seeds(seed: SeedSpec, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -618,7 +633,7 @@ def row_seeds(seed: SeedSpec, batch_size: int, device: torch.device) -> torch.Te
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     if _is_int(seed):
-        return ((int(seed) & _MASK32) * 1_000_003 + torch.arange(batch_size, device=device)) & _MASK32
+        return ((operator.index(seed) & _MASK32) * 1_000_003 + torch.arange(batch_size, device=device)) & _MASK32
     seeds = torch.tensor(_int_list(seed, "seed", "an int, one int per row, or None"), dtype=torch.long).to(device)
     if seeds.numel() != batch_size:
         raise ValueError(
@@ -678,9 +693,11 @@ def generate(
     full width (compiled: one more compile on first use, shared by every smaller size).
     """
     check_models(model, heads, medusa)
+    medusa = bool(medusa)
     base, heads = _split_model(model, heads)
     ids, offsets = check_batch(input_ids, attention_mask, max_new_tokens)
-    check_sampling(temperature, typical_epsilon, typical_delta)
+    check_token_ids(ids, offsets, base.get_input_embeddings().num_embeddings)
+    temperature, typical_epsilon, typical_delta = check_sampling(temperature, typical_epsilon, typical_delta)
     tree_buffers = None
     if medusa:
         if heads is None:
@@ -705,7 +722,6 @@ def generate(
             "shorten the prompt, max_new_tokens (--max-new-tokens) or the tree"
         )
     engine = get_engine(base, needed, max_len, ids.shape[0], max_batch_size)
-    check_token_ids(ids, offsets, engine.vocab_size)
     if medusa:
         check_heads_dtype(heads, engine.dtype)
     ids, offsets = ids.to(engine.device), offsets.to(engine.device)

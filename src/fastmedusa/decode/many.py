@@ -204,9 +204,12 @@ def generate_many(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    check_sampling(temperature, typical_epsilon, typical_delta)
+    temperature, typical_epsilon, typical_delta = check_sampling(temperature, typical_epsilon, typical_delta)
     check_models(model, heads, medusa)
+    medusa = bool(medusa)
     base, heads = _split_model(model, heads)
+    every = torch.cat([p.cpu() for p in ids_list])
+    check_token_ids(every[None], torch.zeros(1, dtype=torch.long), base.get_input_embeddings().num_embeddings)
     slots = min(batch_size, len(ids_list))
     tree_buffers, paths = None, ()
     if medusa:
@@ -233,8 +236,6 @@ def generate_many(
     # `generate(max_batch_size=batch_size)` in distill's fixed batches asks, so the two share it
     rows = None if engine_fits(base, needed, max_len, slots) else batch_size
     engine = get_engine(base, needed, max_len, slots, rows)
-    for prompt in ids_list:
-        check_token_ids(prompt[None], torch.zeros(1, dtype=torch.long), engine.vocab_size)
     if medusa:
         check_heads_dtype(heads, engine.dtype)
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, str(engine.device))

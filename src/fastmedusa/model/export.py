@@ -170,10 +170,13 @@ def _check_heads_target(directory: Path) -> None:
             )
         return
     try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None
-    if model_type != "medusa":
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = None
+    raw = raw if isinstance(raw, dict) else {}
+    model_type = raw.get("model_type")
+    heads_keys = ("medusa_num_heads", "fastmedusa_layout")  # FasterDecoding's config has no model_type
+    if model_type != "medusa" and not any(key in raw for key in heads_keys):
         raise ValueError(
             f"{directory} holds a model's config.json (model_type {model_type!r}): writing heads there would "
             "replace it and may delete the model's weights; pass a new or empty directory for the heads"

@@ -189,6 +189,9 @@ def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     try:
         return parse_dtype(dtype)
     except ValueError:
+        named = getattr(torch, dtype.removeprefix("torch."), None)  # any torch dtype name: "float64"
+        if isinstance(named, torch.dtype):
+            return named
         raise ValueError(f"dtype={dtype!r}: pass a torch dtype or one of bf16, fp16, fp32 (or 'auto')") from None
 
 
@@ -199,10 +202,10 @@ def _refuse_heads_directory(name_or_path: str | os.PathLike | None) -> None:
         return
     config = Path(name_or_path).expanduser() / "config.json"
     try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return
-    if model_type == "medusa":
+    if isinstance(raw, dict) and (raw.get("model_type") == "medusa" or "medusa_num_heads" in raw):
         raise ValueError(
             f"{name_or_path} is a Medusa heads directory, not a base model: pass it as the heads "
             f"(--heads {name_or_path}; MedusaModel.from_pretrained(base, heads=...) in Python) and the base model "

@@ -126,12 +126,15 @@ class MedusaModel(nn.Module):
         stage-2 run load on the backbone trained with them when `base_name_or_path` is None.
         """
         config = _medusa_config(config)
-        if heads is not None and config is not None:
-            raise ValueError(
-                "from_pretrained got both heads= and config=: heads bring their own config (their config.json); "
-                "pass config= only for fresh heads"
-            )
         checkpoint = read_heads(heads) if heads is not None else None
+        if checkpoint is not None and config is not None:
+            for field in ("num_heads", "num_layers", "shared_lm_head", "draft_vocab_size"):
+                if getattr(config, field) != getattr(checkpoint.config, field):
+                    raise ValueError(
+                        f"config={field}={getattr(config, field)!r} but the heads in {heads} have "
+                        f"{getattr(checkpoint.config, field)!r}: heads bring their own config (config.json); pass "
+                        "config= only for fresh heads"
+                    )
         base_name_or_path = base_model_for_heads(base_name_or_path, heads)  # a stage-2 run's own backbone
         if checkpoint is not None:
             config = checkpoint.config

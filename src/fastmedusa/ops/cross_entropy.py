@@ -9,6 +9,7 @@ each GEMM's sums are fp32 (fp64 for fp64 inputs); by default dW sums its row chu
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from collections.abc import Sequence
 
@@ -73,23 +74,23 @@ def _check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
     logits (a wrong loss from the fused kernels, an index error elsewhere). On the CPU the check is free and
     names the value; on a GPU it is an asynchronous device assert, so training keeps no per-step host sync."""
     bad = ((labels < 0) & (labels != ignore_index)) | (labels >= vocab)
-    message = (
-        f"labels hold ids outside [0, {vocab}) that are not ignore_index={ignore_index}: use {ignore_index} for "
-        "positions not scored, and the labels of the weight's vocabulary"
-    )
+    fix = f"use {ignore_index} (ignore_index) for positions not scored, and ids of the weight's {vocab} rows"
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         if bad.any():
-            raise ValueError(message.replace("ids outside", f"{int(labels[bad][0])}, outside", 1))
+            raise ValueError(f"label {int(labels[bad][0])} is outside [0, {vocab}) and is not ignore_index: {fix}")
     else:  # traced by torch.compile too: no graph break
-        torch._assert_async(~bad.any(), message)
+        torch._assert_async(~bad.any(), f"a label is outside [0, {vocab}) and is not ignore_index: {fix}")
 
 
 def _check_inputs(
-    hidden: Tensor, weight: Tensor, labels: Tensor, shift: int, reduction: str, ignore_index: int
+    hidden: Tensor, weight: Tensor, labels: Tensor, shift: int, reduction: str, ignore_index: int,
+    label_values: bool = True,
 ) -> None:
     for name, value in (("shift", shift), ("ignore_index", ignore_index)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name}={value!r}: pass an integer")
+        try:
+            operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name}={value!r}: pass an integer") from None
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
     if hidden.dim() not in (2, 3):
@@ -110,7 +111,8 @@ def _check_inputs(
         raise ValueError(f"shift={shift} is negative: a head scores position t against t+shift, shift >= 0")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-    _check_label_values(labels, weight.shape[0], ignore_index)
+    if label_values:
+        _check_label_values(labels, weight.shape[0], ignore_index)
 
 
 def linear_cross_entropy(
@@ -140,6 +142,14 @@ def linear_cross_entropy(
     "recompute" (4 passes, no buffer), "auto" ("inplace"; "accumulate" for fp16: `fused.resolve_wgrad`).
     """
     _check_inputs(hidden, weight, labels, shift, reduction, ignore_index)
+    return _linear_cross_entropy(hidden, weight, labels, shift, ignore_index, reduction, impl, chunk_rows, wgrad)
+
+
+def _linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, shift: int, ignore_index: int, reduction: str, impl: str,
+    chunk_rows: int | None, wgrad: str,
+) -> Tensor:
+    """`linear_cross_entropy` past its checks (`medusa_cross_entropy` checks the shared labels once)."""
     impl = resolve_impl(impl, hidden.device)
     if impl in ("liger", "cce", "quack"):
         from fastmedusa.ops.peers import peer_linear_cross_entropy
@@ -224,10 +234,12 @@ def medusa_cross_entropy(
             f"got {len(hiddens)} hiddens, {len(weights)} weights and {len(shifts)} shifts: "
             "pass one of each per head (K >= 1)"
         )
+    shifts = [operator.index(s) for s in shifts]  # ints, numpy ints or 0-d tensors
+    for h, w, s in zip(hiddens, weights, shifts):
+        _check_inputs(h, w, labels, s, "mean", ignore_index, label_values=False)
+    _check_label_values(labels, min(w.shape[0] for w in weights), ignore_index)  # once, not once per head
     losses = [
-        linear_cross_entropy(
-            h, w, labels, shift=s, ignore_index=ignore_index, impl=impl, chunk_rows=chunk_rows, wgrad=wgrad
-        )
+        _linear_cross_entropy(h, w, labels, s, ignore_index, "mean", impl, chunk_rows, wgrad)
         for h, w, s in zip(hiddens, weights, shifts)
     ]
     return torch.stack(losses)

@@ -139,7 +139,7 @@ def prepare_output_dir(config: TrainConfig) -> Path:
 
 
 def _prepare_output_dir(config: TrainConfig) -> Path:
-    if config.resume and not Path(config.output_dir).expanduser().is_dir():  # checked before it is created
+    if config.resume and not Path(config.output_dir).expanduser().exists():  # checked before it is created
         raise FileNotFoundError(
             f"--resume: --output-dir {config.output_dir} does not exist: pass the directory of the run to continue, "
             "or drop --resume to start a new run there"
