@@ -261,6 +261,24 @@ def test_mismatched_shapes_raise_value_error():
         medusa_kl_divergence(hs, ws, th, tw, labels[:, :3], shifts=[1])
 
 
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_an_empty_batch_gives_zero_losses(impl):
+    hs, ws, th, tw, labels = _inputs(1, 4, 8, 20, heads=2, ignore_frac=0.0, seed=0)
+    empty = ([h[:0] for h in hs], ws, th[:0], tw, labels[:0])
+    losses = medusa_kl_divergence(*empty, shifts=[1, 2], impl=impl)
+    assert losses.shape == (2,) and torch.equal(losses, torch.zeros(2))
+
+
+def test_shift_kinds_are_checked():
+    hs, ws, th, tw, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)
+    with pytest.raises(TypeError, match="shifts=1: pass one shift per head"):
+        medusa_kl_divergence(hs, ws, th, tw, labels, shifts=1)
+    with pytest.raises(TypeError, match=r"shifts=\[1.5\]: pass integers, one per head"):
+        medusa_kl_divergence(hs, ws, th, tw, labels, shifts=[1.5])
+    assert torch.equal(medusa_kl_divergence(hs, ws, th, tw, labels, shifts=torch.tensor([1])),
+                       medusa_kl_divergence(hs, ws, th, tw, labels, shifts=[1]))  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("wgrad", ["accumulate", "inplace"])
 def test_bf16_triton_on_gpu_matches_reference(wgrad):

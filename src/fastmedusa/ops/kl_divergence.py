@@ -34,6 +34,7 @@ rows of those tokens (`MedusaHeads.kl_divergence`): the teacher renormalised ove
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -403,7 +404,13 @@ def medusa_kl_divergence(
     in fp32. Tuning: chunk_rows bounds the logits buffers (None: automatic within KL_LOGITS_BUDGET_BYTES);
     wgrad: "accumulate" (fp32 dW sums), "inplace" (sums in the weight's dtype, no extra memory), "auto".
     """
-    hiddens, weights, shifts = list(hiddens), list(weights), [int(s) for s in shifts]
+    if isinstance(shifts, int) or not isinstance(shifts, Sequence | Tensor):
+        raise TypeError(f"shifts={shifts!r}: pass one shift per head, e.g. [2, 3] for heads 1 and 2")
+    try:
+        shifts = [operator.index(s) for s in shifts]  # ints, numpy ints or 0-d tensors; 1.5 is no shift
+    except TypeError:
+        raise TypeError(f"shifts={list(shifts)!r}: pass integers, one per head") from None
+    hiddens, weights = list(hiddens), list(weights)
     _check_kl_inputs(hiddens, weights, teacher_hidden, teacher_weight, labels, shifts)
     impl = resolve_kl_impl(impl, teacher_hidden.device)
     if chunk_rows is not None and chunk_rows < 1:
@@ -449,10 +456,10 @@ def medusa_kl_divergence_ref(
         teacher_hidden, teacher_weight = teacher_hidden.float(), teacher_weight.float()
     with torch.no_grad():
         teacher_logp = F.log_softmax(F.linear(teacher_hidden, teacher_weight).to(fdt), dim=-1)
-    teacher_logp = teacher_logp.reshape(batch, seq, -1)
+    teacher_logp = teacher_logp.reshape(batch, seq, teacher_weight.shape[0])  # explicit V: an empty batch too
     losses = []
     for h, w, s in zip(hiddens, weights, shifts):
-        student_logp = F.log_softmax(F.linear(h, w).to(fdt), dim=-1).reshape(batch, seq, -1)
+        student_logp = F.log_softmax(F.linear(h, w).to(fdt), dim=-1).reshape(batch, seq, w.shape[0])
         target = teacher_logp[:, s - 1 : seq - 1]  # (B, T-s, V): the teacher at t+s-1 for t < T-s
         kl = (target.exp() * (target - student_logp[:, : max(seq - s, 0)])).sum(-1)
         mask = labels[:, s:] != ignore_index
