@@ -208,14 +208,14 @@ def greedy_accuracy(model, tokenizer, conversations: list, args: argparse.Namesp
     }
 
 
-def evaluate_heads(args: argparse.Namespace) -> dict:
+def evaluate_heads(args: argparse.Namespace, settings: dict | None = None) -> dict:
     from fastmedusa.decode.cli import resolve_device_dtype
     from fastmedusa.model import MedusaModel, load_tokenizer
     from fastmedusa.model.export import base_model_for_heads, find_heads_dir, read_heads
 
     heads_dir = find_heads_dir(args.heads_dir)
     checkpoint = read_heads(heads_dir)
-    settings = split_settings(args, heads_dir)
+    settings = settings or split_settings(args, heads_dir)
     backbone = base_model_for_heads(args.model, heads_dir)  # --model, else a stage-2 run's own backbone
     model_name = backbone if backbone is not None else base_model_name(settings, checkpoint.config)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
@@ -289,8 +289,9 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     heads = find_heads_dir(args.heads_dir)
     output = Path(args.output).expanduser() if args.output else heads / "eval.json"
-    check_eval_output(output, heads, split_settings(args, heads)["data"])  # the data read, given or the run's
-    result = evaluate_heads(args)
+    settings = split_settings(args, heads)
+    check_eval_output(output, heads, settings["data"])  # the data read, given or the run's
+    result = evaluate_heads(args, settings)
     write_json_atomic(output, result)
     for line in report_lines(result):
         print(line)

@@ -346,14 +346,14 @@ def read_dcp_metadata(directory: Path):
     return metadata
 
 
-def _safe_reader(directory: Path):
-    """A DCP FileSystemReader whose metadata read runs no code (see `_MetadataUnpickler`)."""
+def _safe_reader(directory: Path, metadata):
+    """A DCP FileSystemReader that hands DCP the `.metadata` already read without running code
+    (`read_dcp_metadata`), instead of unpickling the file itself."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            metadata = read_dcp_metadata(directory)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -449,11 +449,11 @@ def load_sharded(
         raise FileNotFoundError(
             f"{directory} is not a sharded checkpoint (no .metadata): pass one written by save_sharded"
         )
-    read_dcp_metadata(directory)  # a bad file fails here in one line, before DCP logs its fallbacks
+    metadata = read_dcp_metadata(directory)  # a bad file fails here in one line, before DCP logs its fallbacks
     # strict=False: the frozen parameters are not in the checkpoint. Every trainable one is: DCP raises
     # when a key asked for is missing from the checkpoint (e.g. a stage-1 checkpoint resumed in stage 2).
     opts = _state_options(strict=False)
-    load = dict(checkpoint_id=str(directory), storage_reader=_safe_reader(directory), planner=_safe_planner())
+    load = dict(checkpoint_id=str(directory), storage_reader=_safe_reader(directory, metadata), planner=_safe_planner())
     if optimizer is None:
         state = {"model": _drop_frozen(model, get_model_state_dict(model, options=opts))}
         dcp.load(state, **load)
