@@ -42,7 +42,9 @@ def case(tokens: int, visible: int, slots: int = SLOTS, heads: int = 9, kv_heads
     v = torch.randn_like(k)
     mask = torch.zeros(1, tokens, slots, dtype=torch.bool, device="cuda")
     mask[:, :, : visible - tokens] = True
-    mask[:, :, visible - tokens : visible] = torch.tril(torch.ones(tokens, tokens, dtype=torch.bool, device="cuda"))
+    mask[:, :, visible - tokens : visible] = torch.tril(
+        torch.ones(tokens, tokens, dtype=torch.bool, device="cuda")
+    )
     return q, k, v, mask
 
 
@@ -57,7 +59,9 @@ def sweep_case(tokens: int, visible: int) -> dict:
     ref = tree_attention_reference(q, k, v, mask)
     rule = functools.partial(launch_tree_attention, q, k, v, mask, end, out)
     rule()
-    rows = [{"tiling": "engine rule", "us": time_us(rule), "max_err": (out.double() - ref).abs().max().item()}]
+    rows = [
+        {"tiling": "engine rule", "us": time_us(rule), "max_err": (out.double() - ref).abs().max().item()}
+    ]
     for bm, bn, warps, stages, splits in TILINGS:
         if bm > 16 and tokens == 1:
             continue
