@@ -171,3 +171,21 @@ def test_engine_is_shared_with_generate():
     # a cached engine that cannot serve (here: too few KV slots) is replaced by one of batch_size rows too
     generate_many(fresh, [[1 + i % (VOCAB - 1) for i in range(300)]] * 7, 3, batch_size=6, medusa=False)
     assert cached_engine(fresh) is not built and cached_engine(fresh).max_batch_size == 6
+
+
+def test_finished_plain_rows_stay_inside_a_cache_of_exactly_the_needed_length(llama):
+    """A slot whose prompt ended keeps stepping (frozen) while a refilled slot decodes; it must stay at its own
+    slot, not run past a cache sized for the longest prompt + max_new_tokens (it did: an IndexError on the CPU,
+    an out-of-bounds cache write on CUDA). Prompt 1 ends at its 4th token, prompt 0 at max_new_tokens."""
+    new = 24
+    for seed in range(200):
+        prompts = [p[0] for p in ragged_prompts([10, 4, 6], seed=seed)]
+        alone = [generate(llama, p, max_new_tokens=new, medusa=False).new_token_ids.tolist() for p in prompts]
+        eos = alone[1][3]
+        if eos not in alone[1][:3] and eos not in alone[0] and eos not in alone[2]:
+            break
+    else:
+        pytest.skip("no prompt set where only the second prompt ends early")
+    refs = [alone[0], alone[1][:4], alone[2]]
+    out = generate_many(llama, prompts, new, batch_size=2, medusa=False, eos_token_id=eos, max_len=10 + new)
+    assert [t.tolist() for t in out.new_token_ids] == refs

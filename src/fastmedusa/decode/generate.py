@@ -218,7 +218,9 @@ def _is_eos(tokens: torch.Tensor, eos_ids: torch.Tensor | None) -> torch.Tensor:
 
 def make_plain_step(engine: DecodeEngine, temperature: float, eos_ids: torch.Tensor | None, pad_id: int):
     """(token, cur, offset, seeds, n, limit, done) -> (emitted, next token, cur + 1, n, done): one token per
-    row. A frozen row emits pad_id but keeps feeding a real token (a pad id may lie outside the vocabulary)."""
+    row. A frozen row emits pad_id but keeps feeding a real token (a pad id may lie outside the vocabulary),
+    and stays at its slot: `generate_many` keeps finished rows stepping until their slot is refilled, for as
+    many steps as other rows take, and a row that moved on would run past the cache sized for its own tokens."""
     positions = torch.arange(engine.max_len, device=engine.device)
     keys = token_keys(engine.lm_head.shape[0], engine.device)  # per-token noise keys, a static buffer
 
@@ -234,7 +236,7 @@ def make_plain_step(engine: DecodeEngine, temperature: float, eos_ids: torch.Ten
         n = n + (~done).long()
         emitted = torch.where(done, pad_id, nxt)
         done = done | _is_eos(nxt, eos_ids) | (n >= limit)
-        return emitted, nxt, cur + 1, n, done
+        return emitted, nxt, torch.where(done, cur, cur + 1), n, done
 
     step.static_tensors = [positions, keys]
     return step
