@@ -259,8 +259,21 @@ def report_lines(result: dict) -> list[str]:
     return lines
 
 
+EVAL_RESULT_KEYS = ("heads", "model", "data", "conversations", "labels")  # what every eval result holds
+
+
+def is_eval_result(path: Path) -> bool:
+    """Whether `path` holds an earlier `fastmedusa eval` result (a JSON object with its keys)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(result, dict) and all(key in result for key in EVAL_RESULT_KEYS)
+
+
 def check_eval_output(output: Path, heads: Path, data: str | None) -> None:
-    """The results may replace an earlier eval.json, never the data read or a file the heads need."""
+    """The results may replace an earlier eval result, never anything else: not the data read, a file the heads
+    need, nor the model's weights or a run's settings (a stage-2 run's model/ lies beside its heads)."""
     target = output.resolve()
     if data is not None and Path(data).expanduser().exists() and target == Path(data).expanduser().resolve():
         raise ValueError(
@@ -270,6 +283,14 @@ def check_eval_output(output: Path, heads: Path, data: str | None) -> None:
         raise ValueError(
             f"--output {output} is a file of the heads directory ({target.name}): pass another path, or leave "
             "--output out to write the heads' eval.json"
+        )
+    if target.is_dir():
+        raise ValueError(f"--output {output} is a directory: pass a file path for the results (e.g. eval.json)")
+    own_default = target == (heads / "eval.json").resolve()  # the heads' own eval.json: always eval's to replace
+    if target.exists() and not own_default and not is_eval_result(target):
+        raise ValueError(
+            f"--output {output} exists and is not an earlier `fastmedusa eval` result: pass a new path (eval "
+            "replaces only its own results)"
         )
 
 

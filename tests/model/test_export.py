@@ -290,6 +290,30 @@ def test_export_never_writes_over_a_model_directory(make_llama, tmp_path):
     assert read_heads(tmp_path / "o").layout == "medusa" and not (tmp_path / "o" / VLLM_WEIGHTS_NAME).exists()
 
 
+def test_export_replaces_only_exports_and_drops_what_described_the_earlier_heads(make_llama, tmp_path):
+    """Heads that `train` or `save_heads` wrote are refused (a run's only copy); over an earlier export, its
+    tree.json and eval.json go when the new heads have none, so the model card and `generate` never describe
+    or use another run's measurements."""
+    model = _model(make_llama)
+    model.save_heads(tmp_path / "a")
+    (tmp_path / "a" / "tree.json").write_text('{"paths": [[0]]}')
+    (tmp_path / "a" / "eval.json").write_text('{"heads": "a"}')
+    model.save_heads(tmp_path / "b")  # no tree.json, no eval.json
+    export_heads(tmp_path / "a", tmp_path / "exp", "medusa")
+    assert (tmp_path / "exp" / "tree.json").exists() and (tmp_path / "exp" / "eval.json").exists()
+    export_heads(tmp_path / "b", tmp_path / "exp", "medusa")
+    assert not (tmp_path / "exp" / "tree.json").exists() and not (tmp_path / "exp" / "eval.json").exists()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    with pytest.raises(ValueError, match="holds heads that `fastmedusa export` did not write"):
+        export_heads(tmp_path / "exp", tmp_path / "b", "medusa")
+    run = tmp_path / "run"
+    model.save_heads(run / "heads")
+    (run / "train_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is the heads directory of the training run"):
+        export_heads(tmp_path / "exp", run / "heads", "medusa")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+
+
 def test_save_heads_never_writes_over_a_model_or_a_file(make_llama, tmp_path, monkeypatch):
     model = _model(make_llama)
     base_dir = tmp_path / "base"

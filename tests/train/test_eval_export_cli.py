@@ -115,6 +115,17 @@ def test_eval_results_never_replace_the_data_or_the_heads_files(tmp_path):
         check_eval_output(heads / "config.json", heads, None)
     check_eval_output(heads / "eval.json", heads, str(data))  # the default, replaced on every eval
     check_eval_output(tmp_path / "results.json", heads, str(data))
+    # nothing else that exists: a stage-2 run's backbone beside the heads, the run's settings, any other file
+    (tmp_path / "model").mkdir()
+    for other in (tmp_path / "model" / "model.safetensors", tmp_path / "train_config.json", tmp_path / "notes.json"):
+        other.write_text('{"lr": 1e-4}')
+        with pytest.raises(ValueError, match="exists and is not an earlier `fastmedusa eval` result"):
+            check_eval_output(other, heads, str(data))
+    with pytest.raises(ValueError, match="is a directory"):
+        check_eval_output(tmp_path / "model", heads, str(data))
+    earlier = tmp_path / "earlier.json"  # an earlier result, written elsewhere: eval may replace it
+    earlier.write_text(json.dumps({"heads": "h", "model": "m", "data": "d", "conversations": 3, "labels": {}}))
+    check_eval_output(earlier, heads, str(data))
 
 
 def test_eval_says_when_the_runs_data_is_gone(tmp_path):

@@ -46,6 +46,7 @@ LEGACY_WEIGHTS_NAME = "medusa_lm_head.pt"  # FasterDecoding/Medusa's torch.save 
 VLLM_WEIGHTS_NAME = "model.safetensors"
 TOKEN_MAP = "token_map"
 MODEL_CARD_NAME = "README.md"
+DERIVED_FILES = ("tree.json", "eval.json")  # measured on the heads they sit beside: never kept for other heads
 WEIGHT_FILES = (HEADS_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, VLLM_WEIGHTS_NAME)
 
 _BLOCK = re.compile(r"(\d+)\.(\d+)\.linear\.(weight|bias)")
@@ -286,16 +287,38 @@ def find_heads_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def is_earlier_export(directory: Path) -> bool:
+    """Whether `directory` holds heads written by `fastmedusa export`: readable heads and its model card."""
+    try:
+        card = (directory / MODEL_CARD_NAME).read_text(encoding="utf-8")
+        read_heads(directory)
+    except (OSError, ValueError):
+        return False
+    return card.startswith("---") and "library_name: fastmedusa" in card.split("\n---", 1)[0]
+
+
 def _check_output_replaceable(output: Path) -> None:
     """An export replaces config.json, README.md and every weights file of `output`: only an empty directory
-    or an earlier export of heads may be written over (a model's directory would lose its weights)."""
+    or an earlier export may be written over; not a model's directory (it would lose its weights), nor heads
+    that `train` wrote (a run's only copy of its result)."""
     if not output.is_dir() or not any(output.iterdir()):
         return
+    if output.name == "heads" and (output.parent / "train_config.json").exists():
+        raise ValueError(
+            f"--output {output} is the heads directory of the training run {output.parent}: the export would "
+            "replace that run's heads; pass a new or empty directory"
+        )
+    if is_earlier_export(output):
+        return  # replaced
     try:
         read_heads(output)
-        return  # an earlier export: replaced
     except (OSError, ValueError):
         pass
+    else:
+        raise ValueError(
+            f"--output {output} holds heads that `fastmedusa export` did not write (no model card): the export "
+            "would replace them; pass a new or empty directory"
+        )
     names = sorted(item.name for item in output.iterdir())
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     raise ValueError(
@@ -543,6 +566,9 @@ def export_heads(heads_dir: str | os.PathLike, output: str | os.PathLike, layout
     _check_output_replaceable(output)
     checkpoint = read_heads(source)
     write_heads(output, checkpoint, layout)
+    for name in DERIVED_FILES:  # an earlier export's files that described other heads
+        if not (source / name).is_file():
+            (output / name).unlink(missing_ok=True)
     for item in sorted(
         source.iterdir()
     ):  # tokenizer, tree.json, eval.json: everything but what was rewritten
