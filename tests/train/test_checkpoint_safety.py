@@ -115,6 +115,18 @@ def test_checkpoints_without_a_manifest_are_named_and_not_resumed(run, tiny_mode
     assert _snapshot(out) == before
 
 
+def test_overwrite_refuses_inputs_that_it_would_delete(run, tiny_model_dir, capsys):
+    """--init-heads (a run's heads/) or --model inside what --overwrite deletes: read once, then gone, and a
+    killed run could never resume. Refused before anything is deleted."""
+    data, out = run
+    before = _snapshot(out)
+    for flags in (["--init-heads", str(out)], ["--init-heads", str(out / "heads")]):
+        assert main(_argv(tiny_model_dir, data, out, "--overwrite", *flags)) == 2
+        line = _error_line(capsys)
+        assert f"--init-heads {flags[1]} lies in heads/ of the earlier run" in line and "--output-dir" in line
+    assert _snapshot(out) == before and (out / "heads").is_dir()
+
+
 def test_resume_and_overwrite_together_are_refused(run, tiny_model_dir, capsys):
     data, out = run
     assert main(_argv(tiny_model_dir, data, out, "--overwrite", "--resume")) == 2
@@ -297,6 +309,10 @@ def test_a_torn_last_metrics_line_does_not_block_resume(run, tiny_model_dir, cap
         (["--shared-lm-head"], "shared_lm_head: saved False, now True"),
         (["--seq-len", "64"], "seq_len: saved 48, now 64"),
         (["--batch-size", "4"], "global batch (--batch-size x processes): saved 2 x 1, now 4 x 1"),
+        # the optimiser's settings come back from the checkpoint: a new value would be ignored, yet recorded
+        (["--lr", "1e-5"], "lr: saved 0.002, now 1e-05"),
+        (["--weight-decay", "0.1"], "weight_decay: saved 0.0, now 0.1"),
+        (["--loss", "kl"], "loss: saved 'ce', now 'kl'"),
     ],
 )
 def test_changed_settings_are_refused_before_loading(run, tiny_model_dir, flags, message, capsys):
@@ -430,3 +446,16 @@ def test_a_save_failing_on_one_process_raises_on_every_process(tmp_path, monkeyp
     assert all(isinstance(outcome[r], ckpt.CheckpointError) for r in (0, 1)), outcome
     assert "nothing of it was kept" in str(outcome[1])
     assert _snapshot(out) == before and [s for s, _ in list_checkpoints(out)] == [1]
+
+
+def test_overwrite_refuses_a_model_that_is_the_earlier_runs_backbone(tmp_path):
+    """Stage 2 continued from the backbone an earlier stage-2 run wrote into the same --output-dir."""
+    from fastmedusa.train.config import TrainConfig
+    from fastmedusa.train.run import check_overwrite_keeps_inputs
+
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    config = TrainConfig(model=str(out / "model"), output_dir=str(out), overwrite=True)
+    with pytest.raises(ValueError, match=r"--model .*model lies in model/ of the earlier run .*--overwrite deletes"):
+        check_overwrite_keeps_inputs(config, [out / "heads", out / "model"])
+    check_overwrite_keeps_inputs(config, [out / "heads"])  # a model elsewhere, or not among the run's files

@@ -166,6 +166,8 @@ def _prepare_output_dir(config: TrainConfig) -> Path:
             )
         return out
     earlier = ckpt.earlier_run_files(out)
+    if config.overwrite:
+        check_overwrite_keeps_inputs(config, earlier)
     if earlier and not config.overwrite:
         names = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
         resumable = ckpt.latest_checkpoint(out) is not None
@@ -175,6 +177,37 @@ def _prepare_output_dir(config: TrainConfig) -> Path:
             + "pass --overwrite to delete it and start over, or another --output-dir"
         )
     return out
+
+
+def _local_input(flag: str, value: str | None) -> Path | None:
+    """The files an input flag reads, as a resolved local path (None for hub ids and the embedded default)."""
+    if value is None or not Path(value).expanduser().exists():
+        return None
+    path = Path(value).expanduser().resolve()
+    if flag == "--init-heads":
+        from fastmedusa.model.export import find_heads_dir
+
+        try:
+            return find_heads_dir(path).resolve()  # a run's directory reads its heads/
+        except (OSError, ValueError):
+            return path
+    return path
+
+
+def check_overwrite_keeps_inputs(config: TrainConfig, earlier: list[Path]) -> None:
+    """--overwrite deletes the earlier run's files; an input that lies among them would be read once, then
+    deleted, and a killed run could never resume (its --model or --init-heads would be gone)."""
+    for flag, value in (("--model", config.model), ("--init-heads", config.init_heads), ("--data", config.data)):
+        path = _local_input(flag, value)
+        if path is None:
+            continue
+        for old in earlier:
+            old = old.resolve()
+            if path == old or old in path.parents:
+                raise ValueError(
+                    f"{flag} {value} lies in {old.name}/ of the earlier run in --output-dir {config.output_dir}, "
+                    "which --overwrite deletes: pass another --output-dir (or copy it out first)"
+                )
 
 
 def remove_earlier_run(config: TrainConfig) -> None:

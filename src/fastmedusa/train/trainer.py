@@ -45,8 +45,13 @@ LOG_FILE = "metrics.jsonl"
 RESUME_FIELDS = (
     "model", "data", "stage", "num_heads", "num_layers", "shared_lm_head", "draft_vocab", "seq_len", "pack",
     "batch_size", "grad_accum", "max_conversations", "eval_size", "seed", "param_dtype", "lm_loss",
+    # the optimiser's own settings come back from the checkpoint (a new value would be ignored, yet recorded),
+    # and a run's heads are described by one loss
+    "lr", "heads_lr_multiplier", "weight_decay", "loss",
 )  # fmt: skip
-ADDED_FIELDS = {"lm_loss": "ce"}  # what checkpoints written before a field existed ran with
+ADDED_FIELDS = {  # what checkpoints written before a field existed ran with
+    "lm_loss": "ce", "heads_lr_multiplier": 1.0, "weight_decay": 0.0, "loss": "ce",
+}  # fmt: skip
 
 
 class NonFiniteLossError(RuntimeError):
