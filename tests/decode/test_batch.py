@@ -67,6 +67,19 @@ def test_medusa_batch_random_heads_equals_plain(llama, tree):
     assert out.steps_per_row == [1 + len(a) for a in out.accept_lengths]
 
 
+@pytest.mark.parametrize("pad_id", [-1, VOCAB], ids=["negative", "vocab_size"])
+def test_pad_ids_outside_the_vocabulary_are_never_embedded(llama, pad_id):
+    """The mask hides pad slots, yet their ids went through the embedding (an IndexError on the CPU, a
+    device-side assert on CUDA): any pad id now decodes like pad id 0, and the prompt part keeps its ids."""
+    model = random_medusa(llama, num_heads=3)
+    prompts = ragged_prompts([3, 8, 1], seed=4)
+    refs = [generate(model, p, max_new_tokens=10, medusa=False).new_token_ids for p in prompts]
+    ids, mask = left_pad(prompts, pad_id=pad_id)
+    for medusa in (False, True):
+        out = generate(model, ids, attention_mask=mask, max_new_tokens=10, medusa=medusa)
+        check_rows(out, prompts, refs, pad_id=0, prompt_pad=pad_id)
+
+
 def test_medusa_batch_oracle_heads_accept_long_paths_per_row(llama):
     prompts = ragged_prompts([6, 2, 9], seed=3)
     references = [hf_greedy(llama, p, 64) for p in prompts]

@@ -847,6 +847,9 @@ def pad_to_chunks(ids: torch.Tensor, offsets: torch.Tensor, chunk: int, room: in
     """Left-pad (B, P) prompts to a multiple of `chunk` tokens (more pad per row: the mask hides it), or leave
     them as they are (chunk 0, or the padding would not fit the `room` cache slots left). Returns
     (ids, offsets, chunked)."""
+    # the mask hides pad slots, but the embedding still reads their ids: any pad id (-1, the vocabulary size)
+    # becomes 0 here, so only the real tokens need to lie in the vocabulary (`check_token_ids`)
+    ids = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device) < offsets[:, None], 0)
     pad = (-ids.shape[1]) % chunk if chunk > 0 else 0
     if chunk <= 0 or pad > room:
         return ids, offsets, False
