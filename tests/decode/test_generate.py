@@ -143,6 +143,33 @@ def test_engine_is_reused_across_calls(llama):
     assert "_fastmedusa_engine" not in dict(llama.named_modules())  # not registered as a submodule
 
 
+def test_decoding_follows_weights_changed_after_the_engine_was_built():
+    """An optimiser step or load_state_dict on the backbone after a first generate: the engine's fused q/k/v
+    and gate/up copies are refreshed in place (it used to decode with a mix of old and new weights); a
+    replaced parameter builds a new engine."""
+    llama = tiny_llama(3)
+    model = random_medusa(llama)
+    ids = prompts(1)[0]
+    assert (
+        generate(model, ids, max_new_tokens=12).new_token_ids.tolist()
+        == hf_greedy(llama, ids, 12)[0, ids.shape[1] :].tolist()
+    )
+    engine = get_engine(llama, 10)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in llama.model.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.2)
+    want = hf_greedy(llama, ids, 12)[0, ids.shape[1] :].tolist()
+    for medusa in (True, False):
+        assert generate(model, ids, max_new_tokens=12, medusa=medusa).new_token_ids.tolist() == want
+    assert get_engine(llama, 10) is engine  # refreshed in place: compiled steps and graphs stay valid
+    mlp = llama.model.layers[0].mlp
+    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight.detach() * -1.5)
+    want = hf_greedy(llama, ids, 12)[0, ids.shape[1] :].tolist()
+    assert generate(model, ids, max_new_tokens=12).new_token_ids.tolist() == want
+    assert get_engine(llama, 10) is not engine
+
+
 def test_stats_and_medusa_model_generate(llama):
     model = random_medusa(llama)
     out = model.generate(prompts(1)[0], max_new_tokens=12, tree="chain_2")

@@ -270,6 +270,19 @@ class LayerWeights(nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, _detach(t), persistent=False)
 
+    @torch.no_grad()
+    def refresh_copies(self, layer: nn.Module) -> None:
+        """Recompute the fused q/k/v and gate/up copies from the layer's weights, in place (captured CUDA
+        graphs and compiled steps keep reading the same addresses)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_proj, mlp.up_proj]
+        for name, modules in (("qkv", qkv), ("gate_up", gate_up)):
+            getattr(self, f"w{name}").copy_(torch.cat([m.weight for m in modules]))
+            bias = _cat_optional([m.bias for m in modules], [m.weight for m in modules])
+            if bias is not None:
+                getattr(self, f"b{name}").copy_(bias)
+
 
 class DecodeEngine(nn.Module):
     """Weights of an HF Llama-family model plus a static KV cache of `max_batch_size` rows x `max_len` slots.
@@ -281,7 +294,8 @@ class DecodeEngine(nn.Module):
 
     q/k/v and gate/up are fused into one matrix each (a copy: fewer, larger matmuls per layer, as in
     gpt-fast); the other weights are the HF tensors themselves. Build it once per model/device/dtype/max_len
-    (`get_engine` caches it on the model): a later change to the HF weights is not seen by the fused copies.
+    (`get_engine` caches it on the model). `get_engine` keeps it in step with the model: weights changed in
+    place refresh the fused copies (`sync_weights`), replaced ones build a new engine (`weights_moved`).
     """
 
     def __init__(self, hf_model: nn.Module, max_len: int, max_batch_size: int = 1) -> None:
@@ -344,6 +358,22 @@ class DecodeEngine(nn.Module):
         on_cuda = self.device.type == "cuda" and self.dtype in KERNEL_DTYPES and triton_available()
         self.fused_move = on_cuda or self.attention == "triton"
         self.fused_argmax = fused_argmax_available(self.lm_head)
+        self.weights_seen = weight_state(hf_model)
+
+    def weights_moved(self, hf_model: nn.Module) -> bool:
+        """Whether a weight of `hf_model` is no longer the tensor the engine reads (a parameter replaced, e.g.
+        by `load_state_dict(assign=True)`): then only a new engine decodes the model as it is now."""
+        return [ptr for ptr, _ in weight_state(hf_model)] != [ptr for ptr, _ in self.weights_seen]
+
+    def sync_weights(self, hf_model: nn.Module) -> None:
+        """After in-place changes to the model's weights (an optimiser step, `load_state_dict`, `copy_`): the
+        engine shares every weight with the model except the fused q/k/v and gate/up copies, which are
+        recomputed here in place. Without it, decoding after such a change mixed old and new weights."""
+        state = weight_state(hf_model)
+        if state != self.weights_seen:
+            for copies, layer in zip(self.layers, _decoder(hf_model).layers):
+                copies.refresh_copies(layer)
+            self.weights_seen = state
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:
@@ -469,6 +499,12 @@ def fused_argmax_available(lm_head: torch.Tensor) -> bool:
     return fused_argmax_supported(lm_head, lm_head)
 
 
+def weight_state(hf_model: nn.Module) -> list[tuple[int, int]]:
+    """(address, in-place version) of every parameter and buffer: what changes when weights are replaced or
+    updated in place (tensor versions count in-place writes)."""
+    return [(t.data_ptr(), t._version) for t in (*hf_model.parameters(), *hf_model.buffers())]
+
+
 def cached_engine(hf_model: nn.Module) -> DecodeEngine | None:
     """The engine `get_engine` keeps on `hf_model`, if one was built."""
     return hf_model.__dict__.get("_fastmedusa_engine")
@@ -489,6 +525,7 @@ def engine_fits(
         and (max_len is None or engine.max_len == max_len)
         and engine.max_batch_size >= batch_size
         and (max_batch_size is None or engine.max_batch_size == max_batch_size)
+        and not engine.weights_moved(hf_model)
     )
 
 
@@ -518,6 +555,7 @@ def get_engine(
             "shorten the prompt / max_new_tokens"
         )
     if engine_fits(hf_model, min_len, max_len, batch_size, max_batch_size):
+        engine.sync_weights(hf_model)
         return engine
     if max_len is None:
         max_len = -(-min_len // 256) * 256
