@@ -631,7 +631,8 @@ def _pad_id(pad_token_id: object, eos_ids: torch.Tensor | None) -> int:
 
 def row_seeds(seed: SeedSpec, batch_size: int, device: torch.device) -> torch.Tensor:
     """(B,) sampling seeds: an int gives row b the seed (seed, b); a sequence gives each row its own (then a
-    prompt samples the same tokens in any batch); None draws one from torch's RNG (torch.manual_seed)."""
+    prompt samples the same tokens in any batch, given the same tree: with tree=None the default tree depends
+    on the batch size); None draws one from torch's RNG (torch.manual_seed)."""
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     if _is_int(seed):
