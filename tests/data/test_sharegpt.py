@@ -87,6 +87,17 @@ def test_jsonl_with_a_bad_line(write_json):
     assert conversations.stats.skip_reasons == {"invalid JSON line": 1}
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_jsonl_keeps_records_holding_unicode_line_separators(write_json, newline):
+    """U+2028, U+2029 and U+0085 are legal raw inside JSON strings (distill writes them so, ensure_ascii off;
+    the embedded ShareGPT has them): str.splitlines() split such a record in two, and both halves were lost."""
+    texts = ["a\u2028b", "c\u2029d", "e\x85f", "plain"]
+    lines = [json.dumps(record(("human", t), ("gpt", t + "!")), ensure_ascii=False) for t in texts]
+    path = write_json("d.jsonl", newline.join(lines) + newline)
+    conversations, n_skipped = read_sharegpt(path)
+    assert n_skipped == 0 and [c[0]["content"] for c in conversations] == texts
+
+
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
 def test_truncated_json_keeps_every_complete_record(write_json, monkeypatch, caplog, chunk):
     # small read sizes force records to straddle reads, as they do in the 125 MB file

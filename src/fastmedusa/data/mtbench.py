@@ -43,7 +43,7 @@ def read_mtbench(source: str | os.PathLike | None = None) -> list[dict]:
     """Every question as `{"question_id", "category", "turns": [first, second]}`, in file order."""
     path = mtbench_path(source)
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -299,7 +299,7 @@ def _file_records(path: Path, stats: ReadStats) -> Iterator[object]:
             if first == "[":
                 yield from _json_array_records(f, head, stats)
             elif first == "{":
-                yield from _json_lines_records(itertools.chain((head + f.readline()).splitlines(), f), stats)
+                yield from _json_lines_records(itertools.chain((head + f.readline()).split("\n"), f), stats)
             elif not first:
                 what = "empty" if not head else "blank (only whitespace)"
                 raise ValueError(f"--data {path} is {what}: pass a file of conversations; {_EXPECTED_SHAPE}")

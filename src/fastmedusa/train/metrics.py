@@ -85,7 +85,7 @@ class JsonlLog:
         if not self.enabled or not self.path.is_file():
             return 0
         kept, torn = [], 0
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in self.path.read_text(encoding="utf-8", errors="replace").split("\n"):
             if not line.strip():
                 continue
             try:
@@ -101,7 +101,7 @@ class JsonlLog:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()]
 
 
 def plot_curves(records: list[dict], path: Path, num_heads: int) -> Path:
