@@ -434,6 +434,31 @@ def test_cli_output_trains_and_chat_template_flag(tiny_dir, data_file, tmp_path)
     assert (tmp_path / "heads" / "heads").is_dir()
 
 
+def test_resume_after_a_kill_in_the_last_group_succeeds_and_source_skips_are_reported(
+    tiny_dir, tmp_path, monkeypatch
+):
+    """Killed after the last group's records were appended, before its progress was written: the resume
+    finds them all written, writes nothing, and succeeds (it printed "no conversation was distilled" and
+    exited 2). The source's skipped records are reported with their reasons, as `train` reports them."""
+    monkeypatch.setattr(distill_module, "GROUP_BATCHES", 1)  # batch 2: groups of 2 conversations
+    data = tmp_path / "d.jsonl"
+    rows = _records(4)
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*rows, rows[0]]))  # the last one a duplicate
+    out = tmp_path / "out.jsonl"
+    argv = ["distill", "--model", str(tiny_dir), "--data", str(data), "--output", str(out), "--device", "cpu",
+            "--max-new-tokens", str(MAX_NEW), "--no-progress", "--batch-size", "2"]  # fmt: skip
+    rc, stdout, err = _cli(*argv)
+    assert rc == 0, err
+    assert "4 conversations kept, 1 skipped (duplicate conversation: 1)" in stdout
+    whole = out.read_bytes()
+    progress = json.loads(progress_path(out).read_text())
+    progress.update(consumed=2, records=2)  # the state between the last group's append and its progress
+    progress_path(out).write_text(json.dumps(progress))
+    rc, stdout, err = _cli(*argv, "--resume")
+    assert rc == 0 and err.count("error") == 0, err
+    assert "0 written (4 in the file)" in stdout and out.read_bytes() == whole
+
+
 def _distill_argv(model_dir: Path, data: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "fastmedusa", "distill", "--model", str(model_dir), "--data", str(data),
             "--output", str(out), "--max-new-tokens", "16", "--batch-size", "2", "--device", "cpu",

@@ -146,6 +146,7 @@ class DistillStats:
     n_tokens: int = 0  # generated tokens, end-of-turn tokens included
     seconds: float = 0.0
     n_records_total: int = 0  # records in the output file at the end (earlier runs included)
+    read_summary: str = ""  # the source file as read: conversations kept and skipped by reason, as `train` says
 
     def summary(self) -> str:
         def reasons(counter: Counter) -> str:
@@ -640,6 +641,7 @@ def distill_conversations(
             remove_empty_output(out)
         raise no_usable_conversation(read_stats)
     stats.seconds = time.perf_counter() - t0
+    stats.read_summary = read_stats.summary()
     return stats
 
 
@@ -760,8 +762,11 @@ def run_distill(args: argparse.Namespace) -> int:
     """`fastmedusa distill`: bad input raises ValueError/FileNotFoundError for the CLI to print as one line."""
     config = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
     stats = distill(config)
+    if stats.read_summary:
+        print(stats.read_summary)
     print(stats.summary())
-    if stats.n_read and not stats.n_written:
+    # every conversation read was skipped (none merely found already written by a killed run's last group)
+    if stats.n_read and not stats.n_written and sum(stats.skipped.values()) >= stats.n_read:
         if not stats.n_records_total:
             remove_empty_output(Path(config.output).expanduser())
         reasons = ", ".join(f"{why}: {n}" for why, n in stats.skipped.most_common())
