@@ -459,6 +459,39 @@ def test_resume_after_a_kill_in_the_last_group_succeeds_and_source_skips_are_rep
     assert "0 written (4 in the file)" in stdout and out.read_bytes() == whole
 
 
+def test_one_run_at_a_time_and_resume_checks_the_files_not_their_spelling(tiny_dir, tmp_path, monkeypatch):
+    """A second run on an output another run holds is refused, the file untouched (two runs wrote every record
+    twice); --resume compares the data and model files resolved (the same file typed another way is the same,
+    a replaced file at the same path is not); records found ahead of the progress must be the next group's."""
+    monkeypatch.setattr(distill_module, "GROUP_BATCHES", 1)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(4)))
+    out = tmp_path / "out.jsonl"
+
+    def argv(data_arg: str, *extra: str) -> list[str]:
+        return ["distill", "--model", str(tiny_dir), "--data", data_arg, "--output", str(out), "--device", "cpu",
+                "--max-new-tokens", str(MAX_NEW), "--no-progress", "--batch-size", "2", *extra]  # fmt: skip
+
+    assert _cli(*argv(str(data), "--max-conversations", "2"))[0] == 0
+    before = out.read_bytes()
+    with distill_module.output_lock(out):
+        _one_error_line(_cli(*argv(str(data), "--resume")), "another `fastmedusa distill` run is writing it")
+    assert out.read_bytes() == before
+    monkeypatch.chdir(tmp_path)
+    rc, stdout, err = _cli(*argv("d.jsonl", "--resume", "--max-conversations", "3"))  # relative: the same file
+    assert rc == 0 and "1 written (3 in the file)" in stdout, err
+    whole = out.read_bytes()
+    lines = whole.splitlines(keepends=True)
+    progress = json.loads(progress_path(out).read_text())
+    progress_path(out).write_text(json.dumps({**progress, "consumed": 2, "records": 2}))
+    out.write_bytes(b"".join(lines[:2]) + lines[2].replace(b'"id": "', b'"id": "other-'))  # ahead, not ours
+    _one_error_line(_cli(*argv(str(data), "--resume", "--max-conversations", "3")), "are not this run's next ones")
+    out.write_bytes(whole)
+    progress_path(out).write_text(json.dumps(progress))
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(5)))  # replaced at the same path
+    _one_error_line(_cli(*argv(str(data), "--resume", "--max-conversations", "4")), f"the data file {data} changed")
+
+
 def _distill_argv(model_dir: Path, data: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "fastmedusa", "distill", "--model", str(model_dir), "--data", str(data),
             "--output", str(out), "--max-new-tokens", "16", "--batch-size", "2", "--device", "cpu",

@@ -23,6 +23,7 @@ uninterrupted run writes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -30,7 +31,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -470,6 +471,30 @@ class _Start:
     consumed: int  # source conversations already distilled (a group boundary)
     records: int  # records of those conversations in the file
     written_ahead: int  # records of the next group already in the file (written before a kill)
+    ahead_ids: tuple = ()  # their ids: they must be the next group's first records, else the file was changed
+
+
+def check_same_settings(saved: dict, now: dict, output: str) -> None:
+    """A resume continues the same run: every setting as it was, the same files (paths compared resolved)."""
+    for key, value in now.items():
+        then = saved.get(key)
+        if key in ("data", "model") and then is not None and value is not None and _resolved(then) == value:
+            continue  # the same file, typed another way (a progress file of an earlier version kept it as typed)
+        if key == "data_fingerprint":
+            if then is not None and then != value:
+                raise ValueError(
+                    f"--resume: the data file {now['data']} changed since {output} was started (its size or the "
+                    "hash of its first or last MB): restore it, or pass --overwrite to start again"
+                )
+            continue
+        if then != value:
+            flag = "--chat-template" if key == "chat_template_sha256" else "--" + key.replace("_", "-")
+            shown = "another template" if key == "chat_template_sha256" else repr(value)
+            raise ValueError(
+                f"--resume with {flag} {shown}, but {output} was started with "
+                f"{'another one' if key == 'chat_template_sha256' else repr(then)}: pass the same value (or "
+                "--overwrite to start again)"
+            )
 
 
 def prepare_output(config: DistillConfig, settings: dict) -> _Start:
@@ -489,13 +514,7 @@ def prepare_output(config: DistillConfig, settings: dict) -> _Start:
             "unknown: pass --overwrite to start again (or another --output)"
         )
     state = read_progress(state_path, config.output)
-    for key, value in settings.items():
-        if state["settings"].get(key) != value:
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(
-                f"--resume with {flag} {value!r}, but {config.output} was started with "
-                f"{state['settings'].get(key)!r}: pass the same value (or --overwrite to start again)"
-            )
+    check_same_settings(state["settings"], settings, config.output)
     lines, end = whole_records(out)  # checked before the torn line is cut: a refused resume leaves the file as is
     ahead = lines - state["records"]
     if ahead < 0:
@@ -510,7 +529,29 @@ def prepare_output(config: DistillConfig, settings: dict) -> _Start:
             f"{state['records']}: the file was changed by hand; pass --overwrite to start again"
         )
     cut_after(out, end)
-    return _Start(state["consumed"], state["records"], ahead)
+    return _Start(state["consumed"], state["records"], ahead, last_record_ids(out, ahead))
+
+
+def last_record_ids(path: Path, count: int) -> tuple:
+    """The ids of the file's last `count` records (read from its end)."""
+    if count <= 0:
+        return ()
+    size, span = path.stat().st_size, 1 << 16
+    with open(path, "rb") as f:
+        while True:
+            f.seek(max(size - span, 0))
+            lines = f.read().split(b"\n")[:-1]  # the file ends with a newline (cut_after)
+            if len(lines) > count or span >= size:
+                break
+            span *= 4
+    ids = []
+    for line in lines[-count:]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        ids.append(record.get("id") if isinstance(record, dict) else None)
+    return tuple(ids)
 
 
 def remove_empty_output(out: Path) -> None:
@@ -543,11 +584,22 @@ def resolve_prompt_budget(config: DistillConfig, model) -> DistillConfig:
     return dataclasses.replace(config, max_prompt_tokens=budget)
 
 
+def _resolved(path: str | os.PathLike) -> str:
+    """A local path as an absolute one (the same file, however it is typed); a hub id as it is."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else str(path)
+
+
 def run_settings(config: DistillConfig, model, tokenizer) -> dict:
     """What must match for a resume: the flags that change the output, the model and its template."""
     settings = {key: getattr(config, key) for key in RESUME_SETTINGS}
-    settings["data"] = str(resolve_data_path(config.data))
-    settings["model"] = config.model
+    data = resolve_data_path(config.data)
+    settings["data"] = _resolved(data)
+    settings["model"] = _resolved(config.model) if config.model is not None else None
+    if Path(settings["data"]).is_file():  # a file replaced at the same path is another source
+        from fastmedusa.train.checkpoint import fingerprint
+
+        settings["data_fingerprint"] = fingerprint(settings["data"])
     settings["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     template = tokenizer.chat_template or ""
     settings["chat_template_sha256"] = hashlib.sha256(template.encode("utf-8")).hexdigest()
@@ -597,13 +649,50 @@ def distill_conversations(
     """Regenerate the answers of `config.data` with `model` and write them to `config.output`.
 
     `model` is a loaded Llama-family causal LM, `tokenizer` its tokenizer with a chat template;
-    `generate_fn` defaults to `fastmedusa.decode.generate` (same signature).
+    `generate_fn` defaults to `fastmedusa.decode.generate` (same signature). One run at a time writes an
+    output: a second is refused while the first holds the output's lock (`output_lock`).
     """
     config.validate()
     config = resolve_prompt_budget(config, model)
     check_chat_template(tokenizer)
     out = Path(config.output).expanduser()
     settings = run_settings(config, model, tokenizer)
+    with output_lock(out):
+        return _distill_into(model, tokenizer, config, generate_fn, out, settings)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output file for the run (released by the OS if the process is killed).
+    Two runs on one output both truncated and appended to it: every record twice, and a later --resume
+    skipped real records. Where `fcntl` is missing (Windows) runs are not locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    make_parent_directory(out)
+    existed = out.exists()
+    with open(out, "ab") as handle:  # created empty if missing; nothing is written through it
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(
+                f"--output {out}: another `fastmedusa distill` run is writing it; wait for that run to end (then "
+                "--resume), or pass another --output"
+            ) from None
+        try:
+            yield
+        except BaseException:
+            if not existed and out.is_file() and out.stat().st_size == 0:
+                remove_empty_output(out)  # the lock created it, and the run wrote nothing
+            raise
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _distill_into(model, tokenizer, config: DistillConfig, generate_fn, out: Path, settings: dict) -> DistillStats:
+    """`distill_conversations` with the output locked."""
     start = prepare_output(config, settings)
     generate_batch = BatchGenerator(model, tokenizer, config, generate_fn)
     read_stats = ReadStats(path=str(resolve_data_path(config.data)))
@@ -622,6 +711,12 @@ def distill_conversations(
             stats.n_read += len(jobs)
             run_group(jobs, tokenizer, generate_batch, config, stats, progress.update)
             new = [job.record() for job in jobs if job.answers]
+            if ahead and tuple(record.get("id") for record in new[:ahead]) != start.ahead_ids[:ahead]:
+                raise ValueError(
+                    f"--resume: the last {ahead} records of {out} are not this run's next ones (ids "
+                    f"{list(start.ahead_ids)[:3]}...; the file was changed, or another run wrote to it): pass "
+                    "--overwrite to start again"
+                )
             append_records(out, new[ahead:])  # records a killed run wrote already are not written twice
             stats.n_written += len(new) - min(ahead, len(new))
             consumed, records, ahead = consumed + len(jobs), records + len(new), 0
