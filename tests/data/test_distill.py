@@ -492,6 +492,25 @@ def test_one_run_at_a_time_and_resume_checks_the_files_not_their_spelling(tiny_d
     _one_error_line(_cli(*argv(str(data), "--resume", "--max-conversations", "4")), f"the data file {data} changed")
 
 
+def test_resume_after_a_kill_before_the_first_progress_record(tiny_dir, tmp_path, monkeypatch):
+    """Killed after the first group's append, before its progress was written: the progress file written at
+    the start (0 conversations done) lets --resume check those records and go on (it was refused)."""
+    monkeypatch.setattr(distill_module, "GROUP_BATCHES", 1)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(4)))
+    out = tmp_path / "out.jsonl"
+    argv = ["distill", "--model", str(tiny_dir), "--data", str(data), "--output", str(out), "--device", "cpu",
+            "--max-new-tokens", str(MAX_NEW), "--no-progress", "--batch-size", "2"]  # fmt: skip
+    assert _cli(*argv)[0] == 0
+    whole = out.read_bytes()
+    progress = json.loads(progress_path(out).read_text())
+    out.write_bytes(b"".join(whole.splitlines(keepends=True)[:2]))
+    progress_path(out).write_text(json.dumps({**progress, "consumed": 0, "records": 0}))
+    rc, stdout, err = _cli(*argv, "--resume")
+    assert rc == 0 and "2 written (4 in the file)" in stdout, err
+    assert out.read_bytes() == whole
+
+
 def _distill_argv(model_dir: Path, data: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "fastmedusa", "distill", "--model", str(model_dir), "--data", str(data),
             "--output", str(out), "--max-new-tokens", "16", "--batch-size", "2", "--device", "cpu",
@@ -510,7 +529,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_file(tiny_dir, tmp_path):
     proc = subprocess.Popen(_distill_argv(tiny_dir, data, killed), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not progress_path(killed).is_file() and proc.poll() is None and time.monotonic() < deadline:
+    while proc.poll() is None and time.monotonic() < deadline:  # until the first group's records land
+        if killed.is_file() and b"\n" in killed.read_bytes():
+            break
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # killed mid-run, not after it finished

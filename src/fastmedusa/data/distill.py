@@ -506,7 +506,9 @@ def prepare_output(config: DistillConfig, settings: dict) -> _Start:
     if not config.resume or not has_records:
         make_parent_directory(out)
         out.write_bytes(b"")
-        state_path.unlink(missing_ok=True)
+        # a progress record from the start: a kill after the first group's append, before its progress was
+        # written, leaves records that --resume can still check and keep
+        write_progress(state_path, {"consumed": 0, "records": 0, "settings": settings})
         return _Start(0, 0, 0)
     if not state_path.is_file():
         raise ValueError(
