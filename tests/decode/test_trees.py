@@ -150,3 +150,10 @@ def test_build_tree_depth_and_input_checks():
         build_tree([0.5, 0.2], 4)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         build_tree([[1.5]], 4)
+
+
+def test_a_tree_file_that_is_not_text_is_named(tmp_path):
+    file = tmp_path / "tree.json"
+    file.write_bytes(b"\xff\xfe{not text")
+    with pytest.raises(ValueError, match=r"tree file .*tree.json is not UTF-8 text"):
+        load_tree(file)

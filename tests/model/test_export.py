@@ -395,3 +395,19 @@ def test_an_unfinished_run_says_how_to_finish_it(tmp_path):
     (tmp_path / "run" / "train_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"has not written its heads/ yet .*train --resume --output-dir"):
         find_heads_dir(tmp_path / "run")
+
+
+def test_heads_written_over_lose_the_old_measurements_and_a_runs_directory_means_its_heads(make_llama, tmp_path):
+    """save_heads over heads with a tree.json/eval.json: those described the heads written over (`generate`
+    would use another's tree by default). Heads loaded from a run's directory decode with its heads/ tree."""
+    model = _model(make_llama)
+    model.save_heads(tmp_path / "h")
+    (tmp_path / "h" / "tree.json").write_text('{"paths": [[0]]}')
+    (tmp_path / "h" / "eval.json").write_text("{}")
+    model.save_heads(tmp_path / "h")
+    assert not (tmp_path / "h" / "tree.json").exists() and not (tmp_path / "h" / "eval.json").exists()
+    run = tmp_path / "run"
+    model.save_heads(run / "heads")
+    (run / "train_config.json").write_text("{}")
+    model.load_heads(run)
+    assert model.heads_dir == run / "heads"

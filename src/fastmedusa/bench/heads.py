@@ -27,6 +27,7 @@ from fastmedusa.decode.accuracy import (
 from fastmedusa.decode.trees import PRESETS, Chains, chains_to_json, measured_accept_length
 from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
 from fastmedusa.errors import CommandParser
+from fastmedusa.model.export import find_heads_dir
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"rank_accuracies": rank_acc.tolist(), "heads": str(args.heads), "model": args.model or "embedded"}
     trees = tree_report(rank_acc, args.tree_nodes, args.tree_dir or args.out.parent, meta, chains)
     if args.write_tree:
-        written = write_tree_json(args.heads, rank_acc, counts, args.write_tree, chains=chains,
+        written = write_tree_json(find_heads_dir(args.heads), rank_acc, counts, args.write_tree, chains=chains,
                                   prompts=len(prompts), new_tokens=args.new_tokens)  # fmt: skip
         print(f"wrote {written}")
     payload = {

@@ -260,7 +260,12 @@ def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dic
     if not path.is_file():
         return None
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not UTF-8 text: delete it, or measure it again with `fastmedusa bench heads --heads DIR "
+            "--write-tree`"
+        ) from None
     except json.JSONDecodeError as err:
         raise ValueError(
             f"{path} is not valid JSON ({err.msg}): delete it, or measure it again with `fastmedusa bench heads "

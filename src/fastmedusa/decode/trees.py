@@ -481,7 +481,9 @@ def load_tree(path: str | os.PathLike, num_heads: int | None = None) -> list[lis
     if not path.is_file():
         raise FileNotFoundError(f"no tree file at {path}: write one with `fastmedusa bench heads`")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"tree file {path} is not UTF-8 text: expected JSON {{'paths': [[0], [0, 0], ...]}}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"tree file {path} is not JSON ({err.msg}): expected {{'paths': [[0], [0, 0], ...]}}") from None
     paths = data.get("paths") if isinstance(data, dict) else data

@@ -152,6 +152,8 @@ def write_heads(directory: str | os.PathLike, checkpoint: HeadsCheckpoint, layou
     for other in WEIGHT_FILES:  # a directory holds one layout: a stale file of another would be read first
         if other != name:
             (directory / other).unlink(missing_ok=True)
+    for derived in DERIVED_FILES:  # measured on the heads written over: `generate` would use another's tree
+        (directory / derived).unlink(missing_ok=True)
     write_json_atomic(directory / CONFIG_NAME, _config_json(checkpoint, layout))
     return directory
 
@@ -565,10 +567,7 @@ def export_heads(heads_dir: str | os.PathLike, output: str | os.PathLike, layout
         )
     _check_output_replaceable(output)
     checkpoint = read_heads(source)
-    write_heads(output, checkpoint, layout)
-    for name in DERIVED_FILES:  # an earlier export's files that described other heads
-        if not (source / name).is_file():
-            (output / name).unlink(missing_ok=True)
+    write_heads(output, checkpoint, layout)  # drops an earlier export's tree.json and eval.json
     for item in sorted(
         source.iterdir()
     ):  # tokenizer, tree.json, eval.json: everything but what was rewritten

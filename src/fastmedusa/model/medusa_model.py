@@ -16,6 +16,7 @@ from fastmedusa.model.export import (
     LEGACY_WEIGHTS_NAME,
     base_model_for_heads,
     checkpoint_from_module_state,
+    find_heads_dir,
     module_state,
     read_heads,
     write_heads,
@@ -176,7 +177,8 @@ class MedusaModel(nn.Module):
             raise ValueError(
                 f"heads in {directory} do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}"
             )
-        self.heads_dir = directory  # decoding reads its tree.json (measured tree) from here
+        # decoding reads its tree.json (measured tree) from here: a run's directory means its heads/
+        self.heads_dir = find_heads_dir(directory) if Path(directory).expanduser().is_dir() else directory
 
     # -- stages ------------------------------------------------------------------------
     def set_stage(self, stage: int) -> None:
