@@ -411,3 +411,15 @@ def test_heads_written_over_lose_the_old_measurements_and_a_runs_directory_means
     (run / "train_config.json").write_text("{}")
     model.load_heads(run)
     assert model.heads_dir == run / "heads"
+
+
+def test_heads_record_a_base_model_they_can_find_again(tmp_path, monkeypatch):
+    """A relative path, recorded as typed, named a hub id from any other directory; the embedded default was
+    recorded as nothing (its model card said "unknown"). Hub ids stay as they are."""
+    from fastmedusa.model.medusa_model import recorded_base_name
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert recorded_base_name("m") == str(tmp_path / "m")
+    assert recorded_base_name(None) == "embedded"
+    assert recorded_base_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"

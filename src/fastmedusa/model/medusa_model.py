@@ -76,6 +76,15 @@ def _medusa_config(config: object) -> MedusaConfig | None:
     )
 
 
+def recorded_base_name(base_name_or_path: str | os.PathLike | None) -> str:
+    """What saved heads record as their base model: "embedded" for the SmolLM2 fastmedusa ships (as `train`
+    records it), a local path made absolute (so the heads find it from any directory), a hub id as it is."""
+    if base_name_or_path is None:
+        return "embedded"
+    local = Path(base_name_or_path).expanduser()
+    return str(local.resolve()) if local.exists() else str(base_name_or_path)
+
+
 class MedusaModel(nn.Module):
     """Backbone (`self.base`, any HF causal LM) + `self.medusa_heads`.
 
@@ -142,7 +151,7 @@ class MedusaModel(nn.Module):
         base = load_base_model(base_name_or_path, **hf_kwargs)
         config = config or MedusaConfig()
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = None if base_name_or_path is None else str(base_name_or_path)
+            config.base_model_name_or_path = recorded_base_name(base_name_or_path)
         model = cls(base, config)
         if checkpoint is not None:
             model.load_heads(heads, checkpoint=checkpoint)
