@@ -132,3 +132,10 @@ def refused_by_weights_only(err: BaseException) -> bool:
     of unknown origin."""
     text = str(err).lower()
     return "weights only" in text and "global" in text  # bytes that are no pickle: "unsupported operand"
+
+
+def absolute_if_local(path: str | os.PathLike) -> str:
+    """A path that exists here, made absolute (the same file however it is typed, found from any directory);
+    anything else (a hub id) as it is."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else str(path)

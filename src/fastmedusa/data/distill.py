@@ -47,7 +47,7 @@ from fastmedusa.data.sharegpt import (
     resolve_data_path,
 )
 from fastmedusa.dtypes import dtype_or_auto_arg
-from fastmedusa.files import make_parent_directory
+from fastmedusa.files import absolute_if_local, make_parent_directory
 from fastmedusa.progress import Progress
 
 DEFAULT_PROMPT_TOKENS = 1024
@@ -478,7 +478,7 @@ def check_same_settings(saved: dict, now: dict, output: str) -> None:
     """A resume continues the same run: every setting as it was, the same files (paths compared resolved)."""
     for key, value in now.items():
         then = saved.get(key)
-        if key in ("data", "model") and then is not None and value is not None and _resolved(then) == value:
+        if key in ("data", "model") and then is not None and value is not None and absolute_if_local(then) == value:
             continue  # the same file, typed another way (a progress file of an earlier version kept it as typed)
         if key == "data_fingerprint":
             if then is not None and then != value:
@@ -586,18 +586,12 @@ def resolve_prompt_budget(config: DistillConfig, model) -> DistillConfig:
     return dataclasses.replace(config, max_prompt_tokens=budget)
 
 
-def _resolved(path: str | os.PathLike) -> str:
-    """A local path as an absolute one (the same file, however it is typed); a hub id as it is."""
-    local = Path(path).expanduser()
-    return str(local.resolve()) if local.exists() else str(path)
-
-
 def run_settings(config: DistillConfig, model, tokenizer) -> dict:
     """What must match for a resume: the flags that change the output, the model and its template."""
     settings = {key: getattr(config, key) for key in RESUME_SETTINGS}
     data = resolve_data_path(config.data)
-    settings["data"] = _resolved(data)
-    settings["model"] = _resolved(config.model) if config.model is not None else None
+    settings["data"] = absolute_if_local(data)
+    settings["model"] = absolute_if_local(config.model) if config.model is not None else None
     if Path(settings["data"]).is_file():  # a file replaced at the same path is another source
         from fastmedusa.train.checkpoint import fingerprint
 

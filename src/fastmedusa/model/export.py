@@ -289,11 +289,10 @@ def find_heads_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def is_earlier_export(directory: Path) -> bool:
-    """Whether `directory` holds heads written by `fastmedusa export`: readable heads and its model card."""
+def has_export_card(directory: Path) -> bool:
+    """Whether `directory` holds the model card `fastmedusa export` writes (what marks an earlier export)."""
     try:
         card = (directory / MODEL_CARD_NAME).read_text(encoding="utf-8")
-        read_heads(directory)
     except (OSError, ValueError):
         return False
     return card.startswith("---") and "library_name: fastmedusa" in card.split("\n---", 1)[0]
@@ -310,13 +309,13 @@ def _check_output_replaceable(output: Path) -> None:
             f"--output {output} is the heads directory of the training run {output.parent}: the export would "
             "replace that run's heads; pass a new or empty directory"
         )
-    if is_earlier_export(output):
-        return  # replaced
     try:
         read_heads(output)
     except (OSError, ValueError):
         pass
     else:
+        if has_export_card(output):
+            return  # an earlier export: replaced
         raise ValueError(
             f"--output {output} holds heads that `fastmedusa export` did not write (no model card): the export "
             "would replace them; pass a new or empty directory"

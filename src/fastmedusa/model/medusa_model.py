@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastmedusa.files import absolute_if_local
 from fastmedusa.model.config import MedusaConfig
 from fastmedusa.model.export import (
     HEADS_WEIGHTS_NAME,
@@ -79,10 +80,7 @@ def _medusa_config(config: object) -> MedusaConfig | None:
 def recorded_base_name(base_name_or_path: str | os.PathLike | None) -> str:
     """What saved heads record as their base model: "embedded" for the SmolLM2 fastmedusa ships (as `train`
     records it), a local path made absolute (so the heads find it from any directory), a hub id as it is."""
-    if base_name_or_path is None:
-        return "embedded"
-    local = Path(base_name_or_path).expanduser()
-    return str(local.resolve()) if local.exists() else str(base_name_or_path)
+    return "embedded" if base_name_or_path is None else absolute_if_local(base_name_or_path)
 
 
 class MedusaModel(nn.Module):
