@@ -5,7 +5,7 @@ $BATCHES batch sizes (default "1"), $LAYERS decoder layers (default 30), $PROMPT
 (default 128) and $MAX_LEN the KV cache's slots per row (default 1024): a long prompt shows what attention over
 a long context costs a step; $TEMPERATURE (default 0: greedy;
 above 0: sampling and typical acceptance), $DRAFT_VOCABS the heads' vocabularies (default "0": the full 49,152;
-"0 16384 8192" measures each), $TREES tree presets (default "mc_sim_7b_63"; e.g. "mc_sim_7b_63 mc_sim_7b_31"),
+"0 16384 8192" measures each; "shared": heads that project through the base model's LM head), $TREES tree presets (default "mc_sim_7b_63"; e.g. "mc_sim_7b_63 mc_sim_7b_31"),
 $PROFILE=1 adds each row's kernels per step (`profile`: a profiled short call subtracted from a profiled long
 one, as `bench decode --profile` does; the timed pairs run without the profiler).
 Step time does not depend on weight values, and acceptance here is meaningless, so the result is the step
@@ -47,7 +47,8 @@ from fastmedusa.model import MedusaConfig, MedusaModel
 from fastmedusa.ops.linear_argmax import FUSED_ARGMAX
 
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1").split()]
-DRAFT_VOCABS = [int(v) for v in os.environ.get("DRAFT_VOCABS", "0").split()]  # 0: the full vocabulary
+# 0: the full vocabulary, "shared": through the base model's LM head
+DRAFT_VOCABS = [v if v == "shared" else int(v) for v in os.environ.get("DRAFT_VOCABS", "0").split()]
 TREES = os.environ.get("TREES", "mc_sim_7b_63").split()
 REPEATS = 5  # long/short pairs per row; the median is reported
 TEMPERATURE = float(os.environ.get("TEMPERATURE", 0))
@@ -68,9 +69,13 @@ def build_base() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).to(torch.float32 if SMALL else torch.bfloat16).to(DEV).eval()
 
 
-def with_heads(base: LlamaForCausalLM, draft_vocab: int) -> MedusaModel:
-    """4 fresh heads on `base`, over the full vocabulary (0) or a draft vocabulary of that many tokens."""
-    config = MedusaConfig(num_heads=4, draft_vocab_size=draft_vocab or None)
+def with_heads(base: LlamaForCausalLM, draft_vocab: int | str) -> MedusaModel:
+    """4 fresh heads on `base`, over the full vocabulary (0), a draft vocabulary of that many tokens, or
+    projecting through the base model's LM head ("shared")."""
+    if draft_vocab == "shared":
+        config = MedusaConfig(num_heads=4, shared_lm_head=True)
+    else:
+        config = MedusaConfig(num_heads=4, draft_vocab_size=draft_vocab or None)
     model = MedusaModel.from_base(base, config)
     return model.to(device=DEV, dtype=next(base.parameters()).dtype).eval()
 
@@ -86,6 +91,7 @@ def measure(model: MedusaModel, batch: int, medusa: bool, tree: str | None = Non
     row = dict(batch=batch, mode="medusa" if medusa else "plain", temperature=TEMPERATURE, tree=tree,
                prompt_tokens=PROMPT_TOKENS, max_len=MAX_LEN,
                draft_vocab=model.medusa_config.draft_vocab_size,
+               shared_lm_head=model.medusa_config.shared_lm_head,
                layers=model.base.config.num_hidden_layers, cuda_graphs=cuda_graphs_mode(),
                regional_compile=regional_compile(), attention=attention_layout())  # fmt: skip
     skips = counters["inductor"]["cudagraph_skips"]
@@ -150,13 +156,13 @@ def plot(result: dict, path: Path) -> None:
     lines: dict[tuple, list] = {}
     for r in result["rows"]:
         if r["mode"] == "medusa" and r.get("step_ms") and r["batch"] in plain:
-            lines.setdefault((r["batch"], r.get("draft_vocab")), []).append(r)
-    by_batch_then_vocab = sorted(lines.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1 << 30)))  # full first
+            vocab = "shared" if r.get("shared_lm_head") else r.get("draft_vocab")
+            lines.setdefault((r["batch"], vocab), []).append(r)
+    by_batch_then_vocab = sorted(lines.items(), key=lambda kv: (kv[0][0], -_vocab_order(kv[0][1])))  # full first
     for i, ((batch, vocab), rows) in enumerate(by_batch_then_vocab):
         rows.sort(key=lambda r: r["tree_nodes"])
         ratios = [r["step_ms"] / plain[batch] for r in rows]
-        ax.plot([r["tree_nodes"] for r in rows], ratios, "o-", label=f"batch {batch}, heads over "
-                + (f"{vocab:,} tokens" if vocab else "the full vocabulary"))  # fmt: skip
+        ax.plot([r["tree_nodes"] for r in rows], ratios, "o-", label=f"batch {batch}, " + _heads_label(vocab))
         for r, ratio in zip(rows, ratios):
             offset = ((5, 6), (5, -12), (-30, 6))[i % 3]  # lines close together: labels above, below, left
             ax.annotate(f"{ratio:.2f}x", (r["tree_nodes"], ratio), fontsize=7, xytext=offset, textcoords="offset points")
@@ -172,6 +178,17 @@ def plot(result: dict, path: Path) -> None:
     env = {"device": result["device"], "date": result["date"],
            "versions": {"torch": result["torch"], "transformers": result.get("transformers")}}  # fmt: skip
     save_figure(fig, path, env, title=f"decode step cost, SmolLM2-135M shape, bf16; plain step {ms}")
+
+
+def _vocab_order(vocab: int | str | None) -> int:
+    """Lines in the legend: full-vocabulary heads, then draft vocabularies largest first, then shared."""
+    return 0 if vocab == "shared" else vocab or 1 << 30
+
+
+def _heads_label(vocab: int | str | None) -> str:
+    if vocab == "shared":
+        return "heads through the LM head"
+    return f"heads over {vocab:,} tokens" if vocab else "heads over the full vocabulary"
 
 
 def main() -> None:

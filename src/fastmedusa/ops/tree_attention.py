@@ -327,7 +327,11 @@ def check_tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tens
             raise ValueError(f"tree attention needs {name} with a unit last stride (got strides {t.stride()})")
 
 
-@torch.library.custom_op("fastmedusa::tree_attention", mutates_args=())
+# compiled callers hand the kernel contiguous inputs, made so where they are produced (no copy)
+_CONTIGUOUS = tuple(t for t in (getattr(torch.Tag, "needs_contiguous_strides", None),) if t is not None)
+
+
+@torch.library.custom_op("fastmedusa::tree_attention", mutates_args=(), tags=_CONTIGUOUS)
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, kv_end: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(hd) where mask) v for queries q (B, T, heads, hd) over cache rows 0..B-1 of
     (rows, kv_heads, slots, hd) caches, query head h reading KV head h // (heads // kv_heads) as in HF's
@@ -336,7 +340,8 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, kv
     one opaque kernel launch inside compiled steps and CUDA graphs."""
     check_tree_attention(q, k_cache, v_cache, mask, kv_end)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return launch_tree_attention(q, k_cache, v_cache, mask, kv_end.to(torch.int32), out)
+    ends = kv_end if kv_end.dtype == torch.int32 else kv_end.to(torch.int32)  # a conversion is one more kernel
+    return launch_tree_attention(q, k_cache, v_cache, mask, ends, out)
 
 
 @tree_attention.register_fake
