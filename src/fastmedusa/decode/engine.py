@@ -344,6 +344,8 @@ class DecodeEngine(nn.Module):
         for w in self.layers:
             w.register_buffer("k_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False)
             w.register_buffer("v_cache", torch.zeros(shape, device=self.device, dtype=self.dtype), persistent=False)
+        rows = torch.arange(self.max_batch_size, device=self.device)[:, None]
+        self.register_buffer("batch_rows", rows, persistent=False)  # the cache row of each batch row
         self.compiled: dict[object, object] = {}  # step functions, compiled once per shape/tree
         self.regional = regional_compile()  # read once, when the engine is built (`get_engine` keeps it)
         attention_shape = (self.num_heads, self.num_kv_heads, self.head_dim, self.max_len)
@@ -407,7 +409,7 @@ class DecodeEngine(nn.Module):
         cos = self.rope_cos[rope_pos][:, :, None, :]  # (B, T, 1, hd)
         sin = self.rope_sin[rope_pos][:, :, None, :]
         layout, attn_mask, kv_end = self._attention_inputs(mask, seq, kv_end)
-        batch_rows = torch.arange(bsz, device=tokens.device)[:, None]  # (B, 1)
+        batch_rows = self.batch_rows[:bsz]  # (B, 1): a buffer, not an arange kernel per step
         delta = None
         for w in self.layers:
             layer = _layer_region if self.regional and delta is not None else _layer

@@ -99,11 +99,16 @@ class PackedHeads(nn.Module):
     def head_logits(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """(depth, ..., N) logits of the first `depth` heads (all by default) over their vocabulary rows."""
         depth = self.num_heads if depth is None else depth
-        lead = hidden.shape[:-1]
-        x = hidden.reshape(1, -1, hidden.shape[-1]).expand(depth, -1, -1)  # (D, R, H)
+        lead, size = hidden.shape[:-1], hidden.shape[-1]
+        rows = hidden.reshape(-1, size)  # (R, H)
+        x = rows.expand(depth, -1, -1)  # (D, R, H)
         for layer in range(self.num_layers):
             weight, bias = self.block_weight[layer, :depth], self.block_bias[layer, :depth]
-            x = x + F.silu(torch.baddbmm(bias, x, weight.transpose(1, 2)))
+            if layer == 0:  # every head reads the same rows: one GEMM over the heads' stacked (D*H, H) weights
+                y = F.linear(rows, weight.reshape(depth * size, size)).view(-1, depth, size).transpose(0, 1)
+            else:  # bias outside the GEMM: baddbmm copied it into the output first (one more kernel)
+                y = torch.bmm(x, weight.transpose(1, 2))
+            x = x + F.silu(y + bias)
         if self.layout == "stacked":
             logits = torch.bmm(x, self.projection[:depth].transpose(1, 2))
         elif self.layout == "shared":  # one matrix for every head: one GEMM over the stacked towers
