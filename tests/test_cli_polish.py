@@ -283,3 +283,22 @@ def test_a_model_directory_without_a_tokenizer_says_so(tmp_path):
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     with pytest.raises(FileNotFoundError, match=r"has no tokenizer .*tokenizer.save_pretrained\(DIR\)"):
         load_tokenizer(tmp_path / "model")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["train", "--data", "/nonexistent/d.json"], ["generate", "--heads", "/nonexistent", "--prompt", "hi"],
+     ["eval", "/nonexistent"], ["export", "/nonexistent", "--output", "/nonexistent/o"],
+     ["distill", "--data", "/nonexistent/d.json", "--output", "/nonexistent/o.json"],
+     ["bench", "heads", "--heads", "/nonexistent", "--device", "cpu"]],
+    ids=lambda argv: " ".join(argv[:2]),
+)  # fmt: skip
+def test_debug_shows_the_traceback_before_or_after_the_command(argv, capsys):
+    """Bad input is one `error:` line; --debug raises it (the full traceback), given before the command or
+    after it, where a user adds it to the command line that just failed (`bench NAME` included)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "/nonexistent" in err and len(err.strip().splitlines()) == 1, err
+    for debug in (["--debug", *argv], [*argv, "--debug"]):
+        with pytest.raises(FileNotFoundError, match="/nonexistent"):
+            main(debug)

@@ -68,6 +68,7 @@ BENCHMARKS = {
         "markdown tables of speed-ups and memory from bench train JSON files",
     ),
 }
+COMMON_FLAGS = ("--debug", "--verbose")  # fastmedusa's own: accepted before or after the command
 DEBUG_HELP = "show full tracebacks for errors"
 VERBOSE_HELP = "show what transformers prints while loading models (GGUF conversion and loading bars, warnings)"
 USER_ERRORS = (
@@ -111,12 +112,23 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def take_common_flags(args: argparse.Namespace) -> None:
+    """--debug/--verbose after `bench NAME` are fastmedusa's, as after any other command: argparse hands all
+    that follows NAME to the benchmark, whose parser would refuse them as unrecognized."""
+    for flag in COMMON_FLAGS:
+        if flag in args.bench_args:
+            setattr(args, flag.removeprefix("--"), True)
+    args.bench_args = [a for a in args.bench_args if a not in COMMON_FLAGS]
+
+
 def run(argv: Sequence[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named with the command whose --help lists what it takes
         CommandParser(prog=f"fastmedusa {args.command}").error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "bench":
+        take_common_flags(args)
     from fastmedusa.model.loading import show_loading_output
 
     show_loading_output(bool(getattr(args, "verbose", False)))

@@ -72,6 +72,23 @@ def test_mismatched_heads_are_a_clear_error(tiny_llama, make_llama, tmp_path):
         three.load_heads(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("draft_vocab", [None, 16])
+def test_shared_lm_head_heads_of_another_vocabulary_are_refused(make_llama, tmp_path, draft_vocab):
+    """Shared-LM-head heads hold no projection whose shape would show another base model (and a draft map's ids
+    fit a larger vocabulary too): load_heads checks the vocabulary their config states, as from_pretrained does."""
+
+    def config() -> MedusaConfig:
+        return MedusaConfig(num_heads=2, shared_lm_head=True, draft_vocab_size=draft_vocab)
+
+    MedusaModel.from_base(make_llama(vocab_size=256), config()).save_heads(tmp_path / "heads")
+    make_llama(vocab_size=320).save_pretrained(tmp_path / "other")
+    message = r"\(vocab 256, hidden 32\) does not match the base model's lm_head \(vocab 320, hidden 32\).*load them on"
+    with pytest.raises(ValueError, match=message):
+        MedusaModel.from_base(make_llama(vocab_size=320), config()).load_heads(tmp_path / "heads")
+    with pytest.raises(ValueError, match=message):
+        MedusaModel.from_pretrained(tmp_path / "other", heads=tmp_path / "heads")
+
+
 def _train_one_step(model: MedusaModel, stage: int) -> None:
     model.set_stage(stage)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -90,3 +90,35 @@ def test_draft_vocab_stage2_kl_run_saves_backbone_and_a_mapped_tree(tiny_model_d
     plain = model.generate(ids, max_new_tokens=6, medusa=False).sequences
     medusa = model.generate(ids, max_new_tokens=6, medusa=True).sequences
     assert torch.equal(plain, medusa)
+
+
+def test_a_resumed_run_reports_the_coverage_of_the_checkpoints_map(
+    tiny_model_dir, sharegpt_records, tmp_path, capsys
+):
+    """Resumed on changed data (--allow-changed-data) the heads keep the checkpoint's map: the coverage printed
+    is that map's over the new labels, not that of a new count the heads never use."""
+    from fastmedusa.data import encode_dataset, read_sharegpt, train_eval_split
+    from fastmedusa.data.vocab import label_coverage, label_token_map
+    from fastmedusa.model import load_tokenizer
+
+    data, out = tmp_path / "sharegpt.json", tmp_path / "run"
+    data.write_text(json.dumps(sharegpt_records(24)))
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--num-heads",
+            "1", "--seq-len", "64", "--batch-size", "2", "--eval-size", "4", "--tree-prompts", "0", "--no-progress",
+            "--no-plot", "--device", "cpu", "--draft-vocab", "48"]  # fmt: skip
+    assert main([*argv, "--max-steps", "2"]) == 0
+    shouted = sharegpt_records(24)  # other tokens: a new count would give another map
+    for record in shouted:
+        record["conversations"][1]["value"] = record["conversations"][1]["value"].upper()
+    data.write_text(json.dumps(shouted))
+    capsys.readouterr()
+    assert main([*argv, "--max-steps", "3", "--resume", "--allow-changed-data"]) == 0
+    printed = capsys.readouterr().out
+
+    train_convs, _ = train_eval_split(read_sharegpt(str(data), limit=300)[0], 4, seed=0)
+    labels = encode_dataset(load_tokenizer(str(tiny_model_dir)), train_convs, 64, False)
+    kept = load_file(str(out / "heads" / "medusa_lm_head.safetensors"))["token_map"]
+    kept_coverage, new_coverage = label_coverage(labels, 49152, kept), label_token_map(labels, 49152, 48)[1]
+    assert new_coverage - kept_coverage > 0.5, (kept_coverage, new_coverage)
+    assert f"its 48 of 49152 tokens cover {100 * kept_coverage:.2f}% of the training labels" in printed
+    assert "most frequent" not in printed  # no line about a map the heads do not use

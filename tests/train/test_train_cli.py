@@ -155,3 +155,35 @@ def test_resuming_a_finished_run_says_there_is_nothing_left(tiny_model_dir, shar
     assert main([*argv, "--max-steps", "1", "--resume"]) == 0
     printed = capsys.readouterr()
     assert "already at step 2 of 1: nothing left to train (raise --max-steps" in printed.out + printed.err
+
+
+def test_a_relative_model_path_is_recorded_absolute(tiny_model_dir, sharegpt_file, tmp_path, monkeypatch, capsys):
+    """`--model` typed relative to where a run starts is recorded absolute (train_config.json, checkpoints, the
+    heads' config.json): the run resumes, and its heads find their base model, from any other directory. A
+    checkpoint of an earlier version, which kept the path as typed, still resumes where it was started."""
+    from fastmedusa.decode.cli import recorded_base_model
+    from fastmedusa.train.checkpoint import list_checkpoints, write_manifest
+
+    out, model = tmp_path / "run", str(tiny_model_dir.resolve())
+    argv = ["train", "--data", str(sharegpt_file), "--output-dir", str(out), "--num-heads", "1", "--seq-len", "64",
+            "--batch-size", "2", "--eval-size", "4", "--tree-prompts", "0", "--no-progress", "--no-plot",
+            "--device", "cpu"]  # fmt: skip
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert main([*argv, "--model", tiny_model_dir.name, "--max-steps", "2"]) == 0
+    checkpoint = list_checkpoints(out)[-1][1]
+    recorded = [json.loads((out / name).read_text()) for name in ("train_config.json", "heads/config.json")]
+    saved = json.loads((checkpoint / "train_config.json").read_text())
+    assert (recorded[0]["model"], recorded[1]["base_model_name_or_path"], saved["model"]) == (model, model, model)
+
+    monkeypatch.chdir(tmp_path)
+    assert recorded_base_model(str(out / "heads")) == model
+    assert main([*argv, "--model", model, "--max-steps", "3", "--resume"]) == 0
+
+    checkpoint = list_checkpoints(out)[-1][1]
+    saved = json.loads((checkpoint / "train_config.json").read_text())
+    (checkpoint / "train_config.json").write_text(json.dumps({**saved, "model": tiny_model_dir.name}))
+    write_manifest(checkpoint)
+    monkeypatch.chdir(tiny_model_dir.parent)
+    capsys.readouterr()
+    assert main([*argv, "--model", tiny_model_dir.name, "--max-steps", "4", "--resume"]) == 0
+    assert f"resumed from {checkpoint} at step 3/4" in capsys.readouterr().out

@@ -73,6 +73,17 @@ def label_token_map(
     """(token map (N,), fraction of labelled positions whose token is inside it) for `examples`."""
     counts = count_label_tokens(examples, vocab_size)
     token_map = draft_token_map(counts, draft_vocab_size)
+    return token_map, _coverage(counts, token_map)
+
+
+def label_coverage(
+    examples: Iterable[dict | Sequence[int] | torch.Tensor], vocab_size: int, token_map: torch.Tensor
+) -> float:
+    """Fraction of the labelled positions of `examples` whose token is in `token_map`: for a map counted on
+    other data (a resumed checkpoint's), which may cover these labels far less than a new count would."""
+    return _coverage(count_label_tokens(examples, vocab_size), token_map)
+
+
+def _coverage(counts: torch.Tensor, token_map: torch.Tensor) -> float:
     total = int(counts.sum())
-    coverage = float(counts[token_map].sum()) / total if total else 1.0
-    return token_map, coverage
+    return float(counts[token_map.cpu()].sum()) / total if total else 1.0

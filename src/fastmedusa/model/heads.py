@@ -59,6 +59,18 @@ def check_token_map(
     return token_map
 
 
+def check_heads_fit_lm_head(config: MedusaConfig, lm_weight: torch.Tensor) -> None:
+    """Heads whose config states another vocabulary or hidden size than the base model's LM head were trained for
+    another base model. Shared-LM-head heads hold no projection whose shape would show it: their config must."""
+    vocab, hidden = lm_weight.shape
+    if config.vocab_size not in (None, vocab) or config.hidden_size not in (None, hidden):
+        raise ValueError(
+            f"heads config (vocab {config.vocab_size}, hidden {config.hidden_size}) does not match the base "
+            f"model's lm_head (vocab {vocab}, hidden {hidden}): these heads were trained for another base model; "
+            "load them on that one (base_model_name_or_path in their config.json)"
+        )
+
+
 def inverse_token_map(token_map: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(vocab_size,) int64: the draft index of each token id, IGNORE_INDEX for tokens outside the map."""
     inverse = torch.full((vocab_size,), IGNORE_INDEX, dtype=torch.long, device=token_map.device)
@@ -119,11 +131,7 @@ class MedusaHeads(nn.Module):
         lm_weight = lm_head.weight
         if config.hidden_size is None or config.vocab_size is None:
             config.vocab_size, config.hidden_size = lm_weight.shape
-        if tuple(lm_weight.shape) != (config.vocab_size, config.hidden_size):
-            raise ValueError(
-                f"heads config (vocab {config.vocab_size}, hidden {config.hidden_size}) does not match the base "
-                f"model's lm_head {tuple(lm_weight.shape)}: these heads were trained for another base model"
-            )
+        check_heads_fit_lm_head(config, lm_weight)
         config.__post_init__()  # vocab_size is known now: a draft vocabulary larger than it fails here
         self.config = config
         self.__dict__["base_lm_head"] = lm_head  # a reference, deliberately not registered

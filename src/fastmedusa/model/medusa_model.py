@@ -22,7 +22,7 @@ from fastmedusa.model.export import (
     read_heads,
     write_heads,
 )
-from fastmedusa.model.heads import MedusaHeads
+from fastmedusa.model.heads import MedusaHeads, check_heads_fit_lm_head
 from fastmedusa.model.loading import check_has_lm_head, load_base_model
 
 __all__ = ["HEADS_WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "MedusaModel", "MedusaOutput", "decoder_hidden_states"]
@@ -171,6 +171,7 @@ class MedusaModel(nn.Module):
                 raise ValueError(
                     f"heads in {directory} have {field}={getattr(saved, field)}, model has {getattr(mine, field)}"
                 )
+        check_heads_fit_lm_head(saved, self.base.get_output_embeddings().weight)
         state = module_state(checkpoint)
         head = self.medusa_heads.state_dict()
         for key, value in state.items():

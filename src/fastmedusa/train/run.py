@@ -7,12 +7,14 @@ import os
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from fastmedusa.files import absolute_if_local
 from fastmedusa.model.export import BACKBONE_NAME
 from fastmedusa.train import checkpoint as ckpt
 from fastmedusa.train.backend import SingleProcess
@@ -69,7 +71,8 @@ def build_model(config: TrainConfig, train_examples=None):
     """The base model (fp32 or bf16 params) with fresh heads initialised from its LM head.
 
     With --draft-vocab the token map is counted over the labelled positions of `train_examples`
-    (encoded conversations) before training; its coverage of those labels is printed."""
+    (encoded conversations) before training; its coverage of those labels is printed. A resumed run's map
+    comes with its checkpoint (`resumed_draft_coverage`)."""
     from fastmedusa.model import MedusaConfig, MedusaModel, load_base_model
 
     init = read_init_heads(config)
@@ -84,7 +87,7 @@ def build_model(config: TrainConfig, train_examples=None):
     token_map = None
     if config.draft_vocab is not None and init is not None:
         token_map = init.token_map  # the starting heads' draft vocabulary, not a new count
-    elif config.draft_vocab is not None:
+    elif config.draft_vocab is not None and not config.resume:
         from fastmedusa.data.vocab import label_token_map
 
         if train_examples is None:
@@ -101,6 +104,19 @@ def build_model(config: TrainConfig, train_examples=None):
         model.heads_dir = None  # their tree.json describes the old heads, not the ones this run trains
         say(f"heads start from {config.init_heads}")
     return model
+
+
+def resumed_draft_coverage(model, train_examples) -> str:
+    """The coverage line of a resumed run's draft vocabulary: of the checkpoint's map, which the heads keep (a
+    new count over data changed since the checkpoint, --allow-changed-data, is not the map they train with)."""
+    from fastmedusa.data.vocab import label_coverage
+
+    token_map, vocab_size = model.medusa_heads.token_map, model.medusa_heads.config.vocab_size
+    coverage = label_coverage(train_examples or (), vocab_size, token_map)
+    return (
+        f"draft vocabulary of the checkpoint: its {token_map.numel()} of {vocab_size} tokens cover "
+        f"{100 * coverage:.2f}% of the training labels"
+    )
 
 
 def read_init_heads(config: TrainConfig):
@@ -263,6 +279,7 @@ def train(config: TrainConfig, backend: SingleProcess | FSDPBackend | None = Non
     Under torchrun / accelerate launch (or with --fsdp) every process runs this with an FSDP2 backend;
     the process group is left at the end, also after an error."""
     config.torch_device()  # a bad --device fails before anything loads
+    config = with_model_found_anywhere(config)
     owns_group = backend is None and not dist.is_initialized()
     ok = False
     try:
@@ -274,6 +291,12 @@ def train(config: TrainConfig, backend: SingleProcess | FSDPBackend | None = Non
     finally:
         if owns_group:
             cleanup(wait=ok)
+
+
+def with_model_found_anywhere(config: TrainConfig) -> TrainConfig:
+    """`config` with a local --model made absolute (a hub id as it is): train_config.json, the checkpoints and
+    the heads' config.json record it, and a resume or a load from another directory must find it again."""
+    return config if config.model is None else replace(config, model=absolute_if_local(config.model))
 
 
 def choose_backend(config: TrainConfig) -> SingleProcess | FSDPBackend:
@@ -361,6 +384,8 @@ def _run(config: TrainConfig, backend: SingleProcess | FSDPBackend, out: Path, d
     if config.resume:
         resumed = trainer.resume(report=warn)
         say(f"resumed from {resumed} at step {trainer.step}/{trainer.total_steps}")
+        if config.draft_vocab is not None:
+            say(resumed_draft_coverage(model, getattr(train_batches, "encoded", None)))
         if trainer.step >= trainer.total_steps:
             say(
                 f"the run is already at step {trainer.step} of {trainer.total_steps}: nothing left to train "

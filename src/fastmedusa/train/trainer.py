@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastmedusa.files import absolute_if_local
 from fastmedusa.model.medusa_model import decoder_hidden_states
 from fastmedusa.progress import Progress
 from fastmedusa.train import checkpoint as ckpt
@@ -536,9 +537,9 @@ def check_resumable(
     continues on 1 process with --batch-size 8 (the data position counts global batches)."""
     now = config.to_dict()
     changed = [
-        f"{k}: saved {saved.get(k, ADDED_FIELDS.get(k))!r}, now {now[k]!r}"
+        f"{k}: saved {resume_setting(saved, k)!r}, now {resume_setting(now, k)!r}"
         for k in RESUME_FIELDS
-        if k != "batch_size" and saved.get(k, ADDED_FIELDS.get(k)) != now[k]
+        if k != "batch_size" and resume_setting(saved, k) != resume_setting(now, k)
     ]
     saved_global, now_global = saved.get("batch_size", 0) * saved_world_size, config.batch_size * world_size
     if saved_global != now_global:
@@ -551,6 +552,14 @@ def check_resumable(
             f"{path} was written by a different run ({'; '.join(changed)}): resume with the same settings "
             "or pass another --output-dir"
         )
+
+
+def resume_setting(settings: dict, key: str) -> object:
+    """A setting as a resume compares it: a local --model path made absolute (from the directory resumed in),
+    however it was recorded (`train` records it absolute; an earlier version, or a Trainer built on a config
+    of its own, as typed)."""
+    value = settings.get(key, ADDED_FIELDS.get(key))
+    return absolute_if_local(value) if key == "model" and value is not None else value
 
 
 def _token_counts(micro: Sequence[Batch]) -> dict[str, int]:
