@@ -11,7 +11,8 @@ its row times the machinery, not a speed-up heads would give on real text.
 
 Variants (`--variants`, default all): `compiled`, the prompt's chunk step compiled like the decode steps
 (FASTMEDUSA_PREFILL_COMPILE=1); `captured`, the same step eager, captured in a CUDA graph (=0); `eager`,
-`generate(compile=False)`: no step compiled, each one eager and captured in a CUDA graph. `--baseline-src DIR`
+`generate(compile=False)`: no step compiled, each one eager and captured in a CUDA graph; `autotuned`, compiled
+with inductor's autotuning of pointwise kernels on (FASTMEDUSA_COMPILE_AUTOTUNE=1). `--baseline-src DIR`
 adds a variant that imports fastmedusa from DIR (an earlier checkout's src/) for a before/after.
 
     PYTHONPATH=src python3 bench/first_call.py --out first_call_h100.json
@@ -42,6 +43,7 @@ VARIANTS = {
     "captured": {"FASTMEDUSA_PREFILL_COMPILE": "0"},
     "eager": {"FIRST_CALL_COMPILE": "0"},
     "shared": {"FASTMEDUSA_BATCH_COMPILE": "shared"},  # with --batch: one dynamic-batch compile for every size
+    "autotuned": {"FASTMEDUSA_COMPILE_AUTOTUNE": "1"},  # inductor benchmarks each pointwise kernel's configs
 }
 PROMPT_LENGTHS = (16, 64, 128, 256, 512, 1024)
 MAX_LEN = 2048  # one engine for every call: no call rebuilds the cache or recompiles for a longer prompt

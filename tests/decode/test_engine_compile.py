@@ -280,3 +280,33 @@ def test_attention_gets_contiguous_mask_and_int32_ends(monkeypatch, compile):
     assert tree_tokens, "the verify passes ran the Triton kernel"
     assert all(contiguous for _, contiguous, _ in seen), "every launch got a contiguous mask"
     assert all(dtype == torch.int32 for dtype in op_ends), "the op is handed int32 ends, not converting them"
+
+
+def test_compiled_steps_skip_pointwise_autotuning(monkeypatch):
+    """Compiled steps pass inductor autotune_pointwise=False unless FASTMEDUSA_COMPILE_AUTOTUNE=1; other values
+    are refused with the setting named."""
+    from fastmedusa.decode import generate
+    from fastmedusa.decode.generate import step_compile_options
+
+    monkeypatch.delenv("FASTMEDUSA_COMPILE_AUTOTUNE", raising=False)
+    assert step_compile_options() == {"triton.autotune_pointwise": False}
+    monkeypatch.setenv("FASTMEDUSA_COMPILE_AUTOTUNE", "1")
+    assert step_compile_options() == {"triton.autotune_pointwise": True}
+    monkeypatch.setenv("FASTMEDUSA_COMPILE_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="FASTMEDUSA_COMPILE_AUTOTUNE='yes': use 0"):
+        step_compile_options()
+    monkeypatch.delenv("FASTMEDUSA_COMPILE_AUTOTUNE")
+    options = []
+    compile_fn = torch.compile
+
+    def recording_compile(fn, **kwargs):
+        options.append(kwargs.get("options"))
+        return compile_fn(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    model = random_medusa(tiny_llama(5))
+    ids = torch.randint(1, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    eager = generate(model, ids, max_new_tokens=5, medusa=True, compile=False)
+    compiled = generate(model, ids, max_new_tokens=5, medusa=True, compile=True)
+    assert options and all(o == {"triton.autotune_pointwise": False} for o in options)
+    assert torch.equal(compiled.sequences, eager.sequences)
