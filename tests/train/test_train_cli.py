@@ -187,3 +187,17 @@ def test_a_relative_model_path_is_recorded_absolute(tiny_model_dir, sharegpt_fil
     capsys.readouterr()
     assert main([*argv, "--model", tiny_model_dir.name, "--max-steps", "4", "--resume"]) == 0
     assert f"resumed from {checkpoint} at step 3/4" in capsys.readouterr().out
+
+
+def test_a_relative_data_path_is_recorded_absolute(tiny_model_dir, sharegpt_file, tmp_path, monkeypatch):
+    """`--data` typed relative is recorded absolute too: `eval` reads it back from train_config.json, and a
+    resume from another directory with the same file typed another way is the same run."""
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_dir), "--output-dir", str(out), "--num-heads", "1", "--seq-len", "64",
+            "--batch-size", "2", "--eval-size", "4", "--tree-prompts", "0", "--no-progress", "--no-plot",
+            "--device", "cpu"]  # fmt: skip
+    monkeypatch.chdir(sharegpt_file.parent)
+    assert main([*argv, "--data", sharegpt_file.name, "--max-steps", "2"]) == 0
+    assert json.loads((out / "train_config.json").read_text())["data"] == str(sharegpt_file.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--data", str(sharegpt_file.resolve()), "--max-steps", "3", "--resume"]) == 0

@@ -279,7 +279,7 @@ def train(config: TrainConfig, backend: SingleProcess | FSDPBackend | None = Non
     Under torchrun / accelerate launch (or with --fsdp) every process runs this with an FSDP2 backend;
     the process group is left at the end, also after an error."""
     config.torch_device()  # a bad --device fails before anything loads
-    config = with_model_found_anywhere(config)
+    config = with_paths_found_anywhere(config)
     owns_group = backend is None and not dist.is_initialized()
     ok = False
     try:
@@ -293,10 +293,12 @@ def train(config: TrainConfig, backend: SingleProcess | FSDPBackend | None = Non
             cleanup(wait=ok)
 
 
-def with_model_found_anywhere(config: TrainConfig) -> TrainConfig:
-    """`config` with a local --model made absolute (a hub id as it is): train_config.json, the checkpoints and
-    the heads' config.json record it, and a resume or a load from another directory must find it again."""
-    return config if config.model is None else replace(config, model=absolute_if_local(config.model))
+def with_paths_found_anywhere(config: TrainConfig) -> TrainConfig:
+    """`config` with a local --model and --data made absolute (a hub id as it is): train_config.json, the
+    checkpoints and the heads' config.json record them, and a resume, `eval` or a load from another directory
+    must find them again."""
+    found = {k: absolute_if_local(v) for k in ("model", "data") if (v := getattr(config, k)) is not None}
+    return replace(config, **found)
 
 
 def choose_backend(config: TrainConfig) -> SingleProcess | FSDPBackend:

@@ -555,11 +555,11 @@ def check_resumable(
 
 
 def resume_setting(settings: dict, key: str) -> object:
-    """A setting as a resume compares it: a local --model path made absolute (from the directory resumed in),
-    however it was recorded (`train` records it absolute; an earlier version, or a Trainer built on a config
-    of its own, as typed)."""
+    """A setting as a resume compares it: a local --model or --data path made absolute (from the directory
+    resumed in), however it was recorded (`train` records them absolute; an earlier version, or a Trainer built
+    on a config of its own, as typed)."""
     value = settings.get(key, ADDED_FIELDS.get(key))
-    return absolute_if_local(value) if key == "model" and value is not None else value
+    return absolute_if_local(value) if key in ("model", "data") and value is not None else value
 
 
 def _token_counts(micro: Sequence[Batch]) -> dict[str, int]:
