@@ -45,6 +45,7 @@ VARIANTS = {
     "shared": {"FASTMEDUSA_BATCH_COMPILE": "shared"},  # with --batch: one dynamic-batch compile for every size
     "autotuned": {"FASTMEDUSA_COMPILE_AUTOTUNE": "1"},  # inductor benchmarks each pointwise kernel's configs
 }
+SETTINGS = {name for variant in VARIANTS.values() for name in variant}  # set per variant, never inherited
 PROMPT_LENGTHS = (16, 64, 128, 256, 512, 1024)
 MAX_LEN = 2048  # one engine for every call: no call rebuilds the cache or recompiles for a longer prompt
 
@@ -138,8 +139,9 @@ def batch_calls(model, batch: int, dev: str, compile, timed) -> dict:
 def run_variant(name: str, env_extra: dict, src: str | None) -> dict:
     """One variant in a fresh process with empty compile caches (TorchInductor's and Triton's)."""
     with tempfile.TemporaryDirectory() as tmp:
+        inherited = {k: v for k, v in os.environ.items() if k not in SETTINGS}  # only the variant's own settings
         env = dict(
-            os.environ,
+            inherited,
             **env_extra,
             TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor",
             TRITON_CACHE_DIR=f"{tmp}/triton",

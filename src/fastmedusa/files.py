@@ -136,6 +136,19 @@ def refused_by_weights_only(err: BaseException) -> bool:
 
 def absolute_if_local(path: str | os.PathLike) -> str:
     """A path that exists here, made absolute (the same file however it is typed, found from any directory);
-    anything else (a hub id) as it is."""
+    anything else (a hub id, "") as it is."""
     local = Path(path).expanduser()
-    return str(local.resolve()) if local.exists() else str(path)
+    return str(local.resolve()) if str(path) and local.exists() else str(path)
+
+
+def input_path(kind: str, value: str | os.PathLike | None) -> str | None:
+    """A --model or --data value (`kind` "model" / "data") as runs record and compare it: None or a name of the
+    embedded default (DEFAULT_ALIASES, "" included) as it is, whatever the current directory holds; a local
+    path made absolute; a hub id as it is."""
+    from fastmedusa.data.sharegpt import DEFAULT_ALIASES as DATA_ALIASES
+    from fastmedusa.model.loading import DEFAULT_ALIASES as MODEL_ALIASES
+
+    aliases = MODEL_ALIASES if kind == "model" else DATA_ALIASES
+    if value is None or str(value).lower() in aliases:
+        return value
+    return absolute_if_local(value)

@@ -256,30 +256,22 @@ def test_attention_gets_contiguous_mask_and_int32_ends(monkeypatch, compile):
 
     monkeypatch.setenv("FASTMEDUSA_ATTENTION", "triton")
     monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", "8")
-    seen = []
-    launch = ta.launch_tree_attention
+    seen = []  # what the op itself is handed (its input check runs inside it, eager or compiled)
+    check = ta.check_tree_attention
 
-    def recording(q, k_cache, v_cache, mask, kv_end, out, *args, **kwargs):
+    def recording_check(q, k_cache, v_cache, mask, kv_end):
         seen.append((q.shape[1], mask.is_contiguous(), kv_end.dtype))
-        return launch(q, k_cache, v_cache, mask, kv_end, out, *args, **kwargs)
+        return check(q, k_cache, v_cache, mask, kv_end)
 
-    monkeypatch.setattr(ta, "launch_tree_attention", recording)
-    op_ends = []
-    op = ta.tree_attention
-
-    def op_recording(q, k_cache, v_cache, mask, kv_end):
-        op_ends.append(kv_end.dtype)
-        return op(q, k_cache, v_cache, mask, kv_end)
-
-    monkeypatch.setattr(ta, "tree_attention", op_recording if not compile else op)
+    monkeypatch.setattr(ta, "check_tree_attention", recording_check)
     model = random_medusa(tiny_llama(3))
     ids = torch.randint(1, 97, (1, 11), generator=torch.Generator().manual_seed(0))
-    out = generate(model, ids, max_new_tokens=6, medusa=True, tree=[[0], [1], [0, 0], [1, 0]], compile=compile)
+    tree = [[0], [1], [0, 0], [1, 0]]  # 4 nodes + the root: 5 tokens per verify pass
+    out = generate(model, ids, max_new_tokens=6, medusa=True, tree=tree, compile=compile)
     assert out.steps > 1
-    tree_tokens = {t for t, _, _ in seen if t > 1}
-    assert tree_tokens, "the verify passes ran the Triton kernel"
+    assert 5 in {tokens for tokens, _, _ in seen}, "the verify passes ran the Triton kernel"
     assert all(contiguous for _, contiguous, _ in seen), "every launch got a contiguous mask"
-    assert all(dtype == torch.int32 for dtype in op_ends), "the op is handed int32 ends, not converting them"
+    assert all(dtype == torch.int32 for _, _, dtype in seen), "the op is handed int32 ends, not converting them"
 
 
 def test_compiled_steps_skip_pointwise_autotuning(monkeypatch):
@@ -310,3 +302,12 @@ def test_compiled_steps_skip_pointwise_autotuning(monkeypatch):
     compiled = generate(model, ids, max_new_tokens=5, medusa=True, compile=True)
     assert options and all(o == {"triton.autotune_pointwise": False} for o in options)
     assert torch.equal(compiled.sequences, eager.sequences)
+
+
+def test_engine_refuses_more_rows_than_its_cache():
+    """The engine used directly (not through `generate`, which sizes it): a batch larger than the cache is one
+    clear error, not rows written over each other in cache row 0."""
+    engine = DecodeEngine(tiny_llama(3), 32, max_batch_size=1)
+    tokens, rows, _, mask = _inputs_batch(engine, 2, 3)
+    with pytest.raises(ValueError, match="2 rows for a KV cache of 1: build the engine with max_batch_size >= 2"):
+        engine(tokens, rows, rows, mask)

@@ -201,3 +201,34 @@ def test_a_relative_data_path_is_recorded_absolute(tiny_model_dir, sharegpt_file
     assert json.loads((out / "train_config.json").read_text())["data"] == str(sharegpt_file.resolve())
     monkeypatch.chdir(tmp_path)
     assert main([*argv, "--data", str(sharegpt_file.resolve()), "--max-steps", "3", "--resume"]) == 0
+
+
+def test_a_moved_data_file_resumes_and_aliases_stay_names(tiny_model_dir, sharegpt_file, tmp_path, monkeypatch):
+    """The recorded absolute --data does not pin a run to one directory: the same file moved elsewhere (same
+    fingerprint) resumes, a different file at the new path needs --allow-changed-data. Names of the embedded
+    default ("", "default", ...) stay names, whatever the current directory holds."""
+    import shutil
+
+    from fastmedusa.files import input_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()
+    assert (input_path("data", ""), input_path("model", ""), input_path("data", "default")) == ("", "", "default")
+    assert input_path("model", "org/some-model") == "org/some-model"
+
+    out, first = tmp_path / "run", tmp_path / "a" / "d.json"
+    first.parent.mkdir()
+    shutil.copy(sharegpt_file, first)
+    argv = ["train", "--model", str(tiny_model_dir), "--output-dir", str(out), "--num-heads", "1", "--seq-len", "64",
+            "--batch-size", "2", "--eval-size", "4", "--tree-prompts", "0", "--no-progress", "--no-plot",
+            "--device", "cpu"]  # fmt: skip
+    assert main([*argv, "--data", str(first), "--max-steps", "2"]) == 0
+    moved = tmp_path / "b" / "d.json"
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    assert main([*argv, "--data", str(moved), "--max-steps", "3", "--resume"]) == 0
+    records = json.loads(moved.read_text())
+    records[0]["conversations"][1]["value"] += " (edited)"
+    moved.write_text(json.dumps(records))
+    assert main([*argv, "--data", str(moved), "--max-steps", "4", "--resume"]) == 2
+    assert main([*argv, "--data", str(moved), "--max-steps", "4", "--resume", "--allow-changed-data"]) == 0

@@ -404,6 +404,10 @@ class DecodeEngine(nn.Module):
         Returns the final-normed hidden states (B, T, H).
         """
         bsz, seq = tokens.shape
+        if bsz > self.max_batch_size:
+            raise ValueError(
+                f"{bsz} rows for a KV cache of {self.max_batch_size}: build the engine with max_batch_size >= {bsz}"
+            )
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(tokens, self.embed)  # (B, T, H)
         cos = self.rope_cos[rope_pos][:, :, None, :]  # (B, T, 1, hd)

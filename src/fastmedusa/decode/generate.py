@@ -385,7 +385,7 @@ def _step_runner(
     FASTMEDUSA_CUDA_GRAPHS=compile the one compiled step serves both, so there a full batch may run the
     dynamic graph once compaction has compiled it.)"""
     cuda, graphs = engine.device.type == "cuda", cuda_graphs_mode()
-    key = ("runner", *key, compile, graphs)
+    key = ("runner", *key, compile, graphs, *(step_compile_options().items() if compile else ()))
     if key not in engine.compiled:
         step = build()
         compile_graphs = compile and cuda and graphs == "compile"
@@ -409,8 +409,8 @@ def _step_runner(
 
 
 def step_compile_options() -> dict:
-    """Inductor options of the compiled steps. Pointwise kernels are not autotuned (`FASTMEDUSA_COMPILE_AUTOTUNE=1`
-    turns it back on): a decode step's pointwise kernels are a few rows wide, where the first config is as good
+    """Inductor options of the compiled steps (not under FASTMEDUSA_CUDA_GRAPHS=compile, whose mode= excludes
+    options). Pointwise kernels are not autotuned (`FASTMEDUSA_COMPILE_AUTOTUNE=1` turns it back on): a decode step's pointwise kernels are a few rows wide, where the first config is as good
     as any, and benchmarking each config on first use lengthened first calls. On an H100 (SmolLM2-135M shape,
     empty caches, two pairs of fresh processes in alternating order) the first greedy call took 25.4 / 30.6 s
     against 27.9 / 36.3 s, the first Medusa call 12.2 / 15.2 s against 14.6 / 17.9 s, and 96 greedy steps

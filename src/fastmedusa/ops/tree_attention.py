@@ -340,8 +340,8 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, kv
     one opaque kernel launch inside compiled steps and CUDA graphs."""
     check_tree_attention(q, k_cache, v_cache, mask, kv_end)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ends = kv_end if kv_end.dtype == torch.int32 else kv_end.to(torch.int32)  # a conversion is one more kernel
-    return launch_tree_attention(q, k_cache, v_cache, mask, ends, out)
+    # int32 ends cost nothing here; callers pass them so (an int64 one is converted: one more kernel per call)
+    return launch_tree_attention(q, k_cache, v_cache, mask, kv_end.to(torch.int32), out)
 
 
 @tree_attention.register_fake

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fastmedusa.files import absolute_if_local
+from fastmedusa.files import input_path
 from fastmedusa.model.export import BACKBONE_NAME
 from fastmedusa.train import checkpoint as ckpt
 from fastmedusa.train.backend import SingleProcess
@@ -251,16 +251,18 @@ def input_fingerprints(config: TrainConfig, data_path: Path | str) -> dict:
 def check_resume_inputs(config: TrainConfig, world_size: int, inputs: dict) -> None:
     """Fail fast, before the model and data load: the newest checkpoint's settings (JSON only) and the
     fingerprints of the model and data files must match this run's (--allow-changed-data accepts new files)."""
-    from fastmedusa.train.trainer import ResumeMismatchError, check_resumable
+    from fastmedusa.train.trainer import ResumeMismatchError, check_resumable, same_inputs
 
     for _, path in reversed(ckpt.list_checkpoints(Path(config.output_dir).expanduser())):
         try:
             saved, info = ckpt.read_json(path / ckpt.TRAIN_CONFIG), ckpt.read_json(path / ckpt.RUN_INFO)
         except ckpt.CheckpointError:
             continue  # unreadable: Trainer.resume reports it and falls back to an older one
-        check_resumable(saved, config, path, info.get("world_size", 1), world_size)
+        saved_inputs = info.get("inputs") or {}
+        same = same_inputs(saved_inputs, inputs)
+        check_resumable(saved, config, path, info.get("world_size", 1), world_size, same_files=same)
         for key, flag in (("model", "--model"), ("data", "--data")):
-            then, now = (info.get("inputs") or {}).get(key), inputs.get(key)
+            then, now = saved_inputs.get(key), inputs.get(key)
             if then is None or now is None or then == now:
                 continue
             where = getattr(config, key) or "(the embedded default)"
@@ -294,11 +296,10 @@ def train(config: TrainConfig, backend: SingleProcess | FSDPBackend | None = Non
 
 
 def with_paths_found_anywhere(config: TrainConfig) -> TrainConfig:
-    """`config` with a local --model and --data made absolute (a hub id as it is): train_config.json, the
-    checkpoints and the heads' config.json record them, and a resume, `eval` or a load from another directory
-    must find them again."""
-    found = {k: absolute_if_local(v) for k in ("model", "data") if (v := getattr(config, k)) is not None}
-    return replace(config, **found)
+    """`config` with a local --model and --data made absolute (a hub id, or a name of the embedded default, as
+    it is): train_config.json, the checkpoints and the heads' config.json record them, and a resume, `eval` or
+    a load from another directory must find them again."""
+    return replace(config, **{k: input_path(k, getattr(config, k)) for k in ("model", "data")})
 
 
 def choose_backend(config: TrainConfig) -> SingleProcess | FSDPBackend:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastmedusa.files import absolute_if_local
+from fastmedusa.files import input_path
 from fastmedusa.model.medusa_model import decoder_hidden_states
 from fastmedusa.progress import Progress
 from fastmedusa.train import checkpoint as ckpt
@@ -325,7 +325,8 @@ class Trainer:
         """Refuse a checkpoint of another run from its JSON files alone, before any tensor is read."""
         saved = ckpt.read_json(path / ckpt.TRAIN_CONFIG)
         info = ckpt.read_json(path / ckpt.RUN_INFO)
-        check_resumable(saved, self.config, path, info.get("world_size", 1), self.backend.world_size)
+        same = same_inputs(info.get("inputs"), self.inputs)
+        check_resumable(saved, self.config, path, info.get("world_size", 1), self.backend.world_size, same)
         mine = model_shape(self.model)
         changed = [f"{k}: saved {v!r}, now {mine.get(k)!r}" for k, v in info.get("model_shape", {}).items()
                    if mine.get(k) != v]  # fmt: skip
@@ -529,17 +530,26 @@ def summary_lines(summary: dict) -> list[str]:
 
 
 def check_resumable(
-    saved: dict, config: TrainConfig, path: Path, saved_world_size: int = 1, world_size: int = 1
+    saved: dict,
+    config: TrainConfig,
+    path: Path,
+    saved_world_size: int = 1,
+    world_size: int = 1,
+    same_files: Sequence[str] = (),
 ) -> None:
     """A checkpoint continues only the run it came from: same model, data, shapes, seed and global batch.
 
     The global batch (--batch-size x processes) is what must match, so a run of 2 processes x 4 rows
-    continues on 1 process with --batch-size 8 (the data position counts global batches)."""
+    continues on 1 process with --batch-size 8 (the data position counts global batches). The model and data
+    are compared by path unless they moved: `same_files` names those ("model", "data") whose fingerprints
+    match the checkpoint's, and --allow-changed-data accepts any path (its files are then checked by
+    fingerprint, with a note where they changed)."""
     now = config.to_dict()
+    moved = set(INPUT_FIELDS) if config.allow_changed_data else set(same_files)
     changed = [
         f"{k}: saved {resume_setting(saved, k)!r}, now {resume_setting(now, k)!r}"
         for k in RESUME_FIELDS
-        if k != "batch_size" and resume_setting(saved, k) != resume_setting(now, k)
+        if k != "batch_size" and k not in moved and resume_setting(saved, k) != resume_setting(now, k)
     ]
     saved_global, now_global = saved.get("batch_size", 0) * saved_world_size, config.batch_size * world_size
     if saved_global != now_global:
@@ -548,10 +558,23 @@ def check_resumable(
             f"now {config.batch_size} x {world_size}"
         )
     if changed:
+        moved_hint = " (a moved model or data file: --allow-changed-data)" if any(
+            c.split(":")[0] in INPUT_FIELDS for c in changed
+        ) else ""
         raise ResumeMismatchError(
-            f"{path} was written by a different run ({'; '.join(changed)}): resume with the same settings "
-            "or pass another --output-dir"
+            f"{path} was written by a different run ({'; '.join(changed)}): resume with the same settings"
+            f"{moved_hint} or pass another --output-dir"
         )
+
+
+INPUT_FIELDS = ("model", "data")  # resume settings that name files
+
+
+def same_inputs(saved: dict | None, now: dict | None) -> list[str]:
+    """Of INPUT_FIELDS, those whose file fingerprints (saved with a checkpoint, and this run's) are known and
+    equal: the same file, wherever it now lies."""
+    saved, now = saved or {}, now or {}
+    return [k for k in INPUT_FIELDS if saved.get(k) is not None and saved[k] == now.get(k)]
 
 
 def resume_setting(settings: dict, key: str) -> object:
@@ -559,7 +582,7 @@ def resume_setting(settings: dict, key: str) -> object:
     resumed in), however it was recorded (`train` records them absolute; an earlier version, or a Trainer built
     on a config of its own, as typed)."""
     value = settings.get(key, ADDED_FIELDS.get(key))
-    return absolute_if_local(value) if key in ("model", "data") and value is not None else value
+    return input_path(key, value) if key in INPUT_FIELDS else value
 
 
 def _token_counts(micro: Sequence[Batch]) -> dict[str, int]:
