@@ -385,7 +385,8 @@ def _step_runner(
     FASTMEDUSA_CUDA_GRAPHS=compile the one compiled step serves both, so there a full batch may run the
     dynamic graph once compaction has compiled it.)"""
     cuda, graphs = engine.device.type == "cuda", cuda_graphs_mode()
-    key = ("runner", *key, compile, graphs, *(step_compile_options().items() if compile else ()))
+    settings = (tuple(step_compile_options().items()),) if compile else ()  # a changed setting compiles anew
+    key = ("runner", *key, *settings, compile, graphs)
     if key not in engine.compiled:
         step = build()
         compile_graphs = compile and cuda and graphs == "compile"
