@@ -156,3 +156,16 @@ def test_forward_checks_shapes_and_dtypes(tiny_llama):
         model(ids, labels=ids.float())
     with pytest.raises(ValueError, match="label 9999 is outside"):
         model(ids, labels=torch.full_like(ids, 9999))
+
+
+def test_recorded_base_name_keeps_names_of_the_embedded_model(tmp_path, monkeypatch):
+    """Heads record "embedded" for any name of the embedded model, even where the current directory holds a
+    folder of that name (the loader loads the embedded model for it); a local path absolute, a hub id as it is."""
+    from fastmedusa.model.medusa_model import recorded_base_name
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()
+    (tmp_path / "mine").mkdir()
+    assert [recorded_base_name(n) for n in (None, "", "default", "SmolLM2")] == ["embedded"] * 4
+    assert recorded_base_name("mine") == str((tmp_path / "mine").resolve())
+    assert recorded_base_name("org/some-model") == "org/some-model"

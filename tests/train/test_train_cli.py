@@ -232,3 +232,26 @@ def test_a_moved_data_file_resumes_and_aliases_stay_names(tiny_model_dir, shareg
     moved.write_text(json.dumps(records))
     assert main([*argv, "--data", str(moved), "--max-steps", "4", "--resume"]) == 2
     assert main([*argv, "--data", str(moved), "--max-steps", "4", "--resume", "--allow-changed-data"]) == 0
+
+
+def test_a_resume_compares_hub_ids_by_name_even_with_allow_changed_data(tmp_path):
+    """--allow-changed-data lets a local file lie at another path (its fingerprint is then compared), never a
+    hub id change: hub ids have no fingerprint, and another same-shaped model would continue silently."""
+    from pathlib import Path
+
+    from fastmedusa.train.trainer import ResumeMismatchError, check_resumable, known_inputs, same_inputs
+
+    saved = TrainConfig(model="org/model-a", data=str(tmp_path / "a.json")).to_dict()
+    fp_a, fp_b = {"a.json": "1:x"}, {"b.json": "1:x"}
+    now = TrainConfig(model="org/model-b", data=str(tmp_path / "b.json"), allow_changed_data=True)
+    saved_inputs, inputs = {"model": None, "data": fp_a}, {"model": None, "data": fp_b}
+    assert (known_inputs(saved_inputs, inputs), same_inputs(saved_inputs, inputs)) == (["data"], [])
+    with pytest.raises(ResumeMismatchError, match="model: saved 'org/model-a', now 'org/model-b'") as error:
+        check_resumable(saved, now, Path("ckpt"), same_files=[], known_files=["data"])
+    assert "data:" not in str(error.value) and "--allow-changed-data" not in str(error.value)
+    now.model = "org/model-a"  # the same hub id, the data file at another path: accepted under the flag
+    check_resumable(saved, now, Path("ckpt"), same_files=[], known_files=["data"])
+    now.allow_changed_data = False  # without it, only a file whose fingerprint matches may move
+    with pytest.raises(ResumeMismatchError, match=r"data: saved .*a\.json.*\(a moved model or data file"):
+        check_resumable(saved, now, Path("ckpt"), same_files=[], known_files=["data"])
+    assert known_inputs({"model": {}}, {"model": {}}) == []  # an empty fingerprint proves nothing

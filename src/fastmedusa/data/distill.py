@@ -47,7 +47,7 @@ from fastmedusa.data.sharegpt import (
     resolve_data_path,
 )
 from fastmedusa.dtypes import dtype_or_auto_arg
-from fastmedusa.files import absolute_if_local, make_parent_directory
+from fastmedusa.files import absolute_if_local, input_path, make_parent_directory
 from fastmedusa.progress import Progress
 
 DEFAULT_PROMPT_TOKENS = 1024
@@ -478,7 +478,7 @@ def check_same_settings(saved: dict, now: dict, output: str) -> None:
     """A resume continues the same run: every setting as it was, the same files (paths compared resolved)."""
     for key, value in now.items():
         then = saved.get(key)
-        if key in ("data", "model") and then is not None and value is not None and absolute_if_local(then) == value:
+        if key in ("data", "model") and then is not None and value is not None and input_path(key, then) == value:
             continue  # the same file, typed another way (a progress file of an earlier version kept it as typed)
         if key == "data_fingerprint":
             if then is not None and then != value:
@@ -591,7 +591,7 @@ def run_settings(config: DistillConfig, model, tokenizer) -> dict:
     settings = {key: getattr(config, key) for key in RESUME_SETTINGS}
     data = resolve_data_path(config.data)
     settings["data"] = absolute_if_local(data)
-    settings["model"] = absolute_if_local(config.model) if config.model is not None else None
+    settings["model"] = input_path("model", config.model)  # a name of the embedded model stays a name
     if Path(settings["data"]).is_file():  # a file replaced at the same path is another source
         from fastmedusa.train.checkpoint import fingerprint
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastmedusa.files import absolute_if_local
+from fastmedusa.files import input_path
 from fastmedusa.model.config import MedusaConfig
 from fastmedusa.model.export import (
     HEADS_WEIGHTS_NAME,
@@ -23,7 +23,7 @@ from fastmedusa.model.export import (
     write_heads,
 )
 from fastmedusa.model.heads import MedusaHeads, check_heads_fit_lm_head
-from fastmedusa.model.loading import check_has_lm_head, load_base_model
+from fastmedusa.model.loading import DEFAULT_ALIASES, check_has_lm_head, load_base_model
 
 __all__ = ["HEADS_WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "MedusaModel", "MedusaOutput", "decoder_hidden_states"]
 
@@ -78,9 +78,11 @@ def _medusa_config(config: object) -> MedusaConfig | None:
 
 
 def recorded_base_name(base_name_or_path: str | os.PathLike | None) -> str:
-    """What saved heads record as their base model: "embedded" for the SmolLM2 fastmedusa ships (as `train`
-    records it), a local path made absolute (so the heads find it from any directory), a hub id as it is."""
-    return "embedded" if base_name_or_path is None else absolute_if_local(base_name_or_path)
+    """What saved heads record as their base model: "embedded" for the SmolLM2 fastmedusa ships (None or any of
+    its names, as `train` records it), a local path made absolute (so the heads find it from any directory), a
+    hub id as it is."""
+    name = input_path("model", base_name_or_path)
+    return "embedded" if name is None or str(name).lower() in DEFAULT_ALIASES else name
 
 
 class MedusaModel(nn.Module):

@@ -56,7 +56,8 @@ HELP = {
     "resume": "continue exactly from the newest usable checkpoint in --output-dir",
     "overwrite": "start a new run in an --output-dir that holds an earlier one; its checkpoints and log are "
     "deleted once the model and data have loaded (without it such a directory is refused)",
-    "allow_changed_data": "resume although the --model weights or --data file changed since the checkpoint",
+    "allow_changed_data": "resume although the --model weights or --data file changed since the checkpoint, or a "
+    "local one now lies at another path (a hub id must stay the same)",
     "seed": "seed of the data split and order",
     "progress": "show progress bars",
     "plot": "draw curves.png at the end",

@@ -95,7 +95,7 @@ class TrainConfig:
     output_dir: str = "runs/medusa"
     resume: bool = False  # continue from the newest checkpoint in output_dir
     overwrite: bool = False  # start over in an output_dir holding an earlier run (deleted once inputs load)
-    allow_changed_data: bool = False  # resume although the model or data file at the same path changed
+    allow_changed_data: bool = False  # resume although the model or data file changed, or moved to another path
     seed: int = 0
     progress: bool = True  # tqdm bars
     plot: bool = True  # write curves.png at the end

@@ -325,8 +325,11 @@ class Trainer:
         """Refuse a checkpoint of another run from its JSON files alone, before any tensor is read."""
         saved = ckpt.read_json(path / ckpt.TRAIN_CONFIG)
         info = ckpt.read_json(path / ckpt.RUN_INFO)
-        same = same_inputs(info.get("inputs"), self.inputs)
-        check_resumable(saved, self.config, path, info.get("world_size", 1), self.backend.world_size, same)
+        saved_inputs = info.get("inputs")
+        check_resumable(
+            saved, self.config, path, info.get("world_size", 1), self.backend.world_size,
+            same_inputs(saved_inputs, self.inputs), known_inputs(saved_inputs, self.inputs),
+        )  # fmt: skip
         mine = model_shape(self.model)
         changed = [f"{k}: saved {v!r}, now {mine.get(k)!r}" for k, v in info.get("model_shape", {}).items()
                    if mine.get(k) != v]  # fmt: skip
@@ -536,16 +539,18 @@ def check_resumable(
     saved_world_size: int = 1,
     world_size: int = 1,
     same_files: Sequence[str] = (),
+    known_files: Sequence[str] = (),
 ) -> None:
     """A checkpoint continues only the run it came from: same model, data, shapes, seed and global batch.
 
     The global batch (--batch-size x processes) is what must match, so a run of 2 processes x 4 rows
     continues on 1 process with --batch-size 8 (the data position counts global batches). The model and data
     are compared by path unless they moved: `same_files` names those ("model", "data") whose fingerprints
-    match the checkpoint's, and --allow-changed-data accepts any path (its files are then checked by
-    fingerprint, with a note where they changed)."""
+    match the checkpoint's, and with --allow-changed-data any of `known_files` (fingerprints on both sides:
+    the caller notes a changed file) may lie at another path. A hub id, or a checkpoint without
+    fingerprints, is compared by path."""
     now = config.to_dict()
-    moved = set(INPUT_FIELDS) if config.allow_changed_data else set(same_files)
+    moved = set(same_files) | (set(known_files) if config.allow_changed_data else set())
     changed = [
         f"{k}: saved {resume_setting(saved, k)!r}, now {resume_setting(now, k)!r}"
         for k in RESUME_FIELDS
@@ -559,7 +564,7 @@ def check_resumable(
         )
     if changed:
         moved_hint = " (a moved model or data file: --allow-changed-data)" if any(
-            c.split(":")[0] in INPUT_FIELDS for c in changed
+            c.split(":")[0] in known_files for c in changed
         ) else ""
         raise ResumeMismatchError(
             f"{path} was written by a different run ({'; '.join(changed)}): resume with the same settings"
@@ -570,11 +575,16 @@ def check_resumable(
 INPUT_FIELDS = ("model", "data")  # resume settings that name files
 
 
-def same_inputs(saved: dict | None, now: dict | None) -> list[str]:
-    """Of INPUT_FIELDS, those whose file fingerprints (saved with a checkpoint, and this run's) are known and
-    equal: the same file, wherever it now lies."""
+def known_inputs(saved: dict | None, now: dict | None) -> list[str]:
+    """Of INPUT_FIELDS, those whose file fingerprints are known on both sides (saved with a checkpoint, and
+    this run's): local files, which a resume can compare by content; a hub id has none."""
     saved, now = saved or {}, now or {}
-    return [k for k in INPUT_FIELDS if saved.get(k) is not None and saved[k] == now.get(k)]
+    return [k for k in INPUT_FIELDS if saved.get(k) and now.get(k)]
+
+
+def same_inputs(saved: dict | None, now: dict | None) -> list[str]:
+    """Of `known_inputs`, those whose fingerprints are equal: the same file, wherever it now lies."""
+    return [k for k in known_inputs(saved, now) if saved[k] == now[k]]
 
 
 def resume_setting(settings: dict, key: str) -> object:
