@@ -204,8 +204,8 @@ def test_a_relative_data_path_is_recorded_absolute(tiny_model_dir, sharegpt_file
 
 
 def test_a_moved_data_file_resumes_and_aliases_stay_names(tiny_model_dir, sharegpt_file, tmp_path, monkeypatch):
-    """The recorded absolute --data does not pin a run to one directory: the same file moved elsewhere (same
-    fingerprint) resumes, a different file at the new path needs --allow-changed-data. Names of the embedded
+    """The recorded absolute --data does not pin a run to one directory: the same file moved and renamed (same
+    content) resumes, a different file at the new path needs --allow-changed-data. Names of the embedded
     default ("", "default", ...) stay names, whatever the current directory holds."""
     import shutil
 
@@ -223,7 +223,7 @@ def test_a_moved_data_file_resumes_and_aliases_stay_names(tiny_model_dir, shareg
             "--batch-size", "2", "--eval-size", "4", "--tree-prompts", "0", "--no-progress", "--no-plot",
             "--device", "cpu"]  # fmt: skip
     assert main([*argv, "--data", str(first), "--max-steps", "2"]) == 0
-    moved = tmp_path / "b" / "d.json"
+    moved = tmp_path / "b" / "renamed.json"  # moved and renamed: the same bytes
     moved.parent.mkdir()
     shutil.move(first, moved)
     assert main([*argv, "--data", str(moved), "--max-steps", "3", "--resume"]) == 0
@@ -242,7 +242,8 @@ def test_a_resume_compares_hub_ids_by_name_even_with_allow_changed_data(tmp_path
     from fastmedusa.train.trainer import ResumeMismatchError, check_resumable, known_inputs, same_inputs
 
     saved = TrainConfig(model="org/model-a", data=str(tmp_path / "a.json")).to_dict()
-    fp_a, fp_b = {"a.json": "1:x"}, {"b.json": "1:x"}
+    fp_a = {"a.json": {"size": 1, "sha256_first_last_mb": "x"}}
+    fp_b = {"b.json": {"size": 1, "sha256_first_last_mb": "y"}}  # another file's content
     now = TrainConfig(model="org/model-b", data=str(tmp_path / "b.json"), allow_changed_data=True)
     saved_inputs, inputs = {"model": None, "data": fp_a}, {"model": None, "data": fp_b}
     assert (known_inputs(saved_inputs, inputs), same_inputs(saved_inputs, inputs)) == (["data"], [])
@@ -255,3 +256,5 @@ def test_a_resume_compares_hub_ids_by_name_even_with_allow_changed_data(tmp_path
     with pytest.raises(ResumeMismatchError, match=r"data: saved .*a\.json.*\(a moved model or data file"):
         check_resumable(saved, now, Path("ckpt"), same_files=[], known_files=["data"])
     assert known_inputs({"model": {}}, {"model": {}}) == []  # an empty fingerprint proves nothing
+    renamed = {"data": {"c.json": fp_a["a.json"]}}  # the same bytes under another name: the same input
+    assert same_inputs({"data": fp_a}, renamed) == ["data"]

@@ -348,3 +348,15 @@ def fingerprint(path: str | os.PathLike) -> dict | None:
                 digest.update(f.read(_HASH_BLOCK))
         out[p.name] = {"size": size, "sha256_first_last_mb": digest.hexdigest()}
     return out
+
+
+def same_content(a: dict | None, b: dict | None) -> bool:
+    """Two known, non-empty fingerprints of the same bytes, whatever the files are named (a renamed or moved
+    file is the same input)."""
+    if not a or not b:
+        return False
+
+    def contents(fp: dict) -> list:
+        return sorted((e["size"], e["sha256_first_last_mb"]) for e in fp.values())
+
+    return contents(a) == contents(b)

@@ -265,7 +265,7 @@ def check_resume_inputs(config: TrainConfig, world_size: int, inputs: dict) -> N
         )  # fmt: skip
         for key, flag in (("model", "--model"), ("data", "--data")):
             then, now = saved_inputs.get(key), inputs.get(key)
-            if then is None or now is None or then == now:
+            if then is None or now is None or then == now or ckpt.same_content(then, now):
                 continue
             where = getattr(config, key) or "(the embedded default)"
             if not config.allow_changed_data:

@@ -583,8 +583,8 @@ def known_inputs(saved: dict | None, now: dict | None) -> list[str]:
 
 
 def same_inputs(saved: dict | None, now: dict | None) -> list[str]:
-    """Of `known_inputs`, those whose fingerprints are equal: the same file, wherever it now lies."""
-    return [k for k in known_inputs(saved, now) if saved[k] == now[k]]
+    """Of `known_inputs`, those of the same content: the same file, wherever it now lies and however named."""
+    return [k for k in known_inputs(saved, now) if ckpt.same_content(saved[k], now[k])]
 
 
 def resume_setting(settings: dict, key: str) -> object:
