@@ -411,8 +411,9 @@ def _step_runner(
 
 def step_compile_options() -> dict:
     """Inductor options of the compiled steps (not under FASTMEDUSA_CUDA_GRAPHS=compile, whose mode= excludes
-    options). Pointwise kernels are not autotuned (`FASTMEDUSA_COMPILE_AUTOTUNE=1` turns it back on): a decode step's pointwise kernels are a few rows wide, where the first config is as good
-    as any, and benchmarking each config on first use lengthened first calls. On an H100 (SmolLM2-135M shape,
+    options). Pointwise kernels are not autotuned (`FASTMEDUSA_COMPILE_AUTOTUNE=1` turns it back on): a decode
+    step's pointwise kernels are a few rows wide, where the first config is as good as any, and benchmarking
+    each config on first use lengthened first calls. On an H100 (SmolLM2-135M shape,
     empty caches, two pairs of fresh processes in alternating order) the first greedy call took 25.4 / 30.6 s
     against 27.9 / 36.3 s, the first Medusa call 12.2 / 15.2 s against 14.6 / 17.9 s, and 96 greedy steps
     85.7 / 87.4 ms against 86.8 / 86.9 ms."""
