@@ -248,13 +248,13 @@ def test_a_resume_compares_hub_ids_by_name_even_with_allow_changed_data(tmp_path
     saved_inputs, inputs = {"model": None, "data": fp_a}, {"model": None, "data": fp_b}
     assert (known_inputs(saved_inputs, inputs), same_inputs(saved_inputs, inputs)) == (["data"], [])
     with pytest.raises(ResumeMismatchError, match="model: saved 'org/model-a', now 'org/model-b'") as error:
-        check_resumable(saved, now, Path("ckpt"), same_files=[], known_files=["data"])
+        check_resumable(saved, now, Path("ckpt"), saved_inputs=saved_inputs, inputs=inputs)
     assert "data:" not in str(error.value) and "--allow-changed-data" not in str(error.value)
     now.model = "org/model-a"  # the same hub id, the data file at another path: accepted under the flag
-    check_resumable(saved, now, Path("ckpt"), same_files=[], known_files=["data"])
+    check_resumable(saved, now, Path("ckpt"), saved_inputs=saved_inputs, inputs=inputs)
     now.allow_changed_data = False  # without it, only a file whose fingerprint matches may move
     with pytest.raises(ResumeMismatchError, match=r"data: saved .*a\.json.*\(a moved model or data file"):
-        check_resumable(saved, now, Path("ckpt"), same_files=[], known_files=["data"])
+        check_resumable(saved, now, Path("ckpt"), saved_inputs=saved_inputs, inputs=inputs)
     assert known_inputs({"model": {}}, {"model": {}}) == []  # an empty fingerprint proves nothing
     renamed = {"data": {"c.json": fp_a["a.json"]}}  # the same bytes under another name: the same input
     assert same_inputs({"data": fp_a}, renamed) == ["data"]

@@ -385,8 +385,8 @@ def _step_runner(
     FASTMEDUSA_CUDA_GRAPHS=compile the one compiled step serves both, so there a full batch may run the
     dynamic graph once compaction has compiled it.)"""
     cuda, graphs = engine.device.type == "cuda", cuda_graphs_mode()
-    settings = (tuple(step_compile_options().items()),) if compile else ()  # a changed setting compiles anew
-    key = ("runner", *key, *settings, compile, graphs)
+    options = step_compile_options() if compile else {}
+    key = ("runner", *key, *((tuple(options.items()),) if options else ()), compile, graphs)  # new options: anew
     if key not in engine.compiled:
         step = build()
         compile_graphs = compile and cuda and graphs == "compile"
@@ -399,7 +399,6 @@ def _step_runner(
                 body, torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
             )
         elif compile:
-            options = step_compile_options()
             run_body = torch.compile(run_body, fullgraph=True, dynamic=False, options=options)
             compacted_body = torch.compile(_own_code(compacted_body), fullgraph=True, dynamic=False, options=options)
         engine.compiled[key] = StepRunner(

@@ -325,11 +325,9 @@ class Trainer:
         """Refuse a checkpoint of another run from its JSON files alone, before any tensor is read."""
         saved = ckpt.read_json(path / ckpt.TRAIN_CONFIG)
         info = ckpt.read_json(path / ckpt.RUN_INFO)
-        saved_inputs = info.get("inputs")
         check_resumable(
-            saved, self.config, path, info.get("world_size", 1), self.backend.world_size,
-            same_inputs(saved_inputs, self.inputs), known_inputs(saved_inputs, self.inputs),
-        )  # fmt: skip
+            saved, self.config, path, info.get("world_size", 1), self.backend.world_size, info.get("inputs"), self.inputs
+        )
         mine = model_shape(self.model)
         changed = [f"{k}: saved {v!r}, now {mine.get(k)!r}" for k, v in info.get("model_shape", {}).items()
                    if mine.get(k) != v]  # fmt: skip
@@ -538,19 +536,20 @@ def check_resumable(
     path: Path,
     saved_world_size: int = 1,
     world_size: int = 1,
-    same_files: Sequence[str] = (),
-    known_files: Sequence[str] = (),
+    saved_inputs: dict | None = None,
+    inputs: dict | None = None,
 ) -> None:
     """A checkpoint continues only the run it came from: same model, data, shapes, seed and global batch.
 
     The global batch (--batch-size x processes) is what must match, so a run of 2 processes x 4 rows
     continues on 1 process with --batch-size 8 (the data position counts global batches). The model and data
-    are compared by path unless they moved: `same_files` names those ("model", "data") whose fingerprints
-    match the checkpoint's, and with --allow-changed-data any of `known_files` (fingerprints on both sides:
-    the caller notes a changed file) may lie at another path. A hub id, or a checkpoint without
+    are compared by path unless they moved: a file whose fingerprint (`inputs`, this run's; `saved_inputs`, the
+    checkpoint's) shows the same content may lie at another path, and with --allow-changed-data any local file
+    (fingerprints on both sides: the caller notes a changed one). A hub id, or a checkpoint without
     fingerprints, is compared by path."""
     now = config.to_dict()
-    moved = set(same_files) | (set(known_files) if config.allow_changed_data else set())
+    known_files = known_inputs(saved_inputs, inputs)
+    moved = set(known_files if config.allow_changed_data else same_inputs(saved_inputs, inputs))
     changed = [
         f"{k}: saved {resume_setting(saved, k)!r}, now {resume_setting(now, k)!r}"
         for k in RESUME_FIELDS
