@@ -9,8 +9,10 @@ After that, warm calls time the prompt's pass alone (`max_new_tokens=1`, median 
 copies of the LM head and the random model's output repeats, so Medusa accepts several tokens per step here:
 its row times the machinery, not a speed-up heads would give on real text.
 
-Variants (`--variants`, default all): `compiled`, the prompt's chunk step compiled like the decode steps
-(FASTMEDUSA_PREFILL_COMPILE=1); `captured`, the same step eager, captured in a CUDA graph (=0); `eager`,
+Variants (`--variants`, default all): `default`, the library's defaults (FASTMEDUSA_PREFILL_COMPILE=auto: the
+prompt's chunk step runs eagerly, captured in a CUDA graph, until 4,096 chunks have run, then compiles);
+`compiled`, the chunk step compiled on first use like the decode steps (=1); `captured`, the chunk step never
+compiled (=0); `eager`,
 `generate(compile=False)`: no step compiled, each one eager and captured in a CUDA graph; `autotuned`, compiled
 with inductor's autotuning of pointwise kernels on (FASTMEDUSA_COMPILE_AUTOTUNE=1). `--baseline-src DIR`
 adds a variant that imports fastmedusa from DIR (an earlier checkout's src/) for a before/after.
@@ -22,6 +24,9 @@ adds a variant that imports fastmedusa from DIR (an earlier checkout's src/) for
 `--batch B` (B > 1): each mode's first call at batch B with 256 new tokens (Medusa rows end apart, so the batch
 compacts), then warm calls of the same size; variant `shared` compiles one dynamic-batch step for the full batch
 and its compacted sizes (FASTMEDUSA_BATCH_COMPILE=shared) instead of a static one plus a dynamic one.
+
+`--first MODE [MODE ...]` (greedy, medusa, typical; default greedy): the mode whose call comes first in each
+process, so that it pays every compile a cold machine needs for it; one process per variant and first mode.
 
 Writes the JSON and a PNG beside it. Without CUDA it runs a 2-layer fp32 model as a smoke test.
 """
@@ -39,6 +44,7 @@ from functools import partial
 from pathlib import Path
 
 VARIANTS = {
+    "default": {},  # FASTMEDUSA_PREFILL_COMPILE unset: auto
     "compiled": {"FASTMEDUSA_PREFILL_COMPILE": "1"},
     "captured": {"FASTMEDUSA_PREFILL_COMPILE": "0"},
     "eager": {"FIRST_CALL_COMPILE": "0"},
@@ -87,12 +93,15 @@ def child() -> dict:
     ids = torch.randint(1, 49152, (1, 100), device=dev)
     kw = dict(max_new_tokens=64, max_len=MAX_LEN, seed=0, compile=compile)
     result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
-    result["first_greedy_s"] = timed(lambda: generate(model, ids, medusa=False, **kw))
-    result["second_greedy_s"] = timed(lambda: generate(model, ids, medusa=False, **kw))
-    result["first_medusa_s"] = timed(lambda: generate(model, ids, tree="mc_sim_7b_63", **kw))
-    result["first_typical_s"] = timed(
-        lambda: generate(model, ids, tree="mc_sim_7b_63", temperature=0.7, **kw)
-    )
+    calls = {
+        "greedy": partial(generate, model, ids, medusa=False, **kw),
+        "medusa": partial(generate, model, ids, tree="mc_sim_7b_63", **kw),
+        "typical": partial(generate, model, ids, tree="mc_sim_7b_63", temperature=0.7, **kw),
+    }
+    result["first_mode"] = first_mode()
+    for mode in mode_order(list(calls)):
+        result[f"first_{mode}_s"] = timed(calls[mode])
+    result["second_greedy_s"] = timed(calls["greedy"])
     prefill = {}
     for length in PROMPT_LENGTHS:
         prompt = torch.randint(1, 49152, (1, length), device=dev)
@@ -109,6 +118,16 @@ def child() -> dict:
     return result
 
 
+def first_mode() -> str:
+    return os.environ.get("FIRST_CALL_FIRST", "greedy")
+
+
+def mode_order(modes: list[str]) -> list[str]:
+    """`modes` with the process's first mode (`--first`) moved to the front."""
+    first = first_mode()
+    return sorted(modes, key=lambda mode: mode != first)  # stable: the rest keep their order
+
+
 def batch_calls(model, batch: int, dev: str, compile, timed) -> dict:
     """At batch > 1: each mode's first call (256 new tokens, so that Medusa rows end apart and the batch
     compacts), then warm calls of the same size (median of 3), and which step shapes ran."""
@@ -121,9 +140,9 @@ def batch_calls(model, batch: int, dev: str, compile, timed) -> dict:
     mask = torch.ones_like(ids)
     kw = dict(attention_mask=mask, max_new_tokens=256, max_len=MAX_LEN, seed=0, compile=compile)
     modes = {"greedy": dict(medusa=False), "medusa": dict(tree="mc_sim_7b_63")}
-    out: dict = {"batch": batch}
-    for name, extra in modes.items():
-        out[f"first_{name}_s"] = round(timed(partial(generate, model, ids, **extra, **kw)), 2)
+    out: dict = {"batch": batch, "first_mode": first_mode()}
+    for name in mode_order(list(modes)):
+        out[f"first_{name}_s"] = round(timed(partial(generate, model, ids, **modes[name], **kw)), 2)
     for name, extra in modes.items():
         calls = sorted(timed(partial(generate, model, ids, **extra, **kw)) for _ in range(3))
         out[f"{name}_256_tokens_ms"] = round(calls[1] * 1e3, 2)
@@ -136,13 +155,15 @@ def batch_calls(model, batch: int, dev: str, compile, timed) -> dict:
     return out
 
 
-def run_variant(name: str, env_extra: dict, src: str | None) -> dict:
-    """One variant in a fresh process with empty compile caches (TorchInductor's and Triton's)."""
+def run_variant(name: str, env_extra: dict, src: str | None, first: str = "greedy") -> dict:
+    """One variant in a fresh process with empty compile caches (TorchInductor's and Triton's), its first
+    call in mode `first`."""
     with tempfile.TemporaryDirectory() as tmp:
         inherited = {k: v for k, v in os.environ.items() if k not in SETTINGS}  # only the variant's own settings
         env = dict(
             inherited,
             **env_extra,
+            FIRST_CALL_FIRST=first,
             TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor",
             TRITON_CACHE_DIR=f"{tmp}/triton",
         )
@@ -160,6 +181,8 @@ def run_variant(name: str, env_extra: dict, src: str | None) -> dict:
             "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed",
         }
     row = json.loads(proc.stdout.strip().splitlines()[-1])
+    if first != "greedy":
+        name = f"{name}, {first} first"
     return {"variant": name, **env_extra, "src": src, "process_s": round(wall, 1), **row}
 
 
@@ -225,6 +248,10 @@ def main() -> None:
     p.add_argument(
         "--baseline-src", default=None, help="also run fastmedusa imported from this src/ directory"
     )
+    p.add_argument(
+        "--first", nargs="+", choices=["greedy", "medusa", "typical"], default=["greedy"],
+        help="the mode called first in each process (one process per variant and mode)",
+    )
     p.add_argument("--batch", type=int, default=1, help="rows per call (above 1: first and warm batch calls)")
     p.add_argument("--out", type=Path, default=Path("first_call.json"))
     p.add_argument("--plot", type=Path, default=None, help="only redraw the chart of this JSON file")
@@ -237,9 +264,10 @@ def main() -> None:
     if args.baseline_src:
         rows.append(run_variant("previous code", {}, args.baseline_src))
         print(rows[-1], flush=True)
-    for name in args.variants:
-        rows.append(run_variant(name, VARIANTS[name], None))
-        print(rows[-1], flush=True)
+    for first in args.first:
+        for name in args.variants:
+            rows.append(run_variant(name, VARIANTS[name], None, first))
+            print(rows[-1], flush=True)
     good = [r for r in rows if "error" not in r]
     result = dict(
         device=good[0]["device"] if good else "unknown", torch=good[0]["torch"] if good else None,

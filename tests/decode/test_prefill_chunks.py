@@ -1,6 +1,8 @@
 """The prompt goes through the cache in chunks of a static shape (left-padded to a multiple of the chunk):
 every chunk size, every prompt length and every attention layout gives HF's own greedy tokens (fp32)."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import VOCAB, BatchOracleHeads, OracleHeads, hf_greedy, left_pad, random_medusa, tiny_llama
@@ -166,16 +168,44 @@ def test_a_tree_past_the_position_limit_is_a_clear_error():
 
 
 def test_prefill_compile_setting(monkeypatch):
-    """FASTMEDUSA_PREFILL_COMPILE is 1 by default; 0 keeps the chunk step eager; anything else is refused."""
-    from fastmedusa.decode.generate import prefill_compiled
+    """FASTMEDUSA_PREFILL_COMPILE is auto by default (compile once PREFILL_COMPILE_AFTER chunks ran eagerly);
+    1 compiles on first use, 0 never; anything else is refused with the accepted values."""
+    from fastmedusa.decode.generate import PREFILL_COMPILE_AFTER, prefill_compiled
 
     monkeypatch.delenv("FASTMEDUSA_PREFILL_COMPILE", raising=False)
-    assert prefill_compiled()
+    assert not prefill_compiled(0)
+    assert not prefill_compiled(PREFILL_COMPILE_AFTER - 1)
+    assert prefill_compiled(PREFILL_COMPILE_AFTER)
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_COMPILE", "1")
+    assert prefill_compiled(0)
     monkeypatch.setenv("FASTMEDUSA_PREFILL_COMPILE", "0")
-    assert not prefill_compiled()
+    assert not prefill_compiled(10 * PREFILL_COMPILE_AFTER)
     monkeypatch.setenv("FASTMEDUSA_PREFILL_COMPILE", "yes")
-    with pytest.raises(ValueError, match="FASTMEDUSA_PREFILL_COMPILE='yes': use 1"):
-        prefill_compiled()
+    with pytest.raises(ValueError, match="FASTMEDUSA_PREFILL_COMPILE='yes': use auto .* 1 .* or 0"):
+        prefill_compiled(0)
+
+
+def test_auto_prefill_compiles_once_enough_chunks_ran_eagerly(monkeypatch):
+    """By default the chunk step starts eager and the engine counts its chunks; the first call after the count
+    reaches the threshold compiles the step. Tokens are HF's before and after the switch."""
+    gen_module = importlib.import_module("fastmedusa.decode.generate")  # the package exports a function so named
+
+    monkeypatch.setenv("FASTMEDUSA_PREFILL_CHUNK", "8")
+    monkeypatch.delenv("FASTMEDUSA_PREFILL_COMPILE", raising=False)
+    monkeypatch.setattr(gen_module, "PREFILL_COMPILE_AFTER", 3)
+    model = tiny_llama(16)
+    p = prompts_of([11], seed=3)[0]  # 2 chunks of 8 after left padding
+    want = hf_greedy(model, p, 5)[0, 11:].tolist()
+    out = generate(model, p, max_new_tokens=5, medusa=False, max_len=64, compile=True)
+    assert new_tokens(out, 0) == want
+    engine = model.__dict__["_fastmedusa_engine"]
+    assert engine.eager_prefill_chunks == 2
+    assert not any(k[:2] == ("runner", "prefill") and True in k for k in engine.compiled)  # not compiled yet
+    assert new_tokens(generate(model, p, max_new_tokens=5, medusa=False, max_len=64, compile=True), 0) == want
+    assert engine.eager_prefill_chunks == 4  # the threshold (3) is now passed: the next call compiles
+    assert new_tokens(generate(model, p, max_new_tokens=5, medusa=False, max_len=64, compile=True), 0) == want
+    assert engine.eager_prefill_chunks == 4  # compiled chunks are not counted
+    assert any(k[:3] == ("runner", "prefill", 8) and k[-2:] == (True, "step") for k in engine.compiled)
 
 
 def test_uncompiled_prefill_under_compiled_steps_gives_the_same_tokens(monkeypatch):

@@ -347,6 +347,7 @@ class DecodeEngine(nn.Module):
         rows = torch.arange(self.max_batch_size, device=self.device)[:, None]
         self.register_buffer("batch_rows", rows, persistent=False)  # the cache row of each batch row
         self.compiled: dict[object, object] = {}  # step functions, compiled once per shape/tree
+        self.eager_prefill_chunks = 0  # prefill chunk steps run uncompiled (FASTMEDUSA_PREFILL_COMPILE=auto)
         self.regional = regional_compile()  # read once, when the engine is built (`get_engine` keeps it)
         attention_shape = (self.num_heads, self.num_kv_heads, self.head_dim, self.max_len)
         self.attention = attention_layout(self.device, self.dtype, attention_shape)  # read once, like `regional`

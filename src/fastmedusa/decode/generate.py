@@ -755,7 +755,7 @@ def generate(
     if compact is None:
         compact = ids.shape[0] >= 4 and (eos_ids is not None or tree_buffers is not None)
     graphs = cuda_graphs_mode()
-    compile_prompt = prefill_compiled()  # read, and checked, on every call, not only where chunks compile
+    compile_prompt = prefill_compiled(engine.eager_prefill_chunks)  # read, and checked, on every call
     compile_prompt = compile and (compile_prompt or graphs == "compile")
     on_cuda = engine.device.type == "cuda"
     chunk = prefill_chunk(captured=on_cuda and (graphs == "step" or (graphs == "compile" and compile)))
@@ -848,15 +848,27 @@ def prefill_chunk(captured: bool = True) -> int:
     return chunk
 
 
-def prefill_compiled() -> bool:
-    """Whether steps that compile also compile the prefill chunk step (`FASTMEDUSA_PREFILL_COMPILE`, "1" or
-    "0"; default "1"). Not compiled, the chunk step is the eager forward captured in a CUDA graph, like a
-    compiled one (under FASTMEDUSA_CUDA_GRAPHS=compile, only a compiled step is captured: it stays compiled).
-    The trade: one compile less on a call's first use against a slower pass over the prompt."""
-    raw = os.environ.get("FASTMEDUSA_PREFILL_COMPILE", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"FASTMEDUSA_PREFILL_COMPILE={raw!r}: use 1 (compile the prefill step) or 0 (run it eagerly)")
-    return raw == "1"
+PREFILL_COMPILE_AFTER = 4096  # eager chunk steps an engine runs before its prefill step compiles ("auto")
+
+
+def prefill_compiled(eager_chunks: int = 0) -> bool:
+    """Whether steps that compile also compile the prefill chunk step now (`FASTMEDUSA_PREFILL_COMPILE`):
+    "1" on first use, "0" never (the eager forward captured in a CUDA graph), "auto" (the default) once the
+    engine has run `PREFILL_COMPILE_AFTER` chunk steps eagerly (`eager_chunks`). Under
+    FASTMEDUSA_CUDA_GRAPHS=compile only a compiled step is captured, so there the step always compiles.
+
+    Why "auto": the compile is paid once, the eager step's cost on every chunk. On an H100 (SmolLM2-135M,
+    bench/results/first_call_h100) compiling the chunk step added 8-12 s to a cold first call and saved about
+    2.2 ms per 64-token chunk afterwards, so it pays after 3,500-5,500 chunks. Renting until the rent equals
+    the price, then buying, never costs more than twice the best choice made knowing the future; and no first
+    call of a mode waits for two compiles (prefill and step) at once."""
+    raw = os.environ.get("FASTMEDUSA_PREFILL_COMPILE", "auto")
+    if raw not in ("auto", "0", "1"):
+        raise ValueError(
+            f"FASTMEDUSA_PREFILL_COMPILE={raw!r}: use auto (the default: compile the prefill step once "
+            f"{PREFILL_COMPILE_AFTER} chunks have run eagerly), 1 (compile it on first use) or 0 (never)"
+        )
+    return eager_chunks >= PREFILL_COMPILE_AFTER if raw == "auto" else raw == "1"
 
 
 def pad_to_chunks(ids: torch.Tensor, offsets: torch.Tensor, chunk: int, room: int):
@@ -921,6 +933,8 @@ def _prompt_through_cache(engine, ids, offsets, chunk: int, compile: bool) -> to
             state["tokens"].copy_(ids[:, begin : begin + chunk])
             state["start"].fill_(begin)
         runner.run(bsz)
+    if not compile:
+        engine.eager_prefill_chunks += length // chunk
     return state["hidden"].clone()
 
 

@@ -243,7 +243,7 @@ def generate_many(
     eos_ids = _eos_tensor(eos_token_id, engine.device, engine.vocab_size)
     pad_id = _pad_id(pad_token_id, eos_ids)
     seeds = row_seeds(seed, len(ids_list), engine.device)
-    compile_prompt = compile and (prefill_compiled() or graphs == "compile")
+    prefill_compiled(0)  # a bad FASTMEDUSA_PREFILL_COMPILE fails here, before any work
     runner = decode_runner(
         engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, pad_id, compile
     )
@@ -255,6 +255,7 @@ def generate_many(
         ids, pads = _left_pad(chosen, engine.device)
         run_ids, run_pads, chunked = pad_to_chunks(ids, pads, chunk, engine.max_len - ids.shape[1] - max_new_tokens - slack)
         row_seed = seeds[torch.tensor([p if p is not None else 0 for p in batch], device=engine.device)]
+        compile_prompt = compile and (prefill_compiled(engine.eager_prefill_chunks) or graphs == "compile")
         values = _prefill(engine, run_ids, run_pads, row_seed, max_new_tokens, temperature, eos_ids,
                           chunk if chunked else 0, compile_prompt)  # fmt: skip
         idle = torch.tensor([p is None for p in batch], device=engine.device)
