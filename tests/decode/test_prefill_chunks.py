@@ -2,6 +2,7 @@
 every chunk size, every prompt length and every attention layout gives HF's own greedy tokens (fp32)."""
 
 import importlib
+import logging
 
 import pytest
 import torch
@@ -185,7 +186,7 @@ def test_prefill_compile_setting(monkeypatch):
         prefill_compiled(0)
 
 
-def test_auto_prefill_compiles_once_enough_chunks_ran_eagerly(monkeypatch):
+def test_auto_prefill_compiles_once_enough_chunks_ran_eagerly(monkeypatch, caplog):
     """By default the chunk step starts eager and the engine counts its chunks; the first call after the count
     reaches the threshold compiles the step. Tokens are HF's before and after the switch."""
     gen_module = importlib.import_module("fastmedusa.decode.generate")  # the package exports a function so named
@@ -203,7 +204,9 @@ def test_auto_prefill_compiles_once_enough_chunks_ran_eagerly(monkeypatch):
     assert not any(k[:2] == ("runner", "prefill") and True in k for k in engine.compiled)  # not compiled yet
     assert new_tokens(generate(model, p, max_new_tokens=5, medusa=False, max_len=64, compile=True), 0) == want
     assert engine.eager_prefill_chunks == 4  # the threshold (3) is now passed: the next call compiles
-    assert new_tokens(generate(model, p, max_new_tokens=5, medusa=False, max_len=64, compile=True), 0) == want
+    with caplog.at_level(logging.INFO, logger="fastmedusa.decode.generate"):
+        assert new_tokens(generate(model, p, max_new_tokens=5, medusa=False, max_len=64, compile=True), 0) == want
+    assert "the prefill step compiles on its first run" in caplog.text  # a user can tell why this call is slow
     assert engine.eager_prefill_chunks == 4  # compiled chunks are not counted
     assert any(k[:3] == ("runner", "prefill", 8) and k[-2:] == (True, "step") for k in engine.compiled)
 

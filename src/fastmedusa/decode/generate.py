@@ -31,6 +31,7 @@ would add the LM head's fp32 read to every step, so the engine keeps the model d
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import operator
@@ -54,6 +55,8 @@ from fastmedusa.model.heads import MedusaHeads, check_draft_k
 
 TreeSpec = str | os.PathLike | Sequence[Sequence[int]] | None
 SeedSpec = int | Sequence[int] | torch.Tensor | None
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -393,6 +396,7 @@ def _step_runner(
         run_body = compacted_body = partial(body, step)
         if compile:
             _allow_recompiles()
+            logger.info("the %s step compiles on its first run (once per engine and batch size)", key[1])
         if compile_graphs:  # one compiled step for every size, as run on a GPU with its tests
             _mark_static([*engine.buffers(), *getattr(step, "static_tensors", [])])
             run_body = compacted_body = partial(
