@@ -152,3 +152,10 @@ def input_path(kind: str, value: str | os.PathLike | None) -> str | None:
     if value is None or str(value).lower() in aliases:
         return value
     return absolute_if_local(value)
+
+
+def shared_name(value: str | os.PathLike) -> str:
+    """How heads meant to be shared name an input they only describe (their training data): a local file or
+    directory by its name, without the machine's directories; a hub id or dataset name as it is."""
+    local = Path(value).expanduser()
+    return local.name if str(value) and local.exists() else str(value)

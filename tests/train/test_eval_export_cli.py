@@ -36,6 +36,15 @@ def test_no_plot_run_prints_no_curves_path(run_dir):
     assert not (run_dir / "curves.png").exists()
 
 
+def test_heads_name_their_data_file_without_this_machines_directories(run_dir):
+    """The heads' config.json (and so the exported model card) names the data file; the run's own
+    train_config.json keeps the full path, which resuming compares."""
+    training = json.loads((run_dir / "heads" / "config.json").read_text())["training"]
+    assert training["data"] == "sharegpt.json"
+    saved = json.loads((run_dir / "train_config.json").read_text())
+    assert saved["data"].endswith("/sharegpt.json") and saved["data"] != "sharegpt.json"
+
+
 def test_eval_uses_the_runs_split_and_agrees_with_training(run_dir, capsys):
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--prompts", "2", "--new-tokens", "8", "--device", "cpu"]) == 0

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fastmedusa.files import input_path
+from fastmedusa.files import input_path, shared_name
 from fastmedusa.model.export import BACKBONE_NAME
 from fastmedusa.train import checkpoint as ckpt
 from fastmedusa.train.backend import SingleProcess
@@ -463,7 +463,7 @@ def export_heads(
     training = {
         "stage": config.stage,
         "steps": (summary or {}).get("steps", config.max_steps),
-        "data": config.data or "embedded ShareGPT",
+        "data": shared_name(config.data) if config.data else "embedded ShareGPT",  # train_config.json keeps the path
         "seq_len": config.seq_len,
         "loss": config.loss,
         **({"backbone": BACKBONE_DIR} if backbone is not None else {}),
