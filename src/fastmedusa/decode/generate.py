@@ -861,9 +861,10 @@ def prefill_compiled(eager_chunks: int = 0) -> bool:
     engine has run `PREFILL_COMPILE_AFTER` chunk steps eagerly (`eager_chunks`). Under
     FASTMEDUSA_CUDA_GRAPHS=compile only a compiled step is captured, so there the step always compiles.
 
-    Why "auto": the compile is paid once, the eager step's cost on every chunk. On an H100 (SmolLM2-135M,
-    bench/results/first_call_h100) compiling the chunk step added 8-12 s to a cold first call and saved about
-    2.2 ms per 64-token chunk afterwards, so it pays after 3,500-5,500 chunks. Renting until the rent equals
+    Why "auto": the compile is paid once, the eager step's cost on every chunk. On H100s (SmolLM2-135M,
+    bench/results/first_call_h100 and decode_real_heads_auto_prefill_h100) compiling the chunk step added
+    7-12 s to a cold first call and saved about 2.2 ms per 64-token chunk afterwards, so it pays after
+    3,400-5,500 chunks. Renting until the rent equals
     the price, then buying, never costs more than twice the best choice made knowing the future; and no first
     call of a mode waits for two compiles (prefill and step) at once."""
     raw = os.environ.get("FASTMEDUSA_PREFILL_COMPILE", "auto")
