@@ -2,8 +2,9 @@
 
 A SmolLM2-135M-shaped Llama with random weights and 4 fresh heads, bf16, CUDA graphs (step time and compile time
 do not depend on weight values). Each variant runs in a fresh Python process with empty TorchInductor and Triton
-caches, as on a machine that never ran fastmedusa: its first greedy call compiles the prompt's chunk step and
-the greedy step and builds every Triton kernel; the first Medusa and typical calls then compile their own steps.
+caches, as on a machine that never ran fastmedusa: its first call (greedy unless `--first`) builds every Triton
+kernel and compiles its own step (and the prompt's chunk step, where the variant compiles that on first use);
+the other modes' first calls then compile their own steps.
 After that, warm calls time the prompt's pass alone (`max_new_tokens=1`, median of 9 calls) for prompts of
 16-1024 tokens, and a 64-token generation from a 100-token prompt, greedy and Medusa. Fresh heads start as
 copies of the LM head and the random model's output repeats, so Medusa accepts several tokens per step here:
