@@ -251,7 +251,7 @@ def input_fingerprints(config: TrainConfig, data_path: Path | str) -> dict:
 def check_resume_inputs(config: TrainConfig, world_size: int, inputs: dict) -> None:
     """Fail fast, before the model and data load: the newest checkpoint's settings (JSON only) and the
     fingerprints of the model and data files must match this run's (--allow-changed-data accepts new files)."""
-    from fastmedusa.train.trainer import ResumeMismatchError, check_resumable
+    from fastmedusa.train.trainer import ResumeMismatchError, check_resumable, known_inputs, same_inputs
 
     for _, path in reversed(ckpt.list_checkpoints(Path(config.output_dir).expanduser())):
         try:
@@ -260,9 +260,9 @@ def check_resume_inputs(config: TrainConfig, world_size: int, inputs: dict) -> N
             continue  # unreadable: Trainer.resume reports it and falls back to an older one
         saved_inputs = info.get("inputs") or {}
         check_resumable(saved, config, path, info.get("world_size", 1), world_size, saved_inputs, inputs)
+        changed = set(known_inputs(saved_inputs, inputs)) - set(same_inputs(saved_inputs, inputs))
         for key, flag in (("model", "--model"), ("data", "--data")):
-            then, now = saved_inputs.get(key), inputs.get(key)
-            if then is None or now is None or then == now or ckpt.same_content(then, now):
+            if key not in changed:
                 continue
             where = getattr(config, key) or "(the embedded default)"
             if not config.allow_changed_data:
