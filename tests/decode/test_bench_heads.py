@@ -27,6 +27,10 @@ def test_random_heads_and_tree_files(tmp_path):
     ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(1))
     acc, _ = measure_rank_accuracies(model, [ids, ids[:, :3]], 16, ranks=5, progress=False)
     assert acc.shape == (2, 5) and (acc >= 0).all() and (acc.sum(1) <= 1).all()
+    flat, _ = measure_rank_accuracies(model, [ids[0], ids[0, :3]], 16, ranks=5, progress=False)  # 1-D prompts
+    assert flat.tolist() == acc.tolist()
+    with pytest.raises(ValueError, match=r"prompt 1 is \(2, 6\): give each prompt as a 1-D tensor"):
+        measure_rank_accuracies(model, [ids, ids.repeat(2, 1)], 16, progress=False)
     rows = tree_report(acc, [4, 8], tmp_path, {"rank_accuracies": acc.tolist()})
     built = [r for r in rows if r["tree"].startswith("built")]
     assert [r["nodes"] for r in built] == [4, 8]

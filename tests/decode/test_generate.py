@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, OracleHeads, hf_greedy, left_pad, random_medusa, tiny_llama
@@ -192,6 +193,33 @@ def test_bad_input(llama):
         generate(llama, ids, max_new_tokens=4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, ids, max_new_tokens=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"max_len": 100.5}, ValueError, "max_len must be an integer >= 1 or None, got 100.5"),
+        ({"max_len": "100"}, ValueError, "max_len must be an integer >= 1 or None, got '100'"),
+        ({"max_batch_size": 4.5}, ValueError, "max_batch_size must be an integer >= 1 or None, got 4.5"),
+        ({"compile": "no"}, TypeError, "compile='no': pass True, False or None"),
+        ({"compact": "no"}, TypeError, "compact='no': pass True, False or None"),
+        ({"max_new_tokens": 2.0}, ValueError, "max_new_tokens must be an integer >= 1, got 2.0"),
+    ],
+)
+def test_arguments_of_the_wrong_kind_name_themselves(llama, kwargs, error, message):
+    """A float would be silently cut and a string flag taken as true: both are refused, naming the argument."""
+    model = random_medusa(llama, num_heads=2)
+    with pytest.raises(error, match=message):
+        generate(model, prompts(1)[0], **{"max_new_tokens": 4, **kwargs})
+
+
+def test_integers_of_any_kind(llama):
+    """max_new_tokens / max_len / max_batch_size take numpy and 0-d tensor integers, as eos_token_id does."""
+    model = random_medusa(llama, num_heads=2)
+    ids = prompts(1)[0]
+    ref = generate(model, ids, max_new_tokens=5, tree="chain_2")
+    out = generate(model, ids, max_new_tokens=np.int64(5), tree="chain_2", max_len=torch.tensor(256), max_batch_size=np.int32(2))
+    assert out.sequences.tolist() == ref.sequences.tolist()
 
 
 def test_heads_for_another_base_model(llama):

@@ -1,5 +1,6 @@
 """generate_many: prompts through a fixed number of slots, refilled as rows end; each prompt gets its own output."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, BatchOracleHeads, OracleHeads, hf_greedy, random_medusa, tiny_llama
@@ -124,12 +125,27 @@ def test_fewer_prompts_than_slots_and_one_token(llama):
         (["some text"], {}, "prompt 0 is text: give token ids"),
         ([[1, 2]], {"temperature": -1.0}, "temperature=-1.0"),
         ([[1, 2, 3, 4, 5, 6]], {"max_len": 8}, "does not fit the KV cache of 8 slots"),
+        ([[1, 2]], {"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+        ([[1, 2]], {"max_len": "64"}, "max_len must be an integer >= 1 or None, got '64'"),
+        ([[1, 2], [3]], {"temperature": 0.5, "seed": [1, 2, 3]}, "seed has 3 entries for 2 prompts: give one per prompt"),
     ],
 )
 def test_generate_many_bad_input(llama, prompts, kwargs, message):
     model = random_medusa(llama, num_heads=2)
     with pytest.raises(ValueError, match=message):
         generate_many(model, prompts, 4, **kwargs)
+
+
+def test_generate_many_takes_integers_of_any_kind_and_one_row_prompts(llama):
+    """numpy and 0-d tensor integers count as integers (as for eos_token_id and seed); a (1, P) tensor, what a
+    tokenizer returns for one prompt, counts as one prompt; a string flag is refused, not taken as true."""
+    model = random_medusa(llama, num_heads=2)
+    prompts = [[1, 2, 3], [4, 5]]
+    ref = generate_many(model, prompts, 4, batch_size=2, tree="chain_2")
+    out = generate_many(model, [torch.tensor([p]) for p in prompts], np.int64(4), batch_size=torch.tensor(2), tree="chain_2")
+    assert [t.tolist() for t in out.new_token_ids] == [t.tolist() for t in ref.new_token_ids]
+    with pytest.raises(TypeError, match="compile='no': pass True, False or None"):
+        generate_many(model, prompts, 4, compile="no")
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import VOCAB, BatchOracleHeads, OracleHeads, hf_greedy, left_pad, random_medusa, tiny_llama
 
-from fastmedusa.decode import generate
+from fastmedusa.decode import generate, generate_many
 from fastmedusa.decode.generate import pad_to_chunks, prefill_chunk
 
 
@@ -158,14 +158,27 @@ def test_small_input_forms():
     assert new_tokens(out, 0) == ref[: ref.index(ref[3]) + 1]
 
 
-def test_a_tree_past_the_position_limit_is_a_clear_error():
+def test_a_tree_may_pass_the_position_limit_but_the_kept_tokens_may_not():
+    """The tree's scratch slots may lie past max_position_embeddings (a kept token is verified from the positions
+    before it): prompt + max_new_tokens up to the limit decodes with the full tree, equal to HF greedy; one
+    token more is a clear error that names the limit, not the tree."""
     model = tiny_llama(17, max_position_embeddings=64)
     heads = random_medusa(model, num_heads=3).medusa_heads
     p = prompts_of([10], seed=1)[0]
-    with pytest.raises(ValueError, match="max_position_embeddings 64.*smaller tree"):
-        generate(model, p, max_new_tokens=40, heads=heads)  # mc_sim_7b_63 pruned to 3 heads
-    out = generate(model, p, max_new_tokens=40, heads=heads, tree="chain_3")  # 3 tree slots fit
-    assert new_tokens(out, 0) == hf_greedy(model, p, 40)[0, 10:].tolist()
+    out = generate(model, p, max_new_tokens=54, heads=heads)  # mc_sim_7b_63 pruned to 3 heads: 64 + 10 + 54 slots
+    assert new_tokens(out, 0) == hf_greedy(model, p, 54)[0, 10:].tolist()
+    assert out.steps < 54  # the tree was used
+    plain = generate(model, p, max_new_tokens=54, medusa=False)
+    assert new_tokens(plain, 0) == new_tokens(out, 0)
+    for medusa in (True, False):
+        with pytest.raises(ValueError, match=r"prompt \(10 tokens\) \+ max_new_tokens \(55\) = 65 exceeds the model's "
+                           "max_position_embeddings 64: shorten") as error:
+            generate(model, p, max_new_tokens=55, heads=heads, medusa=medusa)
+        assert "tree" not in str(error.value)
+    with pytest.raises(ValueError, match=r"the longest prompt \(10 tokens\) .* max_position_embeddings 64"):
+        generate_many(model, [p, p[:4]], 55, heads=heads)
+    many = generate_many(model, [p, p[:4]], 54, heads=heads)
+    assert many.new_token_ids[0].tolist() == new_tokens(out, 0)
 
 
 def test_prefill_compile_setting(monkeypatch):

@@ -92,6 +92,16 @@ def left_pad_batch(prompts: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[to
     return ids, mask
 
 
+def one_row(prompt: object, index: int) -> torch.Tensor:
+    """Prompt `index` as a (1, P) tensor: a 1-D tensor of token ids or one row of them; else a clear error."""
+    if not isinstance(prompt, torch.Tensor) or prompt.ndim not in (1, 2) or (prompt.ndim == 2 and prompt.shape[0] != 1):
+        shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise ValueError(f"prompt {index} is {shape}: give each prompt as a 1-D tensor of token ids, or (1, P)")
+    if prompt.numel() == 0:
+        raise ValueError(f"prompt {index} is empty: give at least one token")
+    return prompt.reshape(1, -1)
+
+
 def greedy_continuations(
     model: nn.Module,
     prompts: Sequence[torch.Tensor],
@@ -162,6 +172,7 @@ def measure_head_acceptance(
     `model` is a MedusaModel (or anything with `.base`, `.medusa_heads` and `backbone_hidden_states`); the
     greedy continuations are generated `batch_size` prompts at a time (eager: a few prompts do not repay a
     compile). The joint chains (`HeadAcceptance`) let `build_tree` see that heads are right together."""
+    prompts = [one_row(p, i) for i, p in enumerate(prompts)]
     heads = model.medusa_heads
     num_heads = heads.num_heads
     hits = torch.zeros(num_heads, ranks, dtype=torch.long)

@@ -314,12 +314,6 @@ class DecodeEngine(nn.Module):
         self.head_dim = getattr(attn0, "head_dim", None) or self.hidden_size // self.num_heads
         self.eps = float(config.rms_norm_eps)
         self.num_layers = len(decoder.layers)
-        max_positions = getattr(config, "max_position_embeddings", None)
-        if max_positions is not None and self.max_len > max_positions:
-            raise ValueError(
-                f"max_len {self.max_len} exceeds the model's max_position_embeddings {max_positions}: pass "
-                f"max_len (--max-len) {max_positions} or less, or shorten the prompt or max_new_tokens"
-            )
         for layer in decoder.layers:
             window = getattr(layer.self_attn, "sliding_window", None)
             if window is not None and window < self.max_len:
@@ -541,6 +535,17 @@ def engine_fits(
     )
 
 
+def check_position_limit(hf_model: nn.Module, prompt_len: int, max_new_tokens: int, what: str = "prompt") -> None:
+    """Prompt + new tokens must fit the model's positions. The tree's scratch slots may lie past them: a kept
+    token is verified from the positions before it, and tokens past max_new_tokens are dropped."""
+    limit = getattr(hf_model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise ValueError(
+            f"{what} ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
+            f"exceeds the model's max_position_embeddings {limit}: shorten the prompt or max_new_tokens"
+        )
+
+
 def get_engine(
     hf_model: nn.Module,
     min_len: int,
@@ -572,14 +577,8 @@ def get_engine(
     if max_len is None:
         max_len = -(-min_len // 256) * 256
         limit = getattr(hf_model.config, "max_position_embeddings", None)
-        if limit is not None and min_len > limit:
-            raise ValueError(
-                f"decoding needs {min_len} KV cache slots (prompt + max_new_tokens + the tree's nodes), more than "
-                f"the model's max_position_embeddings {limit}: shorten the prompt or max_new_tokens, or use a "
-                "smaller tree (e.g. tree='chain_4' or 'auto:8')"
-            )
-        if limit is not None:
-            max_len = min(max_len, limit)
+        if limit is not None:  # no more than the model's positions, except the tree's scratch slots past them
+            max_len = max(min(max_len, limit), min_len)
     if max_batch_size is None:
         max_batch_size = 1 << (batch_size - 1).bit_length()
         if engine is not None and engine.device == embed.device and engine.dtype == embed.dtype:

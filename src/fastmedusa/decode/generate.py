@@ -47,7 +47,7 @@ from torch import nn
 
 from fastmedusa.data.vocab import id_outside
 from fastmedusa.decode.accuracy import choose_tree_size, read_tree_json
-from fastmedusa.decode.engine import DecodeEngine, get_engine
+from fastmedusa.decode.engine import DecodeEngine, check_position_limit, get_engine
 from fastmedusa.decode.loop import StepRunner, medusa_body, plain_body, prefill_body, run_loop
 from fastmedusa.decode.packed_heads import packed_heads
 from fastmedusa.decode.trees import TreeBuffers, cached_tree_buffers, info_chains, resolve_tree
@@ -463,8 +463,7 @@ def check_batch(
         raise ValueError(f"input_ids must be (batch, prompt_len), got shape {tuple(input_ids.shape)}")
     if ids.shape[1] == 0 or ids.shape[0] == 0:
         raise ValueError(f"input_ids of shape {tuple(ids.shape)} is empty: give at least one prompt token")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    positive_int(max_new_tokens, "max_new_tokens")
     if attention_mask is None:
         if ids.shape[0] > 1:
             raise ValueError(
@@ -608,6 +607,27 @@ def _is_int(value: object) -> bool:
     return True
 
 
+def positive_int(value: object, name: str, optional: bool = False) -> int | None:
+    """`value` (an integer of any kind: int, numpy, 0-d tensor) as an int >= 1, None where `optional` allows
+    it, or a ValueError naming the argument: a float would be silently cut, a str compared to nothing."""
+    if value is None and optional:
+        return None
+    if not _is_int(value) or operator.index(value) < 1:
+        allowed = " or None" if optional else ""
+        raise ValueError(f"{name} must be an integer >= 1{allowed}, got {value!r:.60}")
+    return operator.index(value)
+
+
+def optional_flag(value: object, name: str) -> bool | None:
+    """True, False (or a numpy / 0-d tensor bool) or None; else a TypeError naming the argument: a string
+    such as "no" would otherwise count as true."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes) or value not in (True, False):
+        raise TypeError(f"{name}={value!r:.60}: pass True, False or None (the default)")
+    return bool(value)
+
+
 def _int_list(value: object, name: str, what: str) -> list[int]:
     """`value` as a list of ints: an int, a (nested) sequence of ints, or an integer tensor or numpy array; else
     a TypeError naming the argument (a float would be silently cut, a str is a token's text)."""
@@ -648,10 +668,11 @@ def _pad_id(pad_token_id: object, eos_ids: torch.Tensor | None) -> int:
     return operator.index(pad_token_id)
 
 
-def row_seeds(seed: SeedSpec, batch_size: int, device: torch.device) -> torch.Tensor:
+def row_seeds(seed: SeedSpec, batch_size: int, device: torch.device, unit: str = "row") -> torch.Tensor:
     """(B,) sampling seeds: an int gives row b the seed (seed, b); a sequence gives each row its own (then a
     prompt samples the same tokens in any batch, given the same tree: with tree=None the default tree depends
-    on the batch size); None draws one from torch's RNG (torch.manual_seed)."""
+    on the batch size); None draws one from torch's RNG (torch.manual_seed). `unit` names what a seed is for
+    in the error (a row, or generate_many's prompt)."""
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     if _is_int(seed):
@@ -659,7 +680,7 @@ def row_seeds(seed: SeedSpec, batch_size: int, device: torch.device) -> torch.Te
     seeds = torch.tensor(_int_list(seed, "seed", "an int, one int per row, or None"), dtype=torch.long).to(device)
     if seeds.numel() != batch_size:
         raise ValueError(
-            f"seed has {seeds.numel()} entries for a batch of {batch_size}: give one per row or an int"
+            f"seed has {seeds.numel()} entries for {batch_size} {unit}s: give one per {unit} or an int"
         )
     return seeds & _MASK32
 
@@ -716,6 +737,10 @@ def generate(
     """
     check_models(model, heads, medusa)
     medusa = bool(medusa)
+    max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
+    max_len = positive_int(max_len, "max_len", optional=True)
+    max_batch_size = positive_int(max_batch_size, "max_batch_size", optional=True)
+    compile, compact = optional_flag(compile, "compile"), optional_flag(compact, "compact")
     base, heads = _split_model(model, heads)
     ids, offsets = check_batch(input_ids, attention_mask, max_new_tokens)
     check_token_ids(ids, offsets, base.get_input_embeddings().num_embeddings)
@@ -735,6 +760,7 @@ def generate(
         medusa = len(paths) > 0  # a batch too large for any default tree: plain decoding
     if medusa:
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, "cpu")
+    check_position_limit(base, ids.shape[1], max_new_tokens)
     slack = tree_buffers.num_nodes if tree_buffers is not None else 0
     needed = ids.shape[1] + max_new_tokens + slack
     if max_len is not None and needed > max_len:

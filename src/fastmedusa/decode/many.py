@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastmedusa.decode.engine import engine_fits, get_engine
+from fastmedusa.decode.engine import check_position_limit, engine_fits, get_engine
 from fastmedusa.decode.generate import (
     SeedSpec,
     TreeSpec,
@@ -40,7 +40,9 @@ from fastmedusa.decode.generate import (
     cuda_graphs_mode,
     decode_runner,
     heads_tree_info,
+    optional_flag,
     pad_to_chunks,
+    positive_int,
     prefill_chunk,
     prefill_compiled,
     row_seeds,
@@ -88,7 +90,8 @@ class ManyOutput:
 
 
 def _prompt_tensors(prompts: Sequence) -> list[torch.Tensor]:
-    """Each prompt as a 1-D long tensor of token ids, or a clear error."""
+    """Each prompt as a 1-D long tensor of token ids (a (1, P) tensor counts as one prompt), or a clear
+    error."""
     if isinstance(prompts, torch.Tensor) and prompts.ndim == 2:
         raise ValueError(
             "prompts is one 2-D tensor: pass a list of 1-D prompts (list(ids) for a batch without padding, or "
@@ -107,6 +110,8 @@ def _prompt_tensors(prompts: Sequence) -> list[torch.Tensor]:
         if not isinstance(p, torch.Tensor) and len(p) == 0:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         t = p if isinstance(p, torch.Tensor) else torch.as_tensor(p)
+        if t.ndim == 2 and t.shape[0] == 1:  # one tokenized prompt, return_tensors="pt"
+            t = t[0]
         if t.dtype not in (torch.long, torch.int32, torch.int64) or t.ndim != 1 or t.numel() == 0:
             raise ValueError(
                 f"prompt {i} must be a non-empty 1-D sequence of integer token ids, got "
@@ -200,10 +205,10 @@ def generate_many(
     taken here (pass "auto:N" or a tree). `seed`: an int (prompt i gets the seed `generate` would give row i of
     one batch of all the prompts), one per prompt, or None."""
     ids_list = _prompt_tensors(prompts)
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    batch_size = positive_int(batch_size, "batch_size")
+    max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
+    max_len = positive_int(max_len, "max_len", optional=True)
+    compile = optional_flag(compile, "compile")
     temperature, typical_epsilon, typical_delta = check_sampling(temperature, typical_epsilon, typical_delta)
     check_models(model, heads, medusa)
     medusa = bool(medusa)
@@ -225,6 +230,7 @@ def generate_many(
     compile = on_cuda if compile is None else compile
     chunk = prefill_chunk(captured=on_cuda and (graphs == "step" or (graphs == "compile" and compile)))
     longest = max(int(p.numel()) for p in ids_list)
+    check_position_limit(base, longest, max_new_tokens, what="the longest prompt")
     needed = longest + max_new_tokens + slack  # as in `generate`: prompts are cut in chunks where room allows
     if max_len is not None and needed > max_len:
         raise ValueError(
@@ -242,7 +248,7 @@ def generate_many(
         _check_heads(heads, engine, tree_buffers.topk)
     eos_ids = _eos_tensor(eos_token_id, engine.device, engine.vocab_size)
     pad_id = _pad_id(pad_token_id, eos_ids)
-    seeds = row_seeds(seed, len(ids_list), engine.device)
+    seeds = row_seeds(seed, len(ids_list), engine.device, unit="prompt")
     prefill_compiled(0)  # a bad FASTMEDUSA_PREFILL_COMPILE fails here, before any work
     runner = decode_runner(
         engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, pad_id, compile
