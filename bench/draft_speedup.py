@@ -86,14 +86,18 @@ def plot(points: list[dict], path: Path, env: dict, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--full", type=Path, required=True, help="bench train JSON, full vocabulary")
+    p.add_argument("--full", type=Path, nargs="+", required=True,
+                   help="bench train JSON, full vocabulary (several: their rows together, e.g. peers run apart)")
     p.add_argument("--draft", type=Path, required=True, help="bench train JSON, --draft-vocab N")
     p.add_argument("--out", type=Path, required=True, help="JSON path (PNG beside)")
     args = p.parse_args(argv)
-    full, draft = json.loads(args.full.read_text()), json.loads(args.draft.read_text())
+    full = {"rows": [row for path in args.full for row in json.loads(path.read_text())["rows"]]}
+    draft = json.loads(args.draft.read_text())
     points = compare(full, draft)
     env = draft.get("environment", {})
-    payload = {"environment": env, "full": args.full.name, "draft": args.draft.name, "points": points}
+    full_names = [path.name for path in args.full]
+    payload = {"environment": env, "full": full_names[0] if len(full_names) == 1 else full_names,
+               "draft": args.draft.name, "points": points}  # fmt: skip
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
     settings = draft.get("settings", {})
     shape = SHAPE_NAMES.get(settings.get("shape", ""), settings.get("shape", "?"))

@@ -44,6 +44,13 @@ def test_draft_speedup_compares_the_draft_row_with_every_full_vocabulary_row(tmp
     assert points[1]["speedup_vs_liger_full"] == pytest.approx(2.5)
     assert points[1]["torch_full_tok_s"] is None and "OOM" in table
     assert out.with_suffix(".png").stat().st_size > 0
+    # peers run apart: the same rows in two files give the same comparison
+    (tmp_path / "full_a.json").write_text(json.dumps({"rows": full["rows"][::2]}))
+    (tmp_path / "full_b.json").write_text(json.dumps({"rows": full["rows"][1::2]}))
+    run_script("draft_speedup.py", ["--full", str(tmp_path / "full_a.json"), str(tmp_path / "full_b.json"),
+                                    "--draft", str(tmp_path / "draft.json"), "--out", str(out)], capsys)  # fmt: skip
+    merged = json.loads(out.read_text())
+    assert merged["points"] == points and merged["full"] == ["full_a.json", "full_b.json"]
 
 
 def test_recipe_report_builds_prefix_expectations_from_the_trees(tmp_path, capsys):
