@@ -302,3 +302,81 @@ def test_debug_shows_the_traceback_before_or_after_the_command(argv, capsys):
     for debug in (["--debug", *argv], [*argv, "--debug"]):
         with pytest.raises(FileNotFoundError, match="/nonexistent"):
             main(debug)
+
+
+def test_bench_out_replaces_only_an_earlier_result(tmp_path, capsys):
+    """`bench ... --out` may write over an earlier benchmark result, never over a user's file, the prompts it
+    reads, or a chart beside a file that is not a result; each refusal comes before any model loads."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "turns": ["hi"]}\n')
+    chart = tmp_path / "new.png"
+    chart.write_bytes(b"a user's picture")
+    cases = [
+        (["bench", "decode", "--out", str(notes)], f"--out {notes} exists and is not an earlier `fastmedusa bench`"),
+        (["bench", "decode", "--prompts", str(questions), "--out", str(questions)], f"--out {questions} is the input file"),
+        (["bench", "decode", "--out", str(tmp_path / "new.json")], f"{chart} exists beside it and would be replaced"),
+        (["bench", "heads", "--heads", str(tmp_path), "--out", str(notes)], "is not an earlier `fastmedusa bench` result"),
+        (["bench", "loss", "--out", str(notes)], "is not an earlier `fastmedusa bench` result"),
+        (["bench", "train", "--device", "cpu", "--out", str(notes)], "is not an earlier `fastmedusa bench` result"),
+        (["bench", "wgrad", "--out", str(notes)], "is not an earlier `fastmedusa bench` result"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert notes.read_text() == "my notes" and chart.read_bytes() == b"a user's picture"
+    assert questions.read_text() == '{"question_id": 1, "turns": ["hi"]}\n'
+    from fastmedusa.files import check_output_file, is_benchmark_result
+
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text('{"env": {"device": "cpu"}, "rows": []}')
+    earlier.with_suffix(".png").write_bytes(b"its chart")
+    check_output_file(earlier, replaces=is_benchmark_result, beside=(".png",))  # an earlier result: replaced
+
+
+def test_an_unwritable_place_is_one_line_before_the_work(tmp_path, capsys, monkeypatch):
+    """A read-only file system or a folder without write permission: each command names its flag and the
+    folder in one line, exit code 2, before loading anything; a write that fails later names the file it
+    was writing, not its temporary."""
+    import errno
+    import tempfile
+
+    from fastmedusa import files
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+    monkeypatch.setattr(files.tempfile, "NamedTemporaryFile", read_only)
+    cases = [
+        (["bench", "decode", "--out", str(tmp_path / "b.json")], "--out"),
+        (["bench", "train", "--device", "cpu", "--out", str(tmp_path / "t.json")], "--out"),
+        (["export", str(tmp_path), "--output", str(tmp_path / "exp")], "--output"),
+        (["distill", "--output", str(tmp_path / "d.jsonl")], "--output"),
+    ]
+    for argv, flag in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"error: {flag} " in err and f"{tmp_path} is not writable (Read-only file system)" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    monkeypatch.setattr(files.tempfile, "NamedTemporaryFile", tempfile.NamedTemporaryFile)
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    with pytest.raises(PermissionError, match=f"cannot write {tmp_path / 'r.json'}: Read-only file system; pass"):
+        files.write_json_atomic(tmp_path / "r.json", {})
+
+    def failing_command(argv):
+        raise OSError(errno.EACCES, "Permission denied", str(tmp_path / ".out.json.k2j4.tmp"))
+
+    monkeypatch.setattr("fastmedusa.cli.run", failing_command)
+    assert main(["generate"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {tmp_path / 'out.json'}: Permission denied; check its permissions or pass another path"
+
+    def full_disk(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".heads.abc123.tmp"))
+
+    monkeypatch.setattr("fastmedusa.cli.run", full_disk)
+    assert main(["generate"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: cannot write {tmp_path / 'heads'}: No space left on device; pass a location you can write to"

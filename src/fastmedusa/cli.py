@@ -4,6 +4,7 @@ only routes and turns bad input into one clear line (exit code 2) instead of a t
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -139,15 +140,32 @@ def run(argv: Sequence[str]) -> int:
     return int(getattr(importlib.import_module(module), run_name)(args) or 0)
 
 
+def error_line(err: BaseException) -> str | None:
+    """The one line a user error prints, or None for an error that is not the user's (a bug: traceback). An
+    OS error of a write the user can fix (read-only file system, permissions, a full disk) names the file
+    being written, not a temporary beside it."""
+    from fastmedusa.files import WRITE_ERRORS, written_name
+
+    if isinstance(err, OSError) and err.errno in WRITE_ERRORS and err.filename:
+        name = written_name(str(err.filename))
+        if err.errno in (errno.EACCES, errno.EPERM):  # reading or writing: the permissions are what to fix
+            return f"error: {name}: {err.strerror}; check its permissions or pass another path"
+        return f"error: cannot write {name}: {err.strerror}; pass a location you can write to"
+    if isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.errno in WRITE_ERRORS):
+        return "error: " + " ".join(str(err).split())  # one line, whatever the message
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FASTMEDUSA_DEBUG") == "1"
     try:
         return run(argv)
-    except USER_ERRORS as err:
-        if debug:
+    except (*USER_ERRORS, OSError) as err:
+        line = error_line(err)
+        if debug or line is None:
             raise
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the message
+        print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

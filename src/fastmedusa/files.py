@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -21,6 +22,23 @@ def default_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def not_writable(path: str | os.PathLike, err: OSError) -> OSError:
+    """`err` of a write that failed for a reason the user can fix (read-only file system, permissions, a full
+    disk) as a PermissionError naming `path` itself, not a temporary file beside it; other errors as they are."""
+    if err.errno not in WRITE_ERRORS:
+        return err
+    return PermissionError(f"cannot write {path}: {err.strerror or err}; pass a location you can write to")
+
+
+def written_name(filename: str) -> str:
+    """The file a temporary of `atomic_output` / `atomic_directory` (`.NAME.xxxx.tmp`) stands for."""
+    path = Path(filename)
+    parts = path.name.split(".")
+    if path.name.startswith(".") and path.name.endswith(".tmp") and len(parts) >= 4:
+        return str(path.with_name(".".join(parts[1:-2])))
+    return filename
+
+
 def make_parent_directory(path: Path) -> None:
     """mkdir -p of `path`'s parent; a file in the way is named (not an errno about some ancestor)."""
     try:
@@ -29,17 +47,74 @@ def make_parent_directory(path: Path) -> None:
         blocker = next((p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir()), None)
         where = f"{blocker} is a file, not a directory" if blocker else str(err)
         raise NotADirectoryError(f"cannot write {path}: {where}; pass another path") from err
+    except OSError as err:
+        raise not_writable(path, err) from err
 
 
-def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
-    """Fail before any work when `path` cannot become a file: it is a directory, or a file stands where one of
-    its folders would go (found at the end of a long run, that would cost the run)."""
+WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}  # "you cannot write there"
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Fail before any work when nothing can be written where `path` (a file or a directory) would go: the
+    nearest existing folder takes no new file (read-only file system, permissions), found by creating and removing one."""
+    path = Path(path).expanduser().absolute()
+    folder = next(p for p in (path, *path.parents) if p.is_dir())  # a directory output: that directory
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"{flag} {path}: {folder} is not writable ({err.strerror or err}); pass a location you can write to"
+        ) from err
+
+
+def is_benchmark_result(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a result of a `fastmedusa bench` command: a JSON object with its environment
+    record (`env` or `environment`), which is what such a run may replace."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(result, dict) and ("env" in result or "environment" in result)
+
+
+def check_output_file(
+    path: str | os.PathLike,
+    flag: str = "--out",
+    replaces: Callable[[Path], bool] | None = None,
+    what: str = "an earlier `fastmedusa bench` result",
+    beside: Sequence[str] = (),
+    inputs: Sequence[str | os.PathLike | None] = (),
+) -> None:
+    """Fail before any work when `path` cannot become a file: it is a directory, a file stands where one of
+    its folders would go, or its folder is not writable (found at the end of a long run, that would cost the
+    run). With `replaces`, an existing file is written over only if `replaces(path)` says it is `what`; the
+    files `beside` it (suffixes, such as the chart's ".png") only then, or when neither exists yet. `inputs`:
+    files the run reads, never its output."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{flag} {path} is a directory: pass a file path, e.g. {path / 'out.json'}")
     blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise NotADirectoryError(f"{flag} {path}: {blocker} is a file, not a directory; pass another path")
+    for source in inputs:
+        if source is not None and Path(source).expanduser().is_file() and path.exists():
+            if path.resolve() == Path(source).expanduser().resolve():
+                raise ValueError(f"{flag} {path} is the input file {source}: pass another path for the results")
+    if replaces is not None:
+        earlier = path.exists() and replaces(path)
+        if path.exists() and not earlier:
+            raise FileExistsError(
+                f"{flag} {path} exists and is not {what}: pass a new path (only such a result is replaced)"
+            )
+        for suffix in beside:
+            other = path.with_suffix(suffix)
+            if other.exists() and not earlier:
+                raise FileExistsError(
+                    f"{flag} {path}: {other} exists beside it and would be replaced, but {path} is not {what}; "
+                    "move it or pass another path"
+                )
+    check_writable(path, flag)
 
 
 def check_output_directory(path: str | os.PathLike, flag: str = "--output") -> None:
@@ -61,7 +136,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory: pass a file path, e.g. {path / 'out.json'}")
     make_parent_directory(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise not_writable(path, err) from err
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -95,7 +173,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
     path = Path(path)
     make_parent_directory(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise not_writable(path, err) from err
     try:
         yield tmp
         os.chmod(tmp, default_file_mode() | (0o111 & ~_umask()))  # mkdtemp gives 0700

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
+from fastmedusa.files import check_writable
 
 RUN_CONFIG = "train_config.json"
 SPLIT_FIELDS = ("model", "data", "max_conversations", "eval_size", "seed", "seq_len")
@@ -292,6 +293,7 @@ def check_eval_output(output: Path, heads: Path, data: str | None) -> None:
             f"--output {output} exists and is not an earlier `fastmedusa eval` result: pass a new path (eval "
             "replaces only its own results)"
         )
+    check_writable(output, "--output")  # before the evaluation, not after it
 
 
 def run_eval(args: argparse.Namespace) -> int:

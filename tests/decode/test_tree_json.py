@@ -48,6 +48,14 @@ def test_tree_errors(tmp_path):
         (tmp_path / "tree.json").write_text(json.dumps({"paths": paths}))
         with pytest.raises(ValueError, match=r"tree\.json: .* -- delete it, or measure it again"):
             read_tree_json(tmp_path, 3)
+    (tmp_path / "tree.json").write_text(json.dumps({"paths": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]}))
+    with pytest.raises(ValueError, match="4 deep but the heads are 3 -- delete it") as error:
+        read_tree_json(tmp_path, 3)
+    assert "--tree" not in str(error.value)  # no flag was given: the file is what to fix
+    for accuracies in ([[0.5, 0.2], [0.4], [0.3, 0.1]], [[0.5, 0.2], [5, 0.1]], [[float("nan"), 0.2]], [[True]]):
+        (tmp_path / "tree.json").write_text(json.dumps({"paths": [[0]], "rank_accuracies": accuracies}))
+        with pytest.raises(ValueError, match=r"tree\.json: rank_accuracies must be per-head lists of equal length"):
+            read_tree_json(tmp_path)
 
 
 def test_empty_trees_name_their_file(tmp_path):

@@ -265,6 +265,11 @@ def test_export_errors_name_the_fix(make_llama, tmp_path):
         export_heads(tmp_path / "h", tmp_path / "h", "vllm")
     with pytest.raises(FileNotFoundError, match="no heads directory"):
         export_heads(tmp_path / "nope", tmp_path / "o", "vllm")
+    (tmp_path / "h" / "tree.json").write_text(json.dumps({"num_heads": 5, "paths": [[0]]}))
+    with pytest.raises(ValueError, match="tree.json was measured for 5 Medusa heads but these heads have"):
+        export_heads(tmp_path / "h", tmp_path / "o", "vllm")  # generate would refuse the copy
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "h" / "tree.json").unlink()
     (tmp_path / "h" / HEADS_WEIGHTS_NAME).unlink()
     with pytest.raises(FileNotFoundError, match="no head weights"):
         read_heads(tmp_path / "h")

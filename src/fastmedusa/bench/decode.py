@@ -33,7 +33,7 @@ from fastmedusa.decode.engine import attention_layout, cached_engine, regional_c
 from fastmedusa.decode.generate import CUDA_GRAPHS_MODES, cuda_graphs_mode
 from fastmedusa.decode.trees import check_tree_name
 from fastmedusa.errors import CommandParser
-from fastmedusa.files import check_output_file
+from fastmedusa.files import check_output_file, is_benchmark_result
 from fastmedusa.ops import triton_topk
 from fastmedusa.progress import Progress
 
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastmedusa.model import MedusaModel, load_tokenizer
 
     args = parse_args(argv)
-    check_output_file(args.out)
+    check_output_file(args.out, replaces=is_benchmark_result, beside=(".png",), inputs=(args.prompts,))
     if args.cuda_graphs is not None:
         os.environ["FASTMEDUSA_CUDA_GRAPHS"] = args.cuda_graphs
     args.cuda_graphs = cuda_graphs_mode()  # checked, and the mode the run used, whoever set it

@@ -27,6 +27,7 @@ from torch import nn
 from fastmedusa.bench.common import environment, write_json
 from fastmedusa.dtypes import parse_device
 from fastmedusa.errors import CommandParser
+from fastmedusa.files import check_output_file, is_benchmark_result
 
 VARIANTS = ("renorm", "extra", "ce")
 
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastmedusa.model import load_base_model, load_tokenizer
 
     args = parse_args(argv)
+    check_output_file(args.out, replaces=is_benchmark_result, inputs=(args.data,))
     device = parse_device(args.device)
     tokenizer = load_tokenizer(args.model)
     base = load_base_model(args.model, dtype=torch.float32).to(device).eval()

@@ -200,11 +200,11 @@ def save_figure(fig, path: Path, env: dict, title: str | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from fastmedusa.decode.cli import base_model_arg, eos_token_ids, resolve_device_dtype
-    from fastmedusa.files import check_output_file
+    from fastmedusa.files import check_output_file, is_benchmark_result
     from fastmedusa.model import MedusaModel, load_tokenizer
 
     args = parse_args(argv)
-    check_output_file(args.out)
+    check_output_file(args.out, replaces=is_benchmark_result, beside=(".png",), inputs=(args.data,))
     if args.tree_dir is not None and args.tree_dir.exists() and not args.tree_dir.is_dir():
         raise NotADirectoryError(f"--tree-dir {args.tree_dir} is a file: pass a directory for the tree_<n>.json files")
     device, dtype = resolve_device_dtype(args.device, args.dtype)

@@ -43,6 +43,7 @@ from fastmedusa.bench.common import (
 )
 from fastmedusa.dtypes import parse_device
 from fastmedusa.errors import CommandParser
+from fastmedusa.files import check_output_file, is_benchmark_result
 from fastmedusa.ops.peers import PeerUnavailable
 
 CE_IMPLS = (
@@ -497,6 +498,7 @@ def merge(paths: list[Path]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output_file(args.out, replaces=is_benchmark_result, beside=(".png",))
     if args.plot:
         result = merge(args.plot)
     else:

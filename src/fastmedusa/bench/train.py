@@ -34,6 +34,7 @@ from fastmedusa.bench.common import (
 )
 from fastmedusa.dtypes import parse_device
 from fastmedusa.errors import CommandParser
+from fastmedusa.files import check_output_file, is_benchmark_result
 from fastmedusa.model import MedusaConfig, MedusaModel
 from fastmedusa.train.config import DTYPES
 from fastmedusa.train.metrics import PEAK_BF16_TFLOPS, peak_tflops, synchronize, train_flops_per_token
@@ -290,6 +291,7 @@ def run_grid(args) -> dict:
     device = parse_device(args.device)
     env = environment(device)
     out = args.out or Path(f"bench/results/train_{args.shape}_{device_tag(env['device'])}.json")
+    check_output_file(out, replaces=is_benchmark_result, beside=(".png",))  # before minutes of model building
     base = build_random_llama(args.shape, device, DTYPES[args.dtype])
     result = {"benchmark": "train", "environment": env, "shape": args.shape, "config": SHAPES[args.shape],
               "settings": {k: v for k, v in vars(args).items() if k not in ("plot", "out", "scratch")},

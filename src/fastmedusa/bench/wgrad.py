@@ -22,6 +22,7 @@ import torch
 from fastmedusa.bench.common import environment, positive_int, write_json
 from fastmedusa.dtypes import parse_device
 from fastmedusa.errors import CommandParser
+from fastmedusa.files import check_output_file, is_benchmark_result
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,6 +100,7 @@ def wgrad_errors(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output_file(args.out, replaces=is_benchmark_result)
     device = parse_device(args.device)
     rows = []
     for n in args.rows:

@@ -47,7 +47,7 @@ from fastmedusa.data.sharegpt import (
     resolve_data_path,
 )
 from fastmedusa.dtypes import dtype_or_auto_arg
-from fastmedusa.files import absolute_if_local, input_path, make_parent_directory
+from fastmedusa.files import absolute_if_local, check_writable, input_path, make_parent_directory
 from fastmedusa.progress import Progress
 
 DEFAULT_PROMPT_TOKENS = 1024
@@ -111,6 +111,7 @@ class DistillConfig:
             raise IsADirectoryError(
                 f"--output {self.output} is a directory: pass a file path, e.g. {out / 'distilled.jsonl'}"
             )
+        check_writable(out, "--output")
         if out.is_file() and out.stat().st_size > 0 and not (self.resume or self.overwrite):
             raise ValueError(
                 f"--output {self.output} already holds records: pass --resume to continue it, "

@@ -261,6 +261,16 @@ def write_tree_json(
     return path
 
 
+def well_formed_accuracies(accuracies: object) -> bool:
+    """Per-head lists of per-rank probabilities: equal lengths, finite numbers in [0, 1] (NaN is refused: a
+    tree built from it would be arbitrary)."""
+    if not isinstance(accuracies, list) or not accuracies:
+        return False
+    if not all(isinstance(row, list) and row and len(row) == len(accuracies[0]) for row in accuracies):
+        return False
+    return all(isinstance(a, int | float) and not isinstance(a, bool) and 0 <= a <= 1 for row in accuracies for a in row)
+
+
 def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dict | None:
     """The tree.json of a heads directory (or a tree.json path); None when the directory has none.
 
@@ -285,11 +295,11 @@ def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dic
     if not isinstance(info, dict) or not isinstance(info.get("paths"), list):
         raise ValueError(f"{path} holds no tree: expected {{'paths': [...], 'rank_accuracies': [...]}}")
     accuracies = info.get("rank_accuracies")
-    if accuracies is not None and not (
-        isinstance(accuracies, list)
-        and all(isinstance(row, list) and all(isinstance(a, int | float) for a in row) for row in accuracies)
-    ):
-        raise ValueError(f"{path}: rank_accuracies must be a list of per-head lists of numbers; measure it again")
+    if accuracies is not None and not well_formed_accuracies(accuracies):
+        raise ValueError(
+            f"{path}: rank_accuracies must be per-head lists of equal length, of numbers in [0, 1]; delete it, or "
+            "measure it again (`fastmedusa bench heads --heads DIR --write-tree`)"
+        )
     if info.get("accepted_chains") is not None:
         if not accuracies:
             raise ValueError(f"{path}: accepted_chains without rank_accuracies; measure it again")
@@ -308,7 +318,7 @@ def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dic
         raise ValueError(f"{path} holds an empty list of paths: {remeasure}")
     if num_heads is not None:  # a bad path names this file, not a --tree flag never given
         try:
-            validate_paths(info["paths"], num_heads)
+            validate_paths(info["paths"], num_heads, given=False)
         except (ValueError, TypeError) as err:
             raise ValueError(
                 f"{path}: {err} -- {remeasure}"

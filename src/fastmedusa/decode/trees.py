@@ -51,8 +51,12 @@ def preset_names() -> list[str]:
     return sorted(PRESETS) + ["chain_<depth>"]
 
 
-def validate_paths(paths: Sequence[Sequence[int]], num_heads: int | None = None) -> list[Path_]:
-    """Check a path list and return it sorted by (depth, path), the node order of the buffers."""
+def validate_paths(
+    paths: Sequence[Sequence[int]], num_heads: int | None = None, given: bool = True
+) -> list[Path_]:
+    """Check a path list and return it sorted by (depth, path), the node order of the buffers. `given`: the
+    user passed this tree (--tree / tree=), so a too-deep one is answered with the trees they could pass
+    instead; False for a heads directory's tree.json, whose own message says what to do."""
     example = "a list of paths, each a list of 0-based ranks, e.g. [[0], [1], [0, 0]]"
     if isinstance(paths, str | bytes | dict) or not isinstance(paths, Sequence | torch.Tensor):
         raise TypeError(f"tree must be {example} (or a preset name, auto:N, a JSON file); got {paths!r:.60}")
@@ -81,6 +85,8 @@ def validate_paths(paths: Sequence[Sequence[int]], num_heads: int | None = None)
                 f"tree path {list(path)} has no parent {list(path[:-1])}: every prefix of a path must be a path"
             )
     depth = max(len(p) for p in seen)
+    if num_heads is not None and depth > num_heads and not given:
+        raise ValueError(f"the tree is {depth} deep but the heads are {num_heads}")
     if num_heads is not None and depth > num_heads:
         raise ValueError(
             f"the tree is {depth} deep but the model has {num_heads} Medusa heads: leave out --tree (the heads' "

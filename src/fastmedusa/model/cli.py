@@ -26,11 +26,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from fastmedusa.files import check_output_directory
+    from fastmedusa.files import check_output_directory, check_writable
     from fastmedusa.model.config import MedusaConfig
     from fastmedusa.model.export import export_heads
 
     check_output_directory(args.output)
+    check_writable(args.output, "--output")
     out = export_heads(args.heads_dir, args.output, args.format)
     cfg = MedusaConfig.from_pretrained(out)
     files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))

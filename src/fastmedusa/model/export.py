@@ -566,6 +566,9 @@ def export_heads(heads_dir: str | os.PathLike, output: str | os.PathLike, layout
         )
     _check_output_replaceable(output)
     checkpoint = read_heads(source)
+    from fastmedusa.decode.accuracy import read_tree_json
+
+    read_tree_json(source, checkpoint.config.num_heads)  # a tree.json that generate would refuse is not copied
     write_heads(output, checkpoint, layout)  # drops an earlier export's tree.json and eval.json
     for item in sorted(
         source.iterdir()
