@@ -354,6 +354,7 @@ def test_an_unwritable_place_is_one_line_before_the_work(tmp_path, capsys, monke
         (["bench", "train", "--device", "cpu", "--out", str(tmp_path / "t.json")], "--out"),
         (["export", str(tmp_path), "--output", str(tmp_path / "exp")], "--output"),
         (["distill", "--output", str(tmp_path / "d.jsonl")], "--output"),
+        (["train", "--output-dir", str(tmp_path / "run")], "--output-dir"),
     ]
     for argv, flag in cases:
         assert main(argv) == 2, argv

@@ -43,7 +43,7 @@ def test_flags_set_their_fields():
         (["--num-heads", "0"], "--num-heads 0: pass 1 or more"),
         (["--lr", "0"], "--lr 0.0: pass a positive learning rate"),
         (["--data", "/nonexistent/sharegpt.json"], "--data /nonexistent/sharegpt.json: no such file"),
-        (["--output-dir", "/proc/version/out"], "--output-dir /proc/version/out is not writable"),
+        (["--output-dir", "/proc/version/out"], "--output-dir /proc/version/out: /proc/version is a file, not a directory"),
         (["--eval-size", "10", "--max-conversations", "10"], "leaves no training conversation"),
         (["--tree-prompts", "-1"], "--tree-prompts -1: pass 0 (no tree.json) or more"),
         (["--device", "foo"], "--device foo: not a device name; pass cpu, cuda or cuda:N"),

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from fastmedusa.dtypes import DTYPES, parse_device
+from fastmedusa.files import check_output_directory, check_writable
 from fastmedusa.ops.cross_entropy import IMPLS as LOSS_IMPLS
 
 CUDA_ONLY_IMPLS = ("liger", "cce", "quack")  # the peers' kernels
@@ -261,14 +261,9 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output-dir {path} is a file: pass a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise PermissionError(
-            f"--output-dir {path} is not writable ({err.strerror or err}): pass a directory you can write to"
-        ) from err
+    check_output_directory(out, "--output-dir")  # a file where one of its folders would go
+    check_writable(out, "--output-dir")  # where it would be made, before making it
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
