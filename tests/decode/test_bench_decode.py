@@ -159,6 +159,38 @@ def test_mtbench_reader(setup, tmp_path):
         read_mtbench(tmp_path / "bad.jsonl")
 
 
+def test_prompt_files_in_the_usual_formats(setup, tmp_path):
+    """A user's own prompts: MT-Bench's question.jsonl, JSONL records or strings, a JSON list, a .txt with one
+    prompt per line; a directory, bytes that are not UTF-8, an empty file or a record without a prompt is one
+    error naming the file (and line) and the formats."""
+    from fastmedusa.data.mtbench import prompt_texts
+
+    assert prompt_texts(setup / "question.jsonl") == QUESTIONS
+    files = {
+        "a.jsonl": '{"prompt": "one"}\n\n{"question": "two"}\n{"instruction": "three", "input": "x"}\n"four"\n',
+        "b.json": json.dumps([{"text": "one"}, "two", {"turns": ["three", "later"]}]),
+        "c.txt": "\ufeffone\n\n  two  \nthree\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert prompt_texts(tmp_path / name)[:3] == ["one", "two", "three"], name
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    (tmp_path / "other.jsonl").write_text('{"prompt": "ok"}\n{"answer": "no prompt"}\n')
+    (tmp_path / "dict.json").write_text('{"prompt": "not a list"}')
+    for source, message in [
+        (tmp_path, "is a directory: pass a prompt file"),
+        (tmp_path / "latin1.txt", "is not UTF-8 text (byte 3): save it as UTF-8"),
+        (tmp_path / "blank.jsonl", "holds no prompts: give one JSON record per line with 'turns'"),
+        (tmp_path / "other.jsonl", "other.jsonl:2 holds no prompt: give one JSON record per line"),
+        (tmp_path / "dict.json", "is not a JSON list"),
+        (tmp_path / "missing.jsonl", "no such file; pass 'mt-bench', 'sharegpt' or a prompt file"),
+    ]:
+        with pytest.raises((ValueError, OSError)) as error:
+            prompt_texts(source)
+        assert str(error.value).startswith(f"--prompts {source}") and message in str(error.value)
+
+
 def test_chart_titles_name_a_model_path_by_its_last_two_parts():
     from fastmedusa.bench.decode import short_path
 

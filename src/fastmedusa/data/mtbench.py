@@ -66,3 +66,85 @@ def read_mtbench(source: str | os.PathLike | None = None) -> list[dict]:
 def mtbench_first_turns(source: str | os.PathLike | None = None) -> list[str]:
     """The first user turn of every question: the prompts `fastmedusa bench decode --prompts mt-bench` uses."""
     return [q["turns"][0] for q in read_mtbench(source)]
+
+
+PROMPT_KEYS = ("turns", "prompt", "question", "instruction", "text")  # the first one a record has is its prompt
+PROMPT_FORMATS = (
+    "one JSON record per line with 'turns' (MT-Bench's question.jsonl: the first turn is used) or 'prompt', "
+    "'question', 'instruction' or 'text', or a JSON string per line; a .json list of those; or a .txt file with "
+    "one prompt per line"
+)
+
+
+def _record_prompt(record: object) -> str | None:
+    """The prompt of one record: a string, or an object's first PROMPT_KEYS field (a list: its first turn)."""
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        return None
+    for key in PROMPT_KEYS:
+        value = record.get(key)
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            return value[0]
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def prompt_texts(source: str | os.PathLike) -> list[str]:
+    """The prompts of a user's prompt file, in file order (see PROMPT_FORMATS), or one error naming the file
+    and the line, and what the file should hold."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"--prompts {path} is a directory: pass a prompt file ({PROMPT_FORMATS})")
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file; pass 'mt-bench', 'sharegpt' or a prompt file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"--prompts {path} is not UTF-8 text (byte {err.start}): save it as UTF-8"
+        ) from None
+    if path.suffix.lower() == ".txt":
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    elif path.suffix.lower() == ".json":
+        prompts = _json_list_prompts(path, text)
+    else:
+        prompts = _jsonl_prompts(path, text)
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompts: give {PROMPT_FORMATS}")
+    return prompts
+
+
+def _jsonl_prompts(path: Path, text: str) -> list[str]:
+    prompts = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"--prompts {path}:{number} is not JSON ({err.msg}): give {PROMPT_FORMATS}"
+            ) from None
+        prompt = _record_prompt(record)
+        if prompt is None or not prompt.strip():
+            raise ValueError(f"--prompts {path}:{number} holds no prompt: give {PROMPT_FORMATS}")
+        prompts.append(prompt)
+    return prompts
+
+
+def _json_list_prompts(path: Path, text: str) -> list[str]:
+    try:
+        records = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--prompts {path} is not JSON ({err.msg}, line {err.lineno}): give {PROMPT_FORMATS}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"--prompts {path} is not a JSON list: give {PROMPT_FORMATS}")
+    prompts = []
+    for index, record in enumerate(records):
+        prompt = _record_prompt(record)
+        if prompt is None or not prompt.strip():
+            raise ValueError(f"--prompts {path}: item {index} holds no prompt: give {PROMPT_FORMATS}")
+        prompts.append(prompt)
+    return prompts
