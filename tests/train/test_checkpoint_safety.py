@@ -127,6 +127,21 @@ def test_overwrite_refuses_inputs_that_it_would_delete(run, tiny_model_dir, caps
     assert _snapshot(out) == before and (out / "heads").is_dir()
 
 
+def test_files_no_run_wrote_are_never_written_over(tiny_model_dir, run, tmp_path, capsys):
+    """An --output-dir holding a user's own train_config.json, curves.png or heads/ (no run wrote them): a new
+    run would write over them and --overwrite would delete them, so both are refused and nothing changes."""
+    data, _ = run
+    for name, content in (("train_config.json", '{"mine": 1}'), ("curves.png", "my chart"), ("heads/notes.txt", "x")):
+        out = tmp_path / name.replace("/", "_")
+        (out / name).parent.mkdir(parents=True)
+        (out / name).write_text(content)
+        for extra in ([], ["--overwrite"]):
+            assert main(_argv(tiny_model_dir, data, out, *extra)) == 2
+            line = _error_line(capsys)
+            assert f"--output-dir {out} holds {name.split('/')[0]}, which no fastmedusa run wrote" in line, line
+            assert (out / name).read_text() == content
+
+
 def test_resume_and_overwrite_together_are_refused(run, tiny_model_dir, capsys):
     data, out = run
     assert main(_argv(tiny_model_dir, data, out, "--overwrite", "--resume")) == 2

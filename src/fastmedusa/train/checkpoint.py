@@ -84,6 +84,31 @@ def earlier_run_files(output_dir: Path) -> list[Path]:
 
 
 
+RUN_CONFIG_KEYS = ("stage", "num_heads", "output_dir")  # what every train_config.json a run wrote holds
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether `path` is a train_config.json that `fastmedusa train` wrote (a JSON object with its keys)."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(saved, dict) and all(key in saved for key in RUN_CONFIG_KEYS)
+
+
+def foreign_run_files(output_dir: Path) -> list[Path]:
+    """Files where a run writes (its settings, its chart, its heads/) that no run of fastmedusa wrote: a run
+    would write over them, and --overwrite would delete them. A run's train_config.json makes the rest its own."""
+    output_dir = Path(output_dir)
+    if is_run_config(output_dir / TRAIN_CONFIG):
+        return []
+    found = [p for p in (output_dir / TRAIN_CONFIG, output_dir / "curves.png") if p.exists()]
+    heads = output_dir / "heads"
+    if heads.is_dir() and any(heads.iterdir()) and not (heads / "config.json").is_file():
+        found.append(heads)
+    return found
+
+
 def is_trained_backbone(path: Path) -> bool:
     """Whether `path` is a backbone directory that `fastmedusa train --stage 2` wrote (it holds the marker)."""
     from fastmedusa.model.loading import TRAINED_BACKBONE_MARKER

@@ -181,6 +181,12 @@ def _prepare_output_dir(config: TrainConfig) -> Path:
                 f"--resume: no complete checkpoint in {out}: drop --resume to start a new run there"
             )
         return out
+    if foreign := ckpt.foreign_run_files(out):
+        names = ", ".join(p.name for p in foreign)
+        raise FileExistsError(
+            f"--output-dir {out} holds {names}, which no fastmedusa run wrote (a run writes there, and --overwrite "
+            "deletes a run's files): pass another --output-dir, or move them"
+        )
     earlier = ckpt.earlier_run_files(out)
     if config.overwrite:
         check_overwrite_keeps_inputs(config, earlier)
