@@ -112,6 +112,11 @@ class DistillConfig:
                 f"--output {self.output} is a directory: pass a file path, e.g. {out / 'distilled.jsonl'}"
             )
         check_writable(out, "--output")
+        if out.is_file() and out.stat().st_size > 0 and not is_distill_output(out):
+            raise FileExistsError(
+                f"--output {self.output} exists and is not a `fastmedusa distill` output (JSONL records with "
+                "'conversations'): pass a new path; distill never writes over another file, even with --overwrite"
+            )
         if out.is_file() and out.stat().st_size > 0 and not (self.resume or self.overwrite):
             raise ValueError(
                 f"--output {self.output} already holds records: pass --resume to continue it, "
@@ -398,6 +403,20 @@ def run_group(
 
 def progress_path(output: str | os.PathLike) -> Path:
     return Path(str(Path(output).expanduser()) + PROGRESS_SUFFIX)
+
+
+def is_distill_output(path: Path) -> bool:
+    """Whether `path` is what distill writes: it has distill's progress file beside it, or its first line is a
+    record with 'conversations' (a run killed before its first progress save)."""
+    if progress_path(path).is_file():
+        return True
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 24)
+        record = json.loads(first)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and "conversations" in record
 
 
 def whole_records(path: Path, chunk: int = 1 << 24) -> tuple[int, int]:
