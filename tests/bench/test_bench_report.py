@@ -69,7 +69,7 @@ def test_bench_decode_and_heads_path_flags_are_one_clear_error(tmp_path, capsys)
     from fastmedusa.cli import main
 
     args = argparse.Namespace(prompts="mtbnech", max_prompt_tokens=512, num_prompts=1)
-    with pytest.raises(FileNotFoundError, match="pass 'mt-bench', 'sharegpt' or a question.jsonl"):
+    with pytest.raises(FileNotFoundError, match="--prompts mtbnech: no such file; pass 'mt-bench', 'sharegpt' or a prompt file"):
         load_prompts(args, tokenizer=None)
     (tmp_path / "notes.txt").write_text("x")
     assert main(["bench", "heads", "--heads", str(tmp_path), "--tree-dir", str(tmp_path / "notes.txt")]) == 2
