@@ -22,6 +22,9 @@ def default_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}  # "you cannot write there"
+
+
 def not_writable(path: str | os.PathLike, err: OSError) -> OSError:
     """`err` of a write that failed for a reason the user can fix (read-only file system, permissions, a full
     disk) as a PermissionError naming `path` itself, not a temporary file beside it; other errors as they are."""
@@ -49,9 +52,6 @@ def make_parent_directory(path: Path) -> None:
         raise NotADirectoryError(f"cannot write {path}: {where}; pass another path") from err
     except OSError as err:
         raise not_writable(path, err) from err
-
-
-WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}  # "you cannot write there"
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> None:
