@@ -68,14 +68,20 @@ def check_writable(path: str | os.PathLike, flag: str) -> None:
         ) from err
 
 
+def json_object_keys(path: str | os.PathLike) -> set[str]:
+    """The keys of the JSON object in `path`; empty for anything else (no file, not JSON, not an object). How a
+    command tells its own earlier output, which it may replace, from a file it must not touch."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
 def is_benchmark_result(path: str | os.PathLike) -> bool:
     """Whether `path` holds a result of a `fastmedusa bench` command: a JSON object with its environment
     record (`env` or `environment`), which is what such a run may replace."""
-    try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(result, dict) and ("env" in result or "environment" in result)
+    return bool({"env", "environment"} & json_object_keys(path))
 
 
 def check_output_file(

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
-from fastmedusa.files import check_writable
+from fastmedusa.files import check_writable, json_object_keys
 
 RUN_CONFIG = "train_config.json"
 SPLIT_FIELDS = ("model", "data", "max_conversations", "eval_size", "seed", "seq_len")
@@ -265,11 +265,7 @@ EVAL_RESULT_KEYS = ("heads", "model", "data", "conversations", "labels")  # what
 
 def is_eval_result(path: Path) -> bool:
     """Whether `path` holds an earlier `fastmedusa eval` result (a JSON object with its keys)."""
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(result, dict) and all(key in result for key in EVAL_RESULT_KEYS)
+    return set(EVAL_RESULT_KEYS) <= json_object_keys(path)
 
 
 def check_eval_output(output: Path, heads: Path, data: str | None) -> None:

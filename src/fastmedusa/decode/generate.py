@@ -452,9 +452,7 @@ def _split_model(model: nn.Module, heads: nn.Module | None) -> tuple[nn.Module, 
     return model, heads
 
 
-def check_batch(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, P) long, left pad per row (B,)) from a left-padded batch, or a clear error."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32):
         raise ValueError("input_ids must be an integer tensor of token ids, shape (batch, prompt_len)")
@@ -463,7 +461,6 @@ def check_batch(
         raise ValueError(f"input_ids must be (batch, prompt_len), got shape {tuple(input_ids.shape)}")
     if ids.shape[1] == 0 or ids.shape[0] == 0:
         raise ValueError(f"input_ids of shape {tuple(ids.shape)} is empty: give at least one prompt token")
-    positive_int(max_new_tokens, "max_new_tokens")
     if attention_mask is None:
         if ids.shape[0] > 1:
             raise ValueError(
@@ -742,7 +739,7 @@ def generate(
     max_batch_size = positive_int(max_batch_size, "max_batch_size", optional=True)
     compile, compact = optional_flag(compile, "compile"), optional_flag(compact, "compact")
     base, heads = _split_model(model, heads)
-    ids, offsets = check_batch(input_ids, attention_mask, max_new_tokens)
+    ids, offsets = check_batch(input_ids, attention_mask)
     check_token_ids(ids, offsets, base.get_input_embeddings().num_embeddings)
     temperature, typical_epsilon, typical_delta = check_sampling(temperature, typical_epsilon, typical_delta)
     tree_buffers = None

@@ -30,6 +30,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from fastmedusa.errors import UserError
+from fastmedusa.files import json_object_keys
 from fastmedusa.model.export import BACKBONE_NAME
 
 PREFIX = "checkpoint-"
@@ -89,11 +90,7 @@ RUN_CONFIG_KEYS = ("stage", "num_heads", "output_dir")  # what every train_confi
 
 def is_run_config(path: Path) -> bool:
     """Whether `path` is a train_config.json that `fastmedusa train` wrote (a JSON object with its keys)."""
-    try:
-        saved = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(saved, dict) and all(key in saved for key in RUN_CONFIG_KEYS)
+    return set(RUN_CONFIG_KEYS) <= json_object_keys(path)
 
 
 def foreign_run_files(output_dir: Path) -> list[Path]:
