@@ -22,21 +22,35 @@ def _ok(row: dict | None) -> bool:
     return row is not None and not row.get("oom") and not row.get("failed") and "tokens_per_s" in row
 
 
+def peer_status(row: dict | None) -> str:
+    """What became of a peer at a grid point: "ok", "oom", "failed" (its error is in its own file) or "not run"."""
+    if row is None:
+        return "not run"
+    return "ok" if _ok(row) else "oom" if row.get("oom") else "failed"
+
+
+def grid_key(row: dict) -> tuple:
+    """A grid point: rows compare only at equal stage, heads, T and batch size."""
+    return row["stage"], row["heads"], row["seq_len"], row.get("batch_size")
+
+
 def compare(full: dict, draft: dict, ours: str = "triton") -> list[dict]:
     """One row per grid point of the draft run: our draft row against each full-vocabulary row there."""
     points: dict[tuple, dict[str, dict]] = {}
     for row in full["rows"]:
-        points.setdefault((row["stage"], row["heads"], row["seq_len"]), {})[row["impl"]] = row
+        points.setdefault(grid_key(row), {})[row["impl"]] = row
     out = []
     for row in draft["rows"]:
         if row["impl"] != ours or not _ok(row):
             continue
-        key = (row["stage"], row["heads"], row["seq_len"])
+        key = grid_key(row)
         peers = points.get(key, {})
-        point = {"stage": key[0], "heads": key[1], "seq_len": key[2], "draft_vocab": row["draft_vocab"],
-                 "draft_tok_s": row["tokens_per_s"], "draft_gb": row["peak_memory_gb"]}  # fmt: skip
+        point = {"stage": key[0], "heads": key[1], "seq_len": key[2], "batch_size": key[3],
+                 "draft_vocab": row["draft_vocab"], "draft_tok_s": row["tokens_per_s"],
+                 "draft_gb": row["peak_memory_gb"]}  # fmt: skip
         for name in PEERS:
             peer = peers.get(name)
+            point[f"{name}_full_status"] = peer_status(peer)
             point[f"{name}_full_tok_s"] = peer["tokens_per_s"] if _ok(peer) else None
             point[f"{name}_full_gb"] = peer["peak_memory_gb"] if _ok(peer) else None
             point[f"speedup_vs_{name}_full"] = row["tokens_per_s"] / peer["tokens_per_s"] if _ok(peer) else None
@@ -51,7 +65,9 @@ def markdown(points: list[dict]) -> str:
         cells = []
         for name in PEERS:
             tok, gb, ratio = p[f"{name}_full_tok_s"], p[f"{name}_full_gb"], p[f"speedup_vs_{name}_full"]
-            cells.append("OOM" if tok is None else f"{tok / 1e3:.1f}k ({gb:.1f}); draft {ratio:.2f}x")
+            status = p.get(f"{name}_full_status", "ok" if tok is not None else "oom")
+            cells.append(f"{tok / 1e3:.1f}k ({gb:.1f}); draft {ratio:.2f}x" if tok is not None else status.upper()
+                         if status == "oom" else status)  # fmt: skip
         lines.append(f"| {p['stage']}, {p['heads']}, {p['seq_len']} | {p['draft_tok_s'] / 1e3:.1f}k "
                      f"({p['draft_gb']:.1f}) | " + " | ".join(cells) + " |")  # fmt: skip
     return "\n".join(lines)
@@ -72,6 +88,9 @@ def plot(points: list[dict], path: Path, env: dict, title: str) -> None:
     memory.plot(seq, [p["draft_gb"] for p in points], marker="*", markersize=12, label="fastmedusa, draft vocab")
     for name in PEERS:
         label = f"{'fastmedusa' if name == 'triton' else name}, full vocab"
+        statuses = {p.get(f"{name}_full_status", "ok") for p in points}
+        if "ok" not in statuses:  # no point to draw: say why in the legend
+            label += f" ({'OOM' if statuses == {'oom'} else '/'.join(sorted(statuses))})"
         speed.plot(seq, [p[f"{name}_full_tok_s"] or float("nan") for p in points], marker="o", label=label)
         memory.plot(seq, [p[f"{name}_full_gb"] or float("nan") for p in points], marker="o", label=label)
     speed.set(xlabel="sequence length T", ylabel="training tokens/s", xscale="log")
@@ -102,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = draft.get("settings", {})
     shape = SHAPE_NAMES.get(settings.get("shape", ""), settings.get("shape", "?"))
     stages = "/".join(str(s) for s in sorted({p["stage"] for p in points}))  # the stages that have rows
-    title = f"{shape} shape, stage {stages}: draft-vocabulary heads vs full-vocabulary peers"
+    batches = sorted({p["batch_size"] for p in points if p.get("batch_size")})
+    batch = f", batch {'/'.join(map(str, batches))}" if batches else ""
+    title = f"{shape} shape, stage {stages}{batch}: draft-vocabulary heads vs full-vocabulary peers"
     plot(points, args.out.with_suffix(".png"), env, title)
     print(markdown(points))
 

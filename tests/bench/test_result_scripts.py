@@ -53,6 +53,27 @@ def test_draft_speedup_compares_the_draft_row_with_every_full_vocabulary_row(tmp
     assert merged["points"] == points and merged["full"] == ["full_a.json", "full_b.json"]
 
 
+def test_draft_speedup_tells_a_peer_not_run_from_one_out_of_memory_and_keeps_batch_sizes_apart(tmp_path, capsys):
+    def row(impl, batch, tok_s, **extra):
+        return _train_row(impl, 4096, tok_s, 70.0, **extra) | {"batch_size": batch}
+
+    full = {"rows": [row("liger", 2, 6e3), row("torch", 2, 0, oom=True), row("cce", 2, 0) | {"failed": True},
+                     row("liger", 6, 9e3)]}  # fmt: skip
+    draft = {"environment": {}, "settings": {"shape": "8b"}, "rows": [row("triton", 2, 7.2e3, draft=32768)]}
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    (tmp_path / "draft.json").write_text(json.dumps(draft))
+    out = tmp_path / "cmp.json"
+    table = run_script("draft_speedup.py", ["--full", str(tmp_path / "full.json"), "--draft",
+                                            str(tmp_path / "draft.json"), "--out", str(out)], capsys)  # fmt: skip
+    (point,) = json.loads(out.read_text())["points"]
+    assert point["batch_size"] == 2
+    assert point["speedup_vs_liger_full"] == pytest.approx(1.2)  # the batch-2 Liger row, not the batch-6 one
+    statuses = {name: point[f"{name}_full_status"] for name in ("torch", "liger", "cce", "triton")}
+    assert statuses == {"torch": "oom", "liger": "ok", "cce": "failed", "triton": "not run"}
+    cells = table.strip().splitlines()[-1].split(" | ")
+    assert cells[2:] == ["OOM", "6.0k (70.0); draft 1.20x", "failed", "not run |"]
+
+
 def test_recipe_report_builds_prefix_expectations_from_the_trees(tmp_path, capsys):
     acc = [[0.4, 0.1, 0.05], [0.2, 0.05, 0.02]]  # two heads, top-3 ranks
     (tmp_path / "tree_kl-distilled-2.json").write_text(json.dumps({"rank_accuracies": acc, "prompts": 2}))
