@@ -22,6 +22,15 @@ def default_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def parse_json(text: str):
+    """`json.loads`, except that nesting too deep for the parser is a `json.JSONDecodeError` like any other
+    broken JSON (a bare RecursionError would escape every handler that reports a bad file in one line)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+
+
 WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}  # "you cannot write there"
 
 
@@ -72,7 +81,7 @@ def json_object_keys(path: str | os.PathLike) -> set[str]:
     """The keys of the JSON object in `path`; empty for anything else (no file, not JSON, not an object). How a
     command tells its own earlier output, which it may replace, from a file it must not touch."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = parse_json(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return set()
     return set(data) if isinstance(data, dict) else set()

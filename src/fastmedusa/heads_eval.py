@@ -15,12 +15,11 @@ Writes JSON (default: HEADS_DIR/eval.json, which `fastmedusa export` puts in the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
-from fastmedusa.files import check_writable, json_object_keys
+from fastmedusa.files import check_writable, json_object_keys, parse_json
 
 RUN_CONFIG = "train_config.json"
 SPLIT_FIELDS = ("model", "data", "max_conversations", "eval_size", "seed", "seq_len")
@@ -101,7 +100,15 @@ def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
 
     defaults = TrainConfig()
     run_file = heads_dir.parent / RUN_CONFIG
-    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    try:
+        run = parse_json(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        run = err
+    if not isinstance(run, dict):
+        raise ValueError(
+            f"{run_file} is not the settings of a `fastmedusa train` run (not a JSON object): restore it, or "
+            "delete it and pass --model, --data, --eval-size and --seed as the run used them"
+        )
     settings = {}
     for name in SPLIT_FIELDS:
         given = getattr(args, name)
@@ -268,7 +275,7 @@ def is_eval_result(path: Path) -> bool:
     return set(EVAL_RESULT_KEYS) <= json_object_keys(path)
 
 
-def check_eval_output(output: Path, heads: Path, data: str | None) -> None:
+def check_eval_output(output: Path, heads: Path, data: str | None, given: bool = True) -> None:
     """The results may replace an earlier eval result, never anything else: not the data read, a file the heads
     need, nor the model's weights or a run's settings (a stage-2 run's model/ lies beside its heads)."""
     target = output.resolve()
@@ -283,11 +290,11 @@ def check_eval_output(output: Path, heads: Path, data: str | None) -> None:
         )
     if target.is_dir():
         raise ValueError(f"--output {output} is a directory: pass a file path for the results (e.g. eval.json)")
-    own_default = target == (heads / "eval.json").resolve()  # the heads' own eval.json: always eval's to replace
-    if target.exists() and not own_default and not is_eval_result(target):
+    if target.exists() and not is_eval_result(target):  # the heads' own eval.json too: a user's notes stay
+        named = f"--output {output}" if given else f"{output} (the default output)"
         raise ValueError(
-            f"--output {output} exists and is not an earlier `fastmedusa eval` result: pass a new path (eval "
-            "replaces only its own results)"
+            f"{named} exists and is not an earlier `fastmedusa eval` result: move it, or pass a new --output "
+            "path (eval replaces only its own results)"
         )
     check_writable(output, "--output")  # before the evaluation, not after it
 
@@ -309,7 +316,7 @@ def run_eval(args: argparse.Namespace) -> int:
     heads = find_heads_dir(args.heads_dir)
     output = Path(args.output).expanduser() if args.output else heads / "eval.json"
     settings = split_settings(args, heads)
-    check_eval_output(output, heads, settings["data"])  # the data read, given or the run's
+    check_eval_output(output, heads, settings["data"], given=args.output is not None)  # data: given or the run's
     result = evaluate_heads(args, settings)
     write_json_atomic(output, result)
     for line in report_lines(result):

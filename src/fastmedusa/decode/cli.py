@@ -112,6 +112,11 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     """Token ids (1, P); with `chat`, the prompt becomes a user turn followed by the assistant's header."""
     if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "--chat: this model's tokenizer has no chat template (a base model, not a chat one): drop --chat "
+                "to continue the prompt as plain text"
+            )
         messages = [{"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from fastmedusa.files import parse_json
+
 Path_ = tuple[int, ...]
 
 # FasterDecoding/Medusa's 63-node tree for 4 heads (from simulated Vicuna-7B head accuracies). It is listed
@@ -187,8 +189,14 @@ def resolve_tree(
                 )
             paths = build_tree(tree_info["rank_accuracies"], int(size), chains=info_chains(tree_info))
             return validate_paths(paths, num_heads)
+        if not name.strip():
+            raise ValueError(
+                f"tree {name!r} is empty: pass a JSON file of paths, auto:<nodes>, or one of {preset_names()}"
+            )
         if Path(name).is_file():
             return validate_paths(load_tree(name, num_heads), num_heads)
+        if Path(name).exists() and not Path(name).is_dir():
+            raise ValueError(f"tree {name} is not a regular file: pass a JSON file of paths (e.g. a tree.json)")
         if Path(name).is_dir():
             raise IsADirectoryError(f"tree {name} is a directory: pass its tree.json (a JSON list of paths)")
         if name.endswith(".json") or os.sep in name:
@@ -487,7 +495,7 @@ def load_tree(path: str | os.PathLike, num_heads: int | None = None) -> list[lis
     if not path.is_file():
         raise FileNotFoundError(f"no tree file at {path}: write one with `fastmedusa bench heads`")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ValueError(f"tree file {path} is not UTF-8 text: expected JSON {{'paths': [[0], [0, 0], ...]}}") from None
     except json.JSONDecodeError as err:
@@ -503,6 +511,8 @@ def load_tree(path: str | os.PathLike, num_heads: int | None = None) -> list[lis
     if not paths:
         raise ValueError(f"tree file {path} holds no paths: expected {{'paths': [[0], [0, 0], ...]}}")
     theirs = data.get("num_heads") if isinstance(data, dict) else None
+    if theirs is not None and (not isinstance(theirs, int) or isinstance(theirs, bool) or theirs < 1):
+        raise ValueError(f"tree file {path}: num_heads is {theirs!r}, not a whole number of heads: fix or drop it")
     if num_heads is not None and theirs is not None and theirs != num_heads:
         raise ValueError(
             f"{path} is a tree for {theirs} Medusa heads but these heads have {num_heads}: use a tree made "

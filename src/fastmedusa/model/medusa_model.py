@@ -173,20 +173,36 @@ class MedusaModel(nn.Module):
                 raise ValueError(
                     f"heads in {directory} have {field}={getattr(saved, field)}, model has {getattr(mine, field)}"
                 )
-        check_heads_fit_lm_head(saved, self.base.get_output_embeddings().weight)
+        try:
+            check_heads_fit_lm_head(saved, self.base.get_output_embeddings().weight)
+        except ValueError as err:
+            raise ValueError(f"heads in {directory}: {err}") from None
         state = module_state(checkpoint)
         head = self.medusa_heads.state_dict()
         for key, value in state.items():
-            if key in head and head[key].shape != value.shape:
+            if key not in head or head[key].shape == value.shape:
+                continue
+            if head[key].dim() != value.dim():  # not another model's size: not a heads tensor at all
                 raise ValueError(
-                    f"heads in {directory}: {key} has shape {tuple(value.shape)}, the base model needs "
-                    f"{tuple(head[key].shape)}: these heads were trained for another base model"
+                    f"heads in {directory}: {key} has shape {tuple(value.shape)} where heads hold a "
+                    f"{head[key].dim()}-D tensor: the weights file is damaged or was not written for Medusa "
+                    "heads; save or export the heads again"
                 )
-        missing, unexpected = self.medusa_heads.load_state_dict(state, strict=False)
+            raise ValueError(
+                f"heads in {directory}: {key} has shape {tuple(value.shape)}, the base model needs "
+                f"{tuple(head[key].shape)}: these heads were trained for another base model"
+            )
+        # checked before anything is copied: a failed load leaves the model's heads as they were
+        missing, unexpected = sorted(set(head) - set(state)), sorted(set(state) - set(head))
         if missing or unexpected:
             raise ValueError(
-                f"heads in {directory} do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}"
+                f"heads in {directory} do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}; the "
+                "weights file is incomplete or from another layout: save or export the heads again"
             )
+        try:
+            self.medusa_heads.load_state_dict(state, strict=True)  # checks the token map before copying
+        except ValueError as err:
+            raise ValueError(f"heads in {directory}: {err}") from None
         # decoding reads its tree.json (measured tree) from here: a run's directory means its heads/
         self.heads_dir = find_heads_dir(directory) if Path(directory).expanduser().is_dir() else directory
 

@@ -30,7 +30,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from fastmedusa.errors import UserError
-from fastmedusa.files import json_object_keys
+from fastmedusa.files import json_object_keys, parse_json
 from fastmedusa.model.export import BACKBONE_NAME
 
 PREFIX = "checkpoint-"
@@ -266,7 +266,7 @@ def verify_manifest(directory: Path, part: int = 0, parts: int = 1) -> None:
     directory = Path(directory)
     manifest = directory / MANIFEST
     try:
-        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        files = parse_json(manifest.read_text(encoding="utf-8"))["files"]
         if not isinstance(files, dict):
             raise TypeError("files is not an object")
     except FileNotFoundError as err:
@@ -294,7 +294,7 @@ def verify_manifest(directory: Path, part: int = 0, parts: int = 1) -> None:
 def read_json(path: Path) -> dict:
     """A JSON object from a checkpoint file; anything else is a `CheckpointError` naming the file."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        value = parse_json(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} is unreadable ({err})") from err
     if not isinstance(value, dict):

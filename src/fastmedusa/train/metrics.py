@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastmedusa.files import parse_json
+
 # Dense bf16 tensor-core peaks from the datasheets (TFLOP/s), matched against the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 
@@ -89,7 +91,7 @@ class JsonlLog:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = parse_json(line)
                 record_step = record["step"]
             except (ValueError, KeyError, TypeError):
                 torn += 1
@@ -101,7 +103,7 @@ class JsonlLog:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()]
+    return [parse_json(line) for line in Path(path).read_text().split("\n") if line.strip()]
 
 
 def plot_curves(records: list[dict], path: Path, num_heads: int) -> Path:
