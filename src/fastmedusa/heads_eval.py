@@ -118,7 +118,7 @@ def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
     if settings["seq_len"] < 2:
         raise ValueError(f"--seq-len {settings['seq_len']}: pass at least 2 (a token and the one it predicts)")
     if settings["max_conversations"] is not None and settings["max_conversations"] < 2:
-        raise ValueError(f"--max-conversations {settings['max_conversations']}: pass 2 or more (or omit it for all)")
+        raise ValueError(f"--max-conversations {settings['max_conversations']}: pass 2 or more (or leave it out: the run's own)")
     recorded = settings["data"] if args.data is None else None
     if recorded and Path(recorded).is_absolute() and not Path(recorded).exists():
         raise FileNotFoundError(

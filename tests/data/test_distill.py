@@ -238,6 +238,32 @@ def test_resume_after_torn_write_gives_the_uninterrupted_file(tiny, tmp_path, te
         assert other.read_bytes() != straight.read_bytes()
 
 
+def test_resume_may_change_the_batch_size_except_inside_an_unrecorded_group(tiny, tmp_path, monkeypatch):
+    """Lowering --batch-size after running out of memory: the resumed file equals one uninterrupted run (each
+    answer has its own seed). A group written at the old size but not yet recorded must be finished at it."""
+    monkeypatch.setattr(distill_module, "GROUP_BATCHES", 2)
+    model, tokenizer = tiny
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(7)))
+    kwargs = dict(data=str(data), max_new_tokens=MAX_NEW, temperature=0.9, seed=3)
+    straight = tmp_path / "straight.jsonl"
+    distill_conversations(model, tokenizer, DistillConfig(output=str(straight), batch_size=2, **kwargs))
+    lines = straight.read_bytes().splitlines(keepends=True)
+    out = tmp_path / "out.jsonl"
+    distill_conversations(model, tokenizer, DistillConfig(output=str(out), max_conversations=4, batch_size=2, **kwargs))
+    resumed = DistillConfig(output=str(out), resume=True, batch_size=1, **kwargs)
+    with open(out, "ab") as f:  # killed after one record of the next group, before its progress
+        f.write(lines[4])
+    with pytest.raises(ValueError, match="--batch-size 1: .* 1 records of a group distilled at --batch-size 2"):
+        distill_conversations(model, tokenizer, resumed)
+    assert out.read_bytes() == b"".join(lines[:5])  # refused before anything changed
+    cut = out.read_bytes()[: -len(lines[4])]
+    out.write_bytes(cut)  # the group boundary: nothing unrecorded
+    stats = distill_conversations(model, tokenizer, resumed)
+    assert stats.n_written == 3 and out.read_bytes() == straight.read_bytes()
+    assert json.loads(progress_path(out).read_text())["settings"]["batch_size"] == 1
+
+
 def test_sampled_answers_do_not_depend_on_the_batch(tiny, data_file, tmp_path, monkeypatch):
     model, tokenizer = tiny
     monkeypatch.setattr(BatchGenerator, "runs_on_cuda", lambda self: True)  # take the compiled path's batching

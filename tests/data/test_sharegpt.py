@@ -38,6 +38,9 @@ MALFORMED = [
     ),
     (record(("human", "hi"), ("human", "anyone?")), "no assistant turn after a user turn"),
     ({"conversations": ["hi", "hello"]}, "turn is not an object"),
+    (record(("user", [{"type": "image_url", "image_url": {"url": "x"}}]), ("assistant", "a cat")),
+     "content part of type 'image_url'"),  # fmt: skip
+    (record(("user", [{"type": "text", "text": 3}]), ("assistant", "a")), "non-string value"),
 ]
 
 
@@ -59,6 +62,17 @@ def test_roles_are_normalised_and_both_shapes_read(write_json):
         {"role": "assistant", "content": "a1\n\na2"},
         {"role": "user", "content": "q2"},
         {"role": "assistant", "content": "a3\n\na4"},
+    ]
+
+
+def test_openai_content_parts_are_read_as_their_text():
+    parts = record(("system", [{"type": "text", "text": "Be brief."}]),
+                   ("user", [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]),
+                   ("assistant", [{"text": "Hello."}]), key="messages", role_key="role", text_key="content")  # fmt: skip
+    assert normalize_record(parts)[0] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi\nthere"},
+        {"role": "assistant", "content": "Hello."},
     ]
 
 

@@ -128,10 +128,12 @@ def test_overwrite_refuses_inputs_that_it_would_delete(run, tiny_model_dir, caps
 
 
 def test_files_no_run_wrote_are_never_written_over(tiny_model_dir, run, tmp_path, capsys):
-    """An --output-dir holding a user's own train_config.json, curves.png or heads/ (no run wrote them): a new
+    """An --output-dir holding a user's own train_config.json, curves.png, heads/, metrics.jsonl or a
+    checkpoint-N/ folder without a checkpoint's files (no run wrote them): a new
     run would write over them and --overwrite would delete them, so both are refused and nothing changes."""
     data, _ = run
-    for name, content in (("train_config.json", '{"mine": 1}'), ("curves.png", "my chart"), ("heads/notes.txt", "x")):
+    for name, content in (("train_config.json", '{"mine": 1}'), ("curves.png", "my chart"), ("heads/notes.txt", "x"),
+                          ("metrics.jsonl", "my notes\n"), ("checkpoint-0000001/notes.txt", "x")):  # fmt: skip
         out = tmp_path / name.replace("/", "_")
         (out / name).parent.mkdir(parents=True)
         (out / name).write_text(content)

@@ -157,6 +157,23 @@ def test_resuming_a_finished_run_says_there_is_nothing_left(tiny_model_dir, shar
     assert "already at step 2 of 1: nothing left to train (raise --max-steps" in printed.out + printed.err
 
 
+def test_a_diverging_run_is_one_error_line_with_exit_code_2(tiny_model_dir, sharegpt_file, tmp_path, capsys):
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(sharegpt_file), "--output-dir", str(tmp_path / "run"),
+            "--num-heads", "1", "--seq-len", "64", "--batch-size", "2", "--eval-size", "4", "--tree-prompts", "0",
+            "--no-progress", "--no-plot", "--device", "cpu", "--lr", "1e30", "--max-steps", "3"]  # fmt: skip
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "the loss became non-finite" in err[0] and "Lower --lr" in err[0]
+
+
+def test_a_mistyped_relative_model_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, capsys):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", "models/smol", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --model models/smol: no such file or directory (models holds no smol)"
+
+
 def test_a_relative_model_path_is_recorded_absolute(tiny_model_dir, sharegpt_file, tmp_path, monkeypatch, capsys):
     """`--model` typed relative to where a run starts is recorded absolute (train_config.json, checkpoints, the
     heads' config.json): the run resumes, and its heads find their base model, from any other directory. A
@@ -258,3 +275,11 @@ def test_a_resume_compares_hub_ids_by_name_even_with_allow_changed_data(tmp_path
     assert known_inputs({"model": {}}, {"model": {}}) == []  # an empty fingerprint proves nothing
     renamed = {"data": {"c.json": fp_a["a.json"]}}  # the same bytes under another name: the same input
     assert same_inputs({"data": fp_a}, renamed) == ["data"]
+
+
+def test_init_heads_errors_name_the_flag(tmp_path):
+    from fastmedusa.train.run import read_init_heads
+
+    (tmp_path / "data.json").write_text("[]")
+    with pytest.raises(NotADirectoryError, match=r"^--init-heads: .*data.json is a file: pass the heads directory"):
+        read_init_heads(TrainConfig(init_heads=str(tmp_path / "data.json")))

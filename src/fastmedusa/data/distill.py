@@ -61,10 +61,12 @@ REFILL_BATCHES = 4  # prompts per engine call, in batches, where slots are refil
 PROGRESS_SUFFIX = ".progress"  # no .json suffix: `train --data DIR` must still see a single data file
 DEFAULT_ROLE_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# Settings that change what is generated: a resumed run must use the same ones.
+# Settings that change what is generated: a resumed run must use the same ones. The batch size is recorded
+# too, but a resume may change it (after running out of memory): each answer has its own seed.
 RESUME_SETTINGS = (
     "data", "max_new_tokens", "max_prompt_tokens", "max_turns", "batch_size", "temperature", "seed"
 )  # fmt: skip
+FREE_ON_RESUME = ("batch_size",)
 
 
 @dataclass
@@ -498,6 +500,8 @@ def check_same_settings(saved: dict, now: dict, output: str) -> None:
     """A resume continues the same run: every setting as it was, the same files (paths compared resolved)."""
     for key, value in now.items():
         then = saved.get(key)
+        if key in FREE_ON_RESUME:
+            continue
         if key in ("data", "model") and then is not None and value is not None and input_path(key, then) == value:
             continue  # the same file, typed another way (a progress file of an earlier version kept it as typed)
         if key == "data_fingerprint":
@@ -545,7 +549,14 @@ def prepare_output(config: DistillConfig, settings: dict) -> _Start:
             f"{state['records']}: records after #{lines} were lost (the file was cut or edited); restore it, "
             f"or pass --overwrite to start again (this drops its {lines} complete records)"
         )
-    if ahead > GROUP_BATCHES * config.batch_size:
+    saved_batch = state["settings"].get("batch_size", config.batch_size)
+    if ahead > 0 and saved_batch != config.batch_size:  # that group's records came in groups of the old size
+        raise ValueError(
+            f"--resume with --batch-size {config.batch_size}: {config.output} ends with {ahead} records of a group "
+            f"distilled at --batch-size {saved_batch} whose progress was not yet recorded: resume with "
+            f"--batch-size {saved_batch} (a later resume may change it), or pass --overwrite to start again"
+        )
+    if ahead > GROUP_BATCHES * saved_batch:
         raise ValueError(
             f"--resume: {config.output} has {lines} records but {state_path.name} expects "
             f"{state['records']}: the file was changed by hand; pass --overwrite to start again"
@@ -823,7 +834,8 @@ HELP = {
     "(later turns are dropped and counted). Long chats make many rounds of small batches, so this bounds "
     "the run's time (default: every answer)",
     "batch_size": "rows decoded together (slots, each refilled with the next prompt as its answer ends); larger "
-    "is faster until the GPU is full",
+    "is faster until the GPU is full. A --resume may change it (e.g. after running out of memory); in bf16 the "
+    "answers after the change may then differ by rounding from those of one uninterrupted run",
     "temperature": "0: greedy; above 0: sampling, reproducible from --seed (also across --resume)",
     "seed": "seed of the sampling: each answer draws from its own seed derived from this, so the output does "
     "not depend on --batch-size and a resumed run samples the same",

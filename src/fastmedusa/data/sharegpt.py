@@ -444,11 +444,28 @@ def _normalize_turn(turn: object) -> tuple[dict[str, str] | None, str | None]:
         return None, "turn without from/role or value/content"
     if not isinstance(role, str) or role.lower() not in ROLES:
         return None, f"unknown role {str(role)[:20]!r}"  # named: a whole file of another schema shows which
+    if isinstance(text, list):  # OpenAI's content parts: [{"type": "text", "text": "..."}, ...]
+        text, reason = _text_of_parts(text)
+        if reason:
+            return None, reason
     if not isinstance(text, str):
         return None, "non-string value"
     if not text.strip():
         return None, "empty turn"
     return {"role": ROLES[role.lower()], "content": text}, None
+
+
+def _text_of_parts(parts: list) -> tuple[str | None, str | None]:
+    """The text of a message given as OpenAI content parts, the parts joined by newlines; a part that is not
+    text (an image, audio) skips the record, since the heads could not see what the model was shown."""
+    texts = []
+    for part in parts:
+        if isinstance(part, dict) and part.get("type", "text") != "text":
+            return None, f"content part of type {str(part.get('type'))[:20]!r}"
+        if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+            return None, "non-string value"
+        texts.append(part["text"])
+    return "\n".join(texts), None
 
 
 def _tidy_turns(turns: Conversation) -> tuple[Conversation | None, str | None]:

@@ -99,9 +99,15 @@ def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, d
                 "pass a directory saved by `save_pretrained`, a .gguf file or a hub id"
             )
         return str(path), {}
-    looks_like_path = str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1
+    text = str(name_or_path)
+    # a hub id is "name" or "owner/name"; "dir/name" where dir is a local folder is a mistyped path, not an id
+    local_parent = "/" in text and path.parent.is_dir()
+    looks_like_path = (
+        text.startswith((".", "/", "~")) or text.count("/") > 1 or local_parent or path.suffix == ".gguf"
+    )
     if looks_like_path:
-        raise FileNotFoundError(f"--model {name_or_path}: no such file or directory")
+        where = f" ({path.parent} holds no {path.name})" if local_parent else ""
+        raise FileNotFoundError(f"--model {name_or_path}: no such file or directory{where}")
     return str(name_or_path), {}
 
 

@@ -103,7 +103,24 @@ def foreign_run_files(output_dir: Path) -> list[Path]:
     heads = output_dir / "heads"
     if heads.is_dir() and any(heads.iterdir()) and not (heads / "config.json").is_file():
         found.append(heads)
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.exists() and not is_metrics_log(metrics):
+        found.append(metrics)
+    for _, path in _checkpoint_dirs(output_dir):
+        own = (path / MANIFEST).exists() or (path / RUN_INFO).exists() if path.is_dir() else False
+        if not own and not (path.is_dir() and not any(path.iterdir())):
+            found.append(path)  # a checkpoint-N directory without the files every checkpoint of ours holds
     return found
+
+
+def is_metrics_log(path: Path) -> bool:
+    """Whether `path` is a run's metrics.jsonl: empty, or its first record a JSON object with a step."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), None)
+        return first is None or isinstance(record := parse_json(first), dict) and "step" in record
+    except (OSError, ValueError):
+        return False
 
 
 def is_trained_backbone(path: Path) -> bool:

@@ -151,9 +151,9 @@ def run_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     try:
         train(config)
-    except NonFiniteLossError as err:
+    except NonFiniteLossError as err:  # the settings or the data made it diverge: a user's error like any other
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

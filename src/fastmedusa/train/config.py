@@ -136,7 +136,7 @@ class TrainConfig:
         _check_int(self.tree_prompts, 0, "--tree-prompts", "pass 0 (no tree.json) or more held-out prompts")
         if self.max_conversations is not None:
             _check_int(
-                self.max_conversations, 2, "--max-conversations", "pass 2 or more (or omit it for all)"
+                self.max_conversations, 2, "--max-conversations", "pass 2 or more, or 'all' for every conversation"
             )
             _check(
                 self.eval_size < self.max_conversations,

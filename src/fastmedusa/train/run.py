@@ -125,7 +125,10 @@ def read_init_heads(config: TrainConfig):
         return None
     from fastmedusa.model.export import read_heads
 
-    init = read_heads(config.init_heads)
+    try:
+        init = read_heads(config.init_heads)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:  # name the flag: the path alone is vague
+        raise type(err)(f"--init-heads: {err}") from None
     wanted = {"num_heads": config.num_heads, "num_layers": config.num_layers,
               "shared_lm_head": config.shared_lm_head, "draft_vocab": config.draft_vocab}  # fmt: skip
     for name, mine in wanted.items():
