@@ -254,6 +254,53 @@ def test_labels_outside_the_vocabulary_are_named_not_read(impl, bad):
     linear_cross_entropy(hs[0], ws[0], labels, impl=impl, ignore_index=-100)
 
 
+@pytest.mark.parametrize("impl", ["torch", "chunked", "triton"])
+@pytest.mark.parametrize("pad", [20, 1000, -1])
+def test_an_ignore_index_outside_the_vocabulary_is_ignored(impl, pad):
+    """A pad id at or past V (or another negative) as ignore_index: those positions are not scored, and the
+    loss and gradients are those of the same positions marked -100."""
+    hs, ws, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.3, seed=1)
+    padded = torch.where(labels == -100, pad, labels)
+    grads = []
+    for lab, ignore in ((labels, -100), (padded, pad)):
+        h, w = hs[0].clone().requires_grad_(), ws[0].clone().requires_grad_()
+        loss = linear_cross_entropy(h, w, lab, impl=impl, ignore_index=ignore, shift=1)
+        loss.backward()
+        grads.append((loss.detach(), h.grad, w.grad))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_more_argument_kinds_are_named():
+    hs, ws, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)
+    for rows in (1.5, "8"):
+        with pytest.raises(TypeError, match=f"chunk_rows={rows!r}: pass a whole number of rows"):
+            linear_cross_entropy(hs[0], ws[0], labels, chunk_rows=rows)
+    with pytest.raises(TypeError, match=r"shifts=\[2.0\]: pass integers, one per head"):
+        medusa_cross_entropy(hs, ws, labels, shifts=[2.0])
+    with pytest.raises(TypeError, match="hidden must be a torch.Tensor, got ndarray"):
+        linear_cross_entropy(hs[0].numpy(), ws[0], labels)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got NoneType"):
+        linear_cross_entropy(hs[0], None, labels)
+    with pytest.raises(ValueError, match=r"weight has shape \(0, 8\): a vocabulary and a hidden size of 1 or more"):
+        linear_cross_entropy(hs[0], ws[0][:0], labels.clamp(max=-100))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float64_inputs_stay_float64_exact_with_impl_triton(reduction):
+    """The Triton kernels sum in fp32: fp64 inputs (exact references) take the chunked path, whatever impl says."""
+    hs, ws, labels = _inputs(2, 5, 7, 23, heads=1, ignore_frac=0.2, seed=4)
+    out = {}
+    for impl in ("chunked", "triton"):
+        h, w = hs[0].clone().requires_grad_(), ws[0].clone().requires_grad_()
+        loss = linear_cross_entropy(h, w, labels, impl=impl, shift=1, reduction=reduction)
+        loss.sum().backward()
+        out[impl] = (loss.detach(), h.grad, w.grad)
+    assert out["triton"][0].dtype == torch.float64
+    for got, want in zip(out["triton"], out["chunked"]):
+        assert torch.equal(got, want)
+
+
 def test_argument_kinds_are_named():
     hs, ws, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)
     with pytest.raises(TypeError, match="shifts=2: pass one shift per head"):

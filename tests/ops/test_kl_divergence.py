@@ -316,3 +316,26 @@ def test_bf16_extra_memory_is_the_two_chunk_buffers():
     rows = kl_chunk_rows(0, batch * (seq - 1), vocab)
     buffers = 2 * rows * vocab * 2
     assert torch.cuda.max_memory_allocated() - base - grads <= 1.1 * buffers + (32 << 20)
+
+
+def test_argument_kinds_are_named_like_the_cross_entropy_ones():
+    hs, ws, th, tw, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)
+    with pytest.raises(ValueError, match="labels have dtype torch.bool"):
+        medusa_kl_divergence(hs, ws, th, tw, labels > 3, shifts=[1])
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor, got list"):
+        medusa_kl_divergence(hs, ws, th, tw, labels.tolist(), shifts=[1])
+    with pytest.raises(TypeError, match=r"ignore_index=-100.0: pass an integer"):
+        medusa_kl_divergence(hs, ws, th, tw, labels, shifts=[1], ignore_index=-100.0)
+    for rows in (2.5, "8"):
+        with pytest.raises(TypeError, match=f"chunk_rows={rows!r}: pass a whole number of rows"):
+            medusa_kl_divergence(hs, ws, th, tw, labels, shifts=[1], chunk_rows=rows)
+    with pytest.raises(TypeError, match=r"hiddens\[0\] must be a torch.Tensor, got ndarray"):
+        medusa_kl_divergence([hs[0].numpy()], ws, th, tw, labels, shifts=[1])
+
+
+def test_float64_inputs_stay_float64_exact_with_impl_triton():
+    """The Triton kernels sum in fp32: fp64 inputs (exact references) take the chunked path, whatever impl says."""
+    hs, ws, th, tw, labels = _inputs(2, 5, 8, 21, heads=2, ignore_frac=0.2, seed=3)
+    losses = {impl: medusa_kl_divergence(hs, ws, th, tw, labels, shifts=[1, 2], impl=impl) for impl in IMPLS}
+    assert losses["triton"].dtype == torch.float64
+    assert torch.equal(losses["triton"], losses["chunked"])

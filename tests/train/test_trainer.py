@@ -137,3 +137,17 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_medusa, 
     assert all(
         torch.isfinite(p).all() for p in model.medusa_heads.parameters()
     )  # the NaN step was not applied
+
+
+def test_fit_makes_an_output_dir_that_does_not_exist_yet(tiny_medusa, tmp_path):
+    out = tmp_path / "new" / "run"  # a Trainer built in Python, not through `fastmedusa train`
+    Trainer(tiny_medusa(), _config(out, max_steps=2, eval_every=0), train_batches=_batches(2)).fit()
+    assert (out / "metrics.jsonl").is_file() and latest_checkpoint(out) is not None
+
+
+@pytest.mark.parametrize("batch", [[], [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}], "abc"])
+def test_train_step_names_what_a_batch_is(tiny_medusa, tmp_path, batch):
+    trainer = Trainer(tiny_medusa(), _config(tmp_path))
+    with pytest.raises(ValueError, match="train_step takes a batch \\(a dict with 'input_ids' and 'labels'"):
+        trainer.train_step(batch)
+    assert trainer.step == 0

@@ -64,6 +64,9 @@ class MedusaConfig:
                 f"num_heads (medusa_num_heads in a heads config.json, --num-heads of `fastmedusa train`) must be "
                 f"an integer >= 1, got {self.num_heads!r}"
             )
+        for name in ("hidden_size", "vocab_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: pass a positive size, or None (the base model's)")
         if not isinstance(self.num_layers, int) or self.num_layers < 0:
             raise ValueError(f"num_layers must be an integer >= 0, got {self.num_layers!r}")
         n = self.draft_vocab_size

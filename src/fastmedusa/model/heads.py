@@ -82,9 +82,12 @@ def draft_labels(labels: torch.Tensor, draft_index: torch.Tensor) -> torch.Tenso
     """Labels (token ids, IGNORE_INDEX = not scored) as draft-vocabulary indices; IGNORE_INDEX outside it.
 
     A gather of B*T integers: the hidden states and weights are untouched, so every loss impl works."""
+    from fastmedusa.ops.cross_entropy import check_label_values
+
     labels = labels.long()
+    check_label_values(labels, draft_index.numel(), IGNORE_INDEX)  # ids of the full vocabulary, or ignored
     valid = labels != IGNORE_INDEX
-    mapped = draft_index[labels.clamp(min=0)]
+    mapped = draft_index[labels.clamp(0, draft_index.numel() - 1)]
     return torch.where(valid, mapped, IGNORE_INDEX)
 
 
@@ -129,8 +132,9 @@ class MedusaHeads(nn.Module):
     ) -> None:
         super().__init__()
         lm_weight = lm_head.weight
-        if config.hidden_size is None or config.vocab_size is None:
-            config.vocab_size, config.hidden_size = lm_weight.shape
+        vocab, hidden = lm_weight.shape  # only what the config leaves open: a stated size is checked below
+        config.vocab_size = vocab if config.vocab_size is None else config.vocab_size
+        config.hidden_size = hidden if config.hidden_size is None else config.hidden_size
         check_heads_fit_lm_head(config, lm_weight)
         config.__post_init__()  # vocab_size is known now: a draft vocabulary larger than it fails here
         self.config = config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -115,7 +115,8 @@ class MedusaModel(nn.Module):
                 f"from_base takes a loaded Hugging Face causal LM, got {type(hf_model).__name__}: for a hub id or a "
                 "path use MedusaModel.from_pretrained(name, heads=...)"
             )
-        config = _medusa_config(config) or MedusaConfig()
+        # a copy: the heads fill in the base model's sizes, and the caller's config may serve another model
+        config = replace(_medusa_config(config) or MedusaConfig())
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(hf_model.config, "_name_or_path", None) or None
         return cls(hf_model, config, token_map)

@@ -69,11 +69,34 @@ def shifted_targets(labels: Tensor, shift: int, ignore_index: int) -> Tensor:
     return torch.cat([labels[..., shift:], tail], dim=-1).reshape(-1)
 
 
-def _check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
+def check_chunk_rows(chunk_rows: object) -> int:
+    """`chunk_rows` as the ops take it: None (0: automatic) or a positive integer, named when it is not."""
+    if chunk_rows is None:
+        return 0
+    try:
+        rows = operator.index(chunk_rows)
+    except TypeError:
+        raise TypeError(f"chunk_rows={chunk_rows!r}: pass a whole number of rows, or None (automatic)") from None
+    if rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows}: must be a positive number of rows (or None: automatic)")
+    return rows
+
+
+def kernel_impl(impl: str, dtype: torch.dtype) -> str:
+    """The Triton kernels sum in fp32: fp64 inputs (exact references) take the chunked path, which keeps fp64."""
+    return "chunked" if impl == "triton" and dtype == torch.float64 else impl
+
+
+def check_tensor(value: object, name: str) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
     """Every label is a class of the weight's V rows or `ignore_index`: another id would be read past the
     logits (a wrong loss from the fused kernels, an index error elsewhere). On the CPU the check is free and
     names the value; on a GPU it is an asynchronous device assert, so training keeps no per-step host sync."""
-    bad = ((labels < 0) & (labels != ignore_index)) | (labels >= vocab)
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)  # a pad id past V may be ignore_index
     fix = f"use {ignore_index} (ignore_index) for positions not scored, and ids of the weight's {vocab} rows"
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         if bad.any():
@@ -93,6 +116,8 @@ def _check_inputs(
             raise TypeError(f"{name}={value!r}: pass an integer") from None
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
+    check_tensor(hidden, "hidden")
+    check_tensor(weight, "weight")
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden has shape {tuple(hidden.shape)}: expected (B, T, H) or (N, H)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -100,6 +125,8 @@ def _check_inputs(
             f"weight has shape {tuple(weight.shape)} but hidden has H={hidden.shape[-1]}: "
             "expected weight (V, H), the nn.Linear(H, V) layout"
         )
+    if 0 in weight.shape:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}: a vocabulary and a hidden size of 1 or more")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)}: "
@@ -112,7 +139,7 @@ def _check_inputs(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
     if label_values:
-        _check_label_values(labels, weight.shape[0], ignore_index)
+        check_label_values(labels, weight.shape[0], ignore_index)
 
 
 def linear_cross_entropy(
@@ -155,11 +182,10 @@ def _linear_cross_entropy(
         from fastmedusa.ops.peers import peer_linear_cross_entropy
 
         return peer_linear_cross_entropy(impl, hidden, weight, labels, shift, ignore_index, reduction)
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows={chunk_rows}: must be a positive number of rows (or None: automatic)")
-    chunk_rows = chunk_rows or 0  # 0: the op sizes chunks to LOGITS_BUDGET_BYTES of logits
+    chunk_rows = check_chunk_rows(chunk_rows)  # 0: the op sizes chunks to LOGITS_BUDGET_BYTES of logits
     resolve_wgrad(wgrad)
     dtype = compute_dtype(hidden, weight)
+    impl = kernel_impl(impl, dtype)
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     w = weight.to(dtype)
     targets = shifted_targets(labels, shift, ignore_index)
@@ -234,10 +260,13 @@ def medusa_cross_entropy(
             f"got {len(hiddens)} hiddens, {len(weights)} weights and {len(shifts)} shifts: "
             "pass one of each per head (K >= 1)"
         )
-    shifts = [operator.index(s) for s in shifts]  # ints, numpy ints or 0-d tensors
+    try:
+        shifts = [operator.index(s) for s in shifts]  # ints, numpy ints or 0-d tensors; 1.5 is no shift
+    except TypeError:
+        raise TypeError(f"shifts={list(shifts)!r}: pass integers, one per head") from None
     for h, w, s in zip(hiddens, weights, shifts):
         _check_inputs(h, w, labels, s, "mean", ignore_index, label_values=False)
-    _check_label_values(labels, min(w.shape[0] for w in weights), ignore_index)  # once, not once per head
+    check_label_values(labels, min(w.shape[0] for w in weights), ignore_index)  # once, not once per head
     losses = [
         _linear_cross_entropy(h, w, labels, s, ignore_index, "mean", impl, chunk_rows, wgrad)
         for h, w, s in zip(hiddens, weights, shifts)

@@ -296,7 +296,7 @@ def fused_forward(
     loss_rows, _, grad_h, grad_w = chunk_loop(
         hidden,
         weight,
-        targets.clamp(min=0),  # ignored rows are skipped or masked, never indexed
+        targets.clamp(0, weight.shape[0] - 1),  # ignored rows (any ignore_index) are never read
         rows,
         None,
         1.0 if need_grad else None,
@@ -395,7 +395,7 @@ def linear_ce_rows_op(
     loss_rows, lse, _, _ = chunk_loop(
         hidden,
         weight,
-        targets.clamp(min=0),
+        targets.clamp(0, weight.shape[0] - 1),
         rows,
         None,
         None,
@@ -433,7 +433,7 @@ def linear_ce_rows_backward_op(
     _, _, grad_h, grad_w = chunk_loop(
         hidden,
         weight,
-        targets.clamp(min=0),
+        targets.clamp(0, weight.shape[0] - 1),
         rows,
         lse,
         grad_rows.to(acc_dtype(hidden.dtype)) * valid,

@@ -41,7 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmedusa.ops.cross_entropy import compute_dtype, shifted_targets, triton_available
+from fastmedusa.ops.cross_entropy import (
+    check_chunk_rows,
+    check_tensor,
+    compute_dtype,
+    kernel_impl,
+    shifted_targets,
+    triton_available,
+)
 from fastmedusa.ops.dtypes import acc_dtype
 from fastmedusa.ops.fused import _addmm_acc
 
@@ -345,6 +352,10 @@ def _check_kl_inputs(hiddens, weights, teacher_hidden, teacher_weight, labels, s
             f"got {len(hiddens)} hiddens, {len(weights)} weights and {len(shifts)} shifts: "
             "pass one of each per head (K >= 1)"
         )
+    for name, value in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                        ("labels", labels), *((f"hiddens[{i}]", h) for i, h in enumerate(hiddens)),
+                        *((f"weights[{i}]", w) for i, w in enumerate(weights))):  # fmt: skip
+        check_tensor(value, name)
     if teacher_hidden.dim() not in (2, 3):
         raise ValueError(
             f"teacher_hidden has shape {tuple(teacher_hidden.shape)}: expected (B, T, H) or (N, H)"
@@ -370,7 +381,7 @@ def _check_kl_inputs(hiddens, weights, teacher_hidden, teacher_weight, labels, s
             f"labels have shape {tuple(labels.shape)} but the hidden states {tuple(teacher_hidden.shape)}: "
             "labels must be token-aligned with the positions, (B, T) or (N,)"
         )
-    if labels.dtype.is_floating_point:
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels have dtype {labels.dtype}: pass integer token ids (torch.long)")
     for s in shifts:
         if int(s) < 1:
@@ -412,12 +423,16 @@ def medusa_kl_divergence(
         raise TypeError(f"shifts={list(shifts)!r}: pass integers, one per head") from None
     hiddens, weights = list(hiddens), list(weights)
     _check_kl_inputs(hiddens, weights, teacher_hidden, teacher_weight, labels, shifts)
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index={ignore_index!r}: pass an integer") from None
     impl = resolve_kl_impl(impl, teacher_hidden.device)
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows={chunk_rows}: must be a positive number of rows (or None: automatic)")
+    chunk_rows = check_chunk_rows(chunk_rows)
     if wgrad not in KL_WGRAD_MODES:
         raise ValueError(f"wgrad={wgrad!r} is not one of {KL_WGRAD_MODES}")
     dtype = compute_dtype(hiddens[0], weights[0])
+    impl = kernel_impl(impl, dtype)
     width = teacher_hidden.shape[-1]
     cast: dict[int, Tensor] = {}  # one cast per distinct weight: a shared projection is not copied K times
     ws = [cast.setdefault(id(w), w.to(dtype)) for w in weights]
@@ -432,7 +447,7 @@ def medusa_kl_divergence(
     need_h = [grad_on and h.requires_grad for h in hs]
     need_w = [grad_on and w.requires_grad for w in ws]
     losses, _, _, _ = medusa_kl_op(
-        hs, ws, th, tw, labels, shifts, ignore_index, need_h, need_w, impl, chunk_rows or 0, wgrad
+        hs, ws, th, tw, labels, shifts, ignore_index, need_h, need_w, impl, chunk_rows, wgrad
     )
     return losses
 

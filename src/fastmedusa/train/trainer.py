@@ -216,7 +216,14 @@ class Trainer:
         also per-head top-1/top-5 accuracy on the last micro-batch (no grad, chunked over the vocabulary).
         A NaN/inf loss raises `NonFiniteLossError` before the weights change.
         """
-        micro = [self.backend.shard_batch(b) for b in ([batch] if isinstance(batch, dict) else batch)]
+        batches = [batch] if isinstance(batch, dict) else list(batch)
+        if not batches or not all(isinstance(b, dict) and "input_ids" in b and "labels" in b for b in batches):
+            raise ValueError(
+                "train_step takes a batch (a dict with 'input_ids' and 'labels' tensors, as `random_batch` or the "
+                f"data loader gives) or a non-empty list of them, got {type(batch).__name__}"
+                + (" of length 0" if not batches else "")
+            )
+        micro = [self.backend.shard_batch(b) for b in batches]
         self.model.train()
         weights = self.head_weights
         lm_weight = 1.0 if self.config.stage == 2 else 0.0
@@ -395,6 +402,8 @@ class Trainer:
         """
         cfg = self.config
         main = self.backend.is_main_process()
+        if main:  # a Trainer built in Python may name a directory that does not exist yet: made before any work
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         if torn := self.log.truncate_after(self.step):
             logger.warning("%s: dropped %d torn line(s) left by an interrupted write", self.log.path, torn)
         if self.step == 0:
