@@ -146,6 +146,10 @@ def test_generate_many_takes_integers_of_any_kind_and_one_row_prompts(llama):
     assert [t.tolist() for t in out.new_token_ids] == [t.tolist() for t in ref.new_token_ids]
     with pytest.raises(TypeError, match="compile='no': pass True, False or None"):
         generate_many(model, prompts, 4, compile="no")
+    one_token = [torch.tensor([7]), torch.tensor([9]), np.array([11])]  # what `tokenizer(w).input_ids[0]` gives
+    alone = [generate_many(model, [p.tolist()], 3, tree="chain_2").new_token_ids[0].tolist() for p in one_token]
+    out = generate_many(model, one_token, 3, batch_size=2, tree="chain_2")
+    assert [t.tolist() for t in out.new_token_ids] == alone
 
 
 @pytest.mark.slow

@@ -597,6 +597,8 @@ def _is_int(value: object) -> bool:
     """An integer of any kind (int, numpy integer, 0-d integer tensor), not a bool or a float."""
     if isinstance(value, bool) or getattr(value, "dtype", None) in (torch.bool, bool):
         return False
+    if getattr(value, "ndim", 0) > 0:  # a one-token prompt tensor([537]) converts like 537, but is a sequence
+        return False
     try:
         operator.index(value)
     except TypeError:
