@@ -46,6 +46,7 @@ def test_flags_set_their_fields():
         (["--output-dir", "/proc/version/out"], "--output-dir /proc/version/out: /proc/version is a file, not a directory"),
         (["--eval-size", "10", "--max-conversations", "10"], "leaves no training conversation"),
         (["--tree-prompts", "-1"], "--tree-prompts -1: pass 0 (no tree.json) or more"),
+        (["--heads-decay", "0"], "--heads-decay 0.0: pass a number > 0"),
         (["--device", "foo"], "--device foo: not a device name; pass cpu, cuda or cuda:N"),
     ],
 )

@@ -161,10 +161,14 @@ class TrainConfig:
             "weight_decay",
             "max_grad_norm",
             "heads_coefficient",
-            "heads_decay",
         ):
             value = getattr(self, name)
             _check(_finite(value) and value >= 0, f"--{_flag(name)} {value}: pass a number >= 0")
+        _check(
+            _finite(self.heads_decay) and self.heads_decay > 0,
+            f"--heads-decay {self.heads_decay}: pass a number > 0 (head k's loss is weighted by heads_decay**k, "
+            "so 0 would train no head)",
+        )
         _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio {self.warmup_ratio}: pass a fraction in [0, 1)")
         _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio {self.min_lr_ratio}: pass a fraction in [0, 1]")
         if self.warmup_steps is not None:
