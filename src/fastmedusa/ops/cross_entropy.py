@@ -4,6 +4,7 @@ Dtypes: the GEMMs run in the autocast dtype when autocast is on for the hidden's
 under `torch.autocast`), otherwise in the weight's dtype; the hidden is cast to it. Softmax, loss and
 each GEMM's sums are fp32 (fp64 for fp64 inputs); by default dW sums its row chunks in the compute dtype
 (wgrad="accumulate": in fp32). The loss is fp32 (fp64 for fp64); gradients are in each input's dtype.
+fp64 inputs always take the chunked path (impl="triton" too: its kernels sum in fp32).
 """
 
 from __future__ import annotations
