@@ -284,3 +284,15 @@ def test_init_heads_errors_name_the_flag(tmp_path):
     (tmp_path / "data.json").write_text("[]")
     with pytest.raises(NotADirectoryError, match=r"^--init-heads: .*data.json is a file: pass the heads directory"):
         read_init_heads(TrainConfig(init_heads=str(tmp_path / "data.json")))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("min_lr_ratio", None, "--min-lr-ratio None: pass a fraction in [0, 1]"),
+     ("warmup_ratio", "0.1", "--warmup-ratio '0.1': pass a fraction in [0, 1)"),
+     ("stage", True, "--stage True: pass 1 (heads only) or 2"),
+     ("lr", True, "--lr True: pass a positive learning rate")],
+)  # fmt: skip
+def test_train_config_values_of_the_wrong_kind_are_named(field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        TrainConfig(**{field: value})

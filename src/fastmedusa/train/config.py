@@ -116,7 +116,10 @@ class TrainConfig:
     # -- checks ------------------------------------------------------------------------
     def validate(self) -> None:
         """Reject values that cannot work, saying which flag to change."""
-        _check(self.stage in (1, 2), f"--stage {self.stage}: pass 1 (heads only) or 2 (heads + backbone)")
+        _check(
+            not isinstance(self.stage, bool) and self.stage in (1, 2),
+            f"--stage {self.stage!r}: pass 1 (heads only) or 2 (heads + backbone)",
+        )
         _check_int(self.num_heads, 1, "--num-heads", "pass 1 or more (3 to 5 is usual)")
         _check_int(self.num_layers, 0, "--num-layers", "pass 0 or more ResBlocks per head")
         if self.draft_vocab == 0:
@@ -169,8 +172,14 @@ class TrainConfig:
             f"--heads-decay {self.heads_decay}: pass a number > 0 (head k's loss is weighted by heads_decay**k, "
             "so 0 would train no head)",
         )
-        _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio {self.warmup_ratio}: pass a fraction in [0, 1)")
-        _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio {self.min_lr_ratio}: pass a fraction in [0, 1]")
+        _check(
+            _finite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
+            f"--warmup-ratio {self.warmup_ratio!r}: pass a fraction in [0, 1)",
+        )
+        _check(
+            _finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
+            f"--min-lr-ratio {self.min_lr_ratio!r}: pass a fraction in [0, 1]",
+        )
         if self.warmup_steps is not None:
             _check_int(self.warmup_steps, 0, "--warmup-steps", "pass 0 or more steps")
         _choice(self.heads_schedule, HEADS_SCHEDULES, "--heads-schedule")
@@ -286,7 +295,7 @@ def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
 
 
 def _finite(value: float) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _flag(name: str) -> str:
