@@ -196,7 +196,9 @@ def test_a_gzip_file_cut_short_keeps_every_complete_record(tmp_path, fraction):
      (b"  \n\n\t\n", r"is blank \(only whitespace\): pass a file of conversations"),
      (b"BZh91AY&SY" + bytes(20), r"is bzip2-compressed: unpack it first \(`bunzip2 .*`\), or gzip it"),
      (b"\xfd7zXZ\x00" + bytes(20), r"is xz-compressed: unpack it first \(`unxz .*`\)"),
-     (b"PK\x03\x04" + bytes(20), r"is zip-compressed: unpack it first \(`unzip .*`\)")],
+     (b"PK\x03\x04" + bytes(20), r"is zip-compressed: unpack it first \(`unzip .*`\)"),
+     (b"\x1f\x8b\x08\x00", "is a gzip file cut short before its first byte of data"),
+     ("\ufeff".encode(), "is empty: pass a file of conversations")],  # a BOM alone: empty, not a gzip
 )  # fmt: skip
 def test_empty_and_compressed_files_say_what_they_are(tmp_path, content, says):
     path = tmp_path / "d.json"

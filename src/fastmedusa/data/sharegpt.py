@@ -302,6 +302,8 @@ def _file_records(path: Path, stats: ReadStats) -> Iterator[object]:
                 yield from _json_lines_records(itertools.chain((head + f.readline()).split("\n"), f), stats)
             elif not first:
                 what = "empty" if not head else "blank (only whitespace)"
+                if not head and _is_gzip(path):  # gzip bytes on disk, none decompressed: a gzip cut short
+                    what = "a gzip file cut short before its first byte of data"
                 raise ValueError(f"--data {path} is {what}: pass a file of conversations; {_EXPECTED_SHAPE}")
             else:
                 raise ValueError(
@@ -309,6 +311,11 @@ def _file_records(path: Path, stats: ReadStats) -> Iterator[object]:
                 )
         finally:
             stats.n_replaced_bytes += _REPLACED_BYTES[0] - start
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
 
 
 def _json_array_records(f, buf: str, stats: ReadStats) -> Iterator[object]:
