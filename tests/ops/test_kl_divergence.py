@@ -339,3 +339,12 @@ def test_float64_inputs_stay_float64_exact_with_impl_triton():
     losses = {impl: medusa_kl_divergence(hs, ws, th, tw, labels, shifts=[1, 2], impl=impl) for impl in IMPLS}
     assert losses["triton"].dtype == torch.float64
     assert torch.equal(losses["triton"], losses["chunked"])
+
+
+def test_a_second_backward_through_the_fused_kl_says_what_to_do():
+    hs, ws, th, tw, labels = _inputs(1, 4, 8, 20, heads=1, ignore_frac=0.0, seed=0)
+    h = hs[0].clone().requires_grad_()
+    loss = medusa_kl_divergence([h], ws, th, tw, labels, shifts=[1], impl="chunked").sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through a fused fastmedusa loss.*impl='torch'"):
+        loss.backward()

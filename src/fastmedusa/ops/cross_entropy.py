@@ -168,6 +168,9 @@ def linear_cross_entropy(
     wgrad picks how the weight gradient is formed: "inplace" (3 GEMM passes, summed chunk by chunk in the
     weight's dtype, no extra V x H memory), "accumulate" (3 passes + an fp32 V x H buffer: exact sums),
     "recompute" (4 passes, no buffer), "auto" ("inplace"; "accumulate" for fp16: `fused.resolve_wgrad`).
+
+    The fused impls ("chunked", "triton") with reduction "mean" or "sum" form the gradients in the forward:
+    one backward per call (no retain_graph=True, no double backward); impl="torch" has no such limit.
     """
     _check_inputs(hidden, weight, labels, shift, reduction, ignore_index)
     return _linear_cross_entropy(hidden, weight, labels, shift, ignore_index, reduction, impl, chunk_rows, wgrad)

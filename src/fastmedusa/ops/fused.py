@@ -360,6 +360,24 @@ def _(
     return loss, grad_h, grad_w, hidden.new_empty((), dtype=acc_dtype(hidden.dtype))
 
 
+SECOND_BACKWARD = (
+    "a second backward through a fused fastmedusa loss (impl 'chunked' or 'triton'): its gradients are formed in "
+    "the forward and scaled in place by the one backward, so retain_graph=True cannot reuse them; compute the "
+    "loss again for each backward, or use impl='torch'"
+)
+
+
+def saved_gradients(ctx) -> tuple[Tensor, ...]:
+    """The gradients a fused forward saved; after the one backward scaled them in place, a second backward
+    gets `SECOND_BACKWARD`, not autograd's version-counter message."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as err:
+        if "inplace operation" not in str(err):
+            raise
+        raise RuntimeError(SECOND_BACKWARD) from None
+
+
 def _linear_ce_setup(ctx, inputs, output) -> None:
     # the gradient outputs never receive a gradient: without this, autograd would fill a zero tensor for each
     # of them before the backward runs, one more V x H (and N x H) buffer at the peak
@@ -373,7 +391,7 @@ def _linear_ce_backward(ctx, grad_loss, _grad_h, _grad_w, _grad_scale):
     more V x H buffer per head at the peak. The saved tensors are released before AccumulateGrad runs, so
     it adopts them without a copy. A second backward through the graph then fails autograd's version check
     (retain_graph=True is not supported here: use impl="torch")."""
-    grad_h, grad_w, grad_scale = ctx.saved_tensors
+    grad_h, grad_w, grad_scale = saved_gradients(ctx)
     if grad_loss is None:  # the loss took no part in what was differentiated
         return None, None, None, None, None, None, None, None, None, None
     g = grad_loss * grad_scale  # fp32 scalar

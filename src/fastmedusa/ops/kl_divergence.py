@@ -50,7 +50,7 @@ from fastmedusa.ops.cross_entropy import (
     triton_available,
 )
 from fastmedusa.ops.dtypes import acc_dtype
-from fastmedusa.ops.fused import _addmm_acc
+from fastmedusa.ops.fused import _addmm_acc, saved_gradients
 
 KL_IMPLS = ("auto", "triton", "torch", "chunked")
 KL_WGRAD_MODES = ("auto", "accumulate", "inplace")
@@ -321,7 +321,7 @@ def _medusa_kl_setup(ctx, inputs, output) -> None:
 def _medusa_kl_backward(ctx, grad_losses, _grad_hs, _grad_ws, _grad_scales):
     """Scales the gradients made in the forward, in place outside torch.compile (see `fused._linear_ce_backward`:
     a copy would be one more V x H buffer per head; a second backward is not supported, use impl="torch")."""
-    grad_scales, *saved = ctx.saved_tensors
+    grad_scales, *saved = saved_gradients(ctx)
     need_h, need_w = ctx.need
     k = len(need_h)
     if grad_losses is None:  # the losses took no part in what was differentiated
@@ -414,6 +414,7 @@ def medusa_kl_divergence(
     Dtypes as `medusa_cross_entropy`: GEMMs in the autocast dtype (or the weights' dtype), softmax and KL
     in fp32. Tuning: chunk_rows bounds the logits buffers (None: automatic within KL_LOGITS_BUDGET_BYTES);
     wgrad: "accumulate" (fp32 dW sums), "inplace" (sums in the weight's dtype, no extra memory), "auto".
+    The fused impls form the gradients in the forward: one backward per call (no retain_graph=True).
     """
     if isinstance(shifts, int) or not isinstance(shifts, Sequence | Tensor):
         raise TypeError(f"shifts={shifts!r}: pass one shift per head, e.g. [2, 3] for heads 1 and 2")
