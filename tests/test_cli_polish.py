@@ -366,18 +366,16 @@ def test_an_unwritable_place_is_one_line_before_the_work(tmp_path, capsys, monke
     with pytest.raises(PermissionError, match=f"cannot write {tmp_path / 'r.json'}: Read-only file system; pass"):
         files.write_json_atomic(tmp_path / "r.json", {})
 
-    def failing_command(argv):
-        raise OSError(errno.EACCES, "Permission denied", str(tmp_path / ".out.json.k2j4.tmp"))
+    for code, text, temporary, expected in (
+        (errno.EACCES, "Permission denied", ".out.json.k2j4.tmp",
+         f"error: {tmp_path / 'out.json'}: Permission denied; check its permissions or pass another path"),
+        (errno.ENOSPC, "No space left on device", ".heads.abc123.tmp",
+         f"error: cannot write {tmp_path / 'heads'}: No space left on device; pass a location you can write to"),
+    ):  # fmt: skip
 
-    monkeypatch.setattr("fastmedusa.cli.run", failing_command)
-    assert main(["generate"]) == 2
-    err = capsys.readouterr().err
-    assert err.strip() == f"error: {tmp_path / 'out.json'}: Permission denied; check its permissions or pass another path"
+        def failing_command(argv, code=code, text=text, temporary=temporary):
+            raise OSError(code, text, str(tmp_path / temporary))
 
-    def full_disk(argv):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".heads.abc123.tmp"))
-
-    monkeypatch.setattr("fastmedusa.cli.run", full_disk)
-    assert main(["generate"]) == 2
-    err = capsys.readouterr().err
-    assert err.strip() == f"error: cannot write {tmp_path / 'heads'}: No space left on device; pass a location you can write to"
+        monkeypatch.setattr("fastmedusa.cli.run", failing_command)
+        assert main(["generate"]) == 2
+        assert capsys.readouterr().err.strip() == expected

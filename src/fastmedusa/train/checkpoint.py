@@ -106,10 +106,10 @@ def foreign_run_files(output_dir: Path) -> list[Path]:
     metrics = output_dir / "metrics.jsonl"
     if metrics.exists() and not is_metrics_log(metrics):
         found.append(metrics)
-    for _, path in _checkpoint_dirs(output_dir):
-        own = (path / MANIFEST).exists() or (path / RUN_INFO).exists() if path.is_dir() else False
-        if not own and not (path.is_dir() and not any(path.iterdir())):
-            found.append(path)  # a checkpoint-N directory without the files every checkpoint of ours holds
+    for _, path in _checkpoint_dirs(output_dir):  # ours: empty, or holding a checkpoint's files (complete or not)
+        ours = (path / MANIFEST).exists() or (path / RUN_INFO).exists()
+        if not path.is_dir() or any(path.iterdir()) and not ours:
+            found.append(path)
     return found
 
 
