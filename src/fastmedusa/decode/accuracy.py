@@ -30,6 +30,7 @@ from fastmedusa.decode.trees import (
     chains_to_json,
     check_chains,
     expected_accept_length,
+    stated_num_heads,
     validate_paths,
 )
 from fastmedusa.files import parse_json
@@ -308,12 +309,9 @@ def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dic
             check_chains(chains_from_json(info["accepted_chains"]), len(accuracies), len(accuracies[0]))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    stated = info.get("num_heads")
-    if stated is not None and (not isinstance(stated, int) or isinstance(stated, bool) or stated < 1):
-        raise ValueError(
-            f"{path}: num_heads is {stated!r}, not a whole number of heads: delete the file, or measure it again "
-            "with `fastmedusa bench heads --heads DIR --write-tree`"
-        )
+    stated = stated_num_heads(
+        info, str(path), "delete the file, or measure it again with `fastmedusa bench heads --heads DIR --write-tree`"
+    )
     theirs = stated or (len(info["rank_accuracies"]) if info.get("rank_accuracies") else None)
     if num_heads is not None and theirs is not None and theirs != num_heads:
         raise ValueError(

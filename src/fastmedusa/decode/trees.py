@@ -488,6 +488,14 @@ def save_tree(path: str | os.PathLike, paths: Sequence[Sequence[int]], **extra: 
     return path
 
 
+def stated_num_heads(data: object, where: str, fix: str) -> int | None:
+    """The `num_heads` a tree file states (None when it states none); anything but a count >= 1 is refused."""
+    stated = data.get("num_heads") if isinstance(data, dict) else None
+    if stated is not None and (not isinstance(stated, int) or isinstance(stated, bool) or stated < 1):
+        raise ValueError(f"{where}: num_heads is {stated!r}, not a whole number of heads: {fix}")
+    return stated
+
+
 def load_tree(path: str | os.PathLike, num_heads: int | None = None) -> list[list[int]]:
     """Paths from a JSON file: `{"paths": [[0], [0, 0], ...]}` or a bare list of paths. A file that says it
     was measured for another number of heads (`num_heads`) is refused."""
@@ -510,9 +518,7 @@ def load_tree(path: str | os.PathLike, num_heads: int | None = None) -> list[lis
         )
     if not paths:
         raise ValueError(f"tree file {path} holds no paths: expected {{'paths': [[0], [0, 0], ...]}}")
-    theirs = data.get("num_heads") if isinstance(data, dict) else None
-    if theirs is not None and (not isinstance(theirs, int) or isinstance(theirs, bool) or theirs < 1):
-        raise ValueError(f"tree file {path}: num_heads is {theirs!r}, not a whole number of heads: fix or drop it")
+    theirs = stated_num_heads(data, f"tree file {path}", "fix or drop it")
     if num_heads is not None and theirs is not None and theirs != num_heads:
         raise ValueError(
             f"{path} is a tree for {theirs} Medusa heads but these heads have {num_heads}: use a tree made "
