@@ -87,3 +87,65 @@ def test_valid_kinds_still_pass(model):
     assert torch.equal(again.sequences, generate(model, IDS, max_new_tokens=4, tree=[[0], [0, 0]], eos_token_id=[3, 4],
                                                  seed=[7], temperature=0.5, typical_epsilon=1.5,
                                                  typical_delta=2.0).sequences)  # fmt: skip
+
+
+@pytest.mark.parametrize(("tree", "message"), [("auto:²", "node count after 'auto:'"), ("chain_²", "unknown tree")])
+def test_tree_names_with_non_ascii_digits(model, tree, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, IDS, max_new_tokens=4, tree=tree)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 5e-7])
+def test_a_temperature_too_small_to_divide_by_is_refused(model, temperature):
+    with pytest.raises(ValueError, match="too small to divide logits by .*pass 0 for greedy"):
+        generate(model, IDS, max_new_tokens=4, temperature=temperature)
+
+
+def test_the_heads_alone_or_another_module_as_the_model(model):
+    with pytest.raises(TypeError, match="model is the Medusa heads alone: pass the MedusaModel"):
+        generate(model.medusa_heads, IDS, max_new_tokens=4)
+    with pytest.raises(TypeError, match="got a Linear without get_input_embeddings"):
+        generate(torch.nn.Linear(2, 2), IDS, max_new_tokens=4)
+
+
+def test_heads_on_another_device_than_the_base_model_at_their_first_call():
+    model = random_medusa(tiny_llama(3), num_heads=2)
+    model.medusa_heads.to("meta")  # the CPU-only stand-in for a second device
+    with pytest.raises(ValueError, match="the Medusa heads are on meta but the base model is on cpu"):
+        generate(model, IDS, max_new_tokens=4)
+
+
+class _Drafts(torch.nn.Module):
+    """Heads of another class than fastmedusa's: `draft_topk` returns whatever `make(batch, k)` builds."""
+
+    def __init__(self, make, num_heads: object = 2) -> None:
+        super().__init__()
+        self.make, self.num_heads = make, num_heads
+
+    def draft_topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        return self.make(hidden.shape[0], k)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda b, k: torch.zeros(1, b, k, dtype=torch.long), ValueError, r"returned shape \(1, 1, 10\); the tree needs"),
+        (lambda b, k: torch.zeros(2, b, k + 1, dtype=torch.long), ValueError, r"returned shape \(2, 1, 11\)"),
+        (lambda b, k: torch.zeros(2, b, k), TypeError, "returned torch.float32 values; it must return integer"),
+        (lambda b, k: [[0] * k] * 2, TypeError, "returned a list; it must return a tensor"),
+        (lambda b, k: torch.full((2, b, k), VOCAB), ValueError, f"token id {VOCAB}, outside the base model's"),
+    ],
+)
+def test_other_heads_returning_the_wrong_drafts(model, make, error, message):
+    with pytest.raises(error, match=message):
+        generate(model.base, IDS, max_new_tokens=4, heads=_Drafts(make))
+    with pytest.raises(error, match=message):
+        generate_many(model.base, [IDS[0]], max_new_tokens=4, heads=_Drafts(make))
+
+
+def test_other_heads_must_say_how_many_they_are(model):
+    heads = _Drafts(lambda b, k: torch.zeros(2, b, k, dtype=torch.long), num_heads="2")
+    with pytest.raises(TypeError, match="heads.num_heads is '2'"):
+        generate(model.base, IDS, max_new_tokens=4, heads=heads)
+    good = _Drafts(lambda b, k: torch.zeros(2, b, k, dtype=torch.long))
+    assert generate(model.base, IDS, max_new_tokens=4, heads=good).sequences.shape == (1, 8)

@@ -278,10 +278,18 @@ class LayerWeights(nn.Module):
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         gate_up = [mlp.gate_proj, mlp.up_proj]
         for name, modules in (("qkv", qkv), ("gate_up", gate_up)):
-            getattr(self, f"w{name}").copy_(torch.cat([m.weight for m in modules]))
-            bias = _cat_optional([m.bias for m in modules], [m.weight for m in modules])
-            if bias is not None:
-                getattr(self, f"b{name}").copy_(bias)
+            _copy_rows(getattr(self, f"w{name}"), [m.weight for m in modules])
+            bias = getattr(self, f"b{name}")
+            if bias is not None:  # a projection without a bias has zeros there (`_cat_optional`)
+                _copy_rows(bias, [m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in modules])
+
+
+def _copy_rows(fused: torch.Tensor, parts: list[torch.Tensor]) -> None:
+    """Write `parts` into consecutive row blocks of `fused`, in place (no concatenated temporary)."""
+    start = 0
+    for part in parts:
+        fused[start : start + part.shape[0]].copy_(part)
+        start += part.shape[0]
 
 
 class DecodeEngine(nn.Module):
@@ -294,8 +302,8 @@ class DecodeEngine(nn.Module):
 
     q/k/v and gate/up are fused into one matrix each (a copy: fewer, larger matmuls per layer, as in
     gpt-fast); the other weights are the HF tensors themselves. Build it once per model/device/dtype/max_len
-    (`get_engine` caches it on the model). `get_engine` keeps it in step with the model: weights changed in
-    place refresh the fused copies (`sync_weights`), replaced ones build a new engine (`weights_moved`).
+    (`get_engine` caches it on the model). `get_engine` keeps it in step with the model: every call refreshes
+    the fused copies (`sync_weights`), and replaced weights build a new engine (`weights_moved`).
     """
 
     def __init__(self, hf_model: nn.Module, max_len: int, max_batch_size: int = 1) -> None:
@@ -360,17 +368,16 @@ class DecodeEngine(nn.Module):
     def weights_moved(self, hf_model: nn.Module) -> bool:
         """Whether a weight of `hf_model` is no longer the tensor the engine reads (a parameter replaced, e.g.
         by `load_state_dict(assign=True)`): then only a new engine decodes the model as it is now."""
-        return [ptr for ptr, _ in weight_state(hf_model)] != [ptr for ptr, _ in self.weights_seen]
+        return weight_state(hf_model) != self.weights_seen
 
     def sync_weights(self, hf_model: nn.Module) -> None:
-        """After in-place changes to the model's weights (an optimiser step, `load_state_dict`, `copy_`): the
-        engine shares every weight with the model except the fused q/k/v and gate/up copies, which are
-        recomputed here in place. Without it, decoding after such a change mixed old and new weights."""
-        state = weight_state(hf_model)
-        if state != self.weights_seen:
-            for copies, layer in zip(self.layers, _decoder(hf_model).layers):
-                copies.refresh_copies(layer)
-            self.weights_seen = state
+        """Recompute the fused q/k/v and gate/up copies from the model's weights, in place; the engine shares
+        every other weight with the model. Done at every call, not only when a tensor's version counter moved:
+        a fused optimizer step (`AdamW(fused=True)`, the trainer's on CUDA) and writes through `.data` change
+        weights without counting, and decoding then mixed old and new weights. The copy reads and writes those
+        weights once (on an H100 about 0.1 ms for SmolLM2-135M, a few ms for an 8B model)."""
+        for copies, layer in zip(self.layers, _decoder(hf_model).layers):
+            copies.refresh_copies(layer)
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:
@@ -505,10 +512,10 @@ def fused_argmax_available(lm_head: torch.Tensor) -> bool:
     return fused_argmax_supported(lm_head, lm_head)
 
 
-def weight_state(hf_model: nn.Module) -> list[tuple[int, int]]:
-    """(address, in-place version) of every parameter and buffer: what changes when weights are replaced or
-    updated in place (tensor versions count in-place writes)."""
-    return [(t.data_ptr(), t._version) for t in (*hf_model.parameters(), *hf_model.buffers())]
+def weight_state(hf_model: nn.Module) -> list[int]:
+    """The address of every parameter and buffer: what changes when a weight is replaced by another tensor.
+    (Not their version counters: inference tensors have none, and fused optimizers do not count.)"""
+    return [t.data_ptr() for t in (*hf_model.parameters(), *hf_model.buffers())]
 
 
 def cached_engine(hf_model: nn.Module) -> DecodeEngine | None:

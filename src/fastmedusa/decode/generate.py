@@ -526,11 +526,23 @@ def check_models(model: object, heads: object, medusa: object) -> None:
         )
     if isinstance(medusa, str | bytes) or medusa not in (True, False):  # True/False, 1/0, numpy or 0-d bools
         raise TypeError(f"medusa={medusa!r}: pass True (decode with the heads) or False (plain decoding)")
+    if isinstance(model, MedusaHeads):
+        raise TypeError(
+            "model is the Medusa heads alone: pass the MedusaModel, or the base model with heads=model.medusa_heads"
+        )
+    medusa_model = hasattr(model, "medusa_heads") and hasattr(model, "base")  # as `_split_model` tells them
+    if not medusa_model and not callable(getattr(model, "get_input_embeddings", None)):
+        raise TypeError(
+            f"model must be a MedusaModel or a Hugging Face causal LM, got a {type(model).__name__} without "
+            "get_input_embeddings(): load the model with AutoModelForCausalLM or MedusaModel.from_pretrained"
+        )
     if heads is not None and not (hasattr(heads, "draft_topk") and hasattr(heads, "num_heads")):
         raise TypeError(
             f"heads must be Medusa heads (a module with draft_topk and num_heads, e.g. MedusaModel.medusa_heads), "
             f"got {type(heads).__name__}: a heads directory loads with MedusaModel.from_pretrained(base, heads=DIR)"
         )
+    if heads is not None and not (_is_int(heads.num_heads) and heads.num_heads >= 1):
+        raise TypeError(f"heads.num_heads is {heads.num_heads!r}: Medusa heads must say how many they are (an int >= 1)")
 
 
 def check_token_ids(ids: torch.Tensor, offsets: torch.Tensor, vocab_size: int) -> None:
@@ -544,18 +556,56 @@ def check_token_ids(ids: torch.Tensor, offsets: torch.Tensor, vocab_size: int) -
         )
 
 
-def check_heads_dtype(heads: nn.Module, dtype: torch.dtype) -> None:
-    """fastmedusa's heads in another floating dtype than the base model would fail mid-step with a GEMM dtype
-    error (other heads modules may cast inside and are left alone)."""
+def check_heads_placement(heads: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """fastmedusa's heads in another floating dtype or on another device than the base model would fail
+    mid-step with a GEMM error (other heads modules may cast or move inside and are left alone)."""
     if not isinstance(heads, MedusaHeads):
         return
-    theirs = next((p.dtype for p in heads.parameters() if p.is_floating_point()), dtype)
-    if theirs != dtype:
+    weight = next((p for p in heads.parameters() if p.is_floating_point()), None)
+    if weight is None:
+        return
+    if weight.dtype != dtype:
         raise ValueError(
-            f"the Medusa heads are {str(theirs).removeprefix('torch.')} but the base model is "
+            f"the Medusa heads are {str(weight.dtype).removeprefix('torch.')} but the base model is "
             f"{str(dtype).removeprefix('torch.')}: move them to one dtype (model.to({dtype}) on a MedusaModel, "
             f"heads.to({dtype}) for heads passed with heads=)"
         )
+    if weight.device != device:
+        raise ValueError(
+            f"the Medusa heads are on {weight.device} but the base model is on {device}: move them to one device "
+            f"(model.to('{device}') on a MedusaModel, heads.to('{device}') for heads passed with heads=)"
+        )
+
+
+def check_custom_heads(heads: nn.Module, engine: DecodeEngine, depth: int, topk: int, batch: int) -> None:
+    """Heads other than fastmedusa's own (any module with `draft_topk` and `num_heads`) are called once on
+    zeros before decoding: what they return must be (>= depth, batch, topk) integer token ids of the base
+    model's vocabulary on its device. Inside the step a wrong shape fails as an IndexError, or silently
+    reshapes into the wrong tree, and an id past the vocabulary is a device-side assert on CUDA."""
+    if isinstance(heads, MedusaHeads):
+        return
+    name = type(heads).__name__
+    drafts = heads.draft_topk(torch.zeros(batch, engine.hidden_size, device=engine.device, dtype=engine.dtype), topk)
+    if not isinstance(drafts, torch.Tensor):
+        raise TypeError(f"heads {name}: draft_topk returned a {type(drafts).__name__}; it must return a tensor")
+    if drafts.dtype == torch.bool or drafts.is_floating_point() or drafts.is_complex():
+        raise TypeError(f"heads {name}: draft_topk returned {drafts.dtype} values; it must return integer token ids")
+    if drafts.ndim != 3 or drafts.shape[0] < depth or tuple(drafts.shape[1:]) != (batch, topk):
+        raise ValueError(
+            f"heads {name}: draft_topk(hidden ({batch}, {engine.hidden_size}), k={topk}) returned shape "
+            f"{tuple(drafts.shape)}; the tree needs (heads >= {depth}, batch rows = {batch}, k = {topk}): "
+            "k token ids per head and batch row, best first"
+        )
+    if drafts.device != engine.device:
+        raise ValueError(f"heads {name}: draft_topk returned ids on {drafts.device}, the base model is on {engine.device}")
+    if (bad := id_outside(drafts[:depth], engine.vocab_size)) is not None:
+        raise ValueError(
+            f"heads {name}: draft_topk returned token id {bad}, outside the base model's vocabulary "
+            f"[0, {engine.vocab_size}): map draft ids back to the base model's ids"
+        )
+
+
+MIN_TEMPERATURE = 1e-6  # logits / temperature overflows fp32 past |logit| 3.4e38 * temperature: 3.4 at 1e-38
 
 
 def check_sampling(temperature: float, typical_epsilon: float, typical_delta: float) -> tuple[float, float, float]:
@@ -573,6 +623,11 @@ def check_sampling(temperature: float, typical_epsilon: float, typical_delta: fl
         if not (number >= 0 and math.isfinite(number)):
             hint = " (temperature 0 is greedy decoding)" if name == "temperature" else ""
             raise ValueError(f"{name}={value} ({flag}): pass a finite number, 0 or more{hint}")
+        if name == "temperature" and 0 < number < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature={value} ({flag}) is too small to divide logits by (they overflow to inf): pass 0 "
+                f"for greedy decoding, which such a temperature means, or at least {MIN_TEMPERATURE:g}"
+            )
         values.append(number)
     return values[0], values[1], values[2]
 
@@ -689,6 +744,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Outside inference mode even when called inside it: the engine cached on the model (KV cache, fused weights,
+# step buffers) is written in place by every later call, and an inference tensor refuses that outside the mode.
+@torch.inference_mode(False)
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -770,7 +828,7 @@ def generate(
         )
     engine = get_engine(base, needed, max_len, ids.shape[0], max_batch_size)
     if medusa:
-        check_heads_dtype(heads, engine.dtype)
+        check_heads_placement(heads, engine.dtype, engine.device)
     ids, offsets = ids.to(engine.device), offsets.to(engine.device)
     compile = engine.device.type == "cuda" if compile is None else compile
     eos_ids = _eos_tensor(eos_token_id, engine.device, engine.vocab_size)
@@ -779,6 +837,7 @@ def generate(
     if tree_buffers is not None:
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, str(engine.device))
         _check_heads(heads, engine, tree_buffers.topk)
+        check_custom_heads(heads, engine, tree_buffers.depth, tree_buffers.topk, ids.shape[0])
     _sync(engine.device)
     start = time.perf_counter()
     if compact is None:

@@ -33,7 +33,8 @@ from fastmedusa.decode.generate import (
     _prefill,
     _split_model,
     _sync,
-    check_heads_dtype,
+    check_custom_heads,
+    check_heads_placement,
     check_models,
     check_sampling,
     check_token_ids,
@@ -177,6 +178,9 @@ class _Slots:
             self.tokens[prompt] = torch.cat([torch.tensor([self.first_token[prompt]]), rest])
 
 
+# Outside inference mode even when called inside it: the engine cached on the model (KV cache, fused weights,
+# step buffers) is written in place by every later call, and an inference tensor refuses that outside the mode.
+@torch.inference_mode(False)
 @torch.no_grad()
 def generate_many(
     model: nn.Module,
@@ -243,9 +247,10 @@ def generate_many(
     rows = None if engine_fits(base, needed, max_len, slots) else batch_size
     engine = get_engine(base, needed, max_len, slots, rows)
     if medusa:
-        check_heads_dtype(heads, engine.dtype)
+        check_heads_placement(heads, engine.dtype, engine.device)
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, str(engine.device))
         _check_heads(heads, engine, tree_buffers.topk)
+        check_custom_heads(heads, engine, tree_buffers.depth, tree_buffers.topk, slots)
     eos_ids = _eos_tensor(eos_token_id, engine.device, engine.vocab_size)
     pad_id = _pad_id(pad_token_id, eos_ids)
     seeds = row_seeds(seed, len(ids_list), engine.device, unit="prompt")

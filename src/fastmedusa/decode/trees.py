@@ -135,11 +135,16 @@ def leading_subtree(paths: Sequence[Sequence[int]], num_nodes: int) -> list[list
     return out
 
 
+def _is_count(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def check_tree_name(name: str) -> str:
     """The node count of an "auto:N" tree name is an integer >= 1 (checked before any work is done)."""
     if name.startswith("auto:"):
         size = name[len("auto:") :]
-        if not size.isdigit() or int(size) < 1:
+        if not _is_count(size) or int(size) < 1:
             raise ValueError(f"tree {name!r}: the node count after 'auto:' must be an integer >= 1, e.g. auto:63")
     return name
 
@@ -170,7 +175,7 @@ def resolve_tree(
         name = str(tree)
         if name in PRESETS:
             return validate_paths(PRESETS[name], num_heads)
-        if name.startswith("chain_") and name[len("chain_") :].isdigit():
+        if name.startswith("chain_") and _is_count(name[len("chain_") :]):
             return validate_paths(chain_tree(int(name[len("chain_") :])), num_heads)
         if name.startswith("auto:"):
             check_tree_name(name)
