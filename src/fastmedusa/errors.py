@@ -10,6 +10,16 @@ class UserError(Exception):
     """Base of errors whose message names the bad input and the fix; no traceback needed."""
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless it says it already or there is none (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 class CommandParser(argparse.ArgumentParser):
     """argparse with its usage errors as one line, like every other bad input: `error: PROG: MESSAGE`, then
     where the flags are listed, exit code 2 (argparse's own prints the whole usage block first)."""

@@ -28,6 +28,21 @@ def test_best_fitting_peer_and_liger_memory():
     assert "| 1 | 3 | 1024 | 150 | 120 (cce) | 1.25x | 10.0 | 9.0 |" in markdown(result)
 
 
+def test_a_point_says_why_it_has_no_speed():
+    env = {"device": "X", "date": "2026-11-25T00:00", "versions": {"torch": "2.11"}}
+    base = {"environment": env, "settings": {"batch_size": 6}, "shape": "1b"}
+    not_run = markdown({**base, "rows": [_row("torch", 100.0, 9.0)]})  # fastmedusa's impl not in this file
+    assert "| 1 | 3 | 1024 | not run | 100 (torch) | - |" in not_run
+    oom = markdown({**base, "rows": [_row("torch", 100.0, 9.0), _row("triton", 0, 0, oom=True)]})
+    assert "| 1 | 3 | 1024 | OOM | 100 (torch) | - |" in oom
+    failed = markdown({**base, "rows": [_row("torch", 100.0, 9.0), {**_row("triton", 0, 0), "failed": True}]})
+    assert "| 1 | 3 | 1024 | failed | 100 (torch) | - |" in failed
+    no_peer = markdown({**base, "rows": [_row("triton", 150.0, 10.0)]})
+    assert "| 1 | 3 | 1024 | 150 | not run | - |" in no_peer
+    peers_oom = markdown({**base, "rows": [_row("liger", 0, 0, oom=True), _row("triton", 150.0, 10.0)]})
+    assert "| 1 | 3 | 1024 | 150 | all OOM or failed | - |" in peers_oom
+
+
 def test_bad_bench_inputs_are_one_clear_error(tmp_path, capsys):
     """Files of another kind and sizes below 1 end as one `error:`/usage line with rc 2, not a traceback."""
     import json

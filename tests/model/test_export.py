@@ -254,6 +254,17 @@ def test_export_from_a_training_output_dir_writes_a_model_card(make_llama, tmp_p
         assert text in card, text
     assert (out / "tree.json").is_file() and (out / "tokenizer.json").is_file()
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == 60
+    assert "Before serving them with TGI" not in card
+
+
+def test_the_model_card_of_heads_on_the_embedded_model_says_what_tgi_needs(make_llama, tmp_path):
+    model = _model(make_llama, num_heads=2)
+    model.save_heads(tmp_path / "heads")
+    config = json.loads((tmp_path / "heads" / "config.json").read_text())
+    (tmp_path / "heads" / "config.json").write_text(json.dumps({**config, "base_model_name_or_path": "embedded"}))
+    card = (export_heads(tmp_path / "heads", tmp_path / "hub", "medusa") / "README.md").read_text()
+    assert "record their base model as `embedded`" in card
+    assert "set `base_model_name_or_path` in config.json to `HuggingFaceTB/SmolLM2-135M-Instruct`" in card
 
 
 def test_export_errors_name_the_fix(make_llama, tmp_path):
@@ -306,8 +317,16 @@ def test_export_replaces_only_exports_and_drops_what_described_the_earlier_heads
     model.save_heads(tmp_path / "b")  # no tree.json, no eval.json
     export_heads(tmp_path / "a", tmp_path / "exp", "medusa")
     assert (tmp_path / "exp" / "tree.json").exists() and (tmp_path / "exp" / "eval.json").exists()
+    (tmp_path / "a" / "tokenizer.json").write_text("{}")
+    (tmp_path / "a" / "chat_template.jinja").write_text("{{ messages }}")
+    (tmp_path / "exp" / "notes.txt").write_text("mine")  # not a file an export writes: kept
+    export_heads(tmp_path / "a", tmp_path / "exp", "medusa")
+    assert (tmp_path / "exp" / "tokenizer.json").exists() and (tmp_path / "exp" / "chat_template.jinja").exists()
     export_heads(tmp_path / "b", tmp_path / "exp", "medusa")
     assert not (tmp_path / "exp" / "tree.json").exists() and not (tmp_path / "exp" / "eval.json").exists()
+    assert not (tmp_path / "exp" / "tokenizer.json").exists()  # the earlier heads' tokenizer, perhaps another's
+    assert not (tmp_path / "exp" / "chat_template.jinja").exists()
+    assert (tmp_path / "exp" / "notes.txt").read_text() == "mine"
     before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
     with pytest.raises(ValueError, match="holds heads that `fastmedusa export` did not write"):
         export_heads(tmp_path / "exp", tmp_path / "b", "medusa")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastmedusa.bench.common import read_results
-from fastmedusa.errors import CommandParser
+from fastmedusa.errors import CommandParser, DefaultsHelpFormatter
 
 PEERS = ("torch", "liger", "cce")
 TRAIN_KEYS = ("environment", "settings", "shape", "rows")  # a `bench train` results file
@@ -18,6 +18,13 @@ TRAIN_ROW_KEYS = ("stage", "heads", "seq_len", "impl")
 
 def _fits(row: dict | None) -> bool:
     return row is not None and not row.get("oom") and not row.get("failed")
+
+
+def _status(row: dict | None) -> str:
+    """Why a point has no tokens/s: the impl was not run there, ran out of memory, or failed."""
+    if row is None:
+        return "not run"
+    return "failed" if row.get("failed") else "OOM"
 
 
 def ratio_rows(result: dict, ours: str = "triton") -> list[dict]:
@@ -35,6 +42,8 @@ def ratio_rows(result: dict, ours: str = "triton") -> list[dict]:
             "stage": stage, "heads": heads, "seq_len": seq_len,
             "ours_tok_s": mine["tokens_per_s"] if _fits(mine) else None,
             "ours_gb": mine["peak_memory_gb"] if _fits(mine) else None,
+            "ours_status": None if _fits(mine) else _status(mine),
+            "peers_status": "not run" if not any(n in rows for n in PEERS) else "all OOM or failed",
             "best_peer": best, "best_peer_tok_s": peers[best]["tokens_per_s"] if best else None,
             "liger_gb": liger["peak_memory_gb"] if _fits(liger) else None,
         })  # fmt: skip
@@ -53,8 +62,8 @@ def markdown(result: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in ratio_rows(result):
-        ours = f"{r['ours_tok_s']:,.0f}" if r["ours_tok_s"] else "OOM"
-        peer = f"{r['best_peer_tok_s']:,.0f} ({r['best_peer']})" if r["best_peer"] else "all OOM"
+        ours = f"{r['ours_tok_s']:,.0f}" if r["ours_tok_s"] else r["ours_status"]
+        peer = f"{r['best_peer_tok_s']:,.0f} ({r['best_peer']})" if r["best_peer"] else r["peers_status"]
         speed = (
             f"{r['ours_tok_s'] / r['best_peer_tok_s']:.2f}x" if r["ours_tok_s"] and r["best_peer"] else "-"
         )
@@ -67,7 +76,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = CommandParser(prog="fastmedusa bench report", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="fastmedusa bench report", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("results", type=Path, nargs="+", help="JSON files written by `fastmedusa bench train`")
     args = p.parse_args(argv)
     for path in args.results:

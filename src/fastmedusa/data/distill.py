@@ -825,7 +825,8 @@ HELP = {
     "SmolLM2-135M-Instruct)",
     "data": "ShareGPT conversations: a .json/.jsonl file (plain or gzip), a directory holding one, or a hub "
     "dataset id (default: the embedded ShareGPT V3)",
-    "max_conversations": "distill at most this many usable conversations ('all' for every one)",
+    "max_conversations": "distill at most this many usable conversations ('all' for every one; default: all, "
+    "every conversation of --data: on a CPU pass a count)",
     "max_new_tokens": "most tokens per regenerated answer",
     "max_prompt_tokens": "longest prompt: longer histories lose their oldest turns (the system turn stays); "
     "this plus --max-new-tokens sets the KV cache length (default: 1024, less if the model's context is "

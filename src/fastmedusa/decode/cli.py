@@ -16,7 +16,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="base model: hub id, local directory or .gguf (default: embedded SmolLM2)",
+        help="base model: hub id, local directory or .gguf (default: the one the heads were trained on, as their "
+        "config.json records it, else the embedded SmolLM2)",
     )
     parser.add_argument(
         "--heads",
@@ -52,8 +53,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Medusa tree. Default: the tree measured for the heads (HEADS/tree.json, written at the end of "
         "`fastmedusa train` or by `fastmedusa bench heads --write-tree`), else mc_sim_7b_63 pruned to the "
-        "number of heads; for several prompts at once, its best subtree of at most 256/B - 1 nodes (a verify "
-        "pass of at most 256 tokens; plain decoding past 128 prompts). auto:N builds an N-node tree from the heads' measured accuracies (per rank, and how the heads were right "
+        "number of heads; for B prompts at once, its best subtree of at most 2^k - 1 nodes, the largest with "
+        "B x 2^k <= 256 (a verify pass of at most 256 tokens; plain decoding past 128 prompts). auto:N builds an N-node tree from the heads' measured accuracies (per rank, and how the heads were right "
         "together); auto "
         "picks N for this device and batch size by timing verify steps of trees of 3-127 nodes (a verify pass is N + 1 "
         "tokens with the root; N + 1 a power of two fills whole GPU tiles) and plain "
@@ -254,6 +255,12 @@ def run_generate(args: argparse.Namespace) -> int:
         return _generate_in_slots(args, tokenizer, model, base, encoded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = left_pad_batch(encoded, pad_id)
+    if args.tree == "auto" and not args.no_medusa:
+        print(
+            "--tree auto: timing plain decoding and 7 tree sizes on this device first (a compile per size with "
+            "--compile on; minutes in all on a CPU, where plain decoding usually wins)",
+            file=sys.stderr,
+        )
     out = generate(
         model,
         ids,

@@ -54,6 +54,10 @@ TOKEN_MAP = "token_map"
 MODEL_CARD_NAME = "README.md"
 DERIVED_FILES = ("tree.json", "eval.json")  # measured on the heads they sit beside: never kept for other heads
 WEIGHT_FILES = (HEADS_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, VLLM_WEIGHTS_NAME)
+TOKENIZER_FILES = (  # what `save_pretrained` of a Hugging Face tokenizer writes, by kind of tokenizer
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt",
+)  # fmt: skip
 
 _BLOCK = re.compile(r"(\d+)\.(\d+)\.linear\.(weight|bias)")
 _PROJ = re.compile(r"(\d+)\.(\d+)\.weight")
@@ -624,12 +628,16 @@ def export_heads(heads_dir: str | os.PathLike, output: str | os.PathLike, layout
 
     read_tree_json(source, checkpoint.config.num_heads)  # a tree.json that generate would refuse is not copied
     write_heads(output, checkpoint, layout)  # drops an earlier export's tree.json and eval.json
+    copied = set()
     for item in sorted(
         source.iterdir()
     ):  # tokenizer, tree.json, eval.json: everything but what was rewritten
         if item.is_file() and item.name not in (*WEIGHT_FILES, CONFIG_NAME, MODEL_CARD_NAME):
             with atomic_output(output / item.name) as tmp:
                 shutil.copyfile(item, tmp)
+            copied.add(item.name)
+    for name in set(TOKENIZER_FILES) - copied:  # an earlier export's tokenizer, for another model perhaps
+        (output / name).unlink(missing_ok=True)
     backbone = trained_backbone(source)
     if backbone is not None:  # stage-2 heads: point at their backbone from where the copy now lives
         training = dict(checkpoint.metadata.get("training") or {})
@@ -747,8 +755,9 @@ def _speed_lines(evaluation: dict | None, tree: dict | None) -> list[str]:
 
 def _usage(directory: Path, cfg: MedusaConfig, base: str, layout: str) -> list[str]:
     name = directory.name
-    model_flag = "" if base == EMBEDDED_BASE_TEXT else f"--model {base} "
-    if base == EMBEDDED_BASE_TEXT:
+    embedded = base == EMBEDDED_BASE_TEXT
+    model_flag = "" if embedded else f"--model {base} "
+    if embedded:
         base = EMBEDDED_HUB_ID
     lines = [
         "fastmedusa:",
@@ -768,6 +777,11 @@ def _usage(directory: Path, cfg: MedusaConfig, base: str, layout: str) -> list[s
     if layout == "medusa":
         lines += ["", "TGI (reads `base_model_name_or_path` from config.json):", "", "```bash",
                   f"text-generation-launcher --model-id {name} --speculate {cfg.num_heads}", "```"]  # fmt: skip
+        if embedded:
+            lines += ["", f"These heads record their base model as `{cfg.base_model_name_or_path}`, the name fastmedusa "
+                      f"gives the Q4_1 GGUF it ships. Before serving them with TGI, set `base_model_name_or_path` in "
+                      f"config.json to `{EMBEDDED_HUB_ID}`, the model that GGUF quantises (the heads were trained on the "
+                      "GGUF's dequantised weights)."]  # fmt: skip
     return lines
 
 

@@ -125,8 +125,8 @@ def _from_pretrained(loader, name_or_path, what: str, **kwargs):
             return loader(source, **extra, **kwargs)
     except OSError as err:
         raise FileNotFoundError(
-            f"could not load the {what} of {name_or_path!r}: {err}. Offline, pass a local directory "
-            "or a .gguf file, or leave --model unset for the embedded SmolLM2."
+            f"could not load the {what} of {name_or_path!r}: {str(err).rstrip('.')}. Offline, pass a local directory "
+            "or a .gguf file, or no model (--model unset, None in Python) for the embedded SmolLM2"
         ) from err
     except SafetensorError as err:
         raise ValueError(

@@ -411,8 +411,9 @@ def _run(config: TrainConfig, backend: SingleProcess | FSDPBackend, out: Path, d
     if (warning := stage2_lr_warning(config)) is not None:
         warn(warning)
     say(
-        f"training {config.num_heads} heads, stage {config.stage}, {trainer.total_steps} steps of "
-        f"{config.batch_size}x{config.grad_accum} rows{processes} <= {config.seq_len} tokens on {trainer.device}"
+        f"training {config.num_heads} heads, stage {config.stage}, {trainer.total_steps} "
+        f"step{'s' * (trainer.total_steps != 1)} of {config.batch_size} rows x {config.grad_accum} accumulated"
+        f"{processes}, <= {config.seq_len} tokens each, on {trainer.device}"
     )
     summary = trainer.fit()
     heads_dir = export_heads(trainer.model, tokenizer, config, trainer.backend, summary)
