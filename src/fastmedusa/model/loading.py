@@ -257,7 +257,7 @@ def save_base_model(
 
     config = model.config
     use_cache = getattr(config, "use_cache", None)
-    with atomic_directory(directory) as tmp, _as_plain_weights(model):
+    with atomic_directory(directory) as tmp, _as_plain_weights(model), _loading_output():  # no shard bar
         try:
             if use_cache is not None:
                 config.use_cache = True
