@@ -37,9 +37,20 @@ def _write_through_data(model) -> None:
         p.data.mul_(1.5)
 
 
-@pytest.mark.parametrize("change", [_fused_adamw_step, _write_through_data])
-def test_weights_changed_without_a_version_count_are_decoded(change):
-    model = random_medusa(tiny_llama(0), num_heads=3)
+def _biases_through_data(model) -> None:
+    for layer in model.base.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.bias.data.add_(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "change"),
+    [("llama", _fused_adamw_step), ("llama", _write_through_data), ("qwen2", _fused_adamw_step),
+     ("qwen2", _biases_through_data)],  # fmt: skip
+)
+def test_weights_changed_without_a_version_count_are_decoded(kind, change):
+    """Qwen2's q/k/v biases are fused like the weights (fused optimizers change them too)."""
+    model = random_medusa(tiny_llama(0, kind=kind), num_heads=3)
     assert _new_tokens(model) == _hf_new_tokens(model.base)  # builds and keeps the engine
     change(model)
     expected = _hf_new_tokens(model.base)
