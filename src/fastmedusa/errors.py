@@ -11,13 +11,15 @@ class UserError(Exception):
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Each option's help ends with its default, unless it says it already or there is none (None, False)."""
+    """Each option's help ends with its default, unless it says it already or there is none (None, a False
+    flag). Zeros are defaults too (`0 in (None, False)` is True in Python, hence the identity tests)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        none = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "default" in text or none or not action.option_strings:
             return text
-        return text + " (default: %(default)s)"
+        return (text + " " if text else "") + "(default: %(default)s)"
 
 
 class CommandParser(argparse.ArgumentParser):

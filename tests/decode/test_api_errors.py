@@ -147,5 +147,8 @@ def test_other_heads_must_say_how_many_they_are(model):
     heads = _Drafts(lambda b, k: torch.zeros(2, b, k, dtype=torch.long), num_heads="2")
     with pytest.raises(TypeError, match="heads.num_heads is '2'"):
         generate(model.base, IDS, max_new_tokens=4, heads=heads)
+    heads.num_heads = 0
+    with pytest.raises(ValueError, match="heads.num_heads is 0: Medusa heads number 1 or more"):
+        generate(model.base, IDS, max_new_tokens=4, heads=heads)
     good = _Drafts(lambda b, k: torch.zeros(2, b, k, dtype=torch.long))
     assert generate(model.base, IDS, max_new_tokens=4, heads=good).sequences.shape == (1, 8)

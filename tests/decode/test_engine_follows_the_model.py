@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import VOCAB, hf_greedy, random_medusa, tiny_llama
 
-from fastmedusa.decode import generate
+from fastmedusa.decode import generate, generate_many
 
 IDS = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
 NEW = 12
@@ -51,9 +51,11 @@ def _biases_through_data(model) -> None:
 def test_weights_changed_without_a_version_count_are_decoded(kind, change):
     """Qwen2's q/k/v biases are fused like the weights (fused optimizers change them too)."""
     model = random_medusa(tiny_llama(0, kind=kind), num_heads=3)
-    assert _new_tokens(model) == _hf_new_tokens(model.base)  # builds and keeps the engine
+    before = _hf_new_tokens(model.base)
+    assert _new_tokens(model) == before  # builds and keeps the engine
     change(model)
     expected = _hf_new_tokens(model.base)
+    assert expected != before  # else a stale engine would pass too
     assert _new_tokens(model) == expected
     assert _new_tokens(model, medusa=False) == expected
 
@@ -67,6 +69,30 @@ def test_a_first_call_inside_inference_mode_leaves_later_calls_working():
     assert _new_tokens(model, medusa=False) == expected
     with torch.inference_mode():
         assert _new_tokens(model, medusa=False) == expected
+
+
+def test_generate_many_after_a_first_call_inside_inference_mode():
+    model = random_medusa(tiny_llama(0), num_heads=3)
+    expected = _hf_new_tokens(model.base)
+    with torch.inference_mode():
+        out = generate_many(model, [IDS[0]], NEW)
+    assert out.new_token_ids[0].tolist() == expected
+    assert generate_many(model, [IDS[0]], NEW).new_token_ids[0].tolist() == expected
+    assert _new_tokens(model) == expected
+
+
+def test_parametrized_weights_are_refused():
+    """A parametrized weight is computed at each access: the engine would decode the values it read first."""
+    from torch.nn.utils import parametrize
+
+    class Scale(torch.nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return 2 * weight
+
+    model = random_medusa(tiny_llama(0), num_heads=3)
+    parametrize.register_parametrization(model.base.model.layers[1].mlp.up_proj, "weight", Scale())
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj has parametrized weights, .*remove_parametrizations"):
+        _new_tokens(model)
 
 
 def test_a_model_of_inference_tensors_decodes():

@@ -243,9 +243,11 @@ def run_point(base, shape: str, stage: int, heads: int, seq_len: int, impl: str,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = CommandParser(prog="fastmedusa bench train", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="Llama-3.2-1B or Llama-3-8B shape")
-    p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2],
+                   help="1: backbone frozen, heads train; 2: both train (gradient checkpointing)")
     p.add_argument("--heads", type=positive_int, nargs="+", default=[3, 5], help="numbers of Medusa heads")
-    p.add_argument("--seq-lens", type=sequence_length, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--seq-lens", type=sequence_length, nargs="+", default=[1024, 2048, 4096, 8192],
+                   help="tokens per row, one grid point each")
     p.add_argument("--impls", nargs="+", default=["torch", "compile", "liger", "cce", "quack", "triton"],
                    choices=IMPLS, help="heads' loss implementations")  # fmt: skip
     p.add_argument("--draft-vocab", type=nonnegative_int, default=0,

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=positive_int, default=4096, help="vocabulary size V (V/H sets the chunk count)")
     p.add_argument("--logit-std", type=float, default=3.0, help="standard deviation of the logits")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--out", type=Path, default=Path("bench/results/wgrad_precision.json"), help="JSON path")
     return p.parse_args(argv)
 

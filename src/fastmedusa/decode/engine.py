@@ -47,6 +47,15 @@ def check_supported(hf_model: nn.Module) -> None:
         raise ValueError(
             f"rope type {rope_type!r} is not supported by the decode engine (default/linear/llama3/yarn are)"
         )
+    from torch.nn.utils import parametrize
+
+    # a parametrized weight (pruning masks, weight_norm, some LoRA wrappers) is computed afresh at each access:
+    # the engine, which reads each weight's tensor once, would keep decoding the values it saw first
+    if (name := next((n for n, m in hf_model.named_modules() if parametrize.is_parametrized(m)), None)) is not None:
+        raise ValueError(
+            f"{name} has parametrized weights, which the decode engine cannot follow: remove the parametrization "
+            "first (torch.nn.utils.parametrize.remove_parametrizations, or merge the adapter into the weights)"
+        )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -360,7 +369,7 @@ class DecodeEngine(nn.Module):
         self.fused_move = on_cuda or self.attention == "triton"
         self.fused_argmax = fused_argmax_available(self.lm_head)
         self.weights_seen = weight_state(hf_model)
-        self.copy_lists: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # `sync_weights`'s copies
+        self.fused_views_and_sources: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # `sync_weights`'s copies
 
     def weights_moved(self, hf_model: nn.Module) -> bool:
         """Whether a weight of `hf_model` is no longer the tensor the engine reads (a parameter replaced, e.g.
@@ -374,12 +383,12 @@ class DecodeEngine(nn.Module):
         a fused optimizer step (`AdamW(fused=True)`, the trainer's on CUDA) and writes through `.data` change
         weights without counting, and decoding then mixed old and new weights. The copy reads and writes those
         weights once: 2 x 139 MB for SmolLM2-135M in bf16, 2 x 9 GB for an 8B Llama."""
-        if self.copy_lists is None:  # kept: a weight replaced by another tensor builds a new engine
+        if self.fused_views_and_sources is None:  # kept: a weight replaced by another tensor builds a new engine
             layers = zip(self.layers, _decoder(hf_model).layers)
             pairs = [(fused, part.detach()) for copies, layer in layers for fused, part in copies.copy_pairs(layer)]
-            self.copy_lists = tuple(list(side) for side in zip(*pairs)) if pairs else ([], [])
-        if self.copy_lists[0]:  # one multi-tensor copy: SmolLM2's 150 one by one took 3.1 ms on an H200 (91 GB/s)
-            torch._foreach_copy_(*self.copy_lists)
+            self.fused_views_and_sources = tuple(list(side) for side in zip(*pairs)) if pairs else ([], [])
+        if self.fused_views_and_sources[0]:  # one multi-tensor copy: SmolLM2's 150 one by one took 3.1 ms on an H200 (91 GB/s)
+            torch._foreach_copy_(*self.fused_views_and_sources)
 
     @torch.no_grad()
     def _rope_tables(self, rotary: nn.Module) -> None:

@@ -541,8 +541,10 @@ def check_models(model: object, heads: object, medusa: object) -> None:
             f"heads must be Medusa heads (a module with draft_topk and num_heads, e.g. MedusaModel.medusa_heads), "
             f"got {type(heads).__name__}: a heads directory loads with MedusaModel.from_pretrained(base, heads=DIR)"
         )
-    if heads is not None and not (_is_int(heads.num_heads) and heads.num_heads >= 1):
+    if heads is not None and not _is_int(heads.num_heads):
         raise TypeError(f"heads.num_heads is {heads.num_heads!r}: Medusa heads must say how many they are (an int >= 1)")
+    if heads is not None and heads.num_heads < 1:
+        raise ValueError(f"heads.num_heads is {heads.num_heads}: Medusa heads number 1 or more")
 
 
 def check_token_ids(ids: torch.Tensor, offsets: torch.Tensor, vocab_size: int) -> None:
@@ -579,8 +581,8 @@ def check_heads_placement(heads: nn.Module, dtype: torch.dtype, device: torch.de
 
 def check_custom_heads(heads: nn.Module, engine: DecodeEngine, depth: int, topk: int, batch: int) -> None:
     """Heads other than fastmedusa's own (any module with `draft_topk` and `num_heads`) are called once on
-    zeros before decoding: what they return must be (>= depth, batch, topk) integer token ids of the base
-    model's vocabulary on its device. Inside the step a wrong shape fails as an IndexError, or silently
+    zeros before decoding (one more eager call of their forward, before any graph is captured): what they
+    return must be (>= depth, batch, topk) integer token ids of the base model's vocabulary on its device. Inside the step a wrong shape fails as an IndexError, or silently
     reshapes into the wrong tree, and an id past the vocabulary is a device-side assert on CUDA."""
     if isinstance(heads, MedusaHeads):
         return
