@@ -84,7 +84,8 @@ def plot(result: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     bars = ax.bar([r["shape"] for r in rows], [r["refresh_ms"] for r in rows], color="tab:blue")
     for bar, r in zip(bars, rows):
-        label = f"{r['refresh_ms']:.2f} ms\n{2 * r['fused_copy_bytes'] / 1e9:.2f} GB moved, {r['read_write_gb_per_s']:.0f} GB/s"
+        moved = 2 * r["fused_copy_bytes"] / 1e9
+        label = f"{r['refresh_ms']:.2f} ms\n{moved:.2f} GB moved, {r['read_write_gb_per_s']:.0f} GB/s"
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("per-call weight refresh (ms)")
     ax.set_yscale("log")
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, help="redraw the chart of this results file, run nothing")
     args = p.parse_args(argv)
     if args.plot:
-        print(plot(read_results(args.plot, "weight_refresh", ["environment", "rows"], ["shape", "refresh_ms"]), args.plot))
+        result = read_results(args.plot, "weight_refresh", ["environment", "rows"], ["shape", "refresh_ms"])
+        print(plot(result, args.plot))
         return 0
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -542,7 +542,9 @@ def check_models(model: object, heads: object, medusa: object) -> None:
             f"got {type(heads).__name__}: a heads directory loads with MedusaModel.from_pretrained(base, heads=DIR)"
         )
     if heads is not None and not _is_int(heads.num_heads):
-        raise TypeError(f"heads.num_heads is {heads.num_heads!r}: Medusa heads must say how many they are (an int >= 1)")
+        raise TypeError(
+            f"heads.num_heads is {heads.num_heads!r}: Medusa heads must say how many they are (an int >= 1)"
+        )
     if heads is not None and heads.num_heads < 1:
         raise ValueError(f"heads.num_heads is {heads.num_heads}: Medusa heads number 1 or more")
 
@@ -582,8 +584,9 @@ def check_heads_placement(heads: nn.Module, dtype: torch.dtype, device: torch.de
 def check_custom_heads(heads: nn.Module, engine: DecodeEngine, depth: int, topk: int, batch: int) -> None:
     """Heads other than fastmedusa's own (any module with `draft_topk` and `num_heads`) are called once on
     zeros before decoding (one more eager call of their forward, before any graph is captured): what they
-    return must be (>= depth, batch, topk) integer token ids of the base model's vocabulary on its device. Inside the step a wrong shape fails as an IndexError, or silently
-    reshapes into the wrong tree, and an id past the vocabulary is a device-side assert on CUDA."""
+    return must be (>= depth, batch, topk) integer token ids of the base model's vocabulary on its device.
+    Inside the step a wrong shape fails as an IndexError, or silently reshapes into the wrong tree, and an id
+    past the vocabulary is a device-side assert on CUDA."""
     if isinstance(heads, MedusaHeads):
         return
     name = type(heads).__name__
@@ -599,7 +602,9 @@ def check_custom_heads(heads: nn.Module, engine: DecodeEngine, depth: int, topk:
             "k token ids per head and batch row, best first"
         )
     if drafts.device != engine.device:
-        raise ValueError(f"heads {name}: draft_topk returned ids on {drafts.device}, the base model is on {engine.device}")
+        raise ValueError(
+            f"heads {name}: draft_topk returned ids on {drafts.device}, the base model is on {engine.device}"
+        )
     if (bad := id_outside(drafts[:depth], engine.vocab_size)) is not None:
         raise ValueError(
             f"heads {name}: draft_topk returned token id {bad}, outside the base model's vocabulary "

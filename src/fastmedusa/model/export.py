@@ -778,10 +778,10 @@ def _usage(directory: Path, cfg: MedusaConfig, base: str, layout: str) -> list[s
         lines += ["", "TGI (reads `base_model_name_or_path` from config.json):", "", "```bash",
                   f"text-generation-launcher --model-id {name} --speculate {cfg.num_heads}", "```"]  # fmt: skip
         if embedded:
-            lines += ["", f"These heads record their base model as `{cfg.base_model_name_or_path}`, the name fastmedusa "
-                      f"gives the Q4_1 GGUF it ships. Before serving them with TGI, set `base_model_name_or_path` in "
-                      f"config.json to `{EMBEDDED_HUB_ID}`, the model that GGUF quantises (the heads were trained on the "
-                      "GGUF's dequantised weights)."]  # fmt: skip
+            lines += ["", f"These heads record their base model as `{cfg.base_model_name_or_path}`, the name "
+                      "fastmedusa gives the Q4_1 GGUF it ships. Before serving them with TGI, set "
+                      f"`base_model_name_or_path` in config.json to `{EMBEDDED_HUB_ID}`, the model that GGUF "
+                      "quantises (the heads were trained on the GGUF's dequantised weights)."]  # fmt: skip
     return lines
 
 
