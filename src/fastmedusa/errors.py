@@ -26,5 +26,8 @@ class CommandParser(argparse.ArgumentParser):
     """argparse with its usage errors as one line, like every other bad input: `error: PROG: MESSAGE`, then
     where the flags are listed, exit code 2 (argparse's own prints the whole usage block first)."""
 
+    def __init__(self, *args, formatter_class: type = DefaultsHelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)  # every --help shows the defaults
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")

@@ -32,7 +32,7 @@ from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
 from fastmedusa.decode.engine import attention_layout, cached_engine, regional_compile
 from fastmedusa.decode.generate import CUDA_GRAPHS_MODES, cuda_graphs_mode
 from fastmedusa.decode.trees import check_tree_name
-from fastmedusa.errors import CommandParser, DefaultsHelpFormatter
+from fastmedusa.errors import CommandParser
 from fastmedusa.files import check_output_file, is_benchmark_result
 from fastmedusa.ops import triton_topk
 from fastmedusa.progress import Progress
@@ -62,7 +62,7 @@ def tree_arg(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = CommandParser(prog="fastmedusa bench decode", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = CommandParser(prog="fastmedusa bench decode", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("--heads", default=None, help="trained heads directory (default: train them in this run)")
     p.add_argument("--num-heads", type=positive_int, default=3, help="heads to train when --heads is not given")

@@ -26,14 +26,14 @@ from torch import nn
 
 from fastmedusa.bench.common import environment, write_json
 from fastmedusa.dtypes import parse_device
-from fastmedusa.errors import CommandParser, DefaultsHelpFormatter
+from fastmedusa.errors import CommandParser
 from fastmedusa.files import check_output_file, is_benchmark_result
 
 VARIANTS = ("renorm", "extra", "ce")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = CommandParser(prog="fastmedusa bench draft-kl", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = CommandParser(prog="fastmedusa bench draft-kl", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=None, help="ShareGPT file (default: the embedded ShareGPT)")
     p.add_argument("--conversations", type=int, default=160, help="conversations read (train + held out)")

@@ -26,12 +26,12 @@ from fastmedusa.decode.accuracy import (
 )
 from fastmedusa.decode.trees import PRESETS, Chains, chains_to_json, measured_accept_length
 from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
-from fastmedusa.errors import CommandParser, DefaultsHelpFormatter
+from fastmedusa.errors import CommandParser
 from fastmedusa.model.export import find_heads_dir
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = CommandParser(prog="fastmedusa bench heads", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = CommandParser(prog="fastmedusa bench heads", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("--heads", required=True, help="Medusa heads directory (written by `fastmedusa train`)")
     p.add_argument("--prompts", type=positive_int, default=32, help="held-out prompts to continue and score")

@@ -42,7 +42,7 @@ from fastmedusa.bench.common import (
     write_json,
 )
 from fastmedusa.dtypes import parse_device
-from fastmedusa.errors import CommandParser, DefaultsHelpFormatter
+from fastmedusa.errors import CommandParser
 from fastmedusa.files import check_output_file, is_benchmark_result
 from fastmedusa.ops.peers import PeerUnavailable
 
@@ -76,7 +76,7 @@ BENCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = CommandParser(prog="fastmedusa bench loss", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = CommandParser(prog="fastmedusa bench loss", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--loss", choices=("ce", "kl"), default="ce", help="ce: cross-entropy; kl: KL divergence to a teacher"
     )

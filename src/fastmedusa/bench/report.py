@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastmedusa.bench.common import read_results
-from fastmedusa.errors import CommandParser, DefaultsHelpFormatter
+from fastmedusa.errors import CommandParser
 
 PEERS = ("torch", "liger", "cce")
 TRAIN_KEYS = ("environment", "settings", "shape", "rows")  # a `bench train` results file
@@ -76,7 +76,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = CommandParser(prog="fastmedusa bench report", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = CommandParser(prog="fastmedusa bench report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, nargs="+", help="JSON files written by `fastmedusa bench train`")
     args = p.parse_args(argv)
     for path in args.results:

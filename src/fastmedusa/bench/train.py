@@ -33,7 +33,7 @@ from fastmedusa.bench.common import (
     write_json,
 )
 from fastmedusa.dtypes import parse_device
-from fastmedusa.errors import CommandParser, DefaultsHelpFormatter
+from fastmedusa.errors import CommandParser
 from fastmedusa.files import check_output_file, is_benchmark_result
 from fastmedusa.model import MedusaConfig, MedusaModel
 from fastmedusa.train.config import DTYPES
@@ -241,7 +241,7 @@ def run_point(base, shape: str, stage: int, heads: int, seq_len: int, impl: str,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = CommandParser(prog="fastmedusa bench train", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = CommandParser(prog="fastmedusa bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="Llama-3.2-1B or Llama-3-8B shape")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2],
                    help="1: backbone frozen, heads train; 2: both train (gradient checkpointing)")

@@ -21,12 +21,12 @@ import torch
 
 from fastmedusa.bench.common import environment, positive_int, write_json
 from fastmedusa.dtypes import parse_device
-from fastmedusa.errors import CommandParser, DefaultsHelpFormatter
+from fastmedusa.errors import CommandParser
 from fastmedusa.files import check_output_file, is_benchmark_result
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = CommandParser(prog="fastmedusa bench wgrad", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = CommandParser(prog="fastmedusa bench wgrad", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=positive_int, nargs="+", default=[4096, 16384], help="N values (rows = B*T)")
     p.add_argument("--hidden", type=positive_int, default=128, help="hidden size H")
     p.add_argument("--vocab", type=positive_int, default=4096, help="vocabulary size V (V/H sets the chunk count)")

@@ -751,10 +751,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# Outside inference mode even when called inside it: the engine cached on the model (KV cache, fused weights,
-# step buffers) is written in place by every later call, and an inference tensor refuses that outside the mode.
-@torch.inference_mode(False)
-@torch.no_grad()
+def decoding(fn: Callable) -> Callable:
+    """Run `fn` under no_grad and outside inference mode, even when called inside it: the engine cached on the
+    model (KV cache, fused weights, step buffers) is written in place by every later call, and an inference
+    tensor refuses that outside the mode."""
+    return torch.inference_mode(False)(torch.no_grad()(fn))
+
+
+@decoding
 def generate(
     model: nn.Module,
     input_ids: torch.Tensor,

@@ -40,6 +40,7 @@ from fastmedusa.decode.generate import (
     check_token_ids,
     cuda_graphs_mode,
     decode_runner,
+    decoding,
     heads_tree_info,
     optional_flag,
     pad_to_chunks,
@@ -178,10 +179,7 @@ class _Slots:
             self.tokens[prompt] = torch.cat([torch.tensor([self.first_token[prompt]]), rest])
 
 
-# Outside inference mode even when called inside it: the engine cached on the model (KV cache, fused weights,
-# step buffers) is written in place by every later call, and an inference tensor refuses that outside the mode.
-@torch.inference_mode(False)
-@torch.no_grad()
+@decoding
 def generate_many(
     model: nn.Module,
     prompts: Sequence[Sequence[int] | torch.Tensor],
