@@ -51,8 +51,11 @@ def prepare(args: argparse.Namespace) -> int:
     else:
         heads_dir = out / "heads"
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        config = MedusaConfig(num_heads=args.num_heads, num_layers=1, base_model_name_or_path=str(base_dir))
-        medusa = MedusaModel.from_base(base, config)
+        config = MedusaConfig(num_heads=args.num_heads, num_layers=1, base_model_name_or_path=str(base_dir),
+                              shared_lm_head=args.shared_lm_head, draft_vocab_size=args.draft_vocab)  # fmt: skip
+        # a draft vocabulary of the N lowest ids (a byte-level BPE's earliest merges, common in any text)
+        token_map = torch.arange(args.draft_vocab) if args.draft_vocab else None
+        medusa = MedusaModel.from_base(base, config, token_map=token_map)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for name, p in medusa.medusa_heads.named_parameters():
@@ -90,9 +93,12 @@ def _weights_match(llm, heads_dir: Path) -> dict:
             parts = name.split(".")
             if name.startswith("blocks."):
                 source = saved.get(f"{parts[1]}.{parts[3]}.linear.{parts[4]}")
-            elif name.startswith("lm_heads."):
-                layers = max(int(k.split(".")[1]) for k in saved if k.startswith(parts[1] + "."))
-                source = saved.get(f"{parts[1]}.{layers}.weight")
+            elif name.startswith("lm_heads.") or name == "lm_head.weight":  # lm_head: original_lm_head's one
+                head = parts[1] if name.startswith("lm_heads.") else "0"
+                source = saved.get(f"lm_heads.{head}.weight")
+                if source is None:
+                    layers = max(int(k.split(".")[1]) for k in saved if k.startswith(head + "."))
+                    source = saved.get(f"{head}.{layers}.weight")
         if source is None:
             return {"checked": True, "equal": False, "reason": f"no tensor in {files[0].name} for {name}"}
         rows = source.shape[0]
@@ -133,10 +139,16 @@ def check(args: argparse.Namespace) -> int:
         config = json.loads((heads_dir / "config.json").read_text())
         k = config.get("num_heads") or config.get("medusa_num_heads")
         spec = {"method": "medusa", "model": str(heads_dir), "num_speculative_tokens": k}
-        llm = LLM(**common, speculative_config=spec, disable_log_stats=False)
+        extra = {}
+        if config.get("truncated_vocab_size", config["vocab_size"]) < config["vocab_size"]:
+            # vLLM 0.32's Medusa makes token_map a parameter while loading but does not report it loaded, so
+            # its strict weight tracking refuses every draft vocabulary: that check has to be off for one
+            extra["model_loader_extra_config"] = {"enable_weights_track": False}
+        llm = LLM(**common, **extra, speculative_config=spec, disable_log_stats=False)
         texts = [o.outputs[0].text for o in llm.generate(PROMPTS, params)]
         run = {
             "layout": config.get("fastmedusa_layout"),
+            "llm_options": extra,
             "texts": texts,
             "equal_to_no_speculation": texts == reference,
             "weights": _weights_match(llm, heads_dir),
@@ -165,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2 GGUF)")
     a.add_argument("--heads", default=None, help="trained heads (default: fresh heads with seeded noise)")
     a.add_argument("--num-heads", type=int, default=3, help="heads made when --heads is not given")
+    a.add_argument("--shared-lm-head", action="store_true", help="made heads share the base model's LM head")
+    a.add_argument("--draft-vocab", type=int, default=None, help="made heads' draft vocabulary (the N lowest ids)")
     b = sub.add_parser("check", help="generate with and without the heads in vLLM (vLLM's Python)")
     b.add_argument("--base", required=True, help="base model as a Hugging Face directory")
     b.add_argument("--heads", nargs="+", required=True, help="exported heads directories")

@@ -7,7 +7,8 @@
 #
 # Environment: PYTHON (fastmedusa's Python, default python3), VLLM_PYTHON (a separate virtualenv with vLLM,
 # default /tmp/vllm-venv/bin/python), HEADS (trained heads to check; default: fresh heads made here),
-# MODEL (base model; default: the embedded SmolLM2 GGUF, converted to a Hugging Face directory).
+# MODEL (base model; default: the embedded SmolLM2 GGUF, converted to a Hugging Face directory),
+# PREPARE_OPTIONS (for the fresh heads, e.g. "--shared-lm-head --draft-vocab 8192").
 # Exit status: 0 OK, 1 mismatch, 3 vLLM not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ mkdir -p "$OUT"
 prepare=(bench/interop_vllm.py prepare --out "$OUT")
 [[ -n "${HEADS:-}" ]] && prepare+=(--heads "$HEADS")
 [[ -n "${MODEL:-}" ]] && prepare+=(--model "$MODEL")
+[[ -n "${PREPARE_OPTIONS:-}" ]] && read -r -a options <<< "$PREPARE_OPTIONS" && prepare+=("${options[@]}")
 PYTHONPATH=src "$PYTHON" "${prepare[@]}"
 
 # vLLM's CPU backend reserves a fraction of RAM for its KV cache; 1 GiB is plenty for this check.

@@ -82,7 +82,10 @@ def test_a_failed_load_leaves_the_model_heads_as_they_were(make_llama, tmp_path)
 
 def test_shared_lm_head_over_per_head_projections_is_refused(make_llama, tmp_path):
     _saved(make_llama, tmp_path)
-    _edit_config(tmp_path, shared_lm_head=True)
+    _edit_config(tmp_path, shared_lm_head=True)  # vLLM's name for it, original_lm_head, still says false
+    with pytest.raises(ValueError, match="original_lm_head=false and shared_lm_head=true name the same setting"):
+        read_heads(tmp_path)
+    _edit_config(tmp_path, original_lm_head=True)
     with pytest.raises(ValueError, match="says shared_lm_head=true .* a different vocabulary projection for each head"):
         read_heads(tmp_path)
     # shared heads as written (one projection stored per head, all equal) still load

@@ -139,16 +139,19 @@ def test_vllm_rules_load_every_tensor_and_agree(make_llama, tmp_path, layout, sh
             torch.testing.assert_close(logits, ours[k], rtol=1e-6, atol=1e-6)
 
 
-def test_vllm_rules_with_a_token_map(make_llama, tmp_path):
-    """A shared head with a draft vocabulary: vLLM keeps N of the LM head's rows and sets the rest to -inf."""
+@pytest.mark.parametrize("layout", ["vllm", "medusa"])
+def test_vllm_rules_with_a_token_map(make_llama, tmp_path, layout):
+    """A shared head with a draft vocabulary: vLLM keeps N of the LM head's rows and sets the rest to -inf (the
+    medusa layout's K copies of those rows load as its one original_lm_head)."""
     token_map = torch.tensor([3, 1, 4, 15, 92, 65, 35, 89, 79, 32, 38, 46])
     config = MedusaConfig(num_heads=2, num_layers=1, shared_lm_head=True, draft_vocab_size=len(token_map))
     model = MedusaModel.from_base(make_llama(), config, token_map=token_map)
     with torch.no_grad():
         for p in model.medusa_heads.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.1)
-    model.save_heads(tmp_path, layout="vllm")
-    theirs, _ = load_like_vllm(tmp_path)
+    model.save_heads(tmp_path, layout=layout)
+    theirs, loaded = load_like_vllm(tmp_path)
+    assert loaded == {n for n, _ in theirs.named_parameters()}, "a parameter kept its random init"
     assert torch.equal(theirs.token_map, token_map)
     hidden = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
     draft = model.medusa_heads.head_logits(hidden).detach()  # (K, 4, N) over the draft rows

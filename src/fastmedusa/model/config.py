@@ -103,6 +103,11 @@ class MedusaConfig:
         for alias, name in FIELD_ALIASES.items():
             if alias in d:
                 value = d.pop(alias)
+                if name in d and d[name] != value:  # both names written (the medusa layout), then one edited
+                    raise ValueError(
+                        f"{alias}={json.dumps(value)} and {name}={json.dumps(d[name])} name the same setting "
+                        "but disagree: make them equal"
+                    )
                 d.setdefault(name, value)
         known = {f.name for f in fields(cls)}
         truncated = d.pop("truncated_vocab_size", None)

@@ -7,21 +7,26 @@ Layouts of a heads directory:
   `{i}.{j}.linear.bias` (ResBlock j of head i) and `{i}.{L}.weight` (head i's vocabulary projection,
   L = number of ResBlocks); `config.json` has `medusa_num_heads`, `medusa_num_layers`,
   `base_model_name_or_path`, and also `model_type: medusa`, `hidden_size`, `vocab_size`, `medusa_fc_bias`,
-  so that vLLM (which maps FasterDecoding's keys itself) loads the same directory.
+  `original_lm_head`, so that vLLM 0.32 (which maps FasterDecoding's keys itself) loads the same directory.
+  No `architectures`: TGI turns Medusa off for a speculator whose config names one. FasterDecoding's own
+  `MedusaModel.from_pretrained` reads `medusa_lm_head.pt` only: `legacy_pt=True` writes that file too.
 - ``vllm``: vLLM's own names (vllm/model_executor/models/medusa.py): `blocks.{i}.layers.{j}.weight|bias`,
   `lm_heads.{i}.weight` and an optional `token_map` in `model.safetensors`; config `num_heads`,
   `num_hidden_layers`, `truncated_vocab_size`, `medusa_fc_bias`, `original_lm_head`.
-- read only: fastmedusa's earlier files (keys prefixed `medusa_head.`) and FasterDecoding's
-  `medusa_lm_head.pt` (torch.save).
+- read only: fastmedusa's earlier files (keys prefixed `medusa_head.`); FasterDecoding's `medusa_lm_head.pt`
+  (torch.save) is read too, and written beside the medusa layout's safetensors file with `legacy_pt`.
 
 Heads that share the base model's LM head: FasterDecoding, TGI and TensorRT-LLM have no such option, so the
 medusa layout stores the LM head's weight as every head's projection (K copies: it loads everywhere, at
-K x vocab x hidden of disk) and `shared_lm_head: true` tells fastmedusa to use the base model's own instead.
-The vLLM layout stores one copy, `lm_heads.0.weight`, under vLLM's `original_lm_head: true`.
+K x vocab x hidden of disk) and `shared_lm_head: true` tells fastmedusa to use the base model's own instead
+(and `original_lm_head: true` tells vLLM to read only the first copy). The vLLM layout stores one copy,
+`lm_heads.0.weight`, under vLLM's `original_lm_head: true`.
 
 A draft vocabulary (`token_map`: draft row -> token id) is written as the `token_map` tensor in both layouts,
 with `truncated_vocab_size` (vLLM's name) beside the full `vocab_size`. vLLM applies a token map only to a
-shared head (`original_lm_head`): per-head draft projections are refused for the vLLM layout.
+shared head (`original_lm_head`): per-head draft projections are refused for the vLLM layout, and in the medusa
+layout only fastmedusa reads them (`portability_notes` says so). TGI, TensorRT-LLM and FasterDecoding have no
+draft vocabulary at all.
 """
 
 from __future__ import annotations
@@ -129,11 +134,17 @@ def module_state(checkpoint: HeadsCheckpoint) -> dict[str, torch.Tensor]:
 # -- writers --------------------------------------------------------------------------------------------------
 
 
-def write_heads(directory: str | os.PathLike, checkpoint: HeadsCheckpoint, layout: str = "medusa") -> Path:
-    """Write `config.json` + weights in `layout` ("medusa" or "vllm"), each file atomically, mode 0644."""
+def write_heads(
+    directory: str | os.PathLike, checkpoint: HeadsCheckpoint, layout: str = "medusa", legacy_pt: bool = False
+) -> Path:
+    """Write `config.json` + weights in `layout` ("medusa" or "vllm"), each file atomically, mode 0644.
+    `legacy_pt`: also `medusa_lm_head.pt` (torch.save of the same tensors), the only file FasterDecoding/Medusa's
+    `MedusaModel.from_pretrained` reads."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown heads layout {layout!r}: pass one of {', '.join(LAYOUTS)}")
     check_complete(checkpoint)
+    if legacy_pt:
+        check_fasterdecoding_loadable(checkpoint, layout)
     directory = Path(directory).expanduser()
     _check_heads_target(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -159,13 +170,59 @@ def write_heads(directory: str | os.PathLike, checkpoint: HeadsCheckpoint, layou
     with atomic_output(directory / name) as tmp:
         # safetensors refuses tensors that share memory: the shared-head copies are cloned on the way out
         save_file(_unshared(tensors), str(tmp), metadata={"format": "pt", "fastmedusa_layout": layout})
+    written = {name}
+    if legacy_pt:  # plain tensors under the same names: torch.load(weights_only=True) reads it
+        with atomic_output(directory / LEGACY_WEIGHTS_NAME) as tmp:
+            torch.save({k: v.contiguous().clone() for k, v in tensors.items()}, tmp)
+        written.add(LEGACY_WEIGHTS_NAME)
     for other in WEIGHT_FILES:  # a directory holds one layout: a stale file of another would be read first
-        if other != name:
+        if other not in written:
             (directory / other).unlink(missing_ok=True)
     for derived in DERIVED_FILES:  # measured on the heads written over: `generate` would use another's tree
         (directory / derived).unlink(missing_ok=True)
     write_json_atomic(directory / CONFIG_NAME, _config_json(checkpoint, layout))
     return directory
+
+
+FASTERDECODING_HEADS = 5  # FasterDecoding's from_pretrained builds this many heads whatever config.json says
+
+
+def check_fasterdecoding_loadable(checkpoint: HeadsCheckpoint, layout: str) -> None:
+    """`medusa_lm_head.pt` is for FasterDecoding/Medusa's loader: refuse heads it would load wrongly."""
+    cfg = checkpoint.config
+    if layout != "medusa":
+        raise ValueError("--legacy-pt writes FasterDecoding/Medusa's file: use it with --format medusa")
+    if cfg.num_layers > 1:  # its heads are [ResBlock(h)] * L: one module L times, so the last block would win
+        raise ValueError(
+            f"these heads have {cfg.num_layers} ResBlocks each, but FasterDecoding/Medusa's MedusaModel repeats one "
+            "ResBlock module, so it cannot hold them: leave out --legacy-pt (TGI, TensorRT-LLM and vLLM read "
+            "medusa_lm_head.safetensors), or train heads with --num-layers 1"
+        )
+    if checkpoint.token_map is not None:
+        raise ValueError(
+            "these heads have a draft vocabulary, which FasterDecoding/Medusa cannot load (its projections span the "
+            "whole vocabulary): leave out --legacy-pt, or train heads without --draft-vocab"
+        )
+
+
+def portability_notes(checkpoint: HeadsCheckpoint, layout: str, legacy_pt: bool = False) -> list[str]:
+    """What the serving engines cannot do with these heads in this layout, one line each (empty when all can)."""
+    cfg, notes = checkpoint.config, []
+    if checkpoint.token_map is not None and layout == "medusa":
+        readers = "fastmedusa and vLLM" if cfg.shared_lm_head else "only fastmedusa"
+        notes.append(
+            f"a draft vocabulary of {checkpoint.token_map.numel()} tokens: {readers} can use these heads; TGI, "
+            "TensorRT-LLM and FasterDecoding/Medusa have no draft vocabulary (TGI would draft wrong tokens, the "
+            "others refuse the projections' shape)"
+        )
+    if legacy_pt and cfg.num_heads != FASTERDECODING_HEADS:
+        notes.append(
+            f"FasterDecoding/Medusa's MedusaModel.from_pretrained builds {FASTERDECODING_HEADS} heads whatever "
+            f"config.json says: with these {cfg.num_heads} "
+            + ("its extra heads keep random weights (pass medusa_choices no deeper than the heads you have)"
+               if cfg.num_heads < FASTERDECODING_HEADS else "it silently drops the heads past the fifth")
+        )  # fmt: skip
+    return notes
 
 
 def check_not_dangling(directory: Path, flag: str = "") -> None:
@@ -217,16 +274,18 @@ def _config_json(checkpoint: HeadsCheckpoint, layout: str) -> dict:
             "num_heads": cfg.num_heads,
             "num_hidden_layers": cfg.num_layers,
             "truncated_vocab_size": cfg.vocab_size,
-            "original_lm_head": cfg.shared_lm_head,
             "base_model_name_or_path": cfg.base_model_name_or_path,
             "base_model_gguf_file": cfg.base_model_gguf_file,
         }
-    # vLLM picks its Medusa config class by model_type, and gives ResBlocks a bias only with medusa_fc_bias
+    # vLLM picks its Medusa config class by model_type (which names the architecture itself), and gives
+    # ResBlocks a bias only with medusa_fc_bias; under original_lm_head it reads the one shared projection.
+    # TGI loads a speculator as Medusa only when its config has no `architectures`: the medusa layout has none.
     config = {
         **checkpoint.metadata,
         "model_type": "medusa",
-        "architectures": ["MedusaModel"],
+        **({"architectures": ["MedusaModel"]} if layout == "vllm" else {}),
         **fields,
+        "original_lm_head": cfg.shared_lm_head,
         "medusa_fc_bias": True,
         "fastmedusa_layout": layout,
     }
@@ -474,7 +533,7 @@ def _check_weights_match_config(
             f"layer(s) per head: {fix}"
         )
     if cfg.shared_lm_head:  # one projection for every head: stored copies must be that one, not K of their own
-        shared_key = "original_lm_head" if "original_lm_head" in raw_config else "shared_lm_head"
+        shared_key = "shared_lm_head" if "shared_lm_head" in raw_config else "original_lm_head"
         projections = [checkpoint.state.get(f"{i}.{cfg.num_layers}.weight") for i in range(cfg.num_heads)]
         stored = [p for p in projections if p is not None]
         if any(p is not stored[0] and not torch.equal(p, stored[0]) for p in stored[1:]):
@@ -605,9 +664,12 @@ def update_heads_config(directory: str | os.PathLike, **fields: object) -> None:
 # -- export ---------------------------------------------------------------------------------------------------
 
 
-def export_heads(heads_dir: str | os.PathLike, output: str | os.PathLike, layout: str = "medusa") -> Path:
+def export_heads(
+    heads_dir: str | os.PathLike, output: str | os.PathLike, layout: str = "medusa", legacy_pt: bool = False
+) -> Path:
     """Rewrite the heads of `heads_dir` (any layout) into `output` in `layout`, with the tokenizer and
-    tree files beside them and a model card (README.md), ready to push to a model hub as it is."""
+    tree files beside them and a model card (README.md), ready to push to a model hub as it is.
+    `legacy_pt`: also FasterDecoding/Medusa's `medusa_lm_head.pt` (medusa layout only)."""
     if layout not in LAYOUTS:
         raise ValueError(f"--format {layout!r}: pass one of {', '.join(LAYOUTS)}")
     source = find_heads_dir(heads_dir)
@@ -627,7 +689,7 @@ def export_heads(heads_dir: str | os.PathLike, output: str | os.PathLike, layout
     from fastmedusa.decode.accuracy import read_tree_json
 
     read_tree_json(source, checkpoint.config.num_heads)  # a tree.json that generate would refuse is not copied
-    write_heads(output, checkpoint, layout)  # drops an earlier export's tree.json and eval.json
+    write_heads(output, checkpoint, layout, legacy_pt)  # drops an earlier export's tree.json and eval.json
     copied = set()
     for item in sorted(
         source.iterdir()
@@ -688,16 +750,20 @@ def model_card(directory: str | os.PathLike, layout: str = "medusa") -> str:
     lines += _accuracy_table(evaluation, training)
     lines += ["", "## Decoding speed", ""]
     lines += _speed_lines(evaluation, tree)
-    lines += ["", "## Use", "", *_usage(directory, cfg, base, layout), ""]
-    return "\n".join(lines)
+    lines += ["", "## Use", "", *_usage(directory, cfg, base, layout, draft=checkpoint.token_map is not None)]
+    notes = portability_notes(checkpoint, layout, legacy_pt=(directory / LEGACY_WEIGHTS_NAME).is_file())
+    if notes:
+        lines += ["", "Limits:", "", *(f"- {note}." for note in notes)]
+    return "\n".join([*lines, ""])
 
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_BASE_TEXT = f"{EMBEDDED_HUB_ID} (the Q4_1 GGUF embedded in fastmedusa)"
 
 _LAYOUT_TEXT = {
-    "medusa": "FasterDecoding/Medusa (`medusa_lm_head.safetensors`; read by FasterDecoding/Medusa, TGI, "
-    "TensorRT-LLM's converter, vLLM and fastmedusa)",
+    "medusa": "FasterDecoding/Medusa's (`medusa_lm_head.safetensors`, as its trainer writes it; read by TGI, "
+    "TensorRT-LLM's converter, vLLM 0.32 and fastmedusa; FasterDecoding's own loader reads `medusa_lm_head.pt`, "
+    "which `fastmedusa export --legacy-pt` adds)",
     "vllm": "vLLM (`model.safetensors` with `blocks.*`/`lm_heads.*`; read by vLLM and fastmedusa)",
 }
 
@@ -753,30 +819,35 @@ def _speed_lines(evaluation: dict | None, tree: dict | None) -> list[str]:
     return lines or ["Tokens per step not measured yet: `fastmedusa eval` estimates them."]
 
 
-def _usage(directory: Path, cfg: MedusaConfig, base: str, layout: str) -> list[str]:
+def _usage(directory: Path, cfg: MedusaConfig, base: str, layout: str, draft: bool) -> list[str]:
     name = directory.name
     embedded = base == EMBEDDED_BASE_TEXT
     model_flag = "" if embedded else f"--model {base} "
     if embedded:
         base = EMBEDDED_HUB_ID
-    lines = [
-        "fastmedusa:",
-        "",
-        "```bash",
-        f"fastmedusa generate {model_flag}--heads {name} --prompt 'Hello'",
-        "```",
-        "",
-        "vLLM (the base model as a Hugging Face directory or hub id):",
-        "",
-        "```python",
-        "from vllm import LLM",
-        f"llm = LLM(model={base!r}, speculative_config={{'method': 'medusa', 'model': {name!r}, "
-        f"'num_speculative_tokens': {cfg.num_heads}}})",
-        "```",
-    ]
-    if layout == "medusa":
+    lines = ["fastmedusa:", "", "```bash", f"fastmedusa generate {model_flag}--heads {name} --prompt 'Hello'", "```"]
+    if not draft or cfg.shared_lm_head:  # vLLM maps a token_map only onto one shared projection
+        # vLLM 0.32 registers token_map while loading without reporting it loaded: its strict check refuses it
+        extra = ", model_loader_extra_config={'enable_weights_track': False}" if draft else ""
+        lines += ["", "vLLM 0.32 (the base model as a Hugging Face directory or hub id):", "", "```python",
+                  "from vllm import LLM",
+                  f"llm = LLM(model={base!r}, speculative_config={{'method': 'medusa', 'model': {name!r}, "
+                  f"'num_speculative_tokens': {cfg.num_heads}}}{extra})", "```"]  # fmt: skip
+        if draft:
+            lines += ["", "(`enable_weights_track: False`: vLLM 0.32 makes `token_map` a parameter while loading "
+                      "but does not count it as loaded, so its strict weight check refuses any draft vocabulary.)"]
+    if layout == "medusa" and (directory / LEGACY_WEIGHTS_NAME).is_file():
+        lines += ["", "FasterDecoding/Medusa (reads `medusa_lm_head.pt`):", "", "```python", "import torch",
+                  "from medusa.model.medusa_model import MedusaModel",
+                  f"model = MedusaModel.from_pretrained({name!r}, torch_dtype=torch.float16)", "```"]  # fmt: skip
+    if layout == "medusa" and not draft:
         lines += ["", "TGI (reads `base_model_name_or_path` from config.json):", "", "```bash",
-                  f"text-generation-launcher --model-id {name} --speculate {cfg.num_heads}", "```"]  # fmt: skip
+                  f"text-generation-launcher --model-id {name} --speculate {cfg.num_heads}", "```",
+                  "", "TensorRT-LLM (its converter takes the head and layer counts from the command line):", "",
+                  "```bash", f"python examples/medusa/convert_checkpoint.py --model_dir {base} "
+                  f"--medusa_model_dir {name} --num_medusa_heads {cfg.num_heads} "
+                  f"--num_medusa_layers {cfg.num_layers} --output_dir tllm_checkpoint --dtype float16",
+                  "```"]  # fmt: skip
         if embedded:
             lines += ["", f"These heads record their base model as `{cfg.base_model_name_or_path}`, the name "
                       "fastmedusa gives the Q4_1 GGUF it ships. Before serving them with TGI, set "
