@@ -112,9 +112,19 @@ def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
     settings = {}
     for name in SPLIT_FIELDS:
         given = getattr(args, name)
+        if given is None and name in run:
+            check_recorded_setting(name, run[name], run_file)
         settings[name] = given if given is not None else run.get(name, getattr(defaults, name))
-    if not settings["eval_size"]:
-        raise ValueError("--eval-size 0: evaluation needs held-out conversations; pass --eval-size 32")
+    if run.get("eval_size") == 0 and args.data is None:  # every conversation of its data was trained on
+        raise ValueError(
+            f"the run held out no conversations (eval_size 0 in {run_file}): every conversation of its data was "
+            "trained on; pass --data with other conversations (and --eval-size N)"
+        )
+    if not isinstance(settings["eval_size"], int | float) or settings["eval_size"] <= 0:  # a count or a fraction
+        raise ValueError(
+            f"--eval-size {settings['eval_size']}: evaluation needs held-out conversations; pass a positive "
+            "number, e.g. --eval-size 32"
+        )
     if settings["seq_len"] < 2:
         raise ValueError(f"--seq-len {settings['seq_len']}: pass at least 2 (a token and the one it predicts)")
     if settings["max_conversations"] is not None and settings["max_conversations"] < 2:
@@ -126,7 +136,32 @@ def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
             "conversations, so that the held-out split is the one training never saw"
         )
     settings["run_config"] = str(run_file) if run else None
+    warn_if_split_differs(args, run, run_file)
     return settings
+
+
+def warn_if_split_differs(args: argparse.Namespace, run: dict, run_file: Path) -> None:
+    """The run's data split another way holds out conversations that the run trained on: say so."""
+    same_data = args.data is None or args.data == run.get("data")
+    changed = [f"--{n.replace('_', '-')}" for n in ("max_conversations", "eval_size", "seed")
+               if run and getattr(args, n) is not None and getattr(args, n) != run.get(n)]  # fmt: skip
+    if changed and same_data:
+        print(f"warning: {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} from the run's own "
+              f"({run_file}): the held-out conversations are not the ones it held out, and some may have been "
+              "trained on", file=sys.stderr)  # fmt: skip
+
+
+def check_recorded_setting(name: str, value: object, run_file: Path) -> None:
+    """A value read from train_config.json has the kind `fastmedusa train` writes, or is named (a hand edit)."""
+    optional = name in ("model", "data", "max_conversations")
+    kind = {"model": str, "data": str, "eval_size": int | float}.get(name, int)  # eval_size: a count or fraction
+    ok = (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool))
+    if not ok:
+        what = {str: "a string", int: "an integer"}.get(kind, "a number")
+        raise ValueError(
+            f"{run_file}: {name} {value!r} is not {what}{' or null' if optional else ''}: restore it, or pass "
+            f"--{name.replace('_', '-')}"
+        )
 
 
 def base_model_name(settings: dict, heads_config) -> str | None:

@@ -404,13 +404,17 @@ def test_bad_input_is_one_error_line(tiny_dir, data_file, tmp_path, smollm2_toke
     args = ["distill", "--model", str(plain), "--data", str(data_file), "--output", out, "--device", "cpu"]
     _one_error_line(_cli(*args), "--chat-template", "chat model")
     Path(out).write_text('{"id": "x", "conversations": []}\n')
+    progress_path(out).write_text('{"consumed": 1, "records": 1, "settings": {}}')
     _one_error_line(_cli(*base, "--data", str(data_file), "--output", out), "--resume", "--overwrite")
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
-    for extra in ([], ["--overwrite"]):  # another file is never distill's to replace
-        _one_error_line(_cli(*base, "--data", str(data_file), "--output", str(notes), *extra),
-                        "is not a `fastmedusa distill` output", "pass a new path")  # fmt: skip
-    assert notes.read_text() == "my notes\n"
+    own = tmp_path / "my_sharegpt.jsonl"  # the user's own ShareGPT data: records like distill's, no progress file
+    own.write_text('{"id": "mine", "conversations": [{"from": "human", "value": "hi"}]}\n')
+    for target in (notes, own):
+        for extra in ([], ["--overwrite"]):  # another file is never distill's to replace
+            _one_error_line(_cli(*base, "--data", str(data_file), "--output", str(target), *extra),
+                            "is not a `fastmedusa distill` output", "pass a new path")  # fmt: skip
+    assert notes.read_text() == "my notes\n" and "mine" in own.read_text() and not progress_path(own).exists()
     short = ["--data", str(data_file), "--output", str(tmp_path / "none.jsonl"), "--max-prompt-tokens", "1"]
     _one_error_line(_cli(*base, *short), "no conversation was distilled: all 6 were skipped", "--max-prompt-tokens")
     assert not (tmp_path / "none.jsonl").exists()  # a run that wrote nothing leaves no empty file

@@ -25,5 +25,5 @@ def test_counts_only_labelled_positions_and_picks_the_most_frequent():
 def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="label id 12 is outside the vocabulary"):
         count_label_tokens([[1, 12]], 10)
-    with pytest.raises(ValueError, match="draft_vocab_size=11 must be in 1..10"):
+    with pytest.raises(ValueError, match="draft_vocab_size=11 is more than the model's 10 tokens"):
         draft_token_map(torch.zeros(10, dtype=torch.long), 11)

@@ -92,6 +92,18 @@ def test_bench_decode_refill_rows(setup):
         assert refill["batches"] == 1  # one run over every prompt
 
 
+def test_rows_without_heads_train_none(setup, capsys):
+    """greedy and HF rows only: no heads are trained (with the defaults that would be hours on a CPU)."""
+    out = setup / "out" / "plain.json"
+    argv = ["--model", str(setup / "model"), "--prompts", str(setup / "question.jsonl"), "--batch-sizes", "1",
+            "--new-tokens", "3", "--device", "cpu", "--rows", "greedy", "--train-dir", str(setup / "never"),
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "no heads trained" in capsys.readouterr().out and not (setup / "never").exists()
+    payload = json.loads(out.read_text())
+    assert payload["training"] is None and [r["row"] for r in payload["rows"]] == ["greedy"]
+
+
 def test_bench_decode_records_the_cuda_graphs_mode(setup, monkeypatch):
     monkeypatch.setenv("FASTMEDUSA_CUDA_GRAPHS", "compile")  # not the default; restored after the test
     out = setup / "out" / "graphs.json"

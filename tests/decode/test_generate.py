@@ -187,6 +187,11 @@ def test_bad_input(llama):
         generate(model, ids, max_new_tokens=4, tree="chain_3")
     with pytest.raises(ValueError, match="does not fit the KV cache"):
         generate(model, torch.zeros(1, 100, dtype=torch.long), max_new_tokens=50, max_len=128)
+    limit = llama.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_len .--max-len. {10**12} is more KV cache than this model can use"):
+        generate(model, ids, max_new_tokens=4, max_len=10**12)  # refused before allocating terabytes
+    with pytest.raises(ValueError, match=f"max_position_embeddings {limit} . the tree's 0 scratch slots = {limit}"):
+        generate(model, ids, max_new_tokens=4, max_len=limit + 1, medusa=False)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, torch.zeros(1, 1000, dtype=torch.long), max_new_tokens=100, medusa=False)
     with pytest.raises(ValueError, match="needs Medusa heads"):

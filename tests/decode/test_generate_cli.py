@@ -50,6 +50,8 @@ def test_generate_errors(saved, capsys):
     assert rc == 2 and "does not fit the KV cache" in err
     rc, _, err = run(capsys, *model, "--prompt", "hi", "--heads", saved / "heads", "--tree", "chain_3")
     assert rc == 2 and "3 deep but the model has 2 Medusa heads" in err
+    rc, _, err = run(capsys, *model, "--prompt", "hi", "--heads", saved / "heads", "--no-medusa", "--tree", "auto")
+    assert rc == 2 and "--tree auto shapes Medusa decoding, and --no-medusa decodes plainly: drop one" in err
 
 
 def test_heads_decode_on_the_base_model_they_record(saved, capsys, tmp_path):

@@ -125,6 +125,7 @@ def test_fewer_prompts_than_slots_and_one_token(llama):
         (["some text"], {}, "prompt 0 is text: give token ids"),
         ([[1, 2]], {"temperature": -1.0}, "temperature=-1.0"),
         ([[1, 2, 3, 4, 5, 6]], {"max_len": 8}, "does not fit the KV cache of 8 slots"),
+        ([[1, 2]], {"max_len": 10**12}, "is more KV cache than this model can use"),
         ([[1, 2]], {"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
         ([[1, 2]], {"max_len": "64"}, "max_len must be an integer >= 1 or None, got '64'"),
         ([[1, 2], [3]], {"temperature": 0.5, "seed": [1, 2, 3]}, "seed has 3 entries for 2 prompts: give one per prompt"),

@@ -267,6 +267,28 @@ def test_the_model_card_of_heads_on_the_embedded_model_says_what_tgi_needs(make_
     assert "set `base_model_name_or_path` in config.json to `HuggingFaceTB/SmolLM2-135M-Instruct`" in card
 
 
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("eval.json", {"labels": {"top1": [0.1, 0.2]}}),  # no top5
+        ("eval.json", {"labels": {"top1": ["a"], "top5": [0.5]}}),
+        ("eval.json", {"tree": {"name": "x"}}),
+        ("tree.json", {"paths": [[0]], "expected_accept_length": "n/a"}),
+        ("config.json", {"training": "abc"}),
+        ("config.json", {"training": {"final_eval": {"top1": [0.5]}}}),
+    ],
+)
+def test_measurements_out_of_shape_cost_their_card_section_not_the_export(make_llama, tmp_path, name, content):
+    _model(make_llama).save_heads(tmp_path / "h")
+    path = tmp_path / "h" / name
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**old, **content}))
+    out = export_heads(tmp_path / "h", tmp_path / "o", "medusa")
+    card = (out / "README.md").read_text()
+    assert ("Not shown:" in card) == (content != {"training": "abc"})  # a training record that is no object: none
+    assert (out / HEADS_WEIGHTS_NAME).is_file()
+
+
 def test_export_errors_name_the_fix(make_llama, tmp_path):
     model = _model(make_llama)
     model.save_heads(tmp_path / "h")

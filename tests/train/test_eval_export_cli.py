@@ -150,3 +150,32 @@ def test_eval_says_when_the_runs_data_is_gone(tmp_path):
         split_settings(args, tmp_path / "run" / "heads")
     args.data = str(tmp_path / "other.json")  # --data given: the loader reports a missing one itself
     assert split_settings(args, tmp_path / "run" / "heads")["data"] == args.data
+
+
+def test_eval_refuses_a_runs_trained_on_conversations_as_held_out(tmp_path, capsys):
+    import argparse
+
+    from fastmedusa.heads_eval import SPLIT_FIELDS, split_settings
+
+    heads = tmp_path / "run" / "heads"
+    heads.mkdir(parents=True)
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    config = tmp_path / "run" / "train_config.json"
+    config.write_text(json.dumps({"data": str(data), "eval_size": 0, "seed": 0, "max_conversations": 6}))
+    args = argparse.Namespace(**dict.fromkeys(SPLIT_FIELDS))
+    for eval_size in (None, 2):  # the run's 0, or a split of its own data that it trained on entirely
+        args.eval_size = eval_size
+        with pytest.raises(ValueError, match="the run held out no conversations .* pass --data with other"):
+            split_settings(args, heads)
+    config.write_text(json.dumps({"data": str(data), "eval_size": 4, "seed": 0, "max_conversations": 6}))
+    capsys.readouterr()
+    args.eval_size, args.seed = 2, 1
+    split_settings(args, heads)
+    assert "warning: --eval-size, --seed differ from the run's own" in capsys.readouterr().err
+    args.eval_size = args.seed = None
+    split_settings(args, heads)
+    assert "warning" not in capsys.readouterr().err
+    config.write_text(json.dumps({"data": str(data), "eval_size": 4, "seq_len": "64"}))
+    with pytest.raises(ValueError, match="train_config.json: seq_len '64' is not an integer: restore it, or pass --seq-len"):
+        split_settings(args, heads)

@@ -48,6 +48,7 @@ def test_flags_set_their_fields():
         (["--tree-prompts", "-1"], "--tree-prompts -1: pass 0 (no tree.json) or more"),
         (["--heads-decay", "0"], "--heads-decay 0.0: pass a number > 0"),
         (["--device", "foo"], "--device foo: not a device name; pass cpu, cuda or cuda:N"),
+        (["--max-steps", "1", "--epochs", "1"], "--max-steps 1 and --epochs 1.0 both set the run's length"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):
@@ -75,6 +76,29 @@ def test_a_tokenizer_with_ids_past_the_models_vocabulary_is_named(tmp_path, shar
     err = capsys.readouterr().err
     assert f"the tokenizer of {small} gives token id" in err and "but the model's vocabulary has 1000 ids" in err
     assert "Traceback" not in err
+
+
+def test_rows_longer_than_the_models_positions_are_refused(tiny_model_dir, sharegpt_file, tmp_path, capsys):
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(sharegpt_file), "--output-dir", str(tmp_path / "run"),
+            "--num-heads", "1", "--seq-len", "4096", "--pack", "--batch-size", "1", "--max-steps", "1",
+            "--eval-size", "2", "--tree-prompts", "0", "--no-progress", "--no-plot", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--seq-len 4096 exceeds the 256 positions of" in err and "pass --seq-len 256 or less" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_a_heads_or_model_directory_is_no_output_dir(tiny_model_dir, sharegpt_file, tmp_path, capsys):
+    """`--output-dir run/heads` for `--output-dir run`: a run's files would land among the heads."""
+    heads = tmp_path / "run" / "heads"
+    heads.mkdir(parents=True)
+    (heads / "config.json").write_text('{"medusa_num_heads": 1}')
+    before = sorted(p.name for p in heads.iterdir())
+    for target in (heads, tiny_model_dir):
+        assert main(["train", "--data", str(sharegpt_file), "--output-dir", str(target), "--max-steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"--output-dir {target} holds a config.json" in err and "a run writes its heads to OUTPUT_DIR/heads" in err
+    assert sorted(p.name for p in heads.iterdir()) == before
 
 
 def test_resume_into_a_missing_directory_creates_nothing(tmp_path, sharegpt_file, capsys):

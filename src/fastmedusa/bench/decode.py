@@ -533,7 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model)
     prompts = load_prompts(args, tokenizer)  # a missing question file fails before any training
     heads_dir = args.heads
-    if heads_dir is None:
+    uses_heads = args.profile or any(kind in ("medusa", "typical") for kind in args.rows)
+    if heads_dir is None and not uses_heads:  # greedy and HF rows only: fresh heads, never called, never trained
+        payload["training"] = None
+        print("no row drafts with heads (--rows has no medusa or typical): no heads trained")
+    elif heads_dir is None:
         heads_dir, payload["training"] = train_heads(args)
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None

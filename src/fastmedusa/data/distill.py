@@ -116,8 +116,9 @@ class DistillConfig:
         check_writable(out, "--output")
         if out.is_file() and out.stat().st_size > 0 and not is_distill_output(out):
             raise FileExistsError(
-                f"--output {self.output} exists and is not a `fastmedusa distill` output (JSONL records with "
-                "'conversations'): pass a new path; distill never writes over another file, even with --overwrite"
+                f"--output {self.output} exists and is not a `fastmedusa distill` output (it has no "
+                f"{progress_path(out).name} beside it): pass a new path; distill never writes over another "
+                "file, even with --overwrite (delete it yourself if it is yours to replace)"
             )
         if out.is_file() and out.stat().st_size > 0 and not (self.resume or self.overwrite):
             raise ValueError(
@@ -408,17 +409,10 @@ def progress_path(output: str | os.PathLike) -> Path:
 
 
 def is_distill_output(path: Path) -> bool:
-    """Whether `path` is what distill writes: it has distill's progress file beside it, or its first line is a
-    record with 'conversations' (a run killed before its first progress save)."""
-    if progress_path(path).is_file():
-        return True
-    try:
-        with open(path, "rb") as f:
-            first = f.readline(1 << 24)
-        record = parse_json(first)
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(record, dict) and "conversations" in record
+    """Whether `path` is what distill writes: distill's progress file lies beside it (written before the first
+    record, kept after the last). Its records alone prove nothing: every ShareGPT JSONL looks the same, and
+    --overwrite must never empty a user's own data."""
+    return progress_path(path).is_file()
 
 
 def whole_records(path: Path, chunk: int = 1 << 24) -> tuple[int, int]:

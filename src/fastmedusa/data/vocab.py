@@ -57,10 +57,12 @@ def draft_token_map(counts: torch.Tensor, draft_vocab_size: int) -> torch.Tensor
     are the smallest unseen ids (the heads still get N rows, a zero count only means no training signal).
     """
     vocab = counts.numel()
-    if not isinstance(draft_vocab_size, int) or not 1 <= draft_vocab_size <= vocab:
+    if not isinstance(draft_vocab_size, int) or draft_vocab_size < 1:
+        raise ValueError(f"draft_vocab_size={draft_vocab_size!r}: pass a positive number of tokens")
+    if draft_vocab_size > vocab:
         raise ValueError(
-            f"draft_vocab_size={draft_vocab_size!r} must be in 1..{vocab} (the vocabulary size): "
-            "pass a smaller --draft-vocab, or 0 for the full vocabulary"
+            f"draft_vocab_size={draft_vocab_size} is more than the model's {vocab} tokens: pass a smaller "
+            "--draft-vocab, or 0 for the full vocabulary"
         )
     # stable sort on -count: equal counts keep id order, so ties go to the smaller id
     order = torch.sort(-counts.long(), stable=True).indices

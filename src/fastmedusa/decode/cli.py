@@ -239,6 +239,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from fastmedusa.model import load_tokenizer
 
     check_prompts(args.prompt)
+    if args.no_medusa and args.tree is not None:  # it would be ignored without a word
+        raise ValueError(f"--tree {args.tree} shapes Medusa decoding, and --no-medusa decodes plainly: drop one")
     if args.batch_size is not None and args.batch_size < len(args.prompt) and args.tree == "auto":
         raise ValueError(
             "--tree auto measures one batch size, and --batch-size below the number of prompts refills slots: "

@@ -565,6 +565,19 @@ def check_position_limit(hf_model: nn.Module, prompt_len: int, max_new_tokens: i
         )
 
 
+def check_max_len(hf_model: nn.Module, max_len: int | None, slack: int) -> None:
+    """A KV cache longer than the model's positions plus the tree's scratch slots holds slots no call can use:
+    refused before it is allocated (a few zeros too many would take all memory)."""
+    limit = getattr(hf_model.config, "max_position_embeddings", None)
+    if max_len is None or limit is None or max_len <= limit + slack:
+        return
+    raise ValueError(
+        f"max_len (--max-len) {max_len} is more KV cache than this model can use: its max_position_embeddings "
+        f"{limit} + the tree's {slack} scratch slots = {limit + slack}; pass at most {limit + slack}, or leave it "
+        "out (the cache then fits each call)"
+    )
+
+
 def get_engine(
     hf_model: nn.Module,
     min_len: int,

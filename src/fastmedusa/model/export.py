@@ -702,7 +702,8 @@ def export_heads(
         (output / name).unlink(missing_ok=True)
     backbone = trained_backbone(source)
     if backbone is not None:  # stage-2 heads: point at their backbone from where the copy now lives
-        training = dict(checkpoint.metadata.get("training") or {})
+        recorded = checkpoint.metadata.get("training")
+        training = dict(recorded) if isinstance(recorded, dict) else {}
         training["backbone"] = os.path.relpath(backbone, output.resolve())
         update_heads_config(output, training=training, base_model_name_or_path=str(backbone))
     write_text_atomic(output / MODEL_CARD_NAME, model_card(output, layout))
@@ -715,9 +716,7 @@ def model_card(directory: str | os.PathLike, layout: str = "medusa") -> str:
     directory = Path(directory)
     checkpoint = read_heads(directory)
     cfg, meta = checkpoint.config, checkpoint.metadata
-    training = meta.get("training") or {}
-    evaluation = _read_json(directory / "eval.json")
-    tree = _read_json(directory / "tree.json")
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
     base = cfg.base_model_name_or_path or "unknown"
     hub_base = base if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists() else None
     if base in EMBEDDED_NAMES:  # `fastmedusa train` without --model: the SmolLM2 GGUF it ships
@@ -747,9 +746,9 @@ def model_card(directory: str | os.PathLike, layout: str = "medusa") -> str:
         if training.get(key) is not None:
             lines.append(f"| {label} | {training[key]} |")
     lines += ["", "## Held-out accuracy", ""]
-    lines += _accuracy_table(evaluation, training)
+    lines += _card_section(_accuracy_table, directory, training)
     lines += ["", "## Decoding speed", ""]
-    lines += _speed_lines(evaluation, tree)
+    lines += _card_section(_speed_lines, directory, training)
     lines += ["", "## Use", "", *_usage(directory, cfg, base, layout, draft=checkpoint.token_map is not None)]
     notes = portability_notes(checkpoint, layout, legacy_pt=(directory / LEGACY_WEIGHTS_NAME).is_file())
     if notes:
@@ -768,7 +767,18 @@ _LAYOUT_TEXT = {
 }
 
 
-def _accuracy_table(evaluation: dict | None, training: dict) -> list[str]:
+def _card_section(section, directory: Path, training: dict) -> list[str]:
+    """One section of the card from eval.json, tree.json and the training record: a file edited out of shape
+    costs its section (named in the card), not the export."""
+    evaluation, tree = _read_json(directory / "eval.json"), _read_json(directory / "tree.json")
+    try:
+        return section(evaluation, tree, training)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        return [f"Not shown: eval.json, tree.json or config.json's `training` does not have the expected form "
+                f"({type(err).__name__}: {err}); run `fastmedusa eval` on the heads, then export again."]  # fmt: skip
+
+
+def _accuracy_table(evaluation: dict | None, tree: dict | None, training: dict) -> list[str]:
     rows = []
     if evaluation and evaluation.get("labels"):
         source = f"{evaluation.get('conversations', '?')} held-out conversations (`fastmedusa eval`)"
@@ -798,7 +808,7 @@ def _accuracy_table(evaluation: dict | None, training: dict) -> list[str]:
     return ["Not measured: run `fastmedusa eval` on this directory, then export again."]
 
 
-def _speed_lines(evaluation: dict | None, tree: dict | None) -> list[str]:
+def _speed_lines(evaluation: dict | None, tree: dict | None, training: dict) -> list[str]:
     lines = []
     tree_eval = (evaluation or {}).get("tree")
     if tree_eval:

@@ -140,6 +140,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if given.get("epochs") is not None and "max_steps" not in given:
         given["max_steps"] = None
+    if given.get("epochs") is not None and given.get("max_steps") is not None:  # one would silently lose
+        raise ValueError(
+            f"--max-steps {given['max_steps']} and --epochs {given['epochs']} both set the run's length: pass one "
+            "of them (--max-steps wins in a config object, so the epochs would be ignored)"
+        )
     return TrainConfig(**given)
 
 

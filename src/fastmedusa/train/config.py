@@ -274,6 +274,12 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output-dir {path} is a file: pass a directory")
+    if (out / "config.json").is_file():  # a run keeps its heads and backbone in subfolders, never at its root
+        raise ValueError(
+            f"--output-dir {path} holds a config.json, so it is a model's or heads' directory, not a training "
+            f"run's: pass a new directory (or the run's own, e.g. {out.parent} for {out.parent.name}/heads); a run "
+            "writes its heads to OUTPUT_DIR/heads"
+        )
     check_output_directory(out, "--output-dir")  # a file where one of its folders would go
     check_writable(out, "--output-dir")  # where it would be made, before making it
     out.mkdir(parents=True, exist_ok=True)

@@ -350,6 +350,17 @@ def _train(config: TrainConfig, backend: SingleProcess | FSDPBackend) -> dict:
         raise
 
 
+def check_seq_len_fits(config: TrainConfig, model_config) -> None:
+    """Rows longer than the model's positions would train at positions it never learned (packed rows count
+    positions across their conversations): refused before training."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and config.seq_len > limit:
+        raise ValueError(
+            f"--seq-len {config.seq_len} exceeds the {limit} positions of {config.model or 'the embedded model'} "
+            f"(max_position_embeddings): pass --seq-len {limit} or less"
+        )
+
+
 def check_token_ids_fit(config: TrainConfig, vocab_size: int, train_batches, eval_batches: list[dict]) -> None:
     """Every encoded token id indexes the model's embedding: a tokenizer with ids past the model's vocabulary
     (another model's, or added special tokens) is named before training, not met as an index error on a GPU."""
@@ -388,6 +399,7 @@ def _run(config: TrainConfig, backend: SingleProcess | FSDPBackend, out: Path, d
     tokenizer = _load_checked_tokenizer(config, backend)
     train_batches, eval_batches = build_data(config, tokenizer, backend.world_size)
     model = build_model(config, getattr(train_batches, "encoded", None))
+    check_seq_len_fits(config, model.base.config)
     check_token_ids_fit(config, model.base.get_input_embeddings().num_embeddings, train_batches, eval_batches)
     remove_earlier_run(config)
     trainer = Trainer(model, config, train_batches, eval_batches, backend=backend)
