@@ -115,7 +115,7 @@ def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
         if given is None and name in run:
             check_recorded_setting(name, run[name], run_file)
         settings[name] = given if given is not None else run.get(name, getattr(defaults, name))
-    if run.get("eval_size") == 0 and args.data is None:  # every conversation of its data was trained on
+    if run.get("eval_size") == 0 and same_data(args.data, run.get("data")):  # all of its data was trained on
         raise ValueError(
             f"the run held out no conversations (eval_size 0 in {run_file}): every conversation of its data was "
             "trained on; pass --data with other conversations (and --eval-size N)"
@@ -136,16 +136,25 @@ def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
             "conversations, so that the held-out split is the one training never saw"
         )
     settings["run_config"] = str(run_file) if run else None
-    warn_if_split_differs(args, run, run_file)
+    if run:
+        warn_if_split_differs(args, {n: run.get(n, getattr(defaults, n)) for n in SPLIT_FIELDS}, run_file)
     return settings
+
+
+def same_data(given: str | None, recorded: str | None) -> bool:
+    """Whether --data (None: not given) names the run's own data, however the path is spelled."""
+    if given is None or given == recorded:
+        return True
+    if recorded is None:
+        return False
+    return Path(given).expanduser().absolute().resolve() == Path(recorded).expanduser().absolute().resolve()
 
 
 def warn_if_split_differs(args: argparse.Namespace, run: dict, run_file: Path) -> None:
     """The run's data split another way holds out conversations that the run trained on: say so."""
-    same_data = args.data is None or args.data == run.get("data")
     changed = [f"--{n.replace('_', '-')}" for n in ("max_conversations", "eval_size", "seed")
-               if run and getattr(args, n) is not None and getattr(args, n) != run.get(n)]  # fmt: skip
-    if changed and same_data:
+               if getattr(args, n) is not None and getattr(args, n) != run[n]]  # fmt: skip
+    if changed and same_data(args.data, run["data"]):
         print(f"warning: {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} from the run's own "
               f"({run_file}): the held-out conversations are not the ones it held out, and some may have been "
               "trained on", file=sys.stderr)  # fmt: skip

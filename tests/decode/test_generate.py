@@ -190,8 +190,9 @@ def test_bad_input(llama):
     limit = llama.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"max_len .--max-len. {10**12} is more KV cache than this model can use"):
         generate(model, ids, max_new_tokens=4, max_len=10**12)  # refused before allocating terabytes
-    with pytest.raises(ValueError, match=f"max_position_embeddings {limit} . the tree's 0 scratch slots = {limit}"):
-        generate(model, ids, max_new_tokens=4, max_len=limit + 1, medusa=False)
+    with pytest.raises(ValueError, match=f"max_position_embeddings {limit} . 256 scratch slots for a tree = {limit + 256}"):
+        generate(model, ids, max_new_tokens=4, max_len=limit + 257, medusa=False)
+    assert generate(model, ids, max_new_tokens=4, max_len=limit + 256, medusa=False).new_tokens == 4
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, torch.zeros(1, 1000, dtype=torch.long), max_new_tokens=100, medusa=False)
     with pytest.raises(ValueError, match="needs Medusa heads"):

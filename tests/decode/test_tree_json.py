@@ -56,6 +56,9 @@ def test_tree_errors(tmp_path):
         (tmp_path / "tree.json").write_text(json.dumps({"paths": [[0]], "rank_accuracies": accuracies}))
         with pytest.raises(ValueError, match=r"tree\.json: rank_accuracies must be per-head lists of equal length"):
             read_tree_json(tmp_path)
+    (tmp_path / "tree.json").write_text(json.dumps({"paths": [[0]], "num_heads": 3, "rank_accuracies": [[0.5] * 10]}))
+    with pytest.raises(ValueError, match="says num_heads 3 but holds rank_accuracies for 1 head: delete the file"):
+        read_tree_json(tmp_path, 3)
 
 
 def test_empty_trees_name_their_file(tmp_path):

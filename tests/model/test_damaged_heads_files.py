@@ -80,6 +80,14 @@ def test_a_failed_load_leaves_the_model_heads_as_they_were(make_llama, tmp_path)
         assert torch.equal(value, before[key]), key
 
 
+def test_a_base_models_num_hidden_layers_beside_medusa_num_layers_is_not_a_conflict(tmp_path):
+    """A Medusa-2 style config: the base model's fields (num_hidden_layers = its depth) plus the heads' own."""
+    from fastmedusa.model import MedusaConfig
+
+    config = MedusaConfig.from_dict({"num_hidden_layers": 32, "medusa_num_layers": 1, "medusa_num_heads": 4})
+    assert (config.num_layers, config.num_heads) == (1, 4)
+
+
 def test_shared_lm_head_over_per_head_projections_is_refused(make_llama, tmp_path):
     _saved(make_llama, tmp_path)
     _edit_config(tmp_path, shared_lm_head=True)  # vLLM's name for it, original_lm_head, still says false

@@ -152,11 +152,12 @@ def test_eval_says_when_the_runs_data_is_gone(tmp_path):
     assert split_settings(args, tmp_path / "run" / "heads")["data"] == args.data
 
 
-def test_eval_refuses_a_runs_trained_on_conversations_as_held_out(tmp_path, capsys):
+def test_eval_refuses_a_runs_trained_on_conversations_as_held_out(tmp_path, capsys, monkeypatch):
     import argparse
 
     from fastmedusa.heads_eval import SPLIT_FIELDS, split_settings
 
+    monkeypatch.chdir(tmp_path)
     heads = tmp_path / "run" / "heads"
     heads.mkdir(parents=True)
     data = tmp_path / "d.json"
@@ -164,10 +165,11 @@ def test_eval_refuses_a_runs_trained_on_conversations_as_held_out(tmp_path, caps
     config = tmp_path / "run" / "train_config.json"
     config.write_text(json.dumps({"data": str(data), "eval_size": 0, "seed": 0, "max_conversations": 6}))
     args = argparse.Namespace(**dict.fromkeys(SPLIT_FIELDS))
-    for eval_size in (None, 2):  # the run's 0, or a split of its own data that it trained on entirely
-        args.eval_size = eval_size
+    for eval_size, given in ((None, None), (2, None), (2, "d.json")):  # its own data, by any spelling of its path
+        args.eval_size, args.data = eval_size, given
         with pytest.raises(ValueError, match="the run held out no conversations .* pass --data with other"):
             split_settings(args, heads)
+    args.data = None
     config.write_text(json.dumps({"data": str(data), "eval_size": 4, "seed": 0, "max_conversations": 6}))
     capsys.readouterr()
     args.eval_size, args.seed = 2, 1

@@ -93,11 +93,14 @@ def test_a_heads_or_model_directory_is_no_output_dir(tiny_model_dir, sharegpt_fi
     heads = tmp_path / "run" / "heads"
     heads.mkdir(parents=True)
     (heads / "config.json").write_text('{"medusa_num_heads": 1}')
+    (tmp_path / "run" / "train_config.json").write_text("{}")
     before = sorted(p.name for p in heads.iterdir())
-    for target in (heads, tiny_model_dir):
+    for target, hint in ((heads, f"(to continue the run whose heads these are, pass {tmp_path / 'run'})"),
+                         (tiny_model_dir, "pass a new directory; a run")):  # fmt: skip
         assert main(["train", "--data", str(sharegpt_file), "--output-dir", str(target), "--max-steps", "1"]) == 2
         err = capsys.readouterr().err
         assert f"--output-dir {target} holds a config.json" in err and "a run writes its heads to OUTPUT_DIR/heads" in err
+        assert hint in err
     assert sorted(p.name for p in heads.iterdir()) == before
 
 

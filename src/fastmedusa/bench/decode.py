@@ -29,7 +29,7 @@ from fastmedusa.bench.common import environment, is_oom, median, positive_int, w
 from fastmedusa.bench.heads import add_model_arguments, held_out_prompts, save_figure
 from fastmedusa.decode import generate
 from fastmedusa.decode.accuracy import chat_prompts, left_pad_batch
-from fastmedusa.decode.engine import attention_layout, cached_engine, regional_compile
+from fastmedusa.decode.engine import attention_layout, cached_engine, max_useful_len, regional_compile
 from fastmedusa.decode.generate import CUDA_GRAPHS_MODES, cuda_graphs_mode
 from fastmedusa.decode.trees import check_tree_name
 from fastmedusa.errors import CommandParser
@@ -40,6 +40,11 @@ from fastmedusa.progress import Progress
 ROWS = ("hf-static", "greedy", "medusa", "typical")
 
 
+def rows_use_heads(args: argparse.Namespace) -> bool:
+    """Whether any row drafts with the heads (Medusa, typical, or the profile's Medusa step)."""
+    return args.profile or any(kind in ("medusa", "typical") for kind in args.rows)
+
+
 def check_row_settings(model, args: argparse.Namespace) -> None:
     """The tree and the typical rows' temperature, checked once before any row runs (a row's own failure, an OOM
     or a compile error, is a result; a bad flag is not)."""
@@ -48,7 +53,7 @@ def check_row_settings(model, args: argparse.Namespace) -> None:
 
     if args.tree == "auto" and args.refill:
         raise ValueError("--refill runs generate_many, which takes no --tree auto: pass auto:N, a preset or a file")
-    if args.tree != "auto":
+    if args.tree != "auto" and rows_use_heads(args):  # else the heads are fresh ones that no row calls
         resolve_tree(args.tree, model.medusa_heads.num_heads, heads_tree_info(model, model.medusa_heads))
     check_sampling(args.temperature, 0.0, 0.0)
 
@@ -533,8 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model)
     prompts = load_prompts(args, tokenizer)  # a missing question file fails before any training
     heads_dir = args.heads
-    uses_heads = args.profile or any(kind in ("medusa", "typical") for kind in args.rows)
-    if heads_dir is None and not uses_heads:  # greedy and HF rows only: fresh heads, never called, never trained
+    if heads_dir is None and not rows_use_heads(args):  # greedy and HF rows only: fresh heads, never called, never trained
         payload["training"] = None
         print("no row drafts with heads (--rows has no medusa or typical): no heads trained")
     elif heads_dir is None:
@@ -548,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     width = max(p.shape[1] for p in prompts)
     longest = max(args.new_tokens, PROFILE_TOKENS[-1] if args.profile else 0)
     max_len = -(-(width + longest + 130) // 256) * 256  # one engine for every batch and the profile (trees <= 128 nodes)
+    if max_useful_len(model.base) is not None:  # rounded up past what the model can use: no further
+        max_len = min(max_len, max_useful_len(model.base))
     payload.update(prompts=len(prompts), prompt_tokens=[p.shape[1] for p in prompts], max_len=max_len)
     payload["rows"] = rows = []
     if args.profile:

@@ -531,7 +531,7 @@ def prepare_output(config: DistillConfig, settings: dict) -> _Start:
     if not state_path.is_file():
         raise ValueError(
             f"--resume: {config.output} has no {state_path.name} beside it, so where its run stopped is "
-            "unknown: pass --overwrite to start again (or another --output)"
+            "unknown: pass another --output"
         )
     state = read_progress(state_path, config.output)
     check_same_settings(state["settings"], settings, config.output)

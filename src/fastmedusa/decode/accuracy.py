@@ -312,6 +312,11 @@ def read_tree_json(path: str | os.PathLike, num_heads: int | None = None) -> dic
     stated = stated_num_heads(
         info, str(path), "delete the file, or measure it again with `fastmedusa bench heads --heads DIR --write-tree`"
     )
+    if stated and accuracies and len(accuracies) != stated:  # `auto:N` would build trees for the wrong heads
+        raise ValueError(
+            f"{path} says num_heads {stated} but holds rank_accuracies for {len(accuracies)} head{'s' * (len(accuracies) != 1)}: delete the "
+            "file, or measure it again with `fastmedusa bench heads --heads DIR --write-tree`"
+        )
     theirs = stated or (len(info["rank_accuracies"]) if info.get("rank_accuracies") else None)
     if num_heads is not None and theirs is not None and theirs != num_heads:
         raise ValueError(

@@ -565,16 +565,25 @@ def check_position_limit(hf_model: nn.Module, prompt_len: int, max_new_tokens: i
         )
 
 
-def check_max_len(hf_model: nn.Module, max_len: int | None, slack: int) -> None:
-    """A KV cache longer than the model's positions plus the tree's scratch slots holds slots no call can use:
-    refused before it is allocated (a few zeros too many would take all memory)."""
+MAX_TREE_SLOTS = 256  # scratch slots past the model's positions that any tree may use (verify passes <= 256)
+
+
+def max_useful_len(hf_model: nn.Module) -> int | None:
+    """The most KV cache slots per row a call can use: the model's positions plus any tree's scratch slots."""
     limit = getattr(hf_model.config, "max_position_embeddings", None)
-    if max_len is None or limit is None or max_len <= limit + slack:
+    return None if limit is None else limit + MAX_TREE_SLOTS
+
+
+def check_max_len(hf_model: nn.Module, max_len: int | None) -> None:
+    """A KV cache longer than the model's positions plus a tree's scratch slots holds slots no call can use:
+    refused before it is allocated (a few zeros too many would take all memory)."""
+    most = max_useful_len(hf_model)
+    if max_len is None or most is None or max_len <= most:
         return
     raise ValueError(
         f"max_len (--max-len) {max_len} is more KV cache than this model can use: its max_position_embeddings "
-        f"{limit} + the tree's {slack} scratch slots = {limit + slack}; pass at most {limit + slack}, or leave it "
-        "out (the cache then fits each call)"
+        f"{most - MAX_TREE_SLOTS} + {MAX_TREE_SLOTS} scratch slots for a tree = {most}; pass at most {most}, or "
+        "leave it out (the cache then fits each call)"
     )
 
 

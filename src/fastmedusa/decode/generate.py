@@ -830,7 +830,7 @@ def generate(
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, "cpu")
     check_position_limit(base, ids.shape[1], max_new_tokens)
     slack = tree_buffers.num_nodes if tree_buffers is not None else 0
-    check_max_len(base, max_len, slack)
+    check_max_len(base, max_len)
     needed = ids.shape[1] + max_new_tokens + slack
     if max_len is not None and needed > max_len:
         raise ValueError(

@@ -20,6 +20,9 @@ FIELD_ALIASES = {
     "num_hidden_layers": "num_layers",
     "original_lm_head": "shared_lm_head",
 }
+# Aliases that our own medusa layout writes beside our name, so that a disagreement is a hand edit. (Not
+# num_hidden_layers: a base model's config carries it as the transformer's depth beside medusa_num_layers.)
+MIRRORED_FIELDS = ("original_lm_head",)
 
 
 @dataclass
@@ -103,7 +106,7 @@ class MedusaConfig:
         for alias, name in FIELD_ALIASES.items():
             if alias in d:
                 value = d.pop(alias)
-                if name in d and d[name] != value:  # both names written (the medusa layout), then one edited
+                if alias in MIRRORED_FIELDS and name in d and d[name] != value:  # both written, then one edited
                     raise ValueError(
                         f"{alias}={json.dumps(value)} and {name}={json.dumps(d[name])} name the same setting "
                         "but disagree: make them equal"

@@ -275,10 +275,11 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output-dir {path} is a file: pass a directory")
     if (out / "config.json").is_file():  # a run keeps its heads and backbone in subfolders, never at its root
+        run = out.absolute().parent
+        hint = f" (to continue the run whose heads these are, pass {run})" if (run / "train_config.json").is_file() else ""
         raise ValueError(
             f"--output-dir {path} holds a config.json, so it is a model's or heads' directory, not a training "
-            f"run's: pass a new directory (or the run's own, e.g. {out.parent} for {out.parent.name}/heads); a run "
-            "writes its heads to OUTPUT_DIR/heads"
+            f"run's: pass a new directory{hint}; a run writes its heads to OUTPUT_DIR/heads"
         )
     check_output_directory(out, "--output-dir")  # a file where one of its folders would go
     check_writable(out, "--output-dir")  # where it would be made, before making it
