@@ -198,10 +198,12 @@ def test_a_gzip_file_cut_short_keeps_every_complete_record(tmp_path, fraction):
      (b"\xfd7zXZ\x00" + bytes(20), r"is xz-compressed: unpack it first \(`unxz .*`\)"),
      (b"PK\x03\x04" + bytes(20), r"is zip-compressed: unpack it first \(`unzip .*`\)"),
      (b"\x1f\x8b\x08\x00", "is a gzip file cut short before its first byte of data"),
-     ("\ufeff".encode(), "is empty: pass a file of conversations")],  # a BOM alone: empty, not a gzip
+     ("\ufeff".encode(), "is empty: pass a file of conversations"),  # a BOM alone: empty, not a gzip
+     ('[{"conversations": []}]'.encode("utf-16"), r"is UTF-16 or UTF-32 text: save it as UTF-8"),
+     (bytes(range(256)), "is named .gz but is not gzip data")],
 )  # fmt: skip
 def test_empty_and_compressed_files_say_what_they_are(tmp_path, content, says):
-    path = tmp_path / "d.json"
+    path = tmp_path / ("d.json.gz" if "named .gz" in says else "d.json")
     path.write_bytes(content)
     with pytest.raises(ValueError, match=f"--data {path} {says}"):
         read_sharegpt(path)

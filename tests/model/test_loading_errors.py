@@ -75,3 +75,13 @@ def test_a_bad_value_in_a_heads_config_names_the_file(make_llama, tmp_path, fiel
     for read in (read_heads, MedusaConfig.from_pretrained):
         with pytest.raises(ValueError, match=f"config.json: {match}.*fix it or re-export the heads"):
             read(tmp_path)
+
+
+def test_a_broken_model_config_is_named_not_blamed_on_the_tokenizer(make_llama, tmp_path):
+    from fastmedusa.model import load_tokenizer
+
+    make_llama().save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')  # cut off
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON .*restore the model's config.json"):
+        load_tokenizer(str(tmp_path))

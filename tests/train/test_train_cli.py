@@ -172,6 +172,7 @@ def test_a_tokenizer_without_chat_template_is_refused_before_training(tiny_model
     assert len(err) == 1 and "has no chat template" in err[0] and "--tree-prompts 0" in err[0]
     assert not (tmp_path / "a").exists()  # the refused run leaves no empty directory either
     assert main([*argv, "--output-dir", str(tmp_path / "b"), "--tree-prompts", "0"]) == 0
+    assert "has no chat template: conversations are written as 'User: ...'" in capsys.readouterr().err
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_left(tiny_model_dir, sharegpt_file, tmp_path, capsys):

@@ -283,6 +283,10 @@ def _open_text(path: Path):
                 f"--data {path} is {kind}-compressed: unpack it first (`{tool} {path}`), or gzip it "
                 "(gzip files are read as they are)"
             )
+    if magic[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 (or UTF-32 little-endian) byte-order mark
+        raise ValueError(f"--data {path} is UTF-16 or UTF-32 text: save it as UTF-8 (e.g. `iconv -t UTF-8`)")
+    if path.suffix == ".gz":
+        raise ValueError(f"--data {path} is named .gz but is not gzip data: pass the file it should be")
     return open(path, encoding="utf-8-sig", errors="fastmedusa-replace")
 
 

@@ -167,6 +167,14 @@ def check_tokenizer_files(name_or_path: str | os.PathLike | None) -> None:
     directory = Path(source)
     if "gguf_file" in extra or not directory.is_dir():
         return
+    config = directory / "config.json"  # AutoTokenizer reads it first: a broken one is not the tokenizer's fault
+    if config.is_file():
+        try:
+            parse_json(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(
+                f"{config} is not valid JSON ({err}): restore the model's config.json (save_pretrained writes it)"
+            ) from None
     if not any((directory / name).is_file() for name in TOKENIZER_FILES) and not any(directory.glob("*.tiktoken")):
         raise FileNotFoundError(
             f"the model directory {name_or_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save "

@@ -388,6 +388,12 @@ def _load_checked_tokenizer(config: TrainConfig, backend: SingleProcess | FSDPBa
             f"the tokenizer of {config.model or 'the embedded model'} has no chat template, which the tree.json "
             "measure needs (held-out prompts in chat form): pass --tree-prompts 0, or use a chat model"
         )
+    if not getattr(tokenizer, "chat_template", None):
+        warn(
+            f"the tokenizer of {config.model or 'the embedded model'} has no chat template: conversations are "
+            "written as 'User: ...' / 'Assistant: ...' lines, so the heads learn that format, not the one the "
+            "model will be prompted with"
+        )
     return tokenizer
 
 
