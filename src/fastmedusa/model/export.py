@@ -184,7 +184,9 @@ def write_heads(
     return directory
 
 
-FASTERDECODING_HEADS = 5  # FasterDecoding's from_pretrained builds this many heads whatever config.json says
+# FasterDecoding's from_pretrained on GitHub builds this many heads whatever config.json says (for a config
+# that transformers cannot read, as ours: model_type medusa); the PyPI release medusa-llm 0.1 reads the count
+FASTERDECODING_HEADS = 5
 
 
 def check_fasterdecoding_loadable(checkpoint: HeadsCheckpoint, layout: str) -> None:
@@ -217,8 +219,9 @@ def portability_notes(checkpoint: HeadsCheckpoint, layout: str, legacy_pt: bool 
         )
     if legacy_pt and cfg.num_heads != FASTERDECODING_HEADS:
         notes.append(
-            f"FasterDecoding/Medusa's MedusaModel.from_pretrained builds {FASTERDECODING_HEADS} heads whatever "
-            f"config.json says: with these {cfg.num_heads} "
+            f"FasterDecoding/Medusa's MedusaModel.from_pretrained on GitHub builds {FASTERDECODING_HEADS} heads "
+            f"whatever config.json says (its PyPI release medusa-llm 0.1 reads the count): with these "
+            f"{cfg.num_heads} "
             + ("its extra heads keep random weights (pass medusa_choices no deeper than the heads you have)"
                if cfg.num_heads < FASTERDECODING_HEADS else "it silently drops the heads past the fifth")
         )  # fmt: skip
