@@ -109,18 +109,20 @@ def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
             f"{run_file} is not the settings of a `fastmedusa train` run (not a JSON object): restore it, or "
             "delete it and pass --model, --data, --eval-size and --seed as the run used them"
         )
+    try:  # the run's values, checked by the rules that `train` applied to them (a hand edit is named)
+        TrainConfig(**{name: run[name] for name in SPLIT_FIELDS if name in run})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{run_file}: {err} (a value recorded there: restore it, or pass that flag)") from None
     settings = {}
     for name in SPLIT_FIELDS:
         given = getattr(args, name)
-        if given is None and name in run:
-            check_recorded_setting(name, run[name], run_file)
         settings[name] = given if given is not None else run.get(name, getattr(defaults, name))
     if run.get("eval_size") == 0 and same_data(args.data, run.get("data")):  # all of its data was trained on
         raise ValueError(
             f"the run held out no conversations (eval_size 0 in {run_file}): every conversation of its data was "
             "trained on; pass --data with other conversations (and --eval-size N)"
         )
-    if not isinstance(settings["eval_size"], int | float) or settings["eval_size"] <= 0:  # a count or a fraction
+    if settings["eval_size"] < 1:
         raise ValueError(
             f"--eval-size {settings['eval_size']}: evaluation needs held-out conversations; pass a positive "
             "number, e.g. --eval-size 32"
@@ -147,7 +149,7 @@ def same_data(given: str | None, recorded: str | None) -> bool:
         return True
     if recorded is None:
         return False
-    return Path(given).expanduser().absolute().resolve() == Path(recorded).expanduser().absolute().resolve()
+    return Path(given).expanduser().resolve() == Path(recorded).expanduser().resolve()
 
 
 def warn_if_split_differs(args: argparse.Namespace, run: dict, run_file: Path) -> None:
@@ -158,19 +160,6 @@ def warn_if_split_differs(args: argparse.Namespace, run: dict, run_file: Path) -
         print(f"warning: {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} from the run's own "
               f"({run_file}): the held-out conversations are not the ones it held out, and some may have been "
               "trained on", file=sys.stderr)  # fmt: skip
-
-
-def check_recorded_setting(name: str, value: object, run_file: Path) -> None:
-    """A value read from train_config.json has the kind `fastmedusa train` writes, or is named (a hand edit)."""
-    optional = name in ("model", "data", "max_conversations")
-    kind = {"model": str, "data": str, "eval_size": int | float}.get(name, int)  # eval_size: a count or fraction
-    ok = (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool))
-    if not ok:
-        what = {str: "a string", int: "an integer"}.get(kind, "a number")
-        raise ValueError(
-            f"{run_file}: {name} {value!r} is not {what}{' or null' if optional else ''}: restore it, or pass "
-            f"--{name.replace('_', '-')}"
-        )
 
 
 def base_model_name(settings: dict, heads_config) -> str | None:

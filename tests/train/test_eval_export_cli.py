@@ -179,5 +179,5 @@ def test_eval_refuses_a_runs_trained_on_conversations_as_held_out(tmp_path, caps
     split_settings(args, heads)
     assert "warning" not in capsys.readouterr().err
     config.write_text(json.dumps({"data": str(data), "eval_size": 4, "seq_len": "64"}))
-    with pytest.raises(ValueError, match="train_config.json: seq_len '64' is not an integer: restore it, or pass --seq-len"):
+    with pytest.raises(ValueError, match="train_config.json: --seq-len '64': pass at least 2 .* restore it, or pass that flag"):
         split_settings(args, heads)

@@ -605,6 +605,7 @@ def get_engine(
             f"batch of {batch_size} rows does not fit the KV cache built for {max_batch_size} rows: "
             "raise max_batch_size or split the batch"
         )
+    check_max_len(hf_model, max_len)
     embed = _decoder(hf_model).embed_tokens.weight
     engine = cached_engine(hf_model)
     if max_len is not None and max_len < min_len:

@@ -47,7 +47,7 @@ from torch import nn
 
 from fastmedusa.data.vocab import id_outside
 from fastmedusa.decode.accuracy import choose_tree_size, read_tree_json
-from fastmedusa.decode.engine import DecodeEngine, check_max_len, check_position_limit, get_engine
+from fastmedusa.decode.engine import DecodeEngine, check_position_limit, get_engine
 from fastmedusa.decode.loop import StepRunner, medusa_body, plain_body, prefill_body, run_loop
 from fastmedusa.decode.packed_heads import packed_heads
 from fastmedusa.decode.trees import TreeBuffers, cached_tree_buffers, info_chains, resolve_tree
@@ -830,7 +830,6 @@ def generate(
         tree_buffers = cached_tree_buffers(paths, heads.num_heads, "cpu")
     check_position_limit(base, ids.shape[1], max_new_tokens)
     slack = tree_buffers.num_nodes if tree_buffers is not None else 0
-    check_max_len(base, max_len)
     needed = ids.shape[1] + max_new_tokens + slack
     if max_len is not None and needed > max_len:
         raise ValueError(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastmedusa.decode.engine import check_max_len, check_position_limit, engine_fits, get_engine
+from fastmedusa.decode.engine import check_position_limit, engine_fits, get_engine
 from fastmedusa.decode.generate import (
     SeedSpec,
     TreeSpec,
@@ -233,7 +233,6 @@ def generate_many(
     chunk = prefill_chunk(captured=on_cuda and (graphs == "step" or (graphs == "compile" and compile)))
     longest = max(int(p.numel()) for p in ids_list)
     check_position_limit(base, longest, max_new_tokens, what="the longest prompt")
-    check_max_len(base, max_len)
     needed = longest + max_new_tokens + slack  # as in `generate`: prompts are cut in chunks where room allows
     if max_len is not None and needed > max_len:
         raise ValueError(

@@ -748,10 +748,11 @@ def model_card(directory: str | os.PathLike, layout: str = "medusa") -> str:
                        ("sequence length", "seq_len"), ("loss", "loss")):  # fmt: skip
         if training.get(key) is not None:
             lines.append(f"| {label} | {training[key]} |")
+    measured = (_read_json(directory / "eval.json"), _read_json(directory / "tree.json"), training)
     lines += ["", "## Held-out accuracy", ""]
-    lines += _card_section(_accuracy_table, directory, training)
+    lines += _card_section(_accuracy_table, *measured)
     lines += ["", "## Decoding speed", ""]
-    lines += _card_section(_speed_lines, directory, training)
+    lines += _card_section(_speed_lines, *measured)
     lines += ["", "## Use", "", *_usage(directory, cfg, base, layout, draft=checkpoint.token_map is not None)]
     notes = portability_notes(checkpoint, layout, legacy_pt=(directory / LEGACY_WEIGHTS_NAME).is_file())
     if notes:
@@ -770,10 +771,9 @@ _LAYOUT_TEXT = {
 }
 
 
-def _card_section(section, directory: Path, training: dict) -> list[str]:
+def _card_section(section, evaluation: dict | None, tree: dict | None, training: dict) -> list[str]:
     """One section of the card from eval.json, tree.json and the training record: a file edited out of shape
     costs its section (named in the card), not the export."""
-    evaluation, tree = _read_json(directory / "eval.json"), _read_json(directory / "tree.json")
     try:
         return section(evaluation, tree, training)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
