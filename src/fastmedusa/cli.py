@@ -44,6 +44,12 @@ COMMANDS = {
         "run_export",
         "write heads in the layout a serving engine loads (FasterDecoding/Medusa, vLLM) with a model card",
     ),
+    "shrink-vocab": (
+        "fastmedusa.model.cli",
+        "add_shrink_arguments",
+        "run_shrink",
+        "cut full-vocabulary heads to the N most frequent tokens of their training data: a cheaper decode step",
+    ),
 }
 BENCHMARKS = {
     "loss": (

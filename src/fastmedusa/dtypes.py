@@ -37,6 +37,18 @@ def dtype_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def add_device_arguments(parser: argparse.ArgumentParser, dtype_help: str = "weights dtype") -> None:
+    """--device and --dtype with the defaults every command shares: CUDA + bf16 when a GPU exists, else CPU + fp32."""
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        type=dtype_arg,
+        default=None,
+        metavar=DTYPE_METAVAR,
+        help=f"{dtype_help}; bfloat16/float16/float32 also work (default: bf16 on CUDA, fp32 on the CPU)",
+    )
+
+
 def parse_device(text: str) -> torch.device:
     """`--device TEXT` as a torch.device; a malformed name or an absent CUDA is a one-line error."""
     try:

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
+from fastmedusa.dtypes import add_device_arguments
 from fastmedusa.files import check_writable, json_object_keys, parse_json
 
 RUN_CONFIG = "train_config.json"
@@ -31,34 +31,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HEADS_DIR",
         help="heads directory, or a `fastmedusa train --output-dir` holding heads/",
     )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="base model (default: the run's --model, else the heads' base_model_name_or_path)",
-    )
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="ShareGPT file or hub id (default: the run's --data, else the embedded one)",
-    )
-    parser.add_argument(
-        "--max-conversations",
-        type=int,
-        default=None,
-        help="records read, as in training (default: the run's)",
-    )
-    parser.add_argument(
-        "--eval-size",
-        type=int,
-        default=None,
-        help="held-out conversations, as in training (default: the run's)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=None, help="split seed, as in training (default: the run's)"
-    )
-    parser.add_argument(
-        "--seq-len", type=int, default=None, help="tokens per held-out conversation (default: the run's)"
-    )
+    add_split_arguments(parser, "held-out conversations, as in training")
     parser.add_argument(
         "--batch-size", type=int, default=8, help="held-out rows per batch (default: %(default)s)"
     )
@@ -80,22 +53,48 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="tree whose expected tokens/step is reported: a preset, chain_<depth>, auto:N (built from the "
         "accuracies measured here) or a JSON file (default: HEADS_DIR/tree.json if present, else mc_sim_7b_63)",
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument(
-        "--dtype",
-        type=dtype_arg,
-        default=None,
-        metavar=DTYPE_METAVAR,
-        help="weights dtype (default: bf16 on CUDA, fp32 on the CPU)",
-    )
+    add_device_arguments(parser)
     parser.add_argument(
         "--output", default=None, metavar="FILE", help="JSON to write (default: HEADS_DIR/eval.json)"
     )
 
 
-def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
+def add_split_arguments(parser: argparse.ArgumentParser, eval_size_help: str) -> None:
+    """--model and the flags that pick the run's data split; each defaults to the run's train_config.json."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="base model (default: the run's --model, else the heads' base_model_name_or_path)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="ShareGPT file or hub id (default: the run's --data, else the embedded one)",
+    )
+    parser.add_argument(
+        "--max-conversations",
+        type=int,
+        default=None,
+        help="records read, as in training (default: the run's)",
+    )
+    parser.add_argument(
+        "--eval-size",
+        type=int,
+        default=None,
+        help=f"{eval_size_help} (default: the run's)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="split seed, as in training (default: the run's)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per conversation, as in training (default: the run's)"
+    )
+
+
+def split_settings(args: argparse.Namespace, heads_dir: Path, need_held_out: bool = True) -> dict:
     """Model and held-out split: flags first, then the training run's train_config.json, then the defaults
-    of `fastmedusa train` (so that the held-out conversations are the ones training never saw)."""
+    of `fastmedusa train` (so that the held-out conversations are the ones training never saw).
+    `need_held_out=False`: a split that holds nothing out (eval_size 0) is allowed."""
     from fastmedusa.train.config import TrainConfig
 
     defaults = TrainConfig()
@@ -117,16 +116,18 @@ def split_settings(args: argparse.Namespace, heads_dir: Path) -> dict:
     for name in SPLIT_FIELDS:
         given = getattr(args, name)
         settings[name] = given if given is not None else run.get(name, getattr(defaults, name))
-    if run.get("eval_size") == 0 and same_data(args.data, run.get("data")):  # all of its data was trained on
+    if need_held_out and run.get("eval_size") == 0 and same_data(args.data, run.get("data")):  # all trained on
         raise ValueError(
             f"the run held out no conversations (eval_size 0 in {run_file}): every conversation of its data was "
             "trained on; pass --data with other conversations (and --eval-size N)"
         )
-    if settings["eval_size"] < 1:
+    if need_held_out and settings["eval_size"] < 1:
         raise ValueError(
             f"--eval-size {settings['eval_size']}: evaluation needs held-out conversations; pass a positive "
             "number, e.g. --eval-size 32"
         )
+    if settings["eval_size"] < 0:
+        raise ValueError(f"--eval-size {settings['eval_size']}: pass 0 (hold nothing out) or more")
     if settings["seq_len"] < 2:
         raise ValueError(f"--seq-len {settings['seq_len']}: pass at least 2 (a token and the one it predicts)")
     if settings["max_conversations"] is not None and settings["max_conversations"] < 2:
@@ -167,6 +168,14 @@ def base_model_name(settings: dict, heads_config) -> str | None:
     from fastmedusa.model.export import recorded_base_model_name
 
     return recorded_base_model_name(settings["model"] or heads_config.base_model_name_or_path)
+
+
+def model_for_heads(given: str | None, heads_dir: Path, settings: dict, heads_config) -> str | None:
+    """The model the heads run on: --model, else a stage-2 run's own trained backbone, else `base_model_name`."""
+    from fastmedusa.model.export import base_model_for_heads
+
+    backbone = base_model_for_heads(given, heads_dir)
+    return backbone if backbone is not None else base_model_name(settings, heads_config)
 
 
 def held_out_conversations(settings: dict) -> list:
@@ -252,13 +261,12 @@ def greedy_accuracy(model, tokenizer, conversations: list, args: argparse.Namesp
 def evaluate_heads(args: argparse.Namespace, settings: dict | None = None) -> dict:
     from fastmedusa.decode.cli import resolve_device_dtype
     from fastmedusa.model import MedusaModel, load_tokenizer
-    from fastmedusa.model.export import base_model_for_heads, find_heads_dir, read_heads
+    from fastmedusa.model.export import find_heads_dir, read_heads
 
     heads_dir = find_heads_dir(args.heads_dir)
     checkpoint = read_heads(heads_dir)
     settings = settings or split_settings(args, heads_dir)
-    backbone = base_model_for_heads(args.model, heads_dir)  # --model, else a stage-2 run's own backbone
-    model_name = backbone if backbone is not None else base_model_name(settings, checkpoint.config)
+    model_name = model_for_heads(args.model, heads_dir, settings, checkpoint.config)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     tokenizer = load_tokenizer(model_name)
     model = MedusaModel.from_pretrained(model_name, heads=heads_dir, dtype=dtype, device=device).eval()

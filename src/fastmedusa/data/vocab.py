@@ -75,7 +75,7 @@ def label_token_map(
     """(token map (N,), fraction of labelled positions whose token is inside it) for `examples`."""
     counts = count_label_tokens(examples, vocab_size)
     token_map = draft_token_map(counts, draft_vocab_size)
-    return token_map, _coverage(counts, token_map)
+    return token_map, coverage_of_counts(counts, token_map)
 
 
 def label_coverage(
@@ -83,9 +83,10 @@ def label_coverage(
 ) -> float:
     """Fraction of the labelled positions of `examples` whose token is in `token_map`: for a map counted on
     other data (a resumed checkpoint's), which may cover these labels far less than a new count would."""
-    return _coverage(count_label_tokens(examples, vocab_size), token_map)
+    return coverage_of_counts(count_label_tokens(examples, vocab_size), token_map)
 
 
-def _coverage(counts: torch.Tensor, token_map: torch.Tensor) -> float:
+def coverage_of_counts(counts: torch.Tensor, token_map: torch.Tensor) -> float:
+    """Fraction of the counted labels whose token is in `token_map` (1.0 when nothing was counted)."""
     total = int(counts.sum())
     return float(counts[token_map.cpu()].sum()) / total if total else 1.0

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fastmedusa.bench.common import positive_int
-from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg, parse_device, parse_dtype
+from fastmedusa.dtypes import add_device_arguments, parse_device, parse_dtype
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,14 +73,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--typical-delta", type=float, default=0.3, help="typical acceptance: delta (default: %(default)s)"
     )
-    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    parser.add_argument(
-        "--dtype",
-        type=dtype_arg,
-        default=None,
-        metavar=DTYPE_METAVAR,
-        help="weights dtype; bfloat16/float16/float32 also work (default: bf16 on CUDA, fp32 on the CPU)",
-    )
+    add_device_arguments(parser)
     parser.add_argument(
         "--max-len", type=positive_int, default=None, help="KV cache slots per row (default: what the call needs)"
     )

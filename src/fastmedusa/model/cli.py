@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from fastmedusa.model.export import LAYOUTS
 
 
@@ -45,3 +47,124 @@ def run_export(args: argparse.Namespace) -> int:
     for note in portability_notes(read_heads(out), args.format, args.legacy_pt):
         print(f"note: {note}")
     return 0
+
+
+def add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastmedusa.dtypes import add_device_arguments
+    from fastmedusa.heads_eval import add_split_arguments
+
+    parser.add_argument(
+        "heads_dir",
+        metavar="HEADS_DIR",
+        help="full-vocabulary heads, or a `fastmedusa train --output-dir` holding heads/",
+    )
+    parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        required=True,
+        metavar="N",
+        help="keep each head's projection rows of the N most frequent label tokens of the run's training "
+        "conversations (e.g. 16384: a decode step reads V/N times fewer head weights)",
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="directory for the shrunk heads")
+    add_split_arguments(parser, "held-out conversations: not counted, and their first turns measure tree.json")
+    parser.add_argument(
+        "--tree-prompts",
+        type=int,
+        default=8,
+        help="held-out first turns continued greedily to measure the new heads' tree.json, as `train` does "
+        "(0: no tree.json; generate then uses the preset tree) (default: %(default)s)",
+    )
+    add_device_arguments(parser, "weights dtype for the tree.json measurement")
+
+
+def run_shrink(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fastmedusa.data import read_sharegpt, train_eval_split
+    from fastmedusa.data.vocab import coverage_of_counts, draft_token_map
+    from fastmedusa.files import check_output_directory, check_writable, write_text_atomic
+    from fastmedusa.heads_eval import model_for_heads, split_settings
+    from fastmedusa.model import load_tokenizer
+    from fastmedusa.model.draft_vocab import label_counts, restrict_heads
+    from fastmedusa.model.export import (
+        MODEL_CARD_NAME,
+        check_export_output,
+        export_heads,
+        find_heads_dir,
+        model_card,
+        read_heads,
+        update_heads_config,
+    )
+
+    if args.tree_prompts < 0:
+        raise ValueError(f"--tree-prompts {args.tree_prompts}: pass 0 (no tree.json) or more")
+    heads = find_heads_dir(args.heads_dir)
+    output = Path(args.output).expanduser()
+    check_output_directory(args.output)
+    check_export_output(heads, output)
+    check_writable(args.output, "--output")
+    checkpoint = read_heads(heads)
+    vocab = checkpoint.config.vocab_size
+    if checkpoint.token_map is None and vocab and not 0 < args.draft_vocab < vocab:
+        raise ValueError(
+            f"--draft-vocab {args.draft_vocab}: pass fewer tokens than the heads' vocabulary of {vocab} (e.g. 16384)"
+        )
+    # the other checks before the data is read: a map of the smallest ids has the size and kind of the real one
+    restrict_heads(checkpoint, torch.arange(args.draft_vocab))
+    settings = split_settings(args, heads, need_held_out=False)
+    model_name = model_for_heads(args.model, heads, settings, checkpoint.config)
+    tokenizer = load_tokenizer(model_name)
+    conversations, _ = read_sharegpt(settings["data"], limit=settings["max_conversations"])
+    if settings["eval_size"]:
+        train, held_out = train_eval_split(conversations, settings["eval_size"], seed=settings["seed"])
+    else:
+        train, held_out = list(conversations), []
+    counts = label_counts(tokenizer, train, settings["seq_len"], vocab)
+    if not int(counts.sum()):
+        raise ValueError("no training conversation has a labelled token: check --data and --seq-len")
+    token_map = draft_token_map(counts, args.draft_vocab)
+    held_counts = label_counts(tokenizer, held_out, settings["seq_len"], vocab)
+    source = {
+        "heads": str(heads),
+        "data": settings["data"] or "embedded",
+        "train_conversations": len(train),
+        "train_label_coverage": coverage_of_counts(counts, token_map),
+        "held_out_label_coverage": coverage_of_counts(held_counts, token_map) if int(held_counts.sum()) else None,
+    }
+    line = f"the {args.draft_vocab} most frequent of {vocab} tokens cover {100 * source['train_label_coverage']:.2f}%"
+    line += f" of the training labels ({len(train)} conversations)"
+    if source["held_out_label_coverage"] is not None:
+        line += f", {100 * source['held_out_label_coverage']:.2f}% of the held-out ones"
+    print(line)
+    out = export_heads(heads, output, token_map=token_map)
+    update_heads_config(out, draft_vocab_source=source)
+    write_shrunk_tree(out, heads, model_name, tokenizer, held_out, settings["seq_len"], args)
+    write_text_atomic(out / MODEL_CARD_NAME, model_card(out))
+    files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
+    print(f"{checkpoint.config.num_heads} heads with a {args.draft_vocab}-token draft vocabulary: {out} ({files})")
+    return 0
+
+
+def write_shrunk_tree(out, source, model_name, tokenizer, held_out: list, seq_len: int, args) -> None:
+    """OUT/tree.json measured on the shrunk heads, as `train` measures it, next to the source's expectation."""
+    from fastmedusa.decode.accuracy import first_user_prompts, measure_heads_tree, read_tree_json
+    from fastmedusa.decode.cli import eos_token_ids, resolve_device_dtype
+    from fastmedusa.model import MedusaModel
+
+    if not held_out or not args.tree_prompts:
+        why = "--tree-prompts 0" if held_out else "no held-out conversations"
+        return print(f"no tree.json measured ({why}): generate will use the preset tree")
+    prompts = first_user_prompts(tokenizer, held_out, max_prompt_tokens=seq_len)[: args.tree_prompts]
+    if not prompts:
+        return print(f"no held-out first turn fits {seq_len} tokens: no tree.json measured")
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model = MedusaModel.from_pretrained(model_name, heads=out, dtype=dtype, device=device).eval()
+    info = read_tree_json(
+        measure_heads_tree(model, prompts, out, eos_token_id=eos_token_ids(tokenizer, model.base), progress=True)
+    )
+    line = f"tree.json: {info['tree_nodes']} nodes, expected {info['expected_tokens_per_step']:.2f} tokens/step"
+    before = read_tree_json(source, model.medusa_config.num_heads)
+    if before is not None and before.get("expected_tokens_per_step") is not None:
+        line += f" (the full-vocabulary heads' tree.json: {before['expected_tokens_per_step']:.2f})"
+    print(line)

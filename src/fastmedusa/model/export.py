@@ -667,16 +667,8 @@ def update_heads_config(directory: str | os.PathLike, **fields: object) -> None:
 # -- export ---------------------------------------------------------------------------------------------------
 
 
-def export_heads(
-    heads_dir: str | os.PathLike, output: str | os.PathLike, layout: str = "medusa", legacy_pt: bool = False
-) -> Path:
-    """Rewrite the heads of `heads_dir` (any layout) into `output` in `layout`, with the tokenizer and
-    tree files beside them and a model card (README.md), ready to push to a model hub as it is.
-    `legacy_pt`: also FasterDecoding/Medusa's `medusa_lm_head.pt` (medusa layout only)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"--format {layout!r}: pass one of {', '.join(LAYOUTS)}")
-    source = find_heads_dir(heads_dir)
-    output = Path(output).expanduser()
+def check_export_output(source: Path, output: Path) -> None:
+    """`output` may receive a copy of the heads of `source`: a new directory, or an earlier export's."""
     check_not_dangling(output, "--output ")
     if output.exists() and not output.is_dir():
         raise NotADirectoryError(f"--output {output} is a file: pass a directory")
@@ -688,16 +680,39 @@ def export_heads(
             f"--output {output} holds the heads being exported (a training run's directory): pass a new directory"
         )
     _check_output_replaceable(output)
+
+
+def export_heads(
+    heads_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    layout: str = "medusa",
+    legacy_pt: bool = False,
+    token_map: torch.Tensor | None = None,
+) -> Path:
+    """Rewrite the heads of `heads_dir` (any layout) into `output` in `layout`, with the tokenizer and
+    tree files beside them and a model card (README.md), ready to push to a model hub as it is.
+    `legacy_pt`: also FasterDecoding/Medusa's `medusa_lm_head.pt` (medusa layout only).
+    `token_map`: keep only those vocabulary rows of full-vocabulary heads (`draft_vocab.restrict_heads`); the
+    source's tree.json and eval.json, measured on all rows, are then not copied."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"--format {layout!r}: pass one of {', '.join(LAYOUTS)}")
+    source = find_heads_dir(heads_dir)
+    output = Path(output).expanduser()
+    check_export_output(source, output)
     checkpoint = read_heads(source)
     from fastmedusa.decode.accuracy import read_tree_json
 
     read_tree_json(source, checkpoint.config.num_heads)  # a tree.json that generate would refuse is not copied
+    not_copied = {*WEIGHT_FILES, CONFIG_NAME, MODEL_CARD_NAME}
+    if token_map is not None:
+        from fastmedusa.model.draft_vocab import restrict_heads
+
+        checkpoint = restrict_heads(checkpoint, token_map)
+        not_copied.update(DERIVED_FILES)
     write_heads(output, checkpoint, layout, legacy_pt)  # drops an earlier export's tree.json and eval.json
     copied = set()
-    for item in sorted(
-        source.iterdir()
-    ):  # tokenizer, tree.json, eval.json: everything but what was rewritten
-        if item.is_file() and item.name not in (*WEIGHT_FILES, CONFIG_NAME, MODEL_CARD_NAME):
+    for item in sorted(source.iterdir()):  # tokenizer, tree.json, eval.json: everything but what was rewritten
+        if item.is_file() and item.name not in not_copied:
             with atomic_output(output / item.name) as tmp:
                 shutil.copyfile(item, tmp)
             copied.add(item.name)
@@ -743,7 +758,7 @@ def model_card(directory: str | os.PathLike, layout: str = "medusa") -> str:
         f"| hidden size, vocabulary | {cfg.hidden_size}, {cfg.vocab_size} |",
     ]
     if checkpoint.token_map is not None:
-        lines.append(f"| draft vocabulary | {checkpoint.token_map.numel()} tokens (`token_map`) |")
+        lines.append(f"| draft vocabulary | {checkpoint.token_map.numel()} tokens (`token_map`){_shrunk_from(meta)} |")
     for label, key in (("data", "data"), ("training stage", "stage"), ("steps", "steps"),
                        ("sequence length", "seq_len"), ("loss", "loss")):  # fmt: skip
         if training.get(key) is not None:
@@ -758,6 +773,19 @@ def model_card(directory: str | os.PathLike, layout: str = "medusa") -> str:
     if notes:
         lines += ["", "Limits:", "", *(f"- {note}." for note in notes)]
     return "\n".join([*lines, ""])
+
+
+def _shrunk_from(meta: dict) -> str:
+    """How `fastmedusa shrink-vocab` made the map, when it did: the rows kept and what they cover."""
+    source = meta.get("draft_vocab_source")
+    if not isinstance(source, dict):
+        return ""
+    covered = [f"{100 * source[key]:.2f}% of the {what} labels"
+               for key, what in (("train_label_coverage", "training"), ("held_out_label_coverage", "held-out"))
+               if isinstance(source.get(key), (int, float))]  # fmt: skip
+    return ", the most frequent rows of full-vocabulary heads (`fastmedusa shrink-vocab`)" + (
+        f", covering {' and '.join(covered)}" if covered else ""
+    )
 
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
