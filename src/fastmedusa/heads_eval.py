@@ -73,9 +73,9 @@ def add_split_arguments(parser: argparse.ArgumentParser, eval_size_help: str) ->
     )
     parser.add_argument(
         "--max-conversations",
-        type=int,
+        type=count_or_all,
         default=None,
-        help="records read, as in training (default: the run's)",
+        help="records read, as in training ('all' for every one) (default: the run's)",
     )
     parser.add_argument(
         "--eval-size",
@@ -89,6 +89,16 @@ def add_split_arguments(parser: argparse.ArgumentParser, eval_size_help: str) ->
     parser.add_argument(
         "--seq-len", type=int, default=None, help="tokens per conversation, as in training (default: the run's)"
     )
+
+
+def count_or_all(text: str) -> int | str:
+    """argparse `type=` of --max-conversations: a count, or 'all' (every conversation, as `train` reads it)."""
+    if text.lower() == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: pass a number or 'all'") from None
 
 
 def split_settings(args: argparse.Namespace, heads_dir: Path, need_held_out: bool = True) -> dict:
@@ -116,6 +126,8 @@ def split_settings(args: argparse.Namespace, heads_dir: Path, need_held_out: boo
     for name in SPLIT_FIELDS:
         given = getattr(args, name)
         settings[name] = given if given is not None else run.get(name, getattr(defaults, name))
+    if settings["max_conversations"] == "all":
+        settings["max_conversations"] = None
     if need_held_out and run.get("eval_size") == 0 and same_data(args.data, run.get("data")):  # all trained on
         raise ValueError(
             f"the run held out no conversations (eval_size 0 in {run_file}): every conversation of its data was "

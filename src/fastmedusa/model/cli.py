@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from fastmedusa.model.export import LAYOUTS
+from fastmedusa.model.export import LAYOUTS, read_heads, update_heads_config
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,20 +81,16 @@ def add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
 def run_shrink(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fastmedusa.data import read_sharegpt, train_eval_split
-    from fastmedusa.data.vocab import coverage_of_counts, draft_token_map
-    from fastmedusa.files import check_output_directory, check_writable, write_text_atomic
+    from fastmedusa.files import atomic_directory, check_output_directory, check_writable, write_text_atomic
     from fastmedusa.heads_eval import model_for_heads, split_settings
     from fastmedusa.model import load_tokenizer
-    from fastmedusa.model.draft_vocab import label_counts, restrict_heads
+    from fastmedusa.model.draft_vocab import restrict_heads
     from fastmedusa.model.export import (
         MODEL_CARD_NAME,
         check_export_output,
         export_heads,
         find_heads_dir,
         model_card,
-        read_heads,
-        update_heads_config,
     )
 
     if args.tree_prompts < 0:
@@ -105,16 +101,53 @@ def run_shrink(args: argparse.Namespace) -> int:
     check_export_output(heads, output)
     check_writable(args.output, "--output")
     checkpoint = read_heads(heads)
-    vocab = checkpoint.config.vocab_size
-    if checkpoint.token_map is None and vocab and not 0 < args.draft_vocab < vocab:
-        raise ValueError(
-            f"--draft-vocab {args.draft_vocab}: pass fewer tokens than the heads' vocabulary of {vocab} (e.g. 16384)"
-        )
+    check_draft_vocab_arg(args.draft_vocab, checkpoint)
     # the other checks before the data is read: a map of the smallest ids has the size and kind of the real one
     restrict_heads(checkpoint, torch.arange(args.draft_vocab))
     settings = split_settings(args, heads, need_held_out=False)
+    if settings["run_config"] is None and args.data is None:
+        raise ValueError(
+            f"{heads} has no train_config.json beside it (not a training run's heads directory), so the data the "
+            "heads trained on is unknown: pass --data (and --max-conversations, --eval-size, --seed, --seq-len "
+            "as the run used them), or the run's directory"
+        )
     model_name = model_for_heads(args.model, heads, settings, checkpoint.config)
     tokenizer = load_tokenizer(model_name)
+    if args.tree_prompts and settings["eval_size"] and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "tree.json is measured on chat-templated held-out first turns, but this model's tokenizer has no chat "
+            "template: pass --tree-prompts 0 (generate then uses the preset tree)"
+        )
+    token_map, held_out, source = count_draft_vocabulary(tokenizer, settings, args.draft_vocab, checkpoint)
+    source["heads"] = str(heads)
+    with atomic_directory(output) as staging:  # all or nothing: a failed measurement leaves no half-written heads
+        export_heads(heads, staging, token_map=token_map)
+        update_heads_config(staging, draft_vocab_source=source)
+        write_shrunk_tree(staging, heads, model_name, tokenizer, held_out, settings["seq_len"], args)
+        write_text_atomic(staging / MODEL_CARD_NAME, model_card(staging))
+    files = ", ".join(sorted(p.name for p in output.iterdir() if p.is_file()))
+    print(f"{checkpoint.config.num_heads} heads with a {args.draft_vocab}-token draft vocabulary: {output} ({files})")
+    return 0
+
+
+def check_draft_vocab_arg(size: int, checkpoint) -> None:
+    """--draft-vocab: at least the tree's floor, fewer than the heads' vocabulary."""
+    from fastmedusa.model.config import MIN_DRAFT_VOCAB
+
+    vocab = checkpoint.config.vocab_size
+    if size < MIN_DRAFT_VOCAB:
+        raise ValueError(f"--draft-vocab {size}: pass at least {MIN_DRAFT_VOCAB} tokens (e.g. 16384)")
+    if checkpoint.token_map is None and vocab and size >= vocab:
+        raise ValueError(f"--draft-vocab {size}: pass fewer tokens than the heads' vocabulary of {vocab} (e.g. 16384)")
+
+
+def count_draft_vocabulary(tokenizer, settings: dict, size: int, checkpoint) -> tuple[torch.Tensor, list, dict]:
+    """(token map of the `size` most frequent training labels, held-out conversations, what the map covers)."""
+    from fastmedusa.data import read_sharegpt, train_eval_split
+    from fastmedusa.data.vocab import coverage_of_counts, draft_token_map
+    from fastmedusa.model.draft_vocab import label_counts
+
+    vocab = checkpoint.config.vocab_size
     conversations, _ = read_sharegpt(settings["data"], limit=settings["max_conversations"])
     if settings["eval_size"]:
         train, held_out = train_eval_split(conversations, settings["eval_size"], seed=settings["seed"])
@@ -123,27 +156,20 @@ def run_shrink(args: argparse.Namespace) -> int:
     counts = label_counts(tokenizer, train, settings["seq_len"], vocab)
     if not int(counts.sum()):
         raise ValueError("no training conversation has a labelled token: check --data and --seq-len")
-    token_map = draft_token_map(counts, args.draft_vocab)
+    token_map = draft_token_map(counts, size)
     held_counts = label_counts(tokenizer, held_out, settings["seq_len"], vocab)
     source = {
-        "heads": str(heads),
         "data": settings["data"] or "embedded",
         "train_conversations": len(train),
         "train_label_coverage": coverage_of_counts(counts, token_map),
         "held_out_label_coverage": coverage_of_counts(held_counts, token_map) if int(held_counts.sum()) else None,
     }
-    line = f"the {args.draft_vocab} most frequent of {vocab} tokens cover {100 * source['train_label_coverage']:.2f}%"
+    line = f"the {size} most frequent of {vocab} tokens cover {100 * source['train_label_coverage']:.2f}%"
     line += f" of the training labels ({len(train)} conversations)"
     if source["held_out_label_coverage"] is not None:
         line += f", {100 * source['held_out_label_coverage']:.2f}% of the held-out ones"
     print(line)
-    out = export_heads(heads, output, token_map=token_map)
-    update_heads_config(out, draft_vocab_source=source)
-    write_shrunk_tree(out, heads, model_name, tokenizer, held_out, settings["seq_len"], args)
-    write_text_atomic(out / MODEL_CARD_NAME, model_card(out))
-    files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
-    print(f"{checkpoint.config.num_heads} heads with a {args.draft_vocab}-token draft vocabulary: {out} ({files})")
-    return 0
+    return token_map, held_out, source
 
 
 def write_shrunk_tree(out, source, model_name, tokenizer, held_out: list, seq_len: int, args) -> None:
@@ -160,9 +186,11 @@ def write_shrunk_tree(out, source, model_name, tokenizer, held_out: list, seq_le
         return print(f"no held-out first turn fits {seq_len} tokens: no tree.json measured")
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     model = MedusaModel.from_pretrained(model_name, heads=out, dtype=dtype, device=device).eval()
-    info = read_tree_json(
-        measure_heads_tree(model, prompts, out, eos_token_id=eos_token_ids(tokenizer, model.base), progress=True)
-    )
+    eos = eos_token_ids(tokenizer, model.base)
+    try:
+        info = read_tree_json(measure_heads_tree(model, prompts, out, eos_token_id=eos, progress=True))
+    except ValueError as err:  # nothing is written then: the output directory appears only whole
+        raise ValueError(f"measuring tree.json failed: {err} (--tree-prompts 0 skips it)") from None
     line = f"tree.json: {info['tree_nodes']} nodes, expected {info['expected_tokens_per_step']:.2f} tokens/step"
     before = read_tree_json(source, model.medusa_config.num_heads)
     if before is not None and before.get("expected_tokens_per_step") is not None:

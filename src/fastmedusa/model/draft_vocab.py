@@ -50,7 +50,10 @@ def restrict_heads(checkpoint: HeadsCheckpoint, token_map: torch.Tensor) -> Head
             gathered[id(weight)] = weight.index_select(0, token_map.to(weight.device)).contiguous()
         state[key] = gathered[id(weight)]
     state[TOKEN_MAP] = token_map.cpu()
-    return HeadsCheckpoint(config, state, dict(checkpoint.metadata), checkpoint.layout)
+    metadata = dict(checkpoint.metadata)
+    if isinstance(metadata.get("training"), dict):  # training's last evaluation scored every row: not these heads
+        metadata["training"] = {k: v for k, v in metadata["training"].items() if k != "final_eval"}
+    return HeadsCheckpoint(config, state, metadata, checkpoint.layout)
 
 
 def label_counts(tokenizer, conversations: list, seq_len: int, vocab_size: int) -> torch.Tensor:

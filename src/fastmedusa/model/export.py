@@ -674,6 +674,8 @@ def check_export_output(source: Path, output: Path) -> None:
         raise NotADirectoryError(f"--output {output} is a file: pass a directory")
     if output.resolve() == source.resolve():
         raise ValueError(f"--output {output} is the heads directory itself: pass another directory")
+    if source.resolve() in output.resolve().parents:  # it would travel with those heads, and go with them
+        raise ValueError(f"--output {output} is inside the heads directory {source}: pass a directory outside it")
     if output.resolve() in source.resolve().parents or (output / "train_config.json").exists():
         # a run's root: the copy's config.json would make the run read as a bare heads directory
         raise ValueError(
