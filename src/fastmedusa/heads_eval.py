@@ -167,8 +167,10 @@ def same_data(given: str | None, recorded: str | None) -> bool:
 
 def warn_if_split_differs(args: argparse.Namespace, run: dict, run_file: Path) -> None:
     """The run's data split another way holds out conversations that the run trained on: say so."""
-    changed = [f"--{n.replace('_', '-')}" for n in ("max_conversations", "eval_size", "seed")
-               if getattr(args, n) is not None and getattr(args, n) != run[n]]  # fmt: skip
+    given = {n: getattr(args, n) for n in ("max_conversations", "eval_size", "seed")}
+    if given["max_conversations"] == "all":  # what the run records as null
+        given["max_conversations"] = run["max_conversations"] if run["max_conversations"] is None else "all"
+    changed = [f"--{n.replace('_', '-')}" for n, value in given.items() if value is not None and value != run[n]]
     if changed and same_data(args.data, run["data"]):
         print(f"warning: {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} from the run's own "
               f"({run_file}): the held-out conversations are not the ones it held out, and some may have been "

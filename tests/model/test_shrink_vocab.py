@@ -2,6 +2,8 @@
 heads scored for those tokens (float64, checked against the heads' weights by hand), drafts never leave the map,
 greedy decoding stays lossless, the result loads as ordinary draft-vocabulary heads, and bad input is refused."""
 
+import json
+
 import pytest
 import torch
 
@@ -75,19 +77,28 @@ def test_full_heads_are_left_as_they_were(make_llama, tmp_path):
 
 
 def test_greedy_decoding_with_shrunk_heads_equals_plain_greedy(make_llama, tmp_path):
+    """Lossless decoding with shrunk heads, and the decode engine's stacked drafter proposes the best kept tokens
+    as vocabulary ids (checked against the heads' weights by hand)."""
     from fastmedusa.decode import generate
+    from fastmedusa.decode.packed_heads import PackedHeads
 
     model = _full_model(make_llama, dtype=torch.float32)
-    model.save_heads(tmp_path / "full")
-    export_heads(tmp_path / "full", tmp_path / "small", token_map=_shuffled_map(24, seed=3))
+    full = _saved(model, tmp_path / "full")
+    token_map = _shuffled_map(24, seed=3)
+    export_heads(tmp_path / "full", tmp_path / "small", token_map=token_map)
     small = MedusaModel.from_base(model.base, MedusaConfig.from_pretrained(tmp_path / "small"))
     small.load_heads(tmp_path / "small")
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         for row in ids:
-            plain = generate(small, row[None], max_new_tokens=24, medusa=False)
+            plain = generate(model, row[None], max_new_tokens=24, medusa=False)
             medusa = generate(small, row[None], max_new_tokens=24)
             assert torch.equal(medusa.sequences, plain.sequences)
+        hidden = torch.randn(4, HIDDEN, generator=torch.Generator().manual_seed(6))
+        drafted = PackedHeads(small.medusa_heads).draft_topk(hidden, 5)
+    masked = torch.full((3, 4, VOCAB), float("-inf"), dtype=torch.float64)
+    masked[..., token_map] = _reference_logits(full.state, hidden, 3, 1)[..., token_map]
+    assert torch.equal(drafted, masked.topk(5, dim=-1).indices)
 
 
 def test_the_export_drops_what_was_measured_on_all_rows(make_llama, tmp_path):
@@ -98,9 +109,10 @@ def test_the_export_drops_what_was_measured_on_all_rows(make_llama, tmp_path):
     model.save_heads(tmp_path / "full")
     write_tree_json(tmp_path / "full", torch.full((3, 10), 0.05), torch.full((3,), 100), 8)
     (tmp_path / "full" / "notes.txt").write_text("mine")
+    (tmp_path / "full" / "eval.json").write_text(json.dumps({"labels": {"top1": [0.5]}}))
     export_heads(tmp_path / "full", tmp_path / "small", token_map=_shuffled_map(30))
     names = {p.name for p in (tmp_path / "small").iterdir()}
-    assert "tree.json" not in names and "notes.txt" in names
+    assert "tree.json" not in names and "eval.json" not in names and "notes.txt" in names
     export_heads(tmp_path / "full", tmp_path / "copy")  # a plain export still carries the tree
     assert (tmp_path / "copy" / "tree.json").is_file()
 

@@ -181,3 +181,17 @@ def test_eval_refuses_a_runs_trained_on_conversations_as_held_out(tmp_path, caps
     config.write_text(json.dumps({"data": str(data), "eval_size": 4, "seq_len": "64"}))
     with pytest.raises(ValueError, match="train_config.json: --seq-len '64': pass at least 2 .* restore it, or pass that flag"):
         split_settings(args, heads)
+
+
+def test_all_conversations_read_as_the_run_recorded_them(tmp_path, capsys):
+    """`--max-conversations all` is what a run records as null: no warning then, one against a counted run."""
+    import argparse
+
+    from fastmedusa.heads_eval import warn_if_split_differs
+
+    args = argparse.Namespace(max_conversations="all", eval_size=None, seed=None, data=None)
+    run = {"max_conversations": None, "eval_size": 8, "seed": 0, "data": "d.json"}
+    warn_if_split_differs(args, run, tmp_path / "train_config.json")
+    assert capsys.readouterr().err == ""
+    warn_if_split_differs(args, {**run, "max_conversations": 300}, tmp_path / "train_config.json")
+    assert "--max-conversations differs from the run's own" in capsys.readouterr().err

@@ -188,3 +188,24 @@ def test_a_count_that_is_no_number_is_a_usage_error(run_dir, tmp_path, capsys):
         main([*argv, "--max-conversations", "many"])
     assert exit_info.value.code == 2
     assert "invalid count 'many': pass a number or 'all'" in capsys.readouterr().err
+
+
+def test_an_earlier_output_is_replaced_but_nothing_else(run_dir, tmp_path, capsys):
+    """The output is swapped in whole: an earlier shrink is replaced; a directory with other files (a hub clone's
+    .git, notes), or a link, is refused before any work, and keeps every file."""
+    argv = ["shrink-vocab", str(run_dir), "--tree-prompts", "0", "--device", "cpu"]
+    out = tmp_path / "small"
+    assert main([*argv, "--draft-vocab", "16", "--output", str(out)]) == 0
+    assert main([*argv, "--draft-vocab", "12", "--output", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["draft_vocab_size"] == 12
+    assert not list(tmp_path.glob(".small.*"))
+    (out / "notes.md").write_text("mine")
+    (out / ".git").mkdir()
+    assert main([*argv, "--draft-vocab", "16", "--output", str(out)]) == 2
+    assert "holds files that shrink-vocab does not write (.git, notes.md)" in capsys.readouterr().err
+    assert (out / "notes.md").read_text() == "mine" and (out / ".git").is_dir()
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    assert main([*argv, "--draft-vocab", "16", "--output", str(link)]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert link.is_symlink()

@@ -99,6 +99,7 @@ def run_shrink(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser()
     check_output_directory(args.output)
     check_export_output(heads, output)
+    check_shrink_output(output)
     check_writable(args.output, "--output")
     checkpoint = read_heads(heads)
     check_draft_vocab_arg(args.draft_vocab, checkpoint)
@@ -128,6 +129,25 @@ def run_shrink(args: argparse.Namespace) -> int:
     files = ", ".join(sorted(p.name for p in output.iterdir() if p.is_file()))
     print(f"{checkpoint.config.num_heads} heads with a {args.draft_vocab}-token draft vocabulary: {output} ({files})")
     return 0
+
+
+def check_shrink_output(output) -> None:
+    """The output directory is replaced whole (it appears only complete): refuse a link, and a directory holding
+    anything an export does not write (a hub clone's .git, the user's notes), which the swap would delete."""
+    from fastmedusa.model.export import DERIVED_FILES, MODEL_CARD_NAME, TOKENIZER_FILES, WEIGHT_FILES
+
+    if output.is_symlink():
+        raise ValueError(f"--output {output} is a symbolic link: pass the directory it points to")
+    if not output.is_dir():
+        return
+    ours = {*WEIGHT_FILES, *DERIVED_FILES, *TOKENIZER_FILES, MODEL_CARD_NAME, "config.json"}
+    others = sorted(item.name for item in output.iterdir() if item.name not in ours)
+    if others:
+        shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+        raise ValueError(
+            f"--output {output} holds files that shrink-vocab does not write ({shown}); it replaces the directory "
+            "whole, so they would be lost: pass a new directory"
+        )
 
 
 def check_draft_vocab_arg(size: int, checkpoint) -> None:
