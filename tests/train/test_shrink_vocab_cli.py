@@ -209,3 +209,20 @@ def test_an_earlier_output_is_replaced_but_nothing_else(run_dir, tmp_path, capsy
     assert main([*argv, "--draft-vocab", "16", "--output", str(link)]) == 2
     assert "is a symbolic link" in capsys.readouterr().err
     assert link.is_symlink()
+
+
+def test_a_failed_measurement_leaves_nothing_behind(run_dir, tmp_path, monkeypatch, capsys):
+    """A tree.json measurement that fails after the heads were staged: no output, no staging, no new parents."""
+    import fastmedusa.decode.accuracy as accuracy
+
+    def fail(*args, **kwargs):
+        raise ValueError("this model cannot be decoded")
+
+    monkeypatch.setattr(accuracy, "measure_heads_tree", fail)
+    out = tmp_path / "x" / "y" / "small"
+    argv = ["shrink-vocab", str(run_dir), "--draft-vocab", "16", "--output", str(out), "--device", "cpu"]
+    assert main(argv) == 2
+    assert "measuring tree.json failed: this model cannot be decoded (--tree-prompts 0 skips it)" in (
+        capsys.readouterr().err
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -121,11 +122,18 @@ def run_shrink(args: argparse.Namespace) -> int:
         )
     token_map, held_out, source = count_draft_vocabulary(tokenizer, settings, args.draft_vocab, checkpoint)
     source["heads"] = str(heads)
-    with atomic_directory(output) as staging:  # all or nothing: a failed measurement leaves no half-written heads
-        export_heads(heads, staging, token_map=token_map)
-        update_heads_config(staging, draft_vocab_source=source)
-        write_shrunk_tree(staging, heads, model_name, tokenizer, held_out, settings["seq_len"], args)
-        write_text_atomic(staging / MODEL_CARD_NAME, model_card(staging))
+    created = [p for p in [output, *output.parents] if not p.exists()]  # directories this call makes
+    try:
+        with atomic_directory(output) as staging:  # all or nothing: a failed measurement leaves no half-written heads
+            export_heads(heads, staging, token_map=token_map)
+            update_heads_config(staging, draft_vocab_source=source)
+            write_shrunk_tree(staging, heads, model_name, tokenizer, held_out, settings["seq_len"], args)
+            write_text_atomic(staging / MODEL_CARD_NAME, model_card(staging))
+    except BaseException:
+        for directory in created[1:]:  # the parents it made, innermost first, while they are empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
     files = ", ".join(sorted(p.name for p in output.iterdir() if p.is_file()))
     print(f"{checkpoint.config.num_heads} heads with a {args.draft_vocab}-token draft vocabulary: {output} ({files})")
     return 0
@@ -173,7 +181,7 @@ def count_draft_vocabulary(tokenizer, settings: dict, size: int, checkpoint) -> 
         train, held_out = train_eval_split(conversations, settings["eval_size"], seed=settings["seed"])
     else:
         train, held_out = list(conversations), []
-    counts = label_counts(tokenizer, train, settings["seq_len"], vocab)
+    counts = label_counts(tokenizer, train, settings["seq_len"], vocab, progress=True)
     if not int(counts.sum()):
         raise ValueError("no training conversation has a labelled token: check --data and --seq-len")
     token_map = draft_token_map(counts, size)

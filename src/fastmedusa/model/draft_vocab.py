@@ -56,13 +56,15 @@ def restrict_heads(checkpoint: HeadsCheckpoint, token_map: torch.Tensor) -> Head
     return HeadsCheckpoint(config, state, metadata, checkpoint.layout)
 
 
-def label_counts(tokenizer, conversations: list, seq_len: int, vocab_size: int) -> torch.Tensor:
+def label_counts(
+    tokenizer, conversations: list, seq_len: int, vocab_size: int, progress: bool = False
+) -> torch.Tensor:
     """(vocab_size,) counts of each token over the labelled (assistant) positions of `conversations`,
-    encoded exactly as `fastmedusa train` encodes them."""
+    encoded exactly as `fastmedusa train` encodes them (`progress`: its progress bar)."""
     from fastmedusa.data import encode_dataset
     from fastmedusa.data.vocab import count_label_tokens
 
     if not conversations:
         return torch.zeros(vocab_size, dtype=torch.long)
-    return count_label_tokens(encode_dataset(tokenizer, conversations, seq_len, progress=False), vocab_size)
+    return count_label_tokens(encode_dataset(tokenizer, conversations, seq_len, progress=progress), vocab_size)
 
