@@ -14,6 +14,8 @@
 #            warm (starts from the stage1 phase's heads) and anchored (strong, LM loss = KL from a frozen copy of
 #            the original: --lm-loss kl); writes model/ beside heads/
 #   pick     the run whose tree.json expects the most tokens/step becomes $WORK/best (decode, batched use it)
+#   shrink   $WORK/best's heads (trained with DRAFT_VOCAB=0) cut to SHRINK_VOCAB tokens by `fastmedusa
+#            shrink-vocab`, then both decoded at batch 1 with a step profile: acceptance and step time, side by side
 #   drift    how far a stage-2 backbone moved from the original: both answer MT-Bench greedily, each scores both
 #   graphs   the decode loop's two CUDA-graph modes (compile, step) at batch 1 (profiled) and 16, same heads
 #   compile  cold first calls (an empty inductor cache each) and step times at batch 1: the decoder block
@@ -157,6 +159,21 @@ for phase in "$@"; do
         ;;
     stage2)  # Medusa-2 settings side by side (STAGE2_RUNS)
         for setting in ${STAGE2_RUNS:-conservative strong}; do stage2 "$setting"; done
+        ;;
+    shrink)  # full-vocabulary heads against the same heads cut to SHRINK_VOCAB tokens (same prompts, one call)
+        heads=$(heads_dir)
+        shrunk="$WORK/shrunk${SHRINK_VOCAB:-16384}"
+        timeout 200 python3 -m fastmedusa shrink-vocab "$heads" --draft-vocab "${SHRINK_VOCAB:-16384}" \
+            --output "$shrunk" 2>&1 | tee "$OUT/shrink.log"
+        for variant in full shrunk; do
+            dir=$heads
+            [[ $variant == shrunk ]] && dir=$shrunk
+            # the source's model flag for both: a stage-2 run's shrunk copy names that run's backbone itself
+            # shellcheck disable=SC2046
+            timeout 280 python3 -m fastmedusa bench decode $(model_flag "$heads") --heads "$dir" --prompts "$PROMPTS" \
+                --num-prompts "${SHRINK_PROMPTS:-24}" --batch-sizes 1 --new-tokens "${SHRINK_NEW_TOKENS:-256}" \
+                --rows greedy medusa --profile --out "$OUT/decode_shrink_$variant.json" 2>&1 | tee "$OUT/decode_shrink_$variant.log"
+        done
         ;;
     drift)  # the stage-2 model against the original on MT-Bench first turns (bench/model_drift.py)
         timeout 300 python3 bench/model_drift.py --base "$MODEL" --tuned "$(heads_dir)" --prompts "$PROMPTS" \
