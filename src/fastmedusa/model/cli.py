@@ -1,4 +1,5 @@
-"""`fastmedusa export`: heads rewritten in the layout a serving engine loads, with a model card."""
+"""`fastmedusa export`: heads rewritten in the layout a serving engine loads, with a model card; `fastmedusa
+shrink-vocab`: full-vocabulary heads cut to a draft vocabulary after training."""
 
 from __future__ import annotations
 
@@ -177,6 +178,8 @@ def count_draft_vocabulary(tokenizer, settings: dict, size: int, checkpoint) -> 
 
     vocab = checkpoint.config.vocab_size
     conversations, _ = read_sharegpt(settings["data"], limit=settings["max_conversations"])
+    if getattr(conversations, "stats", None) is not None:  # how many records were read, and why some were not
+        print(conversations.stats.summary())
     if settings["eval_size"]:
         train, held_out = train_eval_split(conversations, settings["eval_size"], seed=settings["seed"])
     else:
