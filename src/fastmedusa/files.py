@@ -180,13 +180,15 @@ def write_json_atomic(path: str | os.PathLike, data: object) -> Path:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; once the block succeeds it replaces `path`.
 
-    A crash while writing leaves the previous directory whole. The swap is two renames: the old directory
-    moves to `.NAME.old`, then the new one takes its name (if that fails, the old one is put back). A kill
-    between the two leaves the old one at `.NAME.old`; `stale_directory_temporaries` lists what a kill left.
+    A crash while writing leaves the previous directory whole, and removes the parent directories made for
+    `path` (while empty). The swap is two renames: the old directory moves to `.NAME.old`, then the new one takes
+    its name (if that fails, the old one is put back). A kill between the two leaves the old one at `.NAME.old`;
+    `stale_directory_temporaries` lists what a kill left.
     """
     import shutil
 
     path = Path(path)
+    made = [p for p in path.parents if not p.exists()]  # innermost first
     make_parent_directory(path)
     try:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -213,6 +215,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in made:
+            with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
+                parent.rmdir()
         raise
 
 

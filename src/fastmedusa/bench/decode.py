@@ -552,8 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     width = max(p.shape[1] for p in prompts)
     longest = max(args.new_tokens, PROFILE_TOKENS[-1] if args.profile else 0)
     max_len = -(-(width + longest + 130) // 256) * 256  # one engine for every batch and the profile (trees <= 128 nodes)
-    if max_useful_len(model.base) is not None:  # rounded up past what the model can use: no further
-        max_len = min(max_len, max_useful_len(model.base))
+    if (useful := max_useful_len(model.base)) is not None:  # rounded up past what the model can use: no further
+        max_len = min(max_len, useful)
     payload.update(prompts=len(prompts), prompt_tokens=[p.shape[1] for p in prompts], max_len=max_len)
     payload["rows"] = rows = []
     if args.profile:

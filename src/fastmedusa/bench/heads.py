@@ -25,7 +25,7 @@ from fastmedusa.decode.accuracy import (
     write_tree_json,
 )
 from fastmedusa.decode.trees import PRESETS, Chains, chains_to_json, measured_accept_length
-from fastmedusa.dtypes import DTYPE_METAVAR, dtype_arg
+from fastmedusa.dtypes import add_device_arguments
 from fastmedusa.errors import CommandParser
 from fastmedusa.model.export import find_heads_dir
 
@@ -75,14 +75,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-prompt-tokens", type=int, default=384, help="skip held-out prompts longer than this"
     )
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument(
-        "--dtype",
-        type=dtype_arg,
-        default=None,
-        metavar=DTYPE_METAVAR,
-        help="default: bf16 on CUDA, fp32 on the CPU",
-    )
+    add_device_arguments(p)
 
 
 def held_out_prompts(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:

@@ -4,7 +4,6 @@ shrink-vocab`: full-vocabulary heads cut to a draft vocabulary after training.""
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 
@@ -86,7 +85,7 @@ def run_shrink(args: argparse.Namespace) -> int:
     from fastmedusa.files import atomic_directory, check_output_directory, check_writable, write_text_atomic
     from fastmedusa.heads_eval import model_for_heads, split_settings
     from fastmedusa.model import load_tokenizer
-    from fastmedusa.model.draft_vocab import restrict_heads
+    from fastmedusa.model.draft_vocab import check_restrictable
     from fastmedusa.model.export import (
         MODEL_CARD_NAME,
         check_export_output,
@@ -104,9 +103,8 @@ def run_shrink(args: argparse.Namespace) -> int:
     check_shrink_output(output)
     check_writable(args.output, "--output")
     checkpoint = read_heads(heads)
+    check_restrictable(checkpoint)  # before the data is read; restrict_heads checks the map itself
     check_draft_vocab_arg(args.draft_vocab, checkpoint)
-    # the other checks before the data is read: a map of the smallest ids has the size and kind of the real one
-    restrict_heads(checkpoint, torch.arange(args.draft_vocab))
     settings = split_settings(args, heads, need_held_out=False)
     if settings["run_config"] is None and args.data is None:
         raise ValueError(
@@ -123,18 +121,11 @@ def run_shrink(args: argparse.Namespace) -> int:
         )
     token_map, held_out, source = count_draft_vocabulary(tokenizer, settings, args.draft_vocab, checkpoint)
     source["heads"] = str(heads)
-    created = [p for p in [output, *output.parents] if not p.exists()]  # directories this call makes
-    try:
-        with atomic_directory(output) as staging:  # all or nothing: a failed measurement leaves no half-written heads
-            export_heads(heads, staging, token_map=token_map)
-            update_heads_config(staging, draft_vocab_source=source)
-            write_shrunk_tree(staging, heads, model_name, tokenizer, held_out, settings["seq_len"], args)
-            write_text_atomic(staging / MODEL_CARD_NAME, model_card(staging))
-    except BaseException:
-        for directory in created[1:]:  # the parents it made, innermost first, while they are empty
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise
+    with atomic_directory(output) as staging:  # all or nothing: a failed measurement leaves no half-written heads
+        export_heads(heads, staging, token_map=token_map)
+        update_heads_config(staging, draft_vocab_source=source)
+        write_shrunk_tree(staging, heads, model_name, tokenizer, held_out, settings["seq_len"], args)
+        write_text_atomic(staging / MODEL_CARD_NAME, model_card(staging))
     files = ", ".join(sorted(p.name for p in output.iterdir() if p.is_file()))
     print(f"{checkpoint.config.num_heads} heads with a {args.draft_vocab}-token draft vocabulary: {output} ({files})")
     return 0

@@ -21,19 +21,24 @@ from fastmedusa.model.export import TOKEN_MAP, HeadsCheckpoint
 from fastmedusa.model.heads import check_token_map
 
 
+def check_restrictable(checkpoint: HeadsCheckpoint) -> None:
+    """Only heads over the full vocabulary, of a known size, can be cut: a draft head's rows are not token ids."""
+    if checkpoint.token_map is not None:
+        raise ValueError(
+            f"these heads already project onto a draft vocabulary of {checkpoint.token_map.numel()} tokens: "
+            "shrink heads of the full vocabulary (or train new ones with a smaller --draft-vocab)"
+        )
+    if checkpoint.config.vocab_size is None:
+        raise ValueError("these heads' config.json records no vocab_size: re-export them with fastmedusa")
+
+
 def restrict_heads(checkpoint: HeadsCheckpoint, token_map: torch.Tensor) -> HeadsCheckpoint:
     """The heads of `checkpoint` projecting onto the `token_map` rows only: each head's projection keeps those
     rows (in map order), the ResBlocks are unchanged, and the config gets `draft_vocab_size`. Heads that share
     the LM head keep sharing it (decoding gathers the rows once). Heads with a draft vocabulary already are
     refused: their rows are not token ids."""
     cfg = checkpoint.config
-    if checkpoint.token_map is not None:
-        raise ValueError(
-            f"these heads already project onto a draft vocabulary of {checkpoint.token_map.numel()} tokens: "
-            "shrink heads of the full vocabulary (or train new ones with a smaller --draft-vocab)"
-        )
-    if cfg.vocab_size is None:
-        raise ValueError("these heads' config.json records no vocab_size: re-export them with fastmedusa")
+    check_restrictable(checkpoint)
     token_map = check_token_map(token_map, cfg.vocab_size)
     if token_map.numel() >= cfg.vocab_size:
         raise ValueError(
