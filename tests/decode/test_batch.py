@@ -213,6 +213,73 @@ def test_typical_acceptance_with_oracle_heads_accepts_long_typical_paths(llama):
     check_typical(llama, prompts, out, temperature, eps, delta)
 
 
+@pytest.mark.parametrize("tree", ["chain_4", "mc_sim_7b_63"])
+def test_exact_acceptance_equals_plain_sampling_per_row(llama, tree):
+    """acceptance="exact": a speculated token passes only if it is the token the model samples at its parent,
+    with plain sampling's noise for that position. The output is then plain sampling's, token for token, in
+    every row of a batch, whatever the heads propose; oracle heads that mostly propose the sampled
+    continuation get long paths accepted (p_top1 < 1: wrong guesses must be rejected, not emitted)."""
+    temperature, seeds = 0.9, [21, 22, 23]
+    prompts = ragged_prompts([5, 3, 8], seed=6)
+    sampled = [
+        generate(llama, p, max_new_tokens=64, medusa=False, temperature=temperature, seed=[s]).sequences
+        for p, s in zip(prompts, seeds)
+    ]
+    ids, mask = left_pad(prompts)
+    heads = BatchOracleHeads([OracleHeads(llama, r, num_heads=4, p_top1=0.8, p_top2=0.1) for r in sampled])
+    out = generate(llama, ids, attention_mask=mask, max_new_tokens=40, temperature=temperature, seed=seeds,
+                   heads=heads, tree=tree, acceptance="exact")  # fmt: skip
+    check_rows(out, prompts, [r[0, p.shape[1] : p.shape[1] + 40] for p, r in zip(prompts, sampled)], pad_id=0)
+    assert out.tokens_per_step > 1.8 and max(max(a) for a in out.accept_lengths) >= 3
+    # the heads' wrong guesses reach the verify pass: a rule that accepts every proposed token (typical with a
+    # zero threshold) emits some of them, so the check above can fail
+    anything = generate(llama, ids, attention_mask=mask, max_new_tokens=40, temperature=temperature, seed=seeds,
+                        heads=heads, tree=tree, typical_epsilon=0.0, typical_delta=0.0)  # fmt: skip
+    assert not torch.equal(anything.sequences, out.sequences)
+
+
+def test_exact_acceptance_with_random_heads_equals_plain_sampling(llama):
+    """Random heads: most speculated tokens are rejected; every emitted token is still plain sampling's."""
+    model = random_medusa(llama, num_heads=3)
+    prompts = ragged_prompts([4, 9], seed=8)
+    ids, mask = left_pad(prompts)
+    kw = dict(attention_mask=mask, max_new_tokens=24, temperature=1.3, seed=[5, 6])
+    plain = generate(model, ids, medusa=False, **kw)
+    exact = generate(model, ids, tree="mc_sim_7b_31", acceptance="exact", **kw)
+    assert torch.equal(exact.sequences, plain.sequences)
+    assert exact.tree_nodes == 32 and all(len(a) > 0 for a in exact.accept_lengths)
+
+
+def test_exact_acceptance_rule_against_hand_computed_samples():
+    """The rule by itself: node i passes iff its token is the Gumbel-max sample at its parent, computed here
+    without the library's noise helpers' sampling code (numpy-free float64 argmax over the same noise)."""
+    from fastmedusa.decode.generate import gumbel_noise, node_acceptance, sample_token
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 11, generator=gen, dtype=torch.float64)
+    parents = torch.tensor([0, 0, 0, 1, 2])
+    seeds = torch.tensor([4, 9])
+    positions = torch.tensor([[7, 8, 8, 9, 9], [2, 3, 3, 4, 4]])  # a node's depth + 1 after the root's
+    drawn = sample_token(logits, 0.8, seeds[:, None], positions)  # (2, 5)
+    for b in range(2):
+        for i in range(5):
+            noise = gumbel_noise(seeds[b : b + 1], positions[b, i : i + 1], 11)[0].double()
+            assert int(drawn[b, i]) == int(torch.argmax(logits[b, i] / 0.8 + noise))
+    tokens = drawn.gather(1, parents.expand(2, 5)).clone()
+    tokens[0, 3] = (tokens[0, 3] + 1) % 11  # node 3 of row 0 is not its parent's sample
+    ok = node_acceptance(None, tokens, parents, 0.0, 0.09, 0.3, drawn)
+    expected = torch.ones(2, 5, dtype=torch.bool)
+    expected[0, 3] = False
+    assert torch.equal(ok, expected)
+
+
+@pytest.mark.parametrize("bad", ["Exact", "rejection", None, 1])
+def test_unknown_acceptance_rule_is_refused(llama, bad):
+    with pytest.raises(ValueError, match="acceptance=.*pass 'typical'.*or 'exact'"):
+        generate(random_medusa(llama, num_heads=2), torch.tensor([[1, 2, 3]]), max_new_tokens=2, temperature=0.5,
+                 acceptance=bad)  # fmt: skip
+
+
 def check_typical(llama, prompts, out, temperature, eps, delta):
     for row, p in enumerate(prompts):
         new = out.row_new_token_ids(row)

@@ -92,6 +92,28 @@ def test_bench_decode_refill_rows(setup):
         assert refill["batches"] == 1  # one run over every prompt
 
 
+def test_bench_decode_sampled_and_exact_rows(setup, capsys):
+    """--rows sampled exact: plain sampling and Medusa with exact acceptance at --temperature; the exact rows
+    (batches and refilled slots) reproduce the sampled row on every prompt (fp32), and report speed-ups over it."""
+    out = setup / "out" / "exact.json"
+    argv = ["--model", str(setup / "model"), "--heads", str(setup / "heads"), "--prompts",
+            str(setup / "question.jsonl"), "--batch-sizes", "1", "2", "--new-tokens", "6", "--device", "cpu",
+            "--tree", "chain_2", "--rows", "exact", "sampled", "--refill", "--temperature", "1.1",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    payload = json.loads(out.read_text())
+    rows = {(r["row"], r["batch_size"]): r for r in payload["rows"]}
+    kinds = ("sampled", "exact", "sampled-refill", "exact-refill")
+    assert set(rows) == {(k, b) for k in kinds for b in (1, 2)}
+    assert [r["row"] for r in payload["rows"][:2]] == ["sampled", "exact"]  # the reference runs first
+    for batch, prompts in ((1, 3), (2, 2)):
+        for kind in ("exact", "exact-refill", "sampled-refill"):
+            assert rows[(kind, batch)]["matches_sampled"] == f"{prompts}/{prompts}", (kind, batch)
+        assert "speedup_vs_sampled" in rows[("exact", batch)] and rows[("exact", batch)]["tree_nodes"] == 3
+        assert rows[("sampled", batch)]["tree_nodes"] == 0 and "matches_greedy" not in rows[("exact", batch)]
+    assert "matches sampled 3/3" in capsys.readouterr().out
+
+
 def test_rows_without_heads_train_none(setup, capsys):
     """greedy and HF rows only: no heads are trained (with the defaults that would be hours on a CPU)."""
     out = setup / "out" / "plain.json"

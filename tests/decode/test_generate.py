@@ -261,3 +261,6 @@ def test_compiled_steps_match_eager(llama):
         compile=True,
     )
     assert torch.equal(compiled.sequences, eager.sequences)
+    sampled = dict(attention_mask=mask, max_new_tokens=12, temperature=0.8, seed=1)
+    exact = generate(model, batch, tree="chain_2", acceptance="exact", compile=True, **sampled)
+    assert torch.equal(exact.sequences, generate(model, batch, medusa=False, **sampled).sequences)

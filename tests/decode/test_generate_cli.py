@@ -78,6 +78,28 @@ def test_sampling_with_seed_is_reproducible(saved, capsys):
     assert first[0] == 0 and first[1] == second[1]
 
 
+def test_exact_acceptance_prints_what_plain_sampling_prints(saved, capsys):
+    from fastmedusa.decode.generate import ACCEPTANCE_RULES
+
+    args = ["--model", saved / "model", "--heads", saved / "heads", "--max-new-tokens", 12, "--temperature", 1.2]
+    args += ["--seed", 7, "--prompt", "Hi", "--prompt", "A longer prompt"]
+    rc, exact, stats = run(capsys, *args, "--acceptance", "exact")
+    assert rc == 0 and "tree" in stats
+    rc, plain, _ = run(capsys, *args, "--no-medusa")
+    assert rc == 0 and exact == plain
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, *args, "--acceptance", "rejection")
+    assert exit_info.value.code == 2 and "invalid choice: 'rejection'" in capsys.readouterr().err
+    import argparse
+
+    from fastmedusa.decode.cli import add_generate_arguments
+
+    parser = argparse.ArgumentParser()
+    add_generate_arguments(parser)
+    action = next(a for a in parser._actions if "--acceptance" in a.option_strings)
+    assert tuple(action.choices) == ACCEPTANCE_RULES
+
+
 def test_generate_auto_tree(saved, capsys, tmp_path):
     import shutil
 

@@ -1,5 +1,6 @@
 """`fastmedusa bench decode`: generation speed at several batch sizes: HF generate (static cache, compiled)
-vs fastmedusa's engine: own plain greedy, Medusa greedy, Medusa typical acceptance.
+vs fastmedusa's engine: own plain greedy, Medusa greedy, Medusa typical acceptance; on request (`--rows`) own
+plain sampling and Medusa with exact acceptance (lossless sampling), at `--temperature`.
 
 Prompts: MT-Bench first turns (`--prompts mt-bench`, or a path to its question.jsonl), or the first user
 turns of the conversations `fastmedusa train` held out (`--prompts sharegpt`), chat-templated. For batch
@@ -8,7 +9,8 @@ Every row generates exactly `--new-tokens` tokens per prompt (EOS ignored, so ro
 `--stop-at-eos`. Each row's first call (compilation, CUDA graphs) is timed apart as `first_call_s`; then
 all batches are timed: tokens/s = new tokens / wall seconds, tokens/step = a row's new tokens per forward,
 step_ms = wall time per batch forward. Medusa greedy rows report for how many prompts they reproduce own
-greedy token for token and where the first difference lies (bf16 argmax near-ties make some expected).
+greedy token for token and where the first difference lies (bf16 argmax near-ties make some expected);
+exact rows, the same against own plain sampling (the `sampled` row, same seeds).
 HF rows pad every batch to the longest prompt so that one compiled graph serves all batches. `--profile`
 adds per-step kernel tables of plain vs Medusa steps at batch 1 (torch.profiler). Writes JSON (after every
 row) + PNG.
@@ -37,12 +39,24 @@ from fastmedusa.files import check_output_file, is_benchmark_result
 from fastmedusa.ops import triton_topk
 from fastmedusa.progress import Progress
 
-ROWS = ("hf-static", "greedy", "medusa", "typical")
+ROWS = ("hf-static", "greedy", "medusa", "typical", "sampled", "exact")
+DEFAULT_ROWS = ("hf-static", "greedy", "medusa", "typical")
+SAMPLING_ROWS = ("typical", "sampled", "exact")  # at --temperature; the others are greedy
+HEAD_ROWS = ("medusa", "typical", "exact")
 
 
 def rows_use_heads(args: argparse.Namespace) -> bool:
-    """Whether any row drafts with the heads (Medusa, typical, or the profile's Medusa step)."""
-    return args.profile or any(kind in ("medusa", "typical") for kind in args.rows)
+    """Whether any row drafts with the heads (Medusa, typical, exact, or the profile's Medusa step)."""
+    return args.profile or any(kind in HEAD_ROWS for kind in args.rows)
+
+
+def row_settings(args: argparse.Namespace, kind: str) -> dict:
+    """generate's medusa / temperature / acceptance for a kind of row (without its '-refill')."""
+    return {
+        "medusa": kind in HEAD_ROWS,
+        "temperature": args.temperature if kind in SAMPLING_ROWS else 0.0,
+        "acceptance": "exact" if kind == "exact" else "typical",
+    }
 
 
 def check_row_settings(model, args: argparse.Namespace) -> None:
@@ -93,13 +107,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Medusa tree (default: the heads' tree.json, else mc_sim_7b_63 pruned): auto:N, preset, JSON file",
     )
     p.add_argument(
-        "--temperature", type=float, default=0.7, help="temperature of the typical-acceptance rows"
+        "--temperature", type=float, default=0.7, help="temperature of the typical, sampled and exact rows"
     )
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="which kinds of rows to run")
+    p.add_argument(
+        "--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS,
+        help="which kinds of rows to run (default: %(default)s): also sampled (plain sampling) and exact (Medusa "
+        "with exact acceptance, checked against sampled token for token)",
+    )  # fmt: skip
     p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (rows then do unequal work)")
     p.add_argument(
         "--refill", action="store_true",
-        help="also run each of greedy / medusa / typical through generate_many (rows '<kind>-refill'): the same "
+        help="also run each of the engine's rows through generate_many (rows '<kind>-refill'): the same "
         "prompts through batch-size slots, each slot refilled with the next prompt as rows end, instead of "
         "batch after batch (the last rows compact as they end, whatever --compact says)",
     )  # fmt: skip
@@ -188,13 +206,13 @@ def make_batches(prompts: list[torch.Tensor], batch_size: int, pad_id: int, widt
 
 def own_row(model, args, kind: str, tree, eos, max_len: int):
     """fn(ids, mask, idx) -> (per-row new token lists, batch forwards, per-row steps) on fastmedusa's engine."""
-    medusa = kind != "greedy"
-    temperature = args.temperature if kind == "typical" else 0.0
+    settings = row_settings(args, kind)
+    tree = tree if settings["medusa"] else None
 
     def fn(ids, mask, idx):
         out = generate(
             model, ids.to(args.device_obj), attention_mask=mask.to(args.device_obj), max_new_tokens=args.new_tokens,
-            medusa=medusa, tree=tree if medusa else None, temperature=temperature, eos_token_id=eos,
+            tree=tree, eos_token_id=eos, **settings,
             max_len=max_len, seed=[int(i) for i in idx], compact={"auto": None, "on": True, "off": False}[args.compact],
         )  # fmt: skip
         rows = [out.row_new_token_ids(r).cpu() for r in range(ids.shape[0])]
@@ -208,14 +226,13 @@ def refill_row(model, args, kind: str, tree, eos, max_len: int, prompts: list[to
     the batch layout of the other rows, are not used)."""
     from fastmedusa.decode import generate_many
 
-    medusa = kind != "greedy"
-    temperature = args.temperature if kind == "typical" else 0.0
+    settings = row_settings(args, kind)
+    tree = tree if settings["medusa"] else None
 
     def fn(ids, mask, idx):
         out = generate_many(
-            model, [prompts[i][0] for i in idx], args.new_tokens, batch_size=batch_size, medusa=medusa,
-            tree=tree if medusa else None, temperature=temperature, eos_token_id=eos, max_len=max_len,
-            seed=[int(i) for i in idx],
+            model, [prompts[i][0] for i in idx], args.new_tokens, batch_size=batch_size, tree=tree, eos_token_id=eos,
+            max_len=max_len, seed=[int(i) for i in idx], **settings,
         )  # fmt: skip
         return [t.cpu() for t in out.new_token_ids], out.steps, out.steps_per_prompt, out.tree_nodes
 
@@ -305,8 +322,9 @@ def run_row(name: str, fn, batches, device: torch.device) -> dict:
     }
 
 
-def agreement(row: dict, reference: dict | None) -> dict:
-    """Prompts a greedy row reproduces token for token, and the first differing position of the others."""
+def agreement(row: dict, reference: dict | None, name: str = "greedy") -> dict:
+    """Prompts a row reproduces token for token of the `reference` row (own greedy, or own sampling for exact
+    rows), and the first differing position of the others."""
     if reference is None:
         return {}
     same, first_diff = 0, []
@@ -320,19 +338,21 @@ def agreement(row: dict, reference: dict | None) -> dict:
         same += at is None
         if at is not None:
             first_diff.append(at)
-    return {"matches_greedy": f"{same}/{len(row['outputs'])}", "first_difference_at": sorted(first_diff)}
+    return {f"matches_{name}": f"{same}/{len(row['outputs'])}", "first_difference_at": sorted(first_diff)}
 
 
 def add_ratios(rows: list[dict], batch_size: int) -> None:
-    """Speed-ups over own greedy and HF, and the verify step's cost over a greedy step, per batch size."""
+    """Speed-ups over own greedy, own sampling (rows that sample) and HF, and the verify step's cost over a
+    greedy step, per batch size."""
     mine = {
         r["row"].split(" ")[0]: r for r in rows if r.get("batch_size") == batch_size and "tokens_per_s" in r
     }
     for r in mine.values():
-        for ref in ("greedy", "hf-static"):
+        kind = r["row"].split(" ")[0].removesuffix("-refill")
+        for ref in ("greedy", "hf-static") + (("sampled",) if kind in ("typical", "exact") else ()):
             if ref in mine:
                 r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / mine[ref]["tokens_per_s"]
-        if "greedy" in mine and r["row"].split(" ")[0] in ("medusa", "typical", "medusa-refill", "typical-refill"):
+        if "greedy" in mine and kind in HEAD_ROWS:
             r["step_ratio_vs_greedy"] = r["step_ms"] / mine["greedy"]["step_ms"]
 
 
@@ -471,7 +491,9 @@ def plot(payload: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(sizes)), 4.5))
     width = 0.8 / max(len(kinds), 1)
     colors = {"hf-static": "tab:gray", "greedy": "tab:blue", "medusa": "tab:green", "typical": "tab:orange",
-              "greedy-refill": "tab:cyan", "medusa-refill": "tab:olive", "typical-refill": "tab:red"}  # fmt: skip
+              "greedy-refill": "tab:cyan", "medusa-refill": "tab:olive", "typical-refill": "tab:red",
+              "sampled": "tab:purple", "exact": "tab:brown", "sampled-refill": "tab:pink",
+              "exact-refill": "black"}  # fmt: skip
     for k, kind in enumerate(kinds):
         xs, ys, labels = [], [], []
         for j, size in enumerate(sizes):
@@ -540,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     heads_dir = args.heads
     if heads_dir is None and not rows_use_heads(args):  # greedy and HF rows only: fresh heads, never called, never trained
         payload["training"] = None
-        print("no row drafts with heads (--rows has no medusa or typical): no heads trained")
+        print("no row drafts with heads (--rows has no medusa, typical or exact): no heads trained")
     elif heads_dir is None:
         heads_dir, payload["training"] = train_heads(args)
         gc.collect()
@@ -576,8 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{p['top_eager_ops_per_step']}")  # fmt: skip
     for batch_size in args.batch_sizes:
         own_batches = make_batches(prompts, batch_size, pad_id)
-        reference = None
-        kinds = sorted(args.rows, key=lambda k: k != "greedy")  # greedy first: the others compare to it
+        reference = sampled = None
+        kinds = sorted(args.rows, key=lambda k: k not in ("greedy", "sampled"))  # first: the others compare to them
         if args.refill:  # the same prompts as the batches above, as one run through refilled slots
             kinds += [f"{k}-refill" for k in kinds if k != "hf-static"]
         every = [i for idx, _, _ in own_batches for i in idx]
@@ -608,8 +630,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["compile_config"] = getattr(fn, "compile_config", None) or "not compiled (CPU)"
             if kind == "greedy":
                 reference = row
+            if kind == "sampled":
+                sampled = row
             if kind in ("medusa", "hf-static", "medusa-refill", "greedy-refill"):
                 row.update(agreement(row, reference))
+            if kind in ("exact", "exact-refill", "sampled-refill"):
+                row.update(agreement(row, sampled, "sampled"))
             rows.append(row)
             engine = cached_engine(model.base)
             if engine is not None:  # what "auto" resolved to on this device
@@ -633,10 +659,10 @@ def strip_outputs(payload: dict) -> dict:
 def print_row(row: dict) -> None:
     extra = "".join(
         f", {k.replace('_', ' ')} {row[k]:.2f}x"
-        for k in ("speedup_vs_greedy", "speedup_vs_hf-static", "step_ratio_vs_greedy")
+        for k in ("speedup_vs_greedy", "speedup_vs_sampled", "speedup_vs_hf-static", "step_ratio_vs_greedy")
         if k in row
     )
-    match = f", matches greedy {row['matches_greedy']}" if "matches_greedy" in row else ""
+    match = "".join(f", matches {ref} {row[f'matches_{ref}']}" for ref in ("greedy", "sampled") if f"matches_{ref}" in row)
     slowest = ""
     if row.get("batch_size", 1) > 1 and "steps_per_batch" in row:
         slowest = f" ({row['steps_per_batch']:.0f} steps/batch, the mean row {row['mean_row_steps']:.0f})"

@@ -46,7 +46,16 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="0 = greedy (lossless Medusa: exact in fp32, up to rounding-level argmax ties in bf16/fp16); "
-        "> 0 samples and uses typical acceptance (default: %(default)s)",
+        "> 0 samples, speculated tokens passing --acceptance (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--acceptance",
+        choices=("typical", "exact"),  # decode.generate.ACCEPTANCE_RULES, not imported for a fast --help
+        default="typical",
+        help="which speculated tokens pass when sampling (temperature > 0): typical = Medusa's typical "
+        "acceptance (--typical-epsilon/--typical-delta; more tokens per step, close to the model's "
+        "distribution); exact = only the token the model itself samples there, so the text is the one "
+        "--no-medusa samples with the same --seed (lossless) (default: %(default)s)",
     )
     parser.add_argument(
         "--tree",
@@ -267,6 +276,7 @@ def run_generate(args: argparse.Namespace) -> int:
         eos_token_id=eos_token_ids(tokenizer, base),
         typical_epsilon=args.typical_epsilon,
         typical_delta=args.typical_delta,
+        acceptance=args.acceptance,
         compile=args.compile == "on",  # one call per process: a compile would cost more than it saves
         max_len=args.max_len,
         seed=args.seed,
@@ -288,7 +298,8 @@ def _generate_in_slots(args, tokenizer, model, base, encoded: list[torch.Tensor]
         model, [e[0] for e in encoded], args.max_new_tokens, batch_size=args.batch_size,
         medusa=not args.no_medusa, temperature=args.temperature, tree=args.tree,
         eos_token_id=eos_token_ids(tokenizer, base), typical_epsilon=args.typical_epsilon,
-        typical_delta=args.typical_delta, compile=args.compile == "on", max_len=args.max_len, seed=args.seed,
+        typical_delta=args.typical_delta, acceptance=args.acceptance, compile=args.compile == "on",
+        max_len=args.max_len, seed=args.seed,
     )  # fmt: skip
     print("\n\n".join(tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in out.new_token_ids))
     print(out.summary(), file=sys.stderr)

@@ -138,15 +138,16 @@ def token_keys(vocab_size: int, device: torch.device | str | None = None) -> tor
 def gumbel_noise(
     seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int, keys: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(B, V) Gumbel noise that is a pure function of (row seed, position, token id).
+    """(..., V) Gumbel noise that is a pure function of (row seed, position, token id): seeds and positions
+    broadcast to the leading shape, (B,) for one token per row, (B, N) for every node of a tree.
 
     A counter-based generator: a row samples the same tokens whatever the batch around it, eager or
     compiled, and the step needs no RNG state (no host sync, nothing for CUDA graphs to capture). `keys`:
     `token_keys(vocab_size)`, required inside compiled code."""
     if keys is None:
         keys = token_keys(vocab_size, seeds.device)
-    base = _hash32(_hash32(seeds & _MASK32) ^ (positions & _MASK32))  # (B,)
-    bits = _hash32(base[:, None] ^ keys[None, :]) >> 8  # 24 random bits
+    base = _hash32(_hash32(seeds & _MASK32) ^ (positions & _MASK32))  # (...,)
+    bits = _hash32(base[..., None] ^ keys) >> 8  # 24 random bits
     uniform = (bits.float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
     return -torch.log(-torch.log(uniform))
 
@@ -158,7 +159,7 @@ def sample_token(
     positions: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, V) -> (B,): argmax at temperature 0, else a sample from softmax(logits / T) by the Gumbel-max
+    """(..., V) -> (...,): argmax at temperature 0, else a sample from softmax(logits / T) by the Gumbel-max
     trick with `gumbel_noise(seeds, positions, V, keys)` (needs no host sync, as torch.multinomial would)."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -181,7 +182,7 @@ def node_acceptance(
 
     logits (..., N, V), tokens (..., N), parents (N,). Greedy (temperature 0): the token is the parent's
     argmax (`argmax`, (..., N), when the caller has taken it already; logits may then be None), which makes
-    Medusa lossless. Typical acceptance: p(token) > min(epsilon, delta * exp(-H(p))), p = softmax(parent
+    Medusa lossless; exact sampling passes each node's sample as `argmax`, with temperature 0. Typical acceptance: p(token) > min(epsilon, delta * exp(-H(p))), p = softmax(parent
     logits / temperature); computed from per-node log-sum-exp and entropy so that no (N, V) probability
     tensor is kept.
     """
@@ -195,6 +196,21 @@ def node_acceptance(
     threshold = torch.clamp(delta * torch.exp(-entropy), max=epsilon)
     z_token = z.flatten(-2).gather(-1, parent_idx * z.shape[-1] + tokens)  # z[parent(i), token(i)]
     return torch.exp(z_token - lse.gather(-1, parent_idx)) > threshold.gather(-1, parent_idx)
+
+
+ACCEPTANCE_RULES = ("typical", "exact")
+
+
+def check_acceptance(acceptance: object) -> str:
+    """The acceptance rule of speculated tokens when sampling (temperature > 0), one of ACCEPTANCE_RULES:
+    "typical" (Medusa's: a token whose probability clears a threshold) or "exact" (the token the base
+    model samples there; `make_medusa_step` says why that is lossless)."""
+    if not isinstance(acceptance, str) or acceptance not in ACCEPTANCE_RULES:
+        raise ValueError(
+            f"acceptance={acceptance!r} (--acceptance): pass 'typical' (Medusa's typical acceptance, more tokens "
+            "per step) or 'exact' (the output is distributed exactly as plain sampling)"
+        )
+    return acceptance
 
 
 def longest_accepted_path(node_ok: torch.Tensor, tree: TreeBuffers) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,9 +269,19 @@ def make_medusa_step(
     epsilon: float,
     delta: float,
     eos_ids: torch.Tensor | None,
+    acceptance: str = "typical",
 ) -> Callable:
     """One Medusa step for every row: (root, hidden of the last token (B, H), cur, offset, seeds, n, limit,
     done) -> (emitted (B, depth+1), columns (B, depth+1), accepted (B,), next root, next hidden, cur, n, done).
+
+    Which speculated tokens pass: at temperature 0, each node's parent's argmax. Sampling with `acceptance`
+    "typical", those whose probability at the parent clears Medusa's threshold. With "exact", the verify pass
+    samples one token at every node, with the noise plain sampling uses at that position (`gumbel_noise` of
+    the row's seed and the position: the same draw whatever else is in the tree), and a node passes when its
+    token is its parent's sample. Along the accepted path each sample is the one plain sampling draws after the
+    same prefix, and the next root is the last node's own sample, so the output equals plain sampling's token
+    for token (fp32; in bf16 up to near-ties, as greedy): lossless at any temperature, at fewer accepted tokens
+    than typical acceptance.
 
     emitted[b, :accepted] are row b's accepted speculated tokens and emitted[b, accepted] the next root (the
     base model's own token after them); the first count[b] of them are kept (fewer at EOS or the limit, 0 for
@@ -264,6 +290,7 @@ def make_medusa_step(
     the verify pass accepted (the heads' measure; at EOS or max_new_tokens fewer may be kept), -1 for a frozen
     row.
     """
+    exact = temperature > 0 and check_acceptance(acceptance) == "exact"
     engine.prepare_move_kv()
     positions = torch.arange(engine.max_len, device=engine.device)
     n_nodes, depth = tree.num_nodes, tree.depth
@@ -288,15 +315,22 @@ def make_medusa_step(
         rope0 = cur - offset
         kv_end = (cur + n_nodes).clamp(max=engine.max_len)  # the last node's slot + 1 (within the cache)
         hidden = engine(tokens, cur[:, None] + node_rows, rope0[:, None] + tree.depths, mask, kv_end)  # (B, N, H)
-        # greedy needs only each node's argmax (B, N), the base model's token after it: no logits written
-        node_argmax = engine.greedy_tokens(hidden) if temperature <= 0 else None
-        logits = engine.logits(hidden) if node_argmax is None else None  # (B, N, V)
-        node_ok = node_acceptance(logits, tokens, tree.parents, temperature, epsilon, delta, node_argmax)
+        # greedy needs only each node's argmax (B, N), the base model's token after it: no logits written;
+        # exact sampling, each node's sample at the position after it
+        if temperature <= 0:
+            node_next, logits = engine.greedy_tokens(hidden), None
+        elif exact:
+            after = rope0[:, None] + tree.depths + 1  # (B, N): the position of the token each node is followed by
+            node_next, logits = sample_token(engine.logits(hidden), temperature, seeds[:, None], after, keys), None
+        else:
+            node_next, logits = None, engine.logits(hidden)  # (B, N, V)
+        node_ok = node_acceptance(logits, tokens, tree.parents, 0.0 if exact else temperature, epsilon, delta,
+                                  node_next)  # fmt: skip
         best, accepted = longest_accepted_path(node_ok, tree)
         path = tree.retrieve_indices[best]  # (B, depth+1)
         last = path.gather(1, accepted[:, None])  # (B, 1)
-        if node_argmax is not None:  # greedy: the next root is the argmax already taken at the path's last node
-            next_root = node_argmax.gather(1, last)[:, 0]
+        if node_next is not None:  # the next root is the token already taken at the path's last node
+            next_root = node_next.gather(1, last)[:, 0]
         else:
             last_logits = logits.gather(1, last[:, :, None].expand(bsz, 1, logits.shape[-1]))[:, 0]
             next_root = sample_token(last_logits, temperature, seeds, rope0 + accepted + 1, keys)  # (B,)
@@ -773,6 +807,7 @@ def generate(
     seed: SeedSpec = None,
     typical_epsilon: float = 0.09,
     typical_delta: float = 0.3,
+    acceptance: str = "typical",
     heads: nn.Module | None = None,
     compile: bool | None = None,
     max_len: int | None = None,
@@ -788,7 +823,10 @@ def generate(
     temperature 0 is greedy (Medusa output then equals plain greedy token for token in fp32, and up to
     argmax near-ties within rounding in bf16/fp16: see the module docstring); above 0, tokens are sampled
     (reproducibly from `seed`: an int, one per row, or None for torch's RNG) and speculated tokens pass
-    typical acceptance (`typical_epsilon`, `typical_delta`). `tree`: a preset name, "auto:N", a JSON file,
+    `acceptance`: "typical" (default; Medusa's typical acceptance, `typical_epsilon`, `typical_delta`: more
+    tokens per step, a distribution near the model's) or "exact" (a speculated token must be the token the
+    model samples there, so the output equals plain sampling's with the same seed, token for token in fp32:
+    lossless). `tree`: a preset name, "auto:N", a JSON file,
     a list of paths, or None (the heads' tree.json, else mc_sim_7b_63 pruned to the number of heads; for a
     batch, at most `default_tree_nodes(B)` of its nodes, so that a verify pass holds at most 256 tokens: 63 up
     to B=4, 15 at 16, 3 at 64, plain decoding above 128 rows); "auto"
@@ -813,6 +851,7 @@ def generate(
     ids, offsets = check_batch(input_ids, attention_mask)
     check_token_ids(ids, offsets, base.get_input_embeddings().num_embeddings)
     temperature, typical_epsilon, typical_delta = check_sampling(temperature, typical_epsilon, typical_delta)
+    acceptance = check_acceptance(acceptance)
     tree_buffers = None
     if medusa:
         if heads is None:
@@ -864,7 +903,8 @@ def generate(
         compile_prompt,
     )
     runner = decode_runner(
-        engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, pad_token_id, compile
+        engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, pad_token_id, compile,
+        acceptance,
     )
     runner.start(ids.shape[0], pad_token_id)
     if tree_buffers is None:
@@ -898,6 +938,7 @@ def decode_runner(
     eos_ids: torch.Tensor | None,
     pad_token_id: int,
     compile: bool,
+    acceptance: str = "typical",
 ) -> StepRunner:
     """The engine's runner of plain steps (`tree_buffers` None) or Medusa steps over that tree, built once per
     setting and kept on the engine (its compiled steps and graphs are reused by later calls)."""
@@ -911,12 +952,15 @@ def decode_runner(
             engine.max_len + 1,
             compile,
         )
-    key = ("medusa", tuple(tree_buffers.paths), id(heads), temperature, typical_epsilon, typical_delta)
+    rule = acceptance if temperature > 0 else "greedy"  # greedy ignores the rule: one step for both values
+    key = ("medusa", tuple(tree_buffers.paths), id(heads), temperature, typical_epsilon, typical_delta, rule)
     drafter = packed_heads(engine.compiled, heads, tree_buffers.depth)  # refreshed if the weights changed
     return _step_runner(
         engine,
         (*key, eos_key),
-        lambda: make_medusa_step(engine, drafter, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids),
+        lambda: make_medusa_step(
+            engine, drafter, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, acceptance
+        ),
         medusa_body,
         engine.max_len + tree_buffers.depth + 2,
         compile,

@@ -33,6 +33,7 @@ from fastmedusa.decode.generate import (
     _prefill,
     _split_model,
     _sync,
+    check_acceptance,
     check_custom_heads,
     check_heads_placement,
     check_models,
@@ -194,6 +195,7 @@ def generate_many(
     seed: SeedSpec = None,
     typical_epsilon: float = 0.09,
     typical_delta: float = 0.3,
+    acceptance: str = "typical",
     heads: nn.Module | None = None,
     compile: bool | None = None,
     max_len: int | None = None,
@@ -212,6 +214,7 @@ def generate_many(
     max_len = positive_int(max_len, "max_len", optional=True)
     compile = optional_flag(compile, "compile")
     temperature, typical_epsilon, typical_delta = check_sampling(temperature, typical_epsilon, typical_delta)
+    acceptance = check_acceptance(acceptance)
     check_models(model, heads, medusa)
     medusa = bool(medusa)
     base, heads = _split_model(model, heads)
@@ -254,7 +257,8 @@ def generate_many(
     seeds = row_seeds(seed, len(ids_list), engine.device, unit="prompt")
     prefill_compiled(0)  # a bad FASTMEDUSA_PREFILL_COMPILE fails here, before any work
     runner = decode_runner(
-        engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, pad_id, compile
+        engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, pad_id, compile,
+        acceptance,
     )
 
     def prefill(batch: list[int | None]) -> dict[str, torch.Tensor]:
