@@ -7,6 +7,8 @@
 #   stage1   KL heads on a frozen backbone (`train --loss kl`): the model stays exactly the original
 #   decode   MT-Bench first turns at batch 1: own greedy, Medusa greedy, typical (with a profile of both
 #            steps), and HF static compiled on 24 prompts
+#   sampling MT-Bench first turns at batch 1, temperature 0.7: plain sampling, Medusa typical and exact acceptance
+#            (exact must reproduce plain sampling; bf16 up to near-ties)
 #   batched  batch 16 and 64: own greedy and Medusa greedy, with the heads' tree.json and with auto:16
 #   ablation CE/KL x ShareGPT/self-distilled, 5 heads each (prefixes of 1..5 heads in ablation.json)
 #   stage2   Medusa-2 on the self-distilled answers: heads and backbone together (KL heads, LM cross-entropy
@@ -116,6 +118,13 @@ for phase in "$@"; do
             --num-prompts 24 --batch-sizes 1 --new-tokens 256 --rows greedy hf-static \
             --out "$OUT/decode_mtbench_b1_hf.json" 2>&1 | tee "$OUT/decode_b1_hf.log"
         ;;
+    sampling)  # batch 1 at temperature 0.7: plain sampling, Medusa typical and exact acceptance (lossless)
+        heads=$(heads_dir)
+        # shellcheck disable=SC2046
+        timeout 330 python3 -m fastmedusa bench decode $(model_flag "$heads") --heads "$heads" --prompts "$PROMPTS" \
+            --num-prompts 40 --batch-sizes 1 --new-tokens 256 --rows greedy sampled typical exact --temperature 0.7 \
+            --out "$OUT/decode_mtbench_b1_sampling.json" 2>&1 | tee "$OUT/decode_b1_sampling.log"
+        ;;
     batched)  # batch 16 and 64 with the heads' 64-node tree.json and with a 16-node tree from its accuracies
         heads=$(heads_dir)
         for tree in ${BATCHED_TREES:-default auto:16}; do
@@ -193,7 +202,7 @@ PY
         [[ -n $best ]] && ln -sfn "$best" "$WORK/best" && echo "best: $best" | tee "$OUT/best.txt"  # bare name
         ;;
     *)
-        echo "unknown phase $phase (distill, train, stage1, stage2, pick, drift, decode, batched, graphs, compile, ablation)" >&2
+        echo "unknown phase $phase (distill, train, stage1, stage2, pick, shrink, drift, decode, sampling, batched, graphs, compile, ablation)" >&2
         exit 2
         ;;
     esac

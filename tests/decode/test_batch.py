@@ -396,6 +396,10 @@ def test_sampling_compiles_on_gpu_and_matches_eager(medusa):
     assert compiled.sequences.shape == eager.sequences.shape
     if not medusa:  # fp32 plain sampling: identical noise and logits up to kernel rounding
         assert (compiled.sequences == eager.sequences).float().mean() > 0.9
+    else:  # exact acceptance, compiled and captured, draws plain sampling's tokens (up to kernel rounding)
+        exact = generate(model, ids, compile=True, acceptance="exact", **kw)
+        plain = generate(model, ids, compile=True, **(kw | {"medusa": False}))
+        assert (exact.sequences == plain.sequences).float().mean() > 0.9
 
 
 def test_cuda_graphs_mode_is_checked(llama, monkeypatch):

@@ -165,7 +165,11 @@ def sample_token(
         return logits.argmax(-1)
     if seeds is None or positions is None:
         raise ValueError("sampling (temperature > 0) needs per-row seeds and positions")
-    noise = gumbel_noise(seeds, positions, logits.shape[-1], keys)
+    return gumbel_max(logits, temperature, gumbel_noise(seeds, positions, logits.shape[-1], keys))
+
+
+def gumbel_max(logits: torch.Tensor, temperature: float, noise: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (...,): the sample that Gumbel noise (..., V) picks from softmax(logits / temperature)."""
     return (logits.float() / temperature + noise).argmax(-1)
 
 
@@ -319,9 +323,9 @@ def make_medusa_step(
         # exact sampling, each node's sample at the position after it
         if temperature <= 0:
             node_next, logits = engine.greedy_tokens(hidden), None
-        elif exact:
-            after = rope0[:, None] + tree.depths + 1  # (B, N): the position of the token each node is followed by
-            node_next, logits = sample_token(engine.logits(hidden), temperature, seeds[:, None], after, keys), None
+        elif exact:  # the noise of the position after each node: one draw per depth, shared by its nodes
+            noise = gumbel_noise(seeds[:, None], rope0[:, None] + steps_ar + 1, keys.shape[0], keys)  # (B, depth+1, V)
+            node_next, logits = gumbel_max(engine.logits(hidden), temperature, noise[:, tree.depths]), None
         else:
             node_next, logits = None, engine.logits(hidden)  # (B, N, V)
         node_ok = node_acceptance(logits, tokens, tree.parents, 0.0 if exact else temperature, epsilon, delta,
