@@ -273,6 +273,97 @@ def test_exact_acceptance_rule_against_hand_computed_samples():
     assert torch.equal(ok, expected)
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (5, 1.0), (7, 0.6), (1, 1.0), (0, 0.01), (0, 1.0)])
+def test_truncated_logits_match_hugging_face_warpers(top_k, top_p):
+    """top-k / top-p keep the tokens Hugging Face's own warpers keep (temperature, then top-k, then top-p)."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from fastmedusa.decode.generate import scaled_logits
+
+    gen = torch.Generator().manual_seed(top_k + int(100 * top_p))
+    logits = torch.randn(6, 50, generator=gen) * 3
+    got = scaled_logits(logits, 0.8, top_k, top_p)
+    ref = TemperatureLogitsWarper(0.8)(None, logits.clone())
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    kept = ~torch.isinf(got)
+    torch.testing.assert_close(got[kept], ref[kept])
+    assert kept.sum(-1).min() >= 1 and (top_k == 0 or kept.sum(-1).max() <= top_k)
+
+
+def test_top_p_sampling_follows_the_truncated_distribution():
+    from fastmedusa.decode.generate import sample_token
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0]]).repeat(6000, 1)
+    probs = torch.softmax(logits[0].double(), -1)  # 0.44, 0.27, 0.16, 0.06, 0.02: the nucleus of 0.75 is 3 tokens
+    tokens = sample_token(logits, 1.0, torch.arange(6000), torch.full((6000,), 2), top_p=0.75)
+    freq = torch.bincount(tokens, minlength=5).double() / 6000
+    expected = torch.cat([probs[:3] / probs[:3].sum(), torch.zeros(2, dtype=torch.float64)])
+    assert (freq - expected).abs().max() < 0.03 and freq[3:].sum() == 0
+    tokens = sample_token(logits, 1.0, torch.arange(6000), torch.full((6000,), 2), top_k=2)
+    assert set(tokens.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("acceptance", ["exact", "typical"])
+def test_top_k_top_p_decoding_draws_only_from_the_truncated_distribution(llama, acceptance):
+    """Medusa sampling with top-k and top-p: exact acceptance equals plain sampling with the same truncation
+    token for token; typical acceptance emits only tokens inside the top-k and the nucleus of the model's own
+    fp64 distribution at their position (speculated ones included), checked here without the library."""
+    temperature, top_k, top_p, seeds = 1.0, 12, 0.7, [3, 4]
+    prompts = ragged_prompts([6, 3], seed=9)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampled = [generate(llama, p, max_new_tokens=48, medusa=False, seed=[s], **kw).sequences
+               for p, s in zip(prompts, seeds)]  # fmt: skip
+    ids, mask = left_pad(prompts)
+    heads = BatchOracleHeads([OracleHeads(llama, r, num_heads=3, p_top1=0.8, p_top2=0.1) for r in sampled])
+    out = generate(llama, ids, attention_mask=mask, max_new_tokens=32, seed=seeds, heads=heads,
+                   tree="mc_sim_7b_31", acceptance=acceptance, **kw)  # fmt: skip
+    if acceptance == "exact":
+        check_rows(out, prompts, [r[0, p.shape[1] : p.shape[1] + 32] for p, r in zip(prompts, sampled)], pad_id=0)
+    assert out.tokens_per_step > 1.5
+    for row, p in enumerate(prompts):
+        new = out.row_new_token_ids(row)
+        with torch.no_grad():
+            z = llama(torch.cat([p[0], new])[None]).logits[0, p.shape[1] - 1 : -1].double() / temperature
+        for logits_at, token in zip(z, new.tolist()):
+            order = logits_at.argsort(descending=True).tolist()
+            probs = torch.softmax(logits_at[order[:top_k]], -1).tolist()  # HF: top-k, then top-p of what is left
+            nucleus, mass = [], 0.0
+            for t, q in zip(order, probs):
+                if mass >= top_p:
+                    break
+                nucleus.append(t)
+                mass += q
+            assert token in nucleus
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(top_k=-1), r"top_k=-1 \(--top-k\): pass a number of tokens"),
+        (dict(top_k=2.5), r"top_k=2.5"),
+        (dict(top_p=0.0), r"top_p=0.0 \(--top-p\): pass a probability above 0 and at most 1"),
+        (dict(top_p=1.5), r"top_p=1.5"),
+        (dict(top_p=float("nan")), r"top_p=nan"),
+        (dict(top_p="0.9"), r"top_p='0.9'"),
+    ],
+)
+def test_bad_top_k_top_p_are_refused(llama, kw, message):
+    from fastmedusa.decode import generate_many
+
+    with pytest.raises(ValueError, match=message):
+        generate(llama, torch.tensor([[1, 2, 3]]), max_new_tokens=2, medusa=False, temperature=0.5, **kw)
+    with pytest.raises(ValueError, match=message):
+        generate_many(llama, [[1, 2, 3]], 2, medusa=False, temperature=0.5, **kw)
+
+
 @pytest.mark.parametrize("bad", ["Exact", "rejection", None, 1])
 def test_unknown_acceptance_rule_is_refused(llama, bad):
     with pytest.raises(ValueError, match="acceptance=.*pass 'typical'.*or 'exact'"):

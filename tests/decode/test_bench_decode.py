@@ -93,13 +93,13 @@ def test_bench_decode_refill_rows(setup):
 
 
 def test_bench_decode_sampled_and_exact_rows(setup, capsys):
-    """--rows sampled exact: plain sampling and Medusa with exact acceptance at --temperature; the exact rows
+    """--rows sampled exact: plain sampling and Medusa with exact acceptance at --temperature and --top-p; the exact rows
     (batches and refilled slots) reproduce the sampled row on every prompt (fp32), and report speed-ups over it."""
     out = setup / "out" / "exact.json"
     argv = ["--model", str(setup / "model"), "--heads", str(setup / "heads"), "--prompts",
             str(setup / "question.jsonl"), "--batch-sizes", "1", "2", "--new-tokens", "6", "--device", "cpu",
             "--tree", "chain_2", "--rows", "exact", "sampled", "--refill", "--temperature", "1.1",
-            "--out", str(out)]  # fmt: skip
+            "--top-p", "0.95", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     payload = json.loads(out.read_text())
     rows = {(r["row"], r["batch_size"]): r for r in payload["rows"]}
@@ -240,6 +240,7 @@ def test_chart_titles_name_a_model_path_by_its_last_two_parts():
         (["--tree", "mc_sim_7b_63"], "4 deep but the model has 2 Medusa heads"),
         (["--tree", "auto:3"], "no tree.json"),
         (["--rows", "typical", "--temperature", "-1"], r"temperature=-1.0 \(--temperature\)"),
+        (["--rows", "exact", "--top-p", "2"], r"top_p=2.0 \(--top-p\)"),
         (["--tree", "auto", "--refill"], "--refill runs generate_many, which takes no --tree auto"),
     ],
 )

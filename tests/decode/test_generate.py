@@ -264,3 +264,8 @@ def test_compiled_steps_match_eager(llama):
     sampled = dict(attention_mask=mask, max_new_tokens=12, temperature=0.8, seed=1)
     exact = generate(model, batch, tree="chain_2", acceptance="exact", compile=True, **sampled)
     assert torch.equal(exact.sequences, generate(model, batch, medusa=False, **sampled).sequences)
+    truncated = sampled | dict(top_k=20, top_p=0.9)  # the sort of top-p inside a compiled step
+    for acceptance in ("exact", "typical"):
+        compiled = generate(model, batch, tree="chain_2", acceptance=acceptance, compile=True, **truncated)
+        eager = generate(model, batch, tree="chain_2", acceptance=acceptance, **truncated)
+        assert torch.equal(compiled.sequences, eager.sequences)

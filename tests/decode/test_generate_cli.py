@@ -87,6 +87,12 @@ def test_exact_acceptance_prints_what_plain_sampling_prints(saved, capsys):
     assert rc == 0 and "tree" in stats
     rc, plain, _ = run(capsys, *args, "--no-medusa")
     assert rc == 0 and exact == plain
+    truncated = ["--top-k", 40, "--top-p", 0.8]
+    rc, exact_truncated, _ = run(capsys, *args, *truncated, "--acceptance", "exact")
+    rc2, plain_truncated, _ = run(capsys, *args, *truncated, "--no-medusa")
+    assert rc == rc2 == 0 and exact_truncated == plain_truncated != plain
+    rc, _, err = run(capsys, *args, "--top-p", 1.5)
+    assert rc == 2 and err.count("\n") == 1 and "top_p=1.5 (--top-p)" in err
     with pytest.raises(SystemExit) as exit_info:
         run(capsys, *args, "--acceptance", "rejection")
     assert exit_info.value.code == 2 and "invalid choice: 'rejection'" in capsys.readouterr().err

@@ -74,13 +74,15 @@ def test_sampled_prompts_draw_what_they_draw_alone(llama):
 
 
 def test_exact_acceptance_through_refilled_slots_is_plain_sampling(llama):
-    """Medusa with acceptance="exact" through refilled slots: each prompt gets its plain sampled tokens."""
+    """Medusa with acceptance="exact" (and nucleus sampling) through refilled slots: each prompt gets its plain
+    sampled tokens."""
     prompts = ragged_prompts([4, 6, 2, 5, 3], seed=11)
-    sampled = [generate(llama, p, max_new_tokens=40, medusa=False, temperature=0.8, seed=[30 + i]).sequences
+    kw = dict(temperature=0.8, top_p=0.9)
+    sampled = [generate(llama, p, max_new_tokens=40, medusa=False, seed=[30 + i], **kw).sequences
                for i, p in enumerate(prompts)]  # fmt: skip
     heads = BatchOracleHeads([OracleHeads(llama, r, num_heads=3, p_top1=0.8, p_top2=0.1) for r in sampled])
     out = generate_many(llama, [p[0] for p in prompts], 20, batch_size=2, heads=heads, tree="mc_sim_7b_15",
-                        temperature=0.8, seed=[30 + i for i in range(5)], acceptance="exact")  # fmt: skip
+                        seed=[30 + i for i in range(5)], acceptance="exact", **kw)  # fmt: skip
     for p, r, got in zip(prompts, sampled, out.new_token_ids):
         assert got.tolist() == r[0, p.shape[1] : p.shape[1] + 20].tolist()
     assert out.tokens_per_step > 1.5

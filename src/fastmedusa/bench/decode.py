@@ -56,13 +56,15 @@ def row_settings(args: argparse.Namespace, kind: str) -> dict:
         "medusa": kind in HEAD_ROWS,
         "temperature": args.temperature if kind in SAMPLING_ROWS else 0.0,
         "acceptance": "exact" if kind == "exact" else "typical",
+        "top_k": args.top_k if kind in SAMPLING_ROWS else None,
+        "top_p": args.top_p if kind in SAMPLING_ROWS else None,
     }
 
 
 def check_row_settings(model, args: argparse.Namespace) -> None:
     """The tree and the typical rows' temperature, checked once before any row runs (a row's own failure, an OOM
     or a compile error, is a result; a bad flag is not)."""
-    from fastmedusa.decode.generate import check_sampling, heads_tree_info
+    from fastmedusa.decode.generate import check_sampling, check_truncation, heads_tree_info
     from fastmedusa.decode.trees import resolve_tree
 
     if args.tree == "auto" and args.refill:
@@ -70,6 +72,7 @@ def check_row_settings(model, args: argparse.Namespace) -> None:
     if args.tree != "auto" and rows_use_heads(args):  # else the heads are fresh ones that no row calls
         resolve_tree(args.tree, model.medusa_heads.num_heads, heads_tree_info(model, model.medusa_heads))
     check_sampling(args.temperature, 0.0, 0.0)
+    check_truncation(args.top_k, args.top_p)
 
 
 def tree_arg(text: str) -> str:
@@ -109,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--temperature", type=float, default=0.7, help="temperature of the typical, sampled and exact rows"
     )
+    p.add_argument("--top-k", type=int, default=None, help="top-k of the sampling rows (default: no limit)")
+    p.add_argument("--top-p", type=float, default=None, help="top-p of the sampling rows (default: no limit)")
     p.add_argument(
         "--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS,
         help="which kinds of rows to run (default: %(default)s): also sampled (plain sampling) and exact (Medusa "

@@ -49,6 +49,15 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "> 0 samples, speculated tokens passing --acceptance (default: %(default)s)",
     )
     parser.add_argument(
+        "--top-k", type=int, default=None,
+        help="sampling: draw only from the K most likely tokens (Hugging Face's top-k; default: no limit)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--top-p", type=float, default=None,
+        help="sampling: draw only from the fewest most likely tokens whose probability reaches P (nucleus "
+        "sampling; default: no limit)",
+    )  # fmt: skip
+    parser.add_argument(
         "--acceptance",
         choices=("typical", "exact"),  # decode.generate.ACCEPTANCE_RULES, not imported for a fast --help
         default="typical",
@@ -277,6 +286,8 @@ def run_generate(args: argparse.Namespace) -> int:
         typical_epsilon=args.typical_epsilon,
         typical_delta=args.typical_delta,
         acceptance=args.acceptance,
+        top_k=args.top_k,
+        top_p=args.top_p,
         compile=args.compile == "on",  # one call per process: a compile would cost more than it saves
         max_len=args.max_len,
         seed=args.seed,
@@ -298,7 +309,8 @@ def _generate_in_slots(args, tokenizer, model, base, encoded: list[torch.Tensor]
         model, [e[0] for e in encoded], args.max_new_tokens, batch_size=args.batch_size,
         medusa=not args.no_medusa, temperature=args.temperature, tree=args.tree,
         eos_token_id=eos_token_ids(tokenizer, base), typical_epsilon=args.typical_epsilon,
-        typical_delta=args.typical_delta, acceptance=args.acceptance, compile=args.compile == "on",
+        typical_delta=args.typical_delta, acceptance=args.acceptance, top_k=args.top_k, top_p=args.top_p,
+        compile=args.compile == "on",
         max_len=args.max_len, seed=args.seed,
     )  # fmt: skip
     print("\n\n".join(tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in out.new_token_ids))

@@ -158,19 +158,42 @@ def sample_token(
     seeds: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
-    """(..., V) -> (...,): argmax at temperature 0, else a sample from softmax(logits / T) by the Gumbel-max
-    trick with `gumbel_noise(seeds, positions, V, keys)` (needs no host sync, as torch.multinomial would)."""
+    """(..., V) -> (...,): argmax at temperature 0, else a sample from softmax(logits / T), truncated to
+    `top_k` / `top_p` (`scaled_logits`), by the Gumbel-max trick with `gumbel_noise(seeds, positions, V, keys)`
+    (needs no host sync, as torch.multinomial would)."""
     if temperature <= 0:
         return logits.argmax(-1)
     if seeds is None or positions is None:
         raise ValueError("sampling (temperature > 0) needs per-row seeds and positions")
-    return gumbel_max(logits, temperature, gumbel_noise(seeds, positions, logits.shape[-1], keys))
+    noise = gumbel_noise(seeds, positions, logits.shape[-1], keys)
+    return gumbel_max(logits, temperature, noise, top_k, top_p)
 
 
-def gumbel_max(logits: torch.Tensor, temperature: float, noise: torch.Tensor) -> torch.Tensor:
-    """(..., V) -> (...,): the sample that Gumbel noise (..., V) picks from softmax(logits / temperature)."""
-    return (logits.float() / temperature + noise).argmax(-1)
+def gumbel_max(
+    logits: torch.Tensor, temperature: float, noise: torch.Tensor, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """(..., V) -> (...,): the sample that Gumbel noise (..., V) picks from softmax(`scaled_logits`)."""
+    return (scaled_logits(logits, temperature, top_k, top_p) + noise).argmax(-1)
+
+
+def scaled_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(..., V) fp32 logits / temperature, then (in Hugging Face's order) every token outside the `top_k` best
+    (0: no limit) and outside the nucleus (the fewest best tokens whose probability reaches `top_p`; 1: no
+    limit) set to -inf, so softmax of the result is the truncated, renormalised distribution. Tokens tied with
+    the last one kept are kept too."""
+    z = logits.float() / temperature
+    if 0 < top_k < z.shape[-1]:
+        z = z.masked_fill(z < z.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
+    if top_p < 1.0:
+        ordered = z.sort(dim=-1, descending=True).values
+        probs = ordered.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # the probability of the tokens ranked above each one
+        kept = (before < top_p).sum(dim=-1, keepdim=True)  # >= 1: the best token is always kept
+        z = z.masked_fill(z < ordered.gather(-1, kept - 1), float("-inf"))
+    return z
 
 
 def node_acceptance(
@@ -181,22 +204,26 @@ def node_acceptance(
     epsilon: float,
     delta: float,
     argmax: torch.Tensor | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """(..., N) bool: would the base model, at node i's parent, accept node i's token?
 
     logits (..., N, V), tokens (..., N), parents (N,). Greedy (temperature 0): the token is the parent's
     argmax (`argmax`, (..., N), when the caller has taken it already; logits may then be None), which makes
-    Medusa lossless; exact sampling passes each node's sample as `argmax`, with temperature 0. Typical acceptance: p(token) > min(epsilon, delta * exp(-H(p))), p = softmax(parent
-    logits / temperature); computed from per-node log-sum-exp and entropy so that no (N, V) probability
-    tensor is kept.
+    Medusa lossless; exact sampling passes each node's sample as `argmax`, with temperature 0. Typical
+    acceptance: p(token) > min(epsilon, delta * exp(-H(p))), p = softmax(parent logits / temperature,
+    truncated to `top_k` / `top_p` as sampling is); computed from per-node log-sum-exp and entropy so that no
+    (N, V) probability tensor is kept.
     """
     parent_idx = parents.expand(tokens.shape)
     if temperature <= 0:
         argmax = logits.argmax(-1) if argmax is None else argmax
         return tokens == argmax.gather(-1, parent_idx)
-    z = logits.float() / temperature  # (..., N, V)
+    z = scaled_logits(logits, temperature, top_k, top_p)  # (..., N, V), -inf outside top-k / top-p
     lse = z.logsumexp(-1)  # (..., N)
-    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    p_z = torch.where(z > float("-inf"), torch.softmax(z, dim=-1) * z, 0.0)  # a truncated token adds 0, not NaN
+    entropy = lse - p_z.sum(-1)
     threshold = torch.clamp(delta * torch.exp(-entropy), max=epsilon)
     z_token = z.flatten(-2).gather(-1, parent_idx * z.shape[-1] + tokens)  # z[parent(i), token(i)]
     return torch.exp(z_token - lse.gather(-1, parent_idx)) > threshold.gather(-1, parent_idx)
@@ -239,7 +266,14 @@ def _is_eos(tokens: torch.Tensor, eos_ids: torch.Tensor | None) -> torch.Tensor:
 # limit = max_new_tokens; done = the row stopped (EOS or limit) and is frozen.
 
 
-def make_plain_step(engine: DecodeEngine, temperature: float, eos_ids: torch.Tensor | None, pad_id: int):
+def make_plain_step(
+    engine: DecodeEngine,
+    temperature: float,
+    eos_ids: torch.Tensor | None,
+    pad_id: int,
+    top_k: int = 0,
+    top_p: float = 1.0,
+):
     """(token, cur, offset, seeds, n, limit, done) -> (emitted, next token, cur + 1, n, done): one token per
     row. A frozen row emits pad_id but keeps feeding a real token (a pad id may lie outside the vocabulary),
     and stays at its slot: `generate_many` keeps finished rows stepping until their slot is refilled, for as
@@ -255,7 +289,7 @@ def make_plain_step(engine: DecodeEngine, temperature: float, eos_ids: torch.Ten
         if temperature <= 0:
             nxt = engine.greedy_tokens(hidden[:, 0])  # (B,)
         else:
-            nxt = sample_token(engine.logits(hidden[:, 0]), temperature, seeds, rope + 1, keys)
+            nxt = sample_token(engine.logits(hidden[:, 0]), temperature, seeds, rope + 1, keys, top_k, top_p)
         n = n + (~done).long()
         emitted = torch.where(done, pad_id, nxt)
         done = done | _is_eos(nxt, eos_ids) | (n >= limit)
@@ -274,6 +308,8 @@ def make_medusa_step(
     delta: float,
     eos_ids: torch.Tensor | None,
     acceptance: str = "typical",
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> Callable:
     """One Medusa step for every row: (root, hidden of the last token (B, H), cur, offset, seeds, n, limit,
     done) -> (emitted (B, depth+1), columns (B, depth+1), accepted (B,), next root, next hidden, cur, n, done).
@@ -285,7 +321,7 @@ def make_medusa_step(
     token is its parent's sample. Along the accepted path each sample is the one plain sampling draws after the
     same prefix, and the next root is the last node's own sample, so the output equals plain sampling's token
     for token (fp32; in bf16 up to near-ties, as greedy): lossless at any temperature, at fewer accepted tokens
-    than typical acceptance.
+    than typical acceptance. `top_k` / `top_p` truncate every distribution sampled or tested (`scaled_logits`).
 
     emitted[b, :accepted] are row b's accepted speculated tokens and emitted[b, accepted] the next root (the
     base model's own token after them); the first count[b] of them are kept (fewer at EOS or the limit, 0 for
@@ -325,11 +361,12 @@ def make_medusa_step(
             node_next, logits = engine.greedy_tokens(hidden), None
         elif exact:  # the noise of the position after each node: one draw per depth, shared by its nodes
             noise = gumbel_noise(seeds[:, None], rope0[:, None] + steps_ar + 1, keys.shape[0], keys)  # (B, depth+1, V)
-            node_next, logits = gumbel_max(engine.logits(hidden), temperature, noise[:, tree.depths]), None
+            node_next = gumbel_max(engine.logits(hidden), temperature, noise[:, tree.depths], top_k, top_p)
+            logits = None
         else:
             node_next, logits = None, engine.logits(hidden)  # (B, N, V)
         node_ok = node_acceptance(logits, tokens, tree.parents, 0.0 if exact else temperature, epsilon, delta,
-                                  node_next)  # fmt: skip
+                                  node_next, top_k, top_p)  # fmt: skip
         best, accepted = longest_accepted_path(node_ok, tree)
         path = tree.retrieve_indices[best]  # (B, depth+1)
         last = path.gather(1, accepted[:, None])  # (B, 1)
@@ -337,7 +374,7 @@ def make_medusa_step(
             next_root = node_next.gather(1, last)[:, 0]
         else:
             last_logits = logits.gather(1, last[:, :, None].expand(bsz, 1, logits.shape[-1]))[:, 0]
-            next_root = sample_token(last_logits, temperature, seeds, rope0 + accepted + 1, keys)  # (B,)
+            next_root = sample_token(last_logits, temperature, seeds, rope0 + accepted + 1, keys, top_k, top_p)
         speculated = tokens.gather(1, path[:, 1:])  # (B, depth)
         emitted = torch.cat([speculated, next_root[:, None]], dim=1)
         emitted = torch.where(steps_ar[None, :] == accepted[:, None], next_root[:, None], emitted)
@@ -677,6 +714,21 @@ def check_sampling(temperature: float, typical_epsilon: float, typical_delta: fl
     return values[0], values[1], values[2]
 
 
+def check_truncation(top_k: object, top_p: object) -> tuple[int, float]:
+    """Sampling's `top_k` (None or 0: no limit; else a positive int) and `top_p` (None or 1: no limit; else in
+    (0, 1)), returned as (int, float) with the no-limit values 0 and 1.0 (the step caches key on them)."""
+    if top_k is None:
+        top_k = 0
+    if not _is_int(top_k) or int(top_k) < 0:
+        raise ValueError(f"top_k={top_k!r} (--top-k): pass a number of tokens, 1 or more, or 0/None for no limit")
+    if top_p is None:
+        top_p = 1.0
+    scalar = isinstance(top_p, torch.Tensor) and top_p.numel() == 1 and top_p.is_floating_point()
+    if isinstance(top_p, bool) or not (scalar or isinstance(top_p, numbers.Real)) or not 0 < float(top_p) <= 1:
+        raise ValueError(f"top_p={top_p!r} (--top-p): pass a probability above 0 and at most 1 (1/None: no limit)")
+    return int(top_k), float(top_p)
+
+
 def _check_heads(heads: nn.Module, engine: DecodeEngine, tree_topk: int) -> None:
     """Heads trained for another base model, or a tree drafting more tokens per head than a draft vocabulary
     holds, fail loudly here: not with a shape error mid-step, nor wrapped in a compiler error."""
@@ -812,6 +864,8 @@ def generate(
     typical_epsilon: float = 0.09,
     typical_delta: float = 0.3,
     acceptance: str = "typical",
+    top_k: int | None = None,
+    top_p: float | None = None,
     heads: nn.Module | None = None,
     compile: bool | None = None,
     max_len: int | None = None,
@@ -830,7 +884,8 @@ def generate(
     `acceptance`: "typical" (default; Medusa's typical acceptance, `typical_epsilon`, `typical_delta`: more
     tokens per step, a distribution near the model's) or "exact" (a speculated token must be the token the
     model samples there, so the output equals plain sampling's with the same seed, token for token in fp32:
-    lossless). `tree`: a preset name, "auto:N", a JSON file,
+    lossless). `top_k` / `top_p` truncate the distribution sampled from (Hugging Face's top-k and nucleus
+    sampling, applied after the temperature; both acceptance rules see the truncated distribution). `tree`: a preset name, "auto:N", a JSON file,
     a list of paths, or None (the heads' tree.json, else mc_sim_7b_63 pruned to the number of heads; for a
     batch, at most `default_tree_nodes(B)` of its nodes, so that a verify pass holds at most 256 tokens: 63 up
     to B=4, 15 at 16, 3 at 64, plain decoding above 128 rows); "auto"
@@ -856,6 +911,7 @@ def generate(
     check_token_ids(ids, offsets, base.get_input_embeddings().num_embeddings)
     temperature, typical_epsilon, typical_delta = check_sampling(temperature, typical_epsilon, typical_delta)
     acceptance = check_acceptance(acceptance)
+    truncation = check_truncation(top_k, top_p)
     tree_buffers = None
     if medusa:
         if heads is None:
@@ -904,11 +960,11 @@ def generate(
     run_ids, run_offsets, chunked = pad_to_chunks(ids, offsets, chunk, engine.max_len - needed)
     state = _prefill(
         engine, run_ids, run_offsets, seeds, max_new_tokens, temperature, eos_ids, chunk if chunked else 0,
-        compile_prompt,
+        compile_prompt, truncation,
     )
     runner = decode_runner(
         engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, pad_token_id, compile,
-        acceptance,
+        acceptance, truncation,
     )
     runner.start(ids.shape[0], pad_token_id)
     if tree_buffers is None:
@@ -943,27 +999,30 @@ def decode_runner(
     pad_token_id: int,
     compile: bool,
     acceptance: str = "typical",
+    truncation: tuple[int, float] = (0, 1.0),
 ) -> StepRunner:
     """The engine's runner of plain steps (`tree_buffers` None) or Medusa steps over that tree, built once per
-    setting and kept on the engine (its compiled steps and graphs are reused by later calls)."""
+    setting and kept on the engine (its compiled steps and graphs are reused by later calls). `truncation`:
+    (top_k, top_p) of sampling."""
     eos_key = None if eos_ids is None else tuple(eos_ids.tolist())
     if tree_buffers is None:
         return _step_runner(
             engine,
-            ("plain", temperature, eos_key, pad_token_id),
-            lambda: make_plain_step(engine, temperature, eos_ids, pad_token_id),
+            ("plain", temperature, truncation if temperature > 0 else None, eos_key, pad_token_id),
+            lambda: make_plain_step(engine, temperature, eos_ids, pad_token_id, *truncation),
             plain_body,
             engine.max_len + 1,
             compile,
         )
-    rule = acceptance if temperature > 0 else "greedy"  # greedy ignores the rule: one step for both values
+    rule = (acceptance, truncation) if temperature > 0 else "greedy"  # greedy ignores them: one step for all
     key = ("medusa", tuple(tree_buffers.paths), id(heads), temperature, typical_epsilon, typical_delta, rule)
     drafter = packed_heads(engine.compiled, heads, tree_buffers.depth)  # refreshed if the weights changed
     return _step_runner(
         engine,
         (*key, eos_key),
         lambda: make_medusa_step(
-            engine, drafter, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, acceptance
+            engine, drafter, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, acceptance,
+            *truncation,
         ),
         medusa_body,
         engine.max_len + tree_buffers.depth + 2,
@@ -1087,7 +1146,8 @@ def _prompt_through_cache(engine, ids, offsets, chunk: int, compile: bool) -> to
 
 
 def _prefill(
-    engine, ids, offsets, seeds, max_new_tokens, temperature, eos_ids, chunk: int = 0, compile: bool = False
+    engine, ids, offsets, seeds, max_new_tokens, temperature, eos_ids, chunk: int = 0, compile: bool = False,
+    truncation: tuple[int, float] = (0, 1.0),
 ) -> dict[str, torch.Tensor]:
     """Run the prompts through the cache (`_prompt_through_cache`) and sample each row's first token."""
     bsz, length = ids.shape
@@ -1096,7 +1156,7 @@ def _prefill(
     if temperature <= 0:  # the same kernel as the greedy steps
         token = engine.greedy_tokens(last)  # (B,)
     else:
-        token = sample_token(engine.logits(last), temperature, seeds, real_len)
+        token = sample_token(engine.logits(last), temperature, seeds, real_len, None, *truncation)
     n = torch.ones(bsz, dtype=torch.long, device=engine.device)
     limit = torch.full_like(n, max_new_tokens)
     done = _is_eos(token, eos_ids) | (n >= limit)

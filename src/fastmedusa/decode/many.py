@@ -39,6 +39,7 @@ from fastmedusa.decode.generate import (
     check_models,
     check_sampling,
     check_token_ids,
+    check_truncation,
     cuda_graphs_mode,
     decode_runner,
     decoding,
@@ -196,6 +197,8 @@ def generate_many(
     typical_epsilon: float = 0.09,
     typical_delta: float = 0.3,
     acceptance: str = "typical",
+    top_k: int | None = None,
+    top_p: float | None = None,
     heads: nn.Module | None = None,
     compile: bool | None = None,
     max_len: int | None = None,
@@ -215,6 +218,7 @@ def generate_many(
     compile = optional_flag(compile, "compile")
     temperature, typical_epsilon, typical_delta = check_sampling(temperature, typical_epsilon, typical_delta)
     acceptance = check_acceptance(acceptance)
+    truncation = check_truncation(top_k, top_p)
     check_models(model, heads, medusa)
     medusa = bool(medusa)
     base, heads = _split_model(model, heads)
@@ -258,7 +262,7 @@ def generate_many(
     prefill_compiled(0)  # a bad FASTMEDUSA_PREFILL_COMPILE fails here, before any work
     runner = decode_runner(
         engine, heads, tree_buffers, temperature, typical_epsilon, typical_delta, eos_ids, pad_id, compile,
-        acceptance,
+        acceptance, truncation,
     )
 
     def prefill(batch: list[int | None]) -> dict[str, torch.Tensor]:
@@ -270,7 +274,7 @@ def generate_many(
         row_seed = seeds[torch.tensor([p if p is not None else 0 for p in batch], device=engine.device)]
         compile_prompt = compile and (prefill_compiled(engine.eager_prefill_chunks) or graphs == "compile")
         values = _prefill(engine, run_ids, run_pads, row_seed, max_new_tokens, temperature, eos_ids,
-                          chunk if chunked else 0, compile_prompt)  # fmt: skip
+                          chunk if chunked else 0, compile_prompt, truncation)  # fmt: skip
         idle = torch.tensor([p is None for p in batch], device=engine.device)
         values["done"] = values["done"] | idle
         return values
