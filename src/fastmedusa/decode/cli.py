@@ -62,8 +62,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("typical", "exact"),  # decode.generate.ACCEPTANCE_RULES, not imported for a fast --help
         default="typical",
         help="which speculated tokens pass when sampling (temperature > 0): typical = Medusa's typical "
-        "acceptance (--typical-epsilon/--typical-delta; more tokens per step, close to the model's "
-        "distribution); exact = only the token the model itself samples there, so the text is the one "
+        "acceptance (--typical-epsilon/--typical-delta; more tokens per step, but the text is not distributed "
+        "exactly as the model's samples); exact = only the token the model itself samples there, so the text is the one "
         "--no-medusa samples with the same --seed (lossless) (default: %(default)s)",
     )
     parser.add_argument(
