@@ -26,7 +26,10 @@ adds a variant that imports fastmedusa from DIR (an earlier checkout's src/) for
 compacts), then warm calls of the same size; variant `shared` compiles one dynamic-batch step for the full batch
 and its compacted sizes (FASTMEDUSA_BATCH_COMPILE=shared) instead of a static one plus a dynamic one.
 
-`--first MODE [MODE ...]` (greedy, medusa, typical; default greedy): the mode whose call comes first in each
+Modes: plain greedy, Medusa greedy, typical acceptance, plain sampling and exact acceptance (the last three at
+temperature 0.7).
+
+`--first MODE [MODE ...]` (greedy, medusa, typical, sampled, exact; default greedy): the mode whose call comes first in each
 process, so that it pays every compile a cold machine needs for it; one process per variant and first mode.
 
 Writes the JSON and a PNG beside it. Without CUDA it runs a 2-layer fp32 model as a smoke test.
@@ -54,6 +57,9 @@ VARIANTS = {
 }
 SETTINGS = {name for variant in VARIANTS.values() for name in variant}  # set per variant, never inherited
 PROMPT_LENGTHS = (16, 64, 128, 256, 512, 1024)
+# each mode's first call, in this order: plain greedy, Medusa greedy, typical acceptance (T 0.7), plain
+# sampling (T 0.7), exact acceptance (T 0.7)
+MODE_LABELS = {"greedy": "greedy", "medusa": "Medusa", "typical": "typical", "sampled": "sampled", "exact": "exact"}
 MAX_LEN = 2048  # one engine for every call: no call rebuilds the cache or recompiles for a longer prompt
 
 
@@ -98,6 +104,8 @@ def child() -> dict:
         "greedy": partial(generate, model, ids, medusa=False, **kw),
         "medusa": partial(generate, model, ids, tree="mc_sim_7b_63", **kw),
         "typical": partial(generate, model, ids, tree="mc_sim_7b_63", temperature=0.7, **kw),
+        "sampled": partial(generate, model, ids, medusa=False, temperature=0.7, **kw),
+        "exact": partial(generate, model, ids, tree="mc_sim_7b_63", temperature=0.7, acceptance="exact", **kw),
     }
     result["first_mode"] = first_mode()
     for mode in mode_order(list(calls)):
@@ -114,7 +122,7 @@ def child() -> dict:
     for name, extra in (("greedy", dict(medusa=False)), ("medusa", dict(tree="mc_sim_7b_63"))):
         gen = sorted(timed(partial(generate, model, ids, **extra, **kw)) for _ in range(9))
         result[f"{name}_64_tokens_ms"] = round(gen[len(gen) // 2] * 1e3, 3)
-    for key in ("first_greedy_s", "second_greedy_s", "first_medusa_s", "first_typical_s"):
+    for key in [k for k in result if k.endswith("_s")]:
         result[key] = round(result[key], 2)
     return result
 
@@ -204,7 +212,7 @@ def plot(result: dict, path: Path) -> None:
         env = {"device": result["device"], "date": result["date"], "versions": {"torch": result["torch"]}}
         save_figure(fig, path, env, title=f"first calls and warm calls, SmolLM2-135M shape, bf16, batch {batch}")
         return
-    modes = [("first_greedy_s", "greedy"), ("first_medusa_s", "Medusa"), ("first_typical_s", "typical")]
+    modes = [(f"first_{mode}_s", label) for mode, label in MODE_LABELS.items() if f"first_{mode}_s" in rows[0]]
     width = 0.8 / max(len(rows), 1)
     for i, r in enumerate(rows):
         xs = [j + i * width for j in range(len(modes))]
@@ -250,7 +258,7 @@ def main() -> None:
         "--baseline-src", default=None, help="also run fastmedusa imported from this src/ directory"
     )
     p.add_argument(
-        "--first", nargs="+", choices=["greedy", "medusa", "typical"], default=["greedy"],
+        "--first", nargs="+", choices=list(MODE_LABELS), default=["greedy"],
         help="the mode called first in each process (one process per variant and mode)",
     )
     p.add_argument("--batch", type=int, default=1, help="rows per call (above 1: first and warm batch calls)")

@@ -4,7 +4,8 @@ A SmolLM2-135M-shaped Llama with random weights and 4 fresh heads, bf16, CUDA gr
 $BATCHES batch sizes (default "1"), $LAYERS decoder layers (default 30), $PROMPT_TOKENS the prompt's length
 (default 128) and $MAX_LEN the KV cache's slots per row (default 1024): a long prompt shows what attention over
 a long context costs a step; $TEMPERATURE (default 0: greedy;
-above 0: sampling and typical acceptance), $DRAFT_VOCABS the heads' vocabularies (default "0": the full 49,152;
+above 0: sampling, with $ACCEPTANCES the Medusa rows' acceptance rules, default "typical"; "typical exact"
+measures both), $DRAFT_VOCABS the heads' vocabularies (default "0": the full 49,152;
 "0 16384 8192" measures each; "shared": heads that project through the base model's LM head), $TREES tree presets (default "mc_sim_7b_63"; e.g. "mc_sim_7b_63 mc_sim_7b_31"),
 $PROFILE=1 adds each row's kernels per step (`profile`: a profiled short call subtracted from a profiled long
 one, as `bench decode --profile` does; the timed pairs run without the profiler).
@@ -52,6 +53,7 @@ DRAFT_VOCABS = [v if v == "shared" else int(v) for v in os.environ.get("DRAFT_VO
 TREES = os.environ.get("TREES", "mc_sim_7b_63").split()
 REPEATS = 5  # long/short pairs per row; the median is reported
 TEMPERATURE = float(os.environ.get("TEMPERATURE", 0))
+ACCEPTANCES = os.environ.get("ACCEPTANCES", "typical").split() if TEMPERATURE > 0 else ["typical"]
 PROMPT_TOKENS = int(os.environ.get("PROMPT_TOKENS", 128))
 MAX_LEN = int(os.environ.get("MAX_LEN", 1024))
 PROFILE = os.environ.get("PROFILE", "0") == "1"
@@ -80,15 +82,18 @@ def with_heads(base: LlamaForCausalLM, draft_vocab: int | str) -> MedusaModel:
     return model.to(device=DEV, dtype=next(base.parameters()).dtype).eval()
 
 
-def measure(model: MedusaModel, batch: int, medusa: bool, tree: str | None = None) -> dict:
+def measure(
+    model: MedusaModel, batch: int, medusa: bool, tree: str | None = None, acceptance: str = "typical"
+) -> dict:
     ids = torch.randint(1, 49152, (batch, PROMPT_TOKENS), device=DEV)
     kw = dict(
         attention_mask=torch.ones_like(ids), max_new_tokens=8 if SMALL else 128, medusa=medusa, max_len=MAX_LEN,
         max_batch_size=batch, temperature=TEMPERATURE, seed=0,
     )  # fmt: skip
     if medusa:
-        kw["tree"] = tree
+        kw.update(tree=tree, acceptance=acceptance)
     row = dict(batch=batch, mode="medusa" if medusa else "plain", temperature=TEMPERATURE, tree=tree,
+               acceptance=acceptance if medusa and TEMPERATURE > 0 else None,
                prompt_tokens=PROMPT_TOKENS, max_len=MAX_LEN,
                draft_vocab=model.medusa_config.draft_vocab_size,
                shared_lm_head=model.medusa_config.shared_lm_head,
@@ -157,12 +162,13 @@ def plot(result: dict, path: Path) -> None:
     for r in result["rows"]:
         if r["mode"] == "medusa" and r.get("step_ms") and r["batch"] in plain:
             vocab = "shared" if r.get("shared_lm_head") else r.get("draft_vocab")
-            lines.setdefault((r["batch"], vocab), []).append(r)
-    by_batch_then_vocab = sorted(lines.items(), key=lambda kv: (kv[0][0], -_vocab_order(kv[0][1])))  # full first
-    for i, ((batch, vocab), rows) in enumerate(by_batch_then_vocab):
+            lines.setdefault((r["batch"], vocab, r.get("acceptance") or ""), []).append(r)
+    by_batch_then_vocab = sorted(lines.items(), key=lambda kv: (kv[0][0], -_vocab_order(kv[0][1]), kv[0][2]))
+    for i, ((batch, vocab, acceptance), rows) in enumerate(by_batch_then_vocab):
         rows.sort(key=lambda r: r["tree_nodes"])
         ratios = [r["step_ms"] / plain[batch] for r in rows]
-        ax.plot([r["tree_nodes"] for r in rows], ratios, "o-", label=f"batch {batch}, " + _heads_label(vocab))
+        ax.plot([r["tree_nodes"] for r in rows], ratios, "o-", label=f"batch {batch}, " + _heads_label(vocab)
+                + (f", {acceptance} acceptance" if acceptance else ""))
         for r, ratio in zip(rows, ratios):
             offset = ((5, 6), (5, -12), (-30, 6))[i % 3]  # lines close together: labels above, below, left
             ax.annotate(f"{ratio:.2f}x", (r["tree_nodes"], ratio), fontsize=7, xytext=offset, textcoords="offset points")
@@ -204,15 +210,19 @@ def main() -> None:
         for draft_vocab in DRAFT_VOCABS:
             model = with_heads(base, draft_vocab)
             for tree in TREES:
-                rows.append(measure(model, batch, True, tree))
-                print(rows[-1], flush=True)
-                if plain.get("step_ms") and rows[-1].get("step_ms"):
-                    print(f"batch {batch}, heads' vocabulary {draft_vocab or 'full'}, {tree}: medusa step / plain "
-                          f"step = {rows[-1]['step_ms'] / plain['step_ms']:.2f}x", flush=True)  # fmt: skip
+                for acceptance in ACCEPTANCES:
+                    rows.append(measure(model, batch, True, tree, acceptance))
+                    print(rows[-1], flush=True)
+                    if plain.get("step_ms") and rows[-1].get("step_ms"):
+                        rule = f", {acceptance} acceptance" if TEMPERATURE > 0 else ""
+                        print(f"batch {batch}, heads' vocabulary {draft_vocab or 'full'}, {tree}{rule}: medusa step /"
+                              f" plain step = {rows[-1]['step_ms'] / plain['step_ms']:.2f}x", flush=True)  # fmt: skip
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     result = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
                   date=time.strftime("%Y-%m-%d"), fused_argmax_mode=FUSED_ARGMAX, rows=rows)  # fmt: skip
     suffix = "" if DRAFT_VOCABS == [0] and TREES == ["mc_sim_7b_63"] else "_heads_trees"
+    if ACCEPTANCES != ["typical"]:
+        suffix += "_" + "_".join(ACCEPTANCES)
     if PROMPT_TOKENS != 128 or MAX_LEN != 1024:
         suffix += f"_P{PROMPT_TOKENS}_S{MAX_LEN}"
     name = f"step_cost_L{base.config.num_hidden_layers}_T{TEMPERATURE:g}{suffix}.json"
