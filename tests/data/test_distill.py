@@ -606,3 +606,61 @@ def test_smollm2_first_answers_equal_hf_greedy(tmp_path):
               {"role": "assistant", "content": records[0]["conversations"][1]["value"]},
               {"role": "user", "content": "And 3+3?"}]  # fmt: skip
     assert records[0]["conversations"][3]["value"] == _hf_answer(model, tokenizer, second)
+
+
+def test_top_k_one_is_greedy_and_top_p_reaches_the_engine(tiny, data_file, tmp_path):
+    """Sampling with --top-k 1 keeps only the most likely token: the file equals the greedy run's. --top-p
+    reaches every engine call as given, and changes what is sampled."""
+    model, tokenizer = tiny
+    kwargs = dict(data=str(data_file), max_new_tokens=MAX_NEW, batch_size=2, seed=3, progress=False)
+    greedy, top1 = tmp_path / "greedy.jsonl", tmp_path / "top1.jsonl"
+    distill_conversations(model, tokenizer, DistillConfig(output=str(greedy), **kwargs))
+    distill_conversations(model, tokenizer, DistillConfig(output=str(top1), temperature=1.5, top_k=1, **kwargs))
+    assert top1.read_bytes() == greedy.read_bytes()
+
+    seen = []
+
+    def recording_generate(m, input_ids, **kw):
+        seen.append((kw["top_k"], kw["top_p"], kw["temperature"]))
+        return engine_generate(m, input_ids, **kw)
+
+    nucleus, plain = tmp_path / "nucleus.jsonl", tmp_path / "plain.jsonl"
+    config = DistillConfig(output=str(nucleus), temperature=1.5, top_p=0.3, **kwargs)
+    distill_conversations(model, tokenizer, config, generate_fn=recording_generate)
+    assert seen and set(seen) == {(0, 0.3, 1.5)}
+    distill_conversations(model, tokenizer, DistillConfig(output=str(plain), temperature=1.5, **kwargs))
+    assert nucleus.read_bytes() != plain.read_bytes()
+
+
+def test_resume_checks_top_k_and_top_p_and_takes_older_progress_files(tiny, data_file, tmp_path):
+    """A resume with another --top-p is refused; a progress file written before --top-k/--top-p existed ran
+    without them, so it resumes a run that passes neither (or their no-limit values)."""
+    model, tokenizer = tiny
+    out = tmp_path / "out.jsonl"
+    config = DistillConfig(output=str(out), data=str(data_file), max_new_tokens=MAX_NEW, batch_size=2,
+                           temperature=0.9, top_p=0.8, max_conversations=2, progress=False)  # fmt: skip
+    distill_conversations(model, tokenizer, config)
+    with pytest.raises(ValueError, match="--top-p 0.5.*started with 0.8"):
+        distill_conversations(model, tokenizer, DistillConfig(**{**vars(config), "resume": True, "top_p": 0.5}))
+    older = tmp_path / "older.jsonl"
+    config = DistillConfig(**{**vars(config), "output": str(older), "top_p": None})
+    distill_conversations(model, tokenizer, config)
+    progress = json.loads(progress_path(older).read_text())
+    for key in ("top_k", "top_p"):
+        del progress["settings"][key]
+    progress_path(older).write_text(json.dumps(progress))
+    resumed = DistillConfig(**{**vars(config), "resume": True, "top_p": 1.0, "max_conversations": 3})
+    assert distill_conversations(model, tokenizer, resumed).n_read == 1
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--top-p", "1.5", "top_p=1.5 (--top-p)"), ("--top-p", "0", "top_p=0.0 (--top-p)"),
+     ("--top-k", "-2", "top_k=-2 (--top-k)")],
+)  # fmt: skip
+def test_bad_top_k_or_top_p_is_one_error_line_before_loading(data_file, tmp_path, flag, value, message):
+    out = tmp_path / "out.jsonl"
+    argv = ["distill", "--model", str(tmp_path / "no-model-here"), "--data", str(data_file), "--output", str(out),
+            "--temperature", "0.7", flag, value]  # fmt: skip
+    _one_error_line(_cli(*argv), message)
+    assert not out.exists()

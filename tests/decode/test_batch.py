@@ -474,6 +474,27 @@ def test_precomputed_noise_keys_give_the_same_samples():
     assert int(token_keys(49152).max()) < 2**32
 
 
+def test_noise_is_finite_and_top_k_one_sampling_is_argmax():
+    """The uniforms behind the Gumbel noise must lie strictly inside (0, 1) in fp32. When the top 24-bit value
+    rounded to 1.0, one token in 2^24 got +inf noise: about 1 sampled token in 340 (V = 49,152) was a uniformly
+    random one, and a masked token (-inf + inf = NaN) won even under top_k=1. 4,096 fresh (seed, position)
+    draws over 49,152 tokens would have met that about 12 times."""
+    from fastmedusa.decode.generate import gumbel_noise, open_unit_interval, sample_token
+
+    edges = open_unit_interval(torch.tensor([0, 2**23 - 1]))
+    assert 0 < edges[0] and edges[1] < 1 and torch.isfinite(-torch.log(-torch.log(edges))).all()
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))  # fresh draws each run
+    vocab = 49152
+    for _ in range(16):
+        seeds = torch.randint(0, 2**31 - 1, (256,), generator=gen)
+        positions = torch.randint(0, 1 << 20, (256,), generator=gen)
+        noise = gumbel_noise(seeds, positions, vocab)
+        assert torch.isfinite(noise).all() and noise.max() < 16.7 and noise.min() > -2.9
+        logits = torch.randn(256, vocab, generator=gen) * 3
+        sampled = sample_token(logits, 1.5, seeds, positions, top_k=1)
+        assert torch.equal(sampled, logits.argmax(-1))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("medusa", [False, True])
 def test_sampling_compiles_on_gpu_and_matches_eager(medusa):

@@ -64,9 +64,12 @@ DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Settings that change what is generated: a resumed run must use the same ones. The batch size is recorded
 # too, but a resume may change it (after running out of memory): each answer has its own seed.
 RESUME_SETTINGS = (
-    "data", "max_new_tokens", "max_prompt_tokens", "max_turns", "batch_size", "temperature", "seed"
+    "data", "max_new_tokens", "max_prompt_tokens", "max_turns", "batch_size", "temperature", "top_k", "top_p",
+    "seed",
 )  # fmt: skip
 FREE_ON_RESUME = ("batch_size",)
+# what a progress file written before a setting existed ran with
+RESUME_DEFAULTS = {"top_k": 0, "top_p": 1.0}
 
 
 @dataclass
@@ -82,6 +85,8 @@ class DistillConfig:
     max_turns: int | None = None  # None: every answer of every conversation
     batch_size: int = 16
     temperature: float = 0.0
+    top_k: int | None = None  # None or 0: no limit (sampling only)
+    top_p: float | None = None  # None or 1: no limit (sampling only)
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
@@ -103,6 +108,7 @@ class DistillConfig:
             raise ValueError(f"--max-conversations {self.max_conversations}: pass >= 1, or 'all'")
         if not 0 <= self.temperature < float("inf"):  # also refuses NaN
             raise ValueError(f"--temperature {self.temperature}: pass 0 (greedy) or a finite positive temperature")
+        self.truncation()  # raises on a bad --top-k / --top-p
         if self.dtype not in ("auto", *DTYPE_NAMES):
             raise ValueError(f"--dtype {self.dtype}: pass auto, {', '.join(DTYPE_NAMES)}")
         if self.resume and self.overwrite:
@@ -125,6 +131,12 @@ class DistillConfig:
                 f"--output {self.output} already holds records: pass --resume to continue it, "
                 "or --overwrite to start again"
             )
+
+    def truncation(self) -> tuple[int, float]:
+        """(top_k, top_p) with 0 and 1.0 for no limit, as the decode engine takes them."""
+        from fastmedusa.decode.generate import check_truncation
+
+        return check_truncation(self.top_k, self.top_p)
 
     def _check_output_is_not_data(self, out: Path) -> None:
         """Starting the output empties it: it must not be the conversations being read (or lie among them)."""
@@ -296,6 +308,7 @@ class BatchGenerator:
         self.eos_ids = eos_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.config = config
+        self.top_k, self.top_p = config.truncation()
         # Every prompt fits max_prompt_tokens, so one cache length serves all batches (and compiled steps).
         self.max_len = config.max_prompt_tokens + config.max_new_tokens
 
@@ -326,6 +339,8 @@ class BatchGenerator:
             max_new_tokens=self.config.max_new_tokens,
             medusa=False,
             temperature=self.config.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
             seed=seeds,
@@ -344,7 +359,8 @@ class BatchGenerator:
 
         out = generate_many(
             self.model, rows, self.config.max_new_tokens, batch_size=self.config.batch_size, medusa=False,
-            temperature=self.config.temperature, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            temperature=self.config.temperature, top_k=self.top_k, top_p=self.top_p, eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
             seed=seeds, compile=compiled, max_len=self.max_len,
         )  # fmt: skip
         return [t.tolist() for t in out.new_token_ids]
@@ -493,7 +509,7 @@ class _Start:
 def check_same_settings(saved: dict, now: dict, output: str) -> None:
     """A resume continues the same run: every setting as it was, the same files (paths compared resolved)."""
     for key, value in now.items():
-        then = saved.get(key)
+        then = saved.get(key, RESUME_DEFAULTS.get(key))
         if key in FREE_ON_RESUME:
             continue
         if key in ("data", "model") and then is not None and value is not None and input_path(key, then) == value:
@@ -614,6 +630,7 @@ def resolve_prompt_budget(config: DistillConfig, model) -> DistillConfig:
 def run_settings(config: DistillConfig, model, tokenizer) -> dict:
     """What must match for a resume: the flags that change the output, the model and its template."""
     settings = {key: getattr(config, key) for key in RESUME_SETTINGS}
+    settings["top_k"], settings["top_p"] = config.truncation()  # None and 0 (or 1) are the same setting
     data = resolve_data_path(config.data)
     settings["data"] = absolute_if_local(data)
     settings["model"] = input_path("model", config.model)  # a name of the embedded model stays a name
@@ -832,6 +849,9 @@ HELP = {
     "is faster until the GPU is full. A --resume may change it (e.g. after running out of memory); in bf16 the "
     "answers after the change may then differ by rounding from those of one uninterrupted run",
     "temperature": "0: greedy; above 0: sampling, reproducible from --seed (also across --resume)",
+    "top_k": "sampling: draw only from the K most likely tokens (Hugging Face's top-k; default: no limit)",
+    "top_p": "sampling: draw only from the fewest most likely tokens whose probability reaches P (nucleus "
+    "sampling, as Hugging Face's top-p after the temperature; default: no limit)",
     "seed": "seed of the sampling: each answer draws from its own seed derived from this, so the output does "
     "not depend on --batch-size and a resumed run samples the same",
     "resume": "continue a killed or finished run after its last complete record (same settings; a larger "
@@ -855,7 +875,7 @@ def _positive_or_all(text: str) -> int | None:
 def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """One flag per `DistillConfig` field; unset flags keep the dataclass default (shown in --help)."""
     types = {"max_conversations": _positive_or_all, "max_prompt_tokens": int, "max_turns": _positive_or_all,
-             "temperature": float}  # fmt: skip
+             "temperature": float, "top_k": int, "top_p": float}  # fmt: skip
     for f in fields(DistillConfig):
         flag = "--" + f.name.replace("_", "-")
         text = HELP[f.name] if "default:" in HELP[f.name] else f"{HELP[f.name]} (default: {f.default})"

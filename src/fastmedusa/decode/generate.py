@@ -147,9 +147,15 @@ def gumbel_noise(
     if keys is None:
         keys = token_keys(vocab_size, seeds.device)
     base = _hash32(_hash32(seeds & _MASK32) ^ (positions & _MASK32))  # (...,)
-    bits = _hash32(base[..., None] ^ keys) >> 8  # 24 random bits
-    uniform = (bits.float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-    return -torch.log(-torch.log(uniform))
+    bits = _hash32(base[..., None] ^ keys) >> 9  # 23 random bits
+    return -torch.log(-torch.log(open_unit_interval(bits)))
+
+
+def open_unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """23-bit integers -> fp32 (k + 0.5) / 2^23, strictly inside (0, 1): every value is exact in fp32, so the
+    largest is 1 - 2^-24 and its Gumbel noise stays finite. (With 24 bits, k + 0.5 rounds to 2^24 for the top
+    k: the noise is +inf, and that token wins whatever its probability, -inf + inf = NaN included.)"""
+    return (bits.float() + 0.5) * (1.0 / (1 << 23))
 
 
 def sample_token(
