@@ -15,7 +15,7 @@ prefill and the call's fixed cost; the median of REPEATS such pairs, all kept), 
 compiles), and how many steps ran without CUDA graphs: under FASTMEDUSA_CUDA_GRAPHS=compile torch.compile's
 `cudagraph_skips` (TORCH_LOGS=cudagraphs says why), under the default "step" the step runners whose capture
 failed (a warning says why). A step that fails to compile is recorded with its error. Writes
-$OUT/step_cost_L{layers}_T{temperature}[_heads_trees][_P{prompt}_S{slots}].json (or ./...), so runs with other settings do not
+$OUT/step_cost_L{layers}_T{temperature}[_heads_trees][_{acceptances}][_P{prompt}_S{slots}].json (or ./...), so runs with other settings do not
 overwrite it. Without CUDA it runs a 2-layer fp32 model as a smoke test.
 
     PYTHONPATH=src BATCHES="1 16" python3 bench/step_cost.py
