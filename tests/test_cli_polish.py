@@ -227,6 +227,8 @@ def test_outputs_that_cannot_be_written_name_what_is_in_the_way(tmp_path):
         (["loss", "--chunk-rows", "0"], "'0': pass an integer of 1 or more"),
         (["loss", "--logit-std", "nan"], "'nan': pass a finite number above 0"),
         (["heads", "--write-tree", "0"], "'0': pass an integer of 1 or more"),
+        (["heads", "--temperature", "-1"], "'-1': pass 0 (greedy) or a finite temperature above 0"),
+        (["heads", "--temperature", "nan"], "'nan': pass 0 (greedy) or a finite temperature above 0"),
         (["train", "--draft-coverage", "2"], "'2': pass a probability in [0, 1]"),
         (["loss", "--draft-coverage", "-0.1"], "'-0.1': pass a probability in [0, 1]"),
     ],

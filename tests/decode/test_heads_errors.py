@@ -69,3 +69,24 @@ def test_a_training_output_dir_is_accepted_for_its_heads(saved, tmp_path, capsys
     (out / "train_config.json").write_text("{}")
     rc, _, err = _generate(saved, out, capsys)
     assert rc == 0 and "medusa" in err, err
+
+
+def test_bench_heads_at_a_temperature_compares_trees_and_keeps_tree_json(saved, tmp_path, capsys):
+    """`bench heads --temperature`: scored against sampled continuations, with the greedy-built trees scored on
+    the same sampled positions; --write-tree (tree.json: the greedy measurement) is refused with it."""
+    import json
+
+    out = tmp_path / "h.json"
+    argv = ["bench", "heads", "--model", str(saved / "model"), "--heads", str(saved / "heads"), "--prompts", "4",
+            "--new-tokens", "8", "--ranks", "3", "--tree-nodes", "2", "4", "--device", "cpu", "--out", str(out),
+            "--temperature", "0.8"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    payload = json.loads(out.read_text())
+    assert payload["args"]["temperature"] == 0.8 and out.with_suffix(".png").is_file()
+    rows = payload["temperature_check"]
+    assert [r["nodes"] for r in rows] == [2, 4]
+    assert all(r["greedy_built_tokens_per_step"] >= 1 and r["sampled_built_tokens_per_step"] >= 1 for r in rows)
+    assert "tree built for sampling" in capsys.readouterr().out
+    assert main([*argv, "--write-tree"]) == 2
+    assert "--write-tree with --temperature" in _one_error_line(capsys.readouterr().err)
+    assert not (saved / "heads" / "tree.json").exists()

@@ -158,6 +158,56 @@ def test_measured_chains_match_the_oracle(p_top1, p_top2):
         assert measured.chains == {(0, 0, 0): 21}
 
 
+def test_sampled_chains_are_scored_against_plain_sampling():
+    """At temperature > 0 the heads are scored against the model's sampled continuation (the tokens exact
+    acceptance compares nodes with), seeded per prompt whatever the batch: oracle heads that know plain
+    sampling's tokens are right at every position, and wrong where greedy would be scored instead."""
+    from fastmedusa.decode import generate
+
+    base = tiny_llama(0)
+    prompts = [torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 7, 4)]
+    sampled = generate(base, prompts[1], max_new_tokens=24, medusa=False, temperature=1.3, seed=[11 + 1])
+    greedy = hf_greedy(base, prompts[1], 24)
+    assert not torch.equal(sampled.sequences, greedy)  # the check below tells the two apart
+    heads = OracleHeads(base, sampled.sequences, num_heads=3, p_top1=1.0, p_top2=0.0)
+    model = Wrapped(base, heads)
+    measured = measure_head_acceptance(model, [prompts[1]], 24, ranks=4, progress=False, temperature=1.3, seed=12)
+    assert measured.chains == {(0, 0, 0): 21}
+    assert measure_head_acceptance(model, [prompts[1]], 24, ranks=4, progress=False).chains != {(0, 0, 0): 21}
+    # prompt i draws with seed + i in any batch: prompt 1 of three, in batches of 1 or 3, is the one above
+    random_heads = random_medusa(base, num_heads=2)
+    one_by_one = measure_head_acceptance(random_heads, prompts, 24, ranks=5, progress=False, batch_size=1,
+                                         temperature=1.3, seed=11)  # fmt: skip
+    together = measure_head_acceptance(random_heads, prompts, 24, ranks=5, progress=False, batch_size=3,
+                                       temperature=1.3, seed=11)  # fmt: skip
+    assert one_by_one.chains == together.chains
+    assert torch.equal(one_by_one.rank_accuracies, together.rank_accuracies)
+
+
+def test_temperature_check_scores_both_trees_on_the_sampled_half():
+    """`bench heads --temperature`: trees built from each half's greedy and sampled measurements, scored on
+    the other half's sampled chains; heads whose sampled chains go deep get deep sampled-built trees."""
+    from fastmedusa.bench.heads import temperature_check
+
+    def half(rows: list[tuple[int, ...]]) -> HeadAcceptance:
+        chains: dict = {}
+        for chain in rows:
+            chains[chain] = chains.get(chain, 0) + 1
+        acc = torch.zeros(2, 3, dtype=torch.float64)
+        for chain, n in chains.items():
+            for k, r in enumerate(chain):
+                acc[k, r] += n / len(rows)
+        return HeadAcceptance(acc, torch.tensor([len(rows)] * 2), chains)
+
+    greedy = [half([(0, 0)] * 6 + [()] * 4), half([(0, 0)] * 5 + [()] * 5)]  # greedy: rank 0 twice
+    sampled = [half([(1, 2)] * 6 + [()] * 4), half([(1, 2)] * 7 + [()] * 3)]  # sampling: ranks 1 then 2
+    rows = temperature_check(greedy, sampled, [2])
+    # 2 nodes: the greedy-built tree [0], [0, 0] accepts nothing of (1, 2); the sampled-built [1], [1, 2] all
+    assert rows[0]["greedy_built_tokens_per_step"] == pytest.approx(1.0)
+    assert rows[0]["sampled_built_tokens_per_step"] == pytest.approx(1 + (2 * 0.7 + 2 * 0.6) / 2)
+    assert rows[0]["sampled_gain"] > 0
+
+
 def test_measurements_merge():
     base = tiny_llama(1)
     model = random_medusa(base, num_heads=2)

@@ -52,6 +52,9 @@ nonnegative_int = checked(int, lambda v: v >= 0, "an integer of 0 or more", "non
 positive_float = checked(  # a scale: NaN and inf refused
     float, lambda v: v > 0 and math.isfinite(v), "a finite number above 0, e.g. 3.0", "positive_float"
 )
+temperature = checked(  # 0: greedy; NaN and inf refused
+    float, lambda v: v >= 0 and math.isfinite(v), "0 (greedy) or a finite temperature above 0", "temperature"
+)
 probability = checked(float, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1], e.g. 0.98", "probability")
 fraction = checked(  # a share of tokens: 1 would leave nothing to score
     float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1), e.g. 0.3", "fraction"

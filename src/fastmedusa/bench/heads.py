@@ -6,6 +6,12 @@ They feed `build_tree` (greedy node additions maximising the expected accepted l
 as JSON for `--tree FILE`. A cross-check builds trees on one half of the prompts and scores them on the other
 half's positions, for the joint estimate and for Medusa's independent one. Writes JSON (+ PNG) under
 bench/results/.
+
+`--temperature T` scores the heads against the model's sampled continuations instead (plain sampling at T):
+those are the tokens exact acceptance (`acceptance="exact"`) compares a tree's nodes with, so the accuracies,
+trees and cross-check are what sampling with exact acceptance gets. It also measures the greedy continuations
+and scores both kinds of tree on the sampled positions of the other half (`temperature_check`): whether a tree
+built for sampling beats the one built from greedy accuracies (what `tree.json` holds) when sampling.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastmedusa.bench.common import environment, positive_int, write_json
+from fastmedusa.bench.common import environment, positive_int, temperature, write_json
 from fastmedusa.decode import build_tree, expected_accept_length, prune_tree, save_tree
 from fastmedusa.decode.accuracy import (
     DEFAULT_TREE_NODES,
@@ -40,6 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--ranks", type=positive_int, default=10, help="ranks r scored per head (top-k of the tree)"
+    )
+    p.add_argument(
+        "--temperature", type=temperature, default=0.0,
+        help="0: score against the model's greedy continuations; above 0: against its sampled ones at this "
+        "temperature (what exact acceptance accepts), and compare trees built from each on those (default: 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sample-seed", type=int, default=0, help="with --temperature: prompt i is sampled with seed S + i"
     )
     p.add_argument(
         "--tree-nodes", type=positive_int, nargs="+", default=[15, 31, 63], help="node budgets of built trees"
@@ -143,6 +157,22 @@ def cross_check(halves: list[HeadAcceptance], budgets: list[int]) -> list[dict]:
     return rows
 
 
+def temperature_check(greedy: list[HeadAcceptance], sampled: list[HeadAcceptance], budgets: list[int]) -> list[dict]:
+    """Trees built on one half's greedy measurement and on its sampled one, both scored on the other half's
+    sampled positions (`measured_accept_length`: exact acceptance's tokens/step there), both ways round."""
+    rows = []
+    for n in budgets:
+        scores: dict[str, list[float]] = {"greedy_built": [], "sampled_built": []}
+        for built_on, scored_on in ((0, 1), (1, 0)):
+            for name, halves in (("greedy_built", greedy), ("sampled_built", sampled)):
+                paths = build_tree(halves[built_on].rank_accuracies, n, chains=halves[built_on].chains)
+                scores[name].append(measured_accept_length(paths, sampled[scored_on].chains))
+        row = {"nodes": n, **{f"{name}_tokens_per_step": sum(v) / len(v) for name, v in scores.items()}}
+        row["sampled_gain"] = row["sampled_built_tokens_per_step"] / row["greedy_built_tokens_per_step"] - 1
+        rows.append(row)
+    return rows
+
+
 def plot(payload: dict, path: Path) -> None:
     import matplotlib
 
@@ -153,7 +183,9 @@ def plot(payload: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for k, row in enumerate(acc):
         a.plot(range(1, len(row) + 1), row.cumsum(0).tolist(), marker="o", label=f"head {k + 1} (t+{k + 2})")
-    a.set(xlabel="k", ylabel="top-k accuracy vs base greedy", title="Medusa heads on held-out prompts")
+    sampled_at = payload["args"].get("temperature") or 0
+    against = f"base samples at T {sampled_at:g}" if sampled_at > 0 else "base greedy"
+    a.set(xlabel="k", ylabel=f"top-k accuracy vs {against}", title="Medusa heads on held-out prompts")
     a.legend()
     built = [r for r in payload["trees"] if r["tree"].startswith("built_")]
     nodes = [r["nodes"] for r in built]
@@ -167,6 +199,10 @@ def plot(payload: dict, path: Path) -> None:
     if payload.get("cross_check"):
         b.scatter([], [], marker="x", color="k", label="built on half the prompts, measured on the rest")
         b.scatter([], [], marker="+", color="r", label="the same, independent trees")
+    for row in payload.get("temperature_check") or []:
+        b.scatter(row["nodes"], row["greedy_built_tokens_per_step"], marker="v", color="tab:green", zorder=3)
+    if payload.get("temperature_check"):
+        b.scatter([], [], marker="v", color="tab:green", label="trees from greedy accuracies, on the other half")
     for row in payload["trees"]:
         if not row["tree"].startswith("built_"):
             b.scatter(row["nodes"], row["expected_tokens_per_step"], marker="s", s=18, label=row["tree"])
@@ -197,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     from fastmedusa.model import MedusaModel, load_tokenizer
 
     args = parse_args(argv)
+    if args.write_tree and args.temperature > 0:
+        raise ValueError(
+            "--write-tree with --temperature: tree.json holds the greedy measurement (what `generate` uses for "
+            "every mode); measure without --temperature to write it"
+        )
     check_output_file(args.out, replaces=is_benchmark_result, beside=(".png",), inputs=(args.data,))
     if args.tree_dir is not None and args.tree_dir.exists() and not args.tree_dir.is_dir():
         raise NotADirectoryError(f"--tree-dir {args.tree_dir} is a file: pass a directory for the tree_<n>.json files")
@@ -210,11 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--ranks {args.ranks}: these {kind}heads choose among {choices} tokens; pass at most {choices}")
     prompts = held_out_prompts(args, tokenizer)[: args.prompts]
     eos = eos_token_ids(tokenizer, model.base)
-    measure = lambda part: measure_head_acceptance(model, part, args.new_tokens, args.ranks, eos)  # noqa: E731
+    def measure(part: list, temperature: float = args.temperature) -> HeadAcceptance:
+        return measure_head_acceptance(model, part, args.new_tokens, args.ranks, eos, temperature=temperature,
+                                       seed=args.sample_seed)  # fmt: skip
+
     halves = measure_halves(measure, prompts)
     measured = halves[0].merged(halves[1]) if len(halves) == 2 else halves[0]
     rank_acc, counts, chains = measured.rank_accuracies, measured.positions_scored, measured.chains
     checked = len(halves) == 2 and all(h.chain_positions for h in halves)
+    greedy_halves = measure_halves(lambda part: measure(part, 0.0), prompts) if args.temperature > 0 else []
+    compared = checked and len(greedy_halves) == 2 and all(h.chain_positions for h in greedy_halves)
     meta = {"rank_accuracies": rank_acc.tolist(), "heads": str(args.heads), "model": args.model or "embedded"}
     trees = tree_report(rank_acc, args.tree_nodes, args.tree_dir or args.out.parent, meta, chains)
     if args.write_tree:
@@ -232,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "accepted_chains": chains_to_json(chains),
         "trees": trees,
         "cross_check": cross_check(halves, args.tree_nodes) if checked else None,
+        "temperature_check": temperature_check(greedy_halves, halves, args.tree_nodes) if compared else None,
         "halves": [
             {"rank_accuracies": h.rank_accuracies.tolist(), "positions_scored": h.positions_scored.tolist(),
              "accepted_chains": chains_to_json(h.chains)}
@@ -251,5 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"built on one half, scored on the other: {row['nodes']:3d} nodes, joint "
             f"{row['joint_tokens_per_step']:.3f} vs independent {row['independent_tokens_per_step']:.3f} tokens/step"
+        )
+    for row in payload["temperature_check"] or []:
+        print(
+            f"sampling at T {args.temperature:g}, scored on the other half: {row['nodes']:3d} nodes, tree built "
+            f"for sampling {row['sampled_built_tokens_per_step']:.3f} vs from greedy accuracies "
+            f"{row['greedy_built_tokens_per_step']:.3f} tokens/step ({row['sampled_gain']:+.1%})"
         )
     return 0

@@ -111,17 +111,22 @@ def greedy_continuations(
     eos_token_id=None,
     batch_size: int = 8,
     progress: bool = False,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[torch.Tensor]:
-    """prompt + the base model's own greedy continuation, (1, P + n) each, generated `batch_size` at a time."""
+    """prompt + the base model's own continuation, (1, P + n) each, generated `batch_size` at a time: greedy,
+    or at `temperature` > 0 plain sampling with seed `seed + i` for prompt i (whatever the batch)."""
     from fastmedusa.decode.generate import generate
 
     sequences = []
     starts = range(0, len(prompts), batch_size)
-    for start in Progress(starts, desc="greedy continuations", unit="batch", enabled=progress):
+    what = "greedy continuations" if temperature <= 0 else "sampled continuations"
+    for start in Progress(starts, desc=what, unit="batch", enabled=progress):
         chunk = prompts[start : start + batch_size]
         ids, mask = left_pad_batch(chunk)
+        seeds = [seed + start + i for i in range(len(chunk))]
         out = generate(model, ids, attention_mask=mask, max_new_tokens=new_tokens, medusa=False,
-                       eos_token_id=eos_token_id, compile=False)  # fmt: skip
+                       eos_token_id=eos_token_id, compile=False, temperature=temperature, seed=seeds)  # fmt: skip
         for row, p in enumerate(chunk):
             sequences.append(torch.cat([p.reshape(-1), out.row_new_token_ids(row).cpu()])[None])
     return sequences
@@ -168,12 +173,16 @@ def measure_head_acceptance(
     eos_token_id=None,
     progress: bool = True,
     batch_size: int = 8,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> HeadAcceptance:
     """How often head k's rank-r token is the base model's own greedy token, per head and jointly.
 
     `model` is a MedusaModel (or anything with `.base`, `.medusa_heads` and `backbone_hidden_states`); the
     greedy continuations are generated `batch_size` prompts at a time (eager: a few prompts do not repay a
-    compile). The joint chains (`HeadAcceptance`) let `build_tree` see that heads are right together."""
+    compile). The joint chains (`HeadAcceptance`) let `build_tree` see that heads are right together.
+    At `temperature` > 0 the continuations are plain sampling's (seed `seed + i` for prompt i): the tokens
+    that exact acceptance compares a tree's nodes with, so the chains are what it accepts at that temperature."""
     prompts = [one_row(p, i) for i, p in enumerate(prompts)]
     heads = model.medusa_heads
     num_heads = heads.num_heads
@@ -181,7 +190,7 @@ def measure_head_acceptance(
     counts = torch.zeros(num_heads, dtype=torch.long)
     chains: dict[tuple[int, ...], int] = {}
     device = next(model.base.parameters()).device
-    sequences = greedy_continuations(model, prompts, new_tokens, eos_token_id, batch_size)
+    sequences = greedy_continuations(model, prompts, new_tokens, eos_token_id, batch_size, False, temperature, seed)
     pairs = list(zip(prompts, sequences))
     for ids, seq in Progress(pairs, desc="scoring heads", unit="prompt", enabled=progress):
         hidden = model.backbone_hidden_states(seq.to(device))[0]  # (L, H)
