@@ -71,15 +71,26 @@ def test_a_training_output_dir_is_accepted_for_its_heads(saved, tmp_path, capsys
     assert rc == 0 and "medusa" in err, err
 
 
-def test_bench_heads_at_a_temperature_compares_trees_and_keeps_tree_json(saved, tmp_path, capsys):
+def test_bench_heads_at_a_temperature_compares_trees_and_keeps_tree_json(saved, tmp_path, capsys, monkeypatch):
     """`bench heads --temperature`: scored against sampled continuations, with the greedy-built trees scored on
     the same sampled positions; --write-tree (tree.json: the greedy measurement) is refused with it."""
     import json
 
+    import fastmedusa.bench.heads as bench_heads
+
+    calls = []
+    real = bench_heads.measure_head_acceptance
+
+    def spy(model, part, *args, **kwargs):
+        calls.append((len(part), kwargs["temperature"], kwargs["seed"]))
+        return real(model, part, *args, **kwargs)
+
+    monkeypatch.setattr(bench_heads, "measure_head_acceptance", spy)
+    shutil.copytree(saved / "heads", tmp_path / "heads_copy")
     out = tmp_path / "h.json"
-    argv = ["bench", "heads", "--model", str(saved / "model"), "--heads", str(saved / "heads"), "--prompts", "4",
+    argv = ["bench", "heads", "--model", str(saved / "model"), "--heads", str(tmp_path / "heads_copy"), "--prompts", "4",
             "--new-tokens", "8", "--ranks", "3", "--tree-nodes", "2", "4", "--device", "cpu", "--out", str(out),
-            "--temperature", "0.8"]  # fmt: skip
+            "--temperature", "0.8", "--sample-seed", "40"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     payload = json.loads(out.read_text())
     assert payload["args"]["temperature"] == 0.8 and out.with_suffix(".png").is_file()
@@ -87,6 +98,11 @@ def test_bench_heads_at_a_temperature_compares_trees_and_keeps_tree_json(saved, 
     assert [r["nodes"] for r in rows] == [2, 4]
     assert all(r["greedy_built_tokens_per_step"] >= 1 and r["sampled_built_tokens_per_step"] >= 1 for r in rows)
     assert "tree built for sampling" in capsys.readouterr().out
+    # the sampled-built trees scored on the other half are the cross-check's joint trees: the same numbers
+    for row, check in zip(rows, payload["cross_check"]):
+        assert row["sampled_built_tokens_per_step"] == check["joint_tokens_per_step"]
+    # sampled halves first, then the greedy ones; prompt i of the 4 samples with seed 40 + i in either half
+    assert calls == [(2, 0.8, 40), (2, 0.8, 42), (2, 0.0, 40), (2, 0.0, 42)]
     assert main([*argv, "--write-tree"]) == 2
     assert "--write-tree with --temperature" in _one_error_line(capsys.readouterr().err)
-    assert not (saved / "heads" / "tree.json").exists()
+    assert not (tmp_path / "heads_copy" / "tree.json").exists()

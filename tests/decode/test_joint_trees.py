@@ -206,6 +206,14 @@ def test_temperature_check_scores_both_trees_on_the_sampled_half():
     assert rows[0]["greedy_built_tokens_per_step"] == pytest.approx(1.0)
     assert rows[0]["sampled_built_tokens_per_step"] == pytest.approx(1 + (2 * 0.7 + 2 * 0.6) / 2)
     assert rows[0]["sampled_gain"] > 0
+    # halves whose trees differ: each tree is scored on the other half's sampled chains, never on its own
+    sampled = [half([(1, 2)] * 6 + [()] * 4), half([(1, 2)] * 3 + [(2,)] * 5 + [()] * 2)]
+    trees = [build_tree(h.rank_accuracies, 2, chains=h.chains) for h in sampled]
+    assert trees[0] != trees[1]
+    crossed = (measured_accept_length(trees[0], sampled[1].chains) + measured_accept_length(trees[1], sampled[0].chains)) / 2
+    own = (measured_accept_length(trees[0], sampled[0].chains) + measured_accept_length(trees[1], sampled[1].chains)) / 2
+    assert crossed != pytest.approx(own)
+    assert temperature_check(greedy, sampled, [2])[0]["sampled_built_tokens_per_step"] == pytest.approx(crossed)
 
 
 def test_measurements_merge():
@@ -330,8 +338,9 @@ def test_cross_check_scores_each_half_with_the_other():
 def test_bench_heads_halves_fall_back_to_one_measurement():
     calls = []
 
-    def measure(part):
+    def measure(part, first):
         calls.append(len(part))
+        assert part[0] == first + 1  # where the part starts among all prompts (sampling seeds count from it)
         if len(part) < 3:
             raise ValueError("some heads were never scored")
         return len(part)

@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "temperature (what exact acceptance accepts), and compare trees built from each on those (default: 0)",
     )  # fmt: skip
     p.add_argument(
-        "--sample-seed", type=int, default=0, help="with --temperature: prompt i is sampled with seed S + i"
+        "--sample-seed", type=int, default=0,
+        help="with --temperature: prompt i (counted over all --prompts) samples as `generate(..., seed=[S + i])`",
     )
     p.add_argument(
         "--tree-nodes", type=positive_int, nargs="+", default=[15, 31, 63], help="node budgets of built trees"
@@ -130,14 +131,24 @@ def tree_report(
 
 def measure_halves(measure, prompts: list) -> list[HeadAcceptance]:
     """Each half of the prompts measured apart (for `cross_check`), or all of them at once where there is one
-    prompt, or where a half is too short to score every head."""
+    prompt, or where a half is too short to score every head. `measure(part, first)`: `first` is the index of
+    the part's first prompt among all of them (what a sampled prompt's seed counts from)."""
     half = len(prompts) // 2
     if half:
         try:
-            return [measure(prompts[:half]), measure(prompts[half:])]
+            return [measure(prompts[:half], 0), measure(prompts[half:], half)]
         except ValueError:  # "some heads were never scored" in one half: no cross-check, not an error
             pass
-    return [measure(prompts)]
+    return [measure(prompts, 0)]
+
+
+def greedy_measurement(measure, prompts: list) -> list[HeadAcceptance]:
+    """With --temperature: the same halves measured on greedy continuations, for `temperature_check`; none
+    where greedy text ends too soon to score every head (the sampled measurement still stands)."""
+    try:
+        return measure_halves(lambda part, first: measure(part, first, 0.0), prompts)
+    except ValueError:
+        return []
 
 
 def cross_check(halves: list[HeadAcceptance], budgets: list[int]) -> list[dict]:
@@ -251,16 +262,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--ranks {args.ranks}: these {kind}heads choose among {choices} tokens; pass at most {choices}")
     prompts = held_out_prompts(args, tokenizer)[: args.prompts]
     eos = eos_token_ids(tokenizer, model.base)
-    def measure(part: list, temperature: float = args.temperature) -> HeadAcceptance:
+    def measure(part: list, first: int, temperature: float = args.temperature) -> HeadAcceptance:
+        """Prompt i of all of them samples with seed --sample-seed + i, in whichever half it is measured."""
         return measure_head_acceptance(model, part, args.new_tokens, args.ranks, eos, temperature=temperature,
-                                       seed=args.sample_seed)  # fmt: skip
+                                       seed=args.sample_seed + first)  # fmt: skip
 
     halves = measure_halves(measure, prompts)
     measured = halves[0].merged(halves[1]) if len(halves) == 2 else halves[0]
     rank_acc, counts, chains = measured.rank_accuracies, measured.positions_scored, measured.chains
     checked = len(halves) == 2 and all(h.chain_positions for h in halves)
-    greedy_halves = measure_halves(lambda part: measure(part, 0.0), prompts) if args.temperature > 0 else []
-    compared = checked and len(greedy_halves) == 2 and all(h.chain_positions for h in greedy_halves)
+    greedy_halves = greedy_measurement(measure, prompts) if checked and args.temperature > 0 else []
+    compared = len(greedy_halves) == 2 and all(h.chain_positions for h in greedy_halves)
     meta = {"rank_accuracies": rank_acc.tolist(), "heads": str(args.heads), "model": args.model or "embedded"}
     trees = tree_report(rank_acc, args.tree_nodes, args.tree_dir or args.out.parent, meta, chains)
     if args.write_tree:

@@ -115,7 +115,7 @@ def greedy_continuations(
     seed: int = 0,
 ) -> list[torch.Tensor]:
     """prompt + the base model's own continuation, (1, P + n) each, generated `batch_size` at a time: greedy,
-    or at `temperature` > 0 plain sampling with seed `seed + i` for prompt i (whatever the batch)."""
+    or at `temperature` > 0 plain sampling, prompt i as `generate(..., seed=[seed + i])` (whatever the batch)."""
     from fastmedusa.decode.generate import generate
 
     sequences = []
@@ -181,7 +181,7 @@ def measure_head_acceptance(
     `model` is a MedusaModel (or anything with `.base`, `.medusa_heads` and `backbone_hidden_states`); the
     greedy continuations are generated `batch_size` prompts at a time (eager: a few prompts do not repay a
     compile). The joint chains (`HeadAcceptance`) let `build_tree` see that heads are right together.
-    At `temperature` > 0 the continuations are plain sampling's (seed `seed + i` for prompt i): the tokens
+    At `temperature` > 0 the continuations are plain sampling's (prompt i with `seed=[seed + i]`): the tokens
     that exact acceptance compares a tree's nodes with, so the chains are what it accepts at that temperature."""
     prompts = [one_row(p, i) for i, p in enumerate(prompts)]
     heads = model.medusa_heads
