@@ -104,7 +104,7 @@ def one_row(prompt: object, index: int) -> torch.Tensor:
     return prompt.reshape(1, -1)
 
 
-def greedy_continuations(
+def model_continuations(
     model: nn.Module,
     prompts: Sequence[torch.Tensor],
     new_tokens: int,
@@ -190,7 +190,9 @@ def measure_head_acceptance(
     counts = torch.zeros(num_heads, dtype=torch.long)
     chains: dict[tuple[int, ...], int] = {}
     device = next(model.base.parameters()).device
-    sequences = greedy_continuations(model, prompts, new_tokens, eos_token_id, batch_size, False, temperature, seed)
+    sequences = model_continuations(
+        model, prompts, new_tokens, eos_token_id, batch_size, temperature=temperature, seed=seed
+    )
     pairs = list(zip(prompts, sequences))
     for ids, seq in Progress(pairs, desc="scoring heads", unit="prompt", enabled=progress):
         hidden = model.backbone_hidden_states(seq.to(device))[0]  # (L, H)

@@ -310,8 +310,7 @@ def _generate_in_slots(args, tokenizer, model, base, encoded: list[torch.Tensor]
         medusa=not args.no_medusa, temperature=args.temperature, tree=args.tree,
         eos_token_id=eos_token_ids(tokenizer, base), typical_epsilon=args.typical_epsilon,
         typical_delta=args.typical_delta, acceptance=args.acceptance, top_k=args.top_k, top_p=args.top_p,
-        compile=args.compile == "on",
-        max_len=args.max_len, seed=args.seed,
+        compile=args.compile == "on", max_len=args.max_len, seed=args.seed,
     )  # fmt: skip
     print("\n\n".join(tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in out.new_token_ids))
     print(out.summary(), file=sys.stderr)

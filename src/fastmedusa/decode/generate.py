@@ -891,11 +891,11 @@ def generate(
     tokens per step, a distribution near the model's) or "exact" (a speculated token must be the token the
     model samples there, so the output equals plain sampling's with the same seed, token for token in fp32:
     lossless). `top_k` / `top_p` truncate the distribution sampled from (Hugging Face's top-k and nucleus
-    sampling, applied after the temperature; both acceptance rules see the truncated distribution). `tree`: a preset name, "auto:N", a JSON file,
-    a list of paths, or None (the heads' tree.json, else mc_sim_7b_63 pruned to the number of heads; for a
-    batch, at most `default_tree_nodes(B)` of its nodes, so that a verify pass holds at most 256 tokens: 63 up
-    to B=4, 15 at 16, 3 at 64, plain decoding above 128 rows); "auto"
-    measures which size gives the most tokens/s for this batch size on this device (`choose_tree_size`), plain
+    sampling, applied after the temperature; both acceptance rules see the truncated distribution).
+    `tree`: a preset name, "auto:N", a JSON file, a list of paths, or None (the heads' tree.json, else
+    mc_sim_7b_63 pruned to the number of heads; for a batch, at most `default_tree_nodes(B)` of its nodes, so
+    that a verify pass holds at most 256 tokens: 63 up to B=4, 15 at 16, 3 at 64, plain decoding above 128
+    rows); "auto" measures which size gives the most tokens/s for this batch size on this device (`choose_tree_size`), plain
     decoding included: where no tree pays (large batches), the call decodes without the heads.
     `pad_token_id` fills rows after their end (default: the first EOS id, else 0). `compile`: torch.compile
     the steps, default on CUDA only (CUDA graphs: `cuda_graphs_mode`, each step captured whether compiled or
